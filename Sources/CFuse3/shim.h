@@ -1,0 +1,10 @@
+#ifndef ENCFSD_CFUSE3_SHIM_H
+#define ENCFSD_CFUSE3_SHIM_H
+// 3.12 is the first API with fuse_loop_cfg_*; everything encfsd calls exists in libfuse 3.12+.
+#define FUSE_USE_VERSION 312
+#include <fuse3/fuse_lowlevel.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/ioctl.h>
+#include <linux/fs.h>
+#endif

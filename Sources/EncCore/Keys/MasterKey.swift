@@ -1,0 +1,71 @@
+/// A master key and the subkeys encfsd derives from it once, all in locked memory.
+///
+/// Open files hold a strong reference to the `MasterKey` of their policy. Removing a key only
+/// drops the key table's reference, so files already open keep working (fscrypt's soft
+/// removal); when the last reference goes, `SecureBytes.deinit` wipes every byte.
+public final class MasterKey: Sendable {
+    public static let minimumCount = 16
+    public static let maximumCount = 64
+
+    public let identifier: KeyIdentifier
+    private let raw: SecureBytes
+    /// HKDF-Extract(no salt, raw key): kept so each per-extent derivation is one HMAC.
+    private let prk: SecureBytes
+    private let nameKeyBytes: SecureBytes
+
+    public enum Invalid: Error, Equatable { case size(Int) }
+
+    public init(raw bytes: UnsafeRawBufferPointer) throws(Invalid) {
+        guard (Self.minimumCount...Self.maximumCount).contains(bytes.count) else { throw .size(bytes.count) }
+        identifier = KeyIdentifier(rawKey: bytes)
+        raw = SecureBytes(copying: bytes)
+        let prk = SecureBytes(count: 64) { OpenSSL.hkdfExtractSHA512(ikm: bytes, into: $0) }
+        self.prk = prk
+        nameKeyBytes = SecureBytes(count: 64) { out in
+            let info = HKDFInfo.make(.nameKey)
+            prk.withBytes { p in info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(prk: p, info: $0, into: out) } }
+        }
+    }
+
+    public convenience init(raw bytes: [UInt8]) throws(Invalid) {
+        var copy = bytes
+        defer { copy.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
+        try self.init(raw: UnsafeRawBufferPointer(copy.withUnsafeBytes { $0 }))
+    }
+
+    /// Derives the 32-byte key and 12-byte IV of one extent seal into `output` (44 bytes).
+    /// The info string is built on the stack: this runs once per extent.
+    public func deriveExtentKey(nonce: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) {
+        precondition(nonce.count == 16 && output.count == 44)
+        withUnsafeTemporaryAllocation(byteCount: 25, alignment: 1) { info in
+            info.copyMemory(from: UnsafeRawBufferPointer(start: HKDFInfo.prefixPointer, count: 8))
+            info[8] = HKDFContext.extentKey.rawValue
+            UnsafeMutableRawBufferPointer(rebasing: info[9...]).copyMemory(from: nonce)
+            prk.withBytes { OpenSSL.hkdfExpandSHA512(prk: $0, info: UnsafeRawBufferPointer(info), into: output) }
+        }
+    }
+
+    /// Runs `body` with the 32-byte header MAC key of one object; the key is wiped afterwards.
+    public func withHeaderKey<R>(objectID: [UInt8], _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try withUnsafeTemporaryAllocation(byteCount: 32, alignment: 16) { key in
+            defer { OpenSSL.cleanse(key) }
+            let info = HKDFInfo.make(.headerKey, objectID)
+            prk.withBytes { p in info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(prk: p, info: $0, into: key) } }
+            return try body(UnsafeRawBufferPointer(key))
+        }
+    }
+
+    public func withNameKey<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try nameKeyBytes.withBytes(body)
+    }
+
+    /// True when `candidate` holds the same raw bytes (used by scans that prove wiping).
+    public func withRawKey<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try raw.withBytes(body)
+    }
+}
+
+extension HKDFInfo {
+    /// "fscrypt\0" as a static pointer, for building info strings without allocating.
+    static var prefixPointer: UnsafeRawPointer { UnsafeRawPointer(("fscrypt\0" as StaticString).utf8Start) }
+}
