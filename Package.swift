@@ -15,7 +15,8 @@ let package = Package(
         .systemLibrary(name: "CFuse3", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CKeyutils", pkgConfig: "libkeyutils", providers: [.apt(["libkeyutils-dev"])]),
-        .target(name: "EncCore", dependencies: ["COpenSSL", "CKeyutils"]),
+        .systemLibrary(name: "CLinux"),
+        .target(name: "EncCore", dependencies: ["COpenSSL", "CKeyutils", "CLinux"]),
         .target(name: "FuseBridge", dependencies: ["CFuse3"]),
         .executableTarget(
             name: "encfsd",

@@ -1,0 +1,25 @@
+#ifndef ENCFSD_CLINUX_SHIM_H
+#define ENCFSD_CLINUX_SHIM_H
+// Linux-only calls that Swift's Glibc module does not export (they need _GNU_SOURCE).
+#define _GNU_SOURCE 1
+#include <fcntl.h>
+#include <stdio.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/fs.h>
+#include <linux/falloc.h>
+#include <sys/xattr.h>
+
+static const unsigned int encfsd_RENAME_NOREPLACE = 1;
+static const unsigned int encfsd_RENAME_EXCHANGE = 2;
+static const unsigned int encfsd_RENAME_WHITEOUT = 4;
+
+static inline int encfsd_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath,
+                                   unsigned int flags) {
+    return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
+}
+
+static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
+    return fallocate(fd, mode, offset, len);
+}
+#endif

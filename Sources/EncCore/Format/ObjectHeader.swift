@@ -1,0 +1,151 @@
+/// One name an object is known by: a directory entry in a given parent.
+///
+/// The header lists the entries that may refer to it, so a backing file moved or swapped under
+/// another name (or into another directory) fails authentication at lookup instead of serving
+/// the wrong file's contents under that name.
+public struct Binding: Equatable, Sendable {
+    /// SHA-256("encfsd-binding" || parent directory ID || backing entry name), first 16 bytes.
+    public var digest: [UInt8]
+    /// The full encrypted name when the backing entry name is a hashed long name (FORMAT.md);
+    /// empty for names short enough to be stored in the backing name itself.
+    public var longName: [UInt8]
+
+    public init(digest: [UInt8], longName: [UInt8] = []) {
+        self.digest = digest
+        self.longName = longName
+    }
+
+    public static func digest(parentID: [UInt8], backingName: [UInt8]) -> [UInt8] {
+        Array(OpenSSL.sha256(Array("encfsd-binding".utf8), parentID, backingName).prefix(16))
+    }
+}
+
+/// The authenticated metadata at the front of every backing object (FORMAT.md, "Object header").
+public struct ObjectHeader: Equatable, Sendable {
+    public struct Flags: OptionSet, Sendable {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        /// A flush transaction is in flight; the object must be recovered before it is served.
+        public static let pendingWrite = Flags(rawValue: 1 << 0)
+        static let known: Flags = [.pendingWrite]
+    }
+
+    public static let magic: [UInt8] = Array("EFS1".utf8)
+    public static let formatVersion: UInt16 = 1
+    static let fixedBytes = 96
+    static let macBytes = 32
+    static let checksumBytes = 8
+
+    public var sequence: UInt64 = 0
+    public var flags: Flags = []
+    public var type: ObjectType
+    public var mode: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var extentSize: UInt32
+    public var rdev: UInt64 = 0
+    public var size: UInt64 = 0
+    public var objectID: [UInt8]
+    public var policy: KeyIdentifier
+    public var holes = HoleMap()
+    public var bindings: [Binding] = []
+
+    public init(type: ObjectType, mode: UInt32, uid: UInt32, gid: UInt32, extentSize: UInt32,
+                objectID: [UInt8], policy: KeyIdentifier) {
+        self.type = type
+        self.mode = mode & 0o7777
+        self.uid = uid
+        self.gid = gid
+        self.extentSize = extentSize
+        self.objectID = objectID
+        self.policy = policy
+    }
+
+    public var geometry: ExtentGeometry { ExtentGeometry(extentSize: Int(extentSize)) }
+
+    /// Bytes one more binding would add, to refuse a link before the header overflows.
+    public static func bindingBytes(_ b: Binding) -> Int { 18 + b.longName.count }
+
+    public var encodedBodyCount: Int {
+        Self.fixedBytes + holes.ranges.count * 16 + bindings.reduce(0) { $0 + Self.bindingBytes($1) }
+    }
+
+    public func fits(extraBytes: Int = 0) -> Bool {
+        encodedBodyCount + extraBytes + Self.macBytes + Self.checksumBytes <= ExtentGeometry.headerSlotBytes
+    }
+
+    func encodeBody() -> [UInt8] {
+        var w = ByteWriter(capacity: ExtentGeometry.headerSlotBytes)
+        w.raw(Self.magic)
+        w.u16(Self.formatVersion)
+        w.u16(UInt16(encodedBodyCount))
+        w.u64(sequence)
+        w.u32(flags.rawValue)
+        w.u8(type.rawValue)
+        w.zeros(3)
+        w.u32(mode)
+        w.u32(uid)
+        w.u32(gid)
+        w.u32(extentSize)
+        w.u64(rdev)
+        w.u64(size)
+        w.raw(objectID)
+        w.raw(policy.bytes)
+        w.u16(UInt16(holes.ranges.count))
+        w.u16(UInt16(bindings.count))
+        w.zeros(4)
+        for r in holes.ranges {
+            w.u64(r.lowerBound)
+            w.u64(r.upperBound - r.lowerBound)
+        }
+        for b in bindings {
+            w.raw(b.digest)
+            w.u16(UInt16(b.longName.count))
+            w.raw(b.longName)
+        }
+        return w.bytes
+    }
+
+    /// Parses a body whose checks have already been verified. Returns nil on any structural
+    /// inconsistency, however the bytes were produced.
+    static func decodeBody(_ body: ArraySlice<UInt8>) -> ObjectHeader? {
+        var r = ByteReader(body)
+        guard r.raw(4) == magic, let version = r.u16(), version == formatVersion,
+              let length = r.u16(), Int(length) == body.count,
+              let sequence = r.u64(), let rawFlags = r.u32(),
+              let typeByte = r.u8(), let type = ObjectType(rawValue: typeByte), r.raw(3) != nil,
+              let mode = r.u32(), mode & ~0o7777 == 0, let uid = r.u32(), let gid = r.u32(),
+              let extentSize = r.u32(), let rdev = r.u64(), let size = r.u64(),
+              let objectID = r.raw(16), let policyBytes = r.raw(16), let policy = KeyIdentifier(bytes: policyBytes),
+              let holeCount = r.u16(), let bindingCount = r.u16(), r.raw(4) != nil
+        else { return nil }
+        let flags = Flags(rawValue: rawFlags)
+        guard Flags.known.isSuperset(of: flags) else { return nil }
+        if type == .directory {
+            guard extentSize == 0 else { return nil }
+        } else {
+            guard ExtentGeometry.isValid(extentSize: Int(extentSize)) else { return nil }
+        }
+        var header = ObjectHeader(type: type, mode: mode, uid: uid, gid: gid, extentSize: extentSize,
+                                  objectID: objectID, policy: policy)
+        header.sequence = sequence
+        header.flags = flags
+        header.rdev = rdev
+        header.size = size
+        var previousEnd: UInt64 = 0
+        var ranges: [Range<UInt64>] = []
+        for _ in 0..<holeCount {
+            guard let start = r.u64(), let count = r.u64(), count > 0, start >= previousEnd,
+                  start <= UInt64.max - count else { return nil }
+            ranges.append(start..<(start + count))
+            previousEnd = start + count
+        }
+        header.holes = HoleMap(ranges: ranges)
+        for _ in 0..<bindingCount {
+            guard let digest = r.raw(16), let nameCount = r.u16(), let name = r.raw(Int(nameCount)) else { return nil }
+            header.bindings.append(Binding(digest: digest, longName: name))
+        }
+        guard r.position == body.endIndex else { return nil }
+        return header
+    }
+}

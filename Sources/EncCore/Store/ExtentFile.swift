@@ -1,0 +1,228 @@
+/// The plaintext view of one open backing file.
+///
+/// Writes land in whole plaintext extents held in memory (`dirty`) and reach the backing file
+/// only at `commit`, sealed once each. Sealing per write call would re-encrypt a whole extent for
+/// every small write; batching also gives the crash-safety journal one unit to protect.
+///
+/// Not thread-safe: the owning node serialises every call under its lock.
+final class ExtentFile {
+    let fd: Int32
+    let key: MasterKey
+    let geometry: ExtentGeometry
+    let objectID: [UInt8]
+    /// Size and holes as the file is now, including uncommitted changes.
+    private(set) var size: UInt64
+    private(set) var holes: HoleMap
+    /// Plaintext of changed extents, each `extentSize` bytes (bytes past the file end are zero).
+    private var dirty: [UInt64: [UInt8]] = [:]
+    private var metadataChanged = false
+
+    /// Dirty bytes held before a write forces a commit: bounds memory and the journal batch.
+    static let dirtyLimitBytes = 16 << 20
+
+    init(fd: Int32, key: MasterKey, header: ObjectHeader) {
+        self.fd = fd
+        self.key = key
+        geometry = header.geometry
+        objectID = header.objectID
+        size = header.size
+        holes = header.holes
+    }
+
+    var hasUncommittedChanges: Bool { metadataChanged || !dirty.isEmpty }
+
+    // MARK: reading
+
+    func read(offset: UInt64, count: Int) throws -> [UInt8] {
+        guard offset < size, count > 0 else { return [] }
+        let end = min(size, offset + UInt64(count))
+        var out = [UInt8](repeating: 0, count: Int(end - offset))
+        var index = geometry.extentIndex(offset: offset)
+        let last = geometry.extentIndex(offset: end - 1)
+        var scratch = [UInt8](repeating: 0, count: geometry.extentSize)
+        while index <= last {
+            let start = geometry.extentStart(index)
+            let from = max(offset, start)
+            let to = min(end, start + UInt64(geometry.extentSize))
+            let inExtent = Int(from - start)..<Int(to - start)
+            let outRange = Int(from - offset)..<Int(to - offset)
+            if let plain = dirty[index] {
+                out.replaceSubrange(outRange, with: plain[inExtent])
+            } else if !holes.contains(index) {
+                try loadStored(index, into: &scratch)
+                out.replaceSubrange(outRange, with: scratch[inExtent])
+            }
+            index += 1
+        }
+        return out
+    }
+
+    /// Decrypts committed extent `index` (length from the current size) into `buffer`.
+    private func loadStored(_ index: UInt64, into buffer: inout [UInt8]) throws {
+        let length = geometry.plaintextLength(index, size: size)
+        var stored = [UInt8](repeating: 0, count: length + ExtentGeometry.overheadBytes)
+        let n = try stored.withUnsafeMutableBytes { b throws in
+            try Sys.pread(fd, b, offset: geometry.backingOffset(index))
+        }
+        guard n == stored.count else { throw StoreError.integrity("extent \(index) is truncated") }
+        do {
+            try stored.withUnsafeBytes { s throws in
+                try buffer.withUnsafeMutableBytes { p throws in
+                    try ExtentCodec.open(key: key, objectID: objectID, index: index, stored: s, into: p)
+                }
+            }
+        } catch {
+            throw StoreError.integrity("extent \(index) failed authentication")
+        }
+        if length < buffer.count {
+            _ = buffer.withUnsafeMutableBytes { $0[length...].initializeMemory(as: UInt8.self, repeating: 0) }
+        }
+    }
+
+    /// The extent's current plaintext as a mutable dirty buffer, loading it if needed.
+    private func dirtyExtent(_ index: UInt64, willOverwriteWhole: Bool) throws -> [UInt8] {
+        if let plain = dirty[index] { return plain }
+        var buffer = [UInt8](repeating: 0, count: geometry.extentSize)
+        if !willOverwriteWhole && !holes.contains(index) && index < geometry.extentCount(size: size) {
+            try loadStored(index, into: &buffer)
+        }
+        return buffer
+    }
+
+    // MARK: writing
+
+    func write(offset: UInt64, data: UnsafeRawBufferPointer) throws {
+        guard data.count > 0 else { return }
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(data.count))
+        guard !overflow, end <= Self.maximumSize else { throw StoreError.system(27) } // EFBIG
+        if end > size { try resize(to: end) }
+        var index = geometry.extentIndex(offset: offset)
+        let last = geometry.extentIndex(offset: end - 1)
+        while index <= last {
+            let start = geometry.extentStart(index)
+            let from = max(offset, start)
+            let to = min(end, start + UInt64(geometry.extentSize))
+            let whole = from == start && to - start == UInt64(geometry.extentSize)
+            var plain = try dirtyExtent(index, willOverwriteWhole: whole)
+            plain.withUnsafeMutableBytes { p in
+                UnsafeMutableRawBufferPointer(rebasing: p[Int(from - start)..<Int(to - start)])
+                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(from - offset)..<Int(to - offset)]))
+            }
+            dirty[index] = plain
+            holes.remove(index)
+            index += 1
+        }
+        if dirty.count * geometry.extentSize >= Self.dirtyLimitBytes { metadataChanged = true }
+    }
+
+    /// Largest plaintext size: extent indices and backing offsets must stay in Int64.
+    static let maximumSize: UInt64 = 1 << 50
+
+    /// Grows (new extents are holes) or shrinks the file. The extent that becomes or stops
+    /// being the partial last one is loaded, because its stored length changes with the size.
+    func resize(to newSize: UInt64) throws {
+        guard newSize != size else { return }
+        guard newSize <= Self.maximumSize else { throw StoreError.system(27) } // EFBIG
+        let oldCount = geometry.extentCount(size: size)
+        let newCount = geometry.extentCount(size: newSize)
+        if newSize > size {
+            if size % UInt64(geometry.extentSize) != 0 {
+                let lastOld = oldCount - 1
+                dirty[lastOld] = try dirtyExtent(lastOld, willOverwriteWhole: false)
+                if dirty[lastOld] != nil { holes.remove(lastOld) }
+            }
+            holes.insert(oldCount..<newCount)
+        } else {
+            for index in dirty.keys where index >= newCount { dirty[index] = nil }
+            holes.clip(to: newCount)
+            let tail = Int(newSize % UInt64(geometry.extentSize))
+            if tail != 0 {
+                let lastNew = newCount - 1
+                if !holes.contains(lastNew) {
+                    var plain = try dirtyExtent(lastNew, willOverwriteWhole: false)
+                    _ = plain.withUnsafeMutableBytes { $0[tail...].initializeMemory(as: UInt8.self, repeating: 0) }
+                    dirty[lastNew] = plain
+                }
+            }
+        }
+        size = newSize
+        metadataChanged = true
+    }
+
+    var needsCommitForMemory: Bool { dirty.count * geometry.extentSize >= Self.dirtyLimitBytes }
+
+    // MARK: committing
+
+    /// Seals every dirty extent, writes them, trims the backing file, and writes the header.
+    /// Extents go first and the header last: a header never describes extents not yet written.
+    func commit(header: inout ObjectHeader) throws {
+        guard hasUncommittedChanges else { return }
+        try writeDirtyExtents()
+        let backingLength = geometry.backingLength(size: size)
+        if size != header.size {
+            try Sys.ftruncate(fd, backingLength)
+        }
+        var next = header
+        next.size = size
+        next.holes = holes
+        while !next.fits() {
+            // Too many separate holes for one header slot: store the smallest hole range as real
+            // zero extents. Reads are unchanged; only space is spent.
+            guard let smallest = next.holes.ranges.min(by: { $0.count < $1.count }) else { break }
+            try materialize(smallest)
+            next.holes.remove(smallest)
+            holes.remove(smallest)
+        }
+        if next != header {
+            try HeaderIO.write(fd: fd, header: &next, key: key, sync: false)
+            header = next
+        }
+        metadataChanged = false
+    }
+
+    private func writeDirtyExtents() throws {
+        let indices = dirty.keys.sorted()
+        var i = 0
+        // Contiguous dirty extents are sealed into one buffer and written with one pwrite.
+        while i < indices.count {
+            var j = i
+            while j + 1 < indices.count && indices[j + 1] == indices[j] + 1 { j += 1 }
+            var run = [UInt8]()
+            run.reserveCapacity((j - i + 1) * geometry.stride)
+            for k in i...j {
+                let index = indices[k]
+                let length = geometry.plaintextLength(index, size: size)
+                let plain = dirty[index]!
+                var stored = [UInt8](repeating: 0, count: length + ExtentGeometry.overheadBytes)
+                plain.withUnsafeBytes { p in
+                    stored.withUnsafeMutableBytes { s in
+                        ExtentCodec.seal(key: key, objectID: objectID, index: index,
+                                         plaintext: UnsafeRawBufferPointer(rebasing: p[0..<length]), into: s)
+                    }
+                }
+                run += stored
+            }
+            let offset = geometry.backingOffset(indices[i])
+            try run.withUnsafeBytes { b throws in try Sys.pwrite(fd, b, offset: offset) }
+            i = j + 1
+        }
+        dirty.removeAll(keepingCapacity: true)
+    }
+
+    private func materialize(_ range: Range<UInt64>) throws {
+        for index in range {
+            dirty[index] = [UInt8](repeating: 0, count: geometry.extentSize)
+        }
+        try writeDirtyExtents()
+    }
+
+    /// Reserves backing space for plaintext `[offset, offset+length)` (fallocate mode 0).
+    func allocate(offset: UInt64, length: UInt64, keepSize: Bool) throws {
+        let end = offset + length
+        if !keepSize && end > size { try resize(to: end) }
+        let first = geometry.extentIndex(offset: offset)
+        let lastEnd = geometry.backingOffset(geometry.extentIndex(offset: end - 1) + 1)
+        try Sys.fallocate(fd, mode: keepSize ? 1 : 0, offset: geometry.backingOffset(first),
+                          length: lastEnd - geometry.backingOffset(first))
+    }
+}

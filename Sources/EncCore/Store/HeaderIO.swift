@@ -1,0 +1,31 @@
+/// Reads and writes the two header slots of a backing object.
+enum HeaderIO {
+    static func read(fd: Int32, key: MasterKey?) throws -> ObjectHeader {
+        var region = [UInt8](repeating: 0, count: ExtentGeometry.headerBytes)
+        let n = try region.withUnsafeMutableBytes { buf throws in try Sys.pread(fd, buf, offset: 0) }
+        guard n == region.count else { throw StoreError.integrity("backing object is shorter than its header (\(n) bytes)") }
+        return try HeaderCodec.current(region: region, key: key)
+    }
+
+    /// Writes `header` with the next sequence number into the slot the current version does not
+    /// occupy, then updates `header.sequence`. A torn write leaves the previous slot intact.
+    static func write(fd: Int32, header: inout ObjectHeader, key: MasterKey, sync: Bool) throws {
+        var next = header
+        next.sequence = header.sequence &+ 1
+        let slot = HeaderCodec.seal(next, key: key)
+        let offset = Int64(HeaderCodec.slotIndex(sequence: next.sequence) * ExtentGeometry.headerSlotBytes)
+        try slot.withUnsafeBytes { buf throws in try Sys.pwrite(fd, buf, offset: offset) }
+        if sync { try Sys.fdatasync(fd) }
+        header = next
+    }
+
+    /// Writes the first header of a new object: slot of sequence 0, the other slot zero.
+    static func create(fd: Int32, header: ObjectHeader, key: MasterKey) throws {
+        var region = HeaderCodec.seal(header, key: key)
+        region += [UInt8](repeating: 0, count: ExtentGeometry.headerSlotBytes)
+        if HeaderCodec.slotIndex(sequence: header.sequence) == 1 {
+            region = Array(region[ExtentGeometry.headerSlotBytes...] + region[..<ExtentGeometry.headerSlotBytes])
+        }
+        try region.withUnsafeBytes { buf throws in try Sys.pwrite(fd, buf, offset: 0) }
+    }
+}

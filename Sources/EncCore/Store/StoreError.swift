@@ -1,0 +1,26 @@
+/// Every failure the store reports. The FUSE bridge maps these to errno in one place.
+public enum StoreError: Error, Equatable, Sendable {
+    case notFound
+    case exists
+    case notEmpty
+    case notDirectory
+    case isDirectory
+    /// The object's master key is not loaded (ENOKEY).
+    case noKey
+    /// A link or rename would move an object under a different encryption policy (EXDEV).
+    case crossPolicy
+    case nameTooLong
+    case invalidArgument
+    case notPermitted
+    case accessDenied
+    case tooManyLinks
+    case keyRejected
+    case quotaExceeded
+    case notSupported
+    case busy
+    /// Stored data failed authentication or is structurally impossible: tampering or media
+    /// corruption (EIO). The string names what failed, for the log and fsck.
+    case integrity(String)
+    /// A backing-store system call failed with this errno.
+    case system(Int32)
+}
