@@ -1,18 +1,17 @@
 #ifndef ENCFSD_CLINUX_SHIM_H
 #define ENCFSD_CLINUX_SHIM_H
-// Linux-only calls that Swift's Glibc module does not export (they need _GNU_SOURCE).
-#define _GNU_SOURCE 1
-#include <fcntl.h>
-#include <stdio.h>
+// Linux-only calls that Swift's Glibc module does not export. No feature macros here: defining
+// _GNU_SOURCE would change libc's struct definitions and clash with other modules.
+#include <sys/types.h>
 #include <unistd.h>
 #include <sys/syscall.h>
-#include <linux/fs.h>
-#include <linux/falloc.h>
 #include <sys/xattr.h>
 
 static const unsigned int encfsd_RENAME_NOREPLACE = 1;
 static const unsigned int encfsd_RENAME_EXCHANGE = 2;
 static const unsigned int encfsd_RENAME_WHITEOUT = 4;
+static const int encfsd_O_TMPFILE = 020000000 | 0200000;
+static const int encfsd_O_PATH = 010000000;
 
 static inline int encfsd_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath,
                                    unsigned int flags) {
@@ -20,6 +19,6 @@ static inline int encfsd_renameat2(int olddirfd, const char *oldpath, int newdir
 }
 
 static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
-    return fallocate(fd, mode, offset, len);
+    return (int)syscall(SYS_fallocate, fd, mode, offset, len);
 }
 #endif

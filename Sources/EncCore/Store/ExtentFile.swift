@@ -4,8 +4,10 @@
 /// only at `commit`, sealed once each. Sealing per write call would re-encrypt a whole extent for
 /// every small write; batching also gives the crash-safety journal one unit to protect.
 ///
-/// Not thread-safe: the owning node serialises every call under its lock.
-final class ExtentFile {
+/// Invariant making this `@unchecked Sendable`: an `ExtentFile` lives only inside its node's
+/// `Mutex<NodeState>` and every method runs with that lock held, so no two threads touch it at
+/// once.
+final class ExtentFile: @unchecked Sendable {
     let fd: Int32
     let key: MasterKey
     let geometry: ExtentGeometry

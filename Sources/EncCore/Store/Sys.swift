@@ -105,6 +105,9 @@ public enum Sys {
         try withCName(name) { p throws(StoreError) in try check(Glibc.unlinkat(dir, p, directory ? AT_REMOVEDIR : 0)) }
     }
 
+    public static let oPath: Int32 = encfsd_O_PATH
+    public static let oTmpFile: Int32 = encfsd_O_TMPFILE
+
     public static let renameNoReplace = encfsd_RENAME_NOREPLACE
     public static let renameExchange = encfsd_RENAME_EXCHANGE
 
@@ -119,6 +122,16 @@ public enum Sys {
         try withCName(name) { p throws(StoreError) in
             try check(Glibc.linkat(AT_FDCWD, "/proc/self/fd/\(fd)", toDir, p, AT_SYMLINK_FOLLOW))
         }
+    }
+
+    /// timespec values that tell futimens to leave a time alone, or set it to now.
+    public static let omitTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2)
+    public static let nowTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 1)
+
+    /// Sets times through /proc so it works on O_PATH descriptors (directories) too.
+    public static func setTimes(_ fd: Int32, _ times: (timespec, timespec)) throws(StoreError) {
+        var t = [times.0, times.1]
+        try check(Glibc.utimensat(AT_FDCWD, "/proc/self/fd/\(fd)", &t, 0))
     }
 
     public static func futimens(_ fd: Int32, _ times: (timespec, timespec)) throws(StoreError) {
@@ -136,8 +149,14 @@ public enum Sys {
         return s
     }
 
-    /// Names in a directory, without "." and "..".
-    public static func listDirectory(_ dirFD: Int32) throws(StoreError) -> [[UInt8]] {
+    public struct RawEntry {
+        public var name: [UInt8]
+        public var inode: UInt64
+        public var isDirectory: Bool
+    }
+
+    /// Entries of a directory, without "." and "..", with the inode and type getdents gives.
+    public static func listDirectory(_ dirFD: Int32) throws(StoreError) -> [RawEntry] {
         let fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         guard let dir = fdopendir(fd) else {
             let e = errno
@@ -145,7 +164,7 @@ public enum Sys {
             throw .system(e)
         }
         defer { closedir(dir) }
-        var names: [[UInt8]] = []
+        var entries: [RawEntry] = []
         while true {
             errno = 0
             guard let entry = readdir(dir) else {
@@ -156,9 +175,10 @@ public enum Sys {
                 Array(raw.prefix(while: { $0 != 0 }))
             }
             if name == [0x2e] || name == [0x2e, 0x2e] { continue }
-            names.append(name)
+            entries.append(RawEntry(name: name, inode: UInt64(entry.pointee.d_ino),
+                                    isDirectory: entry.pointee.d_type == UInt8(DT_DIR)))
         }
-        return names
+        return entries
     }
 
     // MARK: extended attributes on backing objects

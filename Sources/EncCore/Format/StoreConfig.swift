@@ -1,0 +1,67 @@
+import Foundation
+
+/// `encfsd.conf` at the top of a store: format version, features and parameters. It holds no
+/// secret, so it may be readable by anyone who can read the ciphertext.
+public struct StoreConfig: Codable, Equatable, Sendable {
+    public static let fileName = "encfsd.conf"
+    public static let currentVersion = 1
+    /// Features this build understands. A store naming any other is refused, never guessed at.
+    public static let knownFeatures: Set<String> = []
+
+    public var format: String = "encfsd"
+    public var version: Int = StoreConfig.currentVersion
+    public var features: [String] = []
+    /// Plaintext bytes per extent for files created from now on (each file records its own).
+    public var extentSize: Int
+    /// Policy (key identifier, hex) of the root directory.
+    public var rootPolicy: String
+
+    public init(extentSize: Int, rootPolicy: KeyIdentifier) {
+        self.extentSize = extentSize
+        self.rootPolicy = rootPolicy.hex
+    }
+
+    public enum Problem: Error, Equatable, CustomStringConvertible {
+        case missing(String)
+        case unreadable(String)
+        case unsupported(String)
+
+        public var description: String {
+            switch self {
+            case .missing(let path): "\(path): not an encfsd store (no \(StoreConfig.fileName))"
+            case .unreadable(let why): "store configuration is unreadable: \(why)"
+            case .unsupported(let why): "store uses something this encfsd does not support: \(why)"
+            }
+        }
+    }
+
+    public static func load(storePath: String) throws(Problem) -> StoreConfig {
+        let path = storePath + "/" + fileName
+        guard let data = FileManager.default.contents(atPath: path) else { throw .missing(storePath) }
+        let config: StoreConfig
+        do {
+            config = try JSONDecoder().decode(StoreConfig.self, from: data)
+        } catch {
+            throw .unreadable("\(error)")
+        }
+        guard config.format == "encfsd" else { throw .unreadable("format is \"\(config.format)\"") }
+        guard config.version <= currentVersion else {
+            throw .unsupported("format version \(config.version) (this build reads up to \(currentVersion))")
+        }
+        let unknown = Set(config.features).subtracting(knownFeatures)
+        guard unknown.isEmpty else { throw .unsupported("features \(unknown.sorted())") }
+        guard ExtentGeometry.isValid(extentSize: config.extentSize) else {
+            throw .unreadable("extent size \(config.extentSize) is not a power of two in 4 KiB...1 MiB")
+        }
+        guard KeyIdentifier(hex: config.rootPolicy) != nil else { throw .unreadable("root policy is not a key identifier") }
+        return config
+    }
+
+    public func encoded() -> Data {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        return (try? encoder.encode(self)) ?? Data()
+    }
+
+    public var rootIdentifier: KeyIdentifier { KeyIdentifier(hex: rootPolicy)! }
+}

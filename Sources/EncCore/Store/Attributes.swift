@@ -1,0 +1,66 @@
+public struct Timestamp: Sendable, Equatable {
+    public var seconds: Int64
+    public var nanoseconds: Int64
+    public init(seconds: Int64, nanoseconds: Int64) {
+        self.seconds = seconds
+        self.nanoseconds = nanoseconds
+    }
+}
+
+/// What `stat` reports for an object.
+public struct Attributes: Sendable, Equatable {
+    public var inode: UInt64
+    /// File type and permission bits, as in `st_mode`.
+    public var mode: UInt32
+    public var linkCount: UInt32
+    public var uid: UInt32
+    public var gid: UInt32
+    public var rdev: UInt64
+    public var size: UInt64
+    public var blocks: UInt64
+    public var accessTime: Timestamp
+    public var modificationTime: Timestamp
+    public var changeTime: Timestamp
+}
+
+/// The user a request comes from.
+public struct Caller: Sendable {
+    public var uid: UInt32
+    public var gid: UInt32
+    public init(uid: UInt32, gid: UInt32) {
+        self.uid = uid
+        self.gid = gid
+    }
+}
+
+/// The changes one setattr asks for; nil means unchanged.
+public struct AttributeChanges: Sendable {
+    public enum TimeChange: Sendable { case now, set(Timestamp) }
+    public var mode: UInt32?
+    public var uid: UInt32?
+    public var gid: UInt32?
+    public var size: UInt64?
+    public var accessTime: TimeChange?
+    public var modificationTime: TimeChange?
+    public init() {}
+}
+
+/// One directory entry as listed.
+public struct DirectoryEntry: Sendable {
+    public var name: [UInt8]
+    public var inode: UInt64
+    /// File type bits (S_IFMT) when known cheaply, else 0.
+    public var typeBits: UInt32
+}
+
+public struct FileSystemStatistics: Sendable {
+    public var blockSize: UInt64
+    public var blocks: UInt64
+    public var blocksFree: UInt64
+    public var blocksAvailable: UInt64
+    public var files: UInt64
+    public var filesFree: UInt64
+    public var nameMax: UInt64
+}
+
+public enum RenameMode: Sendable { case replace, noReplace, exchange }

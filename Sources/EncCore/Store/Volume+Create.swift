@@ -1,0 +1,194 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Volume {
+    /// Everything needed to create one entry in an unlocked directory.
+    struct NewEntry {
+        let dir: Node
+        let key: MasterKey
+        let name: EncryptedName
+        let header: ObjectHeader
+    }
+
+    func prepare(parent: UInt64, name: [UInt8], type: ObjectType, mode: UInt32, rdev: UInt64 = 0,
+                 caller: Caller) throws -> NewEntry {
+        let dir = try node(parent)
+        let (key, dirHeader) = try unlockedDirectory(dir)
+        let encrypted = try NameCodec.encrypt(name, directoryID: dirHeader.objectID, key: key)
+        // ext4 semantics: a set-group-ID directory passes its group on, and the bit to subdirectories.
+        let inheritsGroup = dirHeader.mode & UInt32(S_ISGID) != 0
+        var permissions = mode & 0o7777
+        if inheritsGroup && type == .directory { permissions |= UInt32(S_ISGID) }
+        var header = ObjectHeader(
+            type: type, mode: permissions, uid: caller.uid, gid: inheritsGroup ? dirHeader.gid : caller.gid,
+            extentSize: type == .directory ? 0 : UInt32(config.extentSize),
+            objectID: OpenSSL.random(count: 16), policy: dirHeader.policy)
+        header.rdev = rdev
+        header.bindings = [Self.binding(parentID: dirHeader.objectID, name: encrypted)]
+        return NewEntry(dir: dir, key: key, name: encrypted, header: header)
+    }
+
+    static func binding(parentID: [UInt8], name: EncryptedName) -> Binding {
+        Binding(digest: Binding.digest(parentID: parentID, backingName: name.backingName),
+                longName: name.isLong ? name.ciphertext : [])
+    }
+
+    /// Creates a non-directory object. The backing file is built unnamed (O_TMPFILE) and linked
+    /// in only when its header is complete, so no crash can leave a half-made entry behind.
+    func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> Node {
+        let fd = try Sys.openAt(entry.dir.fd.raw, Array(".".utf8), flags: Sys.oTmpFile | O_RDWR, mode: 0o600)
+        var header = entry.header
+        try HeaderIO.create(fd: fd.raw, header: header, key: entry.key)
+        if !contents.isEmpty {
+            let file = ExtentFile(fd: fd.raw, key: entry.key, header: header)
+            try contents.withUnsafeBytes { try file.write(offset: 0, data: $0) }
+            try file.commit(header: &header)
+        }
+        try existsOnCollision { try Sys.linkAt(fd: fd.raw, toDir: entry.dir.fd.raw, entry.name.backingName) }
+        let st = try Sys.fstat(fd.raw)
+        return insert(fd: fd, headerFD: fd, inode: UInt64(st.st_ino), header: header, verified: true)
+    }
+
+    /// Creates a directory under a temporary name, makes its header durable, then renames it into
+    /// place without replacing anything: a power loss never leaves a directory without a header
+    /// (the failure that made whole gocryptfs volumes unreadable, its issue #1033).
+    func createDirectory(_ entry: NewEntry) throws -> Node {
+        let temporary = Array(".mk-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
+        try Sys.mkdirAt(entry.dir.fd.raw, temporary, mode: 0o700)
+        do {
+            let dirFD = try Sys.openAt(entry.dir.fd.raw, temporary, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+            let headerFD = try Sys.openAt(dirFD.raw, directoryHeaderName, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+            try HeaderIO.create(fd: headerFD.raw, header: entry.header, key: entry.key)
+            try Sys.fsync(headerFD.raw)
+            try existsOnCollision {
+                try Sys.renameAt(entry.dir.fd.raw, temporary, entry.dir.fd.raw, entry.name.backingName, flags: Sys.renameNoReplace)
+            }
+            let st = try Sys.fstat(dirFD.raw)
+            return insert(fd: dirFD, headerFD: headerFD, inode: UInt64(st.st_ino), header: entry.header, verified: true)
+        } catch {
+            try? Sys.unlinkAt(entry.dir.fd.raw, temporary + Array("/.d".utf8))
+            try? Sys.unlinkAt(entry.dir.fd.raw, temporary, directory: true)
+            throw error
+        }
+    }
+
+    private func entered(_ node: Node) throws -> (UInt64, Attributes) {
+        node.state.withLock { $0.lookups += 1 }
+        return (node.id, try attributes(node))
+    }
+
+    // MARK: the create family
+
+    public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes, UInt64) {
+        let node = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
+        let (id, attributes) = try entered(node)
+        return (id, attributes, try open(id, truncate: false))
+    }
+
+    public func mknod(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt64, caller: Caller) throws -> (UInt64, Attributes) {
+        guard let type = ObjectType(formatBits: mode), type != .directory, type != .symlink else {
+            throw StoreError.invalidArgument
+        }
+        let special = type == .characterDevice || type == .blockDevice
+        let entry = try prepare(parent: parent, name: name, type: type, mode: mode, rdev: special ? rdev : 0, caller: caller)
+        return try entered(try createFile(entry))
+    }
+
+    public func mkdir(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes) {
+        try entered(try createDirectory(try prepare(parent: parent, name: name, type: .directory, mode: mode, caller: caller)))
+    }
+
+    public static let maximumSymlinkTarget = 4095
+
+    public func symlink(parent: UInt64, name: [UInt8], target: [UInt8], caller: Caller) throws -> (UInt64, Attributes) {
+        guard !target.isEmpty, !target.contains(0) else { throw StoreError.invalidArgument }
+        guard target.count <= Self.maximumSymlinkTarget else { throw StoreError.nameTooLong }
+        let entry = try prepare(parent: parent, name: name, type: .symlink, mode: 0o777, caller: caller)
+        return try entered(try createFile(entry, contents: target))
+    }
+
+    public func readlink(_ id: UInt64) throws -> [UInt8] {
+        let node = try node(id)
+        guard node.type == .symlink else { throw StoreError.invalidArgument }
+        let key = try objectKey(node)
+        return try node.state.withLock { state in
+            let file = state.file ?? ExtentFile(fd: node.fd.raw, key: key, header: state.header)
+            return try file.read(offset: 0, count: Int(file.size))
+        }
+    }
+
+    /// Gives an object another name. The new name is added to the header's bindings (durably)
+    /// before the backing link exists, so the new entry always authenticates.
+    public func link(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws -> (UInt64, Attributes) {
+        let object = try node(id)
+        guard !object.isDirectory else { throw StoreError.notPermitted }
+        let dir = try node(newParent)
+        let (dirKey, dirHeader) = try unlockedDirectory(dir)
+        try checkSamePolicy(object, directoryPolicy: dirHeader.policy)
+        let name = try NameCodec.encrypt(newName, directoryID: dirHeader.objectID, key: dirKey)
+        let binding = Self.binding(parentID: dirHeader.objectID, name: name)
+        try addBinding(binding, to: object)
+        do {
+            try Sys.linkAt(fd: object.fd.raw, toDir: dir.fd.raw, name.backingName)
+        } catch {
+            try? removeBinding(binding.digest, from: object)
+            if case StoreError.system(EEXIST) = error { throw StoreError.exists }
+            throw error
+        }
+        return try entered(object)
+    }
+
+    /// EXDEV unless the object may live under the directory's policy (FIFOs and sockets carry no
+    /// contents, so fscrypt lets them cross policies).
+    func checkSamePolicy(_ node: Node, directoryPolicy: KeyIdentifier) throws {
+        let policy = node.state.withLock { $0.header.policy }
+        guard policy == directoryPolicy || node.type == .fifo || node.type == .socket else {
+            throw StoreError.crossPolicy
+        }
+    }
+
+    /// Maps the backing EEXIST of a name collision to `StoreError.exists`.
+    func existsOnCollision(_ body: () throws -> Void) throws {
+        do {
+            try body()
+        } catch let error as StoreError where error == .system(EEXIST) {
+            throw StoreError.exists
+        }
+    }
+
+    // MARK: bindings
+
+    func addBinding(_ binding: Binding, to node: Node) throws {
+        let key = try objectKey(node)
+        try mutateHeader(node, key: key, sync: true) { header in
+            guard !header.bindings.contains(binding) else { return }
+            guard header.fits(extraBytes: ObjectHeader.bindingBytes(binding)) else { throw StoreError.tooManyLinks }
+            header.bindings.append(binding)
+        }
+    }
+
+    /// Removing a stale name needs no fsync: a leftover binding only keeps an old name valid.
+    func removeBinding(_ digest: [UInt8], from node: Node) throws {
+        let key = try objectKey(node)
+        try mutateHeader(node, key: key, sync: false) { header in
+            header.bindings.removeAll { $0.digest == digest }
+        }
+    }
+
+    /// Rewrites the header after `change`, keeping the backing modification time: metadata
+    /// updates must not look like content changes (POSIX: chmod changes ctime only).
+    func mutateHeader(_ node: Node, key: MasterKey, sync: Bool, _ change: (inout ObjectHeader) throws -> Void) throws {
+        try node.state.withLock { state in
+            var header = state.header
+            try change(&header)
+            guard header != state.header else { return }
+            let before = node.isDirectory ? nil : try Sys.fstat(node.fd.raw)
+            try HeaderIO.write(fd: node.headerFD.raw, header: &header, key: key, sync: sync)
+            if let before {
+                try Sys.futimens(node.fd.raw, (Sys.omitTime, before.st_mtim))
+            }
+            state.header = header
+        }
+    }
+}

@@ -1,0 +1,167 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+enum OpenHandle {
+    case file(Node)
+    case directory(Node, [DirectoryEntry])
+}
+
+struct HandleTable {
+    var byID: [UInt64: OpenHandle] = [:]
+    var nextID: UInt64 = 1
+
+    mutating func insert(_ handle: OpenHandle) -> UInt64 {
+        let id = nextID
+        nextID += 1
+        byID[id] = handle
+        return id
+    }
+}
+
+extension Volume {
+    func fileNode(handle: UInt64) throws -> Node {
+        guard case .file(let node)? = handles.withLock({ $0.byID[handle] }) else { throw StoreError.invalidArgument }
+        return node
+    }
+
+    /// Runs `body` on the node's open file under the node lock.
+    func withOpenFile<R>(_ node: Node, _ body: (inout NodeState, ExtentFile) throws -> R) throws -> R {
+        try node.state.withLock { state in
+            guard let file = state.file else { throw StoreError.invalidArgument }
+            return try body(&state, file)
+        }
+    }
+
+    // MARK: open, read, write, flush, release
+
+    public func open(_ id: UInt64, truncate: Bool) throws -> UInt64 {
+        let node = try node(id)
+        switch node.type {
+        case .regular: break
+        case .directory: throw StoreError.isDirectory
+        default: throw StoreError.invalidArgument
+        }
+        let key = try objectKey(node)
+        try node.state.withLock { state in
+            if state.file == nil {
+                state.file = ExtentFile(fd: node.fd.raw, key: key, header: state.header)
+            }
+            state.opens += 1
+            if truncate {
+                try state.file!.resize(to: 0)
+                try state.file!.commit(header: &state.header)
+            }
+        }
+        return handles.withLock { $0.insert(.file(node)) }
+    }
+
+    public func read(handle: UInt64, offset: UInt64, count: Int) throws -> [UInt8] {
+        try withOpenFile(try fileNode(handle: handle)) { _, file in try file.read(offset: offset, count: count) }
+    }
+
+    public func write(handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws {
+        try withOpenFile(try fileNode(handle: handle)) { state, file in
+            try file.write(offset: offset, data: data)
+            if file.needsCommitForMemory { try file.commit(header: &state.header) }
+        }
+    }
+
+    /// Commits buffered writes (close(2) of a descriptor, not necessarily the last one).
+    public func flush(handle: UInt64) throws {
+        try withOpenFile(try fileNode(handle: handle)) { state, file in try file.commit(header: &state.header) }
+    }
+
+    public func fsync(handle: UInt64, dataOnly: Bool) throws {
+        let node = try fileNode(handle: handle)
+        try withOpenFile(node) { state, file in
+            try file.commit(header: &state.header)
+            if dataOnly { try Sys.fdatasync(node.fd.raw) } else { try Sys.fsync(node.fd.raw) }
+        }
+    }
+
+    public func release(handle: UInt64) throws {
+        guard case .file(let node)? = handles.withLock({ $0.byID.removeValue(forKey: handle) }) else { return }
+        defer { dropIfUnused(node) }
+        try node.state.withLock { state in
+            state.opens -= 1
+            defer {
+                // The last close drops the file and with it this node's reference to the key.
+                if state.opens == 0 { state.file = nil }
+            }
+            try state.file?.commit(header: &state.header)
+        }
+    }
+
+    public func fallocate(handle: UInt64, offset: UInt64, length: UInt64, keepSize: Bool) throws {
+        try withOpenFile(try fileNode(handle: handle)) { state, file in
+            try file.allocate(offset: offset, length: length, keepSize: keepSize)
+            try file.commit(header: &state.header)
+        }
+    }
+
+    // MARK: directories
+
+    public func openDirectory(_ id: UInt64) throws -> UInt64 {
+        let dir = try node(id)
+        guard dir.isDirectory else { throw StoreError.notDirectory }
+        let entries = try list(dir)
+        return handles.withLock { $0.insert(.directory(dir, entries)) }
+    }
+
+    public func readDirectory(handle: UInt64, from offset: Int) throws -> ArraySlice<DirectoryEntry> {
+        guard case .directory(_, let entries)? = handles.withLock({ $0.byID[handle] }) else {
+            throw StoreError.invalidArgument
+        }
+        return offset < entries.count ? entries[offset...] : []
+    }
+
+    public func releaseDirectory(handle: UInt64) {
+        _ = handles.withLock { $0.byID.removeValue(forKey: handle) }
+    }
+
+    public func fsyncDirectory(_ id: UInt64) throws {
+        let dir = try node(id)
+        let fd = try Sys.openAt(dir.fd.raw, Array(".".utf8), flags: O_RDONLY | O_DIRECTORY)
+        try Sys.fsync(fd.raw)
+    }
+
+    /// The directory's entries with plaintext names (no-key names in the locked view).
+    /// Entries that fail to decrypt are left out and logged; `encfsd fsck` reports them.
+    func list(_ dir: Node) throws -> [DirectoryEntry] {
+        let st = try Sys.fstat(dir.fd.raw)
+        var entries = [DirectoryEntry(name: [0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR),
+                       DirectoryEntry(name: [0x2e, 0x2e], inode: 0, typeBits: S_IFDIR)]
+        let unlocked = try? unlockedDirectory(dir)
+        for raw in try Sys.listDirectory(dir.fd.raw) {
+            guard NameCodec.isEntryName(raw.name) else { continue }
+            let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0
+            guard let (key, header) = unlocked else {
+                entries.append(DirectoryEntry(name: raw.name, inode: raw.inode, typeBits: typeBits))
+                continue
+            }
+            do {
+                let ciphertext = try NameCodec.ciphertext(ofShortBackingName: raw.name)
+                    ?? longCiphertext(of: raw.name, in: dir, directoryID: header.objectID)
+                let name = try NameCodec.decrypt(ciphertext: ciphertext, directoryID: header.objectID, key: key)
+                entries.append(DirectoryEntry(name: name, inode: raw.inode, typeBits: typeBits))
+            } catch {
+                Diagnostics.report("skipping undecryptable entry \(String(decoding: raw.name, as: UTF8.self)): \(error)")
+            }
+        }
+        return entries
+    }
+
+    /// The full encrypted name of a hashed long entry, from the binding in its header.
+    private func longCiphertext(of backingName: [UInt8], in dir: Node, directoryID: [UInt8]) throws -> [UInt8] {
+        let node = try child(of: dir, backingName: backingName)
+        defer { dropIfUnused(node) }
+        let digest = Binding.digest(parentID: directoryID, backingName: backingName)
+        let binding = node.state.withLock { $0.header.bindings.first { $0.digest == digest } }
+        guard let long = binding?.longName, NameCodec.backingName(forCiphertext: long) == backingName else {
+            throw StoreError.integrity("long name missing from header")
+        }
+        return long
+    }
+}

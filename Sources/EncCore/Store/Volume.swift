@@ -1,0 +1,225 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct NodeTable {
+    var byID: [UInt64: Node] = [:]
+    var byInode: [UInt64: Node] = [:]
+    var nextID: UInt64 = Volume.rootID + 1
+}
+
+/// A mounted store: the objects the kernel knows (by node ID), their backing objects, and the
+/// operations on them. Knows nothing of FUSE; node IDs and lookup counts are the kernel VFS's
+/// own concepts, which any front end has.
+///
+/// Locking: the node table lock is held only to find or insert nodes, never across I/O; each
+/// node's lock guards its header and open file. A namespace operation takes at most the locks of
+/// the nodes whose headers it rewrites, one at a time.
+public final class Volume: Sendable {
+    public static let rootID: UInt64 = 1
+    public let storePath: String
+    public let config: StoreConfig
+    public let keys: KeyTable
+    let table = Mutex(NodeTable())
+    let handles = Mutex(HandleTable())
+
+    public init(storePath: String, keys: KeyTable) throws {
+        self.storePath = storePath
+        self.keys = keys
+        config = try StoreConfig.load(storePath: storePath)
+        let fd = try Sys.open(storePath, flags: Sys.oPath | O_DIRECTORY)
+        let headerFD = try Sys.openAt(fd.raw, directoryHeaderName, flags: O_RDWR)
+        let st = try Sys.fstat(fd.raw)
+        let (header, verified) = try Self.readHeader(headerFD.raw, keys: keys)
+        guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
+        let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), fd: fd, headerFD: headerFD,
+                        header: header, verified: verified)
+        root.state.withLock { $0.lookups = 1 }
+        table.withLock {
+            $0.byID[Self.rootID] = root
+            $0.byInode[root.backingInode] = root
+        }
+    }
+
+    // MARK: headers and keys
+
+    /// Reads the current header, verifying it when the key of its policy is loaded.
+    static func readHeader(_ fd: Int32, keys: KeyTable) throws -> (ObjectHeader, Bool) {
+        let unverified = try HeaderIO.read(fd: fd, key: nil)
+        guard let key = keys.key(for: unverified.policy) else { return (unverified, false) }
+        return (try HeaderIO.read(fd: fd, key: key), true)
+    }
+
+    /// The node's header, verified under `key` (re-read if it was first read without the key).
+    func verifiedHeader(_ node: Node, key: MasterKey) throws -> ObjectHeader {
+        try node.state.withLock { state in
+            if !state.verified {
+                state.header = try HeaderIO.read(fd: node.headerFD.raw, key: key)
+                state.verified = true
+            }
+            return state.header
+        }
+    }
+
+    /// A directory's key and verified header; ENOKEY when its policy's key is not loaded.
+    func unlockedDirectory(_ dir: Node) throws -> (MasterKey, ObjectHeader) {
+        guard dir.isDirectory else { throw StoreError.notDirectory }
+        let policy = dir.state.withLock { $0.header.policy }
+        guard let key = keys.key(for: policy) else { throw StoreError.noKey }
+        return (key, try verifiedHeader(dir, key: key))
+    }
+
+    /// The object's key, for operations that need its contents; ENOKEY without it.
+    func objectKey(_ node: Node) throws -> MasterKey {
+        let policy = node.state.withLock { $0.header.policy }
+        guard let key = keys.key(for: policy) else { throw StoreError.noKey }
+        _ = try verifiedHeader(node, key: key)
+        return key
+    }
+
+    // MARK: nodes
+
+    func node(_ id: UInt64) throws -> Node {
+        guard let node = table.withLock({ $0.byID[id] }) else { throw StoreError.notFound }
+        return node
+    }
+
+    /// The backing entry name for `name` in `dir`: its encryption when the directory is
+    /// unlocked; in the locked view the name must itself be a no-key (backing) name.
+    func backingName(of name: [UInt8], in dir: Node) throws -> [UInt8] {
+        if let (key, header) = try? unlockedDirectory(dir) {
+            return try NameCodec.encrypt(name, directoryID: header.objectID, key: key).backingName
+        }
+        guard dir.isDirectory else { throw StoreError.notDirectory }
+        guard NameCodec.isEntryName(name) else { throw StoreError.notFound }
+        return name
+    }
+
+    /// Finds or opens the node of the backing entry `backingName` in `dir` (lookup count
+    /// unchanged), and checks that the object's header lists this entry as one of its names.
+    func child(of dir: Node, backingName: [UInt8]) throws -> Node {
+        let st = try Self.statEntry(dir, backingName)
+        let node: Node
+        if let cached = table.withLock({ $0.byInode[UInt64(st.st_ino)] }) {
+            node = cached
+        } else {
+            node = try openNode(in: dir, backingName: backingName, stat: st)
+        }
+        try checkBinding(node, parent: dir, backingName: backingName)
+        return node
+    }
+
+    static func statEntry(_ dir: Node, _ backingName: [UInt8]) throws -> stat {
+        do {
+            return try Sys.fstatAt(dir.fd.raw, backingName)
+        } catch StoreError.system(ENOENT) {
+            throw StoreError.notFound
+        }
+    }
+
+    private func openNode(in dir: Node, backingName: [UInt8], stat st: stat) throws -> Node {
+        let fd: FileDescriptor
+        let headerFD: FileDescriptor
+        switch st.st_mode & S_IFMT {
+        case S_IFDIR:
+            fd = try Sys.openAt(dir.fd.raw, backingName, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+            headerFD = try Sys.openAt(fd.raw, directoryHeaderName, flags: O_RDWR)
+        case S_IFREG:
+            fd = try Sys.openAt(dir.fd.raw, backingName, flags: O_RDWR | O_NOFOLLOW)
+            headerFD = fd
+        default:
+            throw StoreError.integrity("backing entry is neither a file nor a directory")
+        }
+        let (header, verified) = try Self.readHeader(headerFD.raw, keys: keys)
+        guard (header.type == .directory) == ((st.st_mode & S_IFMT) == S_IFDIR) else {
+            throw StoreError.integrity("header type does not match the backing object")
+        }
+        return insert(fd: fd, headerFD: headerFD, inode: UInt64(st.st_ino), header: header, verified: verified)
+    }
+
+    /// Adds a node for a backing object, or returns the one another thread added first.
+    func insert(fd: FileDescriptor, headerFD: FileDescriptor, inode: UInt64, header: ObjectHeader, verified: Bool) -> Node {
+        table.withLock { t in
+            if let existing = t.byInode[inode] { return existing }
+            let node = Node(id: t.nextID, backingInode: inode, fd: fd, headerFD: headerFD, header: header, verified: verified)
+            t.nextID += 1
+            t.byID[node.id] = node
+            t.byInode[inode] = node
+            return node
+        }
+    }
+
+    func checkBinding(_ node: Node, parent: Node, backingName: [UInt8]) throws {
+        guard let (_, parentHeader) = try? unlockedDirectory(parent) else { return }
+        let (verified, bindings) = node.state.withLock { ($0.verified, $0.header.bindings) }
+        guard verified else { return }
+        let digest = Binding.digest(parentID: parentHeader.objectID, backingName: backingName)
+        guard bindings.contains(where: { $0.digest == digest }) else {
+            throw StoreError.integrity("object is not bound to this name: moved or swapped in the backing store")
+        }
+    }
+
+    /// Drops a node nobody refers to any more.
+    func dropIfUnused(_ node: Node) {
+        guard node.id != Self.rootID else { return }
+        let unused = node.state.withLock { $0.lookups == 0 && $0.opens == 0 }
+        guard unused else { return }
+        table.withLock { t in
+            // Re-check under the table lock: a concurrent lookup may have taken it meanwhile.
+            guard t.byID[node.id] === node, node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) else { return }
+            t.byID[node.id] = nil
+            if t.byInode[node.backingInode] === node { t.byInode[node.backingInode] = nil }
+        }
+    }
+
+    // MARK: lookup, forget, getattr
+
+    public func lookup(parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
+        let dir = try node(parent)
+        let child = try child(of: dir, backingName: try backingName(of: name, in: dir))
+        child.state.withLock { $0.lookups += 1 }
+        do {
+            return (child.id, try attributes(child))
+        } catch {
+            forget(child.id, count: 1)
+            throw error
+        }
+    }
+
+    public func forget(_ id: UInt64, count: UInt64) {
+        guard let node = table.withLock({ $0.byID[id] }) else { return }
+        node.state.withLock { $0.lookups -= min($0.lookups, count) }
+        dropIfUnused(node)
+    }
+
+    public func getattr(_ id: UInt64) throws -> Attributes {
+        try attributes(try node(id))
+    }
+
+    func attributes(_ node: Node) throws -> Attributes {
+        let st = try Sys.fstat(node.fd.raw)
+        return node.state.withLock { s in
+            let size: UInt64 = switch node.type {
+            case .directory: 4096
+            case .regular, .symlink: s.file?.size ?? s.header.size
+            default: 0
+            }
+            return Attributes(
+                inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
+                uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
+                accessTime: Timestamp(seconds: Int64(st.st_atim.tv_sec), nanoseconds: Int64(st.st_atim.tv_nsec)),
+                modificationTime: Timestamp(seconds: Int64(st.st_mtim.tv_sec), nanoseconds: Int64(st.st_mtim.tv_nsec)),
+                changeTime: Timestamp(seconds: Int64(st.st_ctim.tv_sec), nanoseconds: Int64(st.st_ctim.tv_nsec)))
+        }
+    }
+
+    public func statfs() throws -> FileSystemStatistics {
+        let root = try node(Self.rootID)
+        let s = try Sys.fstatvfs(root.fd.raw)
+        return FileSystemStatistics(
+            blockSize: UInt64(s.f_frsize), blocks: UInt64(s.f_blocks), blocksFree: UInt64(s.f_bfree),
+            blocksAvailable: UInt64(s.f_bavail), files: UInt64(s.f_files), filesFree: UInt64(s.f_ffree),
+            nameMax: UInt64(NameCodec.maximumNameBytes))
+    }
+}
