@@ -7,4 +7,10 @@
 #include <sys/statvfs.h>
 #include <sys/ioctl.h>
 #include <linux/fs.h>
+
+// fuse_session_loop_mt is a function or a macro depending on how libfuse was built; this
+// inline resolves to whichever the installed header declares.
+static inline int encfsd_fuse_session_loop_mt(struct fuse_session *se, struct fuse_loop_config *config) {
+    return fuse_session_loop_mt(se, config);
+}
 #endif

@@ -6,6 +6,7 @@
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <sys/xattr.h>
+#include <sys/ioctl.h>
 
 static const unsigned int encfsd_RENAME_NOREPLACE = 1;
 static const unsigned int encfsd_RENAME_EXCHANGE = 2;
@@ -20,5 +21,9 @@ static inline int encfsd_renameat2(int olddirfd, const char *oldpath, int newdir
 
 static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
     return (int)syscall(SYS_fallocate, fd, mode, offset, len);
+}
+
+static inline int encfsd_ioctl(int fd, unsigned long request, void *argument) {
+    return ioctl(fd, request, argument);
 }
 #endif

@@ -14,50 +14,50 @@ public final class FileDescriptor: Sendable {
 /// here, and failures become `StoreError.system(errno)`.
 public enum Sys {
     @inline(__always)
-    static func check(_ rc: Int32) throws(StoreError) {
-        if rc < 0 { throw .system(errno) }
+    static func check(_ rc: Int32) throws {
+        if rc < 0 { throw StoreError.system(errno) }
     }
 
     @inline(__always)
-    static func retrying(_ call: () -> Int32) throws(StoreError) -> Int32 {
+    static func retrying(_ call: () -> Int32) throws -> Int32 {
         while true {
             let rc = call()
             if rc >= 0 { return rc }
-            if errno != EINTR { throw .system(errno) }
+            if errno != EINTR { throw StoreError.system(errno) }
         }
     }
 
-    static func withCName<R>(_ name: [UInt8], _ body: (UnsafePointer<CChar>) throws(StoreError) -> R) throws(StoreError) -> R {
+    static func withCName<R>(_ name: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) throws -> R {
         var terminated = name
         terminated.append(0)
-        return try terminated.withUnsafeBufferPointer { buf throws(StoreError) -> R in
-            try buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) { p throws(StoreError) -> R in try body(p) }
+        return try terminated.withUnsafeBufferPointer { buf throws -> R in
+            try buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) { p throws -> R in try body(p) }
         }
     }
 
-    public static func open(_ path: String, flags: Int32, mode: mode_t = 0) throws(StoreError) -> FileDescriptor {
+    public static func open(_ path: String, flags: Int32, mode: mode_t = 0) throws -> FileDescriptor {
         try FileDescriptor(raw: retrying { Glibc.open(path, flags | O_CLOEXEC, mode) })
     }
 
-    public static func openAt(_ dir: Int32, _ name: [UInt8], flags: Int32, mode: mode_t = 0) throws(StoreError) -> FileDescriptor {
-        try withCName(name) { p throws(StoreError) in
+    public static func openAt(_ dir: Int32, _ name: [UInt8], flags: Int32, mode: mode_t = 0) throws -> FileDescriptor {
+        try withCName(name) { p throws in
             try FileDescriptor(raw: retrying { Glibc.openat(dir, p, flags | O_CLOEXEC, mode) })
         }
     }
 
     /// Re-opens an O_PATH descriptor with real access flags, as passthrough_hp does.
-    public static func reopen(_ fd: Int32, flags: Int32) throws(StoreError) -> FileDescriptor {
+    public static func reopen(_ fd: Int32, flags: Int32) throws -> FileDescriptor {
         try open("/proc/self/fd/\(fd)", flags: flags)
     }
 
     /// Reads until `buffer` is full or end of file; returns the bytes read.
-    public static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws(StoreError) -> Int {
+    public static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
         var done = 0
         while done < buffer.count {
             let n = Glibc.pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw .system(errno)
+                throw StoreError.system(errno)
             }
             if n == 0 { break }
             done += n
@@ -65,44 +65,44 @@ public enum Sys {
         return done
     }
 
-    public static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: Int64) throws(StoreError) {
+    public static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: Int64) throws {
         var done = 0
         while done < buffer.count {
             let n = Glibc.pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw .system(errno)
+                throw StoreError.system(errno)
             }
             done += n
         }
     }
 
-    public static func fsync(_ fd: Int32) throws(StoreError) { _ = try retrying { Glibc.fsync(fd) } }
-    public static func fdatasync(_ fd: Int32) throws(StoreError) { _ = try retrying { Glibc.fdatasync(fd) } }
-    public static func ftruncate(_ fd: Int32, _ length: Int64) throws(StoreError) {
+    public static func fsync(_ fd: Int32) throws { _ = try retrying { Glibc.fsync(fd) } }
+    public static func fdatasync(_ fd: Int32) throws { _ = try retrying { Glibc.fdatasync(fd) } }
+    public static func ftruncate(_ fd: Int32, _ length: Int64) throws {
         _ = try retrying { Glibc.ftruncate(fd, off_t(length)) }
     }
 
-    public static func fstat(_ fd: Int32) throws(StoreError) -> stat {
+    public static func fstat(_ fd: Int32) throws -> stat {
         var st = stat()
         try check(Glibc.fstat(fd, &st))
         return st
     }
 
-    public static func fstatAt(_ dir: Int32, _ name: [UInt8]) throws(StoreError) -> stat {
-        try withCName(name) { p throws(StoreError) in
+    public static func fstatAt(_ dir: Int32, _ name: [UInt8]) throws -> stat {
+        try withCName(name) { p throws in
             var st = stat()
             try check(Glibc.fstatat(dir, p, &st, AT_SYMLINK_NOFOLLOW))
             return st
         }
     }
 
-    public static func mkdirAt(_ dir: Int32, _ name: [UInt8], mode: mode_t) throws(StoreError) {
-        try withCName(name) { p throws(StoreError) in try check(Glibc.mkdirat(dir, p, mode)) }
+    public static func mkdirAt(_ dir: Int32, _ name: [UInt8], mode: mode_t) throws {
+        try withCName(name) { p throws in try check(Glibc.mkdirat(dir, p, mode)) }
     }
 
-    public static func unlinkAt(_ dir: Int32, _ name: [UInt8], directory: Bool = false) throws(StoreError) {
-        try withCName(name) { p throws(StoreError) in try check(Glibc.unlinkat(dir, p, directory ? AT_REMOVEDIR : 0)) }
+    public static func unlinkAt(_ dir: Int32, _ name: [UInt8], directory: Bool = false) throws {
+        try withCName(name) { p throws in try check(Glibc.unlinkat(dir, p, directory ? AT_REMOVEDIR : 0)) }
     }
 
     public static let oPath: Int32 = encfsd_O_PATH
@@ -111,15 +111,15 @@ public enum Sys {
     public static let renameNoReplace = encfsd_RENAME_NOREPLACE
     public static let renameExchange = encfsd_RENAME_EXCHANGE
 
-    public static func renameAt(_ fromDir: Int32, _ from: [UInt8], _ toDir: Int32, _ to: [UInt8], flags: UInt32 = 0) throws(StoreError) {
-        try withCName(from) { f throws(StoreError) in
-            try withCName(to) { t throws(StoreError) in try check(encfsd_renameat2(fromDir, f, toDir, t, flags)) }
+    public static func renameAt(_ fromDir: Int32, _ from: [UInt8], _ toDir: Int32, _ to: [UInt8], flags: UInt32 = 0) throws {
+        try withCName(from) { f throws in
+            try withCName(to) { t throws in try check(encfsd_renameat2(fromDir, f, toDir, t, flags)) }
         }
     }
 
     /// Gives the inode behind `fd` a new name, via /proc so no capability is needed.
-    public static func linkAt(fd: Int32, toDir: Int32, _ name: [UInt8]) throws(StoreError) {
-        try withCName(name) { p throws(StoreError) in
+    public static func linkAt(fd: Int32, toDir: Int32, _ name: [UInt8]) throws {
+        try withCName(name) { p throws in
             try check(Glibc.linkat(AT_FDCWD, "/proc/self/fd/\(fd)", toDir, p, AT_SYMLINK_FOLLOW))
         }
     }
@@ -129,21 +129,21 @@ public enum Sys {
     public static let nowTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 1)
 
     /// Sets times through /proc so it works on O_PATH descriptors (directories) too.
-    public static func setTimes(_ fd: Int32, _ times: (timespec, timespec)) throws(StoreError) {
+    public static func setTimes(_ fd: Int32, _ times: (timespec, timespec)) throws {
         var t = [times.0, times.1]
         try check(Glibc.utimensat(AT_FDCWD, "/proc/self/fd/\(fd)", &t, 0))
     }
 
-    public static func futimens(_ fd: Int32, _ times: (timespec, timespec)) throws(StoreError) {
+    public static func futimens(_ fd: Int32, _ times: (timespec, timespec)) throws {
         var t = [times.0, times.1]
         try check(Glibc.futimens(fd, &t))
     }
 
-    public static func fallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) throws(StoreError) {
+    public static func fallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) throws {
         _ = try retrying { encfsd_fallocate(fd, mode, off_t(offset), off_t(length)) }
     }
 
-    public static func fstatvfs(_ fd: Int32) throws(StoreError) -> statvfs {
+    public static func fstatvfs(_ fd: Int32) throws -> statvfs {
         var s = statvfs()
         try check(Glibc.fstatvfs(fd, &s))
         return s
@@ -156,19 +156,19 @@ public enum Sys {
     }
 
     /// Entries of a directory, without "." and "..", with the inode and type getdents gives.
-    public static func listDirectory(_ dirFD: Int32) throws(StoreError) -> [RawEntry] {
+    public static func listDirectory(_ dirFD: Int32) throws -> [RawEntry] {
         let fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         guard let dir = fdopendir(fd) else {
             let e = errno
             Glibc.close(fd)
-            throw .system(e)
+            throw StoreError.system(e)
         }
         defer { closedir(dir) }
         var entries: [RawEntry] = []
         while true {
             errno = 0
             guard let entry = readdir(dir) else {
-                if errno != 0 { throw .system(errno) }
+                if errno != 0 { throw StoreError.system(errno) }
                 break
             }
             let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
@@ -181,39 +181,45 @@ public enum Sys {
         return entries
     }
 
+    /// An ioctl whose argument is a buffer read and written in place.
+    public static func ioctl(_ fd: Int32, _ request: UInt, _ buffer: inout [UInt8]) throws {
+        let rc = buffer.withUnsafeMutableBytes { encfsd_ioctl(fd, request, $0.baseAddress) }
+        if rc < 0 { throw StoreError.system(errno) }
+    }
+
     // MARK: extended attributes on backing objects
 
-    public static func fsetxattr(_ fd: Int32, _ name: String, _ value: [UInt8], flags: Int32) throws(StoreError) {
+    public static func fsetxattr(_ fd: Int32, _ name: String, _ value: [UInt8], flags: Int32) throws {
         try check(value.withUnsafeBytes { CLinux.fsetxattr(fd, name, $0.baseAddress, $0.count, flags) })
     }
 
-    public static func fgetxattr(_ fd: Int32, _ name: String) throws(StoreError) -> [UInt8] {
+    public static func fgetxattr(_ fd: Int32, _ name: String) throws -> [UInt8] {
         while true {
             let size = CLinux.fgetxattr(fd, name, nil, 0)
-            if size < 0 { throw .system(errno) }
+            if size < 0 { throw StoreError.system(errno) }
             var value = [UInt8](repeating: 0, count: size)
             let n = value.withUnsafeMutableBytes { CLinux.fgetxattr(fd, name, $0.baseAddress, $0.count) }
             if n >= 0 { return Array(value.prefix(n)) }
-            if errno != ERANGE { throw .system(errno) }
+            if errno != ERANGE { throw StoreError.system(errno) }
         }
     }
 
-    public static func flistxattr(_ fd: Int32) throws(StoreError) -> [String] {
+    public static func flistxattr(_ fd: Int32) throws -> [String] {
         while true {
             let size = CLinux.flistxattr(fd, nil, 0)
-            if size < 0 { throw .system(errno) }
+            if size < 0 { throw StoreError.system(errno) }
             if size == 0 { return [] }
             var buf = [CChar](repeating: 0, count: size)
             let n = CLinux.flistxattr(fd, &buf, buf.count)
             if n < 0 {
                 if errno == ERANGE { continue }
-                throw .system(errno)
+                throw StoreError.system(errno)
             }
             return buf.prefix(n).split(separator: 0).map { String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
         }
     }
 
-    public static func fremovexattr(_ fd: Int32, _ name: String) throws(StoreError) {
+    public static func fremovexattr(_ fd: Int32, _ name: String) throws {
         try check(CLinux.fremovexattr(fd, name))
     }
 }

@@ -132,7 +132,7 @@ extension Volume {
     func list(_ dir: Node) throws -> [DirectoryEntry] {
         let st = try Sys.fstat(dir.fd.raw)
         var entries = [DirectoryEntry(name: [0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR),
-                       DirectoryEntry(name: [0x2e, 0x2e], inode: 0, typeBits: S_IFDIR)]
+                       DirectoryEntry(name: [0x2e, 0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR)]
         let unlocked = try? unlockedDirectory(dir)
         for raw in try Sys.listDirectory(dir.fd.raw) {
             guard NameCodec.isEntryName(raw.name) else { continue }

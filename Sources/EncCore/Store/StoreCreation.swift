@@ -1,0 +1,32 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Creates a new, empty store.
+public enum StoreCreation {
+    public static let defaultExtentSize = 16384
+
+    /// Writes `encfsd.conf` and the root directory's header into `path` (created if missing;
+    /// must be empty otherwise). Both files are fsynced, and then the directory, before this
+    /// returns: a store is never left half-initialised by a power loss.
+    public static func create(at path: String, key: MasterKey, extentSize: Int = defaultExtentSize,
+                              owner: Caller, rootMode: UInt32 = 0o755) throws {
+        guard ExtentGeometry.isValid(extentSize: extentSize) else { throw StoreError.invalidArgument }
+        if mkdir(path, 0o700) != 0 && errno != EEXIST { throw StoreError.system(errno) }
+        let dir = try Sys.open(path, flags: O_RDONLY | O_DIRECTORY)
+        guard try Sys.listDirectory(dir.raw).isEmpty else { throw StoreError.notEmpty }
+
+        let config = StoreConfig(extentSize: extentSize, rootPolicy: key.identifier)
+        let configFD = try Sys.openAt(dir.raw, Array(StoreConfig.fileName.utf8), flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o644)
+        try Array(config.encoded()).withUnsafeBytes { try Sys.pwrite(configFD.raw, $0, offset: 0) }
+        try Sys.fsync(configFD.raw)
+
+        let header = ObjectHeader(type: .directory, mode: rootMode, uid: owner.uid, gid: owner.gid, extentSize: 0,
+                                  objectID: OpenSSL.random(count: 16), policy: key.identifier)
+        let headerFD = try Sys.openAt(dir.raw, directoryHeaderName, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+        try HeaderIO.create(fd: headerFD.raw, header: header, key: key)
+        try Sys.fsync(headerFD.raw)
+        try Sys.fsync(dir.raw)
+    }
+}

@@ -1,0 +1,36 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Volume {
+    public func setattr(_ id: UInt64, _ changes: AttributeChanges) throws -> Attributes {
+        let node = try node(id)
+        if let size = changes.size {
+            guard node.type == .regular else { throw node.isDirectory ? StoreError.isDirectory : StoreError.invalidArgument }
+            let key = try objectKey(node)
+            try node.state.withLock { state in
+                let file = state.file ?? ExtentFile(fd: node.fd.raw, key: key, header: state.header)
+                try file.resize(to: size)
+                try file.commit(header: &state.header)
+            }
+        }
+        if changes.mode != nil || changes.uid != nil || changes.gid != nil {
+            try mutateHeader(node, key: try objectKey(node), sync: false) { header in
+                if let mode = changes.mode { header.mode = mode & 0o7777 }
+                if let uid = changes.uid { header.uid = uid }
+                if let gid = changes.gid { header.gid = gid }
+            }
+        }
+        if changes.accessTime != nil || changes.modificationTime != nil {
+            func spec(_ change: AttributeChanges.TimeChange?) -> timespec {
+                switch change {
+                case nil: Sys.omitTime
+                case .now: Sys.nowTime
+                case .set(let t): timespec(tv_sec: Int(t.seconds), tv_nsec: Int(t.nanoseconds))
+                }
+            }
+            try Sys.setTimes(node.fd.raw, (spec(changes.accessTime), spec(changes.modificationTime)))
+        }
+        return try attributes(node)
+    }
+}

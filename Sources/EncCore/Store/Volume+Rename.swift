@@ -1,0 +1,71 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Volume {
+    /// Renames with one atomic backing renameat2, honouring RENAME_NOREPLACE and RENAME_EXCHANGE.
+    ///
+    /// Each moved object must authenticate under its new name, so the new name is added to its
+    /// header's bindings (durably) before the backing rename and the old one is dropped after.
+    /// A crash anywhere leaves the object under exactly one of its two names, and that name is
+    /// bound: the old name until the rename, the new one after.
+    public func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], mode: RenameMode) throws {
+        let fromDir = try node(parent)
+        let toDir = try node(newParent)
+        let (fromKey, fromHeader) = try unlockedDirectory(fromDir)
+        let (toKey, toHeader) = try unlockedDirectory(toDir)
+        let fromName = try NameCodec.encrypt(name, directoryID: fromHeader.objectID, key: fromKey)
+        let toName = try NameCodec.encrypt(newName, directoryID: toHeader.objectID, key: toKey)
+        let source = try child(of: fromDir, backingName: fromName.backingName)
+        defer { dropIfUnused(source) }
+        if fromHeader.policy != toHeader.policy || source.isDirectory {
+            try checkSamePolicy(source, directoryPolicy: toHeader.policy)
+        }
+
+        var target: Node?
+        if let st = try? Self.statEntry(toDir, toName.backingName) {
+            if UInt64(st.st_ino) == source.backingInode { return } // same object: POSIX says do nothing
+            switch mode {
+            case .noReplace: throw StoreError.exists
+            case .exchange:
+                let other = try child(of: toDir, backingName: toName.backingName)
+                if fromHeader.policy != toHeader.policy || other.isDirectory {
+                    try checkSamePolicy(other, directoryPolicy: fromHeader.policy)
+                }
+                target = other
+            case .replace:
+                let targetIsDirectory = st.st_mode & S_IFMT == S_IFDIR
+                if source.isDirectory && !targetIsDirectory { throw StoreError.notDirectory }
+                if !source.isDirectory && targetIsDirectory { throw StoreError.isDirectory }
+                if targetIsDirectory {
+                    // The backing directory still holds its header file, so the backing rename
+                    // would refuse it as non-empty: take the empty target out first.
+                    try removeEmptyDirectory(in: toDir, backingName: toName.backingName)
+                }
+            }
+        } else if mode == .exchange {
+            throw StoreError.notFound
+        }
+        defer { if let target { dropIfUnused(target) } }
+
+        let newBinding = Self.binding(parentID: toHeader.objectID, name: toName)
+        let oldBinding = Self.binding(parentID: fromHeader.objectID, name: fromName)
+        try addBinding(newBinding, to: source)
+        if let target { try addBinding(oldBinding, to: target) }
+        do {
+            let flags: UInt32 = switch mode {
+            case .replace: 0
+            case .noReplace: Sys.renameNoReplace
+            case .exchange: Sys.renameExchange
+            }
+            try Sys.renameAt(fromDir.fd.raw, fromName.backingName, toDir.fd.raw, toName.backingName, flags: flags)
+        } catch {
+            try? removeBinding(newBinding.digest, from: source)
+            if let target { try? removeBinding(oldBinding.digest, from: target) }
+            if case StoreError.system(EEXIST) = error { throw StoreError.exists }
+            throw error
+        }
+        try? removeBinding(oldBinding.digest, from: source)
+        if let target { try? removeBinding(newBinding.digest, from: target) }
+    }
+}

@@ -1,0 +1,536 @@
+import CFuse3
+#if canImport(Glibc)
+import Glibc
+#endif
+
+// Every libfuse call encfsd makes is in this file.
+//
+// libfuse calls the operations below from its worker threads. They are nonisolated file-scope
+// functions (C function pointers cannot capture), and reach the filesystem through the
+// session's userdata, an unmanaged reference to `BridgeContext` that outlives the session loop.
+
+/// State the callbacks reach through `fuse_req_userdata`.
+final class BridgeContext: Sendable {
+    let fileSystem: any FileSystem
+    let options: MountOptions
+    init(fileSystem: any FileSystem, options: MountOptions) {
+        self.fileSystem = fileSystem
+        self.options = options
+    }
+}
+
+public enum FuseError: Error, CustomStringConvertible {
+    case sessionCreation
+    case mount(String)
+    case loop(Int32)
+
+    public var description: String {
+        switch self {
+        case .sessionCreation: "libfuse refused the mount options"
+        case .mount(let point): "cannot mount on \(point) (is it an existing directory, and is /dev/fuse usable?)"
+        case .loop(let rc): "the FUSE session ended with error \(rc)"
+        }
+    }
+}
+
+/// A mounted FUSE session.
+///
+/// Invariant making this `@unchecked Sendable`: `session` is set in `init` and only passed to
+/// libfuse functions that are documented thread-safe (loop, exit, notify), or used in `deinit`.
+public final class FuseSession: @unchecked Sendable {
+    private let session: OpaquePointer
+    private let context: Unmanaged<BridgeContext>
+    private let options: MountOptions
+    private var mounted = false
+
+    public init(fileSystem: any FileSystem, options: MountOptions) throws {
+        self.options = options
+        let context = Unmanaged.passRetained(BridgeContext(fileSystem: fileSystem, options: options))
+        self.context = context
+        var mountOptions = ["fsname=\(options.fsName)", "subtype=encfsd", "default_permissions"]
+        if options.allowOther { mountOptions.append("allow_other") }
+        mountOptions += options.extra
+        let argv = ["encfsd", "-o", mountOptions.joined(separator: ",")]
+        var ops = makeOperations()
+        let cStrings = argv.map { strdup($0) }
+        defer { cStrings.forEach { free($0) } }
+        var cArgv: [UnsafeMutablePointer<CChar>?] = cStrings
+        let created: OpaquePointer? = cArgv.withUnsafeMutableBufferPointer { buf in
+            var args = fuse_args(argc: Int32(argv.count), argv: buf.baseAddress, allocated: 0)
+            defer { fuse_opt_free_args(&args) }
+            return fuse_session_new(&args, &ops, MemoryLayout<fuse_lowlevel_ops>.size, context.toOpaque())
+        }
+        guard let created else {
+            context.release()
+            throw FuseError.sessionCreation
+        }
+        guard fuse_set_signal_handlers(created) == 0 else {
+            fuse_session_destroy(created)
+            context.release()
+            throw FuseError.sessionCreation
+        }
+        guard fuse_session_mount(created, options.mountpoint) == 0 else {
+            fuse_remove_signal_handlers(created)
+            fuse_session_destroy(created)
+            context.release()
+            throw FuseError.mount(options.mountpoint)
+        }
+        session = created
+        mounted = true
+    }
+
+    /// Serves requests on a pool of threads until unmounted or signalled.
+    public func run() throws {
+        guard let config = fuse_loop_cfg_create() else { throw FuseError.loop(-ENOMEM) }
+        defer { fuse_loop_cfg_destroy(config) }
+        // One /dev/fuse descriptor per worker spreads requests without a shared queue lock.
+        fuse_loop_cfg_set_clone_fd(config, 1)
+        fuse_loop_cfg_set_max_threads(config, UInt32(options.threads))
+        fuse_loop_cfg_set_idle_threads(config, UInt32(max(2, options.threads / 2)))
+        let rc = encfsd_fuse_session_loop_mt(session, config)
+        guard rc == 0 else { throw FuseError.loop(rc) }
+    }
+
+    public func exit() { fuse_session_exit(session) }
+
+    deinit {
+        if mounted { fuse_session_unmount(session) }
+        fuse_remove_signal_handlers(session)
+        fuse_session_destroy(session)
+        context.release()
+    }
+}
+
+// MARK: - the operation table
+
+private func makeOperations() -> fuse_lowlevel_ops {
+    var ops = fuse_lowlevel_ops()
+    ops.`init` = opInit
+    ops.lookup = opLookup
+    ops.forget = opForget
+    ops.forget_multi = opForgetMulti
+    ops.getattr = opGetattr
+    ops.setattr = opSetattr
+    ops.readlink = opReadlink
+    ops.mknod = opMknod
+    ops.mkdir = opMkdir
+    ops.unlink = opUnlink
+    ops.rmdir = opRmdir
+    ops.symlink = opSymlink
+    ops.rename = opRename
+    ops.link = opLink
+    ops.open = opOpen
+    ops.read = opRead
+    ops.write = opWrite
+    ops.flush = opFlush
+    ops.release = opRelease
+    ops.fsync = opFsync
+    ops.opendir = opOpendir
+    ops.readdir = opReaddir
+    ops.releasedir = opReleasedir
+    ops.fsyncdir = opFsyncdir
+    ops.statfs = opStatfs
+    ops.setxattr = opSetxattr
+    ops.getxattr = opGetxattr
+    ops.listxattr = opListxattr
+    ops.removexattr = opRemovexattr
+    ops.create = opCreate
+    ops.ioctl = opIoctl
+    ops.fallocate = opFallocate
+    return ops
+}
+
+// MARK: - helpers
+
+@inline(__always)
+private func bridge(_ req: fuse_req_t?) -> BridgeContext {
+    Unmanaged<BridgeContext>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
+}
+
+private func errnoOf(_ error: any Error) -> Int32 {
+    (error as? any ErrnoConvertible)?.errnoValue ?? EIO
+}
+
+/// Runs `body` and answers the request with its errno when it throws.
+@inline(__always)
+private func answer(_ req: fuse_req_t?, _ body: (BridgeContext) throws -> Void) {
+    do {
+        try body(bridge(req))
+    } catch {
+        fuse_reply_err(req, errnoOf(error))
+    }
+}
+
+private func bytes(_ name: UnsafePointer<CChar>?) -> [UInt8] {
+    guard let name else { return [] }
+    return Array(UnsafeRawBufferPointer(start: name, count: strlen(name)))
+}
+
+private func requestContext(_ req: fuse_req_t?) -> RequestContext {
+    let ctx = fuse_req_ctx(req)!.pointee
+    return RequestContext(uid: ctx.uid, gid: ctx.gid, pid: ctx.pid, umask: UInt32(ctx.umask))
+}
+
+private func statOf(_ a: FileAttributes) -> stat {
+    var st = stat()
+    st.st_ino = UInt(a.inode)
+    st.st_mode = a.mode
+    st.st_nlink = UInt(a.linkCount)
+    st.st_uid = a.uid
+    st.st_gid = a.gid
+    st.st_rdev = UInt(a.rdev)
+    st.st_size = Int(truncatingIfNeeded: a.size)
+    st.st_blocks = Int(truncatingIfNeeded: a.blocks)
+    st.st_blksize = 4096
+    st.st_atim = timespec(tv_sec: Int(a.accessTime.seconds), tv_nsec: Int(a.accessTime.nanoseconds))
+    st.st_mtim = timespec(tv_sec: Int(a.modificationTime.seconds), tv_nsec: Int(a.modificationTime.nanoseconds))
+    st.st_ctim = timespec(tv_sec: Int(a.changeTime.seconds), tv_nsec: Int(a.changeTime.nanoseconds))
+    return st
+}
+
+private func replyEntry(_ req: fuse_req_t?, _ ctx: BridgeContext, _ entry: Entry) {
+    var param = fuse_entry_param()
+    param.ino = entry.node
+    param.generation = 1
+    param.attr = statOf(entry.attributes)
+    param.attr_timeout = ctx.options.attributeTimeout
+    param.entry_timeout = ctx.options.entryTimeout
+    fuse_reply_entry(req, &param)
+}
+
+private func replyAttr(_ req: fuse_req_t?, _ ctx: BridgeContext, _ attributes: FileAttributes) {
+    var st = statOf(attributes)
+    fuse_reply_attr(req, &st, ctx.options.attributeTimeout)
+}
+
+private func fillOpen(_ fi: UnsafeMutablePointer<fuse_file_info>?, _ reply: OpenReply) {
+    guard let fi else { return }
+    fi.pointee.fh = reply.handle
+    fi.pointee.keep_cache = reply.keepCache ? 1 : 0
+}
+
+// MARK: - callbacks
+
+private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutablePointer<fuse_conn_info>?) {
+    guard let conn else { return }
+    // 1 MiB requests: fewer round trips per streamed MiB, and whole extents per write.
+    conn.pointee.max_write = 1 << 20
+    conn.pointee.max_readahead = 1 << 20
+    // Let the kernel send O_TRUNC with open, so truncate-on-open is one request.
+    if conn.pointee.capable & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 {
+        conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC)
+    }
+    if conn.pointee.capable & UInt32(FUSE_CAP_IOCTL_DIR) != 0 {
+        conn.pointee.want |= UInt32(FUSE_CAP_IOCTL_DIR)
+    }
+    // Locks stay in the kernel (local semantics, as ext4 gives on one host): no lock ops here.
+    conn.pointee.want &= ~UInt32(FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS)
+}
+
+private func opLookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    answer(req) { ctx in replyEntry(req, ctx, try ctx.fileSystem.lookup(parent: parent, name: bytes(name))) }
+}
+
+private func opForget(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ nlookup: UInt64) {
+    bridge(req).fileSystem.forget(ino, count: nlookup)
+    fuse_reply_none(req)
+}
+
+private func opForgetMulti(_ req: fuse_req_t?, _ count: Int, _ forgets: UnsafeMutablePointer<fuse_forget_data>?) {
+    let fs = bridge(req).fileSystem
+    for i in 0..<count {
+        guard let f = forgets?[i] else { continue }
+        fs.forget(f.ino, count: f.nlookup)
+    }
+    fuse_reply_none(req)
+}
+
+private func opGetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in replyAttr(req, ctx, try ctx.fileSystem.getattr(ino)) }
+}
+
+private func opSetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMutablePointer<stat>?, _ toSet: Int32,
+                       _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let attr = attr?.pointee else { throw BridgeError.invalid }
+        var changes = SetAttributes()
+        if toSet & FUSE_SET_ATTR_MODE != 0 { changes.mode = attr.st_mode }
+        if toSet & FUSE_SET_ATTR_UID != 0 { changes.uid = attr.st_uid }
+        if toSet & FUSE_SET_ATTR_GID != 0 { changes.gid = attr.st_gid }
+        if toSet & FUSE_SET_ATTR_SIZE != 0 { changes.size = UInt64(attr.st_size) }
+        if toSet & FUSE_SET_ATTR_ATIME_NOW != 0 {
+            changes.accessTime = .now
+        } else if toSet & FUSE_SET_ATTR_ATIME != 0 {
+            changes.accessTime = .set(seconds: Int64(attr.st_atim.tv_sec), nanoseconds: Int64(attr.st_atim.tv_nsec))
+        }
+        if toSet & FUSE_SET_ATTR_MTIME_NOW != 0 {
+            changes.modificationTime = .now
+        } else if toSet & FUSE_SET_ATTR_MTIME != 0 {
+            changes.modificationTime = .set(seconds: Int64(attr.st_mtim.tv_sec), nanoseconds: Int64(attr.st_mtim.tv_nsec))
+        }
+        changes.handle = fi?.pointee.fh
+        replyAttr(req, ctx, try ctx.fileSystem.setattr(ino, changes))
+    }
+}
+
+private func opReadlink(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
+    answer(req) { ctx in
+        let target = try ctx.fileSystem.readlink(ino)
+        _ = (target + [0]).withUnsafeBufferPointer { buf in
+            buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) { fuse_reply_readlink(req, $0) }
+        }
+    }
+}
+
+private func opMknod(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t, _ rdev: dev_t) {
+    answer(req) { ctx in
+        replyEntry(req, ctx, try ctx.fileSystem.mknod(parent: parent, name: bytes(name), mode: mode, rdev: UInt64(rdev),
+                                                      context: requestContext(req)))
+    }
+}
+
+private func opMkdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t) {
+    answer(req) { ctx in
+        replyEntry(req, ctx, try ctx.fileSystem.mkdir(parent: parent, name: bytes(name), mode: mode, context: requestContext(req)))
+    }
+}
+
+private func opUnlink(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    answer(req) { ctx in
+        try ctx.fileSystem.unlink(parent: parent, name: bytes(name))
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opRmdir(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    answer(req) { ctx in
+        try ctx.fileSystem.rmdir(parent: parent, name: bytes(name))
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opSymlink(_ req: fuse_req_t?, _ link: UnsafePointer<CChar>?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    answer(req) { ctx in
+        replyEntry(req, ctx, try ctx.fileSystem.symlink(target: bytes(link), parent: parent, name: bytes(name),
+                                                        context: requestContext(req)))
+    }
+}
+
+private func opRename(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ newParent: fuse_ino_t,
+                      _ newName: UnsafePointer<CChar>?, _ flags: UInt32) {
+    answer(req) { ctx in
+        try ctx.fileSystem.rename(parent: parent, name: bytes(name), newParent: newParent, newName: bytes(newName), flags: flags)
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opLink(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ newParent: fuse_ino_t, _ newName: UnsafePointer<CChar>?) {
+    answer(req) { ctx in replyEntry(req, ctx, try ctx.fileSystem.link(ino, newParent: newParent, newName: bytes(newName))) }
+}
+
+private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        let reply = try ctx.fileSystem.open(ino, flags: fi?.pointee.flags ?? 0)
+        fillOpen(fi, reply)
+        if fuse_reply_open(req, fi) != 0 {
+            // The opener was interrupted and is gone: nobody will release this handle.
+            try? ctx.fileSystem.release(ino, handle: reply.handle)
+        }
+    }
+}
+
+private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ mode: mode_t,
+                      _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        let (entry, reply) = try ctx.fileSystem.create(parent: parent, name: bytes(name), mode: mode,
+                                                       flags: fi?.pointee.flags ?? 0, context: requestContext(req))
+        fillOpen(fi, reply)
+        var param = fuse_entry_param()
+        param.ino = entry.node
+        param.generation = 1
+        param.attr = statOf(entry.attributes)
+        param.attr_timeout = ctx.options.attributeTimeout
+        param.entry_timeout = ctx.options.entryTimeout
+        if fuse_reply_create(req, &param, fi) != 0 {
+            try? ctx.fileSystem.release(entry.node, handle: reply.handle)
+        }
+    }
+}
+
+private func opRead(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let fi, offset >= 0 else { throw BridgeError.invalid }
+        let data = try ctx.fileSystem.read(ino, handle: fi.pointee.fh, offset: UInt64(offset), size: size)
+        _ = data.withUnsafeBytes { fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+    }
+}
+
+private func opWrite(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer<CChar>?, _ size: Int, _ offset: off_t,
+                     _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let fi, offset >= 0 else { throw BridgeError.invalid }
+        let written = try ctx.fileSystem.write(ino, handle: fi.pointee.fh, offset: UInt64(offset),
+                                               data: UnsafeRawBufferPointer(start: buf, count: size))
+        fuse_reply_write(req, written)
+    }
+}
+
+private func opFlush(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let fi else { throw BridgeError.invalid }
+        try ctx.fileSystem.flush(ino, handle: fi.pointee.fh)
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opRelease(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let fi else { throw BridgeError.invalid }
+        try ctx.fileSystem.release(ino, handle: fi.pointee.fh)
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opFsync(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let fi else { throw BridgeError.invalid }
+        try ctx.fileSystem.fsync(ino, handle: fi.pointee.fh, dataOnly: datasync != 0)
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opFallocate(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mode: Int32, _ offset: off_t, _ length: off_t,
+                         _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let fi, offset >= 0, length > 0 else { throw BridgeError.invalid }
+        try ctx.fileSystem.fallocate(ino, handle: fi.pointee.fh, mode: mode, offset: UInt64(offset), length: UInt64(length))
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opOpendir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        let handle = try ctx.fileSystem.opendir(ino)
+        fi?.pointee.fh = handle
+        if fuse_reply_open(req, fi) != 0 { ctx.fileSystem.releasedir(ino, handle: handle) }
+    }
+}
+
+private func opReaddir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let fi, offset >= 0 else { throw BridgeError.invalid }
+        let items = try ctx.fileSystem.readdir(ino, handle: fi.pointee.fh, offset: Int(offset))
+        var buffer = [CChar](repeating: 0, count: size)
+        var used = 0
+        var next = Int(offset)
+        for item in items {
+            next += 1
+            var st = stat()
+            st.st_ino = UInt(item.inode)
+            st.st_mode = item.typeBits
+            let needed = (item.name + [0]).withUnsafeBufferPointer { name in
+                name.baseAddress!.withMemoryRebound(to: CChar.self, capacity: name.count) { cName in
+                    buffer.withUnsafeMutableBufferPointer { out in
+                        fuse_add_direntry(req, out.baseAddress! + used, size - used, cName, &st, off_t(next))
+                    }
+                }
+            }
+            if needed > size - used { break }
+            used += needed
+        }
+        _ = buffer.withUnsafeBufferPointer { fuse_reply_buf(req, $0.baseAddress, used) }
+    }
+}
+
+private func opReleasedir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    if let fi { bridge(req).fileSystem.releasedir(ino, handle: fi.pointee.fh) }
+    fuse_reply_err(req, 0)
+}
+
+private func opFsyncdir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ datasync: Int32, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        try ctx.fileSystem.fsyncdir(ino, handle: fi?.pointee.fh ?? 0, dataOnly: datasync != 0)
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opStatfs(_ req: fuse_req_t?, _ ino: fuse_ino_t) {
+    answer(req) { ctx in
+        let s = try ctx.fileSystem.statfs(ino)
+        var v = statvfs()
+        v.f_bsize = UInt(s.blockSize)
+        v.f_frsize = UInt(s.blockSize)
+        v.f_blocks = UInt(s.blocks)
+        v.f_bfree = UInt(s.blocksFree)
+        v.f_bavail = UInt(s.blocksAvailable)
+        v.f_files = UInt(s.files)
+        v.f_ffree = UInt(s.filesFree)
+        v.f_favail = UInt(s.filesFree)
+        v.f_namemax = UInt(s.nameMax)
+        fuse_reply_statfs(req, &v)
+    }
+}
+
+private func opSetxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ value: UnsafePointer<CChar>?,
+                        _ size: Int, _ flags: Int32) {
+    answer(req) { ctx in
+        let bytesValue = size > 0 ? Array(UnsafeRawBufferPointer(start: value, count: size)) : []
+        try ctx.fileSystem.setxattr(ino, name: bytes(name), value: bytesValue, flags: flags)
+        fuse_reply_err(req, 0)
+    }
+}
+
+/// getxattr and listxattr share the size protocol: size 0 asks for the length only.
+private func replySized(_ req: fuse_req_t?, _ data: [UInt8], _ size: Int) {
+    if size == 0 {
+        fuse_reply_xattr(req, data.count)
+    } else if data.count > size {
+        fuse_reply_err(req, ERANGE)
+    } else {
+        _ = data.withUnsafeBytes { fuse_reply_buf(req, $0.baseAddress?.assumingMemoryBound(to: CChar.self), $0.count) }
+    }
+}
+
+private func opGetxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ size: Int) {
+    answer(req) { ctx in replySized(req, try ctx.fileSystem.getxattr(ino, name: bytes(name)), size) }
+}
+
+private func opListxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int) {
+    answer(req) { ctx in
+        let names = try ctx.fileSystem.listxattr(ino)
+        replySized(req, names.flatMap { $0 + [0] }, size)
+    }
+}
+
+private func opRemovexattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePointer<CChar>?) {
+    answer(req) { ctx in
+        try ctx.fileSystem.removexattr(ino, name: bytes(name))
+        fuse_reply_err(req, 0)
+    }
+}
+
+private func opIoctl(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ cmd: UInt32, _ arg: UnsafeMutableRawPointer?,
+                     _ fi: UnsafeMutablePointer<fuse_file_info>?, _ flags: UInt32, _ inBuf: UnsafeRawPointer?,
+                     _ inSize: Int, _ outSize: Int) {
+    answer(req) { ctx in
+        // 32-bit callers would lay structures out differently; encfsd's ioctls are 64-bit only.
+        guard flags & UInt32(FUSE_IOCTL_COMPAT) == 0 else { throw BridgeError.notTTY }
+        let input = inSize > 0 && inBuf != nil ? Array(UnsafeRawBufferPointer(start: inBuf, count: inSize)) : []
+        let reply = try ctx.fileSystem.ioctl(ino, command: cmd, input: input, outputSize: outSize, context: requestContext(req))
+        guard reply.output.count <= outSize else { throw BridgeError.invalid }
+        _ = reply.output.withUnsafeBytes { fuse_reply_ioctl(req, reply.result, $0.baseAddress, $0.count) }
+    }
+}
+
+/// Errors the bridge itself detects in what the kernel handed it.
+enum BridgeError: ErrnoConvertible {
+    case invalid
+    case notTTY
+
+    var errnoValue: Int32 {
+        switch self {
+        case .invalid: EINVAL
+        case .notTTY: ENOTTY
+        }
+    }
+}

@@ -1,0 +1,100 @@
+import ArgumentParser
+import EncCore
+import Foundation
+import FuseBridge
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct MountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "mount",
+        abstract: "Serve a store's plaintext at a mountpoint.",
+        discussion: """
+            Without --foreground the daemon moves to the background, and this command returns only once \
+            the mount is ready (or fails with the daemon's error). Unmount with `encfsd umount MOUNTPOINT` \
+            or `fusermount3 -u MOUNTPOINT`.
+            """)
+
+    @Argument(help: "The store directory (created by `encfsd init`).")
+    var store: String
+
+    @Argument(help: "An existing empty directory to mount on.")
+    var mountpoint: String
+
+    @Flag(help: "Stay in the foreground; log to standard error.")
+    var foreground = false
+
+    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other, default_permissions (always on), ro, ...")
+    var options: [String] = []
+
+    @Option(help: "Most request threads.")
+    var threads = 16
+
+    @Option(help: "Where the background daemon logs (default: discard).")
+    var logFile: String?
+
+    @Flag(help: .hidden)
+    var reportReady = false
+
+    func validate() throws {
+        guard (1...256).contains(threads) else { throw ValidationError("--threads must be 1...256") }
+    }
+
+    func run() throws {
+        let storePath = try Paths.absolute(store, what: "store")
+        let mountPath = try Paths.absolute(mountpoint, what: "mountpoint")
+        do {
+            _ = try StoreConfig.load(storePath: storePath)
+        } catch {
+            throw CLIError("\(error)")
+        }
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: mountPath, isDirectory: &isDirectory), isDirectory.boolValue else {
+            throw CLIError("\(mountpoint) is not a directory")
+        }
+        if foreground || reportReady {
+            try Daemon(storePath: storePath, mountOptions: mountOptions(mountPath), reportReady: reportReady, logFile: logFile).serve()
+        } else {
+            try Background.start(arguments: ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)"]
+                + options.flatMap { ["-o", $0] } + (logFile.map { ["--log-file", $0] } ?? []))
+        }
+    }
+
+    private func mountOptions(_ mountPath: String) -> MountOptions {
+        var result = MountOptions(mountpoint: mountPath, fsName: store, threads: threads)
+        for option in options.flatMap({ $0.split(separator: ",").map(String.init) }) {
+            switch option {
+            case "allow_other": result.allowOther = true
+            case "default_permissions": break // always on: the kernel checks permissions against our modes
+            default: result.extra.append(option)
+            }
+        }
+        return result
+    }
+}
+
+struct UmountCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "umount", abstract: "Unmount (same as fusermount3 -u).")
+
+    @Argument var mountpoint: String
+
+    func run() throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/bin/fusermount3")
+        process.arguments = ["-u", mountpoint]
+        try process.run()
+        process.waitUntilExit()
+        guard process.terminationStatus == 0 else { throw ExitCode(process.terminationStatus) }
+    }
+}
+
+enum Paths {
+    static func absolute(_ path: String, what: String) throws -> String {
+        guard let resolved = realpath(path, nil) else {
+            throw CLIError("\(what) \(path): \(String(cString: strerror(errno)))")
+        }
+        defer { free(resolved) }
+        return String(cString: resolved)
+    }
+}

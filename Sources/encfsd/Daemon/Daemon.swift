@@ -1,0 +1,74 @@
+import EncCore
+import Foundation
+import FuseBridge
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The mount daemon: opens the store, mounts, serves until unmounted or signalled.
+struct Daemon {
+    static let readyLine = "encfsd: mount ready"
+
+    let storePath: String
+    let mountOptions: MountOptions
+    let reportReady: Bool
+    let logFile: String?
+
+    func serve() throws {
+        signal(SIGPIPE, SIG_IGN)
+        if reportReady { _ = setsid() }
+        raiseDescriptorLimit()
+        let keys = KeyTable()
+        let volume = try Volume(storePath: storePath, keys: keys)
+        let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume), options: mountOptions)
+        if reportReady { detach() }
+        try session.run()
+    }
+
+    /// The node table holds one descriptor per known object, as passthrough_hp does.
+    private func raiseDescriptorLimit() {
+        var limit = rlimit()
+        if getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max
+            _ = setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
+        }
+    }
+
+    /// Tells the waiting parent the mount is ready, then lets go of its pipe.
+    private func detach() {
+        FileHandle.standardOutput.write(Data((Self.readyLine + "\n").utf8))
+        let target = logFile.map { Glibc.open($0, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600) } ?? Glibc.open("/dev/null", O_RDWR)
+        let null = Glibc.open("/dev/null", O_RDONLY)
+        if null >= 0 { dup2(null, 0); Glibc.close(null) }
+        if target >= 0 {
+            dup2(target, 1)
+            dup2(target, 2)
+            Glibc.close(target)
+        }
+    }
+}
+
+/// Starts `encfsd mount --report-ready` in the background and waits for it to be mounted.
+enum Background {
+    static func start(arguments: [String]) throws {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
+        process.arguments = arguments
+        process.standardInput = FileHandle.nullDevice
+        let pipe = Pipe()
+        process.standardOutput = pipe
+        process.standardError = pipe
+        try process.run()
+        var collected = ""
+        let reader = pipe.fileHandleForReading
+        while true {
+            let chunk = reader.availableData
+            if chunk.isEmpty { break }
+            collected += String(decoding: chunk, as: UTF8.self)
+            if collected.contains(Daemon.readyLine) { return }
+        }
+        process.waitUntilExit()
+        let message = collected.trimmingCharacters(in: .whitespacesAndNewlines)
+        throw CLIError(message.isEmpty ? "the daemon exited with status \(process.terminationStatus)" : message)
+    }
+}

@@ -1,0 +1,167 @@
+import EncCore
+import FuseBridge
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Wires the FUSE bridge to the store: converts between the bridge's plain types and the
+/// store's, and logs integrity failures once, where they surface.
+final class EncryptedFileSystem: FileSystem {
+    let volume: Volume
+    let control: ControlHandler
+
+    init(volume: Volume) {
+        self.volume = volume
+        control = ControlHandler(volume: volume)
+    }
+
+    private func entry(_ result: (UInt64, Attributes)) -> Entry {
+        Entry(node: result.0, attributes: Self.convert(result.1))
+    }
+
+    static func convert(_ a: Attributes) -> FileAttributes {
+        FileAttributes(inode: a.inode, mode: a.mode, linkCount: a.linkCount, uid: a.uid, gid: a.gid, rdev: a.rdev,
+                       size: a.size, blocks: a.blocks,
+                       accessTime: (a.accessTime.seconds, a.accessTime.nanoseconds),
+                       modificationTime: (a.modificationTime.seconds, a.modificationTime.nanoseconds),
+                       changeTime: (a.changeTime.seconds, a.changeTime.nanoseconds))
+    }
+
+    /// Integrity failures are attacks or media errors: worth a log line naming what failed.
+    private func logged<R>(_ what: @autoclosure () -> String, _ body: () throws -> R) throws -> R {
+        do {
+            return try body()
+        } catch let error as StoreError {
+            if case .integrity(let why) = error { Diagnostics.report("\(what()): \(why)") }
+            throw error
+        }
+    }
+
+    func lookup(parent: UInt64, name: [UInt8]) throws -> Entry {
+        try logged("lookup in node \(parent)") { entry(try volume.lookup(parent: parent, name: name)) }
+    }
+
+    func forget(_ node: UInt64, count: UInt64) { volume.forget(node, count: count) }
+
+    func getattr(_ node: UInt64) throws -> FileAttributes { Self.convert(try volume.getattr(node)) }
+
+    func setattr(_ node: UInt64, _ changes: SetAttributes) throws -> FileAttributes {
+        var c = AttributeChanges()
+        c.mode = changes.mode
+        c.uid = changes.uid
+        c.gid = changes.gid
+        c.size = changes.size
+        func time(_ t: SetAttributes.Time?) -> AttributeChanges.TimeChange? {
+            switch t {
+            case nil: nil
+            case .now: .now
+            case .set(let s, let ns): .set(Timestamp(seconds: s, nanoseconds: ns))
+            }
+        }
+        c.accessTime = time(changes.accessTime)
+        c.modificationTime = time(changes.modificationTime)
+        return try logged("setattr of node \(node)") { Self.convert(try volume.setattr(node, c)) }
+    }
+
+    func readlink(_ node: UInt64) throws -> [UInt8] { try logged("readlink of node \(node)") { try volume.readlink(node) } }
+
+    private func caller(_ context: RequestContext) -> Caller { Caller(uid: context.uid, gid: context.gid) }
+
+    func mknod(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt64, context: RequestContext) throws -> Entry {
+        entry(try volume.mknod(parent: parent, name: name, mode: mode, rdev: rdev, caller: caller(context)))
+    }
+
+    func mkdir(parent: UInt64, name: [UInt8], mode: UInt32, context: RequestContext) throws -> Entry {
+        entry(try volume.mkdir(parent: parent, name: name, mode: mode, caller: caller(context)))
+    }
+
+    func unlink(parent: UInt64, name: [UInt8]) throws { try volume.unlink(parent: parent, name: name) }
+    func rmdir(parent: UInt64, name: [UInt8]) throws { try volume.rmdir(parent: parent, name: name) }
+
+    func symlink(target: [UInt8], parent: UInt64, name: [UInt8], context: RequestContext) throws -> Entry {
+        entry(try volume.symlink(parent: parent, name: name, target: target, caller: caller(context)))
+    }
+
+    func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32) throws {
+        let mode: RenameMode
+        switch flags {
+        case 0: mode = .replace
+        case Sys.renameNoReplace: mode = .noReplace
+        case Sys.renameExchange: mode = .exchange
+        default: throw StoreError.invalidArgument // RENAME_WHITEOUT is for overlay upper layers only
+        }
+        try logged("rename in node \(parent)") {
+            try volume.rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
+        }
+    }
+
+    func link(_ node: UInt64, newParent: UInt64, newName: [UInt8]) throws -> Entry {
+        entry(try volume.link(node, newParent: newParent, newName: newName))
+    }
+
+    func open(_ node: UInt64, flags: Int32) throws -> OpenReply {
+        let handle = try logged("open of node \(node)") { try volume.open(node, truncate: flags & O_TRUNC != 0) }
+        return OpenReply(handle: handle, keepCache: true)
+    }
+
+    func create(parent: UInt64, name: [UInt8], mode: UInt32, flags: Int32, context: RequestContext) throws -> (Entry, OpenReply) {
+        let (node, attributes, handle) = try volume.create(parent: parent, name: name, mode: mode, caller: caller(context))
+        return (Entry(node: node, attributes: Self.convert(attributes)), OpenReply(handle: handle, keepCache: true))
+    }
+
+    func read(_ node: UInt64, handle: UInt64, offset: UInt64, size: Int) throws -> [UInt8] {
+        try logged("read of node \(node) at \(offset)") { try volume.read(handle: handle, offset: offset, count: size) }
+    }
+
+    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
+        try logged("write to node \(node) at \(offset)") { try volume.write(handle: handle, offset: offset, data: data) }
+        return data.count
+    }
+
+    func flush(_ node: UInt64, handle: UInt64) throws { try volume.flush(handle: handle) }
+    func release(_ node: UInt64, handle: UInt64) throws { try volume.release(handle: handle) }
+    func fsync(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws { try volume.fsync(handle: handle, dataOnly: dataOnly) }
+
+    func fallocate(_ node: UInt64, handle: UInt64, mode: Int32, offset: UInt64, length: UInt64) throws {
+        // Mode 0 and FALLOC_FL_KEEP_SIZE reserve space; punching and zeroing ranges are not offered.
+        guard mode == 0 || mode == 1 else { throw StoreError.notSupported }
+        try volume.fallocate(handle: handle, offset: offset, length: length, keepSize: mode == 1)
+    }
+
+    func opendir(_ node: UInt64) throws -> UInt64 { try volume.openDirectory(node) }
+
+    func readdir(_ node: UInt64, handle: UInt64, offset: Int) throws -> ArraySlice<DirectoryItem> {
+        let entries = try volume.readDirectory(handle: handle, from: offset)
+        return ArraySlice(entries.map { DirectoryItem(name: $0.name, inode: $0.inode, typeBits: $0.typeBits) })
+    }
+
+    func releasedir(_ node: UInt64, handle: UInt64) { volume.releaseDirectory(handle: handle) }
+    func fsyncdir(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws { try volume.fsyncDirectory(node) }
+
+    func statfs(_ node: UInt64) throws -> VolumeStatistics {
+        let s = try volume.statfs()
+        return VolumeStatistics(blockSize: s.blockSize, blocks: s.blocks, blocksFree: s.blocksFree,
+                                blocksAvailable: s.blocksAvailable, files: s.files, filesFree: s.filesFree, nameMax: s.nameMax)
+    }
+
+    func setxattr(_ node: UInt64, name: [UInt8], value: [UInt8], flags: Int32) throws {
+        let mode: Volume.XattrMode = switch flags {
+        case 0: .any
+        case 1: .create
+        case 2: .replace
+        default: throw StoreError.invalidArgument
+        }
+        try volume.setxattr(node, name: name, value: value, mode: mode)
+    }
+
+    func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8] {
+        try logged("getxattr of node \(node)") { try volume.getxattr(node, name: name) }
+    }
+
+    func listxattr(_ node: UInt64) throws -> [[UInt8]] { try volume.listxattr(node) }
+    func removexattr(_ node: UInt64, name: [UInt8]) throws { try volume.removexattr(node, name: name) }
+
+    func ioctl(_ node: UInt64, command: UInt32, input: [UInt8], outputSize: Int, context: RequestContext) throws -> IoctlReply {
+        try control.handle(node: node, command: command, input: input, outputSize: outputSize, context: context)
+    }
+}
