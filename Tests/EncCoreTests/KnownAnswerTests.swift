@@ -1,15 +1,88 @@
 import Testing
 @testable import EncCore
 
+/// Known answers for every derivation and cipher use. The expected values were computed with an
+/// independent implementation (Python's `cryptography`: HKDF, AESGCM, AESSIV, HMAC), not by
+/// encfsd, so they pin the format documented in FORMAT.md.
 @Suite struct KnownAnswerTests {
+    static let testKey = (1...64).map { UInt8($0) }
+    static let nonce = (0..<16).map { UInt8($0) }
+    static let objectID = (0x10..<0x20).map { UInt8($0) }
+    static let directoryID = (0x20..<0x30).map { UInt8($0) }
+
+    func hex(_ b: some Sequence<UInt8>) -> String { Hex.encode(b) }
+
     @Test func fscryptIdentifierOfTestKey() throws {
-        let raw = (1...64).map { UInt8($0) }
-        let key = try MasterKey(raw: raw)
-        #expect(key.identifier.hex == "69b2f6edeee720cce0577937eb8a6751")
+        #expect(try MasterKey(raw: Self.testKey).identifier.hex == "69b2f6edeee720cce0577937eb8a6751")
     }
 
     @Test func fscryptIdentifierOfSecondKey() throws {
         let raw = Array(String(repeating: "a", count: 32).utf8) + Array(String(repeating: "1", count: 32).utf8)
         #expect(try MasterKey(raw: raw).identifier.hex == "912ae510a458723a839a9fad701538ac")
+    }
+
+    @Test func extentKeyAndIV() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        var out = [UInt8](repeating: 0, count: 44)
+        Self.nonce.withUnsafeBytes { n in out.withUnsafeMutableBytes { key.deriveExtentKey(nonce: n, into: $0) } }
+        #expect(hex(out) == "2be47e1ba5191265c1cd28a41d06c4ed3ab38fa71e6712dd5ffe0ed6150c51103de893ff7b66e3199d529194")
+    }
+
+    @Test func headerKey() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        let derived = key.withHeaderKey(objectID: Self.objectID) { Array($0) }
+        #expect(hex(derived) == "582d3cde8f2fa1704061757fa5ccb74b1f0425a018dd8b5bb0f0488b03cab28e")
+        let mac = key.withHeaderKey(objectID: Self.objectID) { OpenSSL.hmacSHA256(key: $0, Array("encfsd header body".utf8)) }
+        #expect(hex(mac) == "e381b14cd50281f5e774e316ffbc5e4e911d4c6a227408a9e12d52df75e8ff79")
+    }
+
+    @Test func nameKey() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        #expect(hex(key.withNameKey { Array($0) }) == "4eb5dd8bcc51d48a866e3c66fbd3a15c5daa5812772277cb45c285a7729eb4bc"
+            + "6c9945476585d5f36b82cb475aeb841ea19967783f997bedb76a3b104366a2eb")
+    }
+
+    @Test func extentSealWithFixedNonce() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        let plaintext = (0..<100).map { UInt8(($0 * 7) & 0xff) }
+        var stored = [UInt8](repeating: 0, count: 100 + 32)
+        plaintext.withUnsafeBytes { p in stored.withUnsafeMutableBytes { s in
+            ExtentCodec.seal(key: key, objectID: Self.objectID, index: 5, plaintext: p, into: s, fixedNonce: Self.nonce)
+        }}
+        #expect(hex(stored) == "000102030405060708090a0b0c0d0e0f496e2702dbc17375107e08ee15b226afded2b5bf2ff57f1515636bb5ec6e"
+            + "59e0613642212741ab49062836fc740aba4efd21fcb51cc6ea8491a2f73b30a346665a07531c0a248f0502a644965bc1ac"
+            + "6d4d1f4bbf1b833ffe9baf0e67997017acab7995c08dd0cc532a22ac72c85289bcb352f75b")
+        var opened = [UInt8](repeating: 0, count: 100)
+        try stored.withUnsafeBytes { s in try opened.withUnsafeMutableBytes { o in
+            try ExtentCodec.open(key: key, objectID: Self.objectID, index: 5, stored: s, into: o)
+        }}
+        #expect(opened == plaintext)
+    }
+
+    @Test func nameEncryption() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        let name = try NameCodec.encrypt(Array("hello.txt".utf8), directoryID: Self.directoryID, key: key)
+        #expect(hex(name.ciphertext) == "882be442e28d71031c087788bd370e6977a8019b8fdb8b3d4c7bea7207fe3464a93bf93ba5ba4812b97e5ae7981af342")
+        #expect(String(decoding: name.backingName, as: UTF8.self) == "iCvkQuKNcQMcCHeIvTcOaXeoAZuP24s9THvqcgf-NGSpO_k7pbpIErl-WueYGvNC")
+        #expect(try NameCodec.decrypt(ciphertext: name.ciphertext, directoryID: Self.directoryID, key: key) == Array("hello.txt".utf8))
+    }
+
+    @Test func hkdfExpandOnlyMatchesFullHKDF() throws {
+        let info = HKDFInfo.make(.extentKey, Self.nonce)
+        let full = OpenSSL.hkdfSHA512(ikm: Self.testKey, info: info, outputCount: 44)
+        var prk = [UInt8](repeating: 0, count: 64)
+        Self.testKey.withUnsafeBytes { ikm in prk.withUnsafeMutableBytes { OpenSSL.hkdfExtractSHA512(ikm: ikm, into: $0) } }
+        var expanded = [UInt8](repeating: 0, count: 44)
+        prk.withUnsafeBytes { p in info.withUnsafeBytes { i in expanded.withUnsafeMutableBytes {
+            OpenSSL.hkdfExpandSHA512(prk: p, info: i, into: $0)
+        }}}
+        #expect(full == expanded)
+    }
+
+    @Test func scryptRFC7914Vector() throws {
+        // RFC 7914 section 12, second vector.
+        let out = try OpenSSL.scrypt(password: Array("password".utf8), salt: Array("NaCl".utf8), n: 1024, r: 8, p: 16, outputCount: 64)
+        #expect(hex(out) == "fdbabe1c9d3472007856e7190d01e9fe7c6ad7cbc8237830e77376634b373162"
+            + "2eaf30d92e22a3886ff109279d9830dac727afb94a83ee6d8360cbdfa2cc0640")
     }
 }

@@ -9,9 +9,19 @@ public enum ExtentCodec {
 
     public static func seal(key: MasterKey, objectID: [UInt8], index: UInt64,
                             plaintext: UnsafeRawBufferPointer, into stored: UnsafeMutableRawBufferPointer) {
+        seal(key: key, objectID: objectID, index: index, plaintext: plaintext, into: stored, fixedNonce: nil)
+    }
+
+    /// `fixedNonce` exists for known-answer tests only; production seals always draw a nonce.
+    static func seal(key: MasterKey, objectID: [UInt8], index: UInt64, plaintext: UnsafeRawBufferPointer,
+                     into stored: UnsafeMutableRawBufferPointer, fixedNonce: [UInt8]?) {
         precondition(stored.count == plaintext.count + ExtentGeometry.overheadBytes)
         let nonce = UnsafeMutableRawBufferPointer(rebasing: stored[0..<ExtentGeometry.nonceBytes])
-        OpenSSL.fillRandom(nonce)
+        if let fixedNonce {
+            nonce.copyBytes(from: fixedNonce)
+        } else {
+            OpenSSL.fillRandom(nonce)
+        }
         let body = UnsafeMutableRawBufferPointer(rebasing: stored[ExtentGeometry.nonceBytes..<(stored.count - ExtentGeometry.tagBytes)])
         let tag = UnsafeMutableRawBufferPointer(rebasing: stored[(stored.count - ExtentGeometry.tagBytes)...])
         withKeyAndAD(key: key, nonce: UnsafeRawBufferPointer(nonce), objectID: objectID, index: index,

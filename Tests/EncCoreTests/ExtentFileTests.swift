@@ -1,0 +1,187 @@
+import Testing
+@testable import EncCore
+
+@Suite struct ExtentFileTests {
+    @Test(arguments: [0, 1, 4095, 4096, 4097, 3 * 4096 + 5, 1 << 20 | 1])
+    func roundTripAtSize(size: Int) throws {
+        let object = try ScratchObject()
+        let data = randomBytes(size, seed: UInt64(size))
+        try object.write(data, at: 0)
+        #expect(object.header.size == UInt64(size))
+        #expect(try object.read(0, size + 10) == data)
+        #expect(object.backingBytes.count == Int(object.header.geometry.backingLength(size: UInt64(size))))
+    }
+
+    @Test func overwriteInsideAndAcrossExtents() throws {
+        let object = try ScratchObject()
+        var model = randomBytes(20000, seed: 1)
+        try object.write(model, at: 0)
+        for (offset, count) in [(10, 5), (4090, 20), (8192, 4096), (0, 1), (19999, 1)] {
+            let patch = randomBytes(count, seed: UInt64(offset))
+            model.replaceSubrange(offset..<(offset + count), with: patch)
+            try object.write(patch, at: UInt64(offset))
+            #expect(try object.read(0, 20000) == model)
+        }
+    }
+
+    @Test func sparseWriteLeavesAuthenticatedHoles() throws {
+        let object = try ScratchObject()
+        let tail = randomBytes(5000, seed: 9)
+        let offset: UInt64 = 10 << 30
+        try object.write(tail, at: offset)
+        #expect(object.header.size == offset + 5000)
+        #expect(object.header.holes.ranges.count == 1)
+        #expect(try object.read(0, 8192) == [UInt8](repeating: 0, count: 8192))
+        #expect(try object.read(offset, 5000) == tail)
+    }
+
+    @Test func shrinkThenGrowReadsZerosNotOldData() throws {
+        let object = try ScratchObject()
+        try object.write([UInt8](repeating: 0xAB, count: 10000), at: 0)
+        let file = try object.reopen()
+        try file.resize(to: 100)
+        try file.resize(to: 10000)
+        try file.commit(header: &object.header)
+        let back = try object.read(0, 10000)
+        #expect(back[0..<100].allSatisfy { $0 == 0xAB })
+        #expect(back[100...].allSatisfy { $0 == 0 })
+    }
+
+    @Test func growByWritePastEndZeroFillsGap() throws {
+        let object = try ScratchObject()
+        try object.write([1, 2, 3], at: 0)
+        try object.write([9], at: 10000)
+        var expected = [UInt8](repeating: 0, count: 10001)
+        expected[0...2] = [1, 2, 3]
+        expected[10000] = 9
+        #expect(try object.read(0, 20000) == expected)
+    }
+
+    @Test func rewriteUsesFreshNonce() throws {
+        let object = try ScratchObject()
+        let data = randomBytes(4096, seed: 3)
+        try object.write(data, at: 0)
+        let first = Array(object.backingBytes[4096..<(4096 + 16)])
+        try object.write(data, at: 0)
+        let second = Array(object.backingBytes[4096..<(4096 + 16)])
+        #expect(first != second)
+    }
+}
+
+/// Every tampering class must read as EIO for the affected range, and nothing else.
+@Suite struct TamperTests {
+    static let extent = 4096
+    static let stride = 4096 + 32
+
+    func threeExtentObject() throws -> (ScratchObject, [UInt8]) {
+        let object = try ScratchObject()
+        let data = randomBytes(3 * Self.extent, seed: 42)
+        try object.write(data, at: 0)
+        return (object, data)
+    }
+
+    func expectOnlyMiddleExtentFails(_ object: ScratchObject, _ data: [UInt8]) throws {
+        #expect(try object.read(0, Self.extent) == Array(data[0..<Self.extent]))
+        #expect(try object.read(UInt64(2 * Self.extent), Self.extent) == Array(data[(2 * Self.extent)...]))
+        #expect(throws: StoreError.self) { try object.read(UInt64(Self.extent), 1) }
+        do {
+            _ = try object.read(UInt64(Self.extent), Self.extent)
+        } catch {
+            #expect(isIntegrityError(error))
+        }
+    }
+
+    @Test(arguments: [0, 16, 100, 4096 + 32 - 1]) // nonce, ciphertext, last tag byte
+    func bitFlipInExtent(offsetInStored: Int) throws {
+        let (object, data) = try threeExtentObject()
+        var bytes = object.backingBytes
+        bytes[4096 + Self.stride + offsetInStored] ^= 0x01
+        object.backingBytes = bytes
+        try expectOnlyMiddleExtentFails(object, data)
+    }
+
+    @Test func zeroedExtent() throws {
+        let (object, data) = try threeExtentObject()
+        var bytes = object.backingBytes
+        let start = 4096 + Self.stride
+        bytes.replaceSubrange(start..<(start + Self.stride), with: [UInt8](repeating: 0, count: Self.stride))
+        object.backingBytes = bytes
+        try expectOnlyMiddleExtentFails(object, data)
+    }
+
+    @Test func swappedExtentsWithinFile() throws {
+        let (object, _) = try threeExtentObject()
+        var bytes = object.backingBytes
+        let a = 4096, b = 4096 + Self.stride
+        let first = Array(bytes[a..<(a + Self.stride)])
+        bytes.replaceSubrange(a..<(a + Self.stride), with: bytes[b..<(b + Self.stride)])
+        bytes.replaceSubrange(b..<(b + Self.stride), with: first)
+        object.backingBytes = bytes
+        #expect(throws: StoreError.self) { try object.read(0, 1) }
+        #expect(throws: StoreError.self) { try object.read(UInt64(Self.extent), 1) }
+        #expect(try object.read(UInt64(2 * Self.extent), 1).count == 1)
+    }
+
+    @Test func extentCopiedFromAnotherFile() throws {
+        let (object, data) = try threeExtentObject()
+        let other = try ScratchObject(key: object.key)
+        try other.write(randomBytes(3 * Self.extent, seed: 7), at: 0)
+        var bytes = object.backingBytes
+        let start = 4096 + Self.stride
+        bytes.replaceSubrange(start..<(start + Self.stride), with: other.backingBytes[start..<(start + Self.stride)])
+        object.backingBytes = bytes
+        try expectOnlyMiddleExtentFails(object, data)
+    }
+
+    @Test func truncatedByOneExtent() throws {
+        let (object, data) = try threeExtentObject()
+        object.backingBytes = Array(object.backingBytes.dropLast(Self.stride))
+        #expect(try object.read(0, 2 * Self.extent) == Array(data[0..<(2 * Self.extent)]))
+        #expect(throws: StoreError.self) { try object.read(UInt64(2 * Self.extent), 1) }
+    }
+
+    @Test func truncatedMidExtent() throws {
+        let (object, data) = try threeExtentObject()
+        object.backingBytes = Array(object.backingBytes.dropLast(10))
+        #expect(try object.read(0, Self.extent) == Array(data[0..<Self.extent]))
+        #expect(throws: StoreError.self) { try object.read(UInt64(2 * Self.extent), 1) }
+    }
+
+    @Test func zeroedRegionIsNotAHole() throws {
+        let object = try ScratchObject()
+        try object.write([UInt8](repeating: 7, count: Self.extent), at: 0)
+        var bytes = object.backingBytes
+        bytes.replaceSubrange(4096..., with: [UInt8](repeating: 0, count: bytes.count - 4096))
+        object.backingBytes = bytes
+        #expect(throws: StoreError.self) { try object.read(0, 1) }
+    }
+
+    @Test func headerWithOneSlotForgedFallsBackOrFails() throws {
+        let object = try ScratchObject()
+        try object.write([1, 2, 3], at: 0) // two slots in use now
+        var bytes = object.backingBytes
+        for i in 0..<4096 { bytes[i] = 0 }
+        object.backingBytes = bytes
+        #expect(throws: StoreError.self) { _ = try object.reopen() }
+    }
+
+    @Test func headerFieldFlipFailsAuthentication() throws {
+        let object = try ScratchObject()
+        try object.write([1, 2, 3], at: 0)
+        let slot = HeaderCodec.slotIndex(sequence: object.header.sequence) * 2048
+        var bytes = object.backingBytes
+        bytes[slot + 48] ^= 0x01 // low byte of the plaintext size
+        object.backingBytes = bytes
+        // The tampered slot fails its checks; the reader falls back to the older slot (size 0),
+        // never to a forged size.
+        let reopened = try object.reopen()
+        #expect(reopened.size == 0)
+    }
+
+    @Test func wrongKeyCannotOpenHeader() throws {
+        let object = try ScratchObject()
+        try object.write([1, 2, 3], at: 0)
+        let other = try MasterKey(raw: (1...64).map { UInt8($0 ^ 0xff) })
+        #expect(throws: StoreError.self) { _ = try HeaderIO.read(fd: object.fd.raw, key: other) }
+    }
+}

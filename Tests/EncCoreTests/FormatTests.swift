@@ -1,0 +1,113 @@
+import Foundation
+import Testing
+@testable import EncCore
+
+@Suite struct FormatTests {
+    let key = try! MasterKey(raw: (1...64).map { UInt8($0) })
+
+    @Test func namesDifferAcrossDirectoriesAndRoundTrip() throws {
+        let a = try NameCodec.encrypt(Array("same".utf8), directoryID: [UInt8](repeating: 1, count: 16), key: key)
+        let b = try NameCodec.encrypt(Array("same".utf8), directoryID: [UInt8](repeating: 2, count: 16), key: key)
+        #expect(a.backingName != b.backingName)
+        #expect(try NameCodec.decrypt(ciphertext: a.ciphertext, directoryID: [UInt8](repeating: 1, count: 16), key: key) == Array("same".utf8))
+        #expect(throws: StoreError.self) {
+            try NameCodec.decrypt(ciphertext: a.ciphertext, directoryID: [UInt8](repeating: 2, count: 16), key: key)
+        }
+    }
+
+    @Test(arguments: [1, 31, 32, 33, 160, 161, 200, 255])
+    func nameLengths(length: Int) throws {
+        let dir = OpenSSL.random(count: 16)
+        let name = [UInt8](repeating: UInt8(ascii: "n"), count: length)
+        let encrypted = try NameCodec.encrypt(name, directoryID: dir, key: key)
+        #expect(encrypted.backingName.count <= 255)
+        #expect(encrypted.isLong == (length > 160))
+        #expect(NameCodec.isEntryName(encrypted.backingName))
+        #expect(try NameCodec.decrypt(ciphertext: encrypted.ciphertext, directoryID: dir, key: key) == name)
+    }
+
+    @Test func invalidNamesRejected() {
+        for bad in [[], [0x2e], [0x2e, 0x2e], [0x61, 0x2f], [0x61, 0x00]] as [[UInt8]] {
+            #expect(throws: StoreError.self) { try NameCodec.validate(bad) }
+        }
+        #expect(throws: StoreError.nameTooLong) { try NameCodec.validate([UInt8](repeating: 0x61, count: 256)) }
+    }
+
+    @Test func base64URLRoundTripAndCanonical() {
+        for n in 0..<70 {
+            let bytes = randomBytes(n, seed: UInt64(n))
+            #expect(Base64URL.decode(Base64URL.encode(bytes)) == bytes)
+        }
+        #expect(Base64URL.decode(Array("AB".utf8)) == nil) // non-zero trailing bits: not canonical
+        #expect(Base64URL.decode(Array("A=".utf8)) == nil)
+    }
+
+    @Test func holeMapMergesAndSplits() {
+        var map = HoleMap()
+        map.insert(0..<10)
+        map.insert(10..<20)
+        #expect(map.ranges == [0..<20])
+        map.remove(5)
+        #expect(map.ranges == [0..<5, 6..<20])
+        #expect(!map.contains(5) && map.contains(4) && map.contains(6))
+        map.clip(to: 8)
+        #expect(map.ranges == [0..<5, 6..<8])
+    }
+
+    @Test func geometry() {
+        let g = ExtentGeometry(extentSize: 4096)
+        #expect(g.extentCount(size: 0) == 0)
+        #expect(g.extentCount(size: 4097) == 2)
+        #expect(g.plaintextLength(1, size: 4097) == 1)
+        #expect(g.backingLength(size: 4097) == 4096 + 4128 + 33)
+        #expect(!ExtentGeometry.isValid(extentSize: 3000))
+    }
+
+    @Test func headerRoundTripAndStructuralRejection() throws {
+        var header = ObjectHeader(type: .symlink, mode: 0o777, uid: 1, gid: 2, extentSize: 4096,
+                                  objectID: OpenSSL.random(count: 16), policy: key.identifier)
+        header.size = 4000
+        header.holes = HoleMap(ranges: [3..<9])
+        header.bindings = [Binding(digest: OpenSSL.random(count: 16), longName: OpenSSL.random(count: 200))]
+        let slot = HeaderCodec.seal(header, key: key)
+        #expect(HeaderCodec.open(slot: slot[...], key: key) == .valid(header))
+        #expect(HeaderCodec.open(slot: slot[...], key: nil) == .valid(header))
+        var torn = slot
+        torn[100] ^= 0xff
+        #expect(HeaderCodec.open(slot: torn[...], key: nil) == .damaged)
+        let otherKey = try MasterKey(raw: [UInt8](repeating: 9, count: 32))
+        #expect(HeaderCodec.open(slot: slot[...], key: otherKey) == .forged)
+    }
+
+    @Test func storeConfigRefusesUnknownFeaturesAndVersions() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cfg-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var config = StoreConfig(extentSize: 16384, rootPolicy: key.identifier)
+        _ = FileManager.default.createFile(atPath: dir + "/encfsd.conf", contents: config.encoded())
+        #expect(try StoreConfig.load(storePath: dir) == config)
+        config.features = ["time-travel"]
+        _ = FileManager.default.createFile(atPath: dir + "/encfsd.conf", contents: config.encoded())
+        #expect(throws: StoreConfig.Problem.self) { try StoreConfig.load(storePath: dir) }
+        config.features = []
+        config.version = 99
+        _ = FileManager.default.createFile(atPath: dir + "/encfsd.conf", contents: config.encoded())
+        #expect(throws: StoreConfig.Problem.self) { try StoreConfig.load(storePath: dir) }
+    }
+
+    @Test func controlArgumentRejectsMalformedInput() {
+        let good = ControlProtocol.AddKeyArgument(source: .raw, raw: [UInt8](repeating: 1, count: 32)).encoded()
+        #expect(ControlProtocol.AddKeyArgument.decode(good)?.raw.count == 32)
+        #expect(ControlProtocol.AddKeyArgument.decode(Array(good.dropLast())) == nil)
+        var oversized = good
+        oversized[12] = 65
+        #expect(ControlProtocol.AddKeyArgument.decode(oversized) == nil)
+        var reserved = good
+        reserved[127] = 1
+        #expect(ControlProtocol.AddKeyArgument.decode(reserved) == nil)
+        var version = good
+        version[0] = 2
+        #expect(ControlProtocol.AddKeyArgument.decode(version) == nil)
+        #expect(ControlProtocol.addKey == 0xC080_4501)
+    }
+}

@@ -1,0 +1,67 @@
+import Foundation
+@testable import EncCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A scratch backing file holding one object, for driving ExtentFile directly.
+final class ScratchObject {
+    let directory: String
+    let path: String
+    let fd: FileDescriptor
+    let key: MasterKey
+    var header: ObjectHeader
+
+    init(extentSize: Int = 4096, key: MasterKey? = nil) throws {
+        directory = FileManager.default.temporaryDirectory.appendingPathComponent("enccore-\(UUID().uuidString)").path
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        path = directory + "/object"
+        fd = try Sys.open(path, flags: O_RDWR | O_CREAT, mode: 0o600)
+        self.key = try key ?? MasterKey(raw: (1...64).map { UInt8($0) })
+        header = ObjectHeader(type: .regular, mode: 0o644, uid: 0, gid: 0, extentSize: UInt32(extentSize),
+                              objectID: OpenSSL.random(count: 16), policy: self.key.identifier)
+        try HeaderIO.create(fd: fd.raw, header: header, key: self.key)
+    }
+
+    deinit { try? FileManager.default.removeItem(atPath: directory) }
+
+    /// A fresh view of the committed file, as a re-open would see it.
+    func reopen() throws -> ExtentFile {
+        header = try HeaderIO.read(fd: fd.raw, key: key)
+        return ExtentFile(fd: fd.raw, key: key, header: header)
+    }
+
+    func write(_ bytes: [UInt8], at offset: UInt64) throws {
+        let file = try reopen()
+        try bytes.withUnsafeBytes { try file.write(offset: offset, data: $0) }
+        try file.commit(header: &header)
+    }
+
+    func read(_ offset: UInt64, _ count: Int) throws -> [UInt8] {
+        try reopen().read(offset: offset, count: count)
+    }
+
+    var backingBytes: [UInt8] {
+        get { Array(FileManager.default.contents(atPath: path)!) }
+        // Through the same inode: FileManager.createFile would swap in a new file behind our fd.
+        set {
+            try! Sys.ftruncate(fd.raw, Int64(newValue.count))
+            try! newValue.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: 0) }
+        }
+    }
+}
+
+func randomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
+    var state = seed &* 0x9E3779B97F4A7C15 | 1
+    return (0..<count).map { _ in
+        state ^= state << 13
+        state ^= state >> 7
+        state ^= state << 17
+        return UInt8(truncatingIfNeeded: state)
+    }
+}
+
+func isIntegrityError(_ error: any Error) -> Bool {
+    if case StoreError.integrity = error { return true }
+    return false
+}

@@ -1,0 +1,263 @@
+"""Shared fixtures for the real-mount tests of encfsd.
+
+These tests mount real FUSE file systems, so they need /dev/fuse, fusermount3 and (for
+most of them) root. The daemon binary comes from $ENCFSD, default <repo>/.build/debug/encfsd.
+
+Fixtures:
+  encfsd_bin   path to the binary (session)
+  key_file     a freshly generated 64-byte key file
+  make_volume  factory: make_volume(extent_size=None, unlocked=True) -> Volume, mounted
+  volume       a mounted, unlocked Volume with the default extent size
+  mounted      (store, mnt) of `volume`
+Every Volume created through these fixtures is unmounted in teardown, even when the test
+fails: fusermount3 -u, then umount -l, then SIGKILL of any daemon still serving it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+ENOKEY = getattr(errno, "ENOKEY", 126)
+
+
+def _binary() -> Path:
+    return Path(os.environ.get("ENCFSD", str(REPO / ".build" / "debug" / "encfsd")))
+
+
+def run(*args, check=True, timeout=60, **kwargs) -> subprocess.CompletedProcess:
+    """Runs a command, capturing text output; on failure the output is in the exception."""
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"command failed ({result.returncode}): {' '.join(str(a) for a in args)}\n"
+            f"stdout: {result.stdout}\nstderr: {result.stderr}")
+    return result
+
+
+def is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1 and fields[1].encode().decode("unicode_escape") == target:
+                return True
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def daemon_pids(mnt: Path) -> list[int]:
+    """Live encfsd processes whose command line names this mountpoint."""
+    target = os.path.realpath(mnt)
+    result = subprocess.run(["pgrep", "-f", "--", target], capture_output=True, text=True)
+    pids = []
+    for token in result.stdout.split():
+        pid = int(token)
+        if pid == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # Match the mountpoint as a whole argument, and only encfsd processes.
+        if target.encode() in cmdline and any(b"encfsd" in c for c in cmdline[:1]) and _pid_alive(pid):
+            pids.append(pid)
+    return pids
+
+
+def wait_pids_gone(pids, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if _pid_alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if _pid_alive(p)]
+    return alive
+
+
+class Volume:
+    """A store, its mountpoint and key, and the running daemon (if mounted)."""
+
+    def __init__(self, binary: Path, root: Path, key_file: Path, extent_size: int | None = None):
+        self.binary = binary
+        self.root = root
+        self.store = root / "store"
+        self.mnt = root / "mnt"
+        self.key_file = key_file
+        self.extent_size = extent_size or 16384
+        self.pids: list[int] = []
+        self.mnt.mkdir(parents=True, exist_ok=True)
+        args = [binary, "init", self.store, "--key-file", key_file]
+        if extent_size is not None:
+            args += ["--extent-size", str(extent_size)]
+        out = run(*args).stdout
+        assert "Created store" in out and "root policy" in out, out
+        self.policy = out.strip().rsplit(" ", 1)[-1]
+
+    # mounting
+
+    def mount(self, unlock: bool = True):
+        assert not is_mounted(self.mnt), f"{self.mnt} already mounted"
+        run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log")
+        assert is_mounted(self.mnt), "mount returned but the mountpoint is not in /proc/mounts"
+        self.pids = daemon_pids(self.mnt)
+        if unlock:
+            self.add_key()
+        return self
+
+    def add_key(self, key_file: Path | None = None) -> str:
+        out = run(self.binary, "key", "add", self.mnt, "--key-file", key_file or self.key_file).stdout
+        assert out.startswith("Added encryption key with identifier "), out
+        return out.strip().rsplit(" ", 1)[-1]
+
+    def unmount(self, timeout: float = 20.0):
+        """Clean unmount: fusermount3 -u, then wait for the daemon to exit (it may still be
+        committing). Raises if anything needed force."""
+        pids = self.pids or daemon_pids(self.mnt)
+        if is_mounted(self.mnt):
+            r = run("fusermount3", "-u", self.mnt, check=False)
+            if r.returncode != 0:
+                raise AssertionError(f"fusermount3 -u failed: {r.stderr.strip()}")
+        left = wait_pids_gone(pids, timeout)
+        self.pids = []
+        if left:
+            for pid in left:
+                _kill(pid)
+            raise AssertionError(f"daemon {left} did not exit within {timeout}s of unmount")
+
+    def remount(self, unlock: bool = True):
+        self.unmount()
+        return self.mount(unlock=unlock)
+
+    def force_cleanup(self) -> list[str]:
+        """Best-effort teardown; returns a list of problems found (for reporting)."""
+        problems = []
+        pids = set(self.pids) | set(daemon_pids(self.mnt))
+        if is_mounted(self.mnt):
+            r = run("fusermount3", "-u", self.mnt, check=False)
+            if r.returncode != 0:
+                problems.append(f"fusermount3 -u: {r.stderr.strip()}")
+                run("umount", "-l", self.mnt, check=False)
+                if is_mounted(self.mnt):
+                    run("fusermount3", "-uz", self.mnt, check=False)
+        left = wait_pids_gone(pids, 10.0)
+        for pid in left:
+            problems.append(f"daemon {pid} still alive after unmount; killed")
+            _kill(pid)
+        self.pids = []
+        return problems
+
+    def daemon_log(self) -> str:
+        try:
+            return (self.root / "daemon.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # backing-store helpers
+
+    def backing_entries(self, directory: Path | None = None) -> set[str]:
+        d = directory or self.store
+        return {n for n in os.listdir(d) if n not in (".d", "encfsd.conf")}
+
+
+def _kill(pid: int):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    wait_pids_gone([pid], 5.0)
+
+
+@pytest.fixture(scope="session")
+def encfsd_bin() -> Path:
+    binary = _binary()
+    if not binary.exists():
+        pytest.fail(f"encfsd binary not found at {binary}; build it or set ENCFSD")
+    if not os.path.exists("/dev/fuse"):
+        pytest.skip("/dev/fuse is not available")
+    return binary
+
+
+@pytest.fixture
+def key_file(tmp_path, encfsd_bin) -> Path:
+    path = tmp_path / "master.key"
+    run(encfsd_bin, "key", "generate", "-o", path)
+    assert path.stat().st_size == 64
+    assert path.stat().st_mode & 0o777 == 0o600
+    return path
+
+
+@pytest.fixture
+def make_volume(tmp_path, encfsd_bin, key_file, request):
+    volumes: list[Volume] = []
+
+    def make(extent_size: int | None = None, unlock: bool = True, mount: bool = True, name: str | None = None) -> Volume:
+        root = tmp_path / (name or f"vol{len(volumes)}")
+        root.mkdir()
+        v = Volume(encfsd_bin, root, key_file, extent_size)
+        volumes.append(v)
+        if mount:
+            v.mount(unlock=unlock)
+        return v
+
+    yield make
+
+    problems = []
+    for v in volumes:
+        problems += v.force_cleanup()
+    for v in volumes:
+        log = v.daemon_log()
+        if log.strip():
+            # Shown by pytest with -rA or on failure; handy for integrity diagnostics.
+            print(f"--- daemon log {v.root} ---\n{log[-4000:]}")
+    if problems and not getattr(request.node, "_call_failed", False):
+        pytest.fail("teardown: " + "; ".join(problems))
+
+
+@pytest.fixture
+def volume(make_volume) -> Volume:
+    return make_volume()
+
+
+@pytest.fixture
+def mounted(volume):
+    return volume.store, volume.mnt
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    rep = yield
+    if rep.when == "call":
+        item._call_failed = rep.failed
+    return rep
+
+
+def expect_errno(expected, fn, *args, **kwargs):
+    """Calls fn and asserts it raises OSError with one of the expected errno values."""
+    expected = (expected,) if isinstance(expected, int) else tuple(expected)
+    try:
+        result = fn(*args, **kwargs)
+    except OSError as e:
+        assert e.errno in expected, (
+            f"{getattr(fn, '__name__', fn)}{args}: expected {[errno.errorcode.get(x, x) for x in expected]}, "
+            f"got {errno.errorcode.get(e.errno, e.errno)} ({e})")
+        return e
+    raise AssertionError(
+        f"{getattr(fn, '__name__', fn)}{args}: expected {[errno.errorcode.get(x, x) for x in expected]}, "
+        f"but it succeeded (returned {result!r:.200})")
