@@ -73,9 +73,14 @@ extension Volume {
         }
     }
 
+    /// The reply for a new entry; the reference `insert` took becomes the kernel's lookup.
     private func entered(_ node: Node) throws -> (UInt64, Attributes) {
-        node.state.withLock { $0.lookups += 1 }
-        return (node.id, try attributes(node))
+        do {
+            return (node.id, try attributes(node))
+        } catch {
+            release(node)
+            throw error
+        }
     }
 
     // MARK: the create family
@@ -136,6 +141,7 @@ extension Volume {
             if case StoreError.system(EEXIST) = error { throw StoreError.exists }
             throw error
         }
+        retain(object)
         return try entered(object)
     }
 

@@ -156,7 +156,7 @@ extension Volume {
     /// The full encrypted name of a hashed long entry, from the binding in its header.
     private func longCiphertext(of backingName: [UInt8], in dir: Node, directoryID: [UInt8]) throws -> [UInt8] {
         let node = try child(of: dir, backingName: backingName)
-        defer { dropIfUnused(node) }
+        defer { release(node) }
         let digest = Binding.digest(parentID: directoryID, backingName: backingName)
         let binding = node.state.withLock { $0.header.bindings.first { $0.digest == digest } }
         guard let long = binding?.longName, NameCodec.backingName(forCiphertext: long) == backingName else {

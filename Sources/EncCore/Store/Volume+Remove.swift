@@ -18,8 +18,8 @@ extension Volume {
         try Sys.unlinkAt(dir.fd.raw, backing)
         if let survivor, let (_, dirHeader) = try? unlockedDirectory(dir) {
             try? removeBinding(Binding.digest(parentID: dirHeader.objectID, backingName: backing), from: survivor)
-            dropIfUnused(survivor)
         }
+        if let survivor { release(survivor) }
     }
 
     public func rmdir(parent: UInt64, name: [UInt8]) throws {

@@ -17,7 +17,7 @@ extension Volume {
         let fromName = try NameCodec.encrypt(name, directoryID: fromHeader.objectID, key: fromKey)
         let toName = try NameCodec.encrypt(newName, directoryID: toHeader.objectID, key: toKey)
         let source = try child(of: fromDir, backingName: fromName.backingName)
-        defer { dropIfUnused(source) }
+        defer { release(source) }
         if fromHeader.policy != toHeader.policy || source.isDirectory {
             try checkSamePolicy(source, directoryPolicy: toHeader.policy)
         }
@@ -46,7 +46,7 @@ extension Volume {
         } else if mode == .exchange {
             throw StoreError.notFound
         }
-        defer { if let target { dropIfUnused(target) } }
+        defer { if let target { release(target) } }
 
         let newBinding = Self.binding(parentID: toHeader.objectID, name: toName)
         let oldBinding = Self.binding(parentID: fromHeader.objectID, name: fromName)

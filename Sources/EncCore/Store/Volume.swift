@@ -96,18 +96,37 @@ public final class Volume: Sendable {
         return name
     }
 
-    /// Finds or opens the node of the backing entry `backingName` in `dir` (lookup count
-    /// unchanged), and checks that the object's header lists this entry as one of its names.
+    /// Finds or opens the node of the backing entry `backingName` in `dir`, taking one
+    /// reference (released with `release(_:)` or the kernel's forget), and checks that the
+    /// object's header lists this entry as one of its names.
+    ///
+    /// The reference is taken under the table lock, so a concurrent forget cannot drop the node
+    /// between finding and counting it (which would let a second node for the same inode appear).
     func child(of dir: Node, backingName: [UInt8]) throws -> Node {
         let st = try Self.statEntry(dir, backingName)
-        let node: Node
-        if let cached = table.withLock({ $0.byInode[UInt64(st.st_ino)] }) {
-            node = cached
-        } else {
-            node = try openNode(in: dir, backingName: backingName, stat: st)
+        let cached: Node? = table.withLock { t in
+            guard let node = t.byInode[UInt64(st.st_ino)] else { return nil }
+            node.state.withLock { $0.lookups += 1 }
+            return node
         }
-        try checkBinding(node, parent: dir, backingName: backingName)
+        let node = try cached ?? openNode(in: dir, backingName: backingName, stat: st)
+        do {
+            try checkBinding(node, parent: dir, backingName: backingName)
+        } catch {
+            release(node)
+            throw error
+        }
         return node
+    }
+
+    /// Takes one more reference to a node already in the table (a new name's entry reply).
+    func retain(_ node: Node) {
+        table.withLock { _ in node.state.withLock { $0.lookups += 1 } }
+    }
+
+    /// Drops a reference taken by `child` or `insert` for the duration of one operation.
+    func release(_ node: Node) {
+        forget(node.id, count: 1)
     }
 
     static func statEntry(_ dir: Node, _ backingName: [UInt8]) throws -> stat {
@@ -138,11 +157,16 @@ public final class Volume: Sendable {
         return insert(fd: fd, headerFD: headerFD, inode: UInt64(st.st_ino), header: header, verified: verified)
     }
 
-    /// Adds a node for a backing object, or returns the one another thread added first.
+    /// Adds a node for a backing object, or returns the one another thread added first; either
+    /// way with one reference taken.
     func insert(fd: FileDescriptor, headerFD: FileDescriptor, inode: UInt64, header: ObjectHeader, verified: Bool) -> Node {
         table.withLock { t in
-            if let existing = t.byInode[inode] { return existing }
+            if let existing = t.byInode[inode] {
+                existing.state.withLock { $0.lookups += 1 }
+                return existing
+            }
             let node = Node(id: t.nextID, backingInode: inode, fd: fd, headerFD: headerFD, header: header, verified: verified)
+            node.state.withLock { $0.lookups = 1 }
             t.nextID += 1
             t.byID[node.id] = node
             t.byInode[inode] = node
@@ -160,13 +184,11 @@ public final class Volume: Sendable {
         }
     }
 
-    /// Drops a node nobody refers to any more.
+    /// Drops a node nobody refers to any more. References are only ever taken under the table
+    /// lock, so the check made here under the same lock cannot race with a new reference.
     func dropIfUnused(_ node: Node) {
         guard node.id != Self.rootID else { return }
-        let unused = node.state.withLock { $0.lookups == 0 && $0.opens == 0 }
-        guard unused else { return }
         table.withLock { t in
-            // Re-check under the table lock: a concurrent lookup may have taken it meanwhile.
             guard t.byID[node.id] === node, node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) else { return }
             t.byID[node.id] = nil
             if t.byInode[node.backingInode] === node { t.byInode[node.backingInode] = nil }
@@ -178,7 +200,6 @@ public final class Volume: Sendable {
     public func lookup(parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
         let dir = try node(parent)
         let child = try child(of: dir, backingName: try backingName(of: name, in: dir))
-        child.state.withLock { $0.lookups += 1 }
         do {
             return (child.id, try attributes(child))
         } catch {

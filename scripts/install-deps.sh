@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what encfsd needs to build and test on Debian 12: libfuse3, OpenSSL 3, keyutils
+# (headers and tools), xfsprogs (xfs_io, for the fscrypt ioctl tests), attr, and pytest.
+set -euo pipefail
+packages=(libfuse3-dev fuse3 libssl-dev libkeyutils-dev keyutils pkg-config xfsprogs attr python3)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    sudo_cmd=(); [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+python3 -c 'import pytest' 2>/dev/null || python3 -m pip install -q pytest
