@@ -4,7 +4,7 @@ struct Encfsd: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "encfsd",
         abstract: "A FUSE filesystem of transparently encrypted, authenticated, crash-safe files.",
-        subcommands: [InitCommand.self, MountCommand.self, UmountCommand.self, KeyCommand.self])
+        subcommands: [InitCommand.self, MountCommand.self, UmountCommand.self, KeyCommand.self, BenchCommand.self])
 }
 
 Encfsd.main()

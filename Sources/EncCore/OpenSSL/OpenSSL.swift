@@ -117,11 +117,32 @@ public enum OpenSSL {
              info: UnsafeRawBufferPointer(start: nil, count: 0), into: prk)
     }
 
-    /// HKDF-Expand(prk, info) into `output` (at most 255 * 64 bytes).
+    /// HKDF-Expand(prk, info) into `output` (at most 255 * 64 bytes), on the calling thread's
+    /// pre-configured expand-only context.
     public static func hkdfExpandSHA512(prk: UnsafeRawBufferPointer, info: UnsafeRawBufferPointer,
                                         into output: UnsafeMutableRawBufferPointer) {
-        hkdf(mode: EVP_KDF_HKDF_MODE_EXPAND_ONLY, key: prk, salt: UnsafeRawBufferPointer(start: nil, count: 0),
-             info: info, into: output)
+        precondition(prk.count == 64 && info.count > 0)
+        let ctx = ThreadContexts.current.expand
+        let ok = withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 3) { params in
+            params[0] = OSSL_PARAM_construct_octet_string(ParamName.key, UnsafeMutableRawPointer(mutating: prk.baseAddress!), prk.count)
+            params[1] = OSSL_PARAM_construct_octet_string(ParamName.info, UnsafeMutableRawPointer(mutating: info.baseAddress!), info.count)
+            params[2] = OSSL_PARAM_construct_end()
+            return EVP_KDF_derive(ctx, output.baseAddress!.assumingMemoryBound(to: UInt8.self), output.count, params.baseAddress) == 1
+        }
+        precondition(ok, "HKDF-SHA512 expand failed")
+    }
+
+    static func configureExpandOnly(_ ctx: OpaquePointer) -> Bool {
+        var mode = EVP_KDF_HKDF_MODE_EXPAND_ONLY
+        var digestName: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) = (83, 72, 65, 53, 49, 50, 0) // "SHA512"
+        return withUnsafeMutablePointer(to: &digestName) { namePtr in
+            var params = [
+                OSSL_PARAM_construct_int(ParamName.mode, &mode),
+                OSSL_PARAM_construct_utf8_string(ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0),
+                OSSL_PARAM_construct_end(),
+            ]
+            return EVP_KDF_CTX_set_params(ctx, &params) == 1
+        }
     }
 
     private static func hkdf(mode: Int32, key: UnsafeRawBufferPointer, salt: UnsafeRawBufferPointer,

@@ -13,21 +13,29 @@ final class ThreadContexts {
     let cipher: OpaquePointer
     let mac: OpaquePointer
     let kdf: OpaquePointer
+    /// An HKDF context fixed to SHA-512 expand-only. Setting the digest by name makes OpenSSL
+    /// fetch it again, which cost more than the HMAC itself; done once here, each per-extent
+    /// derivation passes only key and info.
+    let expand: OpaquePointer
 
     init() {
         guard let cipher = EVP_CIPHER_CTX_new(),
               let mac = EVP_MAC_CTX_new(Algorithms.shared.hmac),
-              let kdf = EVP_KDF_CTX_new(Algorithms.shared.hkdf)
+              let kdf = EVP_KDF_CTX_new(Algorithms.shared.hkdf),
+              let expand = EVP_KDF_CTX_new(Algorithms.shared.hkdf)
         else { fatalError("OpenSSL could not allocate a context: out of memory") }
         self.cipher = cipher
         self.mac = mac
         self.kdf = kdf
+        self.expand = expand
+        guard OpenSSL.configureExpandOnly(expand) else { fatalError("OpenSSL refused HKDF-SHA512 expand-only") }
     }
 
     deinit {
         EVP_CIPHER_CTX_free(cipher)
         EVP_MAC_CTX_free(mac)
         EVP_KDF_CTX_free(kdf)
+        EVP_KDF_CTX_free(expand)
     }
 
     /// The calling thread's contexts. Never hand the result to another thread.

@@ -1,0 +1,108 @@
+"""A mount starts locked: without the key nothing can be created or read, and listing shows
+only encrypted (base64url) names."""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+from conftest import ENOKEY, expect_errno, run
+
+NO_KEY_NAME = re.compile(r"^(~[A-Za-z0-9_-]{43}|[A-Za-z0-9_-]+)$")
+PLAINTEXT_NAMES = ["secret-file-one", "secret-directory", "another-secret-file", "x" * 200]
+
+
+def test_fresh_mount_is_locked(make_volume):
+    v = make_volume(unlock=False)
+    try:
+        listing = os.listdir(v.mnt)
+    except OSError as e:
+        listing = f"error {e.errno}"
+    assert listing in ([], f"error {ENOKEY}"), f"fresh locked root lists as {listing!r}"
+    expect_errno(ENOKEY, open, v.mnt / "x", "w")
+    expect_errno(ENOKEY, os.mkdir, v.mnt / "d")
+    expect_errno(ENOKEY, os.symlink, "target", v.mnt / "l")
+    expect_errno(ENOKEY, os.mkfifo, v.mnt / "p")
+    assert os.listdir(v.store) and set(os.listdir(v.store)) == {".d", "encfsd.conf"}
+
+    v.add_key()
+    with open(v.mnt / "x", "w") as f:
+        f.write("now it works")
+    assert os.listdir(v.mnt) == ["x"]
+
+
+def test_wrong_key_does_not_unlock(make_volume, tmp_path, encfsd_bin):
+    v = make_volume(unlock=False)
+    wrong = tmp_path / "wrong.key"
+    run(encfsd_bin, "key", "generate", "-o", wrong)
+    run(encfsd_bin, "key", "add", v.mnt, "--key-file", wrong, check=False)
+    expect_errno(ENOKEY, open, v.mnt / "x", "w")
+
+
+def test_remount_without_key_hides_names_and_contents(make_volume):
+    v = make_volume()
+    for name in PLAINTEXT_NAMES:
+        if "directory" in name:
+            os.mkdir(v.mnt / name)
+            with open(v.mnt / name / "inner-secret", "w") as f:
+                f.write("inner")
+        else:
+            with open(v.mnt / name, "w") as f:
+                f.write(f"contents of {name}\n")
+    os.symlink("secret-file-one", v.mnt / "secret-symlink")
+    before = sorted(os.listdir(v.mnt))
+
+    v.remount(unlock=False)
+    listing = os.listdir(v.mnt)
+    assert len(listing) == len(before), f"locked listing {listing} vs unlocked {before}"
+    for name in listing:
+        assert NO_KEY_NAME.match(name), f"locked listing shows {name!r}, not a base64url name"
+        assert name not in before, f"locked listing shows plaintext name {name!r}"
+    for name in listing:
+        path = v.mnt / name
+        try:
+            st = os.lstat(path)  # stat of a no-key name may work (as with fscrypt) ...
+        except OSError as e:
+            assert e.errno == ENOKEY, f"lstat of locked entry {name}: {e}"
+            expect_errno(ENOKEY, open, path, "rb")
+            continue
+        if stat.S_ISREG(st.st_mode):
+            # ... but contents are not.
+            def read_it(p=path):
+                with open(p, "rb") as f:
+                    return f.read()
+            expect_errno(ENOKEY, read_it)
+        elif stat.S_ISDIR(st.st_mode):
+            try:
+                inner = os.listdir(path)
+            except OSError as e:
+                assert e.errno == ENOKEY, e
+            else:
+                assert all(NO_KEY_NAME.match(n) for n in inner), inner
+                assert "inner-secret" not in inner
+        elif stat.S_ISLNK(st.st_mode):
+            try:
+                target = os.readlink(path)
+            except OSError as e:
+                assert e.errno == ENOKEY, e
+            else:
+                assert target != "secret-file-one"
+    # Nothing can be created in a locked directory either.
+    expect_errno(ENOKEY, open, v.mnt / "new-file", "w")
+
+    v.add_key()
+    assert sorted(os.listdir(v.mnt)) == before
+    with open(v.mnt / "secret-file-one") as f:
+        assert f.read() == "contents of secret-file-one\n"
+
+
+def test_key_needed_again_after_remount(make_volume):
+    v = make_volume()
+    with open(v.mnt / "file", "w") as f:
+        f.write("data")
+    v.remount(unlock=False)
+    expect_errno(ENOKEY, open, v.mnt / "other", "w")
+    v.add_key()
+    with open(v.mnt / "file") as f:
+        assert f.read() == "data"
