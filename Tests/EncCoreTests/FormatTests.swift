@@ -64,11 +64,11 @@ import Testing
     }
 
     @Test func headerRoundTripAndStructuralRejection() throws {
-        var header = ObjectHeader(type: .symlink, mode: 0o777, uid: 1, gid: 2, extentSize: 4096,
+        var header = ObjectHeader(type: .regular, mode: 0o640, uid: 1, gid: 2, extentSize: 4096,
                                   objectID: OpenSSL.random(count: 16), policy: key.identifier)
-        header.size = 4000
+        header.size = 40000
         header.holes = HoleMap(ranges: [3..<9])
-        header.bindings = [Binding(digest: OpenSSL.random(count: 16), longName: OpenSSL.random(count: 200))]
+        header.bindings = [Binding(digest: OpenSSL.random(count: 16), longName: OpenSSL.random(count: 16 + 192))]
         let slot = HeaderCodec.seal(header, key: key)
         #expect(HeaderCodec.open(slot: slot[...], key: key) == .valid(header))
         #expect(HeaderCodec.open(slot: slot[...], key: nil) == .valid(header))
@@ -77,6 +77,47 @@ import Testing
         #expect(HeaderCodec.open(slot: torn[...], key: nil) == .damaged)
         let otherKey = try MasterKey(raw: [UInt8](repeating: 9, count: 32))
         #expect(HeaderCodec.open(slot: slot[...], key: otherKey) == .forged)
+    }
+
+    /// Seals `body` as a slot the way HeaderCodec does, with a valid checksum but no valid MAC.
+    func slotWithChecksum(_ body: [UInt8]) -> [UInt8] {
+        var slot = body + [UInt8](repeating: 0, count: 32)
+        slot += OpenSSL.sha256(slot).prefix(8)
+        return slot + [UInt8](repeating: 0, count: 2048 - slot.count)
+    }
+
+    @Test func newerFormatSlotIsRefusedNotRolledBack() throws {
+        var header = ObjectHeader(type: .regular, mode: 0o644, uid: 0, gid: 0, extentSize: 4096,
+                                  objectID: OpenSSL.random(count: 16), policy: key.identifier)
+        let older = HeaderCodec.seal(header, key: key) // sequence 0, slot 0
+        header.sequence = 1
+        var newer = header.encodeBody()
+        newer[4] = 2 // format version 2
+        let region = older + slotWithChecksum(newer)
+        #expect(throws: StoreError.self) { try HeaderCodec.current(region: region, key: key) }
+        #expect(throws: StoreError.self) { try HeaderCodec.current(region: region, key: nil) }
+    }
+
+    @Test func structurallyImpossibleHeadersAreDamaged() throws {
+        let base = ObjectHeader(type: .regular, mode: 0o644, uid: 0, gid: 0, extentSize: 4096,
+                                objectID: OpenSSL.random(count: 16), policy: key.identifier)
+        var cases: [ObjectHeader] = []
+        var holePastEnd = base
+        holePastEnd.size = 4096
+        holePastEnd.holes = HoleMap(ranges: [0..<2])
+        cases.append(holePastEnd)
+        var rdevOnFile = base
+        rdevOnFile.rdev = 5
+        cases.append(rdevOnFile)
+        var tooBig = base
+        tooBig.size = ObjectHeader.maximumSize + 1
+        cases.append(tooBig)
+        for bad in cases {
+            #expect(HeaderCodec.open(slot: HeaderCodec.seal(bad, key: key)[...], key: key) == .damaged)
+        }
+        var reserved = HeaderCodec.seal(base, key: key)
+        reserved[21] = 1 // reserved byte after the type
+        #expect(HeaderCodec.open(slot: reserved[...], key: nil) == .damaged)
     }
 
     @Test func storeConfigRefusesUnknownFeaturesAndVersions() throws {
@@ -90,9 +131,11 @@ import Testing
         _ = FileManager.default.createFile(atPath: dir + "/encfsd.conf", contents: config.encoded())
         #expect(throws: StoreConfig.Problem.self) { try StoreConfig.load(storePath: dir) }
         config.features = []
-        config.version = 99
-        _ = FileManager.default.createFile(atPath: dir + "/encfsd.conf", contents: config.encoded())
-        #expect(throws: StoreConfig.Problem.self) { try StoreConfig.load(storePath: dir) }
+        for version in [99, 0, -1] {
+            config.version = version
+            _ = FileManager.default.createFile(atPath: dir + "/encfsd.conf", contents: config.encoded())
+            #expect(throws: StoreConfig.Problem.self) { try StoreConfig.load(storePath: dir) }
+        }
     }
 
     @Test func controlArgumentRejectsMalformedInput() {

@@ -21,6 +21,8 @@ public enum HeaderCodec {
     public enum SlotState: Equatable {
         case empty
         case damaged
+        /// Intact, but in a format version (or with flags) this build does not know.
+        case unsupported(version: UInt16, sequence: UInt64)
         /// Checksum and structure are fine but the MAC did not verify under the given key.
         case forged
         case valid(ObjectHeader)
@@ -39,9 +41,16 @@ public enum HeaderCodec {
         let body = slot[start..<(start + length)]
         let macEnd = start + length + ObjectHeader.macBytes
         let checksum = OpenSSL.sha256(Array(slot[start..<macEnd])).prefix(ObjectHeader.checksumBytes)
-        guard Array(checksum) == Array(slot[macEnd..<(macEnd + ObjectHeader.checksumBytes)]),
-              let header = ObjectHeader.decodeBody(body), slotIndex(sequence: header.sequence) == slotPosition(slot)
+        let checksumEnd = macEnd + ObjectHeader.checksumBytes
+        guard Array(checksum) == Array(slot[macEnd..<checksumEnd]), slot[checksumEnd...].allSatisfy({ $0 == 0 })
         else { return .damaged }
+        let header: ObjectHeader
+        switch ObjectHeader.decodeBody(body) {
+        case .success(let decoded): header = decoded
+        case .failure(.unsupported(let version, let sequence)): return .unsupported(version: version, sequence: sequence)
+        case .failure(.malformed): return .damaged
+        }
+        guard slotIndex(sequence: header.sequence) == slotPosition(slot) else { return .damaged }
         if let key {
             guard key.identifier == header.policy else { return .forged }
             let mac = key.withHeaderKey(objectID: header.objectID) { OpenSSL.hmacSHA256(key: $0, Array(body)) }
@@ -64,10 +73,16 @@ public enum HeaderCodec {
             if case .valid(let h) = state { return h }
             return nil
         }
-        guard let newest = valid.max(by: { $0.sequence < $1.sequence }) else {
+        let newestValid = valid.max(by: { $0.sequence < $1.sequence })
+        // A newer slot in a format this build does not know is refused outright: falling back to
+        // the older slot would silently serve a rolled-back version of the object.
+        for case .unsupported(let version, let sequence) in states where sequence > (newestValid?.sequence ?? 0) || newestValid == nil {
+            throw StoreError.integrity("header written in format version \(version), newer than this encfsd reads")
+        }
+        guard let newestValid else {
             throw StoreError.integrity(states.contains(.forged) ? "header failed authentication" : "header is damaged")
         }
-        return newest
+        return newestValid
     }
 
     /// Which slot of the region a slice came from (slices keep their parent's indices).

@@ -53,6 +53,12 @@ public enum NameCodec {
         return c
     }
 
+    /// A ciphertext that can only be stored as a long name: longer than a short name holds,
+    /// padded like every name, of a name of at most 255 bytes.
+    static func isValidLongCiphertext(_ c: [UInt8]) -> Bool {
+        c.count > maximumShortCiphertext && (c.count - 16) % paddingGranule == 0 && c.count - 16 <= 256
+    }
+
     public static func isLongBackingName(_ name: [UInt8]) -> Bool {
         name.count == 44 && name.first == longPrefix && Base64URL.decode(name.dropFirst())?.count == 32
     }

@@ -106,46 +106,64 @@ public struct ObjectHeader: Equatable, Sendable {
         return w.bytes
     }
 
-    /// Parses a body whose checks have already been verified. Returns nil on any structural
-    /// inconsistency, however the bytes were produced.
-    static func decodeBody(_ body: ArraySlice<UInt8>) -> ObjectHeader? {
+    /// How a slot body that passed its checksum can still be unusable.
+    enum DecodeFailure: Error, Equatable {
+        /// Written by a newer format version, or with flags this version does not know: refused,
+        /// never guessed at or silently replaced by the older slot.
+        case unsupported(version: UInt16, sequence: UInt64)
+        case malformed
+    }
+
+    /// Parses a body whose checksum has been verified, enforcing every rule of FORMAT.md 4.3 to
+    /// 4.5: reserved bytes zero, ranges canonical and inside the file, fields that do not apply
+    /// to the object's type zero.
+    static func decodeBody(_ body: ArraySlice<UInt8>) -> Result<ObjectHeader, DecodeFailure> {
         var r = ByteReader(body)
-        guard r.raw(4) == magic, let version = r.u16(), version == formatVersion,
-              let length = r.u16(), Int(length) == body.count,
-              let sequence = r.u64(), let rawFlags = r.u32(),
-              let typeByte = r.u8(), let type = ObjectType(rawValue: typeByte), r.raw(3) != nil,
+        guard r.raw(4) == magic, let version = r.u16(), let length = r.u16(), Int(length) == body.count,
+              let sequence = r.u64(), let rawFlags = r.u32()
+        else { return .failure(.malformed) }
+        let flags = Flags(rawValue: rawFlags)
+        guard version == formatVersion, Flags.known.isSuperset(of: flags) else {
+            return .failure(.unsupported(version: version, sequence: sequence))
+        }
+        guard let typeByte = r.u8(), let type = ObjectType(rawValue: typeByte), r.raw(3) == [0, 0, 0],
               let mode = r.u32(), mode & ~0o7777 == 0, let uid = r.u32(), let gid = r.u32(),
               let extentSize = r.u32(), let rdev = r.u64(), let size = r.u64(),
               let objectID = r.raw(16), let policyBytes = r.raw(16), let policy = KeyIdentifier(bytes: policyBytes),
-              let holeCount = r.u16(), let bindingCount = r.u16(), r.raw(4) != nil
-        else { return nil }
-        let flags = Flags(rawValue: rawFlags)
-        guard Flags.known.isSuperset(of: flags) else { return nil }
+              let holeCount = r.u16(), let bindingCount = r.u16(), r.raw(4) == [0, 0, 0, 0]
+        else { return .failure(.malformed) }
+        let isDevice = type == .characterDevice || type == .blockDevice
         if type == .directory {
-            guard extentSize == 0 else { return nil }
+            guard extentSize == 0, size == 0, holeCount == 0 else { return .failure(.malformed) }
         } else {
-            guard ExtentGeometry.isValid(extentSize: Int(extentSize)) else { return nil }
+            guard ExtentGeometry.isValid(extentSize: Int(extentSize)), size <= maximumSize else { return .failure(.malformed) }
         }
+        guard isDevice || rdev == 0 else { return .failure(.malformed) }
         var header = ObjectHeader(type: type, mode: mode, uid: uid, gid: gid, extentSize: extentSize,
                                   objectID: objectID, policy: policy)
         header.sequence = sequence
         header.flags = flags
         header.rdev = rdev
         header.size = size
-        var previousEnd: UInt64 = 0
+        let extentCount = type == .directory ? 0 : header.geometry.extentCount(size: size)
+        var previousEnd: UInt64?
         var ranges: [Range<UInt64>] = []
         for _ in 0..<holeCount {
-            guard let start = r.u64(), let count = r.u64(), count > 0, start >= previousEnd,
-                  start <= UInt64.max - count else { return nil }
+            guard let start = r.u64(), let count = r.u64(), count > 0, start <= extentCount, count <= extentCount - start,
+                  previousEnd.map({ start > $0 }) ?? true else { return .failure(.malformed) }
             ranges.append(start..<(start + count))
             previousEnd = start + count
         }
         header.holes = HoleMap(ranges: ranges)
         for _ in 0..<bindingCount {
-            guard let digest = r.raw(16), let nameCount = r.u16(), let name = r.raw(Int(nameCount)) else { return nil }
+            guard let digest = r.raw(16), let nameCount = r.u16(), let name = r.raw(Int(nameCount)),
+                  name.isEmpty || NameCodec.isValidLongCiphertext(name) else { return .failure(.malformed) }
             header.bindings.append(Binding(digest: digest, longName: name))
         }
-        guard r.position == body.endIndex else { return nil }
-        return header
+        guard r.position == body.endIndex else { return .failure(.malformed) }
+        return .success(header)
     }
+
+    /// Largest plaintext size: extent indices and backing offsets stay well inside Int64.
+    public static let maximumSize: UInt64 = 1 << 50
 }

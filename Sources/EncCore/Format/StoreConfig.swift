@@ -45,6 +45,7 @@ public struct StoreConfig: Codable, Equatable, Sendable {
             throw .unreadable("\(error)")
         }
         guard config.format == "encfsd" else { throw .unreadable("format is \"\(config.format)\"") }
+        guard config.version >= 1 else { throw .unreadable("format version \(config.version)") }
         guard config.version <= currentVersion else {
             throw .unsupported("format version \(config.version) (this build reads up to \(currentVersion))")
         }

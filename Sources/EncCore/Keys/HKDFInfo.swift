@@ -13,6 +13,8 @@ public enum HKDFContext: UInt8, Sendable {
     case headerKey = 0x81
     /// Per-master-key AES-256-SIV name key (64 bytes); the directory is bound through SIV's AD.
     case nameKey = 0x82
+    /// Per-master-key extended-attribute keys (96 bytes): AES-256-SIV key (64) || HMAC key (32).
+    case xattrKey = 0x83
 }
 
 public enum HKDFInfo {

@@ -12,6 +12,7 @@ public final class MasterKey: Sendable {
     /// HKDF-Extract(no salt, raw key): kept so each per-extent derivation is one HMAC.
     private let prk: SecureBytes
     private let nameKeyBytes: SecureBytes
+    private let xattrKeyBytes: SecureBytes
 
     public enum Invalid: Error, Equatable { case size(Int) }
 
@@ -21,10 +22,14 @@ public final class MasterKey: Sendable {
         raw = SecureBytes(copying: bytes)
         let prk = SecureBytes(count: 64) { OpenSSL.hkdfExtractSHA512(ikm: bytes, into: $0) }
         self.prk = prk
-        nameKeyBytes = SecureBytes(count: 64) { out in
-            let info = HKDFInfo.make(.nameKey)
-            prk.withBytes { p in info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(prk: p, info: $0, into: out) } }
+        func expand(_ context: HKDFContext, _ count: Int) -> SecureBytes {
+            SecureBytes(count: count) { out in
+                let info = HKDFInfo.make(context)
+                prk.withBytes { p in info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(prk: p, info: $0, into: out) } }
+            }
         }
+        nameKeyBytes = expand(.nameKey, 64)
+        xattrKeyBytes = expand(.xattrKey, 96)
     }
 
     public convenience init(raw bytes: [UInt8]) throws(Invalid) {
@@ -57,6 +62,11 @@ public final class MasterKey: Sendable {
 
     public func withNameKey<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         try nameKeyBytes.withBytes(body)
+    }
+
+    /// The extended-attribute keys: AES-256-SIV key (first 64 bytes) and HMAC key (last 32).
+    public func withXattrKeys<R>(_ body: (_ siv: UnsafeRawBufferPointer, _ hmac: UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        try xattrKeyBytes.withBytes { try body(UnsafeRawBufferPointer(rebasing: $0[0..<64]), UnsafeRawBufferPointer(rebasing: $0[64...])) }
     }
 
     /// True when `candidate` holds the same raw bytes (used by scans that prove wiping).

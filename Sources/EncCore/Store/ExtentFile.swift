@@ -117,8 +117,7 @@ final class ExtentFile: @unchecked Sendable {
         if dirty.count * geometry.extentSize >= Self.dirtyLimitBytes { metadataChanged = true }
     }
 
-    /// Largest plaintext size: extent indices and backing offsets must stay in Int64.
-    static let maximumSize: UInt64 = 1 << 50
+    static let maximumSize = ObjectHeader.maximumSize
 
     /// Grows (new extents are holes) or shrinks the file. The extent that becomes or stops
     /// being the partial last one is loaded, because its stored length changes with the size.

@@ -4,10 +4,11 @@ import Glibc
 
 /// User extended attributes, stored as backing xattrs with hidden names and sealed values.
 ///
-/// Backing name: "user.encfsd." + base64url(first 24 bytes of HMAC-SHA256(name key, object ID ||
-/// attribute name)), fixed length whatever the attribute name's length. Value: AES-256-SIV under
-/// the name key with associated data object ID || backing name, over (name length, name, value),
-/// so a value moved to another attribute or object fails to open, and listing recovers names.
+/// Backing name: "user.encfsd." + base64url(first 24 bytes of HMAC-SHA256(xattr HMAC key, "xattr"
+/// || object ID || attribute name)), fixed length whatever the attribute name's length. Value:
+/// AES-256-SIV under the xattr SIV key with associated data object ID || backing name, over
+/// (name length, name, value), so a value moved to another attribute or object fails to open,
+/// and listing recovers names. Both keys come from their own HKDF context (0x83).
 extension Volume {
     static let backingXattrPrefix = "user.encfsd."
     static let maximumXattrName = 255
@@ -23,7 +24,7 @@ extension Volume {
     }
 
     private func backingXattrName(_ name: [UInt8], objectID: [UInt8], key: MasterKey) -> String {
-        let mac = key.withNameKey { OpenSSL.hmacSHA256(key: $0, Array("xattr".utf8), objectID, name) }
+        let mac = key.withXattrKeys { _, hmacKey in OpenSSL.hmacSHA256(key: hmacKey, Array("xattr".utf8), objectID, name) }
         return Self.backingXattrPrefix + String(decoding: Base64URL.encode(Array(mac.prefix(24))), as: UTF8.self)
     }
 
@@ -36,13 +37,14 @@ extension Volume {
     public enum XattrMode: Sendable { case any, create, replace }
 
     public func setxattr(_ id: UInt64, name: [UInt8], value: [UInt8], mode: XattrMode) throws {
-        guard value.count <= Self.maximumXattrValue else { throw StoreError.system(E2BIG) }
         let (node, key, objectID) = try xattrNode(id, name: name)
         let backing = backingXattrName(name, objectID: objectID, key: key)
         let plaintext = [UInt8(name.count)] + name + value
-        let sealed = try key.withNameKey { k in
+        let sealed = try key.withXattrKeys { k, _ in
             try OpenSSL.sivSeal(key: k, ad: objectID + Array(backing.utf8), plaintext: plaintext)
         }
+        // The backing filesystem's value limit applies to the sealed form (17 + name bytes more).
+        guard sealed.count <= Self.maximumXattrValue else { throw StoreError.system(E2BIG) }
         let flags: Int32 = switch mode {
         case .any: 0
         case .create: 1 // XATTR_CREATE
@@ -85,7 +87,7 @@ extension Volume {
     private func openXattr(_ sealed: [UInt8], backing: String, objectID: [UInt8], key: MasterKey) throws -> ([UInt8], [UInt8]) {
         let plain: [UInt8]
         do {
-            plain = try key.withNameKey { k in try OpenSSL.sivOpen(key: k, ad: objectID + Array(backing.utf8), sealed: sealed) }
+            plain = try key.withXattrKeys { k, _ in try OpenSSL.sivOpen(key: k, ad: objectID + Array(backing.utf8), sealed: sealed) }
         } catch {
             throw StoreError.integrity("xattr failed authentication")
         }

@@ -33,6 +33,9 @@ public final class Volume: Sendable {
         let st = try Sys.fstat(fd.raw)
         let (header, verified) = try Self.readHeader(headerFD.raw, keys: keys)
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
+        guard header.policy == config.rootIdentifier else {
+            throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
+        }
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), fd: fd, headerFD: headerFD,
                         header: header, verified: verified)
         root.state.withLock { $0.lookups = 1 }

@@ -11,7 +11,7 @@ struct InitCommand: ParsableCommand {
     @Argument(help: "Directory for the ciphertext (created if missing; must be empty).")
     var store: String
 
-    @Option(name: .long, help: "File holding the master key (raw bytes or hex).")
+    @Option(name: .long, help: "File holding the raw master key (16 to 64 bytes).")
     var keyFile: String
 
     @Option(name: .long, help: "Plaintext bytes per extent: a power of two from 4096 to 1048576.")

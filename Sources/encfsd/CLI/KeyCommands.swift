@@ -40,7 +40,7 @@ struct KeyAdd: ParsableCommand {
     @Argument(help: "The mountpoint, or any directory inside the mount.")
     var mountpoint: String
 
-    @Option(name: .long, help: "File holding the raw key (or its hex); standard input when omitted.")
+    @Option(name: .long, help: "File holding the raw key (16 to 64 bytes); standard input when omitted.")
     var keyFile: String?
 
     func run() throws {

@@ -3,8 +3,9 @@ import Foundation
 
 /// Reading and writing raw master keys for the CLI.
 enum KeyMaterial {
-    /// Reads a key from `path` (or standard input when nil). A file holds the raw bytes, or the
-    /// same bytes as hex text (one line); either way 16 to 64 bytes, as fscrypt accepts.
+    /// Reads a key from `path` (or standard input when nil): the raw bytes, 16 to 64 of them, as
+    /// fscrypt and xfstests keep keys. No text encoding is guessed at: a raw key may itself look
+    /// like hex, and reading it as hex would silently produce a different key.
     static func read(path: String?) throws -> [UInt8] {
         let data: Data
         if let path {
@@ -15,12 +16,7 @@ enum KeyMaterial {
         } else {
             data = FileHandle.standardInput.readDataToEndOfFile()
         }
-        var bytes = [UInt8](data)
-        if let text = String(bytes: bytes, encoding: .ascii)?.trimmingCharacters(in: .whitespacesAndNewlines),
-           text.count >= 32, let decoded = Hex.decode(text) {
-            bytes.withUnsafeMutableBytes { OpenSSL.cleanse($0) }
-            bytes = decoded
-        }
+        let bytes = [UInt8](data)
         guard (MasterKey.minimumCount...MasterKey.maximumCount).contains(bytes.count) else {
             throw CLIError("a key must be \(MasterKey.minimumCount) to \(MasterKey.maximumCount) bytes; got \(bytes.count)")
         }
