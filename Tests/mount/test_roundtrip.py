@@ -272,3 +272,10 @@ def test_directory_xattrs(make_volume):
     assert os.getxattr(v.mnt, "user.onroot") == b"root value"
     os.removexattr(d, "user.test")
     assert os.listxattr(d) == []
+
+
+def test_mounted_fixture_smoke(mounted):
+    store, mnt = mounted
+    (mnt / "hello").write_bytes(b"hello world")
+    assert (mnt / "hello").read_bytes() == b"hello world"
+    assert (store / "encfsd.conf").exists()
