@@ -4,6 +4,10 @@ import Glibc
 import CLinux
 
 /// An owned file descriptor, closed when the last reference goes.
+///
+/// Swift may end a local's lifetime at its last use, which for `fd.raw` is before the system
+/// call runs: a descriptor held only in a local must be kept alive across the call
+/// (`withExtendedLifetime`), or it may be closed, and its number reused, first.
 public final class FileDescriptor: Sendable {
     public let raw: Int32
     public init(raw: Int32) { self.raw = raw }

@@ -124,7 +124,7 @@ extension Volume {
     public func fsyncDirectory(_ id: UInt64) throws {
         let dir = try node(id)
         let fd = try Sys.openAt(dir.fd.raw, Array(".".utf8), flags: O_RDONLY | O_DIRECTORY)
-        try Sys.fsync(fd.raw)
+        try withExtendedLifetime(fd) { try Sys.fsync(fd.raw) }
     }
 
     /// The directory's entries with plaintext names (no-key names in the locked view).

@@ -35,6 +35,7 @@ extension Volume {
     /// a hidden leftover that fsck removes, never an entry without a header.
     func removeEmptyDirectory(in dir: Node, backingName: [UInt8]) throws {
         let target = try Sys.openAt(dir.fd.raw, backingName, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+        defer { withExtendedLifetime(target) {} }
         guard try Sys.listDirectory(target.raw).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
             throw StoreError.notEmpty
         }
@@ -46,6 +47,7 @@ extension Volume {
     /// Deletes a hidden leftover directory (our own metadata files only; entries were checked).
     func removeTree(in parentFD: Int32, name: [UInt8]) throws {
         let fd = try Sys.openAt(parentFD, name, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+        defer { withExtendedLifetime(fd) {} }
         for entry in try Sys.listDirectory(fd.raw) {
             if entry.isDirectory {
                 try removeTree(in: fd.raw, name: entry.name)

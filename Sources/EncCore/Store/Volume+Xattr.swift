@@ -30,6 +30,8 @@ extension Volume {
 
     /// Backing xattrs live on the directory itself for directories (O_PATH descriptors cannot
     /// carry xattr calls, so the directory is re-opened read-only), on the file otherwise.
+    /// Callers must keep the returned descriptor alive across the call that uses `.raw`: a
+    /// temporary would be closed first, and its number could meanwhile name another file.
     private func xattrFD(_ node: Node) throws -> FileDescriptor {
         node.isDirectory ? try Sys.reopen(node.fd.raw, flags: O_RDONLY | O_DIRECTORY) : node.fd
     }
@@ -50,13 +52,15 @@ extension Volume {
         case .create: 1 // XATTR_CREATE
         case .replace: 2 // XATTR_REPLACE
         }
-        try Sys.fsetxattr(try xattrFD(node).raw, backing, sealed, flags: flags)
+        let fd = try xattrFD(node)
+        try withExtendedLifetime(fd) { try Sys.fsetxattr(fd.raw, backing, sealed, flags: flags) }
     }
 
     public func getxattr(_ id: UInt64, name: [UInt8]) throws -> [UInt8] {
         let (node, key, objectID) = try xattrNode(id, name: name)
         let backing = backingXattrName(name, objectID: objectID, key: key)
-        let sealed = try Sys.fgetxattr(try xattrFD(node).raw, backing)
+        let fd = try xattrFD(node)
+        let sealed = try withExtendedLifetime(fd) { try Sys.fgetxattr(fd.raw, backing) }
         let (storedName, value) = try openXattr(sealed, backing: backing, objectID: objectID, key: key)
         guard storedName == name else { throw StoreError.integrity("xattr bound to another name") }
         return value
@@ -67,6 +71,7 @@ extension Volume {
         guard let key = try? objectKey(node) else { return [] }
         let objectID = node.state.withLock { $0.header.objectID }
         let fd = try xattrFD(node)
+        defer { withExtendedLifetime(fd) {} }
         var names: [[UInt8]] = []
         for backing in try Sys.flistxattr(fd.raw) where backing.hasPrefix(Self.backingXattrPrefix) {
             guard let sealed = try? Sys.fgetxattr(fd.raw, backing),
@@ -81,7 +86,8 @@ extension Volume {
 
     public func removexattr(_ id: UInt64, name: [UInt8]) throws {
         let (node, key, objectID) = try xattrNode(id, name: name)
-        try Sys.fremovexattr(try xattrFD(node).raw, backingXattrName(name, objectID: objectID, key: key))
+        let fd = try xattrFD(node)
+        try withExtendedLifetime(fd) { try Sys.fremovexattr(fd.raw, backingXattrName(name, objectID: objectID, key: key)) }
     }
 
     private func openXattr(_ sealed: [UInt8], backing: String, objectID: [UInt8], key: MasterKey) throws -> ([UInt8], [UInt8]) {
