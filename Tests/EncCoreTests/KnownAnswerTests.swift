@@ -67,6 +67,23 @@ import Testing
         #expect(try NameCodec.decrypt(ciphertext: name.ciphertext, directoryID: Self.directoryID, key: key) == Array("hello.txt".utf8))
     }
 
+    @Test func xattrKeysNameAndValue() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        let keys = key.withXattrKeys { siv, mac in Array(siv) + Array(mac) }
+        #expect(hex(keys) == "07bdddfe4a62dcbace2483bbd5751bcfa0975b6ac61f22867b1d265d7919849bb6d5b37e9cd1c1baf1c8800e8d9194"
+            + "3235ada0d3d20284afeeb2260223bc2b3a5eeefdcae77dce46d746059529be5e28cf2731eda383a23cbbe07a1cc110920b")
+        let name = Array("user.comment".utf8)
+        let backing = XattrCodec.backingName(name, objectID: Self.objectID, key: key)
+        #expect(backing == "user.encfsd.3nFvMY3xIqY_Wb8ScscKPB99XvpqPw8U")
+        let sealed = try XattrCodec.seal(name: name, value: Array("hi".utf8), objectID: Self.objectID, backingName: backing, key: key)
+        #expect(hex(sealed) == "2a89819343e38630d76981b94ff09b1afa637e29129a6285768c8d9c6bd2b4")
+        let (openedName, value) = try XattrCodec.open(sealed, objectID: Self.objectID, backingName: backing, key: key)
+        #expect(openedName == name && value == Array("hi".utf8))
+        #expect(throws: StoreError.self) {
+            try XattrCodec.open(sealed, objectID: Self.directoryID, backingName: backing, key: key)
+        }
+    }
+
     @Test func hkdfExpandOnlyMatchesFullHKDF() throws {
         let info = HKDFInfo.make(.extentKey, Self.nonce)
         let full = OpenSSL.hkdfSHA512(ikm: Self.testKey, info: info, outputCount: 44)

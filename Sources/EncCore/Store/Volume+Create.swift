@@ -145,11 +145,12 @@ extension Volume {
         return try entered(object)
     }
 
-    /// EXDEV unless the object may live under the directory's policy (FIFOs and sockets carry no
-    /// contents, so fscrypt lets them cross policies).
+    /// EXDEV unless the object may live under the directory's policy. FIFOs, sockets and device
+    /// nodes carry no encrypted contents, so fscrypt lets them cross policies, and so do we.
     func checkSamePolicy(_ node: Node, directoryPolicy: KeyIdentifier) throws {
         let policy = node.state.withLock { $0.header.policy }
-        guard policy == directoryPolicy || node.type == .fifo || node.type == .socket else {
+        let carriesNoContents = [.fifo, .socket, .characterDevice, .blockDevice].contains(node.type)
+        guard policy == directoryPolicy || carriesNoContents else {
             throw StoreError.crossPolicy
         }
     }

@@ -77,7 +77,12 @@ public final class Volume: Sendable {
     func objectKey(_ node: Node) throws -> MasterKey {
         let policy = node.state.withLock { $0.header.policy }
         guard let key = keys.key(for: policy) else { throw StoreError.noKey }
-        _ = try verifiedHeader(node, key: key)
+        let header = try verifiedHeader(node, key: key)
+        // An interrupted flush transaction is never served half-written; recovery (the journal)
+        // must run first, and until it exists the object is refused.
+        guard !header.flags.contains(.pendingWrite) else {
+            throw StoreError.integrity("object has an interrupted write that needs recovery")
+        }
         return key
     }
 
