@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Writes Tests/Golden/v<N>/store: a store made by this build through a real mount, with the
+# fstests test key (bytes 0x01..0x40), and manifest.json describing what it must contain. Run once
+# per format version; commit the result; never regenerate an old version's store.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version="${1:?usage: make-golden-store.sh FORMAT_VERSION}"
+out="Tests/Golden/v$version"
+[ -e "$out" ] && { echo "$out exists: golden stores are never regenerated" >&2; exit 1; }
+swift build 2>&1 | tail -n 1
+encfsd="$PWD/.build/debug/encfsd"
+work=$(mktemp -d)
+trap 'fusermount3 -u "$work/mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
+python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(1, 65)))' > "$work/key"
+mkdir "$work/mnt"
+"$encfsd" init "$work/store" --key-file "$work/key" --extent-size 4096
+"$encfsd" mount "$work/store" "$work/mnt"
+"$encfsd" key add "$work/mnt" --key-file "$work/key"
+python3 - "$work/mnt" "$work/manifest.json" <<'PY'
+import hashlib, json, os, sys
+mnt, manifest_path = sys.argv[1], sys.argv[2]
+def pattern(n, seed):
+    return bytes((i * 131 + seed * 7 + (i >> 8)) & 0xff for i in range(n))
+files = {
+    "empty": b"",
+    "one-byte": b"x",
+    "three-extents-and-a-bit": pattern(3 * 4096 + 17, 1),
+    "dir/nested/deep.txt": b"deep contents\n",
+    "L" * 200: pattern(5000, 2),
+}
+os.makedirs(os.path.join(mnt, "dir/nested"))
+for name, data in files.items():
+    with open(os.path.join(mnt, name), "wb") as f:
+        f.write(data)
+with open(os.path.join(mnt, "sparse"), "wb") as f:
+    f.seek(40000)
+    f.write(b"end of sparse file")
+files["sparse"] = b"\0" * 40000 + b"end of sparse file"
+os.symlink("dir/nested/deep.txt", os.path.join(mnt, "link"))
+os.mkfifo(os.path.join(mnt, "fifo"), 0o640)
+os.chmod(os.path.join(mnt, "dir"), 0o751)
+manifest = {
+    "key": "0102...40 (bytes 1 to 64)",
+    "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for n, d in files.items()},
+    "symlinks": {"link": "dir/nested/deep.txt"},
+    "fifos": ["fifo"],
+    "modes": {"dir": 0o751, "fifo": 0o640},
+}
+json.dump(manifest, open(manifest_path, "w"), indent=2, sort_keys=True)
+PY
+fusermount3 -u "$work/mnt"
+mkdir -p "$out"
+cp -a "$work/store" "$out/store"
+cp "$work/manifest.json" "$out/manifest.json"
+echo "wrote $out"
