@@ -112,9 +112,10 @@ class Volume:
 
     # mounting
 
-    def mount(self, unlock: bool = True):
+    def mount(self, unlock: bool = True, options: str | None = None):
         assert not is_mounted(self.mnt), f"{self.mnt} already mounted"
-        run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log")
+        extra = ["-o", options] if options else []
+        run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log", *extra)
         assert is_mounted(self.mnt), "mount returned but the mountpoint is not in /proc/mounts"
         self.pids = daemon_pids(self.mnt)
         if unlock:
