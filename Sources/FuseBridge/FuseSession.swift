@@ -188,13 +188,18 @@ private func statOf(_ a: FileAttributes) -> stat {
     return st
 }
 
-private func replyEntry(_ req: fuse_req_t?, _ ctx: BridgeContext, _ entry: Entry) {
+private func entryParam(_ ctx: BridgeContext, _ entry: Entry) -> fuse_entry_param {
     var param = fuse_entry_param()
     param.ino = entry.node
     param.generation = 1
     param.attr = statOf(entry.attributes)
     param.attr_timeout = ctx.options.attributeTimeout
     param.entry_timeout = ctx.options.entryTimeout
+    return param
+}
+
+private func replyEntry(_ req: fuse_req_t?, _ ctx: BridgeContext, _ entry: Entry) {
+    var param = entryParam(ctx, entry)
     fuse_reply_entry(req, &param)
 }
 
@@ -345,12 +350,7 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
         let (entry, reply) = try ctx.fileSystem.create(parent: parent, name: bytes(name), mode: mode,
                                                        flags: fi?.pointee.flags ?? 0, context: requestContext(req))
         fillOpen(fi, reply)
-        var param = fuse_entry_param()
-        param.ino = entry.node
-        param.generation = 1
-        param.attr = statOf(entry.attributes)
-        param.attr_timeout = ctx.options.attributeTimeout
-        param.entry_timeout = ctx.options.entryTimeout
+        var param = entryParam(ctx, entry)
         if fuse_reply_create(req, &param, fi) != 0 {
             try? ctx.fileSystem.release(entry.node, handle: reply.handle)
         }
