@@ -211,3 +211,29 @@ def test_unlink_keeps_other_links_and_open_files(volume):
         assert held.read() == "shared"
     volume.remount()
     assert b.read_text() == "shared"
+
+
+def test_mtime_is_the_write_time_even_before_close(volume):
+    import time
+    path = volume.mnt / "f"
+    path.write_text("x")
+    os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    with open(path, "r+b") as f:
+        before = time.time_ns()
+        f.write(b"y")
+        f.flush()
+        during = os.fstat(f.fileno()).st_mtime_ns
+        time.sleep(0.05)
+    after_close = os.stat(path).st_mtime_ns
+    assert during >= before - 10_000_000, "mtime did not move at write"
+    assert after_close == during, "the commit restamped mtime with its own time"
+
+
+def test_directory_chmod_updates_ctime(volume):
+    import time
+    d = volume.mnt / "d"
+    d.mkdir()
+    before = os.stat(d).st_ctime_ns
+    time.sleep(0.02)
+    os.chmod(d, 0o700)
+    assert os.stat(d).st_ctime_ns > before

@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// The plaintext view of one open backing file.
 ///
 /// Writes land in whole plaintext extents held in memory (`dirty`) and reach the backing file
@@ -18,6 +22,10 @@ final class ExtentFile: @unchecked Sendable {
     /// Plaintext of changed extents, each `extentSize` bytes (bytes past the file end are zero).
     private var dirty: [UInt64: [UInt8]] = [:]
     private var metadataChanged = false
+    /// When the contents last changed, if not yet committed: what stat reports as mtime and
+    /// ctime meanwhile, and what the commit stamps on the backing file (POSIX: the time of the
+    /// write, not of the flush).
+    private(set) var modifiedAt: timespec?
 
     /// Dirty bytes held before a write forces a commit: bounds memory and the journal batch.
     static let dirtyLimitBytes = 16 << 20
@@ -114,6 +122,7 @@ final class ExtentFile: @unchecked Sendable {
             holes.remove(index)
             index += 1
         }
+        touch()
         if dirty.count * geometry.extentSize >= Self.dirtyLimitBytes { metadataChanged = true }
     }
 
@@ -148,6 +157,13 @@ final class ExtentFile: @unchecked Sendable {
         }
         size = newSize
         metadataChanged = true
+        touch()
+    }
+
+    private func touch() {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        modifiedAt = now
     }
 
     var needsCommitForMemory: Bool { dirty.count * geometry.extentSize >= Self.dirtyLimitBytes }
@@ -177,6 +193,10 @@ final class ExtentFile: @unchecked Sendable {
         if next != header {
             try HeaderIO.write(fd: fd, header: &next, key: key, sync: false)
             header = next
+        }
+        if let modifiedAt {
+            try Sys.futimens(fd, (Sys.omitTime, modifiedAt))
+            self.modifiedAt = nil
         }
         metadataChanged = false
     }

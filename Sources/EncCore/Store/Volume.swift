@@ -228,18 +228,24 @@ public final class Volume: Sendable {
 
     func attributes(_ node: Node) throws -> Attributes {
         let st = try Sys.fstat(node.fd.raw)
+        // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
+        // touch the directory's own ctime: the later of the two is the directory's ctime.
+        let headerChange = node.isDirectory ? try Sys.fstat(node.headerFD.raw).st_ctim : st.st_ctim
+        func stamp(_ t: timespec) -> Timestamp { Timestamp(seconds: Int64(t.tv_sec), nanoseconds: Int64(t.tv_nsec)) }
+        func later(_ a: timespec, _ b: timespec) -> timespec { (a.tv_sec, a.tv_nsec) >= (b.tv_sec, b.tv_nsec) ? a : b }
         return node.state.withLock { s in
             let size: UInt64 = switch node.type {
             case .directory: 4096
             case .regular, .symlink: s.file?.size ?? s.header.size
             default: 0
             }
+            let pending = s.file?.modifiedAt
             return Attributes(
                 inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
                 uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
-                accessTime: Timestamp(seconds: Int64(st.st_atim.tv_sec), nanoseconds: Int64(st.st_atim.tv_nsec)),
-                modificationTime: Timestamp(seconds: Int64(st.st_mtim.tv_sec), nanoseconds: Int64(st.st_mtim.tv_nsec)),
-                changeTime: Timestamp(seconds: Int64(st.st_ctim.tv_sec), nanoseconds: Int64(st.st_ctim.tv_nsec)))
+                accessTime: stamp(st.st_atim),
+                modificationTime: stamp(pending ?? st.st_mtim),
+                changeTime: stamp(later(pending ?? st.st_ctim, later(st.st_ctim, headerChange))))
         }
     }
 
