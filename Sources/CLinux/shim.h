@@ -23,6 +23,10 @@ static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
     return (int)syscall(SYS_fallocate, fd, mode, offset, len);
 }
 
+// setfsuid/setfsgid change only the calling thread's filesystem (and key-permission) identity.
+static inline int encfsd_setfsuid(unsigned int uid) { return (int)syscall(SYS_setfsuid, uid); }
+static inline int encfsd_setfsgid(unsigned int gid) { return (int)syscall(SYS_setfsgid, gid); }
+
 static inline int encfsd_ioctl(int fd, unsigned long request, void *argument) {
     return ioctl(fd, request, argument);
 }

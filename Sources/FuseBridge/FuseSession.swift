@@ -93,6 +93,22 @@ public final class FuseSession: @unchecked Sendable {
 
     public func exit() { fuse_session_exit(session) }
 
+    /// Makes the kernel forget a cached name (`fuse_lowlevel_notify_inval_entry`). Safe from any
+    /// thread; never call it while handling a request on `parent` that holds its lock (none of
+    /// encfsd's callers do: ioctls, releases and background work hold no directory lock).
+    public func invalidateEntry(parent: UInt64, name: [UInt8]) {
+        _ = name.withUnsafeBufferPointer { buf in
+            buf.baseAddress!.withMemoryRebound(to: CChar.self, capacity: buf.count) {
+                fuse_lowlevel_notify_inval_entry(session, parent, $0, buf.count)
+            }
+        }
+    }
+
+    /// Makes the kernel drop an inode's cached attributes and pages (`..._inval_inode`).
+    public func invalidateInode(_ node: UInt64) {
+        _ = fuse_lowlevel_notify_inval_inode(session, node, 0, 0)
+    }
+
     deinit {
         if mounted { fuse_session_unmount(session) }
         fuse_remove_signal_handlers(session)

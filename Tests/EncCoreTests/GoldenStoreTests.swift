@@ -35,7 +35,7 @@ import Testing
         try FileManager.default.copyItem(at: source.appendingPathComponent("store"), to: work)
 
         let keys = KeyTable()
-        keys.add(try MasterKey(raw: (1...64).map { UInt8($0) }))
+        try keys.add(try MasterKey(raw: (1...64).map { UInt8($0) }), claim: .init(uid: 0, serial: 0))
         let volume = try Volume(storePath: work.path, keys: keys)
 
         func resolve(_ path: String) throws -> UInt64 {

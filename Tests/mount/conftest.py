@@ -115,6 +115,9 @@ class Volume:
     def mount(self, unlock: bool = True, options: str | None = None):
         assert not is_mounted(self.mnt), f"{self.mnt} already mounted"
         extra = ["-o", options] if options else []
+        if not unlock:
+            # The key this test added sits in root's keyring; a locked mount must not use it.
+            extra.append("--no-keyring")
         run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log", *extra)
         assert is_mounted(self.mnt), "mount returned but the mountpoint is not in /proc/mounts"
         self.pids = daemon_pids(self.mnt)
@@ -177,6 +180,15 @@ class Volume:
         return {n for n in os.listdir(d) if n not in (".d", "encfsd.conf")}
 
 
+def purge_encfsd_keys():
+    """Unlinks every encfsd: key from the user keyring, so tests do not unlock each other."""
+    listed = subprocess.run(["keyctl", "rlist", "@u"], capture_output=True, text=True).stdout.split()
+    for serial in listed:
+        described = subprocess.run(["keyctl", "rdescribe", serial], capture_output=True, text=True).stdout
+        if described.startswith("user;") and ";encfsd:" in described:
+            subprocess.run(["keyctl", "unlink", serial, "@u"], capture_output=True)
+
+
 def _kill(pid: int):
     try:
         os.kill(pid, signal.SIGKILL)
@@ -222,6 +234,7 @@ def make_volume(tmp_path, encfsd_bin, key_file, request):
     problems = []
     for v in volumes:
         problems += v.force_cleanup()
+    purge_encfsd_keys()
     for v in volumes:
         log = v.daemon_log()
         if log.strip():

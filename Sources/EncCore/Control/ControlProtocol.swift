@@ -13,6 +13,46 @@ public enum ControlProtocol {
     /// ENCFSD_IOC_ADD_KEY = _IOWR('E', 1, struct encfsd_add_key_arg /* 128 bytes */).
     public static let addKey = ioc(read: true, write: true, type: UInt8(ascii: "E"), number: 1, size: AddKeyArgument.byteCount)
 
+    /// ENCFSD_IOC_SET_POLICY = _IOW('E', 2, struct encfsd_policy_arg /* 32 bytes */).
+    public static let setPolicy = ioc(read: false, write: true, type: UInt8(ascii: "E"), number: 2, size: PolicyArgument.byteCount)
+    /// ENCFSD_IOC_GET_POLICY = _IOR('E', 3, struct encfsd_policy_arg /* 32 bytes */).
+    public static let getPolicy = ioc(read: true, write: false, type: UInt8(ascii: "E"), number: 3, size: PolicyArgument.byteCount)
+
+    /// struct encfsd_policy_arg {
+    ///     u32 version;          // 1
+    ///     u32 flags;            // out (get): bit 0 = the directory has this policy of its own
+    ///     u8  identifier[16];
+    ///     u8  reserved[8];      // must be zero
+    /// };
+    public struct PolicyArgument: Equatable, Sendable {
+        public static let byteCount = 32
+        public static let ownPolicy: UInt32 = 1
+        public var identifier: KeyIdentifier
+        public var flags: UInt32
+
+        public init(identifier: KeyIdentifier, flags: UInt32 = 0) {
+            self.identifier = identifier
+            self.flags = flags
+        }
+
+        public func encoded() -> [UInt8] {
+            var w = ByteWriter(capacity: Self.byteCount)
+            w.u32(ControlProtocol.version)
+            w.u32(flags)
+            w.raw(identifier.bytes)
+            w.zeros(8)
+            return w.bytes
+        }
+
+        public static func decode(_ bytes: [UInt8]) -> PolicyArgument? {
+            guard bytes.count == byteCount else { return nil }
+            var r = ByteReader(bytes[...])
+            guard r.u32() == ControlProtocol.version, let flags = r.u32(), let id = r.raw(16).flatMap(KeyIdentifier.init(bytes:)),
+                  r.raw(8)?.allSatisfy({ $0 == 0 }) == true else { return nil }
+            return PolicyArgument(identifier: id, flags: flags)
+        }
+    }
+
     public enum KeySource: UInt32, Sendable {
         case raw = 1
         case keyring = 2

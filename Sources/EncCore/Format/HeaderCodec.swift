@@ -9,7 +9,7 @@ public enum HeaderCodec {
 
     /// The full 2048-byte slot image for `header` (whose `sequence` picks the slot).
     public static func seal(_ header: ObjectHeader, key: MasterKey) -> [UInt8] {
-        precondition(header.fits())
+        precondition(header.fits() && key.identifier == header.macPolicy)
         var slot = header.encodeBody()
         let mac = key.withHeaderKey(objectID: header.objectID) { OpenSSL.hmacSHA256(key: $0, slot) }
         slot += mac
@@ -52,7 +52,7 @@ public enum HeaderCodec {
         }
         guard slotIndex(sequence: header.sequence) == slotPosition(slot) else { return .damaged }
         if let key {
-            guard key.identifier == header.policy else { return .forged }
+            guard key.identifier == header.macPolicy else { return .forged }
             let mac = key.withHeaderKey(objectID: header.objectID) { OpenSSL.hmacSHA256(key: $0, Array(body)) }
             guard constantTimeEqual(mac, Array(slot[(start + length)..<macEnd])) else { return .forged }
         }

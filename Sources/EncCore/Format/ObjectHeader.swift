@@ -32,7 +32,7 @@ public struct ObjectHeader: Equatable, Sendable {
 
     public static let magic: [UInt8] = Array("EFS1".utf8)
     public static let formatVersion: UInt16 = 1
-    static let fixedBytes = 96
+    static let fixedBytes = 112
     static let macBytes = 32
     static let checksumBytes = 8
 
@@ -46,12 +46,17 @@ public struct ObjectHeader: Equatable, Sendable {
     public var rdev: UInt64 = 0
     public var size: UInt64 = 0
     public var objectID: [UInt8]
+    /// The policy of the object's contents (and, for a directory, of its children).
     public var policy: KeyIdentifier
+    /// The policy whose key authenticates this header: that of the directory the object was
+    /// created in. It equals `policy` except for a directory given its own policy (`encfsd
+    /// policy set`), which can happen before that policy's key is present, as in fscrypt.
+    public var macPolicy: KeyIdentifier
     public var holes = HoleMap()
     public var bindings: [Binding] = []
 
     public init(type: ObjectType, mode: UInt32, uid: UInt32, gid: UInt32, extentSize: UInt32,
-                objectID: [UInt8], policy: KeyIdentifier) {
+                objectID: [UInt8], policy: KeyIdentifier, macPolicy: KeyIdentifier? = nil) {
         self.type = type
         self.mode = mode & 0o7777
         self.uid = uid
@@ -59,6 +64,7 @@ public struct ObjectHeader: Equatable, Sendable {
         self.extentSize = extentSize
         self.objectID = objectID
         self.policy = policy
+        self.macPolicy = macPolicy ?? policy
     }
 
     public var geometry: ExtentGeometry { ExtentGeometry(extentSize: Int(extentSize)) }
@@ -91,6 +97,7 @@ public struct ObjectHeader: Equatable, Sendable {
         w.u64(size)
         w.raw(objectID)
         w.raw(policy.bytes)
+        w.raw(macPolicy.bytes)
         w.u16(UInt16(holes.ranges.count))
         w.u16(UInt16(bindings.count))
         w.zeros(4)
@@ -130,6 +137,7 @@ public struct ObjectHeader: Equatable, Sendable {
               let mode = r.u32(), mode & ~0o7777 == 0, let uid = r.u32(), let gid = r.u32(),
               let extentSize = r.u32(), let rdev = r.u64(), let size = r.u64(),
               let objectID = r.raw(16), let policyBytes = r.raw(16), let policy = KeyIdentifier(bytes: policyBytes),
+              let macPolicyBytes = r.raw(16), let macPolicy = KeyIdentifier(bytes: macPolicyBytes),
               let holeCount = r.u16(), let bindingCount = r.u16(), r.raw(4) == [0, 0, 0, 0]
         else { return .failure(.malformed) }
         let isDevice = type == .characterDevice || type == .blockDevice
@@ -138,9 +146,10 @@ public struct ObjectHeader: Equatable, Sendable {
         } else {
             guard ExtentGeometry.isValid(extentSize: Int(extentSize)), size <= maximumSize else { return .failure(.malformed) }
         }
-        guard isDevice || rdev == 0 else { return .failure(.malformed) }
+        guard isDevice || rdev == 0, type == .directory || policy == macPolicy || !carriesContents(type)
+        else { return .failure(.malformed) }
         var header = ObjectHeader(type: type, mode: mode, uid: uid, gid: gid, extentSize: extentSize,
-                                  objectID: objectID, policy: policy)
+                                  objectID: objectID, policy: policy, macPolicy: macPolicy)
         header.sequence = sequence
         header.flags = flags
         header.rdev = rdev
@@ -162,6 +171,12 @@ public struct ObjectHeader: Equatable, Sendable {
         }
         guard r.position == body.endIndex else { return .failure(.malformed) }
         return .success(header)
+    }
+
+    /// Objects with encrypted contents are authenticated under their own policy; only
+    /// directories (policy roots) and content-less objects moved across policies differ.
+    static func carriesContents(_ type: ObjectType) -> Bool {
+        type == .regular || type == .symlink
     }
 
     /// Largest plaintext size: extent indices and backing offsets stay well inside Int64.

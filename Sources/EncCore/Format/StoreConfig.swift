@@ -15,6 +15,34 @@ public struct StoreConfig: Codable, Equatable, Sendable {
     public var extentSize: Int
     /// Policy (key identifier, hex) of the root directory.
     public var rootPolicy: String
+    /// How to derive passphrase-protected keys: scrypt parameters and salt per key identifier.
+    /// Not secret: without the passphrase they give nothing.
+    public var passphrases: [PassphraseParameters]?
+
+    public struct PassphraseParameters: Codable, Equatable, Sendable {
+        public var identifier: String
+        /// 32 random bytes, hex.
+        public var salt: String
+        public var n: UInt64
+        public var r: UInt32
+        public var p: UInt32
+
+        public init(identifier: KeyIdentifier, salt: [UInt8], n: UInt64, r: UInt32, p: UInt32) {
+            self.identifier = identifier.hex
+            self.salt = Hex.encode(salt)
+            self.n = n
+            self.r = r
+            self.p = p
+        }
+
+        /// The raw 64-byte master key for `passphrase`, in locked memory.
+        public func derive(passphrase: [UInt8]) throws -> SecureBytes {
+            guard let saltBytes = Hex.decode(salt) else { throw Problem.unreadable("passphrase salt is not hex") }
+            var key = try OpenSSL.scrypt(password: passphrase, salt: saltBytes, n: n, r: r, p: p, outputCount: MasterKey.maximumCount)
+            defer { key.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
+            return key.withUnsafeBytes { SecureBytes(copying: $0) }
+        }
+    }
 
     public init(extentSize: Int, rootPolicy: KeyIdentifier) {
         self.extentSize = extentSize

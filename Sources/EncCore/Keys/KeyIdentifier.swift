@@ -16,7 +16,9 @@ public struct KeyIdentifier: Hashable, Sendable, CustomStringConvertible {
 
     /// HKDF-SHA512(ikm = raw key, no salt, info = "fscrypt\0" || 0x01), 16 bytes.
     public init(rawKey: UnsafeRawBufferPointer) {
-        bytes = OpenSSL.hkdfSHA512(ikm: Array(rawKey), info: HKDFInfo.make(.keyIdentifier), outputCount: Self.byteCount)
+        var out = [UInt8](repeating: 0, count: Self.byteCount)
+        out.withUnsafeMutableBytes { OpenSSL.hkdfSHA512(ikm: rawKey, info: HKDFInfo.make(.keyIdentifier), into: $0) }
+        bytes = out
     }
 
     public var hex: String { Hex.encode(bytes) }

@@ -1,33 +1,147 @@
 import Synchronization
 
-/// The master keys a mounted store can use, by identifier.
+/// The master keys a mounted store knows, with the semantics of Linux fscrypt v2 key management.
 ///
-/// The table holds one strong reference per added key; open files hold their own. Removing a
-/// key drops the table's reference only, so files already open keep reading and writing, and
-/// the key is wiped when the last of them lets go (see `MasterKey`).
+/// - Each `add` by a user is a *claim*; a key stays present while any user claims it.
+/// - Removing the last claim drops the table's strong reference. Open files hold their own, so
+///   they keep working (soft removal); the entry then reports *incompletely removed*, and its
+///   `lingering` weak reference tells whether any file still holds the key. When the last one
+///   lets go, `MasterKey.deinit` wipes every byte and the wipe observer is told.
+/// - A non-root user may claim at most `userQuota` keys (EDQUOT past it).
 public final class KeyTable: Sendable {
-    private let keys = Mutex<[KeyIdentifier: MasterKey]>([:])
+    public enum Status: Equatable, Sendable {
+        case absent
+        case present(userCount: Int, addedBySelf: Bool)
+        case incompletelyRemoved
+    }
 
-    public init() {}
+    public enum Removal: Equatable, Sendable {
+        /// The key is gone (or will be wiped the moment the last open file closes, if `busy`).
+        case removed
+        /// Files still hold the key: it stays usable by them and is wiped when the last closes.
+        case filesBusy
+        /// Only the caller's claim was dropped; other users still hold the key.
+        case otherUsersRemain
+    }
 
-    /// Adds `key`; adding a key that is already present keeps the existing one.
-    @discardableResult
-    public func add(_ key: MasterKey) -> KeyIdentifier {
-        keys.withLock { table in
-            if table[key.identifier] == nil { table[key.identifier] = key }
+    /// A keyring entry to revoke once the key it holds is no longer in use.
+    public struct KeyringClaim: Sendable, Equatable {
+        public var uid: UInt32
+        public var serial: Int32
+        public init(uid: UInt32, serial: Int32) {
+            self.uid = uid
+            self.serial = serial
         }
-        return key.identifier
     }
 
-    public func key(for identifier: KeyIdentifier) -> MasterKey? {
-        keys.withLock { $0[identifier] }
+    struct Entry {
+        var key: MasterKey?
+        weak var lingering: MasterKey?
+        var claims: [UInt32: KeyringClaim] = [:]
+        /// Keyring entries of claims already dropped, revoked when the key is wiped.
+        var revokeWhenWiped: [KeyringClaim] = []
     }
 
-    /// Drops the table's reference; returns whether the key was present.
+    public let userQuota: Int
+    private let entries = Mutex<[KeyIdentifier: Entry]>([:])
+    private let wipeObserver: (@Sendable (KeyIdentifier, [KeyringClaim]) -> Void)?
+
+    /// - Parameter wipeObserver: called (from whichever thread released the key last; it must
+    ///   not block) once a removed key has been wiped, with the keyring entries to revoke.
+    public init(userQuota: Int = 200, wipeObserver: (@Sendable (KeyIdentifier, [KeyringClaim]) -> Void)? = nil) {
+        self.userQuota = userQuota
+        self.wipeObserver = wipeObserver
+    }
+
+    /// Adds `key` as `claim.uid`'s claim. Re-adding an incompletely removed key revives the
+    /// instance open files still hold, so old and new opens share one key.
     @discardableResult
-    public func remove(_ identifier: KeyIdentifier) -> Bool {
-        keys.withLock { $0.removeValue(forKey: identifier) != nil }
+    public func add(_ key: MasterKey, claim: KeyringClaim) throws(StoreError) -> KeyIdentifier {
+        let id = key.identifier
+        try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(StoreError) in
+            if claim.uid != 0 {
+                let held = table.values.filter { $0.claims[claim.uid] != nil }.count
+                if table[id]?.claims[claim.uid] == nil && held >= userQuota { throw .quotaExceeded }
+            }
+            var entry = table[id] ?? Entry()
+            if entry.key == nil { entry.key = entry.lingering ?? key }
+            entry.lingering = nil
+            entry.claims[claim.uid] = claim
+            table[id] = entry
+        }
+        return id
     }
 
-    public var identifiers: [KeyIdentifier] { keys.withLock { Array($0.keys) } }
+    /// The key for new work: only keys that are present, not incompletely removed.
+    public func key(for identifier: KeyIdentifier) -> MasterKey? {
+        entries.withLock { $0[identifier]?.key }
+    }
+
+    /// A removed key that open files still hold: enough to resolve names in the directories they
+    /// live in (as fscrypt's still-keyed directory inodes do), never to open anything new.
+    public func lingeringKey(for identifier: KeyIdentifier) -> MasterKey? {
+        entries.withLock { $0[identifier]?.lingering }
+    }
+
+    public func status(of identifier: KeyIdentifier, uid: UInt32) -> Status {
+        entries.withLock { table in
+            guard let entry = table[identifier] else { return .absent }
+            guard entry.key != nil else { return .incompletelyRemoved }
+            return .present(userCount: entry.claims.count, addedBySelf: entry.claims[uid] != nil)
+        }
+    }
+
+    /// Drops `uid`'s claim (or every claim), and the key itself once no claim remains.
+    public func remove(_ identifier: KeyIdentifier, uid: UInt32, allUsers: Bool) throws(StoreError) -> Removal {
+        var released: MasterKey?
+        let outcome: Removal? = try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(StoreError) -> Removal? in
+            guard var entry = table[identifier] else { throw .noKey }
+            if entry.key != nil {
+                if allUsers {
+                    entry.revokeWhenWiped += entry.claims.values
+                    entry.claims.removeAll()
+                } else {
+                    guard let claim = entry.claims.removeValue(forKey: uid) else { throw .noKey }
+                    entry.revokeWhenWiped.append(claim)
+                    if !entry.claims.isEmpty {
+                        table[identifier] = entry
+                        return .otherUsersRemain
+                    }
+                }
+                // Released outside the lock: if nothing else holds it, deinit runs right away
+                // and its observer must be free to run.
+                released = entry.key
+                entry.lingering = entry.key
+                entry.key = nil
+                released?.setWipeObserver(makeObserver(identifier))
+            }
+            table[identifier] = entry
+            return nil
+        }
+        if let outcome { return outcome }
+        released = nil
+        return entries.withLock { table in
+            guard let entry = table[identifier], entry.key == nil else { return .removed }
+            if entry.lingering != nil { return .filesBusy }
+            table[identifier] = nil
+            return .removed
+        }
+    }
+
+    private func makeObserver(_ identifier: KeyIdentifier) -> @Sendable () -> Void {
+        { [weak self] in self?.wiped(identifier) }
+    }
+
+    private func wiped(_ identifier: KeyIdentifier) {
+        let revoke: [KeyringClaim] = entries.withLock { table in
+            guard var entry = table[identifier], entry.key == nil else { return [] }
+            let claims = entry.revokeWhenWiped
+            entry.revokeWhenWiped = []
+            table[identifier] = entry
+            return claims
+        }
+        wipeObserver?(identifier, revoke)
+    }
+
+    public var identifiers: [KeyIdentifier] { entries.withLock { Array($0.keys) } }
 }

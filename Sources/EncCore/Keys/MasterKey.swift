@@ -1,3 +1,5 @@
+import Synchronization
+
 /// A master key and the subkeys encfsd derives from it once, all in locked memory.
 ///
 /// Open files hold a strong reference to the `MasterKey` of their policy. Removing a key only
@@ -8,7 +10,8 @@ public final class MasterKey: Sendable {
     public static let maximumCount = 64
 
     public let identifier: KeyIdentifier
-    private let raw: SecureBytes
+    /// Told when this key has been wiped (set when the key is removed from its table).
+    private let wipeObserver = Mutex<(@Sendable () -> Void)?>(nil)
     /// HKDF-Extract(no salt, raw key): kept so each per-extent derivation is one HMAC.
     private let prk: SecureBytes
     private let nameKeyBytes: SecureBytes
@@ -18,8 +21,8 @@ public final class MasterKey: Sendable {
 
     public init(raw bytes: UnsafeRawBufferPointer) throws(Invalid) {
         guard (Self.minimumCount...Self.maximumCount).contains(bytes.count) else { throw .size(bytes.count) }
+        // No copy of the raw key is kept: only what is derived from it, all in locked memory.
         identifier = KeyIdentifier(rawKey: bytes)
-        raw = SecureBytes(copying: bytes)
         let prk = SecureBytes(count: 64) { OpenSSL.hkdfExtractSHA512(ikm: bytes, into: $0) }
         self.prk = prk
         func expand(_ context: HKDFContext, _ count: Int) -> SecureBytes {
@@ -69,9 +72,14 @@ public final class MasterKey: Sendable {
         try xattrKeyBytes.withBytes { try body(UnsafeRawBufferPointer(rebasing: $0[0..<64]), UnsafeRawBufferPointer(rebasing: $0[64...])) }
     }
 
-    /// True when `candidate` holds the same raw bytes (used by scans that prove wiping).
-    public func withRawKey<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
-        try raw.withBytes(body)
+    func setWipeObserver(_ observer: @escaping @Sendable () -> Void) {
+        wipeObserver.withLock { $0 = observer }
+    }
+
+    deinit {
+        // The SecureBytes members wipe themselves as they are released right after this.
+        let observer = wipeObserver.withLock { $0 }
+        observer?()
     }
 }
 

@@ -109,6 +109,14 @@ public enum OpenSSL {
         return out
     }
 
+    /// Full HKDF-SHA512 with no salt, from key material the caller keeps (no copy is made).
+    public static func hkdfSHA512(ikm: UnsafeRawBufferPointer, info: [UInt8], into output: UnsafeMutableRawBufferPointer) {
+        info.withUnsafeBytes { infoBytes in
+            hkdf(mode: EVP_KDF_HKDF_MODE_EXTRACT_AND_EXPAND, key: ikm, salt: UnsafeRawBufferPointer(start: nil, count: 0),
+                 info: infoBytes, into: output)
+        }
+    }
+
     /// HKDF-Extract with no salt: the 64-byte pseudorandom key that `hkdfExpand` reuses, so the
     /// per-extent derivation costs one HMAC instead of two.
     public static func hkdfExtractSHA512(ikm: UnsafeRawBufferPointer, into prk: UnsafeMutableRawBufferPointer) {
@@ -164,7 +172,11 @@ public enum OpenSSL {
             }
             params.append(OSSL_PARAM_construct_end())
             EVP_KDF_CTX_reset(ctx)
-            return EVP_KDF_derive(ctx, output.baseAddress!.assumingMemoryBound(to: UInt8.self), output.count, &params) == 1
+            let derived = EVP_KDF_derive(ctx, output.baseAddress!.assumingMemoryBound(to: UInt8.self), output.count, &params) == 1
+            // The context keeps a copy of the input key (often a raw master key): clear it now
+            // rather than leave it until this thread's next derivation.
+            EVP_KDF_CTX_reset(ctx)
+            return derived
         }
         precondition(ok, "HKDF-SHA512 failed")
     }

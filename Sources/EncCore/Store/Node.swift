@@ -10,6 +10,14 @@ struct NodeState {
     var opens = 0
     /// Present while the object is open for I/O; holds the master key alive (soft removal).
     var file: ExtentFile?
+    /// Directory entries the kernel may have cached for this object, so they can be invalidated
+    /// when a key comes or goes. Stale pairs are harmless: invalidating them is a no-op.
+    var dentries: Set<Dentry> = []
+}
+
+struct Dentry: Hashable {
+    var parent: UInt64
+    var name: [UInt8]
 }
 
 /// One backing object known to the kernel. Hard links share a node (keyed by backing inode), so

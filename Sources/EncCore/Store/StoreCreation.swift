@@ -11,14 +11,16 @@ public enum StoreCreation {
     /// must be empty otherwise). Both files are fsynced, and then the directory, before this
     /// returns: a store is never left half-initialised by a power loss.
     public static func create(at path: String, key: MasterKey, extentSize: Int = defaultExtentSize,
-                              owner: Caller, rootMode: UInt32 = 0o755) throws {
+                              owner: Caller, rootMode: UInt32 = 0o755,
+                              passphrase: StoreConfig.PassphraseParameters? = nil) throws {
         guard ExtentGeometry.isValid(extentSize: extentSize) else { throw StoreError.invalidArgument }
         if mkdir(path, 0o700) != 0 && errno != EEXIST { throw StoreError.system(errno) }
         let dir = try Sys.open(path, flags: O_RDONLY | O_DIRECTORY)
         defer { withExtendedLifetime(dir) {} }
         guard try Sys.listDirectory(dir.raw).isEmpty else { throw StoreError.notEmpty }
 
-        let config = StoreConfig(extentSize: extentSize, rootPolicy: key.identifier)
+        var config = StoreConfig(extentSize: extentSize, rootPolicy: key.identifier)
+        config.passphrases = passphrase.map { [$0] }
         let configFD = try Sys.openAt(dir.raw, Array(StoreConfig.fileName.utf8), flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o644)
         defer { withExtendedLifetime(configFD) {} }
         try Array(config.encoded()).withUnsafeBytes { try Sys.pwrite(configFD.raw, $0, offset: 0) }

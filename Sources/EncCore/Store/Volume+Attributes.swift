@@ -7,7 +7,7 @@ extension Volume {
         let node = try node(id)
         if let size = changes.size {
             guard node.type == .regular else { throw node.isDirectory ? StoreError.isDirectory : StoreError.invalidArgument }
-            let key = try objectKey(node)
+            let key = try contentKey(node)
             try node.state.withLock { state in
                 let file = state.file ?? ExtentFile(fd: node.fd.raw, key: key, header: state.header)
                 try file.resize(to: size)
@@ -15,7 +15,7 @@ extension Volume {
             }
         }
         if changes.mode != nil || changes.uid != nil || changes.gid != nil {
-            try mutateHeader(node, key: try objectKey(node), sync: false) { header in
+            try mutateHeader(node, key: try headerKey(node), sync: false) { header in
                 if let mode = changes.mode { header.mode = mode & 0o7777 }
                 if let uid = changes.uid { header.uid = uid }
                 if let gid = changes.gid { header.gid = gid }

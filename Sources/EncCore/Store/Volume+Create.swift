@@ -14,7 +14,7 @@ extension Volume {
     func prepare(parent: UInt64, name: [UInt8], type: ObjectType, mode: UInt32, rdev: UInt64 = 0,
                  caller: Caller) throws -> NewEntry {
         let dir = try node(parent)
-        let (key, dirHeader) = try unlockedDirectory(dir)
+        let (key, dirHeader) = try creationDirectory(dir)
         let encrypted = try NameCodec.encrypt(name, directoryID: dirHeader.objectID, key: key)
         // ext4 semantics: a set-group-ID directory passes its group on, and the bit to subdirectories.
         let inheritsGroup = dirHeader.mode & UInt32(S_ISGID) != 0
@@ -74,7 +74,8 @@ extension Volume {
     }
 
     /// The reply for a new entry; the reference `insert` took becomes the kernel's lookup.
-    private func entered(_ node: Node) throws -> (UInt64, Attributes) {
+    private func entered(_ node: Node, parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
+        node.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: name)) }
         do {
             return (node.id, try attributes(node))
         } catch {
@@ -87,7 +88,7 @@ extension Volume {
 
     public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes, UInt64) {
         let node = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
-        let (id, attributes) = try entered(node)
+        let (id, attributes) = try entered(node, parent: parent, name: name)
         return (id, attributes, try open(id, truncate: false))
     }
 
@@ -97,11 +98,12 @@ extension Volume {
         }
         let special = type == .characterDevice || type == .blockDevice
         let entry = try prepare(parent: parent, name: name, type: type, mode: mode, rdev: special ? rdev : 0, caller: caller)
-        return try entered(try createFile(entry))
+        return try entered(try createFile(entry), parent: parent, name: name)
     }
 
     public func mkdir(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes) {
-        try entered(try createDirectory(try prepare(parent: parent, name: name, type: .directory, mode: mode, caller: caller)))
+        try entered(try createDirectory(try prepare(parent: parent, name: name, type: .directory, mode: mode, caller: caller)),
+                    parent: parent, name: name)
     }
 
     public static let maximumSymlinkTarget = 4095
@@ -110,13 +112,13 @@ extension Volume {
         guard !target.isEmpty, !target.contains(0) else { throw StoreError.invalidArgument }
         guard target.count <= Self.maximumSymlinkTarget else { throw StoreError.nameTooLong }
         let entry = try prepare(parent: parent, name: name, type: .symlink, mode: 0o777, caller: caller)
-        return try entered(try createFile(entry, contents: target))
+        return try entered(try createFile(entry, contents: target), parent: parent, name: name)
     }
 
     public func readlink(_ id: UInt64) throws -> [UInt8] {
         let node = try node(id)
         guard node.type == .symlink else { throw StoreError.invalidArgument }
-        let key = try objectKey(node)
+        let key = try contentKey(node)
         return try node.state.withLock { state in
             let file = state.file ?? ExtentFile(fd: node.fd.raw, key: key, header: state.header)
             return try file.read(offset: 0, count: Int(file.size))
@@ -129,7 +131,7 @@ extension Volume {
         let object = try node(id)
         guard !object.isDirectory else { throw StoreError.notPermitted }
         let dir = try node(newParent)
-        let (dirKey, dirHeader) = try unlockedDirectory(dir)
+        let (dirKey, dirHeader) = try creationDirectory(dir)
         try checkSamePolicy(object, directoryPolicy: dirHeader.policy)
         let name = try NameCodec.encrypt(newName, directoryID: dirHeader.objectID, key: dirKey)
         let binding = Self.binding(parentID: dirHeader.objectID, name: name)
@@ -142,13 +144,13 @@ extension Volume {
             throw error
         }
         retain(object)
-        return try entered(object)
+        return try entered(object, parent: newParent, name: newName)
     }
 
     /// EXDEV unless the object may live under the directory's policy. FIFOs, sockets and device
     /// nodes carry no encrypted contents, so fscrypt lets them cross policies, and so do we.
     func checkSamePolicy(_ node: Node, directoryPolicy: KeyIdentifier) throws {
-        let policy = node.state.withLock { $0.header.policy }
+        let policy = node.state.withLock { $0.header.macPolicy }
         let carriesNoContents = [.fifo, .socket, .characterDevice, .blockDevice].contains(node.type)
         guard policy == directoryPolicy || carriesNoContents else {
             throw StoreError.crossPolicy
@@ -167,7 +169,7 @@ extension Volume {
     // MARK: bindings
 
     func addBinding(_ binding: Binding, to node: Node) throws {
-        let key = try objectKey(node)
+        let key = try headerKey(node)
         try mutateHeader(node, key: key, sync: true) { header in
             guard !header.bindings.contains(binding) else { return }
             guard header.fits(extraBytes: ObjectHeader.bindingBytes(binding)) else { throw StoreError.tooManyLinks }
@@ -177,7 +179,7 @@ extension Volume {
 
     /// Removing a stale name needs no fsync: a leftover binding only keeps an old name valid.
     func removeBinding(_ digest: [UInt8], from node: Node) throws {
-        let key = try objectKey(node)
+        let key = try headerKey(node)
         try mutateHeader(node, key: key, sync: false) { header in
             header.bindings.removeAll { $0.digest == digest }
         }

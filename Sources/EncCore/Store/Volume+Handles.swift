@@ -43,7 +43,9 @@ extension Volume {
         case .directory: throw StoreError.isDirectory
         default: throw StoreError.invalidArgument
         }
-        let key = try objectKey(node)
+        // A file that is already open can be opened again even after its key was removed: it
+        // holds the key itself (fscrypt's soft removal). Anything else needs the key present.
+        let key = try contentKey(node)
         try node.state.withLock { state in
             if state.file == nil {
                 state.file = ExtentFile(fd: node.fd.raw, key: key, header: state.header)
@@ -133,7 +135,7 @@ extension Volume {
         let st = try Sys.fstat(dir.fd.raw)
         var entries = [DirectoryEntry(name: [0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR),
                        DirectoryEntry(name: [0x2e, 0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR)]
-        let unlocked = try? unlockedDirectory(dir)
+        let unlocked = try? namingDirectory(dir)
         for raw in try Sys.listDirectory(dir.fd.raw) {
             guard NameCodec.isEntryName(raw.name) else { continue }
             let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0

@@ -12,11 +12,11 @@ extension Volume {
         // A file that keeps other names should stop listing this one; without the key the
         // header cannot be re-sealed, and the stale binding is harmless.
         var survivor: Node?
-        if st.st_nlink > 1, (try? unlockedDirectory(dir)) != nil {
+        if st.st_nlink > 1, (try? namingDirectory(dir)) != nil {
             survivor = try? child(of: dir, backingName: backing)
         }
         try Sys.unlinkAt(dir.fd.raw, backing)
-        if let survivor, let (_, dirHeader) = try? unlockedDirectory(dir) {
+        if let survivor, let (_, dirHeader) = try? namingDirectory(dir) {
             try? removeBinding(Binding.digest(parentID: dirHeader.objectID, backingName: backing), from: survivor)
         }
         if let survivor { release(survivor) }

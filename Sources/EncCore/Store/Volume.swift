@@ -33,7 +33,7 @@ public final class Volume: Sendable {
         let st = try Sys.fstat(fd.raw)
         let (header, verified) = try Self.readHeader(headerFD.raw, keys: keys)
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
-        guard header.policy == config.rootIdentifier else {
+        guard header.policy == config.rootIdentifier, header.macPolicy == header.policy else {
             throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), fd: fd, headerFD: headerFD,
@@ -47,17 +47,22 @@ public final class Volume: Sendable {
 
     // MARK: headers and keys
 
-    /// Reads the current header, verifying it when the key of its policy is loaded.
+    /// Reads the current header, verifying it when the key that authenticates it is loaded.
     static func readHeader(_ fd: Int32, keys: KeyTable) throws -> (ObjectHeader, Bool) {
         let unverified = try HeaderIO.read(fd: fd, key: nil)
-        guard let key = keys.key(for: unverified.policy) else { return (unverified, false) }
+        guard let key = keys.key(for: unverified.macPolicy) ?? keys.lingeringKey(for: unverified.macPolicy) else {
+            return (unverified, false)
+        }
         return (try HeaderIO.read(fd: fd, key: key), true)
     }
 
-    /// The node's header, verified under `key` (re-read if it was first read without the key).
-    func verifiedHeader(_ node: Node, key: MasterKey) throws -> ObjectHeader {
+    /// The node's header, verified (re-read if it was first read without the key). ENOKEY when
+    /// the key that authenticates it is not loaded.
+    func verifiedHeader(_ node: Node) throws -> ObjectHeader {
         try node.state.withLock { state in
             if !state.verified {
+                guard let key = keys.key(for: state.header.macPolicy) ?? keys.lingeringKey(for: state.header.macPolicy)
+                else { throw StoreError.noKey }
                 state.header = try HeaderIO.read(fd: node.headerFD.raw, key: key)
                 state.verified = true
             }
@@ -65,24 +70,51 @@ public final class Volume: Sendable {
         }
     }
 
-    /// A directory's key and verified header; ENOKEY when its policy's key is not loaded.
-    func unlockedDirectory(_ dir: Node) throws -> (MasterKey, ObjectHeader) {
+    /// A directory's name key and header, for resolving and listing names. A removed key that
+    /// open files still hold is good enough here, as fscrypt's pinned directory inodes keep
+    /// theirs; new objects need `creationDirectory`.
+    func namingDirectory(_ dir: Node) throws -> (MasterKey, ObjectHeader) {
+        guard dir.isDirectory else { throw StoreError.notDirectory }
+        let header = dir.state.withLock { $0.header }
+        guard let key = keys.key(for: header.policy) ?? keys.lingeringKey(for: header.policy) else { throw StoreError.noKey }
+        // The header is authenticated under the parent's policy; without that key (a directory
+        // with its own policy in a locked parent) the names still authenticate themselves.
+        return (key, (try? verifiedHeader(dir)) ?? header)
+    }
+
+    /// A directory in which new names may be made: its key must be present, not just lingering.
+    func creationDirectory(_ dir: Node) throws -> (MasterKey, ObjectHeader) {
         guard dir.isDirectory else { throw StoreError.notDirectory }
         let policy = dir.state.withLock { $0.header.policy }
         guard let key = keys.key(for: policy) else { throw StoreError.noKey }
-        return (key, try verifiedHeader(dir, key: key))
+        return (key, (try? verifiedHeader(dir)) ?? dir.state.withLock { $0.header })
     }
 
-    /// The object's key, for operations that need its contents; ENOKEY without it.
+    /// The key of an object's contents, for opening it anew; ENOKEY without it.
     func objectKey(_ node: Node) throws -> MasterKey {
         let policy = node.state.withLock { $0.header.policy }
         guard let key = keys.key(for: policy) else { throw StoreError.noKey }
-        let header = try verifiedHeader(node, key: key)
+        let header = try verifiedHeader(node)
         // An interrupted flush transaction is never served half-written; recovery (the journal)
         // must run first, and until it exists the object is refused.
         guard !header.flags.contains(.pendingWrite) else {
             throw StoreError.integrity("object has an interrupted write that needs recovery")
         }
+        return key
+    }
+
+    /// The key of an object's contents for reading or writing them: that of the open file if the
+    /// object is open (it keeps working after the key is removed), else `objectKey`.
+    func contentKey(_ node: Node) throws -> MasterKey {
+        if let key = node.state.withLock({ $0.file?.key }) { return key }
+        return try objectKey(node)
+    }
+
+    /// The key that authenticates the node's header, to rewrite it.
+    func headerKey(_ node: Node) throws -> MasterKey {
+        _ = try verifiedHeader(node)
+        let policy = node.state.withLock { $0.header.macPolicy }
+        guard let key = keys.key(for: policy) ?? keys.lingeringKey(for: policy) else { throw StoreError.noKey }
         return key
     }
 
@@ -96,7 +128,7 @@ public final class Volume: Sendable {
     /// The backing entry name for `name` in `dir`: its encryption when the directory is
     /// unlocked; in the locked view the name must itself be a no-key (backing) name.
     func backingName(of name: [UInt8], in dir: Node) throws -> [UInt8] {
-        if let (key, header) = try? unlockedDirectory(dir) {
+        if let (key, header) = try? namingDirectory(dir) {
             return try NameCodec.encrypt(name, directoryID: header.objectID, key: key).backingName
         }
         guard dir.isDirectory else { throw StoreError.notDirectory }
@@ -183,7 +215,7 @@ public final class Volume: Sendable {
     }
 
     func checkBinding(_ node: Node, parent: Node, backingName: [UInt8]) throws {
-        guard let (_, parentHeader) = try? unlockedDirectory(parent) else { return }
+        guard let (_, parentHeader) = try? namingDirectory(parent) else { return }
         let (verified, bindings) = node.state.withLock { ($0.verified, $0.header.bindings) }
         guard verified else { return }
         let digest = Binding.digest(parentID: parentHeader.objectID, backingName: backingName)
@@ -208,6 +240,7 @@ public final class Volume: Sendable {
     public func lookup(parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
         let dir = try node(parent)
         let child = try child(of: dir, backingName: try backingName(of: name, in: dir))
+        child.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: name)) }
         do {
             return (child.id, try attributes(child))
         } catch {

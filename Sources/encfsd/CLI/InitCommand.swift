@@ -12,24 +12,40 @@ struct InitCommand: ParsableCommand {
     var store: String
 
     @Option(name: .long, help: "File holding the raw master key (16 to 64 bytes).")
-    var keyFile: String
+    var keyFile: String?
+
+    @Flag(help: "Derive the root key from a passphrase (terminal, or standard input) with scrypt; `key add --passphrase` unlocks it.")
+    var passphrase = false
+
+    @Option(help: .hidden) var scryptLogN = PassphraseKeys.defaultLogN
 
     @Option(name: .long, help: "Plaintext bytes per extent: a power of two from 4096 to 1048576.")
     var extentSize: Int = StoreCreation.defaultExtentSize
 
     func validate() throws {
+        guard (keyFile != nil) != passphrase else { throw ValidationError("give exactly one of --key-file and --passphrase") }
+        guard (10...22).contains(scryptLogN) else { throw ValidationError("scrypt log N must be 10...22") }
         guard ExtentGeometry.isValid(extentSize: extentSize) else {
             throw ValidationError("--extent-size must be a power of two from 4096 to 1048576")
         }
     }
 
     func run() throws {
-        var raw = try KeyMaterial.read(path: keyFile)
-        defer { raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-        let key = try MasterKey(raw: raw)
+        let raw: SecureBytes
+        var parameters: StoreConfig.PassphraseParameters?
+        if passphrase {
+            var phrase = try PassphraseKeys.read(prompt: "Enter passphrase: ")
+            defer { phrase.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
+            (raw, parameters) = try PassphraseKeys.newParameters(passphrase: phrase, logN: scryptLogN)
+        } else {
+            var bytes = try KeyMaterial.read(path: keyFile)
+            defer { bytes.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
+            raw = bytes.withUnsafeBytes { SecureBytes(copying: $0) }
+        }
+        let key = try raw.withBytes { try MasterKey(raw: $0) }
         do {
             try StoreCreation.create(at: store, key: key, extentSize: extentSize,
-                                     owner: Caller(uid: getuid(), gid: getgid()))
+                                     owner: Caller(uid: getuid(), gid: getgid()), passphrase: parameters)
         } catch StoreError.notEmpty {
             throw CLIError("\(store) is not empty; a store must start in an empty directory")
         } catch StoreError.system(let code) {

@@ -7,8 +7,8 @@ import Glibc
 
 struct KeyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "key", abstract: "Generate master keys and manage the keys of a mounted store.",
-        subcommands: [KeyGenerate.self, KeyAdd.self])
+        commandName: "key", abstract: "Generate master keys and manage the keys of a mounted store (fscrypt v2 semantics).",
+        subcommands: [KeyGenerate.self, KeyAdd.self, KeyRemove.self, KeyStatus.self])
 }
 
 struct KeyGenerate: ParsableCommand {
@@ -35,39 +35,115 @@ struct KeyGenerate: ParsableCommand {
 
 struct KeyAdd: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "add", abstract: "Unlock a mounted store (or a directory policy in it) with a master key.")
+        commandName: "add",
+        abstract: "Unlock a mounted store, or directories under a policy, with a master key.",
+        discussion: """
+            The key goes into your user keyring as a `user` key described encfsd:<identifier>, and the \
+            daemon loads it from there by serial, reading it with your permissions. Each user's add is a \
+            claim on the key; the key stays until every claim is removed.
+            """)
 
     @Argument(help: "The mountpoint, or any directory inside the mount.")
     var mountpoint: String
 
-    @Option(name: .long, help: "File holding the raw key (16 to 64 bytes); standard input when omitted.")
+    @Option(name: .long, help: "File holding the raw key (16 to 64 bytes).")
     var keyFile: String?
 
+    @Option(name: .long, help: "Serial of a `user` key already in the kernel keyring holding the raw key.")
+    var keyringId: Int32?
+
+    @Flag(help: "Derive the key from a passphrase (terminal, or standard input), with the store's scrypt parameters.")
+    var passphrase = false
+
+    func validate() throws {
+        guard [keyFile != nil, keyringId != nil, passphrase].filter({ $0 }).count <= 1 else {
+            throw ValidationError("give at most one of --key-file, --keyring-id and --passphrase")
+        }
+    }
+
     func run() throws {
+        try reportingErrors {
+            let serial = try keyringId ?? placeInKeyring(try rawKey())
+            let argument = ControlProtocol.AddKeyArgument(source: .keyring, keyringSerial: serial)
+            let reply = try ControlClient.call(mountpoint, ControlProtocol.addKey, argument.encoded(), failure: "Error adding encryption key")
+            guard let decoded = ControlProtocol.AddKeyArgument.decode(reply), let identifier = KeyIdentifier(bytes: decoded.identifier) else {
+                throw CLIError("Error adding encryption key: the daemon's reply was malformed")
+            }
+            print("Added encryption key with identifier \(identifier.hex)")
+        }
+    }
+
+    private func rawKey() throws -> SecureBytes {
+        if passphrase { return try PassphraseKeys.derive(forMountpoint: mountpoint) }
         var raw = try KeyMaterial.read(path: keyFile)
         defer { raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-        let argument = ControlProtocol.AddKeyArgument(source: .raw, raw: raw)
-        let reply = try ControlClient.call(mountpoint, ControlProtocol.addKey, argument.encoded(), what: "adding encryption key")
-        guard let decoded = ControlProtocol.AddKeyArgument.decode(reply), let identifier = KeyIdentifier(bytes: decoded.identifier) else {
-            throw CLIError("the daemon's reply was malformed")
+        return raw.withUnsafeBytes { SecureBytes(copying: $0) }
+    }
+
+    private func placeInKeyring(_ raw: SecureBytes) throws -> Int32 {
+        let identifier = raw.withBytes { KeyIdentifier(rawKey: $0) }
+        do {
+            return try raw.withBytes { try Keyring.addUserKey(description: Keyring.description(for: identifier), payload: $0) }
+        } catch StoreError.system(let code) {
+            throw CLIError("Error adding encryption key: cannot add it to the user keyring: \(String(cString: strerror(code)))")
         }
-        print("Added encryption key with identifier \(identifier.hex)")
     }
 }
 
-/// Sends control ioctls to the daemon through a directory of the mount.
-enum ControlClient {
-    static func call(_ path: String, _ command: UInt32, _ argument: [UInt8], what: String) throws -> [UInt8] {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw CLIError("\(path): \(String(cString: strerror(errno)))") }
-        defer { Glibc.close(fd) }
-        var buffer = argument
-        do {
-            try Sys.ioctl(fd, UInt(command), &buffer)
-        } catch StoreError.system(let code) {
-            if code == ENOTTY { throw CLIError("\(path) is not on an encfsd mount") }
-            throw CLIError("Error \(what): \(String(cString: strerror(code)))")
+struct KeyRemove: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "remove",
+        abstract: "Remove your claim to a key; the key itself goes once no user claims it.",
+        discussion: """
+            Files already open keep working until closed ("files still busy"); new opens fail with \
+            ENOKEY. When the last of them closes the key is wiped; remove again to finish.
+            """)
+
+    @Argument(help: "The mountpoint, or any directory inside the mount.") var mountpoint: String
+    @Argument(help: "The key identifier (32 hex digits).") var identifier: String
+    @Flag(help: "Remove every user's claim (root only).") var allUsers = false
+
+    func run() throws {
+        try reportingErrors {
+            guard let id = KeyIdentifier(hex: identifier) else { throw CLIError("Error removing encryption key: Invalid argument") }
+            let command = allUsers ? FscryptIoctl.removeKeyAllUsers : FscryptIoctl.removeKey
+            let reply = try ControlClient.call(mountpoint, command, FscryptIoctl.RemoveKeyArgument(identifier: id).encoded(),
+                                               failure: "Error removing encryption key")
+            guard let flags = FscryptIoctl.RemoveKeyArgument.decodeReply(reply)?.statusFlags else {
+                throw CLIError("Error removing encryption key: malformed reply")
+            }
+            if flags & FscryptIoctl.RemoveKeyArgument.otherUsers != 0 {
+                print("Removed user's claim to encryption key with identifier \(id.hex)")
+            } else if flags & FscryptIoctl.RemoveKeyArgument.filesBusy != 0 {
+                print("Removed encryption key with identifier \(id.hex), but files still busy")
+            } else {
+                print("Removed encryption key with identifier \(id.hex)")
+            }
         }
-        return buffer
+    }
+}
+
+struct KeyStatus: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show whether a key is present, and who added it.")
+
+    @Argument(help: "The mountpoint, or any directory inside the mount.") var mountpoint: String
+    @Argument(help: "The key identifier (32 hex digits).") var identifier: String
+
+    func run() throws {
+        try reportingErrors {
+            guard let id = KeyIdentifier(hex: identifier) else { throw CLIError("Error getting encryption key status: Invalid argument") }
+            let reply = try ControlClient.call(mountpoint, FscryptIoctl.getKeyStatus, FscryptIoctl.KeyStatusArgument(identifier: id).encoded(),
+                                               failure: "Error getting encryption key status")
+            guard let status = FscryptIoctl.KeyStatusArgument.decode(reply) else {
+                throw CLIError("Error getting encryption key status: malformed reply")
+            }
+            switch status.status {
+            case FscryptIoctl.KeyStatusArgument.absent: print("Absent")
+            case FscryptIoctl.KeyStatusArgument.incompletelyRemoved: print("Incompletely removed")
+            default:
+                let bySelf = status.statusFlags & FscryptIoctl.KeyStatusArgument.addedBySelf != 0 ? ", added_by_self" : ""
+                print("Present (user_count=\(status.userCount)\(bySelf))")
+            }
+        }
     }
 }

@@ -23,8 +23,3 @@ enum KeyMaterial {
         return bytes
     }
 }
-
-struct CLIError: Error, CustomStringConvertible {
-    let description: String
-    init(_ description: String) { self.description = description }
-}

@@ -34,6 +34,15 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Where the background daemon logs (default: discard).")
     var logFile: String?
 
+    @Option(help: "Unlock with this raw key file at start (repeatable), e.g. $CREDENTIALS_DIRECTORY/key under systemd. Keys already in your keyring are loaded anyway.")
+    var keyFile: [String] = []
+
+    @Option(help: "Most keys one non-root user may add (EDQUOT past it).")
+    var keyQuota = 200
+
+    @Flag(help: "Do not unlock with the encfsd: keys already in your user keyring.")
+    var noKeyring = false
+
     @Flag(help: .hidden)
     var reportReady = false
 
@@ -54,15 +63,31 @@ struct MountCommand: ParsableCommand {
             throw CLIError("\(mountpoint) is not a directory")
         }
         if foreground || reportReady {
-            try Daemon(storePath: storePath, mountOptions: mountOptions(mountPath), reportReady: reportReady, logFile: logFile).serve()
+            var daemon = Daemon(storePath: storePath, mountOptions: mountOptions(mountPath, storePath: storePath),
+                                reportReady: reportReady, logFile: logFile)
+            daemon.keyQuota = keyQuota
+            daemon.unlockFromKeyring = !noKeyring
+            for path in keyFile {
+                var raw = try KeyMaterial.read(path: path)
+                defer { raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
+                daemon.initialKeys.append(try MasterKey(raw: raw))
+            }
+            try daemon.serve()
         } else {
-            try Background.start(arguments: ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)"]
-                + options.flatMap { ["-o", $0] } + (logFile.map { ["--log-file", $0] } ?? []))
+            var arguments = ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)", "--key-quota", "\(keyQuota)"]
+            if noKeyring { arguments.append("--no-keyring") }
+            arguments += options.flatMap { ["-o", $0] }
+            if let logFile { arguments += ["--log-file", logFile] }
+            arguments += keyFile.flatMap { ["--key-file", $0] }
+            try Background.start(arguments: arguments)
         }
     }
 
-    private func mountOptions(_ mountPath: String) -> MountOptions {
-        var result = MountOptions(mountpoint: mountPath, fsName: store, threads: threads)
+    private func mountOptions(_ mountPath: String, storePath: String) -> MountOptions {
+        // The store's absolute path is the mount's source (so `key add --passphrase` can find its
+        // configuration); libfuse splits options on commas, so those are escaped.
+        let fsName = storePath.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: ",", with: "\\,")
+        var result = MountOptions(mountpoint: mountPath, fsName: fsName, threads: threads)
         for option in options.flatMap({ $0.split(separator: ",").map(String.init) }) {
             switch option {
             case "allow_other": result.allowOther = true

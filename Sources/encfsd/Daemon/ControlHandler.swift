@@ -4,29 +4,65 @@ import FuseBridge
 import Glibc
 #endif
 
-/// Answers the control ioctls. Every argument is validated before anything changes: a hostile
-/// or malformed argument gets EINVAL (or ENOTTY for an unknown command) and changes nothing.
+/// Answers the control ioctls: encfsd's own and the fscrypt ones that fit through FUSE.
+/// Every argument is validated completely before anything changes: a malformed or hostile
+/// argument gets EINVAL (ENOTTY for an unknown command) and changes nothing.
 struct ControlHandler: Sendable {
     let volume: Volume
+    let keyService: KeyService
 
     func handle(node: UInt64, command: UInt32, input: [UInt8], outputSize: Int, context: RequestContext) throws -> IoctlReply {
         switch command {
         case ControlProtocol.addKey:
-            return try addKey(input: input, outputSize: outputSize)
+            guard outputSize == ControlProtocol.AddKeyArgument.byteCount,
+                  let argument = ControlProtocol.AddKeyArgument.decode(input) else { throw StoreError.invalidArgument }
+            // Raw bytes through FUSE would linger in libfuse's request buffers: keys come by
+            // keyring serial only, read straight into locked memory.
+            guard argument.source == .keyring, argument.raw.isEmpty, argument.keyringSerial > 0 else {
+                throw StoreError.invalidArgument
+            }
+            let identifier = try keyService.add(serial: argument.keyringSerial, context: context)
+            let reply = ControlProtocol.AddKeyArgument(source: .keyring, keyringSerial: argument.keyringSerial,
+                                                       identifier: identifier.bytes)
+            return IoctlReply(output: reply.encoded())
+
+        case FscryptIoctl.removeKey, FscryptIoctl.removeKeyAllUsers:
+            guard outputSize == FscryptIoctl.RemoveKeyArgument.byteCount,
+                  var argument = FscryptIoctl.RemoveKeyArgument.decode(input) else { throw StoreError.invalidArgument }
+            argument.statusFlags = try keyService.remove(argument.identifier, allUsers: command == FscryptIoctl.removeKeyAllUsers,
+                                                         context: context)
+            return IoctlReply(output: argument.encoded())
+
+        case FscryptIoctl.getKeyStatus:
+            guard outputSize == FscryptIoctl.KeyStatusArgument.byteCount,
+                  let argument = FscryptIoctl.KeyStatusArgument.decode(input) else { throw StoreError.invalidArgument }
+            return IoctlReply(output: keyService.status(argument.identifier, context: context).encoded())
+
+        case FscryptIoctl.getNonce:
+            guard outputSize == 16 else { throw StoreError.invalidArgument }
+            return IoctlReply(output: try volume.nonce(of: node))
+
+        case FscryptIoctl.getFlags, FscryptIoctl.getFlags32:
+            // Every encfsd object is encrypted: lsattr shows 'E'.
+            let flags = FscryptIoctl.encryptFlag
+            let bytes = withUnsafeBytes(of: UInt64(flags).littleEndian) { Array($0) }
+            guard outputSize == 4 || outputSize == 8 else { throw StoreError.invalidArgument }
+            return IoctlReply(output: Array(bytes.prefix(outputSize)))
+
+        case ControlProtocol.setPolicy:
+            guard let argument = ControlProtocol.PolicyArgument.decode(input), argument.flags == 0 else {
+                throw StoreError.invalidArgument
+            }
+            try volume.setPolicy(node, argument.identifier, caller: Caller(uid: context.uid, gid: context.gid))
+            return IoctlReply()
+
+        case ControlProtocol.getPolicy:
+            guard outputSize == ControlProtocol.PolicyArgument.byteCount else { throw StoreError.invalidArgument }
+            let (policy, own) = try volume.policy(of: node)
+            return IoctlReply(output: ControlProtocol.PolicyArgument(identifier: policy, flags: own ? ControlProtocol.PolicyArgument.ownPolicy : 0).encoded())
+
         default:
             throw StoreError.system(ENOTTY)
         }
-    }
-
-    private func addKey(input: [UInt8], outputSize: Int) throws -> IoctlReply {
-        guard outputSize == ControlProtocol.AddKeyArgument.byteCount,
-              var argument = ControlProtocol.AddKeyArgument.decode(input) else { throw StoreError.invalidArgument }
-        defer { argument.raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-        guard argument.source == .raw else { throw StoreError.notSupported }
-        let key = try argument.raw.withUnsafeBytes { try MasterKey(raw: $0) }
-        volume.keys.add(key)
-        var reply = ControlProtocol.AddKeyArgument(source: argument.source, identifier: key.identifier.bytes)
-        reply.keyringSerial = argument.keyringSerial
-        return IoctlReply(output: reply.encoded())
     }
 }

@@ -13,16 +13,29 @@ struct Daemon {
     let mountOptions: MountOptions
     let reportReady: Bool
     let logFile: String?
+    /// Keys to unlock with at start (`--key-file`, e.g. from systemd credentials).
+    var initialKeys: [MasterKey] = []
+    /// How many keys a non-root user may claim (EDQUOT past it).
+    var keyQuota = 200
+    var unlockFromKeyring = true
 
     func serve() throws {
         signal(SIGPIPE, SIG_IGN)
         if reportReady { _ = setsid() }
         raiseDescriptorLimit()
-        let keys = KeyTable()
+        let invalidator = CacheInvalidator()
+        let keys = KeyTable(userQuota: keyQuota) { identifier, claims in invalidator.keyWiped(identifier, revoke: claims) }
         let volume = try Volume(storePath: storePath, keys: keys)
-        let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume), options: mountOptions)
+        invalidator.attach(volume: volume)
+        let keyService = KeyService(keys: keys, invalidator: invalidator)
+        for key in initialKeys { try keys.add(key, claim: .init(uid: getuid(), serial: 0)) }
+        if unlockFromKeyring { _ = keyService.addKeysFromUserKeyring() }
+        let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
+        invalidator.attach(session: session)
         if reportReady { detach() }
+        SystemdNotify.ready()
         try session.run()
+        SystemdNotify.stopping()
     }
 
     /// The node table holds one descriptor per known object, as passthrough_hp does.

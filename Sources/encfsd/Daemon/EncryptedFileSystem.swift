@@ -10,9 +10,9 @@ final class EncryptedFileSystem: FileSystem {
     let volume: Volume
     let control: ControlHandler
 
-    init(volume: Volume) {
+    init(volume: Volume, keyService: KeyService) {
         self.volume = volume
-        control = ControlHandler(volume: volume)
+        control = ControlHandler(volume: volume, keyService: keyService)
     }
 
     private func entry(_ result: (UInt64, Attributes)) -> Entry {

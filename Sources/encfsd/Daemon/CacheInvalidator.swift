@@ -1,0 +1,35 @@
+import EncCore
+import Foundation
+import FuseBridge
+import Synchronization
+
+/// Makes the kernel forget what it cached under a policy when its key comes or goes: after a
+/// removal no name, attribute or page of plaintext stays visible, and after an add no no-key
+/// name lingers in place of a plaintext one (fscrypt does the same by evicting inodes).
+final class CacheInvalidator: Sendable {
+    private let session = Mutex<FuseSession?>(nil)
+    private let volume = Mutex<Volume?>(nil)
+
+    func attach(session: FuseSession) { self.session.withLock { $0 = session } }
+    func attach(volume: Volume) { self.volume.withLock { $0 = volume } }
+
+    /// Invalidates synchronously: called from ioctl handlers, which hold no directory lock, so
+    /// the reply reaches the caller only when the kernel has forgotten.
+    func invalidate(policy: KeyIdentifier) {
+        guard let session = session.withLock({ $0 }), let volume = volume.withLock({ $0 }) else { return }
+        let (nodes, names) = volume.cachedEntries(under: policy)
+        for entry in names { session.invalidateEntry(parent: entry.parent, name: entry.name) }
+        for node in nodes { session.invalidateInode(node) }
+    }
+
+    /// A removed key was wiped when its last open file closed (inside that file's release): the
+    /// invalidation and keyring revocation run on their own thread, off the request path.
+    func keyWiped(_ identifier: KeyIdentifier, revoke claims: [KeyTable.KeyringClaim]) {
+        Thread.detachNewThread { [self] in
+            invalidate(policy: identifier)
+            for claim in claims where claim.serial > 0 {
+                Keyring.asUser(uid: claim.uid, gid: UInt32.max) { Keyring.revoke(claim.serial) }
+            }
+        }
+    }
+}

@@ -1,0 +1,408 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: encfsd against gocryptfs, securefs and CryFS (and a plain directory,
+# the limit), on the same machine in one run, rounds interleaved across filesystems.
+#
+# Usage: sudo scripts/bench.sh [--quick] [--rounds N] [--size MiB] [--backing tmpfs|disk|both]
+#                              [--only fs1,fs2,...] [--runtime S] [--files N] [--no-save]
+#
+#   --quick          128 MiB, 1 round, tmpfs backing only, fio 3 s per job (a few minutes)
+#   --rounds N       rounds per backing; medians are reported (default 3)
+#   --size MiB       size of the streaming file and of the fio random-I/O file (default 1024)
+#   --backing B      tmpfs (an 8 GiB tmpfs it mounts), disk (a directory under /var/tmp), or both
+#                    (default both)
+#   --only LIST      comma-separated subset of: plain,encfsd,gocryptfs,securefs,cryfs
+#   --runtime S      seconds per fio job (default 10)
+#   --files N        files in the create+fsync test (default 1000)
+#   --no-save        print the tables only; don't write docs/bench/YYYY-MM-DD-HHMM.md
+#
+# Each filesystem in each round gets a fresh store and mount, and runs, in order:
+# streaming write (dd 1 MiB blocks, fsync at end), streaming read after dropping caches,
+# fio 4 KiB random read/write at queue depth 1 (psync) and 16 (libaio) on that file (direct I/O
+# where the filesystem accepts O_DIRECT), untar of a fixed ~9k-file subset of linux-source-6.1,
+# ls -lR and read-every-file after dropping caches, rm -rf, and create+fsync of small files.
+# The peak resident memory (VmHWM) of each daemon is read just before it is unmounted.
+#
+# Needs root (mounts, drop_caches, apt-get). Installs gocryptfs securefs cryfs fio
+# linux-source-6.1 python3 fuse3 if missing, and builds encfsd (swift build -c release) if the
+# binary is missing or older than Sources. Unmounts everything it mounted and removes its work
+# directory on exit, failure or Ctrl-C.
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+HELPER="$REPO/scripts/bench_helper.py"
+ALL_FS=(plain encfsd gocryptfs securefs cryfs)
+PASS=bench-password-not-secret
+STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-1200}
+
+usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+die() { echo "bench.sh: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- arguments
+QUICK=0 ROUNDS= SIZE= BACKING= ONLY= RUNTIME= NFILES=1000 SAVE=1
+while (($#)); do
+    case $1 in
+        --quick) QUICK=1 ;;
+        --rounds) ROUNDS=${2:?}; shift ;;
+        --size) SIZE=${2:?}; shift ;;
+        --backing) BACKING=${2:?}; shift ;;
+        --only) ONLY=${2:?}; shift ;;
+        --runtime) RUNTIME=${2:?}; shift ;;
+        --files) NFILES=${2:?}; shift ;;
+        --no-save) SAVE=0 ;;
+        -h|--help) usage 0 ;;
+        *) echo "unknown argument: $1" >&2; usage 2 ;;
+    esac
+    shift
+done
+if ((QUICK)); then
+    : "${ROUNDS:=1}" "${SIZE:=128}" "${BACKING:=tmpfs}" "${RUNTIME:=3}"
+else
+    : "${ROUNDS:=3}" "${SIZE:=1024}" "${BACKING:=both}" "${RUNTIME:=10}"
+fi
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "--rounds must be a positive integer"
+[[ $SIZE =~ ^[1-9][0-9]*$ ]] || die "--size must be a positive integer (MiB)"
+[[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds)"
+[[ $NFILES =~ ^[1-9][0-9]*$ ]] || die "--files must be a positive integer"
+case $BACKING in
+    tmpfs|disk) BACKINGS=("$BACKING") ;;
+    both) BACKINGS=(tmpfs disk) ;;
+    *) die "--backing must be tmpfs, disk or both" ;;
+esac
+FSS=()
+if [[ -n $ONLY ]]; then
+    IFS=, read -ra want <<<"$ONLY"
+    for fs in "${ALL_FS[@]}"; do
+        for w in "${want[@]}"; do [[ $w == "$fs" ]] && FSS+=("$fs"); done
+    done
+    for w in "${want[@]}"; do
+        [[ " ${ALL_FS[*]} " == *" $w "* ]] || die "--only: unknown filesystem '$w'"
+    done
+else
+    FSS=("${ALL_FS[@]}")
+fi
+((${#FSS[@]})) || die "--only selected nothing"
+[[ $(id -u) -eq 0 ]] || die "must run as root (mounts, drop_caches, apt-get)"
+want_fs() { [[ " ${FSS[*]} " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------- work directory and cleanup
+WORK=$(mktemp -d /var/tmp/encfsd-bench.XXXXXX) || die "mktemp failed"
+LOG="$WORK/bench.log"
+RESULTS="$WORK/results.tsv"
+META="$WORK/meta.tsv"
+: >"$RESULTS"; : >"$META"
+declare -A DAEMON_PIDS=()   # pid -> name, every daemon this run started and may still be running
+
+our_mounts() {  # FUSE and tmpfs mounts under $WORK, deepest first
+    awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r
+}
+cleanup() {
+    local rc=$? m pid i
+    trap - EXIT INT TERM HUP
+    for m in $(our_mounts); do
+        if grep -q " $m fuse" /proc/mounts; then
+            fusermount3 -u "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null
+        fi
+    done
+    for pid in "${!DAEMON_PIDS[@]}"; do
+        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "cleanup: ${DAEMON_PIDS[$pid]} daemon $pid still running after unmount; killing" >&2
+            kill -TERM "$pid" 2>/dev/null; sleep 2; kill -KILL "$pid" 2>/dev/null
+        fi
+    done
+    for m in $(our_mounts); do
+        umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
+    done
+    if [[ -z $(our_mounts) ]]; then
+        rm -rf --one-file-system "$WORK"
+    else
+        echo "cleanup: mounts remain under $WORK:" >&2; our_mounts >&2
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "interrupted" >&2; exit 130' INT
+trap 'exit 143' TERM HUP
+
+log() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
+meta() { local IFS=$'\t'; echo "$*" >>"$META"; }
+
+# ---------------------------------------------------------------- dependencies and build
+PKGS=(gocryptfs securefs cryfs fio linux-source-6.1 python3 fuse3)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing: ${missing[*]}"
+    apt-get update -qq >>"$LOG" 2>&1
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >>"$LOG" 2>&1 \
+        || die "apt-get install ${missing[*]} failed (see output above)"
+fi
+LINUX_TAR=$(ls /usr/src/linux-source-6.1.tar.xz 2>/dev/null) || die "no /usr/src/linux-source-6.1.tar.xz"
+
+BIN="$REPO/.build/release/encfsd"
+BUILD_NOTE=
+if want_fs encfsd; then
+    if [[ ! -x $BIN ]] || [[ -n $(find "$REPO/Sources" "$REPO/Package.swift" -newer "$BIN" -print -quit) ]]; then
+        log "building encfsd (swift build -c release)"
+        [[ -x $REPO/scripts/install-deps.sh ]] && "$REPO/scripts/install-deps.sh" >>"$LOG" 2>&1
+        if ! (cd "$REPO" && swift build -c release) >>"$LOG" 2>&1; then
+            tail -n 30 "$LOG" >&2
+            [[ -x $BIN ]] || die "swift build -c release failed and there is no binary"
+            BUILD_NOTE=" (WARNING: release build of the current Sources failed; benchmarked the older binary)"
+            log "release build failed; using the existing, older binary"
+        fi
+    fi
+    # A private copy, so a rebuild in the work tree during the run can't swap the binary.
+    cp "$BIN" "$WORK/encfsd" || die "cannot copy $BIN"
+    ENCFSD="$WORK/encfsd"
+    ENCFSD_KEY="$WORK/encfsd.key"
+    "$ENCFSD" key generate -o "$ENCFSD_KEY" >>"$LOG" 2>&1 || die "encfsd key generate failed"
+fi
+
+# ---------------------------------------------------------------- the untar source, in tmpfs
+mkdir -p "$WORK/src" "$WORK/mnt" "$WORK/cryfs-home" "$WORK/out"
+mount -t tmpfs -o size=1G,mode=755 bench-src "$WORK/src" || die "cannot mount tmpfs"
+log "extracting fs include kernel crypto lib from $LINUX_TAR"
+mkdir "$WORK/src/x"
+tar -xJf "$LINUX_TAR" -C "$WORK/src/x" linux-source-6.1/{fs,include,kernel,crypto,lib} \
+    || die "cannot extract $LINUX_TAR"
+TREE=linux-source-6.1
+TREE_FILES=$(find "$WORK/src/x/$TREE" -type f | wc -l)
+TREE_DIRS=$(find "$WORK/src/x/$TREE" -type d | wc -l)
+TREE_MB=$(du -sm --apparent-size "$WORK/src/x/$TREE" | cut -f1)
+TAR="$WORK/src/tree.tar"
+tar -cf "$TAR" -C "$WORK/src/x" "$TREE" && rm -rf "$WORK/src/x" || die "cannot make $TAR"
+log "untar source: $TREE_FILES files, $TREE_DIRS directories, $TREE_MB MB"
+
+# ---------------------------------------------------------------- per-filesystem mount / unmount
+# fs_mount FS STORE MNT TAG: creates the store, mounts it, sets DPID (empty for plain).
+fs_mount() {
+    local fs=$1 c=$2 m=$3 tag=$4 i
+    DPID=
+    mkdir -p "$c" "$m"
+    case $fs in
+        plain) return 0 ;;
+        encfsd)
+            "$ENCFSD" init "$c" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
+            timeout 60 "$ENCFSD" mount "$c" "$m" --log-file "$WORK/out/encfsd-$tag.log" >>"$LOG" 2>&1 || return 1
+            "$ENCFSD" key add "$m" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
+            DPID=$(pgrep -n -f -- "mount $c $m") ;;
+        gocryptfs)
+            gocryptfs -init -q -scryptn 10 -extpass "echo $PASS" "$c" >>"$LOG" 2>&1 || return 1
+            timeout 60 gocryptfs -q -extpass "echo $PASS" "$c" "$m" >>"$LOG" 2>&1 || return 1
+            DPID=$(pgrep -n -f -- "$c $m") ;;
+        securefs)
+            securefs create --pass "$PASS" "$c" >>"$LOG" 2>&1 || return 1
+            timeout 60 securefs mount --pass "$PASS" -b --log "$WORK/out/securefs-$tag.log" "$c" "$m" >>"$LOG" 2>&1 || return 1
+            DPID=$(pgrep -n -f -- "$c $m") ;;
+        cryfs)
+            echo "$PASS" | HOME="$WORK/cryfs-home" CRYFS_FRONTEND=noninteractive CRYFS_NO_UPDATE_CHECK=true \
+                timeout 120 cryfs --cipher aes-256-gcm --blocksize 16384 --logfile "$WORK/out/cryfs-$tag.log" \
+                "$c" "$m" >>"$LOG" 2>&1 || return 1
+            DPID=$(pgrep -n -f -- "$c $m") ;;
+    esac
+    [[ -n $DPID ]] && DAEMON_PIDS[$DPID]=$fs
+    for i in $(seq 100); do grep -q " $m fuse" /proc/mounts && return 0; sleep 0.1; done
+    log "$fs: not mounted on $m after the mount command returned"
+    return 1
+}
+
+# fs_unmount FS MNT: unmounts and waits for the daemon to exit.
+fs_unmount() {
+    local fs=$1 m=$2 i
+    [[ $fs == plain ]] && return 0
+    for i in $(seq 10); do
+        grep -q " $m fuse" /proc/mounts || break
+        fusermount3 -u "$m" >>"$LOG" 2>&1 && break
+        sleep 1
+    done
+    if grep -q " $m fuse" /proc/mounts; then
+        log "$fs: fusermount3 -u $m kept failing; lazy unmount"
+        fusermount3 -uz "$m" >>"$LOG" 2>&1
+    fi
+    [[ -z $DPID ]] && return 0
+    for i in $(seq 300); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$DPID" 2>/dev/null; then
+        log "$fs: daemon $DPID still running 60 s after unmount; killing it"
+        meta note "$fs: daemon still running 60 s after unmount (killed)"
+        kill -TERM "$DPID" 2>/dev/null; sleep 2; kill -KILL "$DPID" 2>/dev/null
+    fi
+    unset "DAEMON_PIDS[$DPID]"
+}
+
+# ---------------------------------------------------------------- measurement helpers
+drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# run_timed CMD...: runs CMD (stdout+stderr to the log) under a timeout; prints elapsed seconds.
+run_timed() {
+    local t0 t1 rc
+    t0=$(date +%s%N)
+    timeout -k 10 "$STEP_TIMEOUT" "$@" >>"$LOG" 2>&1
+    rc=$?
+    t1=$(date +%s%N)
+    if ((rc)); then
+        log "FAILED (exit $rc$( ((rc == 124)) && echo ", timed out after ${STEP_TIMEOUT}s")): $*"
+        return 1
+    fi
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.6f", (b - a) / 1e9 }'
+}
+
+CUR_BACKING= CUR_ROUND= CUR_FS=
+LINE=
+record() {  # record METRIC VALUE
+    printf '%s\t%s\t%s\t%s\t%s\n' "$CUR_BACKING" "$CUR_ROUND" "$CUR_FS" "$1" "$2" >>"$RESULTS"
+    LINE+=" $1=$2"
+}
+rate() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.1f", n / s }'; }
+secs() { awk -v s="$1" 'BEGIN { printf "%.3f", s }'; }
+
+run_fio() {  # run_fio METRIC RW ENGINE DEPTH FILE DIRECT
+    local metric=$1 rw=$2 eng=$3 qd=$4 f=$5 direct=$6 json="$WORK/out/fio.json" iops
+    rm -f "$json"
+    if timeout -k 10 $((RUNTIME + 300)) fio --name="$metric" --filename="$f" --size="${SIZE}M" \
+        --bs=4k --rw="$rw" --ioengine="$eng" --iodepth="$qd" --direct="$direct" \
+        --runtime="$RUNTIME" --time_based --randrepeat=0 --norandommap \
+        --output-format=json --output="$json" >>"$LOG" 2>&1 \
+        && iops=$(python3 "$HELPER" fio-iops "$json" 2>>"$LOG"); then
+        record "$metric" "$iops"
+    else
+        log "$CUR_FS: fio $metric failed"; cat "$json" >>"$LOG" 2>/dev/null
+        record "$metric" ERR
+    fi
+}
+
+# bench_fs FS BACKDIR: one filesystem, one round.
+bench_fs() {
+    local fs=$1 back=$2 c m tag el direct rss
+    tag="$CUR_BACKING-r$CUR_ROUND"
+    if [[ $fs == plain ]]; then c="$back/plain"; m="$c"; else c="$back/$fs-store"; m="$WORK/mnt/$fs"; fi
+    CUR_FS=$fs LINE=
+    echo "== $fs $tag" >>"$LOG"
+    if ! fs_mount "$fs" "$c" "$m" "$tag"; then
+        log "$fs: create/mount failed (see $LOG)"
+        meta note "$fs on $CUR_BACKING, round $CUR_ROUND: create/mount failed"
+        for k in write_mbs read_mbs rr1 rw1 rr16 rw16 untar_s lslr_s cat_s rm_s small_fps; do record $k ERR; done
+        fs_unmount "$fs" "$m"; rm -rf --one-file-system "$c"
+        return
+    fi
+
+    direct=1
+    if ! python3 "$HELPER" odirect-probe "$m" 2>>"$LOG"; then
+        direct=0
+        meta note "$fs refuses O_DIRECT (open fails with EINVAL), so its fio jobs ran buffered (--direct=0); its random-read IOPS partly measure the kernel page cache and are not comparable (marked †)"
+        for k in rr1 rw1 rr16 rw16; do meta cellnote "$CUR_BACKING/$fs/$k" " †"; done
+    fi
+
+    local f="$m/big"
+    drop_caches
+    if el=$(run_timed dd if=/dev/zero of="$f" bs=1M count="$SIZE" conv=fsync); then
+        record write_mbs "$(rate $((SIZE * 1048576 / 1000000)) "$el")"
+    else record write_mbs ERR; fi
+    drop_caches
+    if el=$(run_timed dd if="$f" of=/dev/null bs=1M); then
+        record read_mbs "$(rate $((SIZE * 1048576 / 1000000)) "$el")"
+    else record read_mbs ERR; fi
+    drop_caches
+    run_fio rr1 randread psync 1 "$f" "$direct"
+    run_fio rw1 randwrite psync 1 "$f" "$direct"
+    run_fio rr16 randread libaio 16 "$f" "$direct"
+    run_fio rw16 randwrite libaio 16 "$f" "$direct"
+    rm -f "$f"
+
+    drop_caches
+    if el=$(run_timed tar -xf "$TAR" -C "$m"); then record untar_s "$(secs "$el")"; else record untar_s ERR; fi
+    drop_caches
+    if el=$(run_timed bash -c 'ls -lR "$1" >/dev/null' _ "$m/$TREE"); then
+        record lslr_s "$(secs "$el")"; else record lslr_s ERR; fi
+    drop_caches
+    if el=$(run_timed bash -c 'find "$1" -type f -exec cat {} + >/dev/null' _ "$m/$TREE"); then
+        record cat_s "$(secs "$el")"; else record cat_s ERR; fi
+    if el=$(run_timed rm -rf "$m/$TREE"); then record rm_s "$(secs "$el")"; else record rm_s ERR; fi
+
+    mkdir -p "$m/small"
+    if el=$(timeout -k 10 "$STEP_TIMEOUT" python3 "$HELPER" smallfiles "$m/small" "$NFILES" 4096 2>>"$LOG"); then
+        record small_fps "$(rate "$NFILES" "$el")"
+    else log "$fs: small-file test failed"; record small_fps ERR; fi
+    rm -rf "$m/small"
+
+    if [[ -n $DPID ]]; then
+        rss=$(awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$DPID/status" 2>/dev/null)
+        if [[ -n $rss ]]; then record rss_mib "$rss"; else log "$fs: daemon $DPID gone before unmount"; fi
+    fi
+    if [[ -n $(find "$m" -mindepth 1 -maxdepth 1 -print -quit 2>/dev/null) ]]; then
+        log "$fs: mount not empty after the tests:"; ls -la "$m" >>"$LOG" 2>&1
+    fi
+    fs_unmount "$fs" "$m"
+    rm -rf --one-file-system "$c"
+    log "$fs $tag:$LINE"
+}
+
+# ---------------------------------------------------------------- metadata
+START=$(date +%s)
+STAMP=$(date +%Y-%m-%d-%H%M)
+ver() { "$@" 2>&1 | head -n 1; }
+pkgver() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null; }
+meta date "$(date '+%Y-%m-%d %H:%M %Z')"
+meta rounds "$ROUNDS"
+meta backings "${BACKINGS[*]}"
+meta filesystems "${FSS[*]}"
+meta header kernel "$(uname -r)"
+meta header CPU "$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores; $(awk '/MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo)"
+meta header OS "$(. /etc/os-release; echo "$PRETTY_NAME")"
+if want_fs encfsd; then
+    meta header encfsd "commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo ' + uncommitted changes in Sources'), release build$BUILD_NOTE; 16 KiB extents (default), AES-256-GCM"
+fi
+want_fs gocryptfs && meta header gocryptfs "$(ver gocryptfs -version) (Debian $(pkgver gocryptfs)); default options, -scryptn 10 at init"
+want_fs securefs && meta header securefs "$(pkgver securefs) (Debian); default format (4, lite), 4 KiB blocks"
+want_fs cryfs && meta header cryfs "$(ver cryfs --version | sed 's/CryFS Version //') (Debian $(pkgver cryfs)); --cipher aes-256-gcm --blocksize 16384"
+meta header fio "$(fio --version) (Debian $(pkgver fio)); 4 KiB blocks, ${RUNTIME} s per job, --direct=1 unless noted"
+meta header rounds "$ROUNDS per backing, interleaved (each round: ${FSS[*]}); medians reported"
+meta header sizes "streaming / random-I/O file ${SIZE} MiB (dd bs=1M, conv=fsync on write); untar tree: linux-source-6.1 (Debian $(pkgver linux-source-6.1)) fs include kernel crypto lib = $TREE_FILES files, $TREE_DIRS directories, $TREE_MB MB, tar read from tmpfs; small files: $NFILES × 4 KiB, fsync each"
+meta header backings "${BACKINGS[*]} (tmpfs: 8 GiB tmpfs; disk: $(findmnt -n -o FSTYPE,SOURCE -T /var/tmp | tr -s ' ' ' ') under /var/tmp)"
+meta header "load average at start" "$(cut -d' ' -f1-3 /proc/loadavg)"
+
+log "work dir $WORK; rounds=$ROUNDS size=${SIZE}MiB backing=${BACKINGS[*]} fs=${FSS[*]} fio runtime=${RUNTIME}s"
+
+# ---------------------------------------------------------------- the run
+for b in "${BACKINGS[@]}"; do
+    CUR_BACKING=$b
+    if [[ $b == tmpfs ]]; then
+        BACK="$WORK/tmpfs"; mkdir -p "$BACK"
+        mount -t tmpfs -o size=8G,mode=755 bench-backing "$BACK" || die "cannot mount the tmpfs backing"
+    else
+        BACK="$WORK/disk"; mkdir -p "$BACK"
+    fi
+    for r in $(seq "$ROUNDS"); do
+        CUR_ROUND=$r
+        log "--- backing $b, round $r/$ROUNDS (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+        meta note "load average at the start of $b round $r: $(cut -d' ' -f1-3 /proc/loadavg)"
+        for fs in "${FSS[@]}"; do bench_fs "$fs" "$BACK"; done
+    done
+    if [[ $b == tmpfs ]]; then umount "$BACK" || log "cannot unmount $BACK"; fi
+    rm -rf --one-file-system "$BACK"
+done
+
+ELAPSED=$(( $(date +%s) - START ))
+meta header "load average at end" "$(cut -d' ' -f1-3 /proc/loadavg)"
+meta header "run time" "$((ELAPSED / 60)) min $((ELAPSED % 60)) s (excluding install/build and tree extraction)"
+if want_fs encfsd; then
+    peak=$(awk -F'\t' '$3 == "encfsd" && $4 == "rss_mib" && $5 + 0 > m { m = $5 + 0 } END { printf "%.0f", m }' "$RESULTS")
+    meta header "encfsd daemon peak RSS" "$peak MiB (max VmHWM over all its mounts in this run)"
+    if grep -qiE 'error|fatal' "$WORK"/out/encfsd-*.log 2>/dev/null; then
+        meta note "encfsd daemon logs contained errors: $(grep -hiE 'error|fatal' "$WORK"/out/encfsd-*.log | sort | uniq -c | sort -rn | head -n 3 | tr -s ' \n' ' ')"
+    fi
+fi
+
+echo
+if ((SAVE)); then
+    mkdir -p "$REPO/docs/bench"
+    OUT="$REPO/docs/bench/$STAMP.md"
+    python3 "$HELPER" report "$RESULTS" "$META" "$OUT" || die "report failed"
+    cp "$RESULTS" "$REPO/docs/bench/$STAMP-raw.tsv"
+    echo; echo "written: $OUT (raw: docs/bench/$STAMP-raw.tsv)"
+else
+    python3 "$HELPER" report "$RESULTS" "$META" /dev/null || die "report failed"
+fi
+echo "run time: $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
