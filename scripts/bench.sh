@@ -92,6 +92,11 @@ META="$WORK/meta.tsv"
 : >"$RESULTS"; : >"$META"
 declare -A DAEMON_PIDS=()   # pid -> name, every daemon this run started and may still be running
 
+alive() {  # alive PID: running and not a zombie
+    local st
+    st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [[ -n $st && $st != Z ]]
+}
 our_mounts() {  # FUSE and tmpfs mounts under $WORK, deepest first
     awk -v w="$WORK/" 'index($2, w) == 1 { print $2 }' /proc/mounts | sort -r
 }
@@ -104,8 +109,8 @@ cleanup() {
         fi
     done
     for pid in "${!DAEMON_PIDS[@]}"; do
-        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-        if kill -0 "$pid" 2>/dev/null; then
+        for i in $(seq 50); do alive "$pid" || break; sleep 0.2; done
+        if alive "$pid"; then
             echo "cleanup: ${DAEMON_PIDS[$pid]} daemon $pid still running after unmount; killing" >&2
             kill -TERM "$pid" 2>/dev/null; sleep 2; kill -KILL "$pid" 2>/dev/null
         fi
@@ -147,8 +152,8 @@ if want_fs encfsd; then
     if [[ ! -x $BIN ]] || [[ -n $(find "$REPO/Sources" "$REPO/Package.swift" -newer "$BIN" -print -quit) ]]; then
         log "building encfsd (swift build -c release)"
         [[ -x $REPO/scripts/install-deps.sh ]] && "$REPO/scripts/install-deps.sh" >>"$LOG" 2>&1
-        if ! (cd "$REPO" && swift build -c release) >>"$LOG" 2>&1; then
-            tail -n 30 "$LOG" >&2
+        if ! (cd "$REPO" && swift build -c release) >"$WORK/build.log" 2>&1; then
+            grep -E 'error:' "$WORK/build.log" | head -n 10 >&2
             [[ -x $BIN ]] || die "swift build -c release failed and there is no binary"
             BUILD_NOTE=" (WARNING: release build of the current Sources failed; benchmarked the older binary)"
             log "release build failed; using the existing, older binary"
@@ -223,8 +228,8 @@ fs_unmount() {
         fusermount3 -uz "$m" >>"$LOG" 2>&1
     fi
     [[ -z $DPID ]] && return 0
-    for i in $(seq 300); do kill -0 "$DPID" 2>/dev/null || break; sleep 0.2; done
-    if kill -0 "$DPID" 2>/dev/null; then
+    for i in $(seq 300); do alive "$DPID" || break; sleep 0.2; done
+    if alive "$DPID"; then
         log "$fs: daemon $DPID still running 60 s after unmount; killing it"
         meta note "$fs: daemon still running 60 s after unmount (killed)"
         kill -TERM "$DPID" 2>/dev/null; sleep 2; kill -KILL "$DPID" 2>/dev/null
@@ -291,7 +296,7 @@ bench_fs() {
     direct=1
     if ! python3 "$HELPER" odirect-probe "$m" 2>>"$LOG"; then
         direct=0
-        meta note "$fs refuses O_DIRECT (open fails with EINVAL), so its fio jobs ran buffered (--direct=0); its random-read IOPS partly measure the kernel page cache and are not comparable (marked †)"
+        meta note "$fs refuses O_DIRECT on the $CUR_BACKING backing ($(python3 "$HELPER" odirect-probe "$m" 2>&1 | tail -n 1)), so its fio jobs there ran buffered (--direct=0, marked †): its random-read IOPS partly measure the kernel page cache and are not comparable"
         for k in rr1 rw1 rr16 rw16; do meta cellnote "$CUR_BACKING/$fs/$k" " †"; done
     fi
 
@@ -352,7 +357,7 @@ meta header kernel "$(uname -r)"
 meta header CPU "$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores; $(awk '/MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo)"
 meta header OS "$(. /etc/os-release; echo "$PRETTY_NAME")"
 if want_fs encfsd; then
-    meta header encfsd "commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo ' + uncommitted changes in Sources'), release build$BUILD_NOTE; 16 KiB extents (default), AES-256-GCM"
+    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo ' + uncommitted changes in Sources'), release build$BUILD_NOTE; 16 KiB extents (default), AES-256-GCM"
 fi
 want_fs gocryptfs && meta header gocryptfs "$(ver gocryptfs -version) (Debian $(pkgver gocryptfs)); default options, -scryptn 10 at init"
 want_fs securefs && meta header securefs "$(pkgver securefs) (Debian); default format (4, lite), 4 KiB blocks"

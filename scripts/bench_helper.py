@@ -65,7 +65,7 @@ def odirect_probe(d):
             os.close(fd)
         return 0
     except OSError as e:
-        print("O_DIRECT refused: %s" % e, file=sys.stderr)
+        print("O_DIRECT refused: %s" % (e.strerror or e), file=sys.stderr)
         return 1
     finally:
         try:

@@ -1,0 +1,189 @@
+"""Key management on a real mount beyond the fstests ports: stock xfs_io, the kernel's caches
+after removal, key bytes gone from the daemon's memory, hostile ioctl arguments, passphrases,
+unlocking from the keyring at mount, and --key-file."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import random
+import re
+import subprocess
+import time
+
+import pytest
+
+from conftest import ENOKEY, Volume, expect_errno, run
+
+REMOVE_KEY = 0xC0406618
+REMOVE_KEY_ALL = 0xC0406619
+KEY_STATUS = 0xC080661A
+GET_NONCE = 0x8010661B
+ADD_KEY = 0xC0804501
+SET_POLICY = 0x40204502
+GET_POLICY = 0x80204503
+
+
+def identifier_of(volume: Volume) -> str:
+    return volume.policy
+
+
+def test_stock_xfs_io_rm_enckey_and_enckey_status(volume):
+    ident = identifier_of(volume)
+    out = run("xfs_io", "-c", f"enckey_status {ident}", volume.mnt).stdout
+    assert out == "Present (user_count=1, added_by_self)\n"
+    out = run("xfs_io", "-c", f"rm_enckey {ident}", volume.mnt).stdout
+    assert out == f"Removed encryption key with identifier {ident}\n"
+    assert run("xfs_io", "-c", f"enckey_status {ident}", volume.mnt).stdout == "Absent\n"
+    r = run("xfs_io", "-c", f"rm_enckey {ident}", volume.mnt, check=False)
+    assert "Error removing encryption key: Required key not available" in r.stderr
+    assert run("lsattr", "-d", volume.mnt).stdout.split()[0].count("E") == 1
+
+
+def test_caches_forget_plaintext_once_removal_completes(volume):
+    ident = identifier_of(volume)
+    d = volume.mnt / "private"
+    d.mkdir()
+    (d / "diary.txt").write_text("dear diary\n")
+    # Warm every kernel cache: the dentry, the attributes, and the page cache.
+    assert (d / "diary.txt").read_text() == "dear diary\n"
+    assert os.listdir(d) == ["diary.txt"]
+    os.stat(d / "diary.txt")
+    with open(d / "diary.txt") as held:
+        out = run(volume.binary, "key", "remove", volume.mnt, ident).stdout
+        assert out.endswith("but files still busy\n")
+        assert held.read() == "dear diary\n"  # an open file keeps working
+    out = run(volume.binary, "key", "remove", volume.mnt, ident).stdout
+    assert out == f"Removed encryption key with identifier {ident}\n"
+    # No remount: nothing the kernel cached may show plaintext now.
+    expect_errno(errno.ENOENT, os.stat, volume.mnt / "private")
+    listed = os.listdir(volume.mnt)
+    assert "private" not in listed and len(listed) == 1
+    nokey_dir = volume.mnt / listed[0]
+    names = os.listdir(nokey_dir)
+    assert names != ["diary.txt"] and len(names) == 1
+    expect_errno(ENOKEY, open, nokey_dir / names[0])
+    expect_errno(errno.ENOENT, open, d / "diary.txt")
+
+
+def scan_memory(pid: int, needle: bytes) -> list[str]:
+    """Regions of the process's memory that contain `needle` (root reads /proc/PID/mem)."""
+    found = []
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1]:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start > 1 << 30:
+                continue
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            if needle in chunk:
+                found.append(line.strip())
+    return found
+
+
+def test_key_bytes_are_gone_from_daemon_memory_after_removal(volume):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    raw = volume.key_file.read_bytes()
+    # The daemon keeps no raw key, only derived keys; the name key (HKDF context 0x82) proves the
+    # scan can see key material while it is present.
+    name_key = HKDF(hashes.SHA512(), 64, None, b"fscrypt\0\x82").derive(raw)
+    [pid] = volume.pids
+    (volume.mnt / "f").write_text("data")
+    assert (volume.mnt / "f").read_text() == "data"
+    assert scan_memory(pid, raw) == []
+    assert scan_memory(pid, name_key) != [], "the scan cannot see the daemon's keys: it proves nothing"
+    run(volume.binary, "key", "remove", volume.mnt, identifier_of(volume))
+    time.sleep(0.2)
+    assert scan_memory(pid, raw) == []
+    assert scan_memory(pid, name_key) == []
+
+
+def test_keyring_entry_is_revoked_when_key_is_wiped(volume):
+    ident = identifier_of(volume)
+    serials = [s for s in run("keyctl", "rlist", "@u").stdout.split()
+               if run("keyctl", "rdescribe", s, check=False).stdout.strip().endswith(f"encfsd:{ident}")]
+    assert len(serials) == 1
+    run(volume.binary, "key", "remove", volume.mnt, ident)
+    time.sleep(0.3)
+    r = run("keyctl", "print", serials[0], check=False)
+    assert r.returncode != 0 and "revoked" in r.stderr.lower()
+
+
+def ioctl_raw(path, command: int, payload: bytes) -> bytes:
+    buf = bytearray(payload)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, command, buf, True)
+    finally:
+        os.close(fd)
+    return bytes(buf)
+
+
+def test_hostile_ioctl_arguments_get_einval_and_change_nothing(volume):
+    ident = identifier_of(volume)
+    rng = random.Random(1)
+    sizes = {ADD_KEY: 128, REMOVE_KEY: 64, REMOVE_KEY_ALL: 64, KEY_STATUS: 128, SET_POLICY: 32}
+    for command, size in sizes.items():
+        for _ in range(50):
+            junk = bytes(rng.getrandbits(8) for _ in range(size))
+            try:
+                ioctl_raw(volume.mnt, command, junk)
+            except OSError as e:
+                assert e.errno in (errno.EINVAL, errno.ENOKEY, errno.ENOTDIR, errno.EACCES, errno.EKEYREJECTED,
+                                   errno.ENOENT, errno.EPERM), (hex(command), e)
+    # A specifier with a reserved byte set, an unknown key-spec type, an oversized raw key.
+    spec = (2).to_bytes(4, "little") + bytes(4) + bytes.fromhex(ident) + bytes(16)
+    bad_reserved = bytearray(spec + bytes(24))
+    bad_reserved[60] = 1
+    expect_errno(errno.EINVAL, ioctl_raw, volume.mnt, REMOVE_KEY, bytes(bad_reserved))
+    expect_errno(errno.EINVAL, ioctl_raw, volume.mnt, REMOVE_KEY, (1).to_bytes(4, "little") + spec[4:] + bytes(24))
+    expect_errno(errno.ENOTTY, ioctl_raw, volume.mnt, 0xC0084599, bytes(8))
+    # Nothing changed: the key is still present and the mount still serves.
+    assert run(volume.binary, "key", "status", volume.mnt, ident).stdout.startswith("Present")
+    (volume.mnt / "still").write_text("works")
+    assert (volume.mnt / "still").read_text() == "works"
+
+
+def test_keys_in_the_keyring_unlock_at_mount(volume):
+    (volume.mnt / "f").write_text("kept")
+    volume.unmount()
+    run(volume.binary, "mount", volume.store, volume.mnt, "--log-file", volume.root / "daemon.log")
+    volume.pids = []
+    assert (volume.mnt / "f").read_text() == "kept"  # no key add after the restart
+
+
+def test_mount_with_key_file(volume):
+    (volume.mnt / "f").write_text("kept")
+    volume.unmount()
+    run("keyctl", "purge", "user", f"encfsd:{volume.policy}", check=False)
+    for s in run("keyctl", "rlist", "@u").stdout.split():
+        run("keyctl", "unlink", s, "@u", check=False)
+    run(volume.binary, "mount", volume.store, volume.mnt, "--no-keyring", "--key-file", volume.key_file)
+    assert (volume.mnt / "f").read_text() == "kept"
+
+
+def test_passphrase_keys(tmp_path, encfsd_bin):
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    run(encfsd_bin, "init", store, "--passphrase", "--scrypt-log-n", "12", input="correct horse battery staple\n")
+    config = (store / "encfsd.conf").read_text()
+    assert '"passphrases"' in config and "correct horse" not in config
+    run(encfsd_bin, "mount", store, mnt, "--no-keyring")
+    try:
+        r = run(encfsd_bin, "key", "add", mnt, "--passphrase", input="wrong\n", check=False)
+        assert r.returncode != 0 and "wrong passphrase" in r.stderr
+        out = run(encfsd_bin, "key", "add", mnt, "--passphrase", input="correct horse battery staple\n").stdout
+        assert re.fullmatch(r"Added encryption key with identifier [0-9a-f]{32}\n", out)
+        (mnt / "secret").write_text("s")
+        assert (mnt / "secret").read_text() == "s"
+    finally:
+        run("fusermount3", "-u", mnt, check=False)

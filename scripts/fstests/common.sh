@@ -1,0 +1,87 @@
+# Shared set-up for the encfsd ports of the xfstests encrypt group. Sourced by each test.
+#
+# As in xfstests, each test gets a scratch filesystem whose root is usable (here: an encfsd store
+# whose root policy's key, a random "root key", is added at set-up), creates directories, and gives
+# them a policy under the fstests test key with `encfsd policy set` (FS_IOC_SET_ENCRYPTION_POLICY in
+# xfstests). Output goes to stdout and is compared with tests/<name>.out; paths are filtered to
+# SCRATCH_MNT so transcripts are stable.
+set -u
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+ENCFSD=${ENCFSD:-$REPO/.build/debug/encfsd}
+export LC_ALL=C
+
+# The test key of xfstests: bytes 0x01..0x40, identifier 69b2f6edeee720cce0577937eb8a6751.
+TEST_KEY_IDENTIFIER=69b2f6edeee720cce0577937eb8a6751
+
+SCRATCH_BASE=$(mktemp -d /tmp/encfsd-fstests.XXXXXX)
+chmod 755 "$SCRATCH_BASE"
+SCRATCH_STORE=$SCRATCH_BASE/store
+SCRATCH_MNT=$SCRATCH_BASE/mnt
+TEST_KEY_FILE=$SCRATCH_BASE/test.key
+ROOT_KEY_FILE=$SCRATCH_BASE/root.key
+mkdir -p "$SCRATCH_MNT"
+chmod 755 "$SCRATCH_MNT"
+python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(1, 65)))' > "$TEST_KEY_FILE"
+"$ENCFSD" key generate -o "$ROOT_KEY_FILE"
+
+_purge_keyring() {
+    local s
+    for s in $(keyctl rlist @u 2>/dev/null); do
+        keyctl rdescribe "$s" 2>/dev/null | grep -q '^user;.*;encfsd:' && keyctl unlink "$s" @u >/dev/null 2>&1
+    done
+    return 0
+}
+
+_daemon_pids() { pgrep -f -- "mount $SCRATCH_STORE $SCRATCH_MNT" || true; }
+
+_cleanup() {
+    local pids
+    pids=$(_daemon_pids)
+    if grep -qs " $SCRATCH_MNT " /proc/mounts; then
+        fusermount3 -u "$SCRATCH_MNT" 2>/dev/null || umount -l "$SCRATCH_MNT" 2>/dev/null
+    fi
+    for _ in $(seq 50); do [ -z "$(_daemon_pids)" ] && break; sleep 0.1; done
+    [ -n "$(_daemon_pids)" ] && kill -9 $(_daemon_pids) 2>/dev/null
+    _purge_keyring
+    rm -rf "$SCRATCH_BASE"
+}
+trap _cleanup EXIT
+_purge_keyring
+
+_filter_scratch() { sed -e "s#$SCRATCH_MNT#SCRATCH_MNT#g" -e "s#$SCRATCH_BASE#SCRATCH_BASE#g"; }
+
+# No-key names are ciphertext and differ on every run: transcripts show them as NOKEY_NAME.
+_filter_nokey_names() { sed -E 's#(^|/)(~[A-Za-z0-9_-]{43}|[A-Za-z0-9_-]{64,})#\1NOKEY_NAME#g'; }
+
+# Mounts the scratch store without using keys in the keyring, then unlocks its root.
+_scratch_mount() {
+    "$ENCFSD" mount "$SCRATCH_STORE" "$SCRATCH_MNT" --no-keyring --log-file "$SCRATCH_BASE/daemon.log" "$@" >/dev/null \
+        && "$ENCFSD" key add "$SCRATCH_MNT" --key-file "$ROOT_KEY_FILE" >/dev/null
+}
+
+_scratch_unmount() {
+    local pids
+    pids=$(_daemon_pids)
+    fusermount3 -u "$SCRATCH_MNT"
+    for _ in $(seq 100); do [ -z "$(_daemon_pids)" ] && return 0; sleep 0.1; done
+    echo "daemon did not exit after unmount" >&2
+}
+
+_scratch_cycle_mount() { _scratch_unmount && _scratch_mount "$@"; }
+
+_scratch_mkfs_encrypted() {
+    "$ENCFSD" init "$SCRATCH_STORE" --key-file "$ROOT_KEY_FILE" >/dev/null && _scratch_mount "$@"
+}
+
+# The fscrypt helpers of xfstests (common/encrypt), on encfsd's CLI. Messages are xfs_io's.
+_add_enckey() { "$ENCFSD" key add "$1" --key-file "${2:-$TEST_KEY_FILE}" "${@:3}" 2>&1 | _filter_scratch; }
+_rm_enckey() { "$ENCFSD" key remove "$1" "$2" "${@:3}" 2>&1 | _filter_scratch; }
+_enckey_status() { "$ENCFSD" key status "$1" "$2" 2>&1 | _filter_scratch; }
+_set_encpolicy() { "$ENCFSD" policy set "$1" "$2" 2>&1 | _filter_scratch; }
+_get_encryption_nonce() { "$ENCFSD" nonce "$1"; }
+
+# Runs a command, showing its output and errors with paths filtered (xfstests style).
+_run() { "$@" 2>&1 | _filter_scratch; }
+
+# Drops the kernel's caches of the scratch mount, as xfstests' `echo 2 > drop_caches`.
+_drop_caches() { sync; echo 2 > /proc/sys/vm/drop_caches; }
