@@ -84,6 +84,22 @@ import Testing
         }
     }
 
+    @Test func headerSlot() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        var header = ObjectHeader(type: .regular, mode: 0o644, uid: 1000, gid: 1000, extentSize: 4096,
+                                  objectID: Self.objectID, policy: key.identifier)
+        header.sequence = 1
+        header.size = 100
+        header.bindings = [Binding(digest: Array(Hex.decode("de1037de7c69251a026eddde24928e4b")!))]
+        let slot = HeaderCodec.seal(header, key: key)
+        #expect(hex(slot[0..<130]) == "454653310100820001000000000000000000000001000000a4010000e8030000e8030000001000000000000000000000"
+            + "6400000000000000101112131415161718191a1b1c1d1e1f69b2f6edeee720cce0577937eb8a675169b2f6edeee720cce0577937eb8a6751"
+            + "0000010000000000de1037de7c69251a026eddde24928e4b0000")
+        #expect(hex(slot[130..<162]) == "73cd220e4c4598a1d40ad24b19b3143edd173cc375b2d7d6de40e619ad281206")
+        #expect(hex(slot[162..<170]) == "d6375095b6c4b199")
+        #expect(slot[170...].allSatisfy { $0 == 0 })
+    }
+
     @Test func hkdfExpandOnlyMatchesFullHKDF() throws {
         let info = HKDFInfo.make(.extentKey, Self.nonce)
         let full = OpenSSL.hkdfSHA512(ikm: Self.testKey, info: info, outputCount: 44)

@@ -78,7 +78,7 @@ renameat2 "$edir1/sock" "$edir2/sock"
 _run ln -v "$edir2/sock" "$rdir/sock"
 stat -c '%n: %F, %h links' "$edir2/sock" "$rdir/sock" | _filter_scratch
 rm "$edir2/sock" "$rdir/sock"
-echo "# a character device"
+echo "# device nodes"
 mknod "$edir1/chr" c 5 5
 renameat2 "$edir1/chr" "$edir2/chr"
 mknod "$rdir/blk" b 7 0

@@ -57,10 +57,16 @@ _scratch_cycle_mount -o allow_other --key-quota 5	# Clear all keys
 echo
 echo "# Testing user key quota"
 for i in $(seq 6); do
-    head -c 64 /dev/urandom | _user_do "$ENCFSD" key add "$SCRATCH_MNT" | sed 's/ with identifier .*$//'
+    head -c 64 /dev/urandom > "$SCRATCH_BASE/random-key.$i"
+    chmod 644 "$SCRATCH_BASE/random-key.$i"
+    _user_do "$ENCFSD" key add "$SCRATCH_MNT" --key-file "$SCRATCH_BASE/random-key.$i" | sed 's/ with identifier .*$//'
 done
 echo "# Re-adding a key the user already holds, at the quota (should succeed)"
-_user_do "$ENCFSD" key add "$SCRATCH_MNT" --key-file "$key" | sed 's/ with identifier .*$//'
+_user_do "$ENCFSD" key add "$SCRATCH_MNT" --key-file "$SCRATCH_BASE/random-key.1" | sed 's/ with identifier .*$//'
+echo "# Once the user removes a key, there is room for one more"
+id2=$(_user_as $USER1 "$ENCFSD" key add "$SCRATCH_MNT" --key-file "$SCRATCH_BASE/random-key.2" | sed 's/.* //')
+_user_do "$ENCFSD" key remove "$SCRATCH_MNT" "$id2" | sed 's/ with identifier .*$//'
+_user_do "$ENCFSD" key add "$SCRATCH_MNT" --key-file "$SCRATCH_BASE/random-key.6" | sed 's/ with identifier .*$//'
 echo "# The quota is per user: another user may still add keys"
 head -c 64 /dev/urandom | _user2_do "$ENCFSD" key add "$SCRATCH_MNT" | sed 's/ with identifier .*$//'
 echo "# Root has no quota"
