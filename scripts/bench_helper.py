@@ -106,12 +106,14 @@ def load_results(path):
     return res, fails
 
 
-def ratio_row(cells):
-    """cells: {fs: {metric: median}} -> list of strings (encfsd / best peer, >1 = encfsd better)."""
+def ratio_row(cells, excluded):
+    """cells: {fs: {metric: median}} -> list of strings (encfsd / best peer, >1 = encfsd better).
+    excluded: {(fs, metric)} cells that are not comparable (e.g. buffered instead of direct I/O)."""
     out = []
     for key, _h, higher, _fmt in COLUMNS:
         e = cells.get("encfsd", {}).get(key)
-        peers = [cells[p][key] for p in PEERS if p in cells and key in cells[p]]
+        peers = [cells[p][key] for p in PEERS
+                 if p in cells and key in cells[p] and (p, key) not in excluded]
         if e is None or not peers or e == 0:
             out.append("–")
             continue
@@ -158,7 +160,12 @@ def tables(res, fails, meta):
                     cell += note
                 row.append(cell)
             md.append("| %s | %s |" % (fs, " | ".join(row)))
-        md.append("| encfsd / best peer | %s |" % " | ".join(ratio_row(medians)))
+        excluded = {(fs, key) for fs in fss for key, _h, _hb, _f in COLUMNS
+                    if "%s/%s/%s" % (backing, fs, key) in meta.get("cell_notes", {})}
+        md.append("| encfsd / best peer | %s |" % " | ".join(ratio_row(medians, excluded)))
+        if excluded:
+            md.append("")
+            md.append("† not comparable (see notes), left out of the best-peer ratio.")
         md.append("")
         if meta["rounds"] > 1:
             md.append("Spread over rounds, (max − min) / median, per cell:")
@@ -207,15 +214,15 @@ def report(results_path, meta_path, out_path):
     meta = load_meta(meta_path)
     res, fails = load_results(results_path)
     body = tables(res, fails, meta)
-    print("\n".join(body))
+    tail = []
+    if meta.get("notes"):
+        tail += ["## Notes", ""] + ["- " + n for n in meta["notes"]] + [""]
+    print("\n".join(body + tail))
     head = ["# encfsd side-by-side benchmark, %s" % meta["date"], ""]
     head += ["| | |", "|---|---|"]
     for k, v in meta["header"]:
         head.append("| %s | %s |" % (k, v))
     head.append("")
-    tail = []
-    if meta.get("notes"):
-        tail += ["## Notes", ""] + ["- " + n for n in meta["notes"]] + [""]
     with open(out_path, "w") as f:
         f.write("\n".join(head + ["## Results", ""] + body + tail))
 

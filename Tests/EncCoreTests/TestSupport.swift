@@ -9,6 +9,7 @@ final class ScratchObject {
     let directory: String
     let path: String
     let fd: FileDescriptor
+    let journalFD: FileDescriptor
     let key: MasterKey
     var header: ObjectHeader
 
@@ -17,6 +18,8 @@ final class ScratchObject {
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         path = directory + "/object"
         fd = try Sys.open(path, flags: O_RDWR | O_CREAT, mode: 0o600)
+        try FileManager.default.createDirectory(atPath: directory + "/.journal", withIntermediateDirectories: true)
+        journalFD = try Sys.open(directory + "/.journal", flags: O_RDONLY | O_DIRECTORY)
         self.key = try key ?? MasterKey(raw: (1...64).map { UInt8($0) })
         header = ObjectHeader(type: .regular, mode: 0o644, uid: 0, gid: 0, extentSize: UInt32(extentSize),
                               objectID: OpenSSL.random(count: 16), policy: self.key.identifier)
@@ -28,7 +31,7 @@ final class ScratchObject {
     /// A fresh view of the committed file, as a re-open would see it.
     func reopen() throws -> ExtentFile {
         header = try HeaderIO.read(fd: fd.raw, key: key)
-        return ExtentFile(fd: fd.raw, key: key, header: header)
+        return ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: key, header: header)
     }
 
     func write(_ bytes: [UInt8], at offset: UInt64) throws {

@@ -85,3 +85,49 @@ _run() { "$@" 2>&1 | _filter_scratch; }
 
 # Drops the kernel's caches of the scratch mount, as xfstests' `echo 2 > drop_caches`.
 _drop_caches() { sync; echo 2 > /proc/sys/vm/drop_caches; }
+
+# ---- Helpers of the 581/593/595/429/421 ports ----
+# encfsd revokes a claim's keyring entry when its key is wiped; revoked keys stay linked in the
+# keyring until the kernel's key garbage collector runs (gc_delay, 300 s). Unlink them now.
+_a_unlink_revoked_keys() {
+    local s
+    for s in $(keyctl rlist @u 2>/dev/null); do
+        keyctl rdescribe "$s" 2>&1 >/dev/null | grep -q 'revoked' && keyctl unlink "$s" @u >/dev/null 2>&1
+    done
+    return 0
+}
+
+# Background loops: start them with `_a_bg CMD...`; CMD should loop while `_a_running`.
+# `_a_stop_bg [SECONDS]` asks them to stop and waits (default 10 s); those still running then are
+# killed (with their children) and it returns 1. `_a_cleanup` (use it as the EXIT trap) stops them
+# and then does the usual _cleanup.
+_A_STOP_FILE=$SCRATCH_BASE/.stop-background
+_a_bg_pids=()
+_a_running() { [ ! -e "$_A_STOP_FILE" ]; }
+_a_bg() { "$@" & _a_bg_pids+=($!); }
+_a_stop_bg() {
+    local pid i hung=0 alive
+    [ ${#_a_bg_pids[@]} -eq 0 ] && return 0
+    touch "$_A_STOP_FILE"
+    for i in $(seq $(( ${1:-10} * 10 ))); do
+        alive=0
+        for pid in "${_a_bg_pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        [ $alive -eq 0 ] && break
+        sleep 0.1
+    done
+    for pid in "${_a_bg_pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            hung=1
+            pkill -9 -P "$pid" 2>/dev/null
+            kill -9 "$pid" 2>/dev/null
+        fi
+    done
+    wait "${_a_bg_pids[@]}" 2>/dev/null
+    _a_bg_pids=()
+    return $hung
+}
+_a_cleanup() {
+    _a_stop_bg 10
+    _cleanup
+    _a_unlink_revoked_keys
+}

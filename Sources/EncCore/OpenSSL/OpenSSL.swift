@@ -90,6 +90,41 @@ public enum OpenSSL {
         return out
     }
 
+    /// An HMAC-SHA256 computed over data fed in pieces, so a journal of any length is verified in
+    /// bounded memory. Owns its own context (it may outlive many calls on the thread's context).
+    public final class HMACStream {
+        private let ctx: OpaquePointer
+
+        public init(key: UnsafeRawBufferPointer) {
+            guard let ctx = EVP_MAC_CTX_new(Algorithms.shared.hmac) else { fatalError("EVP_MAC_CTX_new: out of memory") }
+            self.ctx = ctx
+            var digestName: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) = (83, 72, 65, 50, 53, 54, 0) // "SHA256"
+            let ok = withUnsafeMutablePointer(to: &digestName) { namePtr -> Bool in
+                var params = [
+                    OSSL_PARAM_construct_utf8_string(ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0),
+                    OSSL_PARAM_construct_end(),
+                ]
+                return EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self), key.count, &params) == 1
+            }
+            precondition(ok, "HMAC-SHA256 init failed")
+        }
+
+        public func update(_ data: UnsafeRawBufferPointer) {
+            guard data.count > 0 else { return }
+            precondition(EVP_MAC_update(ctx, data.baseAddress!.assumingMemoryBound(to: UInt8.self), data.count) == 1)
+        }
+
+        public func finish() -> [UInt8] {
+            var out = [UInt8](repeating: 0, count: 32)
+            var written = 0
+            let ok = out.withUnsafeMutableBufferPointer { EVP_MAC_final(ctx, $0.baseAddress, &written, 32) == 1 }
+            precondition(ok && written == 32, "HMAC-SHA256 final failed")
+            return out
+        }
+
+        deinit { EVP_MAC_CTX_free(ctx) }
+    }
+
     // MARK: HKDF-SHA512 (RFC 5869) through EVP_KDF
 
     /// Full HKDF-SHA512: extract with `salt` (an empty salt means HashLen zero bytes), then

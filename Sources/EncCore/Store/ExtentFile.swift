@@ -1,3 +1,4 @@
+import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,6 +14,8 @@ import Glibc
 /// once.
 final class ExtentFile: @unchecked Sendable {
     let fd: Int32
+    /// The store's `.journal` directory, where this file's shadow lives during a transaction.
+    let journalFD: Int32
     let key: MasterKey
     let geometry: ExtentGeometry
     let objectID: [UInt8]
@@ -26,12 +29,15 @@ final class ExtentFile: @unchecked Sendable {
     /// ctime meanwhile, and what the commit stamps on the backing file (POSIX: the time of the
     /// write, not of the flush).
     private(set) var modifiedAt: timespec?
+    /// Whether a transaction of this open file went through the journal (its shadow then exists).
+    private(set) var usedJournal = false
 
     /// Dirty bytes held before a write forces a commit: bounds memory and the journal batch.
     static let dirtyLimitBytes = 16 << 20
 
-    init(fd: Int32, key: MasterKey, header: ObjectHeader) {
+    init(fd: Int32, journalFD: Int32, key: MasterKey, header: ObjectHeader) {
         self.fd = fd
+        self.journalFD = journalFD
         self.key = key
         geometry = header.geometry
         objectID = header.objectID
@@ -123,7 +129,6 @@ final class ExtentFile: @unchecked Sendable {
             index += 1
         }
         touch()
-        if dirty.count * geometry.extentSize >= Self.dirtyLimitBytes { metadataChanged = true }
     }
 
     static let maximumSize = ObjectHeader.maximumSize
@@ -170,30 +175,83 @@ final class ExtentFile: @unchecked Sendable {
 
     // MARK: committing
 
-    /// Seals every dirty extent, writes them, trims the backing file, and writes the header.
-    /// Extents go first and the header last: a header never describes extents not yet written.
-    func commit(header: inout ObjectHeader) throws {
-        guard hasUncommittedChanges else { return }
-        try writeDirtyExtents()
-        let backingLength = geometry.backingLength(size: size)
-        if size != header.size {
-            try Sys.ftruncate(fd, backingLength)
+    /// A test-only switch (ENCFSD_UNSAFE_NO_JOURNAL=1) that writes in place without the journal
+    /// or its fsyncs, to measure what crash safety costs. Never for real use: a crash mid-commit
+    /// can then tear a file.
+    static let journalingDisabled = ProcessInfo.processInfo.environment["ENCFSD_UNSAFE_NO_JOURNAL"] == "1"
+
+    /// Commits everything buffered as one transaction (DESIGN.md, "The flush transaction").
+    ///
+    /// With no extent overwritten in place (appends into new extents, filled holes, size or
+    /// metadata changes), the new extents are written and synced, then the header flips: a crash
+    /// leaves the old header, which does not reference them. Otherwise the new extents and the final
+    /// header go to the journal first, the header flips to a copy of the old one with the pending
+    /// flag set, the extents are written in place, and the header flips to the final one, each step
+    /// synced before the next. A crash leaves either the old state or a flagged header with a
+    /// complete journal, which recovery replays.
+    ///
+    /// - Parameter durable: also make the result durable (fsync/fdatasync); otherwise it is
+    ///   consistent but may be lost to a power loss.
+    func commit(header: inout ObjectHeader, durable: Bool = false) throws {
+        guard hasUncommittedChanges else {
+            if durable { try Sys.fdatasync(fd) }
+            return
         }
-        var next = header
-        next.size = size
-        next.holes = holes
-        while !next.fits() {
+        var final = header
+        final.size = size
+        final.holes = holes
+        final.flags = []
+        while !final.fits() {
             // Too many separate holes for one header slot: store the smallest hole range as real
             // zero extents. Reads are unchanged; only space is spent.
-            guard let smallest = next.holes.ranges.min(by: { $0.count < $1.count }) else { break }
-            try materialize(smallest)
-            next.holes.remove(smallest)
+            guard let smallest = final.holes.ranges.min(by: { $0.count < $1.count }) else { break }
+            for index in smallest { dirty[index] = [UInt8](repeating: 0, count: geometry.extentSize) }
+            final.holes.remove(smallest)
             holes.remove(smallest)
         }
-        if next != header {
-            try HeaderIO.write(fd: fd, header: &next, key: key, sync: false)
-            header = next
+        let records = sealDirty()
+        let committedCount = geometry.extentCount(size: header.size)
+        let overwrites = records.contains { $0.index < committedCount && !header.holes.contains($0.index) }
+        let oldLength = geometry.backingLength(size: header.size)
+        let newLength = geometry.backingLength(size: size)
+        let unsafe = Self.journalingDisabled
+
+        if !overwrites || unsafe {
+            if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
+            try write(records)
+            if !records.isEmpty && !unsafe { try Sys.fdatasync(fd) }
+            FaultPoints.reach(.appendExtentsWritten)
+            try HeaderIO.write(fd: fd, header: &final, key: key, sync: newLength < oldLength && !unsafe)
+            FaultPoints.reach(.appendHeaderWritten)
+            if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
+            if durable { try Sys.fdatasync(fd) }
+        } else {
+            var pending = header
+            pending.flags.insert(.pendingWrite)
+            final.sequence = header.sequence + 2
+            let finalSlot = HeaderCodec.seal(final, key: key)
+            try Journal.write(journalFD: journalFD, objectID: objectID, pendingSequence: header.sequence + 1,
+                              finalSlot: finalSlot, records: records, key: key)
+            usedJournal = true
+            FaultPoints.reach(.shadowWritten)
+            try HeaderIO.write(fd: fd, header: &pending, key: key, sync: true)
+            FaultPoints.reach(.pendingFlagSet)
+            if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
+            try write(records)
+            try Sys.fdatasync(fd)
+            FaultPoints.reach(.extentsApplied)
+            try finalSlot.withUnsafeBytes {
+                try Sys.pwrite(fd, $0, offset: Int64(HeaderCodec.slotIndex(sequence: final.sequence) * ExtentGeometry.headerSlotBytes))
+            }
+            // Synced even when not asked to be durable: the journal is retired next, and a final
+            // header lost after that could not be replayed.
+            try Sys.fdatasync(fd)
+            FaultPoints.reach(.finalHeaderWritten)
+            if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
+            Journal.retire(journalFD: journalFD, objectID: objectID)
+            FaultPoints.reach(.shadowRemoved)
         }
+        header = final
         if let modifiedAt {
             try Sys.futimens(fd, (Sys.omitTime, modifiedAt))
             self.modifiedAt = nil
@@ -201,40 +259,33 @@ final class ExtentFile: @unchecked Sendable {
         metadataChanged = false
     }
 
-    private func writeDirtyExtents() throws {
-        let indices = dirty.keys.sorted()
-        var i = 0
-        // Contiguous dirty extents are sealed into one buffer and written with one pwrite.
-        while i < indices.count {
-            var j = i
-            while j + 1 < indices.count && indices[j + 1] == indices[j] + 1 { j += 1 }
-            var run = [UInt8]()
-            run.reserveCapacity((j - i + 1) * geometry.stride)
-            for k in i...j {
-                let index = indices[k]
-                let length = geometry.plaintextLength(index, size: size)
-                let plain = dirty[index]!
-                var stored = [UInt8](repeating: 0, count: length + ExtentGeometry.overheadBytes)
-                plain.withUnsafeBytes { p in
-                    stored.withUnsafeMutableBytes { s in
-                        ExtentCodec.seal(key: key, objectID: objectID, index: index,
-                                         plaintext: UnsafeRawBufferPointer(rebasing: p[0..<length]), into: s)
-                    }
+    /// Seals every dirty extent with a fresh nonce, in index order, and clears the dirty set.
+    private func sealDirty() -> [Journal.Record] {
+        let records = dirty.keys.sorted().map { index -> Journal.Record in
+            let length = geometry.plaintextLength(index, size: size)
+            var stored = [UInt8](repeating: 0, count: length + ExtentGeometry.overheadBytes)
+            dirty[index]!.withUnsafeBytes { p in
+                stored.withUnsafeMutableBytes { s in
+                    ExtentCodec.seal(key: key, objectID: objectID, index: index,
+                                     plaintext: UnsafeRawBufferPointer(rebasing: p[0..<length]), into: s)
                 }
-                run += stored
             }
-            let offset = geometry.backingOffset(indices[i])
-            try run.withUnsafeBytes { b throws in try Sys.pwrite(fd, b, offset: offset) }
-            i = j + 1
+            return Journal.Record(index: index, stored: stored)
         }
         dirty.removeAll(keepingCapacity: true)
+        return records
     }
 
-    private func materialize(_ range: Range<UInt64>) throws {
-        for index in range {
-            dirty[index] = [UInt8](repeating: 0, count: geometry.extentSize)
+    /// Writes sealed extents in place; contiguous ones go out in one pwrite.
+    private func write(_ records: [Journal.Record]) throws {
+        var i = 0
+        while i < records.count {
+            var j = i
+            while j + 1 < records.count && records[j + 1].index == records[j].index + 1 { j += 1 }
+            let run = i == j ? records[i].stored : records[i...j].flatMap(\.stored)
+            try run.withUnsafeBytes { try Sys.pwrite(fd, $0, offset: geometry.backingOffset(records[i].index)) }
+            i = j + 1
         }
-        try writeDirtyExtents()
     }
 
     /// Reserves backing space for plaintext `[offset, offset+length)` (fallocate mode 0).

@@ -32,6 +32,7 @@ public enum StoreCreation {
         defer { withExtendedLifetime(headerFD) {} }
         try HeaderIO.create(fd: headerFD.raw, header: header, key: key)
         try Sys.fsync(headerFD.raw)
+        try Sys.mkdirAt(dir.raw, Journal.directoryName, mode: 0o700)
         try Sys.fsync(dir.raw)
     }
 }

@@ -9,7 +9,7 @@ extension Volume {
             guard node.type == .regular else { throw node.isDirectory ? StoreError.isDirectory : StoreError.invalidArgument }
             let key = try contentKey(node)
             try node.state.withLock { state in
-                let file = state.file ?? ExtentFile(fd: node.fd.raw, key: key, header: state.header)
+                let file = state.file ?? extentFile(node, key: key, header: state.header)
                 try file.resize(to: size)
                 try file.commit(header: &state.header)
             }

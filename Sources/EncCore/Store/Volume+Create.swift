@@ -41,10 +41,14 @@ extension Volume {
         var header = entry.header
         try HeaderIO.create(fd: fd.raw, header: header, key: entry.key)
         if !contents.isEmpty {
-            let file = ExtentFile(fd: fd.raw, key: entry.key, header: header)
+            let file = ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: entry.key, header: header)
             try contents.withUnsafeBytes { try file.write(offset: 0, data: $0) }
             try file.commit(header: &header)
         }
+        // Durable before it has a name: an entry that survives a power loss always has a header
+        // (every metadata file the store creates is synced before anything depends on it).
+        try Sys.fdatasync(fd.raw)
+        FaultPoints.reach(.createHeaderWritten)
         try existsOnCollision { try Sys.linkAt(fd: fd.raw, toDir: entry.dir.fd.raw, entry.name.backingName) }
         let st = try Sys.fstat(fd.raw)
         return insert(fd: fd, headerFD: fd, inode: UInt64(st.st_ino), header: header, verified: true)
@@ -120,7 +124,7 @@ extension Volume {
         guard node.type == .symlink else { throw StoreError.invalidArgument }
         let key = try contentKey(node)
         return try node.state.withLock { state in
-            let file = state.file ?? ExtentFile(fd: node.fd.raw, key: key, header: state.header)
+            let file = state.file ?? extentFile(node, key: key, header: state.header)
             return try file.read(offset: 0, count: Int(file.size))
         }
     }

@@ -48,7 +48,7 @@ extension Volume {
         let key = try contentKey(node)
         try node.state.withLock { state in
             if state.file == nil {
-                state.file = ExtentFile(fd: node.fd.raw, key: key, header: state.header)
+                state.file = extentFile(node, key: key, header: state.header)
             }
             state.opens += 1
             if truncate {
@@ -78,8 +78,8 @@ extension Volume {
     public func fsync(handle: UInt64, dataOnly: Bool) throws {
         let node = try fileNode(handle: handle)
         try withOpenFile(node) { state, file in
-            try file.commit(header: &state.header)
-            if dataOnly { try Sys.fdatasync(node.fd.raw) } else { try Sys.fsync(node.fd.raw) }
+            try file.commit(header: &state.header, durable: true)
+            if !dataOnly { try Sys.fsync(node.fd.raw) }
         }
     }
 
@@ -89,8 +89,12 @@ extension Volume {
         try node.state.withLock { state in
             state.opens -= 1
             defer {
-                // The last close drops the file and with it this node's reference to the key.
-                if state.opens == 0 { state.file = nil }
+                // The last close drops the file and with it this node's reference to the key, and
+                // removes its (empty) shadow.
+                if state.opens == 0 {
+                    if state.file?.usedJournal == true { Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID) }
+                    state.file = nil
+                }
             }
             try state.file?.commit(header: &state.header)
         }

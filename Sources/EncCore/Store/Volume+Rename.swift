@@ -52,6 +52,7 @@ extension Volume {
         let oldBinding = Self.binding(parentID: fromHeader.objectID, name: fromName)
         try addBinding(newBinding, to: source)
         if let target { try addBinding(oldBinding, to: target) }
+        FaultPoints.reach(.renameBindingAdded)
         do {
             let flags: UInt32 = switch mode {
             case .replace: 0
@@ -65,6 +66,7 @@ extension Volume {
             if case StoreError.system(EEXIST) = error { throw StoreError.exists }
             throw error
         }
+        FaultPoints.reach(.renameDone)
         try? removeBinding(oldBinding.digest, from: source)
         if let target { try? removeBinding(newBinding.digest, from: target) }
     }

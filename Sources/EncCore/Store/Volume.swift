@@ -21,6 +21,8 @@ public final class Volume: Sendable {
     public let storePath: String
     public let config: StoreConfig
     public let keys: KeyTable
+    /// The `.journal` directory holding the shadows of flush transactions in progress.
+    let journalFD: FileDescriptor
     let table = Mutex(NodeTable())
     let handles = Mutex(HandleTable())
 
@@ -29,6 +31,7 @@ public final class Volume: Sendable {
         self.keys = keys
         config = try StoreConfig.load(storePath: storePath)
         let fd = try Sys.open(storePath, flags: Sys.oPath | O_DIRECTORY)
+        journalFD = try Self.openJournal(storeFD: fd.raw)
         let headerFD = try Sys.openAt(fd.raw, directoryHeaderName, flags: O_RDWR)
         let st = try Sys.fstat(fd.raw)
         let (header, verified) = try Self.readHeader(headerFD.raw, keys: keys)
@@ -43,6 +46,23 @@ public final class Volume: Sendable {
             $0.byID[Self.rootID] = root
             $0.byInode[root.backingInode] = root
         }
+    }
+
+    /// Opens `.journal`, creating it durably (directory fsynced) if an older store lacks it.
+    static func openJournal(storeFD: Int32) throws -> FileDescriptor {
+        do {
+            return try Sys.openAt(storeFD, Journal.directoryName, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+        } catch StoreError.system(ENOENT) {
+            try Sys.mkdirAt(storeFD, Journal.directoryName, mode: 0o700)
+            let store = try Sys.reopen(storeFD, flags: O_RDONLY | O_DIRECTORY)
+            try withExtendedLifetime(store) { try Sys.fsync(store.raw) }
+            return try Sys.openAt(storeFD, Journal.directoryName, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+        }
+    }
+
+    /// A fresh view of the node's contents for I/O, sharing the store's journal.
+    func extentFile(_ node: Node, key: MasterKey, header: ObjectHeader) -> ExtentFile {
+        ExtentFile(fd: node.fd.raw, journalFD: journalFD.raw, key: key, header: header)
     }
 
     // MARK: headers and keys
@@ -95,12 +115,18 @@ public final class Volume: Sendable {
         let policy = node.state.withLock { $0.header.policy }
         guard let key = keys.key(for: policy) else { throw StoreError.noKey }
         let header = try verifiedHeader(node)
-        // An interrupted flush transaction is never served half-written; recovery (the journal)
-        // must run first, and until it exists the object is refused.
-        guard !header.flags.contains(.pendingWrite) else {
-            throw StoreError.integrity("object has an interrupted write that needs recovery")
-        }
+        // An interrupted flush transaction is never served half-written: it is replayed from its
+        // journal first, or, if that cannot be done, the object is refused (EIO).
+        if header.flags.contains(.pendingWrite) { try recover(node, key: key) }
         return key
+    }
+
+    func recover(_ node: Node, key: MasterKey) throws {
+        try node.state.withLock { state in
+            guard state.header.flags.contains(.pendingWrite) else { return }
+            state.header = try Journal.recover(journalFD: journalFD.raw, objectFD: node.fd.raw, pending: state.header, key: key)
+            Diagnostics.report("recovered an interrupted write of object \(Hex.encode(state.header.objectID)) from its journal")
+        }
     }
 
     /// The key of an object's contents for reading or writing them: that of the open file if the

@@ -29,6 +29,8 @@ renameat2 -x "$efile1" "$efile2" | _filter_nokey_names
 echo -e "\n# Rename to a new name, with and without RENAME_NOREPLACE"
 renameat2 "$efile1" "$edir/newname" | _filter_nokey_names
 renameat2 -n "$efile1" "$edir/newname" | _filter_nokey_names
+# (onto an existing name the VFS itself fails RENAME_NOREPLACE with EEXIST before the filesystem
+# sees the rename, as with the kernel's fscrypt)
 renameat2 -n "$efile1" "$efile2" | _filter_nokey_names
 
 echo -e "\n# Rename into a subdirectory, and of a subdirectory"

@@ -19,12 +19,13 @@ _user_do() { _user_as $USER1 "$@" 2>&1 | _filter_scratch; }
 _user2_do() { _user_as $USER2 "$@" 2>&1 | _filter_scratch; }
 
 _581_cleanup() {
-    _cleanup
+    _a_cleanup
     local uid
     for uid in $USER1 $USER2; do _user_as "$uid" keyctl clear @u >/dev/null 2>&1; done
     return 0
 }
 trap _581_cleanup EXIT
+trap 'exit 1' INT TERM HUP
 for uid in $USER1 $USER2; do _user_as "$uid" keyctl clear @u >/dev/null 2>&1; done
 
 _scratch_mkfs_encrypted -o allow_other --key-quota 5

@@ -1,0 +1,70 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Named points in the flush and recovery protocols where a test can make the process die, to
+/// show that a crash at each step leaves something recovery understands (DESIGN.md lists them).
+///
+/// Armed from the environment: `ENCFSD_FAULT_POINT=<name>` (die the first time it is reached) or
+/// `<name>@<n>` (the n-th time). Disarmed, reaching a point costs one load of an immutable global.
+public enum FaultPoint: String, CaseIterable, Sendable {
+    // A flush with no in-place overwrite (appends into new extents, holes, metadata only).
+    case appendExtentsWritten = "append-extents-written"
+    case appendHeaderWritten = "append-header-written"
+    // A journaled flush.
+    case shadowWritten = "shadow-written"
+    case pendingFlagSet = "pending-flag-set"
+    case extentsApplied = "extents-applied"
+    case finalHeaderWritten = "final-header-written"
+    case shadowRemoved = "shadow-removed"
+    // Recovery of a journaled flush.
+    case recoveryExtentsApplied = "recovery-extents-applied"
+    case recoveryHeaderWritten = "recovery-header-written"
+    // Namespace operations.
+    case createHeaderWritten = "create-header-written"
+    case renameBindingAdded = "rename-binding-added"
+    case renameDone = "rename-done"
+}
+
+public enum FaultPoints {
+    private struct Armed: Sendable {
+        let point: FaultPoint
+        let remaining: Int
+    }
+
+    private static let armed: Armed? = {
+        guard let spec = ProcessInfo.processInfo.environment["ENCFSD_FAULT_POINT"], !spec.isEmpty else { return nil }
+        let parts = spec.split(separator: "@")
+        guard let point = FaultPoint(rawValue: String(parts[0])) else {
+            Diagnostics.report("unknown fault point \(spec); known: \(FaultPoint.allCases.map(\.rawValue))")
+            return nil
+        }
+        return Armed(point: point, remaining: parts.count > 1 ? Int(parts[1]) ?? 1 : 1)
+    }()
+
+    private static let hits = Counter()
+
+    /// Dies here (SIGKILL: no cleanup, no flush, as a crash) if this point is armed.
+    @inline(__always)
+    public static func reach(_ point: FaultPoint) {
+        guard let armed, armed.point == point else { return }
+        if hits.increment() >= armed.remaining {
+            Diagnostics.report("fault point \(point.rawValue) reached: dying")
+            kill(getpid(), SIGKILL)
+        }
+    }
+}
+
+/// Invariant making this `@unchecked Sendable`: the count is only touched under `lock`.
+private final class Counter: @unchecked Sendable {
+    private var value = 0
+    private var lock = pthread_mutex_t()
+    init() { pthread_mutex_init(&lock, nil) }
+    func increment() -> Int {
+        pthread_mutex_lock(&lock)
+        defer { pthread_mutex_unlock(&lock) }
+        value += 1
+        return value
+    }
+}

@@ -1,0 +1,175 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The redo journal of one flush transaction: the shadow file `.journal/<object ID in hex>`.
+///
+/// Layout (FORMAT.md, "Journal"):
+///
+///     0     4     magic "EFSJ"
+///     4     2     version 1
+///     6     2     reserved, 0
+///     8     16    object ID
+///     24    8     pending sequence: the sequence of the header that carries the pending flag
+///     32    4     record count
+///     36    4     reserved, 0
+///     40    2048  the final header's slot image, sealed (sequence = pending + 1, flag clear)
+///     2088  ...   records: u64 extent index, u32 stored length, u32 reserved, stored extent bytes
+///     end   32    HMAC-SHA256 under the object's header key over everything before it
+///
+/// Redo, not undo: the shadow holds the *new* sealed extents, so recovery copies bytes and never
+/// needs to re-encrypt, and a crash before the pending flag is durable leaves the old state
+/// untouched. The shadow is bounded by the flush batch (the dirty limit) and recovery streams it.
+enum Journal {
+    static let directoryName: [UInt8] = Array(".journal".utf8)
+    static let magic: [UInt8] = Array("EFSJ".utf8)
+    static let fixedBytes = 40
+    static let recordHeaderBytes = 16
+
+    struct Record {
+        var index: UInt64
+        var stored: [UInt8]
+    }
+
+    static func name(of objectID: [UInt8]) -> [UInt8] { Array(Hex.encode(objectID).utf8) }
+
+    /// Writes the shadow and makes it durable. The file is reused across transactions (truncated,
+    /// never unlinked while the object is open), so its directory entry needs syncing only once.
+    static func write(journalFD: Int32, objectID: [UInt8], pendingSequence: UInt64, finalSlot: [UInt8],
+                      records: [Record], key: MasterKey) throws {
+        let shadowName = name(of: objectID)
+        var created = false
+        let fd: FileDescriptor
+        do {
+            fd = try Sys.openAt(journalFD, shadowName, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+            created = true
+        } catch StoreError.system(EEXIST) {
+            fd = try Sys.openAt(journalFD, shadowName, flags: O_RDWR)
+        }
+        try withExtendedLifetime(fd) {
+            var w = ByteWriter(capacity: fixedBytes + finalSlot.count)
+            w.raw(magic)
+            w.u16(1)
+            w.u16(0)
+            w.raw(objectID)
+            w.u64(pendingSequence)
+            w.u32(UInt32(records.count))
+            w.u32(0)
+            w.raw(finalSlot)
+            let mac = key.withHeaderKey(objectID: objectID) { OpenSSL.HMACStream(key: $0) }
+            var offset: Int64 = 0
+            func emit(_ bytes: [UInt8]) throws {
+                bytes.withUnsafeBytes { mac.update($0) }
+                try bytes.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: offset) }
+                offset += Int64(bytes.count)
+            }
+            try emit(w.bytes)
+            for record in records {
+                var h = ByteWriter(capacity: recordHeaderBytes)
+                h.u64(record.index)
+                h.u32(UInt32(record.stored.count))
+                h.u32(0)
+                try emit(h.bytes)
+                try emit(record.stored)
+            }
+            let trailer = mac.finish()
+            try trailer.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: offset) }
+            try Sys.ftruncate(fd.raw, offset + 32)
+            try Sys.fdatasync(fd.raw)
+        }
+        // A new directory entry is durable only once its directory is synced.
+        if created {
+            let dir = try Sys.reopen(journalFD, flags: O_RDONLY | O_DIRECTORY)
+            try withExtendedLifetime(dir) { try Sys.fsync(dir.raw) }
+        }
+    }
+
+    /// Empties the shadow once its transaction is durable in the object itself.
+    static func retire(journalFD: Int32, objectID: [UInt8]) {
+        guard let fd = try? Sys.openAt(journalFD, name(of: objectID), flags: O_RDWR) else { return }
+        withExtendedLifetime(fd) { try? Sys.ftruncate(fd.raw, 0) }
+    }
+
+    /// Removes the (empty) shadow when the object is closed; a lost unlink leaves an empty file
+    /// that recovery ignores and the next transaction reuses.
+    static func remove(journalFD: Int32, objectID: [UInt8]) {
+        try? Sys.unlinkAt(journalFD, name(of: objectID))
+    }
+
+    /// Completes the transaction `pending` marks: verifies the whole shadow (streaming), copies its
+    /// extents into place, and writes its final header. Returns the final header.
+    ///
+    /// - Throws: `StoreError.integrity` when the shadow is missing, damaged or belongs to another
+    ///   transaction. The object is then refused, never served half-written.
+    static func recover(journalFD: Int32, objectFD: Int32, pending: ObjectHeader, key: MasterKey) throws -> ObjectHeader {
+        let shadowFD: FileDescriptor
+        do {
+            shadowFD = try Sys.openAt(journalFD, name(of: pending.objectID), flags: O_RDWR)
+        } catch {
+            throw StoreError.integrity("interrupted write cannot be recovered: its journal is missing")
+        }
+        return try withExtendedLifetime(shadowFD) {
+            let shadow = shadowFD.raw
+            let length = Int64(try Sys.fstat(shadow).st_size)
+            func read(_ count: Int, at offset: Int64) throws -> [UInt8] {
+                var bytes = [UInt8](repeating: 0, count: count)
+                let n = try bytes.withUnsafeMutableBytes { try Sys.pread(shadow, $0, offset: offset) }
+                guard n == count else { throw StoreError.integrity("interrupted write's journal is truncated") }
+                return bytes
+            }
+            let bodyEnd = length - 32
+            guard bodyEnd >= Int64(fixedBytes + ExtentGeometry.headerSlotBytes) else {
+                throw StoreError.integrity("interrupted write's journal is empty or truncated")
+            }
+            // Pass 1: authenticate everything before acting on any of it.
+            let mac = key.withHeaderKey(objectID: pending.objectID) { OpenSSL.HMACStream(key: $0) }
+            var offset: Int64 = 0
+            while offset < bodyEnd {
+                let chunk = try read(Int(min(Int64(1 << 20), bodyEnd - offset)), at: offset)
+                chunk.withUnsafeBytes { mac.update($0) }
+                offset += Int64(chunk.count)
+            }
+            guard constantTimeEqual(mac.finish(), try read(32, at: bodyEnd)) else {
+                throw StoreError.integrity("interrupted write's journal failed authentication")
+            }
+            var r = ByteReader(try read(fixedBytes, at: 0)[...])
+            guard r.raw(4) == magic, r.u16() == 1, r.u16() == 0, r.raw(16) == pending.objectID,
+                  r.u64() == pending.sequence, let recordCount = r.u32(), r.u32() == 0 else {
+                throw StoreError.integrity("journal belongs to another transaction")
+            }
+            let slot = try read(ExtentGeometry.headerSlotBytes, at: Int64(fixedBytes))
+            guard case .valid(let final) = HeaderCodec.open(slot: slot[...], key: key),
+                  final.sequence == pending.sequence + 1, final.objectID == pending.objectID,
+                  !final.flags.contains(.pendingWrite), final.extentSize == pending.extentSize else {
+                throw StoreError.integrity("journal's final header is invalid")
+            }
+            // Pass 2: redo, one record at a time.
+            let geometry = final.geometry
+            offset = Int64(fixedBytes + ExtentGeometry.headerSlotBytes)
+            for _ in 0..<recordCount {
+                var h = ByteReader(try read(recordHeaderBytes, at: offset)[...])
+                guard let index = h.u64(), let count = h.u32().map(Int.init), h.u32() == 0,
+                      index < geometry.extentCount(size: final.size),
+                      count == geometry.plaintextLength(index, size: final.size) + ExtentGeometry.overheadBytes,
+                      offset + Int64(recordHeaderBytes + count) <= bodyEnd else {
+                    throw StoreError.integrity("journal record is malformed")
+                }
+                let stored = try read(count, at: offset + Int64(recordHeaderBytes))
+                try stored.withUnsafeBytes { try Sys.pwrite(objectFD, $0, offset: geometry.backingOffset(index)) }
+                offset += Int64(recordHeaderBytes + count)
+            }
+            let finalLength = geometry.backingLength(size: final.size)
+            if Int64(try Sys.fstat(objectFD).st_size) < finalLength { try Sys.ftruncate(objectFD, finalLength) }
+            try Sys.fdatasync(objectFD)
+            FaultPoints.reach(.recoveryExtentsApplied)
+            try slot.withUnsafeBytes {
+                try Sys.pwrite(objectFD, $0, offset: Int64(HeaderCodec.slotIndex(sequence: final.sequence) * ExtentGeometry.headerSlotBytes))
+            }
+            try Sys.fdatasync(objectFD)
+            FaultPoints.reach(.recoveryHeaderWritten)
+            if Int64(try Sys.fstat(objectFD).st_size) > finalLength { try Sys.ftruncate(objectFD, finalLength) }
+            try Sys.ftruncate(shadow, 0)
+            return final
+        }
+    }
+}

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Port of xfstests generic/621: no duplicate name can be created in an encrypted directory while
+# its key is being added (and removed) concurrently. A name looked up without the key (negative,
+# no-key) must not let mkdir/mknod/mkfifo/symlink/link/RENAME_NOREPLACE/O_CREAT|O_EXCL create a
+# second entry of a name that exists once the key is there.
+#
+# As in the kernel test, dir/100 exists and one process tries, for ~10 s, to create it again in
+# all these ways (each must fail: EEXIST with the key, ENOKEY without), while another loops adding
+# and removing the key. Afterwards, with the key and without it, no name may appear twice.
+source "$(dirname "$0")/../common.sh"
+_scratch_mkfs_encrypted
+runtime=10
+dir=$SCRATCH_MNT/dir
+tmp=$SCRATCH_BASE/tmp
+
+echo -e "\n# Creating encrypted directory containing files"
+mkdir "$dir"
+_add_enckey "$SCRATCH_MNT"
+_set_encpolicy "$dir" $TEST_KEY_IDENTIFIER
+for i in {1..100}; do
+    touch "$dir/$i"
+done
+# This is the name which we'll try to duplicate.
+inode=$(stat -c %i "$dir/100")
+rm "$dir/1"
+
+echo -e "\n# Starting duplicate filename creator process"
+python3 - "$dir" "$tmp" <<'PY' &
+import ctypes, os, stat, sys
+d, tmp = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+def renameat2_noreplace(old, new):
+    if libc.renameat2(-100, old.encode(), -100, new.encode(), 1) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+name, other = f"{d}/100", f"{d}/50"
+ops = {
+    "mkdir": lambda: os.mkdir(name),
+    "mknod": lambda: os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(5, 5)),
+    "mkfifo": lambda: os.mkfifo(name),
+    "symlink": lambda: os.symlink("target", name),
+    "link": lambda: os.link(other, name),
+    "rename_noreplace": lambda: renameat2_noreplace(other, name),
+    "open_excl": lambda: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)),
+}
+attempts, errors = 0, {}
+while not os.path.exists(tmp + ".done"):
+    for op, fn in ops.items():
+        attempts += 1
+        try:
+            fn()
+            open(f"{tmp}.{op}_succeeded", "a").close()
+        except OSError as e:
+            errors[(op, e.strerror)] = errors.get((op, e.strerror), 0) + 1
+# Expected failures: EEXIST with the key, ENOKEY without it; link and rename also look up their
+# source by its plaintext name, which without the key is ENOENT.
+expected = {"File exists", "Required key not available"}
+with open(tmp + ".creator", "w") as f:
+    f.write(f"{attempts}\n")
+    for (op, err), n in sorted(errors.items()):
+        ok = err in expected or (op in ("link", "rename_noreplace") and err == "No such file or directory")
+        f.write(f"{err}: {n}\n" if ok else f"{op} failed unexpectedly: {err}\n")
+PY
+
+echo -e "\n# Starting add/remove enckey process"
+(
+    n=0
+    while [ ! -e "$tmp.done" ]; do
+        "$ENCFSD" key add "$SCRATCH_MNT" --key-file "$TEST_KEY_FILE" > /dev/null 2>&1
+        "$ENCFSD" key remove "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER > /dev/null 2>&1
+        n=$((n + 1))
+    done
+    echo $n > "$tmp.cycles"
+) &
+
+echo -e "\n# Running for a few seconds..."
+sleep $runtime
+echo -e "\n# Stopping subprocesses"
+touch "$tmp.done"
+wait
+(( $(cat "$tmp.cycles") >= 20 )) && echo "key was added and removed many times"
+(( $(head -1 "$tmp.creator") >= 1000 )) && echo "many creation attempts were made"
+# Both outcomes must have occurred: EEXIST while the key was present, ENOKEY while it was absent.
+grep -q '^File exists: ' "$tmp.creator" && grep -q '^Required key not available: ' "$tmp.creator" \
+    && echo "attempts failed with both EEXIST and ENOKEY"
+grep 'failed unexpectedly' "$tmp.creator"
+
+[ "$(_enckey_status "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER)" = Absent ] \
+    || _rm_enckey "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER > /dev/null
+_add_enckey "$SCRATCH_MNT" > /dev/null
+
+echo -e "\n# Checking for duplicate filenames via readdir"
+ls "$dir" | grep -x 100
+ls "$dir" | sort | uniq -d
+echo "$(ls "$dir" | wc -l) entries"
+
+echo -e "\n# Checking for unexpected change in inode number"
+new_inode=$(stat -c %i "$dir/100")
+if [ "$new_inode" != "$inode" ]; then
+    echo "Dentry changed inode number $inode => $new_inode!"
+fi
+stat -c '%F' "$dir/100" "$dir/50"
+
+echo -e "\n# Checking for operations that unexpectedly succeeded on an existing filename"
+for op in mkdir mknod mkfifo symlink link rename_noreplace open_excl; do
+    if [ -e "$tmp.${op}_succeeded" ]; then
+        echo "$op operation(s) on existing filename unexpectedly succeeded!"
+    fi
+done
+
+echo -e "\n# Checking for duplicate no-key names, after a remount without the key"
+_rm_enckey "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER > /dev/null
+_scratch_cycle_mount
+ls "$dir" | sort | uniq -d
+echo "$(ls "$dir" | wc -l) entries"
+if [ -z "$(ls "$dir" | sort | uniq -d)" ]; then
+    echo "no name appears twice"
+fi
