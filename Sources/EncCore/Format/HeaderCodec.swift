@@ -29,7 +29,9 @@ public enum HeaderCodec {
     }
 
     /// Reads one slot. With `key == nil` only the checksum and structure are checked.
-    public static func open(slot: ArraySlice<UInt8>, key: MasterKey?) -> SlotState {
+    /// `position` is the slot the bytes were read from (0 or 1), whose parity the sequence must
+    /// have; nil for a slot image kept elsewhere (a journal's final header).
+    public static func open(slot: ArraySlice<UInt8>, key: MasterKey?, position: Int? = nil) -> SlotState {
         guard slot.count == ExtentGeometry.headerSlotBytes else { return .damaged }
         if slot.allSatisfy({ $0 == 0 }) { return .empty }
         var r = ByteReader(slot)
@@ -50,7 +52,7 @@ public enum HeaderCodec {
         case .failure(.unsupported(let version, let sequence)): return .unsupported(version: version, sequence: sequence)
         case .failure(.malformed): return .damaged
         }
-        guard slotIndex(sequence: header.sequence) == slotPosition(slot) else { return .damaged }
+        if let position, slotIndex(sequence: header.sequence) != position { return .damaged }
         if let key {
             guard key.identifier == header.macPolicy else { return .forged }
             let mac = key.withHeaderKey(objectID: header.objectID) { OpenSSL.hmacSHA256(key: $0, Array(body)) }
@@ -67,8 +69,8 @@ public enum HeaderCodec {
             throw StoreError.integrity("header region is \(region.count) bytes, not \(ExtentGeometry.headerBytes)")
         }
         let slotBytes = ExtentGeometry.headerSlotBytes
-        let states = [open(slot: region[0..<slotBytes], key: key),
-                      open(slot: region[slotBytes..<(2 * slotBytes)], key: key)]
+        let states = [open(slot: region[0..<slotBytes], key: key, position: 0),
+                      open(slot: region[slotBytes..<(2 * slotBytes)], key: key, position: 1)]
         let valid = states.compactMap { state -> ObjectHeader? in
             if case .valid(let h) = state { return h }
             return nil
@@ -85,10 +87,6 @@ public enum HeaderCodec {
         return newestValid
     }
 
-    /// Which slot of the region a slice came from (slices keep their parent's indices).
-    private static func slotPosition(_ slot: ArraySlice<UInt8>) -> Int {
-        slot.startIndex / ExtentGeometry.headerSlotBytes
-    }
 }
 
 func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
