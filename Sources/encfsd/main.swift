@@ -1,11 +1,22 @@
 import ArgumentParser
+import Foundation
 
 struct Encfsd: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "encfsd",
         abstract: "A FUSE filesystem of transparently encrypted, authenticated, crash-safe files.",
         subcommands: [InitCommand.self, MountCommand.self, UmountCommand.self, KeyCommand.self, PolicyCommand.self,
-                      NonceCommand.self, BenchCommand.self])
+                      NonceCommand.self, FsckCommand.self, BenchCommand.self])
 }
 
-Encfsd.main()
+// fsck(8) reports usage errors with status 16; everything else uses ArgumentParser's codes.
+do {
+    var command = try Encfsd.parseAsRoot()
+    try command.run()
+} catch {
+    if CommandLine.arguments.dropFirst().first == "fsck", Encfsd.exitCode(for: error) == .validationFailure {
+        FileHandle.standardError.write(Data((Encfsd.fullMessage(for: error) + "\n").utf8))
+        exit(16)
+    }
+    Encfsd.exit(withError: error)
+}

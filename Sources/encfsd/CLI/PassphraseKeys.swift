@@ -77,7 +77,7 @@ enum PassphraseKeys {
     }
 
     /// mountinfo escapes space, tab, newline and backslash as \ooo.
-    private static func unescape(_ field: String) -> String {
+    static func unescape(_ field: String) -> String {
         var out = [UInt8](), bytes = Array(field.utf8), i = 0
         while i < bytes.count {
             if bytes[i] == UInt8(ascii: "\\"), i + 3 < bytes.count,

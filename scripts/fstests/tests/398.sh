@@ -8,7 +8,13 @@
 # so the kernel test's "unencrypted" directory is here a directory that inherits the root's policy
 # ("rdir"). Unlike the kernel test, linking and renaming from edir1 into it must therefore fail too.
 source "$(dirname "$0")/../common.sh"
-renameat2() { python3 "$REPO/scripts/fstests/renameat2.py" "$@" 2>&1 | _filter_scratch; }
+# renameat2 [-n|-x] OLD NEW, errors shown with paths filtered; returns the syscall's status.
+renameat2() {
+    local out rc
+    out=$(python3 "$REPO/scripts/fstests/renameat2.py" "$@" 2>&1); rc=$?
+    [ -z "$out" ] || echo "$out" | _filter_scratch
+    return $rc
+}
 _scratch_mkfs_encrypted
 
 # Two directories with policies under two different keys, and one with the root's policy.
@@ -58,8 +64,9 @@ _set_encpolicy "$SCRATCH_MNT/edir3" $TEST_KEY_IDENTIFIER
 _run ln -v "$edir1/efile1" "$SCRATCH_MNT/edir3/efile1"
 renameat2 "$SCRATCH_MNT/edir3/efile1" "$SCRATCH_MNT/edir3/efile3"
 renameat2 -x "$SCRATCH_MNT/edir3/efile3" "$edir1/sub" && echo "exchanged edir3/efile3 <=> edir1/sub"
-renameat2 "$edir1/efile3" "$SCRATCH_MNT/edir3/moved" && echo "renamed edir1/efile3 -> edir3/moved"
-renameat2 "$SCRATCH_MNT/edir3/efile3" "$edir1/sub" && echo "renamed edir3/efile3 (a directory) -> edir1/sub"
+renameat2 "$edir1/sub" "$SCRATCH_MNT/edir3/moved" && echo "renamed edir1/sub (now a file) -> edir3/moved"
+renameat2 "$SCRATCH_MNT/edir3/efile3" "$edir1/sub" && echo "renamed edir3/efile3 (now a directory) -> edir1/sub"
+stat -c '%n: %F' "$edir1/sub" "$SCRATCH_MNT/edir3/moved" | _filter_scratch
 rm -r "$SCRATCH_MNT/edir3"
 
 echo -e "\n\n*** Exchange encrypted <=> encrypted ***"

@@ -3,7 +3,13 @@
 # ENOKEY: a plain rename, a cross rename (RENAME_EXCHANGE), RENAME_NOREPLACE, and renames out of
 # the directory or within it; and the entries are unchanged afterwards.
 source "$(dirname "$0")/../common.sh"
-renameat2() { python3 "$REPO/scripts/fstests/renameat2.py" "$@" 2>&1 | _filter_scratch; }
+# renameat2 [-n|-x] OLD NEW, errors shown with paths filtered; returns the syscall's status.
+renameat2() {
+    local out rc
+    out=$(python3 "$REPO/scripts/fstests/renameat2.py" "$@" 2>&1); rc=$?
+    [ -z "$out" ] || echo "$out" | _filter_scratch
+    return $rc
+}
 _scratch_mkfs_encrypted
 
 edir=$SCRATCH_MNT/edir
@@ -14,6 +20,15 @@ echo a > "$edir/a"
 echo b > "$edir/b"
 mkdir "$edir/subdir"
 _rm_enckey "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER
+
+echo -e "\n# Right after the removal, without a remount: the names the kernel had cached are gone"
+renameat2 "$edir/a" "$edir/c"
+renameat2 -x "$edir/a" "$edir/b"
+nokey1=$(find "$edir" -maxdepth 1 -type f | sort | head -1)
+nokey2=$(find "$edir" -maxdepth 1 -type f | sort | tail -1)
+renameat2 -x "$nokey1" "$nokey2" | _filter_nokey_names
+renameat2 "$nokey1" "$edir/c" | _filter_nokey_names
+
 _scratch_cycle_mount
 inodes_before=$(stat -c '%i %F' "$edir"/* | sort)
 

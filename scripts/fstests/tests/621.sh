@@ -23,6 +23,7 @@ done
 # This is the name which we'll try to duplicate.
 inode=$(stat -c %i "$dir/100")
 rm "$dir/1"
+touch "$dir/src"    # the source of RENAME_NOREPLACE onto a fresh name
 
 echo -e "\n# Starting duplicate filename creator process"
 python3 - "$dir" "$tmp" <<'PY' &
@@ -33,30 +34,55 @@ def renameat2_noreplace(old, new):
     if libc.renameat2(-100, old.encode(), -100, new.encode(), 1) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
-name, other = f"{d}/100", f"{d}/50"
-ops = {
-    "mkdir": lambda: os.mkdir(name),
-    "mknod": lambda: os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(5, 5)),
-    "mkfifo": lambda: os.mkfifo(name),
-    "symlink": lambda: os.symlink("target", name),
-    "link": lambda: os.link(other, name),
-    "rename_noreplace": lambda: renameat2_noreplace(other, name),
-    "open_excl": lambda: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)),
-}
-attempts, errors = 0, {}
+def ops(name, source):
+    return {
+        "mkdir": lambda: os.mkdir(name),
+        "mknod": lambda: os.mknod(name, stat.S_IFCHR | 0o600, os.makedev(5, 5)),
+        "mkfifo": lambda: os.mkfifo(name),
+        "symlink": lambda: os.symlink("target", name),
+        "link": lambda: os.link(f"{d}/50", name),
+        "rename_noreplace": lambda: renameat2_noreplace(source, name),
+        "open_excl": lambda: os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)),
+    }
+def remove(name, op):
+    try:
+        if op == "rename_noreplace":
+            os.rename(name, f"{d}/src")          # put the source back
+        elif op == "mkdir":
+            os.rmdir(name)
+        else:
+            os.unlink(name)
+    except OSError:
+        pass                                      # e.g. ENOENT: the key was removed meanwhile
+attempts, created, errors = 0, 0, {}
+def attempt(op, fn):
+    global attempts
+    attempts += 1
+    try:
+        fn()
+        return True
+    except OSError as e:
+        errors[(op, e.strerror)] = errors.get((op, e.strerror), 0) + 1
+        return False
+existing = ops(f"{d}/100", f"{d}/50")
+fresh = ops(f"{d}/new", f"{d}/src")
 while not os.path.exists(tmp + ".done"):
-    for op, fn in ops.items():
-        attempts += 1
-        try:
-            fn()
+    # The existing name: every attempt must fail.
+    for op, fn in existing.items():
+        if attempt(op, fn):
             open(f"{tmp}.{op}_succeeded", "a").close()
-        except OSError as e:
-            errors[(op, e.strerror)] = errors.get((op, e.strerror), 0) + 1
+    # A fresh name: create it (may fail without the key), create it again (must fail), remove it.
+    for op, fn in fresh.items():
+        if attempt(op, fn):
+            created += 1
+            if attempt(op, fn):
+                open(f"{tmp}.{op}_twice_succeeded", "a").close()
+            remove(f"{d}/new", op)
 # Expected failures: EEXIST with the key, ENOKEY without it; link and rename also look up their
 # source by its plaintext name, which without the key is ENOENT.
 expected = {"File exists", "Required key not available"}
 with open(tmp + ".creator", "w") as f:
-    f.write(f"{attempts}\n")
+    f.write(f"{attempts}\n{created}\n")
     for (op, err), n in sorted(errors.items()):
         ok = err in expected or (op in ("link", "rename_noreplace") and err == "No such file or directory")
         f.write(f"{err}: {n}\n" if ok else f"{op} failed unexpectedly: {err}\n")
@@ -79,11 +105,13 @@ echo -e "\n# Stopping subprocesses"
 touch "$tmp.done"
 wait
 (( $(cat "$tmp.cycles") >= 20 )) && echo "key was added and removed many times"
-(( $(head -1 "$tmp.creator") >= 1000 )) && echo "many creation attempts were made"
+(( $(sed -n 1p "$tmp.creator") >= 1000 )) && echo "many creation attempts were made"
+(( $(sed -n 2p "$tmp.creator") >= 100 )) && echo "the fresh name was created many times"
 # Both outcomes must have occurred: EEXIST while the key was present, ENOKEY while it was absent.
 grep -q '^File exists: ' "$tmp.creator" && grep -q '^Required key not available: ' "$tmp.creator" \
     && echo "attempts failed with both EEXIST and ENOKEY"
 grep 'failed unexpectedly' "$tmp.creator"
+cp $tmp.creator /tmp/exp/creator
 
 [ "$(_enckey_status "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER)" = Absent ] \
     || _rm_enckey "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER > /dev/null
@@ -92,6 +120,9 @@ _add_enckey "$SCRATCH_MNT" > /dev/null
 echo -e "\n# Checking for duplicate filenames via readdir"
 ls "$dir" | grep -x 100
 ls "$dir" | sort | uniq -d
+# What is left of the fresh name (removing it fails while the key is absent): put back / remove.
+[ -e "$dir/src" ] || mv "$dir/new" "$dir/src"
+rm -rf "$dir/new"
 echo "$(ls "$dir" | wc -l) entries"
 
 echo -e "\n# Checking for unexpected change in inode number"
@@ -105,6 +136,9 @@ echo -e "\n# Checking for operations that unexpectedly succeeded on an existing 
 for op in mkdir mknod mkfifo symlink link rename_noreplace open_excl; do
     if [ -e "$tmp.${op}_succeeded" ]; then
         echo "$op operation(s) on existing filename unexpectedly succeeded!"
+    fi
+    if [ -e "$tmp.${op}_twice_succeeded" ]; then
+        echo "$op operation(s) created the same fresh name twice!"
     fi
 done
 

@@ -1,0 +1,229 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `encfsd fsck`: walks a store that is not mounted and checks every object (header, name,
+/// binding, every extent, pending journals). With `repair`, completes interrupted writes from
+/// their journals, removes encfsd's own leftover temporaries, and moves whatever cannot be
+/// recovered into `.quarantine/`, never deleting data.
+public final class StoreChecker {
+    public struct Finding: Sendable, CustomStringConvertible {
+        public enum Severity: Sendable { case problem, repaired, notice }
+        public var severity: Severity
+        /// The plaintext path when known, else the backing path (relative to the store).
+        public var path: String
+        public var message: String
+        public var description: String { "\(path): \(message)" }
+    }
+
+    public struct Summary: Sendable {
+        public var directories = 0
+        public var files = 0
+        public var extentsVerified = 0
+        public var bytesVerified: UInt64 = 0
+        public var locked = 0
+        public var findings: [Finding] = []
+        public var problemsLeft: Int { findings.filter { $0.severity == .problem }.count }
+        public var repaired: Int { findings.filter { $0.severity == .repaired }.count }
+    }
+
+    let storePath: String
+    let keys: KeyTable
+    let repair: Bool
+    let progress: (Int) -> Void
+    private(set) var summary = Summary()
+    private var visited = 0
+    private var storeFD: FileDescriptor!
+    private var journalFD: FileDescriptor!
+
+    public init(storePath: String, keys: KeyTable, repair: Bool, progress: @escaping (Int) -> Void = { _ in }) {
+        self.storePath = storePath
+        self.keys = keys
+        self.repair = repair
+        self.progress = progress
+    }
+
+    /// Counts the objects a check will visit, for a progress bar.
+    public static func countObjects(storePath: String) -> Int {
+        let enumerator = FileManager.default.enumerator(atPath: storePath)
+        var count = 0
+        while let path = enumerator?.nextObject() as? String {
+            if NameCodec.isEntryName(Array((path as NSString).lastPathComponent.utf8)) { count += 1 }
+        }
+        return count
+    }
+
+    public func run() throws -> Summary {
+        let config = try StoreConfig.load(storePath: storePath)
+        storeFD = try Sys.open(storePath, flags: Sys.oPath | O_DIRECTORY)
+        journalFD = try Volume.openJournal(storeFD: storeFD.raw)
+        let root = try Sys.openAt(storeFD.raw, directoryHeaderName, flags: O_RDWR)
+        guard let rootHeader = check(headerOf: root.raw, path: "/") else { return summary }
+        if rootHeader.policy != config.rootIdentifier {
+            note(.problem, "/", "root policy \(rootHeader.policy) differs from encfsd.conf's \(config.rootPolicy)")
+        }
+        try walk(directoryFD: storeFD.raw, header: rootHeader, plainPath: "", backingPath: "")
+        checkJournal()
+        return summary
+    }
+
+    private func note(_ severity: Finding.Severity, _ path: String, _ message: String) {
+        summary.findings.append(Finding(severity: severity, path: path, message: message))
+    }
+
+    /// The header of an object, verified when its key is available; nil (with a finding) when
+    /// neither slot is usable.
+    private func check(headerOf fd: Int32, path: String) -> ObjectHeader? {
+        do {
+            let unverified = try HeaderIO.read(fd: fd, key: nil)
+            guard let key = keys.key(for: unverified.macPolicy) else { return unverified }
+            return try HeaderIO.read(fd: fd, key: key)
+        } catch {
+            note(.problem, path, "header: \(error)")
+            return nil
+        }
+    }
+
+    private func walk(directoryFD: Int32, header: ObjectHeader, plainPath: String, backingPath: String) throws {
+        summary.directories += 1
+        let nameKey = keys.key(for: header.policy)
+        if nameKey == nil { summary.locked += 1 }
+        for entry in try Sys.listDirectory(directoryFD) {
+            let name = String(decoding: entry.name, as: UTF8.self)
+            let backing = backingPath + "/" + name
+            if entry.name == directoryHeaderName || (backingPath.isEmpty && (name == StoreConfig.fileName || name == ".journal" || name == ".quarantine")) {
+                continue
+            }
+            if name.hasPrefix(".mk-") || name.hasPrefix(".rm-") {
+                if repair {
+                    try? removeLeftover(in: directoryFD, name: entry.name)
+                    note(.repaired, backing, "removed an unfinished mkdir or rmdir left by a crash")
+                } else {
+                    note(.notice, backing, "unfinished mkdir or rmdir left by a crash (harmless; --repair removes it)")
+                }
+                continue
+            }
+            guard NameCodec.isEntryName(entry.name) else {
+                note(.notice, backing, "not an encfsd entry; ignored")
+                continue
+            }
+            visited += 1
+            progress(visited)
+            try checkEntry(entry, in: directoryFD, parent: header, nameKey: nameKey, plainPath: plainPath, backing: backing)
+        }
+    }
+
+    private func checkEntry(_ entry: Sys.RawEntry, in directoryFD: Int32, parent: ObjectHeader, nameKey: MasterKey?,
+                            plainPath: String, backing: String) throws {
+        let isDirectory = entry.isDirectory
+        let fd = try Sys.openAt(directoryFD, entry.name, flags: isDirectory ? (Sys.oPath | O_DIRECTORY | O_NOFOLLOW) : (O_RDWR | O_NOFOLLOW))
+        let headerFD = isDirectory ? try Sys.openAt(fd.raw, directoryHeaderName, flags: O_RDWR) : fd
+        try withExtendedLifetime((fd, headerFD)) {
+            guard var header = check(headerOf: headerFD.raw, path: backing) else {
+                quarantine(in: directoryFD, name: entry.name, path: backing)
+                return
+            }
+            // The name: decrypt it, and require the object to be bound to it.
+            var display = backing
+            if let nameKey {
+                do {
+                    let ciphertext: [UInt8]
+                    if let short = NameCodec.ciphertext(ofShortBackingName: entry.name) {
+                        ciphertext = short
+                    } else {
+                        let digest = Binding.digest(parentID: parent.objectID, backingName: entry.name)
+                        guard let long = header.bindings.first(where: { $0.digest == digest })?.longName,
+                              NameCodec.backingName(forCiphertext: long) == entry.name else {
+                            throw StoreError.integrity("long name missing from its header")
+                        }
+                        ciphertext = long
+                    }
+                    let plain = try NameCodec.decrypt(ciphertext: ciphertext, directoryID: parent.objectID, key: nameKey)
+                    display = plainPath + "/" + String(decoding: plain, as: UTF8.self)
+                } catch {
+                    note(.problem, backing, "name: \(error)")
+                }
+                let digest = Binding.digest(parentID: parent.objectID, backingName: entry.name)
+                if keys.key(for: header.macPolicy) != nil && !header.bindings.contains(where: { $0.digest == digest }) {
+                    note(.problem, display, "not bound to this name: moved or swapped in the backing store")
+                }
+            }
+            if isDirectory {
+                guard header.type == .directory else { return note(.problem, display, "a backing directory whose header is not a directory's") }
+                try walk(directoryFD: fd.raw, header: header, plainPath: display, backingPath: backing)
+                return
+            }
+            summary.files += 1
+            guard header.type != .directory else { return note(.problem, display, "a backing file whose header is a directory's") }
+            guard let key = keys.key(for: header.policy) else { return }
+            if header.flags.contains(.pendingWrite) {
+                guard repair else { return note(.problem, display, "an interrupted write awaits recovery (--repair, or open it on a mount)") }
+                do {
+                    header = try Journal.recover(journalFD: journalFD.raw, objectFD: fd.raw, pending: header, key: key)
+                    note(.repaired, display, "completed an interrupted write from its journal")
+                } catch {
+                    note(.problem, display, "interrupted write cannot be recovered: \(error)")
+                    quarantine(in: directoryFD, name: entry.name, path: display)
+                    return
+                }
+            }
+            verifyExtents(fd: fd.raw, header: header, key: key, path: display)
+        }
+    }
+
+    /// Reads every stored extent, so each one's authentication is checked.
+    private func verifyExtents(fd: Int32, header: ObjectHeader, key: MasterKey, path: String) {
+        let file = ExtentFile(fd: fd, journalFD: journalFD.raw, key: key, header: header)
+        let geometry = header.geometry
+        var bad: [UInt64] = []
+        for index in 0..<geometry.extentCount(size: header.size) where !header.holes.contains(index) {
+            do {
+                let bytes = try file.read(offset: geometry.extentStart(index), count: geometry.extentSize)
+                summary.extentsVerified += 1
+                summary.bytesVerified += UInt64(bytes.count)
+            } catch {
+                bad.append(index)
+            }
+        }
+        if !bad.isEmpty {
+            let shown = bad.prefix(8).map(String.init).joined(separator: ", ")
+            note(.problem, path, "\(bad.count) extent(s) fail authentication (\(shown)\(bad.count > 8 ? ", ..." : "")); reads of them give EIO")
+        }
+    }
+
+    private func quarantine(in directoryFD: Int32, name: [UInt8], path: String) {
+        guard repair else { return }
+        do {
+            let quarantine = Array(".quarantine".utf8)
+            if (try? Sys.fstatAt(storeFD.raw, quarantine)) == nil { try Sys.mkdirAt(storeFD.raw, quarantine, mode: 0o700) }
+            let target = try Sys.openAt(storeFD.raw, quarantine, flags: Sys.oPath | O_DIRECTORY)
+            let moved = Array("\(Int(Date().timeIntervalSince1970))-\(String(decoding: name, as: UTF8.self))".utf8)
+            try withExtendedLifetime(target) { try Sys.renameAt(directoryFD, name, target.raw, moved, flags: Sys.renameNoReplace) }
+            note(.repaired, path, "moved to .quarantine/\(String(decoding: moved, as: UTF8.self)) (nothing deleted)")
+        } catch {
+            note(.problem, path, "could not be quarantined: \(error)")
+        }
+    }
+
+    private func removeLeftover(in directoryFD: Int32, name: [UInt8]) throws {
+        let fd = try Sys.openAt(directoryFD, name, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+        try withExtendedLifetime(fd) {
+            for entry in try Sys.listDirectory(fd.raw) where !NameCodec.isEntryName(entry.name) {
+                if entry.isDirectory { try removeLeftover(in: fd.raw, name: entry.name) } else { try Sys.unlinkAt(fd.raw, entry.name) }
+            }
+        }
+        try Sys.unlinkAt(directoryFD, name, directory: true)
+    }
+
+    /// Shadows whose object is gone are leftovers of files deleted mid-transaction.
+    private func checkJournal() {
+        guard let shadows = try? Sys.listDirectory(journalFD.raw) else { return }
+        for shadow in shadows where !shadow.isDirectory {
+            let size = (try? Sys.fstatAt(journalFD.raw, shadow.name).st_size) ?? 0
+            if size == 0 && repair {
+                try? Sys.unlinkAt(journalFD.raw, shadow.name)
+            }
+        }
+    }
+}
