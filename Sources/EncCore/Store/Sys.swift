@@ -44,9 +44,24 @@ public enum Sys {
     }
 
     public static func openAt(_ dir: Int32, _ name: [UInt8], flags: Int32, mode: mode_t = 0) throws -> FileDescriptor {
-        try withCName(name) { p throws in
+        let fd = try withCName(name) { p throws in
             try FileDescriptor(raw: retrying { Glibc.openat(dir, p, flags | O_CLOEXEC, mode) })
         }
+        if OperationLog.shared.isRecording {
+            if flags & oTmpFile == oTmpFile {
+                OperationLog.shared.record(.newInode(inode: inode(fd.raw)))
+            } else if flags & (O_CREAT | O_EXCL) == (O_CREAT | O_EXCL) {
+                OperationLog.shared.record(.create(directory: inode(dir), name: name, inode: inode(fd.raw)))
+            }
+        }
+        return fd
+    }
+
+    /// The inode behind a descriptor, for the operation log (recording only).
+    static func inode(_ fd: Int32) -> UInt64 {
+        var st = stat()
+        _ = Glibc.fstat(fd, &st)
+        return UInt64(st.st_ino)
     }
 
     /// Re-opens an O_PATH descriptor with real access flags, as passthrough_hp does.
@@ -79,12 +94,22 @@ public enum Sys {
             }
             done += n
         }
+        OperationLog.shared.record(.write(inode: inode(fd), offset: offset, bytes: Array(buffer)))
     }
 
-    public static func fsync(_ fd: Int32) throws { _ = try retrying { Glibc.fsync(fd) } }
-    public static func fdatasync(_ fd: Int32) throws { _ = try retrying { Glibc.fdatasync(fd) } }
+    public static func fsync(_ fd: Int32) throws {
+        _ = try retrying { Glibc.fsync(fd) }
+        OperationLog.shared.record(.sync(inode: inode(fd)))
+    }
+
+    public static func fdatasync(_ fd: Int32) throws {
+        _ = try retrying { Glibc.fdatasync(fd) }
+        OperationLog.shared.record(.sync(inode: inode(fd)))
+    }
+
     public static func ftruncate(_ fd: Int32, _ length: Int64) throws {
         _ = try retrying { Glibc.ftruncate(fd, off_t(length)) }
+        OperationLog.shared.record(.truncate(inode: inode(fd), length: length))
     }
 
     public static func fstat(_ fd: Int32) throws -> stat {
@@ -103,10 +128,14 @@ public enum Sys {
 
     public static func mkdirAt(_ dir: Int32, _ name: [UInt8], mode: mode_t) throws {
         try withCName(name) { p throws in try check(Glibc.mkdirat(dir, p, mode)) }
+        if OperationLog.shared.isRecording, let st = try? fstatAt(dir, name) {
+            OperationLog.shared.record(.mkdir(directory: inode(dir), name: name, inode: UInt64(st.st_ino)))
+        }
     }
 
     public static func unlinkAt(_ dir: Int32, _ name: [UInt8], directory: Bool = false) throws {
         try withCName(name) { p throws in try check(Glibc.unlinkat(dir, p, directory ? AT_REMOVEDIR : 0)) }
+        OperationLog.shared.record(.unlink(directory: inode(dir), name: name))
     }
 
     public static let oPath: Int32 = encfsd_O_PATH
@@ -119,6 +148,7 @@ public enum Sys {
         try withCName(from) { f throws in
             try withCName(to) { t throws in try check(encfsd_renameat2(fromDir, f, toDir, t, flags)) }
         }
+        OperationLog.shared.record(.rename(from: inode(fromDir), fromName: from, to: inode(toDir), toName: to, flags: flags))
     }
 
     /// Gives the inode behind `fd` a new name, via /proc so no capability is needed.
@@ -126,6 +156,7 @@ public enum Sys {
         try withCName(name) { p throws in
             try check(Glibc.linkat(AT_FDCWD, "/proc/self/fd/\(fd)", toDir, p, AT_SYMLINK_FOLLOW))
         }
+        OperationLog.shared.record(.link(directory: inode(toDir), name: name, inode: inode(fd)))
     }
 
     /// timespec values that tell futimens to leave a time alone, or set it to now.

@@ -64,6 +64,17 @@ echo -e "\n# Cleaning up"
 _rm_enckey "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER
 _enckey_status "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER
 
+# A regular user does the same with a key of their own keyring, with the permissions keyctl gives
+# a new key (possessor: all; owner: view only): the caller can read it, as its possessor, so it
+# must be accepted, as fscrypt accepts any key the caller can search.
+echo -e "\n# Adding the key via a keyring key, as a regular user"
+serial=$(_other_as keyctl padd user fstests-593:user @u < "$TEST_KEY_FILE")
+_other_as "$ENCFSD" key add "$SCRATCH_MNT" --keyring-id "$serial" 2>&1 | _filter_scratch
+_other_as "$ENCFSD" key status "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER 2>&1
+_other_as cat "$dir/file" 2>&1 | _filter_scratch
+_other_as "$ENCFSD" key remove "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER 2>&1
+_enckey_status "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER
+
 echo
 echo "# ================"
 echo "# Validation tests"

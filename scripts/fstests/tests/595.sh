@@ -80,8 +80,8 @@ _append_loop() {
 _a_bg _key_loop
 _a_bg _append_loop
 
-# Run for a while.
-sleep "$runtime"
+# Run for a while (in the background, so that a signal to the test is handled at once).
+sleep "$runtime" & wait $!
 
 # Stop all subprocesses.
 _a_stop_bg 10 || echo "background loops did not stop"

@@ -1,0 +1,230 @@
+import Foundation
+import Testing
+@testable import EncCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// P2 (power loss), shown by enumeration (ALICE / CrashMonkey, done in-process): a workload runs
+/// on a `Volume` while every backing operation is recorded. For each point in the log, the
+/// states a power loss could leave are rebuilt on a model: every operation a later sync made
+/// durable, plus allowed subsets and prefixes of the rest, with the last write torn at sector
+/// granularity. Recovery runs on each state, and every file must read in full as a committed
+/// state no older than its last fsync, under exactly one of its names.
+@Suite(.serialized) struct CrashStateTests {
+    static let key = try! MasterKey(raw: (1...64).map { UInt8($0) })
+
+    /// One logical file of the workload and what the log says about it.
+    final class Tracked {
+        let label: String
+        /// (path, from log index): where the file is named, in order.
+        var paths: [([String], Int)] = []
+        /// Contents after each commit: the log range of the commit and whether it ended durable.
+        var commits: [(start: Int, end: Int, content: [UInt8], durable: Bool)] = []
+        var content: [UInt8] = []
+        /// What it held when recording started (empty for files created while recording).
+        var initial: [UInt8] = []
+        /// Log index after which the entry is durable (creation, latest rename), and unlink.
+        var entryDurableAt: Int?
+        var unlinkedAt: Int?
+        var unlinkDurableAt: Int?
+        init(_ label: String) { self.label = label }
+    }
+
+    struct Harness {
+        let volume: Volume
+        let log = OperationLog.shared
+        var tracked: [String: Tracked] = [:]
+        var handles: [String: UInt64] = [:]
+        var nodes: [String: UInt64] = [:]
+        let caller = Caller(uid: 0, gid: 0)
+
+        func node(_ path: [String]) throws -> UInt64 {
+            try path.reduce(Volume.rootID) { try volume.lookup(parent: $0, name: Array($1.utf8)).0 }
+        }
+
+        mutating func create(_ label: String, in dir: UInt64 = Volume.rootID, name: String, path: [String]) throws {
+            let t = Tracked(label)
+            t.paths = [(path, log.count)]
+            let (id, _, handle) = try volume.create(parent: dir, name: Array(name.utf8), mode: 0o644, caller: caller)
+            tracked[label] = t
+            handles[label] = handle
+            nodes[label] = id
+        }
+
+        mutating func write(_ label: String, at offset: Int, _ bytes: [UInt8]) throws {
+            let t = tracked[label]!
+            try bytes.withUnsafeBytes { try volume.write(handle: handles[label]!, offset: UInt64(offset), data: $0) }
+            if t.content.count < offset + bytes.count { t.content += [UInt8](repeating: 0, count: offset + bytes.count - t.content.count) }
+            t.content.replaceSubrange(offset..<(offset + bytes.count), with: bytes)
+        }
+
+        mutating func truncate(_ label: String, to size: Int) throws {
+            let t = tracked[label]!
+            let start = log.count
+            var changes = AttributeChanges()
+            changes.size = UInt64(size)
+            _ = try volume.setattr(nodes[label]!, changes)
+            if t.content.count > size { t.content.removeLast(t.content.count - size) } else { t.content += [UInt8](repeating: 0, count: size - t.content.count) }
+            t.commits.append((start, log.count, t.content, false))
+        }
+
+        mutating func flush(_ label: String, durable: Bool) throws {
+            let t = tracked[label]!
+            let start = log.count
+            if durable { try volume.fsync(handle: handles[label]!, dataOnly: true) } else { try volume.flush(handle: handles[label]!) }
+            t.commits.append((start, log.count, t.content, durable))
+        }
+
+        func syncDirectory(_ dir: UInt64 = Volume.rootID) throws { try volume.fsyncDirectory(dir) }
+    }
+
+    @Test func everyCrashStateRecoversToACommittedState() throws {
+        // Thousands of states are written out and read back: on tmpfs when the machine has one.
+        let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
+        let base = scratch + "/encfsd-crash-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let store = base + "/store"
+        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
+        let keys = KeyTable()
+        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+        var h = Harness(volume: try Volume(storePath: store, keys: keys))
+        var rng = SystemRandomNumberGenerator()
+        func random(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) } }
+
+        // Before recording: a small file, a multi-extent file and a directory, all durable.
+        try h.create("A", name: "a", path: ["a"])
+        try h.write("A", at: 0, random(100))
+        try h.flush("A", durable: true)
+        try h.create("B", name: "b", path: ["b"])
+        try h.write("B", at: 0, random(3 * 4096 + 700))
+        try h.flush("B", durable: true)
+        let (dirID, _) = try h.volume.mkdir(parent: Volume.rootID, name: Array("d".utf8), mode: 0o755, caller: h.caller)
+        try h.syncDirectory()
+        for t in h.tracked.values { t.entryDurableAt = 0; t.initial = t.content; t.commits = [] }
+        let initial = try BackingModel.snapshot(of: store)
+
+        OperationLog.shared.start()
+        try h.write("A", at: 20, random(10)); try h.flush("A", durable: false)          // small overwrite: journaled
+        try h.flush("A", durable: true)                                                 // fsync after flush
+        try h.write("B", at: 3 * 4096 + 700, random(5000)); try h.flush("B", durable: false) // append, reseals the partial extent
+        try h.write("B", at: 3000, random(6000)); try h.flush("B", durable: true)        // multi-extent overwrite, fsync
+        try h.truncate("A", to: 30000)                                                  // grow past many extents
+        try h.truncate("B", to: 5000); try h.flush("B", durable: true)                  // shrink into an extent
+        try h.create("C", name: "c", path: ["c"])                                       // a new small file
+        try h.write("C", at: 0, random(50)); try h.flush("C", durable: true)
+        try h.syncDirectory()
+        h.tracked["C"]!.entryDurableAt = OperationLog.shared.count
+        let renameStart = OperationLog.shared.count
+        try h.volume.rename(parent: Volume.rootID, name: Array("a".utf8), newParent: dirID, newName: Array("a2".utf8), mode: .replace)
+        h.tracked["A"]!.paths.append((["d", "a2"], renameStart))
+        try h.syncDirectory(); try h.syncDirectory(dirID)
+        h.tracked["A"]!.entryDurableAt = OperationLog.shared.count
+        try h.write("A", at: 29999, [0x5a]); try h.flush("A", durable: true)            // overwrite after the rename
+        try h.create("S", name: "sparse", path: ["sparse"])                             // holes, then a hole filled
+        try h.write("S", at: 20000, random(100)); try h.flush("S", durable: true)
+        try h.syncDirectory()
+        h.tracked["S"]!.entryDurableAt = OperationLog.shared.count
+        try h.write("S", at: 4096, random(4096)); try h.flush("S", durable: false)
+        try h.write("A", at: 2000, random(9000)); try h.flush("A", durable: false)     // three extents, journaled
+        try h.volume.release(handle: h.handles["B"]!)
+        h.tracked["B"]!.unlinkedAt = OperationLog.shared.count
+        try h.volume.unlink(parent: Volume.rootID, name: Array("b".utf8))
+        try h.syncDirectory()
+        h.tracked["B"]!.unlinkDurableAt = OperationLog.shared.count
+        let operations = OperationLog.shared.stop()
+        for label in ["A", "C", "S"] { try h.volume.release(handle: h.handles[label]!) }
+
+        let checked = try check(operations: operations, initial: initial, tracked: Array(h.tracked.values), base: base)
+        print("crash states checked: \(checked.states) distinct states at \(checked.points) crash points (\(operations.count) backing operations)")
+        #expect(checked.states >= 1000)
+    }
+
+    /// Which earlier operations a sync has made durable by log index `point`.
+    func durable(_ operations: [BackingOperation], before point: Int) -> [Bool] {
+        var synced: [UInt64: Int] = [:] // inode -> index of its last sync before `point`
+        for i in 0..<point { if case .sync(let inode) = operations[i] { synced[inode] = i } }
+        return (0..<point).map { i in
+            func syncedAfter(_ inode: UInt64) -> Bool { (synced[inode] ?? -1) > i }
+            switch operations[i] {
+            case .write(let inode, _, _), .truncate(let inode, _), .newInode(let inode): return syncedAfter(inode)
+            case .sync: return true
+            case .create(let dir, _, _), .mkdir(let dir, _, _), .link(let dir, _, _), .unlink(let dir, _): return syncedAfter(dir)
+            case .rename(_, _, let to, _, _): return syncedAfter(to)
+            }
+        }
+    }
+
+    func check(operations: [BackingOperation], initial: BackingModel, tracked: [Tracked], base: String) throws -> (states: Int, points: Int) {
+        var seen = Set<BackingModel>()
+        var points = 0
+        for point in 0...operations.count {
+            points += 1
+            let isDurable = durable(operations, before: point)
+            let volatile = (0..<point).filter { !isDurable[$0] }
+            // The subsets of volatile operations to try: none, all, all but one, each one alone,
+            // every prefix; and with the last applied write torn at a few sector boundaries.
+            var subsets: [Set<Int>] = [[], Set(volatile)]
+            for v in volatile {
+                subsets.append(Set(volatile).subtracting([v]))
+                subsets.append([v])
+            }
+            for n in 1..<max(1, volatile.count) { subsets.append(Set(volatile.prefix(n))) }
+            for (a, b) in zip(volatile, volatile.dropFirst()) { subsets.append([a, b]) }
+            for subset in subsets {
+                let applied = (0..<point).filter { isDurable[$0] || subset.contains($0) }
+                var tears: [Int?] = [nil]
+                if let last = applied.last, case .write(_, _, let bytes) = operations[last], bytes.count > 512 {
+                    // Torn at sector boundaries: up to eight, spread over the write.
+                    let sectors = (bytes.count - 1) / 512
+                    let step = max(1, sectors / 8)
+                    tears += Swift.stride(from: 1, through: sectors, by: step).map { $0 * 512 }
+                }
+                for tear in tears {
+                    var model = initial
+                    for i in applied { model.apply(operations[i], tornAt: i == applied.last ? tear : nil) }
+                    guard seen.insert(model).inserted else { continue }
+                    try verify(model, at: point, tracked: tracked, base: base, label: "point \(point), \(applied.count) ops, tear \(tear.map(String.init) ?? "none")")
+                }
+            }
+        }
+        return (seen.count, points)
+    }
+
+    func verify(_ model: BackingModel, at point: Int, tracked: [Tracked], base: String, label: String) throws {
+        let dir = base + "/state"
+        try? FileManager.default.removeItem(atPath: dir)
+        try model.materialize(at: dir)
+        let keys = KeyTable()
+        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+        let volume = try Volume(storePath: dir, keys: keys)
+        for t in tracked {
+            // Where it may be named: the name before its latest rename that had started, and after.
+            let started = t.paths.filter { $0.1 <= point }
+            var names = [started.last?.0 ?? t.paths[0].0]
+            if started.count > 1, (t.entryDurableAt ?? Int.max) > point { names.append(started[started.count - 2].0) }
+            var found: [[String]] = []
+            for path in names {
+                if let id = try? path.reduce(Volume.rootID, { try volume.lookup(parent: $0, name: Array($1.utf8)).0 }) {
+                    found.append(path)
+                    let handle = try volume.open(id, truncate: false)
+                    let data = try volume.read(handle: handle, offset: 0, count: 1 << 20)
+                    try volume.release(handle: handle)
+                    // Allowed: any commit that had started, from the last one whose fsync returned on;
+                    // and what it held when recording began, until a durable commit.
+                    let lastDurable = t.commits.lastIndex { $0.durable && $0.end <= point }
+                    let allowed = t.commits[(lastDurable ?? 0)...].filter { $0.start < point }.map(\.content)
+                        + (lastDurable == nil ? [t.initial] : [])
+                    #expect(allowed.contains(data), "\(t.label) at \(path) holds \(data.count) bytes, allowed \(allowed.map(\.count)) (\(label))")
+                }
+            }
+            #expect(found.count <= 1, "\(t.label) under two names (\(label))")
+            let mustExist = (t.entryDurableAt.map { $0 <= point } ?? false) && (t.unlinkedAt.map { $0 >= point } ?? true)
+            if mustExist && (t.paths.count == 1 || (t.paths.last!.1 >= point || t.entryDurableAt! <= point)) {
+                #expect(found.count == 1, "\(t.label) is missing though its entry was durable (\(label))")
+            }
+            if let gone = t.unlinkDurableAt, gone <= point { #expect(found.isEmpty, "\(t.label) came back after a durable unlink (\(label))") }
+        }
+    }
+}
