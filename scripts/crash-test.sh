@@ -18,7 +18,8 @@
 #               on a violation, copy the store, key, logs and model there (default
 #               /tmp/encfsd-crash-failure.XXXXXX)
 #
-# The daemon binary is $ENCFSD (default .build/debug/encfsd, built if missing). Needs root and
+# The daemon binary is $ENCFSD (default .build/debug/encfsd, built if missing), copied into the
+# work directory first so that a rebuild during the run does not disturb it. Needs root and
 # /dev/fuse. The workload and checker are scripts/crash_workload.py (its docstring describes the
 # model of allowed states). Everything lives in its own mktemp -d directory, which is removed on
 # exit along with the mount, the daemon and the keys this run added to the user keyring.
@@ -60,6 +61,13 @@ PY=$(python3 -c 'import sys; print(sys.executable)') || die "python3 is missing"
 T=$(mktemp -d /tmp/encfsd-crash.XXXXXX) || die "mktemp failed"
 STORE=$T/store MNT=$T/mnt KEY=$T/master.key DLOG=$T/daemon.log WORK=$T/work
 mkdir -p "$MNT" "$WORK"
+# A private copy of the binary: a rebuild during the run must not change or block it.
+for _ in 1 2 3 4 5; do
+    cp "$ENCFSD" "$T/encfsd" 2>/dev/null && "$T/encfsd" --help >/dev/null 2>&1 && break
+    sleep 2
+done
+"$T/encfsd" --help >/dev/null 2>&1 || { rm -rf "$T"; die "cannot copy and run $ENCFSD"; }
+ENCFSD_SRC=$ENCFSD ENCFSD=$T/encfsd
 KEY_ID= WPID= DPID= FAILED=0
 
 mounted() { grep -qs " $MNT " /proc/mounts; }
@@ -153,7 +161,7 @@ finish_workload() { # waits for the workload (at most 60 s); returns its exit st
     return $rc
 }
 
-echo "crash-test: seed $SEED, $KILLS kills, encfsd $ENCFSD, work dir $T"
+echo "crash-test: seed $SEED, $KILLS kills, encfsd $ENCFSD_SRC (sha256 $(sha256sum "$ENCFSD" | cut -c1-12)), work dir $T"
 RANDOM=$SEED
 START=$SECONDS
 "$ENCFSD" key generate -o "$KEY" >/dev/null || die "key generate failed"

@@ -110,7 +110,7 @@ def test_key_bytes_are_gone_from_daemon_memory_after_removal(volume):
 def test_keyring_entry_is_revoked_when_key_is_wiped(volume):
     ident = identifier_of(volume)
     serials = [s for s in run("keyctl", "rlist", "@u").stdout.split()
-               if run("keyctl", "rdescribe", s, check=False).stdout.strip().endswith(f"encfsd:{ident}")]
+               if f";encfsd:{ident}:" in run("keyctl", "rdescribe", s, check=False).stdout]
     assert len(serials) == 1
     run(volume.binary, "key", "remove", volume.mnt, ident)
     time.sleep(0.3)

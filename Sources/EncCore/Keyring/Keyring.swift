@@ -7,13 +7,17 @@ import Glibc
 /// Every call encfsd makes into the kernel keyring (libkeyutils), in one place.
 ///
 /// Keys live in the user keyring of the user who added them, as `user` keys described
-/// `encfsd:<identifier>`. The daemon reads them by serial with its thread's filesystem identity
+/// `encfsd:<identifier>:<nonce>`. The daemon reads them by serial with its thread's filesystem identity
 /// switched to the requesting user, so the kernel's own permission check decides what a caller
 /// may hand over: nobody can make the daemon load a key they could not read themselves.
 public enum Keyring {
     public static let descriptionPrefix = "encfsd:"
 
-    public static func description(for identifier: KeyIdentifier) -> String { descriptionPrefix + identifier.hex }
+    /// `encfsd:<identifier>:<nonce>`: a fresh entry for every add, so revoking one claim's entry
+    /// (when its key is wiped) can never hit an entry another add or another mount is using.
+    public static func description(for identifier: KeyIdentifier) -> String {
+        descriptionPrefix + identifier.hex + ":" + Hex.encode(OpenSSL.random(count: 8))
+    }
 
     /// Possessor: everything; owner: view, read, write, search, link, setattr (so the owner's
     /// daemon can read and later revoke it); nobody else anything.
@@ -69,6 +73,25 @@ public enum Keyring {
 
     public static func revoke(_ serial: Int32) {
         _ = keyctl_revoke(serial)
+    }
+
+    /// Removes a key the CLI placed when the daemon then refused it.
+    public static func unlinkFromUserKeyring(_ serial: Int32) {
+        _ = keyctl_unlink(serial, KEY_SPEC_USER_KEYRING)
+    }
+
+    /// Lets the key's owner read it, as the daemon reads on the owner's behalf. A key made with
+    /// `keyctl add` grants its owner only "view"; the possessor (the caller) may change that.
+    public static func grantOwnerRead(_ serial: Int32) throws {
+        var buffer: UnsafeMutablePointer<CChar>?
+        guard keyctl_describe_alloc(serial, &buffer) >= 0, let buffer else { throw StoreError.system(errno) }
+        defer { free(buffer) }
+        let fields = String(cString: buffer).split(separator: ";", maxSplits: 4, omittingEmptySubsequences: false)
+        guard fields.count == 5, let permission = UInt32(fields[3], radix: 16) else { throw StoreError.keyRejected }
+        let ownerViewRead: UInt32 = 0x0003_0000
+        if permission & ownerViewRead != ownerViewRead {
+            guard keyctl_setperm(serial, permission | ownerViewRead) == 0 else { throw StoreError.system(errno) }
+        }
     }
 
     /// Runs `body` with this thread's filesystem identity set to `uid`/`gid`, then restores it.

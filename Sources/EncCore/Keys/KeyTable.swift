@@ -24,13 +24,17 @@ public final class KeyTable: Sendable {
         case otherUsersRemain
     }
 
-    /// A keyring entry to revoke once the key it holds is no longer in use.
+    /// A user's claim, and the keyring entry it came from.
     public struct KeyringClaim: Sendable, Equatable {
         public var uid: UInt32
         public var serial: Int32
-        public init(uid: UInt32, serial: Int32) {
+        /// Whether the entry is encfsd's own (made by `encfsd key add`), to revoke when the key is
+        /// wiped; a key the user placed in the keyring themselves is theirs to keep.
+        public var revokeWhenWiped: Bool
+        public init(uid: UInt32, serial: Int32, revokeWhenWiped: Bool = false) {
             self.uid = uid
             self.serial = serial
+            self.revokeWhenWiped = revokeWhenWiped
         }
     }
 
@@ -138,7 +142,9 @@ public final class KeyTable: Sendable {
             let claims = entry.revokeWhenWiped
             entry.revokeWhenWiped = []
             table[identifier] = entry
-            return claims
+            // Never revoke an entry a live claim (of any key) still came from.
+            let inUse = Set(table.values.flatMap { $0.claims.values.map(\.serial) })
+            return claims.filter { $0.revokeWhenWiped && $0.serial > 0 && !inUse.contains($0.serial) }
         }
         wipeObserver?(identifier, revoke)
     }

@@ -38,7 +38,7 @@ struct KeyAdd: ParsableCommand {
         commandName: "add",
         abstract: "Unlock a mounted store, or directories under a policy, with a master key.",
         discussion: """
-            The key goes into your user keyring as a `user` key described encfsd:<identifier>, and the \
+            The key goes into your user keyring as a `user` key described encfsd:<identifier>:<nonce>, and the \
             daemon loads it from there by serial, reading it with your permissions. Each user's add is a \
             claim on the key; the key stays until every claim is removed.
             """)
@@ -63,9 +63,22 @@ struct KeyAdd: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
+            let placed = keyringId == nil
             let serial = try keyringId ?? placeInKeyring(try rawKey())
+            if let keyringId {
+                do { try Keyring.grantOwnerRead(keyringId) } catch StoreError.system(let code) {
+                    throw CLIError("Error adding encryption key: \(String(cString: strerror(code)))")
+                }
+            }
             let argument = ControlProtocol.AddKeyArgument(source: .keyring, keyringSerial: serial)
-            let reply = try ControlClient.call(mountpoint, ControlProtocol.addKey, argument.encoded(), failure: "Error adding encryption key")
+            let reply: [UInt8]
+            do {
+                reply = try ControlClient.call(mountpoint, ControlProtocol.addKey, argument.encoded(), failure: "Error adding encryption key")
+            } catch {
+                // The daemon refused it: take back the keyring entry this command made.
+                if placed { Keyring.unlinkFromUserKeyring(serial) }
+                throw error
+            }
             guard let decoded = ControlProtocol.AddKeyArgument.decode(reply), let identifier = KeyIdentifier(bytes: decoded.identifier) else {
                 throw CLIError("Error adding encryption key: the daemon's reply was malformed")
             }

@@ -13,11 +13,12 @@ struct KeyService: Sendable {
     /// Loads the key at keyring `serial` on behalf of the caller: read with the caller's identity
     /// (the kernel checks the caller may read it), and only a key the caller owns.
     func add(serial: Int32, context: RequestContext) throws -> KeyIdentifier {
-        let key = try Keyring.asUser(uid: context.uid, gid: context.gid) { () throws -> MasterKey in
-            guard try Keyring.describe(serial).uid == context.uid else { throw StoreError.accessDenied }
-            return try Keyring.loadMasterKey(serial: serial)
+        let (key, ours) = try Keyring.asUser(uid: context.uid, gid: context.gid) { () throws -> (MasterKey, Bool) in
+            let info = try Keyring.describe(serial)
+            guard info.uid == context.uid else { throw StoreError.accessDenied }
+            return (try Keyring.loadMasterKey(serial: serial), info.description.hasPrefix(Keyring.descriptionPrefix))
         }
-        let identifier = try keys.add(key, claim: .init(uid: context.uid, serial: serial))
+        let identifier = try keys.add(key, claim: .init(uid: context.uid, serial: serial, revokeWhenWiped: ours))
         invalidator.invalidate(policy: identifier)
         return identifier
     }
@@ -27,7 +28,7 @@ struct KeyService: Sendable {
     func addKeysFromUserKeyring() -> [KeyIdentifier] {
         Keyring.encfsdKeysInUserKeyring().compactMap { serial in
             guard let key = try? Keyring.loadMasterKey(serial: serial) else { return nil }
-            return try? keys.add(key, claim: .init(uid: getuid(), serial: serial))
+            return try? keys.add(key, claim: .init(uid: getuid(), serial: serial, revokeWhenWiped: true))
         }
     }
 
