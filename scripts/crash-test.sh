@@ -90,7 +90,8 @@ cleanup() {
         local s d
         for s in $(keyctl rlist @u 2>/dev/null); do
             d=$(keyctl rdescribe "$s" 2>/dev/null) || continue
-            [[ $d == *"encfsd:$KEY_ID" ]] && keyctl unlink "$s" @u >/dev/null 2>&1
+            # "encfsd:<id>", or "encfsd:<id>:<nonce>" where every add makes its own entry
+            [[ $d == *";encfsd:$KEY_ID" || $d == *";encfsd:$KEY_ID:"* ]] && keyctl unlink "$s" @u >/dev/null 2>&1
         done
     fi
     if ((FAILED)); then

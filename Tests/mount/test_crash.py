@@ -157,3 +157,23 @@ def test_daemon_killed_during_recovery(make_volume, point):
     kill_leftovers(volume)
     volume.mount()
     check_p1(volume, model)
+
+
+def test_timer_flush_commits_files_nobody_closes(make_volume):
+    volume = make_volume()
+    f = open(volume.mnt / "held", "wb")
+    try:
+        f.write(b"written, never closed or synced")
+        f.flush()
+        time.sleep(4)  # the timer commits changes older than 2 s, checking every second
+        for pid in volume.pids:
+            os.kill(pid, 9)
+        assert wait_pids_gone(volume.pids, 10) == []
+    finally:
+        try:
+            f.close()
+        except OSError:
+            pass
+    kill_leftovers(volume)
+    volume.mount()
+    assert (volume.mnt / "held").read_bytes() == b"written, never closed or synced"

@@ -31,6 +31,8 @@ final class ExtentFile: @unchecked Sendable {
     private(set) var modifiedAt: timespec?
     /// Whether a transaction of this open file went through the journal (its shadow then exists).
     private(set) var usedJournal = false
+    /// When the oldest uncommitted change was made: the timer commits files dirty for too long.
+    private(set) var dirtySince: ContinuousClock.Instant?
 
     /// Dirty bytes held before a write forces a commit: bounds memory and the journal batch.
     static let dirtyLimitBytes = 16 << 20
@@ -166,6 +168,7 @@ final class ExtentFile: @unchecked Sendable {
     }
 
     private func touch() {
+        if dirtySince == nil { dirtySince = .now }
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
         modifiedAt = now
@@ -252,6 +255,7 @@ final class ExtentFile: @unchecked Sendable {
             FaultPoints.reach(.shadowRemoved)
         }
         header = final
+        dirtySince = nil
         if let modifiedAt {
             try Sys.futimens(fd, (Sys.omitTime, modifiedAt))
             self.modifiedAt = nil

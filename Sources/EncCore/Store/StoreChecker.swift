@@ -59,7 +59,13 @@ public final class StoreChecker {
         storeFD = try Sys.open(storePath, flags: Sys.oPath | O_DIRECTORY)
         journalFD = try Volume.openJournal(storeFD: storeFD.raw)
         let root = try Sys.openAt(storeFD.raw, directoryHeaderName, flags: O_RDWR)
-        guard let rootHeader = check(headerOf: root.raw, path: "/") else { return summary }
+        let rootHeader: ObjectHeader
+        do {
+            rootHeader = try header(of: root.raw)
+        } catch {
+            note(.problem, "/", "root header: \(error)")
+            return summary
+        }
         if rootHeader.policy != config.rootIdentifier {
             note(.problem, "/", "root policy \(rootHeader.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
@@ -72,16 +78,20 @@ public final class StoreChecker {
         summary.findings.append(Finding(severity: severity, path: path, message: message))
     }
 
-    /// The header of an object, verified when its key is available; nil (with a finding) when
-    /// neither slot is usable.
-    private func check(headerOf fd: Int32, path: String) -> ObjectHeader? {
-        do {
-            let unverified = try HeaderIO.read(fd: fd, key: nil)
-            guard let key = keys.key(for: unverified.macPolicy) else { return unverified }
-            return try HeaderIO.read(fd: fd, key: key)
-        } catch {
-            note(.problem, path, "header: \(error)")
-            return nil
+    /// The header of an object, verified when its key is available.
+    private func header(of fd: Int32) throws -> ObjectHeader {
+        let unverified = try HeaderIO.read(fd: fd, key: nil)
+        guard let key = keys.key(for: unverified.macPolicy) else { return unverified }
+        return try HeaderIO.read(fd: fd, key: key)
+    }
+
+    /// Reports a problem with an object; with --repair, moves the object aside (then it counts as
+    /// repaired, since nothing broken is left in the namespace and nothing was deleted).
+    private func unrecoverable(in directoryFD: Int32, name: [UInt8], path: String, _ why: String) {
+        if repair, let moved = quarantine(in: directoryFD, name: name, path: path) {
+            note(.repaired, path, "\(why); moved to .quarantine/\(moved) (nothing deleted)")
+        } else {
+            note(.problem, path, why)
         }
     }
 
@@ -120,8 +130,11 @@ public final class StoreChecker {
         let fd = try Sys.openAt(directoryFD, entry.name, flags: isDirectory ? (Sys.oPath | O_DIRECTORY | O_NOFOLLOW) : (O_RDWR | O_NOFOLLOW))
         let headerFD = isDirectory ? try Sys.openAt(fd.raw, directoryHeaderName, flags: O_RDWR) : fd
         try withExtendedLifetime((fd, headerFD)) {
-            guard var header = check(headerOf: headerFD.raw, path: backing) else {
-                quarantine(in: directoryFD, name: entry.name, path: backing)
+            var header: ObjectHeader
+            do {
+                header = try self.header(of: headerFD.raw)
+            } catch {
+                unrecoverable(in: directoryFD, name: entry.name, path: backing, "header: \(error)")
                 return
             }
             // The name: decrypt it, and require the object to be bound to it.
@@ -163,8 +176,7 @@ public final class StoreChecker {
                     header = try Journal.recover(journalFD: journalFD.raw, objectFD: fd.raw, pending: header, key: key)
                     note(.repaired, display, "completed an interrupted write from its journal")
                 } catch {
-                    note(.problem, display, "interrupted write cannot be recovered: \(error)")
-                    quarantine(in: directoryFD, name: entry.name, path: display)
+                    unrecoverable(in: directoryFD, name: entry.name, path: display, "interrupted write cannot be recovered: \(error)")
                     return
                 }
             }
@@ -192,17 +204,18 @@ public final class StoreChecker {
         }
     }
 
-    private func quarantine(in directoryFD: Int32, name: [UInt8], path: String) {
-        guard repair else { return }
+    /// Moves an object into `.quarantine/`; returns its name there, or nil (with a finding).
+    private func quarantine(in directoryFD: Int32, name: [UInt8], path: String) -> String? {
         do {
             let quarantine = Array(".quarantine".utf8)
             if (try? Sys.fstatAt(storeFD.raw, quarantine)) == nil { try Sys.mkdirAt(storeFD.raw, quarantine, mode: 0o700) }
             let target = try Sys.openAt(storeFD.raw, quarantine, flags: Sys.oPath | O_DIRECTORY)
             let moved = Array("\(Int(Date().timeIntervalSince1970))-\(String(decoding: name, as: UTF8.self))".utf8)
             try withExtendedLifetime(target) { try Sys.renameAt(directoryFD, name, target.raw, moved, flags: Sys.renameNoReplace) }
-            note(.repaired, path, "moved to .quarantine/\(String(decoding: moved, as: UTF8.self)) (nothing deleted)")
+            return String(decoding: moved, as: UTF8.self)
         } catch {
             note(.problem, path, "could not be quarantined: \(error)")
+            return nil
         }
     }
 

@@ -100,6 +100,23 @@ extension Volume {
         }
     }
 
+    /// Commits every open file whose oldest buffered change is older than `age`: the timer flush,
+    /// which bounds what a daemon death can lose from files nobody closes or syncs.
+    public func commitIdleFiles(olderThan age: Duration) {
+        let nodes = table.withLock { Array($0.byID.values) }
+        let deadline = ContinuousClock.now - age
+        for node in nodes {
+            node.state.withLock { state in
+                guard let file = state.file, let since = file.dirtySince, since < deadline else { return }
+                do {
+                    try file.commit(header: &state.header)
+                } catch {
+                    Diagnostics.report("timed flush of object \(Hex.encode(state.header.objectID)) failed: \(error)")
+                }
+            }
+        }
+    }
+
     public func fallocate(handle: UInt64, offset: UInt64, length: UInt64, keepSize: Bool) throws {
         try withOpenFile(try fileNode(handle: handle)) { state, file in
             try file.allocate(offset: offset, length: length, keepSize: keepSize)

@@ -32,6 +32,14 @@ struct Daemon {
         if unlockFromKeyring { _ = keyService.addKeysFromUserKeyring() }
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
         invalidator.attach(session: session)
+        // The timer flush: buffered writes reach the journal within a few seconds even when a file
+        // is neither closed nor synced.
+        Thread.detachNewThread {
+            while true {
+                Thread.sleep(forTimeInterval: 1)
+                volume.commitIdleFiles(olderThan: .seconds(2))
+            }
+        }
         if reportReady { detach() }
         SystemdNotify.ready()
         try session.run()
