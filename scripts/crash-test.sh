@@ -127,6 +127,7 @@ summary() { # prints the counts so far; sets S and SURVIVED
     echo "crash-test: $RESULT in $((SECONDS - START)) s (seed $SEED)"
     echo "  workload: ${S[ops_acked]} logged operations acknowledged (flush points, creates, renames, unlinks; ${S[fsyncs_acked]} of them fsync/fdatasync), ${S[writes]} writes of ${S[bytes_written]} bytes"
     echo "  kills inside a logged operation: ${S[kills_in_flight]} (old state found ${S[in_flight_old]}, new ${S[in_flight_new]}, no difference ${S[in_flight_same]}); workload stopped by ${S[stop_errnos]}"
+    echo "  kills with a file left dirty for 1 s or more: ${S[kills_timer_eligible]} (a timer-flushed state found in ${S[timer_state_found]})"
     echo "  daemon log: $RECOVERED \"recovered an interrupted write\""
     echo "kills survived: $SURVIVED"
     echo "files checked: ${S[files_checked]}"

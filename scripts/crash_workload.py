@@ -3,13 +3,17 @@
 
 One invocation per round:
 
-    crash_workload.py round --mnt M --work W --round R --seed S [--run --daemon-pid P]
+    crash_workload.py round --mnt M --work W --round R --seed S [--run] [--keep-going]
+    crash_workload.py stats --work W        (the counts so far, as key=value lines)
 
 1. Check. If W/log.<R-1>.jsonl exists (the previous round's workload, whose daemon was killed),
    replay it onto the model in W/state.json, read every file under M in full, and check that
    what is on disk is exactly one of the allowed states (see "The model" below). Any read error,
-   missing or unexpected file, or content matching no allowed state is a violation: it is
-   printed naming the round and the file, and the exit status is 1.
+   missing or unexpected file, content matching no allowed state, or a file whose size as
+   looked up, as read to EOF and as fstat reports it after the read disagree, is a violation: it
+   is printed naming the round and the file, every file is read a second time to tell a stale
+   first view from a wrong stored state, and the exit status is 1 (with --keep-going the
+   violation is counted, the model is taken from the disk, and the round goes on).
 2. Run (with --run). Take the checked disk contents as the model, touch W/ready.<R>, and run a
    mixed workload on M until an operation fails. The killer writes W/killed.<R> before it sends
    SIGKILL, so a failure with that file present is the expected end of the round (exit 0); a
@@ -28,6 +32,12 @@ disk must equal either the state before it (every file at its last completed flu
 of the last completed rename/unlink/create) or the state after it. Since an fsync ack moves the
 file's last completed flush to the fsynced state, "never older than the last fsync" is implied;
 a mismatch is reported as lost fsynced data when the file's expected state was fsync-acknowledged.
+
+The daemon also commits files left dirty for 2 s (the timer flush). Every write is therefore
+logged too (the buffer's sha256 and length after it, and the time); for a file that had been dirty
+for TIMER_MARGIN or more when the daemon died, its buffer state at any write boundary from then on
+is allowed as well. Sessions are short, so this applies only in the rounds that deliberately leave
+a file dirty (IDLE_ROUNDS), where the timer-flushed state is what should be found.
 """
 import argparse
 import ctypes
@@ -37,6 +47,7 @@ import json
 import os
 import random
 import stat
+import time
 import sys
 
 DIRS = ["", "d0", "d1", "d1/sub"]
@@ -45,6 +56,16 @@ MAX_SIZE = 200 * 1024
 EXTENT = 16 * 1024
 MIN_FILES, MAX_FILES = 8, 16
 EMPTY = hashlib.sha256(b"").hexdigest()
+# A file dirty (written since its last flush) for at least this long when the daemon died may
+# have been committed by a timer flush (one that commits files dirty for 2 s): its buffer state at
+# any write boundary after this much dirty time is then allowed as well. Sessions are short, so
+# this rarely applies; without a timer flush in the daemon such states never appear.
+TIMER_MARGIN = 1.0
+# In this share of rounds the workload writes a file and leaves it dirty and open for
+# IDLE_SECONDS (the daemon's timer flush commits files dirty for 2 s, checking every second), then
+# reports ready and goes on writing it without a flush until the kill: the file must then read
+# back as the timer-flushed state (or, without a timer flush in the daemon, its last flush).
+IDLE_ROUNDS, IDLE_SECONDS = 0.1, 3.2
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
@@ -75,13 +96,19 @@ def new_obj(state, h=EMPTY, n=0):
     return {"id": state["next_id"], "h": h, "n": n, "sh": None, "sn": None, "hist": []}
 
 
-def apply(state, names, rec, acked):
-    """Applies one logged operation to `names` (name -> object); `acked`: it returned."""
+def apply(state, names, rec, acked, dirty=None):
+    """Applies one logged operation to `names` (name -> object); `acked`: it returned. `dirty`
+    (object id -> [(time, sha, len)]) collects the buffer states of writes since the last flush."""
     op = rec["op"]
-    if op == "flush":
+    if op == "write":
+        if dirty is not None and rec["name"] is not None:
+            dirty.setdefault(names[rec["name"]]["id"], []).append((rec["t"], rec["h"], rec["n"]))
+    elif op == "flush":
         if rec["name"] is None:  # flush of an open, unlinked file: no name to check
             return
         obj = names[rec["name"]]
+        if dirty is not None and acked:
+            dirty.pop(obj["id"], None)
         if (obj["h"], obj["n"]) != (rec["h"], rec["n"]):
             obj["hist"] = (obj["hist"] + [[obj["h"], obj["n"]]])[-16:]
         obj["h"], obj["n"] = rec["h"], rec["n"]
@@ -152,7 +179,7 @@ def observe(mnt, rnd):
 def describe_mismatch(rnd, worlds, observed, pending, skip=frozenset()):
     """Per-file explanation of why the disk matches none of the allowed worlds."""
     msgs = []
-    pre, post = worlds[0][1], worlds[-1][1]
+    pre, post = worlds[0][1], {k: v for w in worlds[1:] for k, v in w[1].items()}
     pend = "; in flight: " + ", ".join(json.dumps({k: v for k, v in p.items() if k != "seq"}) for p in pending) \
         if pending else "; no operation in flight"
     for name in sorted(set(observed) | set(pre) | set(post)):
@@ -197,7 +224,7 @@ def check(args, state):
     stats = state["stats"]
     prev = os.path.join(args.work, f"log.{args.round - 1}.jsonl")
     names = state["names"]
-    pending, stop = [], None
+    pending, stop, dirty = [], None, {}
     if os.path.exists(prev):
         with open(prev) as f:
             records = [json.loads(line) for line in f if line.strip()]
@@ -211,12 +238,16 @@ def check(args, state):
             else:
                 intents[r["seq"]] = r
                 order.append(r["seq"])
+                if r["op"] == "write":  # logged after it returned
+                    acked.add(r["seq"])
         for s in order:
             r = intents[s]
             if s in acked:
                 if pending:
                     raise Violation(f"round {args.round - 1}: log has an acked record after an un-acked one")
-                apply(state, names, r, True)
+                apply(state, names, r, True, dirty)
+                if r["op"] == "write":
+                    continue
                 stats["ops_acked"] += 1
                 if r.get("sync"):
                     stats["fsyncs_acked"] += 1
@@ -228,12 +259,33 @@ def check(args, state):
             key = errname(stop["stop"])
             stats["stop_errnos"][key] = stats["stop_errnos"].get(key, 0) + 1
     # The allowed worlds: before the operation in flight, and after it.
-    worlds = [(names, world(names))]
+    worlds = [(names, world(names), "before")]
     cur = names
     for r in pending:
         cur = copy_names(cur)
         apply(state, cur, r, False)
-        worlds.append((cur, world(cur)))
+        worlds.append((cur, world(cur), "after"))
+    # A file left dirty (written, not flushed) for a while may have been committed by a timer
+    # flush at any write boundary: such buffer states are allowed too (see TIMER_MARGIN).
+    killed = os.path.join(args.work, f"killed.{args.round - 1}")
+    t_kill = os.stat(killed).st_mtime if os.path.exists(killed) else None
+    timer_states = {}
+    for oid, writes in dirty.items():
+        if t_kill is None:
+            break
+        t_first = writes[0][0]
+        for k, (t, h, n) in enumerate(writes):
+            end = writes[k + 1][0] if k + 1 < len(writes) else t_kill
+            if end >= t_first + TIMER_MARGIN:
+                timer_states.setdefault(oid, []).append((h, n))
+    if timer_states:
+        stats["kills_timer_eligible"] += 1
+        for base in list(worlds):
+            for name, obj in base[0].items():
+                for h, n in timer_states.get(obj["id"], []):
+                    variant = copy_names(base[0])
+                    variant[name]["h"], variant[name]["n"] = h, n
+                    worlds.append((variant, world(variant), f"{base[2]} (with a timer flush of {name})"))
 
     rnd = args.round - 1
     seen, errors = observe(args.mnt, rnd)
@@ -246,8 +298,8 @@ def check(args, state):
         for name, msg in sorted(errors.items()):
             if name in seen:
                 got = seen[name][:2]
-                which = [("before", "after")[i > 0] for i, w in enumerate(worlds) if w[1].get(name) == got]
-                msg += (f"; those bytes are the file's allowed state {' and '.join(sorted(set(which)))} the operation "
+                which = [w[2] for w in worlds if w[1].get(name) == got]
+                msg += (f"; those bytes are the file's allowed state {' and '.join(dict.fromkeys(which))} the operation "
                         f"in flight" if which else "; those bytes are no allowed state of the file (torn)")
             msgs.append(f"round {rnd}: {name}: {msg}")
         if match is None:
@@ -262,7 +314,7 @@ def check(args, state):
             msgs.append(f"round {rnd}: a second read still matches no allowed state")
         else:
             msgs.append(f"round {rnd}: a second read of every file matches the allowed state "
-                        f"{'before' if match == 0 else 'after'} the operation in flight"
+                        f"{worlds[match][2]} the operation in flight"
                         f"{'' if pending else ' (none was in flight)'}")
         if not args.keep_going:
             raise Violation("\n".join(msgs))
@@ -275,16 +327,19 @@ def check(args, state):
             for k, v in seen.items():
                 old = next((w[0][k] for w in worlds if k in w[0] and w[1][k] == (v[0], v[1])), None)
                 names[k] = old or new_obj(state, v[0], v[1])
-            worlds.append((names, world(names)))
+            worlds.append((names, world(names), "resynced"))
             match = len(worlds) - 1
-    elif pending:
-        stats["kills_in_flight"] += 1
-        if worlds[0][1] == worlds[-1][1]:
-            stats["in_flight_same"] += 1
-        elif match == 0:
-            stats["in_flight_old"] += 1
-        else:
-            stats["in_flight_new"] += 1
+    else:
+        if "timer" in worlds[match][2]:
+            stats["timer_state_found"] += 1
+        if pending:
+            stats["kills_in_flight"] += 1
+            if worlds[0][1] == worlds[1][1]:
+                stats["in_flight_same"] += 1
+            elif worlds[match][2].startswith("before"):
+                stats["in_flight_old"] += 1
+            else:
+                stats["in_flight_new"] += 1
     state["names"] = worlds[match][0]
     stats["files_checked"] += len(seen)
     stats["bytes_verified"] += sum(v[1] for v in seen.values())
@@ -294,10 +349,6 @@ def check(args, state):
 
 
 # ----------------------------------------------------------------------------------- workload
-
-class Stop(Exception):
-    pass
-
 
 class Workload:
     def __init__(self, args, model):
@@ -361,9 +412,10 @@ class Workload:
         return self.rng.randint(EXTENT, 3 * EXTENT)
 
     # ---- operations
-    def session(self):
+    def session(self, idle=0.0):
         """open (create / O_TRUNC), writes and ftruncates, maybe rename/unlink while open,
-        maybe fsync or fdatasync, close."""
+        maybe fsync or fdatasync, close. With `idle`, write first, then leave the file dirty and
+        open for that many seconds (long enough for a timer flush) and only then report ready."""
         rng = self.rng
         free = self.free_names()
         if free and (len(self.model) < MIN_FILES or rng.random() < 0.15):
@@ -380,18 +432,26 @@ class Workload:
                 fd = os.open(self.p(name), os.O_RDWR)
         buf = self.model[name]
         self.open_fd = fd
+        if idle:  # a long-running writer that never closes: the round ends with the kill
+            for _ in range(rng.randint(1, 3)):
+                self.pwrite(fd, buf, rng.randint(0, len(buf)), self.pick_len(), name)
+            time.sleep(idle)
+            self.ready()
+            while True:
+                self.pwrite(fd, buf, rng.randint(0, len(buf)), self.pick_len(), name)
+                time.sleep(0.005)
         for _ in range(rng.randint(1, 6)):
             r = rng.random()
             if r < 0.30:  # append
-                self.pwrite(fd, buf, len(buf), self.pick_len())
+                self.pwrite(fd, buf, len(buf), self.pick_len(), name)
             elif r < 0.62:  # overwrite, often across an extent boundary
                 if rng.random() < 0.5 and len(buf) > EXTENT:
                     off = rng.randrange(EXTENT, len(buf), EXTENT) - rng.randint(1, 4096)
                 else:
                     off = rng.randint(0, len(buf))
-                self.pwrite(fd, buf, off, self.pick_len())
+                self.pwrite(fd, buf, off, self.pick_len(), name)
             elif r < 0.68:  # sparse write past the end
-                self.pwrite(fd, buf, len(buf) + rng.randint(1, 2 * EXTENT), rng.randint(1, 3000))
+                self.pwrite(fd, buf, len(buf) + rng.randint(1, 2 * EXTENT), rng.randint(1, 3000), name)
             elif r < 0.82:  # ftruncate, grow or shrink
                 size = rng.randint(0, MAX_SIZE) if rng.random() < 0.5 else rng.randint(0, len(buf) + 1)
                 new = self.resized(buf, size)
@@ -425,7 +485,7 @@ class Workload:
     def resized(buf, size):
         return bytearray(buf[:size]) + bytearray(max(0, size - len(buf)))
 
-    def pwrite(self, fd, buf, off, n):
+    def pwrite(self, fd, buf, off, n, name):
         off = min(off, MAX_SIZE - 1)
         n = max(1, min(n, MAX_SIZE - off))
         data = self.random_data(n)
@@ -437,6 +497,8 @@ class Workload:
         buf[off:off + n] = data
         self.bytes += n
         self.writes += 1
+        if name is not None:  # the buffer state a timer flush could commit from now on
+            self.intent(op="write", name=name, h=sha(bytes(buf)), n=len(buf), t=time.time())
 
     @staticmethod
     def read_all(fd, size):
@@ -532,13 +594,19 @@ class Workload:
         else:
             self.read_file()
 
+    def ready(self):
+        open(os.path.join(self.args.work, f"ready.{self.args.round}"), "w").close()
+
     def run(self):
         self.open_fd = None
         try:
             for d in DIRS[1:]:
                 if not os.path.isdir(self.p(d)):
                     self.logged(lambda: os.mkdir(self.p(d)), op="mkdir", name=d)
-            open(os.path.join(self.args.work, f"ready.{self.args.round}"), "w").close()
+            if self.rng.random() < IDLE_ROUNDS:
+                self.session(idle=IDLE_SECONDS)
+            else:
+                self.ready()
             while True:
                 self.step()
         except OSError as e:
@@ -571,7 +639,7 @@ def main():
                  "stats": {k: 0 for k in ["files_checked", "bytes_verified", "rounds_checked", "ops_acked",
                                           "writes", "fsyncs_acked", "bytes_written", "kills_in_flight",
                                           "in_flight_old", "in_flight_new", "in_flight_same",
-                                          "violations"]}}
+                                          "violations", "kills_timer_eligible", "timer_state_found"]}}
         state["stats"]["stop_errnos"] = {}
     if args.cmd == "stats":
         s = state["stats"]

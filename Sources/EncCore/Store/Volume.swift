@@ -121,6 +121,16 @@ public final class Volume: Sendable {
         return key
     }
 
+    /// Replays an interrupted write as soon as the object is seen with its key present, so no
+    /// attribute (the size above all) is ever reported from the pending header: the first stat,
+    /// lookup or read after a crash already sees the recovered object.
+    func recoverIfPossible(_ node: Node) throws {
+        let (pending, policy) = node.state.withLock { ($0.header.flags.contains(.pendingWrite), $0.header.policy) }
+        guard pending, let key = keys.key(for: policy) else { return }
+        _ = try verifiedHeader(node)
+        try recover(node, key: key)
+    }
+
     func recover(_ node: Node, key: MasterKey) throws {
         try node.state.withLock { state in
             guard state.header.flags.contains(.pendingWrite) else { return }
@@ -286,6 +296,7 @@ public final class Volume: Sendable {
     }
 
     func attributes(_ node: Node) throws -> Attributes {
+        try recoverIfPossible(node)
         let st = try Sys.fstat(node.fd.raw)
         // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
         // touch the directory's own ctime: the later of the two is the directory's ctime.

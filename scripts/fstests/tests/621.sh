@@ -6,7 +6,9 @@
 #
 # As in the kernel test, dir/100 exists and one process tries, for ~10 s, to create it again in
 # all these ways (each must fail: EEXIST with the key, ENOKEY without), while another loops adding
-# and removing the key. Afterwards, with the key and without it, no name may appear twice.
+# and removing the key. The same process also creates a fresh name, tries to create it a second
+# time (must fail) and removes it again (retrying while the key is absent). Afterwards, with the
+# key and without it, no name may appear twice.
 source "$(dirname "$0")/../common.sh"
 _scratch_mkfs_encrypted
 runtime=10
