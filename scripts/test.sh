@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit and known-answer tests (swift test), the real-mount tests (pytest on real
-# FUSE mounts of the built daemon), and the ports of the xfstests encrypt group. Needs root and
+# FUSE mounts of the built daemon), a real daemon SIGKILLed 50 times under load, and the ports of the
+# xfstests encrypt group. Needs root and
 # /dev/fuse for the mounts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,4 +10,5 @@ swift build 2>&1 | tail -n 3
 swift test 2>&1 | tail -n 25
 export ENCFSD="$PWD/.build/debug/encfsd"
 python3 -m pytest -q -p no:cacheprovider Tests/mount "$@"
+scripts/crash-test.sh
 scripts/fstests/run.sh
