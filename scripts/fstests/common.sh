@@ -24,10 +24,13 @@ chmod 755 "$SCRATCH_MNT"
 python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(1, 65)))' > "$TEST_KEY_FILE"
 "$ENCFSD" key generate -o "$ROOT_KEY_FILE"
 
+# Unlinks this test's keys (the test key's and its root key's encfsd: entries) from root's keyring,
+# and no one else's: another test or session may be using theirs.
 _purge_keyring() {
-    local s
+    local s ids
+    ids="$TEST_KEY_IDENTIFIER${ROOT_KEY_IDENTIFIER:+|$ROOT_KEY_IDENTIFIER}"
     for s in $(keyctl rlist @u 2>/dev/null); do
-        keyctl rdescribe "$s" 2>/dev/null | grep -q '^user;.*;encfsd:' && keyctl unlink "$s" @u >/dev/null 2>&1
+        keyctl rdescribe "$s" 2>/dev/null | grep -Eq "^user;.*;encfsd:($ids)" && keyctl unlink "$s" @u >/dev/null 2>&1
     done
     return 0
 }
@@ -46,6 +49,8 @@ _cleanup() {
     rm -rf "$SCRATCH_BASE"
 }
 trap _cleanup EXIT
+# A signal (Ctrl-C, a closed pipe) ends the test through its EXIT trap, so cleanup always runs.
+trap 'exit 130' INT TERM HUP PIPE
 _purge_keyring
 
 _filter_scratch() { sed -e "s#$SCRATCH_MNT#SCRATCH_MNT#g" -e "s#$SCRATCH_BASE#SCRATCH_BASE#g"; }
@@ -70,7 +75,10 @@ _scratch_unmount() {
 _scratch_cycle_mount() { _scratch_unmount && _scratch_mount "$@"; }
 
 _scratch_mkfs_encrypted() {
-    "$ENCFSD" init "$SCRATCH_STORE" --key-file "$ROOT_KEY_FILE" >/dev/null && _scratch_mount "$@"
+    local out
+    out=$("$ENCFSD" init "$SCRATCH_STORE" --key-file "$ROOT_KEY_FILE") || return 1
+    ROOT_KEY_IDENTIFIER=${out##* }
+    _scratch_mount "$@"
 }
 
 # The fscrypt helpers of xfstests (common/encrypt), on encfsd's CLI. Messages are xfs_io's.

@@ -42,17 +42,20 @@ public final class KeyTable: Sendable {
         var key: MasterKey?
         weak var lingering: MasterKey?
         var claims: [UInt32: KeyringClaim] = [:]
-        /// Keyring entries of claims already dropped, revoked when the key is wiped.
-        var revokeWhenWiped: [KeyringClaim] = []
     }
 
     public let userQuota: Int
     private let entries = Mutex<[KeyIdentifier: Entry]>([:])
-    private let wipeObserver: (@Sendable (KeyIdentifier, [KeyringClaim]) -> Void)?
+    /// Keyring entries of dropped claims, revoked once their key is wiped. Kept apart from the
+    /// entries: a completed removal deletes its entry before the wipe is handled.
+    private let dropped = Mutex<[KeyIdentifier: [KeyringClaim]]>([:])
+    private let wipeObserver: (@Sendable (KeyIdentifier) -> Void)?
 
-    /// - Parameter wipeObserver: called (from whichever thread released the key last; it must
-    ///   not block) once a removed key has been wiped, with the keyring entries to revoke.
-    public init(userQuota: Int = 200, wipeObserver: (@Sendable (KeyIdentifier, [KeyringClaim]) -> Void)? = nil) {
+    /// - Parameter wipeObserver: told once a removed key has been wiped. It runs on whichever
+    ///   thread released the key last, possibly inside this table's lock: it must neither block
+    ///   nor call back into the table (hand the work to another thread, which may call
+    ///   `takeRevocations`).
+    public init(userQuota: Int = 200, wipeObserver: (@Sendable (KeyIdentifier) -> Void)? = nil) {
         self.userQuota = userQuota
         self.wipeObserver = wipeObserver
     }
@@ -83,6 +86,7 @@ public final class KeyTable: Sendable {
 
     /// A removed key that open files still hold: enough to resolve names in the directories they
     /// live in (as fscrypt's still-keyed directory inodes do), never to open anything new.
+    /// (The strong reference it makes leaves the lock with the caller; see `remove`.)
     public func lingeringKey(for identifier: KeyIdentifier) -> MasterKey? {
         entries.withLock { $0[identifier]?.lingering }
     }
@@ -98,15 +102,16 @@ public final class KeyTable: Sendable {
     /// Drops `uid`'s claim (or every claim), and the key itself once no claim remains.
     public func remove(_ identifier: KeyIdentifier, uid: UInt32, allUsers: Bool) throws(StoreError) -> Removal {
         var released: MasterKey?
+        var droppedClaims: [KeyringClaim] = []
         let outcome: Removal? = try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(StoreError) -> Removal? in
             guard var entry = table[identifier] else { throw .noKey }
             if entry.key != nil {
                 if allUsers {
-                    entry.revokeWhenWiped += entry.claims.values
+                    droppedClaims = Array(entry.claims.values)
                     entry.claims.removeAll()
                 } else {
                     guard let claim = entry.claims.removeValue(forKey: uid) else { throw .noKey }
-                    entry.revokeWhenWiped.append(claim)
+                    droppedClaims = [claim]
                     if !entry.claims.isEmpty {
                         table[identifier] = entry
                         return .otherUsersRemain
@@ -122,31 +127,37 @@ public final class KeyTable: Sendable {
             table[identifier] = entry
             return nil
         }
+        // Recorded before the key is released: its wipe may run the moment it is, and the thread
+        // handling the wipe asks for these.
+        if !droppedClaims.isEmpty { dropped.withLock { $0[identifier, default: []] += droppedClaims } }
         if let outcome { return outcome }
         released = nil
+        // Reading a weak reference makes a strong one. If files release the key meanwhile, that
+        // strong one can be the last: it must be dropped after the lock, or the key's deinit (and
+        // its observer, which takes this lock) would run inside it.
+        var survivor: MasterKey?
+        defer { survivor = nil }
         return entries.withLock { table in
             guard let entry = table[identifier], entry.key == nil else { return .removed }
-            if entry.lingering != nil { return .filesBusy }
+            survivor = entry.lingering
+            if survivor != nil { return .filesBusy }
             table[identifier] = nil
             return .removed
         }
     }
 
+    /// The key's deinit calls this, wherever its last reference was dropped, so it takes no lock.
     private func makeObserver(_ identifier: KeyIdentifier) -> @Sendable () -> Void {
-        { [weak self] in self?.wiped(identifier) }
+        let observer = wipeObserver
+        return { observer?(identifier) }
     }
 
-    private func wiped(_ identifier: KeyIdentifier) {
-        let revoke: [KeyringClaim] = entries.withLock { table in
-            guard var entry = table[identifier], entry.key == nil else { return [] }
-            let claims = entry.revokeWhenWiped
-            entry.revokeWhenWiped = []
-            table[identifier] = entry
-            // Never revoke an entry a live claim (of any key) still came from.
-            let inUse = Set(table.values.flatMap { $0.claims.values.map(\.serial) })
-            return claims.filter { $0.revokeWhenWiped && $0.serial > 0 && !inUse.contains($0.serial) }
-        }
-        wipeObserver?(identifier, revoke)
+    /// The keyring entries to revoke now that a removed key was wiped: those of its dropped
+    /// claims that are encfsd's own, never one a live claim (of any key) still came from.
+    public func takeRevocations(_ identifier: KeyIdentifier) -> [KeyringClaim] {
+        let inUse = entries.withLock { table in Set(table.values.flatMap { $0.claims.values.map(\.serial) }) }
+        let claims = dropped.withLock { $0.removeValue(forKey: identifier) ?? [] }
+        return claims.filter { $0.revokeWhenWiped && $0.serial > 0 && !inUse.contains($0.serial) }
     }
 
     public var identifiers: [KeyIdentifier] { entries.withLock { Array($0.keys) } }

@@ -77,7 +77,9 @@ public final class MasterKey: Sendable {
     }
 
     deinit {
-        // The SecureBytes members wipe themselves as they are released right after this.
+        // The SecureBytes members wipe themselves as they are released right after this. Runs on
+        // whichever thread dropped the last reference: never inside the key table's lock (every
+        // strong reference taken under it is released outside), since the observer takes it.
         let observer = wipeObserver.withLock { $0 }
         observer?()
     }

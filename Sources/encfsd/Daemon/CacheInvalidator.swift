@@ -22,12 +22,12 @@ final class CacheInvalidator: Sendable {
         for node in nodes { session.invalidateInode(node) }
     }
 
-    /// A removed key was wiped when its last open file closed (inside that file's release): the
-    /// invalidation and keyring revocation run on their own thread, off the request path.
-    func keyWiped(_ identifier: KeyIdentifier, revoke claims: [KeyTable.KeyringClaim]) {
+    /// A removed key was wiped when its last open file closed (inside that file's release, maybe
+    /// under a lock): the invalidation and keyring revocation run on their own thread.
+    func keyWiped(_ identifier: KeyIdentifier, keys: KeyTable) {
         Thread.detachNewThread { [self] in
             invalidate(policy: identifier)
-            for claim in claims where claim.serial > 0 {
+            for claim in keys.takeRevocations(identifier) {
                 Keyring.asUser(uid: claim.uid, gid: UInt32.max) { Keyring.revoke(claim.serial) }
             }
         }

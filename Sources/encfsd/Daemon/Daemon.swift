@@ -1,3 +1,4 @@
+import Synchronization
 import EncCore
 import Foundation
 import FuseBridge
@@ -24,7 +25,11 @@ struct Daemon {
         if reportReady { _ = setsid() }
         raiseDescriptorLimit()
         let invalidator = CacheInvalidator()
-        let keys = KeyTable(userQuota: keyQuota) { identifier, claims in invalidator.keyWiped(identifier, revoke: claims) }
+        let table = Mutex<KeyTable?>(nil)
+        let keys = KeyTable(userQuota: keyQuota) { identifier in
+            if let keys = table.withLock({ $0 }) { invalidator.keyWiped(identifier, keys: keys) }
+        }
+        table.withLock { $0 = keys }
         let volume = try Volume(storePath: storePath, keys: keys)
         invalidator.attach(volume: volume)
         let keyService = KeyService(keys: keys, invalidator: invalidator)
