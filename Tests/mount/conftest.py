@@ -177,7 +177,7 @@ class Volume:
 
     def backing_entries(self, directory: Path | None = None) -> set[str]:
         d = directory or self.store
-        return {n for n in os.listdir(d) if n not in (".d", "encfsd.conf")}
+        return {n for n in os.listdir(d) if n not in (".d", "encfsd.conf", ".journal")}
 
 
 def purge_encfsd_keys():

@@ -24,7 +24,7 @@ def test_fresh_mount_is_locked(make_volume):
     expect_errno(ENOKEY, os.mkdir, v.mnt / "d")
     expect_errno(ENOKEY, os.symlink, "target", v.mnt / "l")
     expect_errno(ENOKEY, os.mkfifo, v.mnt / "p")
-    assert os.listdir(v.store) and set(os.listdir(v.store)) == {".d", "encfsd.conf"}
+    assert os.listdir(v.store) and set(os.listdir(v.store)) == {".d", "encfsd.conf", ".journal"}
 
     v.add_key()
     with open(v.mnt / "x", "w") as f:
