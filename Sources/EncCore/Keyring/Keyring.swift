@@ -71,8 +71,12 @@ public enum Keyring {
         return serials.filter { (try? describe($0))?.description.hasPrefix(descriptionPrefix) == true }
     }
 
+    /// Invalidates the entry: unusable at once, unlinked from every keyring, and collected
+    /// straight away. (A merely revoked key keeps counting against its owner's key quota until
+    /// the kernel's delayed garbage collection, so a user who adds and removes keys often would
+    /// run out; and a revoked key can no longer be invalidated.)
     public static func revoke(_ serial: Int32) {
-        _ = keyctl_revoke(serial)
+        if keyctl_invalidate(serial) != 0 { _ = keyctl_revoke(serial) }
     }
 
     /// Removes a key the CLI placed when the daemon then refused it.
