@@ -91,6 +91,14 @@ _get_encryption_nonce() { "$ENCFSD" nonce "$1"; }
 # Runs a command, showing its output and errors with paths filtered (xfstests style).
 _run() { "$@" 2>&1 | _filter_scratch; }
 
+# renameat2 [-n|-x] OLD NEW, errors shown with paths filtered; returns the syscall's status.
+renameat2() {
+    local out rc
+    out=$(python3 "$REPO/scripts/fstests/renameat2.py" "$@" 2>&1); rc=$?
+    [ -z "$out" ] || echo "$out" | _filter_scratch
+    return $rc
+}
+
 # Drops the kernel's caches of the scratch mount, as xfstests' `echo 2 > drop_caches`.
 _drop_caches() { sync; echo 2 > /proc/sys/vm/drop_caches; }
 

@@ -243,9 +243,7 @@ final class ExtentFile: @unchecked Sendable {
             try write(records)
             try Sys.fdatasync(fd)
             FaultPoints.reach(.extentsApplied)
-            try finalSlot.withUnsafeBytes {
-                try Sys.pwrite(fd, $0, offset: Int64(HeaderCodec.slotIndex(sequence: final.sequence) * ExtentGeometry.headerSlotBytes))
-            }
+            try HeaderIO.writeSlot(fd: fd, finalSlot, sequence: final.sequence)
             // Synced even when not asked to be durable: the journal is retired next, and a final
             // header lost after that could not be replayed.
             try Sys.fdatasync(fd)

@@ -19,6 +19,13 @@ enum HeaderIO {
         header = next
     }
 
+    /// Writes an already sealed slot image into the slot its sequence selects (the final header of
+    /// a journaled commit, or of its replay).
+    static func writeSlot(fd: Int32, _ slot: [UInt8], sequence: UInt64) throws {
+        let offset = Int64(HeaderCodec.slotIndex(sequence: sequence) * ExtentGeometry.headerSlotBytes)
+        try slot.withUnsafeBytes { try Sys.pwrite(fd, $0, offset: offset) }
+    }
+
     /// Writes the first header of a new object: slot of sequence 0, the other slot zero.
     static func create(fd: Int32, header: ObjectHeader, key: MasterKey) throws {
         var region = HeaderCodec.seal(header, key: key)

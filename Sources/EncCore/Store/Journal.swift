@@ -162,9 +162,7 @@ enum Journal {
             if Int64(try Sys.fstat(objectFD).st_size) < finalLength { try Sys.ftruncate(objectFD, finalLength) }
             try Sys.fdatasync(objectFD)
             FaultPoints.reach(.recoveryExtentsApplied)
-            try slot.withUnsafeBytes {
-                try Sys.pwrite(objectFD, $0, offset: Int64(HeaderCodec.slotIndex(sequence: final.sequence) * ExtentGeometry.headerSlotBytes))
-            }
+            try HeaderIO.writeSlot(fd: objectFD, slot, sequence: final.sequence)
             try Sys.fdatasync(objectFD)
             FaultPoints.reach(.recoveryHeaderWritten)
             if Int64(try Sys.fstat(objectFD).st_size) > finalLength { try Sys.ftruncate(objectFD, finalLength) }

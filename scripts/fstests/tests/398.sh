@@ -8,13 +8,6 @@
 # so the kernel test's "unencrypted" directory is here a directory that inherits the root's policy
 # ("rdir"). Unlike the kernel test, linking and renaming from edir1 into it must therefore fail too.
 source "$(dirname "$0")/../common.sh"
-# renameat2 [-n|-x] OLD NEW, errors shown with paths filtered; returns the syscall's status.
-renameat2() {
-    local out rc
-    out=$(python3 "$REPO/scripts/fstests/renameat2.py" "$@" 2>&1); rc=$?
-    [ -z "$out" ] || echo "$out" | _filter_scratch
-    return $rc
-}
 _scratch_mkfs_encrypted
 
 # Two directories with policies under two different keys, and one with the root's policy.

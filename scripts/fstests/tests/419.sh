@@ -3,13 +3,6 @@
 # ENOKEY: a plain rename, a cross rename (RENAME_EXCHANGE), RENAME_NOREPLACE, and renames out of
 # the directory or within it; and the entries are unchanged afterwards.
 source "$(dirname "$0")/../common.sh"
-# renameat2 [-n|-x] OLD NEW, errors shown with paths filtered; returns the syscall's status.
-renameat2() {
-    local out rc
-    out=$(python3 "$REPO/scripts/fstests/renameat2.py" "$@" 2>&1); rc=$?
-    [ -z "$out" ] || echo "$out" | _filter_scratch
-    return $rc
-}
 _scratch_mkfs_encrypted
 
 edir=$SCRATCH_MNT/edir
