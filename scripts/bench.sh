@@ -90,6 +90,7 @@ LOG="$WORK/bench.log"
 RESULTS="$WORK/results.tsv"
 META="$WORK/meta.tsv"
 : >"$RESULTS"; : >"$META"
+REPORTED=0
 declare -A DAEMON_PIDS=()   # pid -> name, every daemon this run started and may still be running
 
 alive() {  # alive PID: running and not a zombie
@@ -118,6 +119,10 @@ cleanup() {
     for m in $(our_mounts); do
         umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
     done
+    if ((!REPORTED)) && [[ -s $RESULTS ]]; then
+        echo "partial results (run did not finish):" >&2
+        python3 "$HELPER" report "$RESULTS" "$META" /dev/null >&2 2>/dev/null
+    fi
     if [[ -z $(our_mounts) ]]; then
         rm -rf --one-file-system "$WORK"
     else
@@ -127,7 +132,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'echo "interrupted" >&2; exit 130' INT
-trap 'exit 143' TERM HUP
+trap 'echo "terminated" >&2; exit 143' TERM HUP
 
 log() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
 meta() { local IFS=$'\t'; echo "$*" >>"$META"; }
@@ -203,6 +208,9 @@ fs_mount() {
             timeout 60 securefs mount --pass "$PASS" -b --log "$WORK/out/securefs-$tag.log" "$c" "$m" >>"$LOG" 2>&1 || return 1
             DPID=$(pgrep -n -f -- "$c $m") ;;
         cryfs)
+            # CryFS remembers each base directory's filesystem id under $HOME and refuses a
+            # new filesystem at a path it has seen; every round makes a new one, so forget them.
+            rm -rf "$WORK/cryfs-home" && mkdir -p "$WORK/cryfs-home"
             echo "$PASS" | HOME="$WORK/cryfs-home" CRYFS_FRONTEND=noninteractive CRYFS_NO_UPDATE_CHECK=true \
                 timeout 120 cryfs --cipher aes-256-gcm --blocksize 16384 --logfile "$WORK/out/cryfs-$tag.log" \
                 "$c" "$m" >>"$LOG" 2>&1 || return 1
@@ -357,7 +365,7 @@ meta header kernel "$(uname -r)"
 meta header CPU "$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores; $(awk '/MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo)"
 meta header OS "$(. /etc/os-release; echo "$PRETTY_NAME")"
 if want_fs encfsd; then
-    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo ' + uncommitted changes in Sources'), release build$BUILD_NOTE; 16 KiB extents (default), AES-256-GCM"
+    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo " + uncommitted changes in $(git -C "$REPO" diff --name-only HEAD -- Sources Package.swift | sed 's|^Sources/||' | paste -sd, - | sed 's/,/, /g')"), release build$BUILD_NOTE; 16 KiB extents (default), AES-256-GCM"
 fi
 want_fs gocryptfs && meta header gocryptfs "$(ver gocryptfs -version) (Debian $(pkgver gocryptfs)); default options, -scryptn 10 at init"
 want_fs securefs && meta header securefs "$(pkgver securefs) (Debian); default format (4, lite), 4 KiB blocks"
@@ -401,6 +409,7 @@ if want_fs encfsd; then
 fi
 
 echo
+REPORTED=1
 if ((SAVE)); then
     mkdir -p "$REPO/docs/bench"
     OUT="$REPO/docs/bench/$STAMP.md"

@@ -7,6 +7,7 @@
 #include <sys/syscall.h>
 #include <sys/xattr.h>
 #include <sys/ioctl.h>
+#include <malloc.h>
 
 static const unsigned int encfsd_RENAME_NOREPLACE = 1;
 static const unsigned int encfsd_RENAME_EXCHANGE = 2;
@@ -26,6 +27,11 @@ static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
 // setfsuid/setfsgid change only the calling thread's filesystem (and key-permission) identity.
 static inline int encfsd_setfsuid(unsigned int uid) { return (int)syscall(SYS_setfsuid, uid); }
 static inline int encfsd_setfsgid(unsigned int gid) { return (int)syscall(SYS_setfsgid, gid); }
+
+// glibc gives each thread that allocates its own malloc arena, which keeps freed extent buffers
+// cached per thread: with many FUSE worker threads that multiplies resident memory.
+static inline int encfsd_limit_malloc_arenas(int arenas) { return mallopt(M_ARENA_MAX, arenas); }
+static inline int encfsd_malloc_trim(void) { return malloc_trim(0); }
 
 static inline int encfsd_ioctl(int fd, unsigned long request, void *argument) {
     return ioctl(fd, request, argument);

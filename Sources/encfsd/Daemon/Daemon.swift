@@ -22,6 +22,7 @@ struct Daemon {
 
     func serve() throws {
         signal(SIGPIPE, SIG_IGN)
+        Sys.limitMallocArenas(2)
         if reportReady { _ = setsid() }
         raiseDescriptorLimit()
         let invalidator = CacheInvalidator()
@@ -43,6 +44,7 @@ struct Daemon {
             while true {
                 Thread.sleep(forTimeInterval: 1)
                 volume.commitIdleFiles(olderThan: .seconds(2))
+                Sys.trimMalloc()
             }
         }
         if reportReady { detach() }
