@@ -1,4 +1,7 @@
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import EncCore
 
 @Suite struct ExtentFileTests {
@@ -55,6 +58,21 @@ import Testing
         expected[0...2] = [1, 2, 3]
         expected[10000] = 9
         #expect(try object.read(0, 20000) == expected)
+    }
+
+    @Test func failedCommitKeepsItsDataForTheNextFlush() throws {
+        let object = try ScratchObject()
+        try object.write(randomBytes(20000, seed: 5), at: 0)
+        // A descriptor the commit cannot write through: every pwrite fails (as on ENOSPC or EIO).
+        let readOnly = try Sys.open(object.path, flags: O_RDONLY)
+        let file = ExtentFile(fd: readOnly.raw, journalFD: object.journalFD.raw, key: object.key,
+                              header: try HeaderIO.read(fd: object.fd.raw, key: object.key))
+        let patch = randomBytes(5000, seed: 6)
+        try patch.withUnsafeBytes { try file.write(offset: 1000, data: $0) }
+        var header = object.header
+        #expect(throws: StoreError.self) { try file.commit(header: &header) }
+        #expect(file.hasUncommittedChanges)
+        #expect(try file.read(offset: 1000, count: 5000) == patch)
     }
 
     @Test func rewriteUsesFreshNonce() throws {

@@ -253,6 +253,9 @@ final class ExtentFile: @unchecked Sendable {
             FaultPoints.reach(.shadowRemoved)
         }
         header = final
+        // Only now: a commit that failed part way (ENOSPC, EIO) keeps its data buffered, and the
+        // next flush retries the whole transaction.
+        dirty.removeAll(keepingCapacity: true)
         dirtySince = nil
         if let modifiedAt {
             try Sys.futimens(fd, (Sys.omitTime, modifiedAt))
@@ -261,7 +264,7 @@ final class ExtentFile: @unchecked Sendable {
         metadataChanged = false
     }
 
-    /// Seals every dirty extent with a fresh nonce, in index order, and clears the dirty set.
+    /// Seals every dirty extent with a fresh nonce, in index order.
     private func sealDirty() -> [Journal.Record] {
         let records = dirty.keys.sorted().map { index -> Journal.Record in
             let length = geometry.plaintextLength(index, size: size)
@@ -274,7 +277,6 @@ final class ExtentFile: @unchecked Sendable {
             }
             return Journal.Record(index: index, stored: stored)
         }
-        dirty.removeAll(keepingCapacity: true)
         return records
     }
 
