@@ -65,6 +65,7 @@ public final class KeyTable: Sendable {
     @discardableResult
     public func add(_ key: MasterKey, claim: KeyringClaim) throws(StoreError) -> KeyIdentifier {
         let id = key.identifier
+        var superseded: [KeyringClaim] = []
         try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(StoreError) in
             if claim.uid != 0 {
                 let held = table.values.filter { $0.claims[claim.uid] != nil }.count
@@ -73,9 +74,12 @@ public final class KeyTable: Sendable {
             var entry = table[id] ?? Entry()
             if entry.key == nil { entry.key = entry.lingering ?? key }
             entry.lingering = nil
-            entry.claims[claim.uid] = claim
+            if let replaced = entry.claims.updateValue(claim, forKey: claim.uid), replaced.serial != claim.serial {
+                superseded.append(replaced) // its keyring entry goes when the key does
+            }
             table[id] = entry
         }
+        if !superseded.isEmpty { dropped.withLock { $0[id, default: []] += superseded } }
         return id
     }
 

@@ -19,26 +19,43 @@ public final class MasterKey: Sendable {
 
     public enum Invalid: Error, Equatable { case size(Int) }
 
-    public init(raw bytes: UnsafeRawBufferPointer) throws(Invalid) {
-        guard (Self.minimumCount...Self.maximumCount).contains(bytes.count) else { throw .size(bytes.count) }
-        // No copy of the raw key is kept: only what is derived from it, all in locked memory.
-        identifier = KeyIdentifier(rawKey: bytes)
+    /// What a master key yields: the only state a `MasterKey` keeps.
+    private struct Derived {
+        let identifier: KeyIdentifier
+        let prk: SecureBytes
+        let nameKey: SecureBytes
+        let xattrKeys: SecureBytes
+    }
+
+    /// No copy of the raw key is kept: only what is derived from it, all in locked memory.
+    private static func derive(_ bytes: UnsafeRawBufferPointer) throws(Invalid) -> Derived {
+        guard (minimumCount...maximumCount).contains(bytes.count) else { throw .size(bytes.count) }
         let prk = SecureBytes(count: 64) { OpenSSL.hkdfExtractSHA512(ikm: bytes, into: $0) }
-        self.prk = prk
         func expand(_ context: HKDFContext, _ count: Int) -> SecureBytes {
             SecureBytes(count: count) { out in
                 let info = HKDFInfo.make(context)
                 prk.withBytes { p in info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(prk: p, info: $0, into: out) } }
             }
         }
-        nameKeyBytes = expand(.nameKey, 64)
-        xattrKeyBytes = expand(.xattrKey, 96)
+        return Derived(identifier: KeyIdentifier(rawKey: bytes), prk: prk,
+                       nameKey: expand(.nameKey, 64), xattrKeys: expand(.xattrKey, 96))
+    }
+
+    private init(_ derived: Derived) {
+        identifier = derived.identifier
+        prk = derived.prk
+        nameKeyBytes = derived.nameKey
+        xattrKeyBytes = derived.xattrKeys
+    }
+
+    public convenience init(raw bytes: UnsafeRawBufferPointer) throws(Invalid) {
+        self.init(try Self.derive(bytes))
     }
 
     public convenience init(raw bytes: [UInt8]) throws(Invalid) {
-        var copy = bytes
-        defer { copy.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-        try self.init(raw: UnsafeRawBufferPointer(copy.withUnsafeBytes { $0 }))
+        // withUnsafeBytes rethrows untyped errors: carry the typed one out as a value.
+        let derived: Result<Derived, Invalid> = bytes.withUnsafeBytes { b in Result { () throws(Invalid) in try Self.derive(b) } }
+        self.init(try derived.get())
     }
 
     /// Derives the 32-byte key and 12-byte IV of one extent seal into `output` (44 bytes).

@@ -167,6 +167,9 @@ final class ExtentFile: @unchecked Sendable {
         touch()
     }
 
+    /// An explicit utimes/futimens wins over the time of the buffered writes.
+    func forgetModificationTime() { modifiedAt = nil }
+
     private func touch() {
         if dirtySince == nil { dirtySince = .now }
         var now = timespec()
@@ -196,6 +199,11 @@ final class ExtentFile: @unchecked Sendable {
     /// - Parameter durable: also make the result durable (fsync/fdatasync); otherwise it is
     ///   consistent but may be lost to a power loss.
     func commit(header: inout ObjectHeader, durable: Bool = false) throws {
+        // A transaction that failed after its pending flag reached the disk is finished first:
+        // its journal is complete, and nothing may be written on top of a pending header.
+        if header.flags.contains(.pendingWrite) {
+            header = try Journal.recover(journalFD: journalFD, objectFD: fd, pending: header, key: key)
+        }
         guard hasUncommittedChanges else {
             if durable { try Sys.fdatasync(fd) }
             return
@@ -222,7 +230,7 @@ final class ExtentFile: @unchecked Sendable {
         if !overwrites || unsafe {
             if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
             try write(records)
-            if !records.isEmpty && !unsafe { try Sys.fdatasync(fd) }
+            // The extents are made durable by the sync HeaderIO.write does before the header.
             FaultPoints.reach(.appendExtentsWritten)
             try HeaderIO.write(fd: fd, header: &final, key: key, sync: newLength < oldLength && !unsafe)
             FaultPoints.reach(.appendHeaderWritten)
@@ -239,14 +247,21 @@ final class ExtentFile: @unchecked Sendable {
             FaultPoints.reach(.shadowWritten)
             try HeaderIO.write(fd: fd, header: &pending, key: key, sync: true)
             FaultPoints.reach(.pendingFlagSet)
-            if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
-            try write(records)
-            try Sys.fdatasync(fd)
-            FaultPoints.reach(.extentsApplied)
-            try HeaderIO.writeSlot(fd: fd, finalSlot, sequence: final.sequence)
-            // Synced even when not asked to be durable: the journal is retired next, and a final
-            // header lost after that could not be replayed.
-            try Sys.fdatasync(fd)
+            do {
+                if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
+                try write(records)
+                try Sys.fdatasync(fd)
+                FaultPoints.reach(.extentsApplied)
+                try HeaderIO.writeSlot(fd: fd, finalSlot, sequence: final.sequence)
+                // Synced even when not asked to be durable: the journal is retired next, and a
+                // final header lost after that could not be replayed.
+                try Sys.fdatasync(fd)
+            } catch {
+                // The disk now says "pending": so must memory, so that nothing is written over it
+                // and the journal is kept until a replay (the next commit, or the next open) succeeds.
+                header = pending
+                throw error
+            }
             FaultPoints.reach(.finalHeaderWritten)
             if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
             Journal.retire(journalFD: journalFD, objectID: objectID)
@@ -294,7 +309,8 @@ final class ExtentFile: @unchecked Sendable {
 
     /// Reserves backing space for plaintext `[offset, offset+length)` (fallocate mode 0).
     func allocate(offset: UInt64, length: UInt64, keepSize: Bool) throws {
-        let end = offset + length
+        let (end, overflow) = offset.addingReportingOverflow(length)
+        guard !overflow, end <= Self.maximumSize else { throw StoreError.system(27) } // EFBIG
         if !keepSize && end > size { try resize(to: end) }
         let first = geometry.extentIndex(offset: offset)
         let lastEnd = geometry.backingOffset(geometry.extentIndex(offset: end - 1) + 1)

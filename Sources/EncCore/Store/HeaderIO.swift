@@ -9,7 +9,12 @@ enum HeaderIO {
 
     /// Writes `header` with the next sequence number into the slot the current version does not
     /// occupy, then updates `header.sequence`. A torn write leaves the previous slot intact.
+    ///
+    /// The file is synced first: the slot about to be overwritten holds the version before the
+    /// current one, so the current one must be durable before it becomes the only good slot
+    /// (two unsynced header writes in a row could otherwise lose both to a power loss).
     static func write(fd: Int32, header: inout ObjectHeader, key: MasterKey, sync: Bool) throws {
+        if !ExtentFile.journalingDisabled { try Sys.fdatasync(fd) }
         var next = header
         next.sequence = header.sequence &+ 1
         let slot = HeaderCodec.seal(next, key: key)

@@ -12,6 +12,10 @@ extension Volume {
                 let file = state.file ?? extentFile(node, key: key, header: state.header)
                 try file.resize(to: size)
                 try file.commit(header: &state.header)
+                // A file opened just for this truncate leaves no shadow behind.
+                if state.file == nil && file.usedJournal && !state.header.flags.contains(.pendingWrite) {
+                    Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)
+                }
             }
         }
         if changes.mode != nil || changes.uid != nil || changes.gid != nil {
@@ -29,6 +33,7 @@ extension Volume {
                 case .set(let t): timespec(tv_sec: Int(t.seconds), tv_nsec: Int(t.nanoseconds))
                 }
             }
+            if changes.modificationTime != nil { node.state.withLock { $0.file?.forgetModificationTime() } }
             try Sys.setTimes(node.fd.raw, (spec(changes.accessTime), spec(changes.modificationTime)))
         }
         return try attributes(node)

@@ -93,7 +93,12 @@ extension Volume {
     public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes, UInt64) {
         let node = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
         let (id, attributes) = try entered(node, parent: parent, name: name)
-        return (id, attributes, try open(id, truncate: false))
+        do {
+            return (id, attributes, try open(id, truncate: false))
+        } catch {
+            release(node) // the kernel never hears of the entry
+            throw error
+        }
     }
 
     public func mknod(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt64, caller: Caller) throws -> (UInt64, Attributes) {

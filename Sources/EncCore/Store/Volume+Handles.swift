@@ -50,11 +50,16 @@ extension Volume {
             if state.file == nil {
                 state.file = extentFile(node, key: key, header: state.header)
             }
-            state.opens += 1
             if truncate {
-                try state.file!.resize(to: 0)
-                try state.file!.commit(header: &state.header)
+                do {
+                    try state.file!.resize(to: 0)
+                    try state.file!.commit(header: &state.header)
+                } catch {
+                    if state.opens == 0 { state.file = nil }
+                    throw error
+                }
             }
+            state.opens += 1
         }
         return handles.withLock { $0.insert(.file(node)) }
     }
@@ -92,7 +97,9 @@ extension Volume {
                 // The last close drops the file and with it this node's reference to the key, and
                 // removes its (empty) shadow.
                 if state.opens == 0 {
-                    if state.file?.usedJournal == true { Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID) }
+                    if state.file?.usedJournal == true && !state.header.flags.contains(.pendingWrite) {
+                        Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)
+                    }
                     state.file = nil
                 }
             }

@@ -23,16 +23,17 @@ extension Volume {
         }
 
         var target: Node?
+        defer { if let target { release(target) } }
         if let st = try? Self.statEntry(toDir, toName.backingName) {
             if UInt64(st.st_ino) == source.backingInode { return } // same object: POSIX says do nothing
             switch mode {
             case .noReplace: throw StoreError.exists
             case .exchange:
                 let other = try child(of: toDir, backingName: toName.backingName)
+                target = other
                 if fromHeader.policy != toHeader.policy || other.isDirectory {
                     try checkSamePolicy(other, directoryPolicy: fromHeader.policy)
                 }
-                target = other
             case .replace:
                 let targetIsDirectory = st.st_mode & S_IFMT == S_IFDIR
                 if source.isDirectory && !targetIsDirectory { throw StoreError.notDirectory }
@@ -46,7 +47,6 @@ extension Volume {
         } else if mode == .exchange {
             throw StoreError.notFound
         }
-        defer { if let target { release(target) } }
 
         let newBinding = Self.binding(parentID: toHeader.objectID, name: toName)
         let oldBinding = Self.binding(parentID: fromHeader.objectID, name: fromName)

@@ -230,7 +230,10 @@ public final class Volume: Sendable {
         guard (header.type == .directory) == ((st.st_mode & S_IFMT) == S_IFDIR) else {
             throw StoreError.integrity("header type does not match the backing object")
         }
-        return insert(fd: fd, headerFD: headerFD, inode: UInt64(st.st_ino), header: header, verified: verified)
+        // Keyed by what was opened, not by the earlier stat: a rename in between must not put one
+        // object's descriptor under another's inode.
+        let opened = try Sys.fstat(fd.raw)
+        return insert(fd: fd, headerFD: headerFD, inode: UInt64(opened.st_ino), header: header, verified: verified)
     }
 
     /// Adds a node for a backing object, or returns the one another thread added first; either
