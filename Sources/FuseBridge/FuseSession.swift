@@ -216,7 +216,8 @@ private func entryParam(_ ctx: BridgeContext, _ entry: Entry) -> fuse_entry_para
 
 private func replyEntry(_ req: fuse_req_t?, _ ctx: BridgeContext, _ entry: Entry) {
     var param = entryParam(ctx, entry)
-    fuse_reply_entry(req, &param)
+    // The caller was interrupted and the kernel never took this entry: give its reference back.
+    if fuse_reply_entry(req, &param) != 0 { ctx.fileSystem.forget(entry.node, count: 1) }
 }
 
 private func replyAttr(_ req: fuse_req_t?, _ ctx: BridgeContext, _ attributes: FileAttributes) {
@@ -369,6 +370,7 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
         var param = entryParam(ctx, entry)
         if fuse_reply_create(req, &param, fi) != 0 {
             try? ctx.fileSystem.release(entry.node, handle: reply.handle)
+            ctx.fileSystem.forget(entry.node, count: 1)
         }
     }
 }

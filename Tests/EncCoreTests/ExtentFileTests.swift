@@ -75,6 +75,18 @@ import Glibc
         #expect(try file.read(offset: 1000, count: 5000) == patch)
     }
 
+    @Test func manySeparateHolesOverflowIntoStoredZeros() throws {
+        let object = try ScratchObject()
+        // 300 one-byte islands 8 extents apart: far more hole ranges than one header slot holds.
+        let file = try object.reopen()
+        for i in 0..<300 { try [UInt8(i & 0xff | 1)].withUnsafeBytes { try file.write(offset: UInt64(i * 8 * 4096), data: $0) } }
+        try file.commit(header: &object.header)
+        #expect(object.header.fits())
+        let back = try object.read(0, 300 * 8 * 4096)
+        for i in 0..<300 { #expect(back[i * 8 * 4096] == UInt8(i & 0xff | 1)) }
+        #expect(back.enumerated().allSatisfy { $0.offset % (8 * 4096) == 0 || $0.element == 0 })
+    }
+
     @Test func rewriteUsesFreshNonce() throws {
         let object = try ScratchObject()
         let data = randomBytes(4096, seed: 3)

@@ -216,7 +216,7 @@ final class ExtentFile: @unchecked Sendable {
             // Too many separate holes for one header slot: store the smallest hole range as real
             // zero extents. Reads are unchanged; only space is spent.
             guard let smallest = final.holes.ranges.min(by: { $0.count < $1.count }) else { break }
-            for index in smallest { dirty[index] = [UInt8](repeating: 0, count: geometry.extentSize) }
+            try writeZeroExtents(smallest)
             final.holes.remove(smallest)
             holes.remove(smallest)
         }
@@ -293,6 +293,30 @@ final class ExtentFile: @unchecked Sendable {
             return Journal.Record(index: index, stored: stored)
         }
         return records
+    }
+
+    /// Stores a hole range as sealed zero extents, streamed 64 at a time so memory stays bounded
+    /// however large the range. The range is a committed hole, so nothing references these bytes
+    /// until the header that drops the hole is written (after the sync that precedes it).
+    private func writeZeroExtents(_ range: Range<UInt64>) throws {
+        let zeros = [UInt8](repeating: 0, count: geometry.extentSize)
+        var index = range.lowerBound
+        while index < range.upperBound {
+            let end = min(range.upperBound, index + 64)
+            let batch = (index..<end).map { i -> Journal.Record in
+                let length = geometry.plaintextLength(i, size: size)
+                var stored = [UInt8](repeating: 0, count: length + ExtentGeometry.overheadBytes)
+                zeros.withUnsafeBytes { z in
+                    stored.withUnsafeMutableBytes { s in
+                        ExtentCodec.seal(key: key, objectID: objectID, index: i,
+                                         plaintext: UnsafeRawBufferPointer(rebasing: z[0..<length]), into: s)
+                    }
+                }
+                return Journal.Record(index: i, stored: stored)
+            }
+            try write(batch)
+            index = end
+        }
     }
 
     /// Writes sealed extents in place; contiguous ones go out in one pwrite.
