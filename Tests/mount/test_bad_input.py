@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import Volume, daemon_pids, expect_errno, run, wait_pids_gone
+from conftest import Volume, _pid_alive, daemon_pids, expect_errno, run, wait_pids_gone
 from test_crash import kill_leftovers, mount_armed
 
 
@@ -39,7 +39,7 @@ def assert_others_fine(volume: Volume, files, damaged):
     for name, data in files.items():
         if name not in damaged:
             assert (volume.mnt / name).read_bytes() == data, name
-    assert all(p in [*volume.pids] for p in daemon_pids(volume.mnt)) and volume.pids, "the daemon is gone"
+    assert volume.pids and all(_pid_alive(p) for p in volume.pids), "the daemon is gone"
 
 
 def corrupt(path: str, offset: int, length: int = 1, value: bytes | None = None):
@@ -68,7 +68,7 @@ def test_corrupted_objects(make_volume, damage):
     r = fsck(volume)
     assert r.returncode == 4, r.stdout + r.stderr
     shown = "/sub" if damage == "directory-header" else "/victim"
-    assert any(shown in line or "PROBLEM" in line for line in r.stdout.splitlines()), r.stdout
+    assert any(line.startswith("PROBLEM: " + shown) for line in r.stdout.splitlines()), r.stdout
     volume.mount()
     if damage == "extent":
         data = files["victim"]

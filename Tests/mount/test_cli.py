@@ -55,9 +55,11 @@ def test_unsupported_store_is_refused_unchanged(tmp_path, encfsd_bin, key_file):
     conf.write_text(conf.read_text().replace('"version" : 1', '"version" : 7'))
     before = tree_digest(store)
     fails(encfsd_bin, "mount", store, mnt, expect="format version 7")
+    assert tree_digest(store) == before, "a refused mount changed the store"
     conf.write_text(conf.read_text().replace('"version" : 7', '"version" : 1').replace('"features" : [\n\n  ]', '"features" : ["x"]'))
+    before = tree_digest(store)
     fails(encfsd_bin, "mount", store, mnt, expect="features")
-    assert tree_digest(store) != before  # only our own edit changed it
+    assert tree_digest(store) == before, "a refused mount changed the store"
     assert not os.listdir(mnt)
 
 

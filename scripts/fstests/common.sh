@@ -88,6 +88,11 @@ _enckey_status() { "$ENCFSD" key status "$1" "$2" 2>&1 | _filter_scratch; }
 _set_encpolicy() { "$ENCFSD" policy set "$1" "$2" 2>&1 | _filter_scratch; }
 _get_encryption_nonce() { "$ENCFSD" nonce "$1"; }
 
+# An empty directory under the test key's policy, with the key added: the usual start of a test.
+_unlocked_encrypted_dir() {
+    mkdir "$1" && _set_encpolicy "$1" $TEST_KEY_IDENTIFIER && _add_enckey "$SCRATCH_MNT" > /dev/null
+}
+
 # Runs a command, showing its output and errors with paths filtered (xfstests style).
 _run() { "$@" 2>&1 | _filter_scratch; }
 

@@ -164,5 +164,4 @@ public final class KeyTable: Sendable {
         return claims.filter { $0.revokeWhenWiped && $0.serial > 0 && !inUse.contains($0.serial) }
     }
 
-    public var identifiers: [KeyIdentifier] { entries.withLock { Array($0.keys) } }
 }

@@ -45,10 +45,6 @@ public enum OpenSSL {
         digest(Algorithms.shared.sha256, parts, count: 32)
     }
 
-    public static func sha512(_ parts: [UInt8]...) -> [UInt8] {
-        digest(Algorithms.shared.sha512, parts, count: 64)
-    }
-
     private static func digest(_ md: OpaquePointer, _ parts: [[UInt8]], count: Int) -> [UInt8] {
         guard let ctx = EVP_MD_CTX_new() else { fatalError("EVP_MD_CTX_new: out of memory") }
         defer { EVP_MD_CTX_free(ctx) }

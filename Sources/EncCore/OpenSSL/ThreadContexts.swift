@@ -75,7 +75,6 @@ final class Algorithms: @unchecked Sendable {
     let aes256gcm: OpaquePointer
     let aes256siv: OpaquePointer
     let sha256: OpaquePointer
-    let sha512: OpaquePointer
     let hmac: OpaquePointer
     let hkdf: OpaquePointer
     let scrypt: OpaquePointer
@@ -88,7 +87,6 @@ final class Algorithms: @unchecked Sendable {
         aes256gcm = need(EVP_CIPHER_fetch(nil, "AES-256-GCM", nil), "AES-256-GCM")
         aes256siv = need(EVP_CIPHER_fetch(nil, "AES-256-SIV", nil), "AES-256-SIV")
         sha256 = need(EVP_MD_fetch(nil, "SHA256", nil), "SHA-256")
-        sha512 = need(EVP_MD_fetch(nil, "SHA512", nil), "SHA-512")
         hmac = need(EVP_MAC_fetch(nil, "HMAC", nil), "HMAC")
         hkdf = need(EVP_KDF_fetch(nil, "HKDF", nil), "HKDF")
         scrypt = need(EVP_KDF_fetch(nil, "SCRYPT", nil), "scrypt")

@@ -134,7 +134,13 @@ public final class StoreChecker {
             do {
                 header = try self.header(of: headerFD.raw)
             } catch {
-                unrecoverable(in: directoryFD, name: entry.name, path: backing, "header: \(error)")
+                // A short name decrypts without the header, so the finding can name the file.
+                let shown = nameKey.flatMap { key in
+                    NameCodec.ciphertext(ofShortBackingName: entry.name).flatMap {
+                        try? NameCodec.decrypt(ciphertext: $0, directoryID: parent.objectID, key: key)
+                    }
+                }.map { plainPath + "/" + String(decoding: $0, as: UTF8.self) + " (backing \(backing))" } ?? backing
+                unrecoverable(in: directoryFD, name: entry.name, path: shown, "header: \(error)")
                 return
             }
             // The name: decrypt it, and require the object to be bound to it.

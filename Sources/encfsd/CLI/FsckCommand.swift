@@ -94,18 +94,3 @@ final class ProgressBar {
     }
 }
 
-/// Mounted encfsd stores, from /proc/self/mountinfo (a mount's source is its store path).
-enum MountTable {
-    static func mountpoint(ofStore store: String) -> String? {
-        guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return nil }
-        for line in info.split(separator: "\n") {
-            let halves = line.components(separatedBy: " - ")
-            guard halves.count == 2 else { continue }
-            let left = halves[0].split(separator: " "), right = halves[1].split(separator: " ")
-            if left.count > 4, right.count > 1, right[0] == "fuse.encfsd", PassphraseKeys.unescape(String(right[1])) == store {
-                return PassphraseKeys.unescape(String(left[4]))
-            }
-        }
-        return nil
-    }
-}

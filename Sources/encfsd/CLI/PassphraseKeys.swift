@@ -55,40 +55,13 @@ enum PassphraseKeys {
         return Array(line.utf8)
     }
 
-    /// The store behind a mountpoint, from /proc/self/mountinfo (its source is the store path).
+    /// The store behind a mountpoint (or any path inside it).
     static func storePath(of mountpoint: String) throws -> String {
         let target = try Paths.absolute(mountpoint, what: "mountpoint")
-        guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else {
-            throw CLIError("cannot read /proc/self/mountinfo")
+        let containing = MountTable.encfsdMounts().filter { target == $0.point || target.hasPrefix($0.point + "/") }
+        guard let mount = containing.max(by: { $0.point.count < $1.point.count }) else {
+            throw CLIError("\(mountpoint) is not on an encfsd mount")
         }
-        var best: (point: String, source: String)?
-        for line in info.split(separator: "\n") {
-            let halves = line.components(separatedBy: " - ")
-            guard halves.count == 2 else { continue }
-            let left = halves[0].split(separator: " "), right = halves[1].split(separator: " ")
-            guard left.count > 4, right.count > 1, right[0] == "fuse.encfsd" else { continue }
-            let point = unescape(String(left[4]))
-            if target == point || target.hasPrefix(point + "/"), point.count > (best?.point.count ?? -1) {
-                best = (point, unescape(String(right[1])))
-            }
-        }
-        guard let best else { throw CLIError("\(mountpoint) is not on an encfsd mount") }
-        return best.source
-    }
-
-    /// mountinfo escapes space, tab, newline and backslash as \ooo.
-    static func unescape(_ field: String) -> String {
-        var out = [UInt8](), bytes = Array(field.utf8), i = 0
-        while i < bytes.count {
-            if bytes[i] == UInt8(ascii: "\\"), i + 3 < bytes.count,
-               let value = UInt8(String(decoding: bytes[(i + 1)...(i + 3)], as: UTF8.self), radix: 8) {
-                out.append(value)
-                i += 4
-            } else {
-                out.append(bytes[i])
-                i += 1
-            }
-        }
-        return String(decoding: out, as: UTF8.self)
+        return mount.store
     }
 }

@@ -11,9 +11,7 @@ source "$(dirname "$0")/../common.sh"
 _scratch_mkfs_encrypted
 
 edir=$SCRATCH_MNT/encrypted_dir
-mkdir "$edir"
-_set_encpolicy "$edir" $TEST_KEY_IDENTIFIER
-_add_enckey "$SCRATCH_MNT" > /dev/null
+_unlocked_encrypted_dir "$edir"
 
 # Create the "same" symlink in two different directories.
 mkdir "$edir/subdir1" "$edir/subdir2"

@@ -6,9 +6,7 @@ source "$(dirname "$0")/../common.sh"
 _scratch_mkfs_encrypted
 
 edir=$SCRATCH_MNT/edir
-mkdir "$edir"
-_set_encpolicy "$edir" $TEST_KEY_IDENTIFIER
-_add_enckey "$SCRATCH_MNT" > /dev/null
+_unlocked_encrypted_dir "$edir"
 echo a > "$edir/a"
 echo b > "$edir/b"
 mkdir "$edir/subdir"

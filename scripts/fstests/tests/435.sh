@@ -8,9 +8,7 @@
 source "$(dirname "$0")/../common.sh"
 _scratch_mkfs_encrypted
 edir=$SCRATCH_MNT/edir
-mkdir "$edir"
-_set_encpolicy "$edir" $TEST_KEY_IDENTIFIER
-_add_enckey "$SCRATCH_MNT" > /dev/null
+_unlocked_encrypted_dir "$edir"
 
 echo "# Creating files with long names"
 long=$(head -c 251 /dev/zero | tr '\0' x)
