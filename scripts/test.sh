@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 swift build 2>&1 | tail -n 3
-swift test 2>&1 | grep -v '^encfsd: ' | tail -n 30
+swift test 2>&1 | grep -v '^encfsd: ' | grep -vE '^◇ |^✔ (Suite |Test [^r])' | tail -n 40
 export ENCFSD="$PWD/.build/debug/encfsd"
 python3 -m pytest -q -p no:cacheprovider Tests/mount "$@"
 scripts/crash-test.sh

@@ -1,4 +1,7 @@
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What the backing store was asked to do, recorded for the crash-state checker (tests only).
 /// Objects are named by backing inode, so renames of ancestors and unnamed O_TMPFILE files need
@@ -23,11 +26,15 @@ public final class OperationLog: Sendable {
     public static let shared = OperationLog()
     private let enabled = Atomic<Bool>(false)
     private let operations = Mutex<[BackingOperation]>([])
+    /// Only the thread that started recording is recorded: the workload runs on it, and other
+    /// work in the same process (tests running in parallel) must not leak into its log.
+    private let owner = Mutex<pthread_t?>(nil)
 
     public var isRecording: Bool { enabled.load(ordering: .relaxed) }
 
     public func start() {
         operations.withLock { $0.removeAll() }
+        owner.withLock { $0 = pthread_self() }
         enabled.store(true, ordering: .sequentiallyConsistent)
     }
 
@@ -40,7 +47,7 @@ public final class OperationLog: Sendable {
     public var count: Int { operations.withLock { $0.count } }
 
     func record(_ operation: @autoclosure () -> BackingOperation) {
-        guard isRecording else { return }
+        guard isRecording, let owner = owner.withLock({ $0 }), pthread_equal(owner, pthread_self()) != 0 else { return }
         let op = operation()
         operations.withLock { $0.append(op) }
     }
