@@ -15,7 +15,8 @@ public protocol FileSystem: Sendable {
     func link(_ node: UInt64, newParent: UInt64, newName: [UInt8]) throws -> Entry
     func open(_ node: UInt64, flags: Int32) throws -> OpenReply
     func create(parent: UInt64, name: [UInt8], mode: UInt32, flags: Int32, context: RequestContext) throws -> (Entry, OpenReply)
-    func read(_ node: UInt64, handle: UInt64, offset: UInt64, size: Int) throws -> [UInt8]
+    /// Reads into `buffer` (the request's size); returns the bytes read.
+    func read(_ node: UInt64, handle: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int
     func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int
     func flush(_ node: UInt64, handle: UInt64) throws
     func release(_ node: UInt64, handle: UInt64) throws
@@ -23,6 +24,9 @@ public protocol FileSystem: Sendable {
     func fallocate(_ node: UInt64, handle: UInt64, mode: Int32, offset: UInt64, length: UInt64) throws
     func opendir(_ node: UInt64) throws -> UInt64
     func readdir(_ node: UInt64, handle: UInt64, offset: Int) throws -> ArraySlice<DirectoryItem>
+    /// Looks up an entry `readdir` listed, for readdirplus: like `lookup`, it adds one kernel
+    /// reference to the node it returns.
+    func lookup(parent: UInt64, listed item: DirectoryItem) throws -> Entry
     func releasedir(_ node: UInt64, handle: UInt64)
     func fsyncdir(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws
     func statfs(_ node: UInt64) throws -> VolumeStatistics
@@ -111,10 +115,14 @@ public struct DirectoryItem: Sendable {
     public var name: [UInt8]
     public var inode: UInt64
     public var typeBits: UInt32
-    public init(name: [UInt8], inode: UInt64, typeBits: UInt32) {
+    /// What the filesystem needs to look this entry up again (`lookup(parent:listed:)`); opaque
+    /// to the bridge. nil for "." and "..", which readdirplus never looks up.
+    public var lookupKey: [UInt8]?
+    public init(name: [UInt8], inode: UInt64, typeBits: UInt32, lookupKey: [UInt8]? = nil) {
         self.name = name
         self.inode = inode
         self.typeBits = typeBits
+        self.lookupKey = lookupKey
     }
 }
 
@@ -157,9 +165,12 @@ public struct MountOptions: Sendable {
     public var attributeTimeout: Double
     public var entryTimeout: Double
     public var threads: Int
+    /// Let the kernel cache writes (FUSE_CAP_WRITEBACK_CACHE). Off by default: measured on this
+    /// store it costs more than it saves (docs/PERFORMANCE.md, 2026-11-22 "writeback cache").
+    public var writebackCache: Bool
 
     public init(mountpoint: String, fsName: String, allowOther: Bool = false, extra: [String] = [],
-                attributeTimeout: Double = 1, entryTimeout: Double = 1, threads: Int = 16) {
+                attributeTimeout: Double = 1, entryTimeout: Double = 1, threads: Int = 16, writebackCache: Bool = false) {
         self.mountpoint = mountpoint
         self.fsName = fsName
         self.allowOther = allowOther
@@ -167,5 +178,6 @@ public struct MountOptions: Sendable {
         self.attributeTimeout = attributeTimeout
         self.entryTimeout = entryTimeout
         self.threads = threads
+        self.writebackCache = writebackCache
     }
 }

@@ -69,6 +69,19 @@ import Glibc
             t.commits.append((start, log.count, t.content, false))
         }
 
+        func setMode(_ label: String, _ mode: UInt32) throws {
+            var changes = AttributeChanges()
+            changes.mode = mode
+            _ = try volume.setattr(nodes[label]!, changes)
+        }
+
+        func setOwner(_ label: String, uid: UInt32, gid: UInt32) throws {
+            var changes = AttributeChanges()
+            changes.uid = uid
+            changes.gid = gid
+            _ = try volume.setattr(nodes[label]!, changes)
+        }
+
         mutating func flush(_ label: String, durable: Bool) throws {
             let t = tracked[label]!
             let start = log.count
@@ -114,6 +127,14 @@ import Glibc
         try h.truncate("B", to: 5000); try h.flush("B", durable: true)                  // shrink into an extent
         try h.create("C", name: "c", path: ["c"])                                       // a new small file
         try h.write("C", at: 0, random(50)); try h.flush("C", durable: true)
+        // Metadata-only header updates with no sync between them (chmod, chmod, chown: what tar
+        // does per file): the first may use the other slot of a durable header, the later ones
+        // replace the unsynced newest slot in place. None may cost C its fsynced contents.
+        try h.setMode("C", 0o600); try h.setMode("C", 0o640); try h.setOwner("C", uid: 1, gid: 1)
+        try h.write("C", at: 10, random(5)); try h.flush("C", durable: false)          // journaled, after unsynced metadata
+        try h.setMode("C", 0o644); try h.flush("C", durable: true)
+        try h.write("C", at: 4096, random(3 * 4096)); try h.flush("C", durable: false) // whole extents past the end: written before the header
+        try h.truncate("C", to: 6000); try h.flush("C", durable: true)                 // then cut back into one of them
         try h.syncDirectory()
         h.tracked["C"]!.entryDurableAt = OperationLog.shared.count
         let renameStart = OperationLog.shared.count

@@ -20,7 +20,7 @@ public enum ExtentCodec {
         if let fixedNonce {
             nonce.copyBytes(from: fixedNonce)
         } else {
-            OpenSSL.fillRandom(nonce)
+            OpenSSL.fillNonce(nonce)
         }
         let body = UnsafeMutableRawBufferPointer(rebasing: stored[ExtentGeometry.nonceBytes..<(stored.count - ExtentGeometry.tagBytes)])
         let tag = UnsafeMutableRawBufferPointer(rebasing: stored[(stored.count - ExtentGeometry.tagBytes)...])
@@ -57,11 +57,12 @@ public enum ExtentCodec {
     private static func withKeyAndAD(key: MasterKey, nonce: UnsafeRawBufferPointer, objectID: [UInt8], index: UInt64,
                                      length: Int,
                                      _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
-        withUnsafeTemporaryAllocation(byteCount: 44 + adBytes, alignment: 16) { scratch in
-            let material = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<44])
+        // A whole HKDF block (key, IV and 20 unused bytes) saves copying the 44 out of a scratch one.
+        withUnsafeTemporaryAllocation(byteCount: 64 + adBytes, alignment: 16) { scratch in
+            let material = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<64])
             defer { OpenSSL.cleanse(material) }
             key.deriveExtentKey(nonce: nonce, into: material)
-            let ad = UnsafeMutableRawBufferPointer(rebasing: scratch[44...])
+            let ad = UnsafeMutableRawBufferPointer(rebasing: scratch[64...])
             objectID.withUnsafeBytes { ad.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: 16) }
             ad.storeBytes(of: index.littleEndian, toByteOffset: 16, as: UInt64.self)
             ad.storeBytes(of: UInt32(length).littleEndian, toByteOffset: 24, as: UInt32.self)

@@ -32,8 +32,15 @@ public enum HeaderCodec {
     /// `position` is the slot the bytes were read from (0 or 1), whose parity the sequence must
     /// have; nil for a slot image kept elsewhere (a journal's final header).
     public static func open(slot: ArraySlice<UInt8>, key: MasterKey?, position: Int? = nil) -> SlotState {
+        let state = parse(slot: slot, position: position)
+        guard let key, case .valid(let header) = state else { return state }
+        return verify(slot: slot, header: header, key: key) ? state : .forged
+    }
+
+    /// Checksum and structure of one slot, without the key.
+    private static func parse(slot: ArraySlice<UInt8>, position: Int?) -> SlotState {
         guard slot.count == ExtentGeometry.headerSlotBytes else { return .damaged }
-        if slot.allSatisfy({ $0 == 0 }) { return .empty }
+        if isAllZero(slot) { return .empty }
         var r = ByteReader(slot)
         _ = r.raw(6)
         guard let length = r.u16().map(Int.init), length >= ObjectHeader.fixedBytes,
@@ -44,8 +51,7 @@ public enum HeaderCodec {
         let macEnd = start + length + ObjectHeader.macBytes
         let checksum = OpenSSL.sha256(Array(slot[start..<macEnd])).prefix(ObjectHeader.checksumBytes)
         let checksumEnd = macEnd + ObjectHeader.checksumBytes
-        guard Array(checksum) == Array(slot[macEnd..<checksumEnd]), slot[checksumEnd...].allSatisfy({ $0 == 0 })
-        else { return .damaged }
+        guard checksum.elementsEqual(slot[macEnd..<checksumEnd]), isAllZero(slot[checksumEnd...]) else { return .damaged }
         let header: ObjectHeader
         switch ObjectHeader.decodeBody(body) {
         case .success(let decoded): header = decoded
@@ -53,15 +59,22 @@ public enum HeaderCodec {
         case .failure(.malformed): return .damaged
         }
         if let position, slotIndex(sequence: header.sequence) != position { return .damaged }
-        if let key {
-            guard key.identifier == header.macPolicy else { return .forged }
-            let mac = key.withHeaderKey(objectID: header.objectID) { OpenSSL.hmacSHA256(key: $0, Array(body)) }
-            guard constantTimeEqual(mac, Array(slot[(start + length)..<macEnd])) else { return .forged }
-        }
         return .valid(header)
     }
 
-    /// Picks the current header from the 4096-byte header region.
+    /// Whether the MAC of an intact slot verifies under `key`.
+    private static func verify(slot: ArraySlice<UInt8>, header: ObjectHeader, key: MasterKey) -> Bool {
+        guard key.identifier == header.macPolicy else { return false }
+        let start = slot.startIndex
+        let length = Int(slot[start + 6]) | Int(slot[start + 7]) << 8
+        let mac = key.withHeaderKey(objectID: header.objectID) { OpenSSL.hmacSHA256(key: $0, Array(slot[start..<(start + length)])) }
+        return constantTimeEqual(mac, Array(slot[(start + length)..<(start + length + ObjectHeader.macBytes)]))
+    }
+
+    /// Picks the current header from the 4096-byte header region: the newest slot that verifies.
+    ///
+    /// Only the newest intact slot's MAC is computed unless it fails: every lookup and open reads
+    /// a header, and the older slot's HMAC and key derivation would double that cost for nothing.
     ///
     /// - Throws: `StoreError.integrity` when no slot verifies.
     public static func current(region: [UInt8], key: MasterKey?) throws -> ObjectHeader {
@@ -69,24 +82,44 @@ public enum HeaderCodec {
             throw StoreError.integrity("header region is \(region.count) bytes, not \(ExtentGeometry.headerBytes)")
         }
         let slotBytes = ExtentGeometry.headerSlotBytes
-        let states = [open(slot: region[0..<slotBytes], key: key, position: 0),
-                      open(slot: region[slotBytes..<(2 * slotBytes)], key: key, position: 1)]
-        let valid = states.compactMap { state -> ObjectHeader? in
-            if case .valid(let h) = state { return h }
+        let slots = [region[0..<slotBytes], region[slotBytes..<(2 * slotBytes)]]
+        let states = [parse(slot: slots[0], position: 0), parse(slot: slots[1], position: 1)]
+        let intact = zip(slots, states).compactMap { slot, state -> (ArraySlice<UInt8>, ObjectHeader)? in
+            if case .valid(let h) = state { return (slot, h) }
             return nil
-        }
-        let newestValid = valid.max(by: { $0.sequence < $1.sequence })
+        }.sorted { $0.1.sequence > $1.1.sequence }
+        let newestValid = intact.first { slot, header in key.map { verify(slot: slot, header: header, key: $0) } ?? true }?.1
         // A newer slot in a format this build does not know is refused outright: falling back to
         // the older slot would silently serve a rolled-back version of the object.
         for case .unsupported(let version, let sequence) in states where sequence > (newestValid?.sequence ?? 0) || newestValid == nil {
             throw StoreError.integrity("header written in format version \(version), newer than this encfsd reads")
         }
         guard let newestValid else {
-            throw StoreError.integrity(states.contains(.forged) ? "header failed authentication" : "header is damaged")
+            throw StoreError.integrity(intact.isEmpty ? "header is damaged" : "header failed authentication")
         }
         return newestValid
     }
 
+}
+
+/// Whether every byte is zero, a word at a time (slot images are checked on every header read).
+func isAllZero(_ bytes: ArraySlice<UInt8>) -> Bool {
+    bytes.withUnsafeBytes { raw in
+        var words = 0
+        var acc: UInt64 = 0
+        let count = raw.count / 8
+        while words < count {
+            acc |= raw.loadUnaligned(fromByteOffset: words * 8, as: UInt64.self)
+            words += 1
+        }
+        var tail = count * 8
+        var rest: UInt8 = 0
+        while tail < raw.count {
+            rest |= raw[tail]
+            tail += 1
+        }
+        return acc == 0 && rest == 0
+    }
 }
 
 func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {

@@ -10,6 +10,11 @@ public final class MasterKey: Sendable {
     public static let maximumCount = 64
 
     public let identifier: KeyIdentifier
+    /// Unique to this instance for the life of the process, never reused: it names this key's
+    /// keyed HMAC state in each thread's cache (see `KeyedExpandCache`). Two instances made from
+    /// the same raw key get different serials; that costs one extra keying, never a wrong key.
+    let instanceSerial: UInt64
+    private static let serials = Atomic<UInt64>(0)
     /// Told when this key has been wiped (set when the key is removed from its table).
     private let wipeObserver = Mutex<(@Sendable () -> Void)?>(nil)
     /// HKDF-Extract(no salt, raw key): kept so each per-extent derivation is one HMAC.
@@ -42,6 +47,7 @@ public final class MasterKey: Sendable {
     }
 
     private init(_ derived: Derived) {
+        instanceSerial = Self.serials.add(1, ordering: .relaxed).newValue
         identifier = derived.identifier
         prk = derived.prk
         nameKeyBytes = derived.nameKey
@@ -58,15 +64,20 @@ public final class MasterKey: Sendable {
         self.init(try derived.get())
     }
 
-    /// Derives the 32-byte key and 12-byte IV of one extent seal into `output` (44 bytes).
-    /// The info string is built on the stack: this runs once per extent.
+    /// Derives the 32-byte key and 12-byte IV of one extent seal into `output[0..<44]`.
+    /// The info string is built on the stack: this runs once per extent. 44 bytes is within one
+    /// HKDF-SHA512 block, so this takes the keyed-HMAC path. `output` may be up to 64 bytes: HKDF
+    /// output is a prefix of any longer one, so the first 44 are the same, and a whole block
+    /// saves copying it out of a scratch buffer.
     public func deriveExtentKey(nonce: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) {
-        precondition(nonce.count == 16 && output.count == 44)
+        precondition(nonce.count == 16 && (44...64).contains(output.count))
         withUnsafeTemporaryAllocation(byteCount: 25, alignment: 1) { info in
             info.copyMemory(from: UnsafeRawBufferPointer(start: HKDFInfo.prefixPointer, count: 8))
             info[8] = HKDFContext.extentKey.rawValue
             UnsafeMutableRawBufferPointer(rebasing: info[9...]).copyMemory(from: nonce)
-            prk.withBytes { OpenSSL.hkdfExpandSHA512(prk: $0, info: UnsafeRawBufferPointer(info), into: output) }
+            prk.withBytes {
+                OpenSSL.hkdfExpandSHA512(keyedAs: instanceSerial, prk: $0, info: UnsafeRawBufferPointer(info), into: output)
+            }
         }
     }
 
@@ -75,7 +86,9 @@ public final class MasterKey: Sendable {
         try withUnsafeTemporaryAllocation(byteCount: 32, alignment: 16) { key in
             defer { OpenSSL.cleanse(key) }
             let info = HKDFInfo.make(.headerKey, objectID)
-            prk.withBytes { p in info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(prk: p, info: $0, into: key) } }
+            prk.withBytes { p in
+                info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(keyedAs: instanceSerial, prk: p, info: $0, into: key) }
+            }
             return try body(UnsafeRawBufferPointer(key))
         }
     }
@@ -97,6 +110,9 @@ public final class MasterKey: Sendable {
         // The SecureBytes members wipe themselves as they are released right after this. Runs on
         // whichever thread dropped the last reference: never inside the key table's lock (every
         // strong reference taken under it is released outside), since the observer takes it.
+        // The threads' HMAC states keyed with the PRK are secrets too: freed (and wiped by
+        // OpenSSL) before the observer reports the key gone.
+        OpenSSL.forgetKeyedExpand(serial: instanceSerial)
         let observer = wipeObserver.withLock { $0 }
         observer?()
     }

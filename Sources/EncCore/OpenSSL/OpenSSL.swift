@@ -10,8 +10,10 @@ public enum CryptoError: Error, Equatable, Sendable {
 
 /// Every OpenSSL call encfsd makes. Nothing outside `EncCore/OpenSSL/` imports COpenSSL.
 ///
-/// Hot-path entry points (`gcmSeal`, `gcmOpen`, `hkdfExpand`) write into caller buffers and
-/// use the calling thread's reused contexts, so sealing an extent allocates nothing.
+/// Hot-path entry points (`fillNonce`, `hkdfExpandSHA512(keyedAs:...)`, `gcmSeal`, `gcmOpen`)
+/// write into caller buffers and use the calling thread's reused contexts, so sealing an extent
+/// allocates nothing on the Swift side and, once the thread has keyed its HMAC for the master
+/// key, creates no OpenSSL object.
 public enum OpenSSL {
     public static let gcmTagCount = 16
     public static let gcmIVCount = 12
@@ -24,6 +26,13 @@ public enum OpenSSL {
         let rc = RAND_bytes(buffer.baseAddress!.assumingMemoryBound(to: UInt8.self), Int32(buffer.count))
         // A CSPRNG that cannot produce output leaves no safe way to continue: nonces would repeat.
         precondition(rc == 1, "RAND_bytes failed; refusing to continue without randomness")
+    }
+
+    /// Fills `buffer` (an extent nonce, at most 1 KiB) with CSPRNG bytes no other call returned,
+    /// from a per-thread batch drawn ahead with `RAND_bytes`: for values stored in the clear.
+    /// Never use it for secret keys.
+    static func fillNonce(_ buffer: UnsafeMutableRawBufferPointer) {
+        ThreadContexts.withCurrent { $0.takeNonce(buffer) }
     }
 
     public static func random(count: Int) -> [UInt8] {
@@ -156,32 +165,48 @@ public enum OpenSSL {
              info: UnsafeRawBufferPointer(start: nil, count: 0), into: prk)
     }
 
-    /// HKDF-Expand(prk, info) into `output` (at most 255 * 64 bytes), on the calling thread's
-    /// pre-configured expand-only context.
+    /// HKDF-Expand(prk, info) into `output` (at most 255 * 64 bytes) through `EVP_KDF`. Used for
+    /// the per-key derivations made once, and as the reference the keyed fast path is tested
+    /// against; the context is reset afterwards so no copy of the PRK stays behind in it.
     public static func hkdfExpandSHA512(prk: UnsafeRawBufferPointer, info: UnsafeRawBufferPointer,
                                         into output: UnsafeMutableRawBufferPointer) {
         precondition(prk.count == 64 && info.count > 0)
-        let ctx = ThreadContexts.current.expand
-        let ok = withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 3) { params in
-            params[0] = OSSL_PARAM_construct_octet_string(ParamName.key, UnsafeMutableRawPointer(mutating: prk.baseAddress!), prk.count)
-            params[1] = OSSL_PARAM_construct_octet_string(ParamName.info, UnsafeMutableRawPointer(mutating: info.baseAddress!), info.count)
-            params[2] = OSSL_PARAM_construct_end()
-            return EVP_KDF_derive(ctx, output.baseAddress!.assumingMemoryBound(to: UInt8.self), output.count, params.baseAddress) == 1
-        }
-        precondition(ok, "HKDF-SHA512 expand failed")
+        hkdf(mode: EVP_KDF_HKDF_MODE_EXPAND_ONLY, key: prk, salt: UnsafeRawBufferPointer(start: nil, count: 0),
+             info: info, into: output)
     }
 
-    static func configureExpandOnly(_ ctx: OpaquePointer) -> Bool {
-        var mode = EVP_KDF_HKDF_MODE_EXPAND_ONLY
-        var digestName: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) = (83, 72, 65, 53, 49, 50, 0) // "SHA512"
-        return withUnsafeMutablePointer(to: &digestName) { namePtr in
-            var params = [
-                OSSL_PARAM_construct_int(ParamName.mode, &mode),
-                OSSL_PARAM_construct_utf8_string(ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0),
-                OSSL_PARAM_construct_end(),
-            ]
-            return EVP_KDF_CTX_set_params(ctx, &params) == 1
+    /// HKDF-Expand(prk, info) for outputs of at most one SHA-512 block (64 bytes), the per-extent
+    /// and per-header derivations. RFC 5869's expand is then exactly T(1) = HMAC-SHA512(prk,
+    /// info || 0x01), truncated; it is computed with `EVP_MAC` on a context of the calling thread
+    /// keyed with `prk` once, so each call skips re-hashing the key pads (the `EVP_KDF` provider
+    /// keys a fresh HMAC on every call, which cost more than the HMAC itself).
+    ///
+    /// - Parameter serial: `prk`'s owner's unique serial (`MasterKey.instanceSerial`), never
+    ///   reused for another PRK; `forgetKeyedExpand(serial:)` must be called when `prk` is wiped.
+    static func hkdfExpandSHA512(keyedAs serial: UInt64, prk: UnsafeRawBufferPointer, info: UnsafeRawBufferPointer,
+                                        into output: UnsafeMutableRawBufferPointer) {
+        precondition(prk.count == 64 && info.count > 0 && info.count <= 1024 && output.count > 0 && output.count <= 64)
+        // info || 0x01 built on the stack, so the HMAC takes one update; a 64-byte output takes the
+        // block directly, anything shorter goes through a scratch block wiped afterwards.
+        let ok = withUnsafeTemporaryAllocation(byteCount: 64 + info.count + 1, alignment: 16) { scratch -> Bool in
+            let block = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<64])
+            let message = UnsafeMutableRawBufferPointer(rebasing: scratch[64...])
+            message.copyMemory(from: info)
+            message[info.count] = 1
+            let target = output.count == 64 ? output : block
+            defer { if output.count < 64 { cleanse(block) } }
+            let done = ThreadContexts.withCurrent {
+                $0.keyedExpand.firstBlock(serial: serial, prk: prk, message: UnsafeRawBufferPointer(message), into: target)
+            }
+            if done && output.count < 64 { output.copyMemory(from: UnsafeRawBufferPointer(rebasing: block[0..<output.count])) }
+            return done
         }
+        precondition(ok, "HKDF-SHA512 expand (HMAC) failed")
+    }
+
+    /// Frees every thread's HMAC state keyed for `serial`: its PRK is being wiped.
+    static func forgetKeyedExpand(serial: UInt64) {
+        KeyedExpandCache.forget(serial: serial)
     }
 
     private static func hkdf(mode: Int32, key: UnsafeRawBufferPointer, salt: UnsafeRawBufferPointer,
@@ -220,13 +245,19 @@ public enum OpenSSL {
                                tag: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         precondition(key.count == 32 && iv.count == gcmIVCount && tag.count == gcmTagCount)
         precondition(ciphertext.count >= plaintext.count)
-        let ctx = ThreadContexts.current.cipher
+        let ctx = ThreadContexts.withCurrent { $0.gcm }
         var outCount: Int32 = 0
-        guard EVP_EncryptInit_ex2(ctx, Algorithms.shared.aes256gcm, u8(key), u8(iv), nil) == 1,
+        // Only key and IV: the context keeps AES-256-GCM from its creation. The tag is read with
+        // get_params, which the ctrl call would translate into anyway.
+        guard EVP_EncryptInit_ex2(ctx, nil, u8(key), u8(iv), nil) == 1,
               ad.count == 0 || EVP_EncryptUpdate(ctx, nil, &outCount, u8(ad), Int32(ad.count)) == 1,
               plaintext.count == 0 || EVP_EncryptUpdate(ctx, u8m(ciphertext), &outCount, u8(plaintext), Int32(plaintext.count)) == 1,
               EVP_EncryptFinal_ex(ctx, u8m(ciphertext).map { $0 + Int(outCount) }, &outCount) == 1,
-              EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, Int32(gcmTagCount), tag.baseAddress) == 1
+              withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2, { params in
+                  params[0] = OSSL_PARAM_construct_octet_string(ParamName.tag, tag.baseAddress, gcmTagCount)
+                  params[1] = OSSL_PARAM_construct_end()
+                  return EVP_CIPHER_CTX_get_params(ctx, params.baseAddress) == 1
+              })
         else { throw .library("AES-256-GCM seal") }
     }
 
@@ -237,10 +268,15 @@ public enum OpenSSL {
                                plaintext: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         precondition(key.count == 32 && iv.count == gcmIVCount && tag.count == gcmTagCount)
         precondition(plaintext.count >= ciphertext.count)
-        let ctx = ThreadContexts.current.cipher
+        let ctx = ThreadContexts.withCurrent { $0.gcm }
         var outCount: Int32 = 0
-        guard EVP_DecryptInit_ex2(ctx, Algorithms.shared.aes256gcm, u8(key), u8(iv), nil) == 1,
-              EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, Int32(gcmTagCount), UnsafeMutableRawPointer(mutating: tag.baseAddress)) == 1,
+        // The expected tag goes in with key and IV (one parameter pass instead of a ctrl call).
+        let initialised = withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2) { params in
+            params[0] = OSSL_PARAM_construct_octet_string(ParamName.tag, UnsafeMutableRawPointer(mutating: tag.baseAddress), gcmTagCount)
+            params[1] = OSSL_PARAM_construct_end()
+            return EVP_DecryptInit_ex2(ctx, nil, u8(key), u8(iv), params.baseAddress) == 1
+        }
+        guard initialised,
               ad.count == 0 || EVP_DecryptUpdate(ctx, nil, &outCount, u8(ad), Int32(ad.count)) == 1,
               ciphertext.count == 0 || EVP_DecryptUpdate(ctx, u8m(plaintext), &outCount, u8(ciphertext), Int32(ciphertext.count)) == 1
         else { throw .library("AES-256-GCM open") }
@@ -325,12 +361,13 @@ public enum OpenSSL {
 }
 
 // OSSL_PARAM keeps the pointer to its name, so names must outlive the call: static C strings.
-private enum ParamName {
+enum ParamName {
     static var mode: UnsafePointer<CChar> { cString("mode") }
     static var digest: UnsafePointer<CChar> { cString("digest") }
     static var key: UnsafePointer<CChar> { cString("key") }
     static var salt: UnsafePointer<CChar> { cString("salt") }
     static var info: UnsafePointer<CChar> { cString("info") }
+    static var tag: UnsafePointer<CChar> { cString("tag") }
     static var pass: UnsafePointer<CChar> { cString("pass") }
     static var scryptN: UnsafePointer<CChar> { cString("n") }
     static var scryptR: UnsafePointer<CChar> { cString("r") }
@@ -350,4 +387,29 @@ private var emptyByte: UnsafeRawPointer { UnsafeRawPointer(("" as StaticString).
 
 @inline(__always) private func u8m(_ b: UnsafeMutableRawBufferPointer) -> UnsafeMutablePointer<UInt8>? {
     b.baseAddress?.assumingMemoryBound(to: UInt8.self)
+}
+
+// MARK: Benchmark reference
+
+extension OpenSSL {
+    /// What `openssl speed -evp aes-256-gcm -bytes <n>` times: one AES-256-GCM context encrypting
+    /// `buffer` in place `rounds` times, with no per-buffer setup (a random key, discarded). The
+    /// ceiling for the extent codec at that size; `encfsd bench-codec` times it right next to
+    /// each codec measurement, because on a shared machine a figure from another minute is not
+    /// comparable.
+    public static func gcmStreamReference(buffer: UnsafeMutableRawBufferPointer, rounds: Int) {
+        guard let ctx = EVP_CIPHER_CTX_new() else { fatalError("EVP_CIPHER_CTX_new: out of memory") }
+        defer { EVP_CIPHER_CTX_free(ctx) }
+        var key = random(count: 32), iv = random(count: gcmIVCount)
+        defer { key.withUnsafeMutableBytes { cleanse($0) } }
+        var outCount: Int32 = 0
+        var ok = EVP_EncryptInit_ex2(ctx, Algorithms.shared.aes256gcm, key, iv, nil) == 1
+        for _ in 0..<rounds where ok {
+            ok = EVP_EncryptUpdate(ctx, u8m(buffer), &outCount, u8(UnsafeRawBufferPointer(buffer)), Int32(buffer.count)) == 1
+        }
+        var tag = [UInt8](repeating: 0, count: gcmTagCount)
+        ok = ok && EVP_EncryptFinal_ex(ctx, u8m(buffer), &outCount) == 1
+            && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_GET_TAG, Int32(gcmTagCount), &tag) == 1
+        precondition(ok, "AES-256-GCM reference stream failed")
+    }
 }

@@ -1,4 +1,5 @@
 import COpenSSL
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,60 +11,95 @@ import Glibc
 /// worker thread therefore gets its own set, created on first use and freed when the thread
 /// exits (pthread key destructor).
 final class ThreadContexts {
+    /// For AES-256-SIV and anything else that sets its own cipher on each use.
     let cipher: OpaquePointer
+    /// Fixed to AES-256-GCM when created: each extent seal or open passes only key and IV. Passing
+    /// the cipher again made OpenSSL free and reallocate its whole GCM state on every extent.
+    let gcm: OpaquePointer
     let mac: OpaquePointer
     let kdf: OpaquePointer
-    /// An HKDF context fixed to SHA-512 expand-only. Setting the digest by name makes OpenSSL
-    /// fetch it again, which cost more than the HMAC itself; done once here, each per-extent
-    /// derivation passes only key and info.
-    let expand: OpaquePointer
+    /// HMAC-SHA512 contexts keyed with each master key's PRK this thread derives extent keys for.
+    let keyedExpand = KeyedExpandCache()
+    /// Random bytes drawn ahead for extent nonces (see `takeNonce`).
+    private let nonces: UnsafeMutableRawBufferPointer
+    private var noncesUsed: Int
+    private var noncesForkGeneration: UInt64 = 0
 
     init() {
         guard let cipher = EVP_CIPHER_CTX_new(),
+              let gcm = EVP_CIPHER_CTX_new(),
               let mac = EVP_MAC_CTX_new(Algorithms.shared.hmac),
-              let kdf = EVP_KDF_CTX_new(Algorithms.shared.hkdf),
-              let expand = EVP_KDF_CTX_new(Algorithms.shared.hkdf)
+              let kdf = EVP_KDF_CTX_new(Algorithms.shared.hkdf)
         else { fatalError("OpenSSL could not allocate a context: out of memory") }
         self.cipher = cipher
+        self.gcm = gcm
         self.mac = mac
         self.kdf = kdf
-        self.expand = expand
-        guard OpenSSL.configureExpandOnly(expand) else { fatalError("OpenSSL refused HKDF-SHA512 expand-only") }
+        guard EVP_CipherInit_ex2(gcm, Algorithms.shared.aes256gcm, nil, nil, 1, nil) == 1
+        else { fatalError("OpenSSL refused AES-256-GCM") }
+        nonces = .allocate(byteCount: ThreadContexts.nonceBatchBytes, alignment: 16)
+        noncesUsed = ThreadContexts.nonceBatchBytes
     }
 
     deinit {
+        keyedExpand.retire()
         EVP_CIPHER_CTX_free(cipher)
+        EVP_CIPHER_CTX_free(gcm)
         EVP_MAC_CTX_free(mac)
         EVP_KDF_CTX_free(kdf)
-        EVP_KDF_CTX_free(expand)
+        nonces.deallocate()
     }
+
+    /// 64 nonces per `RAND_bytes` call. OpenSSL 3's DRBG has a fixed cost per call (a lock, a
+    /// fork check, and re-keying its AES state after every request) of about 0.6 µs, as much
+    /// as the rest of a 16 KiB seal's overhead; per byte it is cheap. Drawing ahead is safe
+    /// because a nonce is not secret (it is stored in the clear next to its extent and
+    /// derives nothing without the master key): what must never happen is handing the same
+    /// bytes out twice. Within a thread the buffer is consumed once; across a fork the child
+    /// would inherit the same unused bytes as the parent, so a fork discards the buffer.
+    static let nonceBatchBytes = 1024
+
+    /// Fills `out` (at most `nonceBatchBytes`) with bytes from OpenSSL's CSPRNG not given out before.
+    func takeNonce(_ out: UnsafeMutableRawBufferPointer) {
+        precondition(out.count <= Self.nonceBatchBytes)
+        let generation = ForkWatch.shared.generation
+        if noncesUsed + out.count > nonces.count || generation != noncesForkGeneration {
+            OpenSSL.fillRandom(nonces)
+            noncesUsed = 0
+            noncesForkGeneration = generation
+        }
+        let source = UnsafeMutableRawBufferPointer(rebasing: nonces[noncesUsed..<(noncesUsed + out.count)])
+        out.copyMemory(from: UnsafeRawBufferPointer(source))
+        // Not secret, but zeroed so a bug that read the same bytes again would show as zeros.
+        source.initializeMemory(as: UInt8.self, repeating: 0)
+        noncesUsed += out.count
+    }
+
+    private static let perThread = PerThread { ThreadContexts() }
+
+    /// Runs `body` with the calling thread's contexts without a retain and release (the per-extent
+    /// path; see `PerThread.withCurrent`).
+    @inline(__always)
+    static func withCurrent<R>(_ body: (ThreadContexts) -> R) -> R { perThread.withCurrent(body) }
 
     /// The calling thread's contexts. Never hand the result to another thread.
-    static var current: ThreadContexts {
-        let key = ThreadKey.shared.key
-        if let raw = pthread_getspecific(key) {
-            return Unmanaged<ThreadContexts>.fromOpaque(raw).takeUnretainedValue()
-        }
-        let fresh = ThreadContexts()
-        pthread_setspecific(key, Unmanaged.passRetained(fresh).toOpaque())
-        return fresh
-    }
+    static var current: ThreadContexts { perThread.current }
 }
 
-private func releaseThreadContexts(_ raw: UnsafeMutableRawPointer?) {
-    guard let raw else { return }
-    Unmanaged<ThreadContexts>.fromOpaque(raw).release()
-}
+/// Counts forks, so a child process never reuses random bytes its parent drew ahead.
+///
+/// Invariant making this `@unchecked Sendable`: only the atomic is mutable.
+final class ForkWatch: @unchecked Sendable {
+    static let shared = ForkWatch()
+    private static let forks = Atomic<UInt64>(0)
 
-/// Invariant making this `@unchecked Sendable`: `key` is written once in `init`, before
-/// `shared` is published, and only read afterwards.
-private final class ThreadKey: @unchecked Sendable {
-    static let shared = ThreadKey()
-    var key = pthread_key_t()
     private init() {
-        let rc = pthread_key_create(&key, releaseThreadContexts)
-        precondition(rc == 0, "pthread_key_create failed: \(rc)")
+        // Registered before any nonce is drawn ahead (the first draw reads `shared`).
+        let rc = pthread_atfork(nil, nil, { ForkWatch.forks.add(1, ordering: .relaxed) })
+        precondition(rc == 0, "pthread_atfork failed: \(rc)")
     }
+
+    var generation: UInt64 { Self.forks.load(ordering: .relaxed) }
 }
 
 /// Algorithm objects fetched once. Fetching per call costs a provider lookup under a lock.

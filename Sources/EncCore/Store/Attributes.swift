@@ -51,6 +51,16 @@ public struct DirectoryEntry: Sendable {
     public var inode: UInt64
     /// File type bits (S_IFMT) when known cheaply, else 0.
     public var typeBits: UInt32
+    /// The entry's name in the backing directory (nil for "." and ".."): lets a readdirplus
+    /// look the entry up without encrypting its name again.
+    public var backingName: [UInt8]? = nil
+
+    public init(name: [UInt8], inode: UInt64, typeBits: UInt32, backingName: [UInt8]? = nil) {
+        self.name = name
+        self.inode = inode
+        self.typeBits = typeBits
+        self.backingName = backingName
+    }
 }
 
 public struct FileSystemStatistics: Sendable {

@@ -22,8 +22,28 @@ final class ExtentFile: @unchecked Sendable {
     /// Size and holes as the file is now, including uncommitted changes.
     private(set) var size: UInt64
     private(set) var holes: HoleMap
-    /// Plaintext of changed extents, each `extentSize` bytes (bytes past the file end are zero).
+    /// Plaintext of partly written extents, each `extentSize` bytes (bytes past the file end are
+    /// zero), sealed at commit.
     private var dirty: [UInt64: [UInt8]] = [:]
+    /// Whole extents sealed when they were written, waiting for the commit. Sealing a streaming
+    /// write at once (outside the node lock, see `sealWholeExtents`) spreads the encryption over
+    /// the workers serving concurrent writeback requests instead of one thread at commit, and
+    /// skips a plaintext copy. Every entry is a full `extentSize` extent inside the file.
+    private var sealed: [UInt64: [UInt8]] = [:]
+    /// Whole extents past the committed end, already written in place by `write` and waiting only
+    /// for a header to cover them. The committed header does not reference them, so writing them
+    /// early is as safe as at commit; it skips a copy into `sealed` and a 16 MiB stall per batch.
+    private var written: Set<UInt64> = []
+    /// The size the committed header records: extents at or past its end are unreferenced.
+    private var committedSize: UInt64
+    /// Where direct writes have extended the backing file, for the commit to cut back to the
+    /// header's length if the file was truncated meanwhile.
+    private var writtenEnd: Int64 = 0
+    /// A failed commit left a pending header: direct writes wait for its replay.
+    private var replayPending = false
+    /// Held shared while a read decrypts committed extents without the node lock, exclusive
+    /// while a commit rewrites or truncates them.
+    let ioLock = ReadWriteLock()
     private var metadataChanged = false
     /// When the contents last changed, if not yet committed: what stat reports as mtime and
     /// ctime meanwhile, and what the commit stamps on the backing file (POSIX: the time of the
@@ -45,74 +65,203 @@ final class ExtentFile: @unchecked Sendable {
         objectID = header.objectID
         size = header.size
         holes = header.holes
+        committedSize = header.size
     }
 
-    var hasUncommittedChanges: Bool { metadataChanged || !dirty.isEmpty }
+    var hasUncommittedChanges: Bool { metadataChanged || !dirty.isEmpty || !sealed.isEmpty || !written.isEmpty }
 
     // MARK: reading
 
+    /// Reads into a new array, for callers off the data path (symlinks, fsck, tests) that hold the
+    /// node lock anyway.
     func read(offset: UInt64, count: Int) throws -> [UInt8] {
         guard offset < size, count > 0 else { return [] }
-        let end = min(size, offset + UInt64(count))
-        var out = [UInt8](repeating: 0, count: Int(end - offset))
-        var index = geometry.extentIndex(offset: offset)
-        let last = geometry.extentIndex(offset: end - 1)
-        var scratch = [UInt8](repeating: 0, count: geometry.extentSize)
-        while index <= last {
-            let start = geometry.extentStart(index)
-            let from = max(offset, start)
-            let to = min(end, start + UInt64(geometry.extentSize))
-            let inExtent = Int(from - start)..<Int(to - start)
-            let outRange = Int(from - offset)..<Int(to - offset)
-            if let plain = dirty[index] {
-                out.replaceSubrange(outRange, with: plain[inExtent])
-            } else if !holes.contains(index) {
-                try loadStored(index, into: &scratch)
-                out.replaceSubrange(outRange, with: scratch[inExtent])
-            }
-            index += 1
+        var out = [UInt8](repeating: 0, count: Int(min(size - offset, UInt64(count))))
+        try out.withUnsafeMutableBytes { buffer in
+            let plan = try prepareRead(offset: offset, count: count, into: buffer)
+            defer { if !plan.runs.isEmpty { ioLock.unlockShared() } }
+            try finishRead(plan, into: buffer)
         }
         return out
     }
 
-    /// Decrypts committed extent `index` (length from the current size) into `buffer`.
-    private func loadStored(_ index: UInt64, into buffer: inout [UInt8]) throws {
-        let length = geometry.plaintextLength(index, size: size)
-        var stored = [UInt8](repeating: 0, count: length + ExtentGeometry.overheadBytes)
-        let n = try stored.withUnsafeMutableBytes { b throws in
-            try Sys.pread(fd, b, offset: geometry.backingOffset(index))
+    /// What a read still has to fetch after `prepareRead`: runs of committed extents.
+    struct ReadPlan {
+        var offset: UInt64
+        var length: Int
+        /// The file size the runs were planned against (it fixes the last extent's length).
+        var size: UInt64
+        var runs: [ClosedRange<UInt64>] = []
+    }
+
+    /// First half of a read, under the node lock: copies uncommitted extents and zeroes holes into
+    /// `out`, and lists the committed extents still to decrypt. When it lists any, it returns
+    /// holding `ioLock` shared; the caller drops the node lock, calls `finishRead`, then
+    /// `ioLock.unlockShared()`. Decrypting outside the node lock lets reads of one file run in
+    /// parallel; the shared lock keeps a commit from rewriting the extents meanwhile.
+    func prepareRead(offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws -> ReadPlan {
+        guard offset < size, count > 0 else { return ReadPlan(offset: offset, length: 0, size: size) }
+        let end = min(size, offset + UInt64(count))
+        var plan = ReadPlan(offset: offset, length: Int(end - offset), size: size)
+        var index = geometry.extentIndex(offset: offset)
+        let last = geometry.extentIndex(offset: end - 1)
+        while index <= last {
+            let start = geometry.extentStart(index)
+            let from = max(offset, start)
+            let to = min(end, start + UInt64(geometry.extentSize))
+            let target = UnsafeMutableRawBufferPointer(rebasing: out[Int(from - offset)..<Int(to - offset)])
+            let inExtent = Int(from - start)..<Int(to - start)
+            if let plain = dirty[index] {
+                plain.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inExtent])) }
+            } else if let stored = sealed[index] {
+                let plain = ThreadScratch.current.extent(count: geometry.extentSize)
+                try stored.withUnsafeBytes { try open(index, stored: $0, into: plain) }
+                target.copyMemory(from: UnsafeRawBufferPointer(rebasing: plain[inExtent]))
+            } else if holes.contains(index) {
+                target.initializeMemory(as: UInt8.self, repeating: 0)
+            } else if let lastRun = plan.runs.last, lastRun.upperBound + 1 == index {
+                plan.runs[plan.runs.count - 1] = lastRun.lowerBound...index
+            } else {
+                plan.runs.append(index...index)
+            }
+            index += 1
         }
-        guard n == stored.count else { throw StoreError.integrity("extent \(index) is truncated") }
-        do {
-            try stored.withUnsafeBytes { s throws in
-                try buffer.withUnsafeMutableBytes { p throws in
-                    try ExtentCodec.open(key: key, objectID: objectID, index: index, stored: s, into: p)
+        if !plan.runs.isEmpty { ioLock.lockShared() }
+        return plan
+    }
+
+    /// Second half of a read: one pread per run of committed extents, each extent decrypted
+    /// straight into `out` when the read wants all of it.
+    func finishRead(_ plan: ReadPlan, into out: UnsafeMutableRawBufferPointer) throws {
+        let scratch = ThreadScratch.current
+        let end = plan.offset + UInt64(plan.length)
+        for run in plan.runs {
+            let lastLength = geometry.plaintextLength(run.upperBound, size: plan.size)
+            let runBytes = Int(geometry.backingOffset(run.upperBound) - geometry.backingOffset(run.lowerBound))
+                + lastLength + ExtentGeometry.overheadBytes
+            let stored = scratch.ciphertext(count: runBytes)
+            let n = try Sys.pread(fd, stored, offset: geometry.backingOffset(run.lowerBound))
+            guard n == runBytes else { throw StoreError.integrity("extent \(run.upperBound) is truncated") }
+            for index in run {
+                let length = geometry.plaintextLength(index, size: plan.size)
+                let at = Int(geometry.backingOffset(index) - geometry.backingOffset(run.lowerBound))
+                let one = UnsafeRawBufferPointer(rebasing: stored[at..<(at + length + ExtentGeometry.overheadBytes)])
+                let start = geometry.extentStart(index)
+                let from = max(plan.offset, start)
+                let to = min(end, start + UInt64(length))
+                if from == start && to == start + UInt64(length) {
+                    let target = UnsafeMutableRawBufferPointer(rebasing: out[Int(from - plan.offset)..<Int(to - plan.offset)])
+                    try open(index, stored: one, into: target)
+                } else {
+                    let plain = scratch.extent(count: geometry.extentSize)
+                    try open(index, stored: one, into: plain)
+                    UnsafeMutableRawBufferPointer(rebasing: out[Int(from - plan.offset)..<Int(to - plan.offset)])
+                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: plain[Int(from - start)..<Int(to - start)]))
                 }
             }
-        } catch {
-            throw StoreError.integrity("extent \(index) failed authentication")
-        }
-        if length < buffer.count {
-            _ = buffer.withUnsafeMutableBytes { $0[length...].initializeMemory(as: UInt8.self, repeating: 0) }
         }
     }
 
-    /// The extent's current plaintext as a mutable dirty buffer, loading it if needed.
-    private func dirtyExtent(_ index: UInt64, willOverwriteWhole: Bool) throws -> [UInt8] {
-        if let plain = dirty[index] { return plain }
-        var buffer = [UInt8](repeating: 0, count: geometry.extentSize)
-        if !willOverwriteWhole && !holes.contains(index) && index < geometry.extentCount(size: size) {
-            try loadStored(index, into: &buffer)
+    private func open(_ index: UInt64, stored: UnsafeRawBufferPointer, into plain: UnsafeMutableRawBufferPointer) throws {
+        do {
+            try ExtentCodec.open(key: key, objectID: objectID, index: index, stored: stored, into: plain)
+        } catch {
+            throw StoreError.integrity("extent \(index) failed authentication")
         }
-        return buffer
+    }
+
+    /// Decrypts committed extent `index` (length from the current size) into `buffer`.
+    private func loadStored(_ index: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let length = geometry.plaintextLength(index, size: size)
+        let stored = ThreadScratch.current.ciphertext(count: length + ExtentGeometry.overheadBytes)
+        let n = try Sys.pread(fd, stored, offset: geometry.backingOffset(index))
+        guard n == stored.count else { throw StoreError.integrity("extent \(index) is truncated") }
+        try open(index, stored: UnsafeRawBufferPointer(stored), into: buffer)
+        if length < buffer.count { buffer[length...].initializeMemory(as: UInt8.self, repeating: 0) }
+    }
+
+    /// Makes extent `index` a plaintext dirty buffer, loading what it holds now unless the caller
+    /// overwrites all of it.
+    private func makeDirty(_ index: UInt64, willOverwriteWhole: Bool) throws {
+        guard dirty[index] == nil else { return }
+        let stored = sealed[index]
+        let load = !willOverwriteWhole && (stored != nil || (!holes.contains(index) && index < geometry.extentCount(size: size)))
+        // Filled by the decryption (and its zero tail) or zeroed here; never read uninitialized.
+        let buffer = try [UInt8](unsafeUninitializedCapacity: geometry.extentSize) { bytes, count in
+            let raw = UnsafeMutableRawBufferPointer(bytes)
+            if !load {
+                raw.initializeMemory(as: UInt8.self, repeating: 0)
+            } else if let stored {
+                try stored.withUnsafeBytes { try open(index, stored: $0, into: raw) }
+            } else {
+                try loadStored(index, into: raw)
+            }
+            count = bytes.count
+        }
+        sealed[index] = nil
+        dirty[index] = buffer
     }
 
     // MARK: writing
 
-    func write(offset: UInt64, data: UnsafeRawBufferPointer) throws {
+    /// Whole extents sealed by `sealWholeExtents`: `count` extents from index `first`, back to back
+    /// at the backing stride in the calling thread's scratch buffer.
+    struct Presealed {
+        var first: UInt64
+        var count: Int
+        var bytes: UnsafeMutableRawBufferPointer
+
+        func extent(_ index: UInt64, stride: Int) -> UnsafeRawBufferPointer {
+            let at = Int(index - first) * stride
+            return UnsafeRawBufferPointer(rebasing: bytes[at..<(at + stride)])
+        }
+    }
+
+    /// Seals the extents `[offset, offset + data.count)` covers whole. Needs no lock: it reads only
+    /// what never changes for an open file (key, object, geometry), so concurrent writers encrypt
+    /// in parallel and only `write(offset:data:presealed:)` runs under the node lock. The result
+    /// lives in this thread's scratch buffer until the next call on this thread.
+    func sealWholeExtents(offset: UInt64, data: UnsafeRawBufferPointer) -> Presealed? {
+        let extentSize = UInt64(geometry.extentSize)
+        let (end, overflow) = offset.addingReportingOverflow(UInt64(data.count))
+        guard !overflow, end <= Self.maximumSize else { return nil }
+        let first = (offset + extentSize - 1) / extentSize
+        let endIndex = end / extentSize
+        guard endIndex > first else { return nil }
+        let count = Int(endIndex - first)
+        let bytes = ThreadScratch.current.sealing(count: count * geometry.stride)
+        for i in 0..<count {
+            let index = first + UInt64(i)
+            let from = Int(geometry.extentStart(index) - offset)
+            ExtentCodec.seal(key: key, objectID: objectID, index: index,
+                             plaintext: UnsafeRawBufferPointer(rebasing: data[from..<(from + geometry.extentSize)]),
+                             into: UnsafeMutableRawBufferPointer(rebasing: bytes[(i * geometry.stride)..<((i + 1) * geometry.stride)]))
+        }
+        return Presealed(first: first, count: count, bytes: bytes)
+    }
+
+    /// Applies a write. Extents in `presealed` (from `sealWholeExtents` over the same range, on
+    /// this thread) are taken as they are: written in place at once when they lie past the
+    /// committed end, kept for the commit otherwise. The partly covered extents at either end
+    /// become dirty plaintext.
+    func write(offset: UInt64, data: UnsafeRawBufferPointer, presealed: Presealed? = nil) throws {
         guard data.count > 0 else { return }
         let (end, overflow) = offset.addingReportingOverflow(UInt64(data.count))
         guard !overflow, end <= Self.maximumSize else { throw StoreError.system(27) } // EFBIG
+        // The appended run goes out first, in one pwrite: if it fails, nothing here has changed.
+        var direct: Range<UInt64> = 0..<0
+        if let presealed {
+            let committedCount = geometry.extentCount(size: committedSize)
+            let lower = max(presealed.first, committedCount)
+            let upper = presealed.first + UInt64(presealed.count)
+            if lower < upper && !Self.journalingDisabled && !replayPending {
+                direct = lower..<upper
+                let at = Int(lower - presealed.first) * geometry.stride
+                let run = UnsafeRawBufferPointer(rebasing: presealed.bytes[at..<(Int(upper - presealed.first) * geometry.stride)])
+                try Sys.pwrite(fd, run, offset: geometry.backingOffset(lower))
+                writtenEnd = max(writtenEnd, geometry.backingOffset(upper))
+            }
+        }
         if end > size { try resize(to: end) }
         var index = geometry.extentIndex(offset: offset)
         let last = geometry.extentIndex(offset: end - 1)
@@ -121,12 +270,20 @@ final class ExtentFile: @unchecked Sendable {
             let from = max(offset, start)
             let to = min(end, start + UInt64(geometry.extentSize))
             let whole = from == start && to - start == UInt64(geometry.extentSize)
-            var plain = try dirtyExtent(index, willOverwriteWhole: whole)
-            plain.withUnsafeMutableBytes { p in
-                UnsafeMutableRawBufferPointer(rebasing: p[Int(from - start)..<Int(to - start)])
-                    .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(from - offset)..<Int(to - offset)]))
+            if whole && direct.contains(index) {
+                written.insert(index)
+                sealed[index] = nil
+                dirty[index] = nil
+            } else if whole, let presealed, index >= presealed.first, index < presealed.first + UInt64(presealed.count) {
+                sealed[index] = Array(presealed.extent(index, stride: geometry.stride))
+                dirty[index] = nil
+            } else {
+                try makeDirty(index, willOverwriteWhole: whole)
+                dirty[index]!.withUnsafeMutableBytes { p in
+                    UnsafeMutableRawBufferPointer(rebasing: p[Int(from - start)..<Int(to - start)])
+                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(from - offset)..<Int(to - offset)]))
+                }
             }
-            dirty[index] = plain
             holes.remove(index)
             index += 1
         }
@@ -144,21 +301,23 @@ final class ExtentFile: @unchecked Sendable {
         let newCount = geometry.extentCount(size: newSize)
         if newSize > size {
             if size % UInt64(geometry.extentSize) != 0 {
+                // The partial last extent grows: its stored length changes, so it is resealed.
                 let lastOld = oldCount - 1
-                dirty[lastOld] = try dirtyExtent(lastOld, willOverwriteWhole: false)
-                if dirty[lastOld] != nil { holes.remove(lastOld) }
+                try makeDirty(lastOld, willOverwriteWhole: false)
+                holes.remove(lastOld)
             }
             holes.insert(oldCount..<newCount)
         } else {
             for index in dirty.keys where index >= newCount { dirty[index] = nil }
+            for index in sealed.keys where index >= newCount { sealed[index] = nil }
+            written = written.filter { $0 < newCount }
             holes.clip(to: newCount)
             let tail = Int(newSize % UInt64(geometry.extentSize))
             if tail != 0 {
                 let lastNew = newCount - 1
                 if !holes.contains(lastNew) {
-                    var plain = try dirtyExtent(lastNew, willOverwriteWhole: false)
-                    _ = plain.withUnsafeMutableBytes { $0[tail...].initializeMemory(as: UInt8.self, repeating: 0) }
-                    dirty[lastNew] = plain
+                    try makeDirty(lastNew, willOverwriteWhole: false)
+                    _ = dirty[lastNew]!.withUnsafeMutableBytes { $0[tail...].initializeMemory(as: UInt8.self, repeating: 0) }
                 }
             }
         }
@@ -177,7 +336,7 @@ final class ExtentFile: @unchecked Sendable {
         modifiedAt = now
     }
 
-    var needsCommitForMemory: Bool { dirty.count * geometry.extentSize >= Self.dirtyLimitBytes }
+    var needsCommitForMemory: Bool { (dirty.count + sealed.count) * geometry.extentSize >= Self.dirtyLimitBytes }
 
     // MARK: committing
 
@@ -199,6 +358,12 @@ final class ExtentFile: @unchecked Sendable {
     /// - Parameter durable: also make the result durable (fsync/fdatasync); otherwise it is
     ///   consistent but may be lost to a power loss.
     func commit(header: inout ObjectHeader, durable: Bool = false) throws {
+        // Readers decrypting committed extents outside the node lock finish first, and none start
+        // until the extents and the size they were read against are consistent again.
+        try ioLock.withExclusive { try commitExclusive(header: &header, durable: durable) }
+    }
+
+    private func commitExclusive(header: inout ObjectHeader, durable: Bool) throws {
         // A transaction that failed after its pending flag reached the disk is finished first:
         // its journal is complete, and nothing may be written on top of a pending header.
         if header.flags.contains(.pendingWrite) {
@@ -220,10 +385,13 @@ final class ExtentFile: @unchecked Sendable {
             final.holes.remove(smallest)
             holes.remove(smallest)
         }
-        let records = sealDirty()
+        let records = (sealDirty() + sealed.map { Journal.Record(index: $0.key, stored: $0.value) })
+            .sorted { $0.index < $1.index }
         let committedCount = geometry.extentCount(size: header.size)
         let overwrites = records.contains { $0.index < committedCount && !header.holes.contains($0.index) }
-        let oldLength = geometry.backingLength(size: header.size)
+        // Direct writes may have grown the backing file past the committed length; a file that
+        // was then truncated is cut back to its new length like any shrinking file.
+        let oldLength = max(geometry.backingLength(size: header.size), writtenEnd)
         let newLength = geometry.backingLength(size: size)
         let unsafe = Self.journalingDisabled
 
@@ -253,24 +421,34 @@ final class ExtentFile: @unchecked Sendable {
                 try Sys.fdatasync(fd)
                 FaultPoints.reach(.extentsApplied)
                 try HeaderIO.writeSlot(fd: fd, finalSlot, sequence: final.sequence)
-                // Synced even when not asked to be durable: the journal is retired next, and a
-                // final header lost after that could not be replayed.
+                // Synced even when not asked to be durable: the next transaction overwrites the
+                // journal, and a final header lost after that could not be replayed.
                 try Sys.fdatasync(fd)
             } catch {
                 // The disk now says "pending": so must memory, so that nothing is written over it
                 // and the journal is kept until a replay (the next commit, or the next open) succeeds.
+                // Until then no write goes straight to the backing file: the replay rewrites
+                // extents past the committed end that the pending transaction covers.
                 header = pending
+                replayPending = true
                 throw error
             }
             FaultPoints.reach(.finalHeaderWritten)
             if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
-            Journal.retire(journalFD: journalFD, objectID: objectID)
+            // The shadow keeps its bytes: nothing replays it without a pending header, the next
+            // transaction overwrites it and the last close removes it. Emptying it here freed and
+            // re-allocated up to a whole batch of pages per transaction.
             FaultPoints.reach(.shadowRemoved)
         }
         header = final
         // Only now: a commit that failed part way (ENOSPC, EIO) keeps its data buffered, and the
         // next flush retries the whole transaction.
         dirty.removeAll(keepingCapacity: true)
+        sealed.removeAll(keepingCapacity: true)
+        written.removeAll(keepingCapacity: true)
+        committedSize = final.size
+        writtenEnd = 0
+        replayPending = false
         dirtySince = nil
         if let modifiedAt {
             try Sys.futimens(fd, (Sys.omitTime, modifiedAt))
@@ -279,17 +457,20 @@ final class ExtentFile: @unchecked Sendable {
         metadataChanged = false
     }
 
+    /// Extent `index` sealed with a fresh nonce. The seal writes every byte of the result, so it
+    /// is not zeroed first.
+    private func sealedExtent(_ index: UInt64, plaintext: UnsafeRawBufferPointer) -> [UInt8] {
+        [UInt8](unsafeUninitializedCapacity: plaintext.count + ExtentGeometry.overheadBytes) { bytes, count in
+            ExtentCodec.seal(key: key, objectID: objectID, index: index, plaintext: plaintext, into: UnsafeMutableRawBufferPointer(bytes))
+            count = bytes.count
+        }
+    }
+
     /// Seals every dirty extent with a fresh nonce, in index order.
     private func sealDirty() -> [Journal.Record] {
         let records = dirty.keys.sorted().map { index -> Journal.Record in
             let length = geometry.plaintextLength(index, size: size)
-            var stored = [UInt8](repeating: 0, count: length + ExtentGeometry.overheadBytes)
-            dirty[index]!.withUnsafeBytes { p in
-                stored.withUnsafeMutableBytes { s in
-                    ExtentCodec.seal(key: key, objectID: objectID, index: index,
-                                     plaintext: UnsafeRawBufferPointer(rebasing: p[0..<length]), into: s)
-                }
-            }
+            let stored = dirty[index]!.withUnsafeBytes { sealedExtent(index, plaintext: UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
             return Journal.Record(index: index, stored: stored)
         }
         return records
@@ -305,13 +486,7 @@ final class ExtentFile: @unchecked Sendable {
             let end = min(range.upperBound, index + 64)
             let batch = (index..<end).map { i -> Journal.Record in
                 let length = geometry.plaintextLength(i, size: size)
-                var stored = [UInt8](repeating: 0, count: length + ExtentGeometry.overheadBytes)
-                zeros.withUnsafeBytes { z in
-                    stored.withUnsafeMutableBytes { s in
-                        ExtentCodec.seal(key: key, objectID: objectID, index: i,
-                                         plaintext: UnsafeRawBufferPointer(rebasing: z[0..<length]), into: s)
-                    }
-                }
+                let stored = zeros.withUnsafeBytes { sealedExtent(i, plaintext: UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
                 return Journal.Record(index: i, stored: stored)
             }
             try write(batch)
@@ -319,14 +494,14 @@ final class ExtentFile: @unchecked Sendable {
         }
     }
 
-    /// Writes sealed extents in place; contiguous ones go out in one pwrite.
+    /// Writes sealed extents in place; contiguous ones go out in one pwritev.
     private func write(_ records: [Journal.Record]) throws {
         var i = 0
         while i < records.count {
             var j = i
-            while j + 1 < records.count && records[j + 1].index == records[j].index + 1 { j += 1 }
-            let run = i == j ? records[i].stored : records[i...j].flatMap(\.stored)
-            try run.withUnsafeBytes { try Sys.pwrite(fd, $0, offset: geometry.backingOffset(records[i].index)) }
+            // At most 64 per call: `withBuffers` nests one closure per record.
+            while j + 1 < records.count && j - i < 63 && records[j + 1].index == records[j].index + 1 { j += 1 }
+            try withBuffers(records[i...j]) { try Sys.pwritev(fd, $0, offset: geometry.backingOffset(records[i].index)) }
             i = j + 1
         }
     }
@@ -341,4 +516,18 @@ final class ExtentFile: @unchecked Sendable {
         try Sys.fallocate(fd, mode: keepSize ? 1 : 0, offset: geometry.backingOffset(first),
                           length: lastEnd - geometry.backingOffset(first))
     }
+}
+
+/// The records' bytes as buffer pointers, valid inside `body`.
+func withBuffers<R>(_ records: ArraySlice<Journal.Record>, _ body: ([UnsafeRawBufferPointer]) throws -> R) rethrows -> R {
+    var pointers: [UnsafeRawBufferPointer] = []
+    pointers.reserveCapacity(records.count)
+    func nest(_ at: ArraySlice<Journal.Record>.Index) throws -> R {
+        guard at < records.endIndex else { return try body(pointers) }
+        return try records[at].stored.withUnsafeBytes { buffer in
+            pointers.append(buffer)
+            return try nest(at + 1)
+        }
+    }
+    return try nest(records.startIndex)
 }

@@ -6,6 +6,9 @@ struct NodeState {
     var header: ObjectHeader
     /// Whether `header` was verified under its key (false when read in the locked view).
     var verified: Bool
+    /// The header sequence known to be durable (synced since written), if any: a metadata update
+    /// of a durable header may use the other slot without syncing first (see `HeaderIO.write`).
+    var durableSequence: UInt64?
     var lookups: UInt64 = 0
     var opens = 0
     /// Present while the object is open for I/O; holds the master key alive (soft removal).

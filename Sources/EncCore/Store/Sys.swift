@@ -85,6 +85,11 @@ public enum Sys {
     }
 
     public static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: Int64) throws {
+        try pwriteUnlogged(fd, buffer, offset: offset)
+        OperationLog.shared.record(.write(inode: inode(fd), offset: offset, bytes: Array(buffer)))
+    }
+
+    private static func pwriteUnlogged(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: Int64) throws {
         var done = 0
         while done < buffer.count {
             let n = Glibc.pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -94,7 +99,45 @@ public enum Sys {
             }
             done += n
         }
-        OperationLog.shared.record(.write(inode: inode(fd), offset: offset, bytes: Array(buffer)))
+    }
+
+    /// Writes `buffers` back to back from `offset`: one system call for a run of extents instead
+    /// of one each, or of a copy into one buffer first.
+    public static func pwritev(_ fd: Int32, _ buffers: [UnsafeRawBufferPointer], offset: Int64) throws {
+        let total = buffers.reduce(0) { $0 + $1.count }
+        var written = 0
+        var first = 0
+        while first < buffers.count {
+            let chunk = buffers[first..<min(buffers.count, first + 1024)] // IOV_MAX on Linux
+            let vectors = chunk.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+            let wanted = chunk.reduce(0) { $0 + $1.count }
+            let n = vectors.withUnsafeBufferPointer { Glibc.pwritev(fd, $0.baseAddress, Int32($0.count), off_t(offset) + off_t(written)) }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 { throw StoreError.system(errno) }
+            if n < wanted {
+                // A short write (rare: signals, quotas) finishes piece by piece.
+                var at = offset + Int64(written)
+                var skip = n
+                for buffer in chunk {
+                    let done = min(skip, buffer.count)
+                    skip -= done
+                    if done < buffer.count {
+                        try pwriteUnlogged(fd, UnsafeRawBufferPointer(rebasing: buffer[done...]), offset: at + Int64(done))
+                    }
+                    at += Int64(buffer.count)
+                }
+            }
+            written += wanted
+            first += chunk.count
+        }
+        precondition(written == total)
+        if OperationLog.shared.isRecording {
+            var at = offset
+            for buffer in buffers {
+                OperationLog.shared.record(.write(inode: inode(fd), offset: at, bytes: Array(buffer)))
+                at += Int64(buffer.count)
+            }
+        }
     }
 
     public static func fsync(_ fd: Int32) throws {

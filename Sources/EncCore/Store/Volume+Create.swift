@@ -51,7 +51,9 @@ extension Volume {
         FaultPoints.reach(.createHeaderWritten)
         try existsOnCollision { try Sys.linkAt(fd: fd.raw, toDir: entry.dir.fd.raw, entry.name.backingName) }
         let st = try Sys.fstat(fd.raw)
-        return insert(fd: fd, headerFD: fd, inode: UInt64(st.st_ino), header: header, verified: true)
+        let node = insert(fd: fd, headerFD: fd, inode: UInt64(st.st_ino), header: header, verified: true)
+        node.state.withLock { if $0.header.sequence == header.sequence { $0.durableSequence = header.sequence } }
+        return node
     }
 
     /// Creates a directory under a temporary name, makes its header durable, then renames it into
@@ -69,7 +71,9 @@ extension Volume {
                 try Sys.renameAt(entry.dir.fd.raw, temporary, entry.dir.fd.raw, entry.name.backingName, flags: Sys.renameNoReplace)
             }
             let st = try Sys.fstat(dirFD.raw)
-            return insert(fd: dirFD, headerFD: headerFD, inode: UInt64(st.st_ino), header: entry.header, verified: true)
+            let node = insert(fd: dirFD, headerFD: headerFD, inode: UInt64(st.st_ino), header: entry.header, verified: true)
+            node.state.withLock { if $0.header.sequence == entry.header.sequence { $0.durableSequence = entry.header.sequence } }
+            return node
         } catch {
             try? Sys.unlinkAt(entry.dir.fd.raw, temporary + Array("/.d".utf8))
             try? Sys.unlinkAt(entry.dir.fd.raw, temporary, directory: true)
@@ -202,11 +206,13 @@ extension Volume {
             try change(&header)
             guard header != state.header else { return }
             let before = node.isDirectory ? nil : try Sys.fstat(node.fd.raw)
-            try HeaderIO.write(fd: node.headerFD.raw, header: &header, key: key, sync: sync)
+            try HeaderIO.write(fd: node.headerFD.raw, header: &header, key: key, sync: sync, afterData: false,
+                               currentIsDurable: state.durableSequence == state.header.sequence)
             if let before {
                 try Sys.futimens(node.fd.raw, (Sys.omitTime, before.st_mtim))
             }
             state.header = header
+            if sync { state.durableSequence = header.sequence }
         }
     }
 }

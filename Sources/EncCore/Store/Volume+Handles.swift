@@ -65,13 +65,35 @@ extension Volume {
     }
 
     public func read(handle: UInt64, offset: UInt64, count: Int) throws -> [UInt8] {
-        try withOpenFile(try fileNode(handle: handle)) { _, file in try file.read(offset: offset, count: count) }
+        var out = [UInt8](repeating: 0, count: count)
+        let n = try out.withUnsafeMutableBytes { try read(handle: handle, offset: offset, into: $0) }
+        return Array(out[0..<n])
+    }
+
+    /// Reads up to `out.count` bytes at `offset` into `out`; returns how many (short at the end of
+    /// the file). Committed extents are decrypted after the node lock is dropped (see
+    /// `ExtentFile.prepareRead`), so concurrent reads of one file use every core.
+    public func read(handle: UInt64, offset: UInt64, into out: UnsafeMutableRawBufferPointer) throws -> Int {
+        let (file, plan) = try withOpenFile(try fileNode(handle: handle)) { _, file in
+            (file, try file.prepareRead(offset: offset, count: out.count, into: out))
+        }
+        guard !plan.runs.isEmpty else { return plan.length }
+        defer { file.ioLock.unlockShared() }
+        try file.finishRead(plan, into: out)
+        return plan.length
     }
 
     public func write(handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws {
-        try withOpenFile(try fileNode(handle: handle)) { state, file in
-            try file.write(offset: offset, data: data)
-            if file.needsCommitForMemory { try file.commit(header: &state.header) }
+        let node = try fileNode(handle: handle)
+        // Whole extents are sealed before the node lock is taken, so concurrent write requests
+        // (several writers, or aio at a queue depth) encrypt side by side.
+        let file = try withOpenFile(node) { _, file in file }
+        let presealed = file.sealWholeExtents(offset: offset, data: data)
+        try withOpenFile(node) { state, current in
+            // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
+            // its sealed extents are still valid there, but write them plainly to keep this simple.
+            try current.write(offset: offset, data: data, presealed: current === file ? presealed : nil)
+            if current.needsCommitForMemory { try current.commit(header: &state.header) }
         }
     }
 
@@ -85,6 +107,7 @@ extension Volume {
         try withOpenFile(node) { state, file in
             try file.commit(header: &state.header, durable: true)
             if !dataOnly { try Sys.fsync(node.fd.raw) }
+            state.durableSequence = state.header.sequence
         }
     }
 
@@ -109,12 +132,20 @@ extension Volume {
 
     /// Commits every open file whose oldest buffered change is older than `age`: the timer flush,
     /// which bounds what a daemon death can lose from files nobody closes or syncs.
-    public func commitIdleFiles(olderThan age: Duration) {
+    ///
+    /// - Returns: whether any open file still holds buffered changes (writes are under way).
+    @discardableResult
+    public func commitIdleFiles(olderThan age: Duration) -> Bool {
         let nodes = table.withLock { Array($0.byID.values) }
         let deadline = ContinuousClock.now - age
+        var busy = false
         for node in nodes {
             node.state.withLock { state in
-                guard let file = state.file, let since = file.dirtySince, since < deadline else { return }
+                guard let file = state.file, let since = file.dirtySince else { return }
+                guard since < deadline else {
+                    busy = true
+                    return
+                }
                 do {
                     try file.commit(header: &state.header)
                 } catch {
@@ -122,6 +153,7 @@ extension Volume {
                 }
             }
         }
+        return busy
     }
 
     public func fallocate(handle: UInt64, offset: UInt64, length: UInt64, keepSize: Bool) throws {
@@ -168,14 +200,14 @@ extension Volume {
             guard NameCodec.isEntryName(raw.name) else { continue }
             let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0
             guard let (key, header) = unlocked else {
-                entries.append(DirectoryEntry(name: raw.name, inode: raw.inode, typeBits: typeBits))
+                entries.append(DirectoryEntry(name: raw.name, inode: raw.inode, typeBits: typeBits, backingName: raw.name))
                 continue
             }
             do {
                 let ciphertext = try NameCodec.ciphertext(ofShortBackingName: raw.name)
                     ?? longCiphertext(of: raw.name, in: dir, directoryID: header.objectID)
                 let name = try NameCodec.decrypt(ciphertext: ciphertext, directoryID: header.objectID, key: key)
-                entries.append(DirectoryEntry(name: name, inode: raw.inode, typeBits: typeBits))
+                entries.append(DirectoryEntry(name: name, inode: raw.inode, typeBits: typeBits, backingName: raw.name))
             } catch {
                 Diagnostics.report("skipping undecryptable entry \(String(decoding: raw.name, as: UTF8.self)): \(error)")
             }

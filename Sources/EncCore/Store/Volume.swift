@@ -288,6 +288,20 @@ public final class Volume: Sendable {
         }
     }
 
+    /// Looks up an entry a directory listing returned (readdirplus): the same as `lookup` by its
+    /// name, without encrypting the name again.
+    public func lookup(parent: UInt64, listed entry: DirectoryEntry) throws -> (UInt64, Attributes) {
+        guard let backingName = entry.backingName else { throw StoreError.invalidArgument }
+        let child = try child(of: try node(parent), backingName: backingName)
+        child.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: entry.name)) }
+        do {
+            return (child.id, try attributes(child))
+        } catch {
+            forget(child.id, count: 1)
+            throw error
+        }
+    }
+
     public func forget(_ id: UInt64, count: UInt64) {
         guard let node = table.withLock({ $0.byID[id] }) else { return }
         node.state.withLock { $0.lookups -= min($0.lookups, count) }

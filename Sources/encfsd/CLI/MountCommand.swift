@@ -25,7 +25,7 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Stay in the foreground; log to standard error.")
     var foreground = false
 
-    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other, default_permissions (always on), ro, ...")
+    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, ...")
     var options: [String] = []
 
     @Option(help: "Most request threads.")
@@ -92,6 +92,9 @@ struct MountCommand: ParsableCommand {
             switch option {
             case "allow_other": result.allowOther = true
             case "default_permissions": break // always on: the kernel checks permissions against our modes
+            // The kernel writeback cache, off by default (see FuseSession's init).
+            case "writeback_cache": result.writebackCache = true
+            case "no_writeback_cache": result.writebackCache = false
             default: result.extra.append(option)
             }
         }

@@ -43,8 +43,9 @@ struct Daemon {
         Thread.detachNewThread {
             while true {
                 Thread.sleep(forTimeInterval: 1)
-                volume.commitIdleFiles(olderThan: .seconds(2))
-                Sys.trimMalloc()
+                // Trimming returns freed extent buffers to the kernel; while writes are under way
+                // they would only be faulted in again, so the heap is trimmed once writing stops.
+                if !volume.commitIdleFiles(olderThan: .seconds(2)) { Sys.trimMalloc() }
             }
         }
         if reportReady { detach() }

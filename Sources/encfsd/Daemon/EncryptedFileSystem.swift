@@ -109,8 +109,8 @@ final class EncryptedFileSystem: FileSystem {
         return (Entry(node: node, attributes: Self.convert(attributes)), OpenReply(handle: handle, keepCache: true))
     }
 
-    func read(_ node: UInt64, handle: UInt64, offset: UInt64, size: Int) throws -> [UInt8] {
-        try logged("read of node \(node) at \(offset)") { try volume.read(handle: handle, offset: offset, count: size) }
+    func read(_ node: UInt64, handle: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try logged("read of node \(node) at \(offset)") { try volume.read(handle: handle, offset: offset, into: buffer) }
     }
 
     func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
@@ -132,7 +132,12 @@ final class EncryptedFileSystem: FileSystem {
 
     func readdir(_ node: UInt64, handle: UInt64, offset: Int) throws -> ArraySlice<DirectoryItem> {
         let entries = try volume.readDirectory(handle: handle, from: offset)
-        return ArraySlice(entries.map { DirectoryItem(name: $0.name, inode: $0.inode, typeBits: $0.typeBits) })
+        return ArraySlice(entries.map { DirectoryItem(name: $0.name, inode: $0.inode, typeBits: $0.typeBits, lookupKey: $0.backingName) })
+    }
+
+    func lookup(parent: UInt64, listed item: DirectoryItem) throws -> Entry {
+        let listed = DirectoryEntry(name: item.name, inode: item.inode, typeBits: item.typeBits, backingName: item.lookupKey)
+        return try logged("lookup in node \(parent)") { entry(try volume.lookup(parent: parent, listed: listed)) }
     }
 
     func releasedir(_ node: UInt64, handle: UInt64) { volume.releaseDirectory(handle: handle) }
