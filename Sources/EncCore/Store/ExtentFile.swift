@@ -258,7 +258,7 @@ final class ExtentFile: @unchecked Sendable {
                 direct = lower..<upper
                 let at = Int(lower - presealed.first) * geometry.stride
                 let run = UnsafeRawBufferPointer(rebasing: presealed.bytes[at..<(Int(upper - presealed.first) * geometry.stride)])
-                try Sys.pwrite(fd, run, offset: geometry.backingOffset(lower))
+                try ioLock.withExclusive { try Sys.pwrite(fd, run, offset: geometry.backingOffset(lower)) }
                 writtenEnd = max(writtenEnd, geometry.backingOffset(upper))
             }
         }
@@ -357,22 +357,27 @@ final class ExtentFile: @unchecked Sendable {
     ///
     /// - Parameter durable: also make the result durable (fsync/fdatasync); otherwise it is
     ///   consistent but may be lost to a power loss.
-    func commit(header: inout ObjectHeader, durable: Bool = false) throws {
+    enum HeaderSafety { case durable, replaceable }
+    @discardableResult
+    func commit(header: inout ObjectHeader, durable: Bool = false) throws -> HeaderSafety? {
         // Readers decrypting committed extents outside the node lock finish first, and none start
         // until the extents and the size they were read against are consistent again.
         try ioLock.withExclusive { try commitExclusive(header: &header, durable: durable) }
     }
 
-    private func commitExclusive(header: inout ObjectHeader, durable: Bool) throws {
+    private func commitExclusive(header: inout ObjectHeader, durable: Bool) throws -> HeaderSafety? {
+        var recovered = false
         // A transaction that failed after its pending flag reached the disk is finished first:
         // its journal is complete, and nothing may be written on top of a pending header.
         if header.flags.contains(.pendingWrite) {
             header = try Journal.recover(journalFD: journalFD, objectFD: fd, pending: header, key: key)
+            recovered = true
         }
         guard hasUncommittedChanges else {
             if durable { try Sys.fdatasync(fd) }
-            return
+            return recovered || durable ? .durable : nil
         }
+        var safety: HeaderSafety = .durable
         var final = header
         final.size = size
         final.holes = holes
@@ -404,6 +409,7 @@ final class ExtentFile: @unchecked Sendable {
             FaultPoints.reach(.appendHeaderWritten)
             if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
             if durable { try Sys.fdatasync(fd) }
+            if !(newLength < oldLength) && !durable { safety = .replaceable }
         } else {
             var pending = header
             pending.flags.insert(.pendingWrite)
@@ -455,6 +461,7 @@ final class ExtentFile: @unchecked Sendable {
             self.modifiedAt = nil
         }
         metadataChanged = false
+        return safety
     }
 
     /// Extent `index` sealed with a fresh nonce. The seal writes every byte of the result, so it

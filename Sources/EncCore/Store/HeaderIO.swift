@@ -27,8 +27,10 @@ enum HeaderIO {
         let slot = HeaderCodec.seal(next, key: key)
         let offset = Int64(HeaderCodec.slotIndex(sequence: next.sequence) * ExtentGeometry.headerSlotBytes)
         try slot.withUnsafeBytes { buf throws in try Sys.pwrite(fd, buf, offset: offset) }
-        if sync { try Sys.fdatasync(fd) }
+        // The caller's copy follows the disk as soon as the slot is written, even if the sync
+        // fails: a later write computed from the older sequence could land below this one.
         header = next
+        if sync { try Sys.fdatasync(fd) }
     }
 
     /// Writes an already sealed slot image into the slot its sequence selects (the final header of

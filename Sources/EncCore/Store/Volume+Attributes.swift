@@ -11,7 +11,7 @@ extension Volume {
             try node.state.withLock { state in
                 let file = state.file ?? extentFile(node, key: key, header: state.header)
                 try file.resize(to: size)
-                try file.commit(header: &state.header)
+                try commit(file, &state)
                 // A file opened just for this truncate leaves no shadow behind.
                 if state.file == nil && file.usedJournal && !state.header.flags.contains(.pendingWrite) {
                     Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)

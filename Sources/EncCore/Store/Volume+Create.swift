@@ -202,17 +202,38 @@ extension Volume {
     /// updates must not look like content changes (POSIX: chmod changes ctime only).
     func mutateHeader(_ node: Node, key: MasterKey, sync: Bool, _ change: (inout ObjectHeader) throws -> Void) throws {
         try node.state.withLock { state in
+            // A header still flagged by a failed transaction is finished first: rewritten with a
+            // new sequence, its journal would no longer match it and the object would stay EIO.
+            if state.header.flags.contains(.pendingWrite) {
+                state.header = try Journal.recover(journalFD: journalFD.raw, objectFD: node.fd.raw, pending: state.header, key: key)
+                state.durableSequence = state.header.sequence
+            }
             var header = state.header
             try change(&header)
             guard header != state.header else { return }
             let before = node.isDirectory ? nil : try Sys.fstat(node.fd.raw)
-            try HeaderIO.write(fd: node.headerFD.raw, header: &header, key: key, sync: sync, afterData: false,
-                               currentIsDurable: state.durableSequence == state.header.sequence)
+            // The other slot may be overwritten without a sync only if the current version is
+            // durable; the current one may be replaced in place only if the other slot is a
+            // durable state the object can fall back to (not a pending copy whose journal may be
+            // gone, nor a size whose extents a shrink or later appends rewrote). Otherwise the
+            // old rule: sync, then the other slot.
+            let durable = state.durableSequence == state.header.sequence
+            let replaceable = state.replaceableSequence == state.header.sequence
+            do {
+                try HeaderIO.write(fd: node.headerFD.raw, header: &header, key: key, sync: sync,
+                                   afterData: !(durable || replaceable), currentIsDurable: durable)
+            } catch {
+                // Whatever reached the disk is what memory holds; known neither durable nor
+                // replaceable, the next write takes the old rule.
+                state.header = header
+                throw error
+            }
+            state.header = header
+            // Either way the other slot now holds a durable version consistent with the data.
+            if sync { state.durableSequence = header.sequence } else { state.replaceableSequence = header.sequence }
             if let before {
                 try Sys.futimens(node.fd.raw, (Sys.omitTime, before.st_mtim))
             }
-            state.header = header
-            if sync { state.durableSequence = header.sequence }
         }
     }
 }

@@ -26,6 +26,14 @@ extension Volume {
         return node
     }
 
+    func commit(_ file: ExtentFile, _ state: inout NodeState, durable: Bool = false) throws {
+        switch try file.commit(header: &state.header, durable: durable) {
+        case .durable?: state.durableSequence = state.header.sequence
+        case .replaceable?: state.replaceableSequence = state.header.sequence
+        case nil: break
+        }
+    }
+
     /// Runs `body` on the node's open file under the node lock.
     func withOpenFile<R>(_ node: Node, _ body: (inout NodeState, ExtentFile) throws -> R) throws -> R {
         try node.state.withLock { state in
@@ -53,7 +61,7 @@ extension Volume {
             if truncate {
                 do {
                     try state.file!.resize(to: 0)
-                    try state.file!.commit(header: &state.header)
+                    try commit(state.file!, &state)
                 } catch {
                     if state.opens == 0 { state.file = nil }
                     throw error
@@ -93,19 +101,19 @@ extension Volume {
             // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
             // its sealed extents are still valid there, but write them plainly to keep this simple.
             try current.write(offset: offset, data: data, presealed: current === file ? presealed : nil)
-            if current.needsCommitForMemory { try current.commit(header: &state.header) }
+            if current.needsCommitForMemory { try commit(current, &state) }
         }
     }
 
     /// Commits buffered writes (close(2) of a descriptor, not necessarily the last one).
     public func flush(handle: UInt64) throws {
-        try withOpenFile(try fileNode(handle: handle)) { state, file in try file.commit(header: &state.header) }
+        try withOpenFile(try fileNode(handle: handle)) { state, file in try commit(file, &state) }
     }
 
     public func fsync(handle: UInt64, dataOnly: Bool) throws {
         let node = try fileNode(handle: handle)
         try withOpenFile(node) { state, file in
-            try file.commit(header: &state.header, durable: true)
+            try commit(file, &state, durable: true)
             if !dataOnly { try Sys.fsync(node.fd.raw) }
             state.durableSequence = state.header.sequence
         }
@@ -126,7 +134,7 @@ extension Volume {
                     state.file = nil
                 }
             }
-            try state.file?.commit(header: &state.header)
+            if let f = state.file { try commit(f, &state) }
         }
     }
 
@@ -147,7 +155,7 @@ extension Volume {
                     return
                 }
                 do {
-                    try file.commit(header: &state.header)
+                    try commit(file, &state)
                 } catch {
                     Diagnostics.report("timed flush of object \(Hex.encode(state.header.objectID)) failed: \(error)")
                 }
@@ -159,7 +167,7 @@ extension Volume {
     public func fallocate(handle: UInt64, offset: UInt64, length: UInt64, keepSize: Bool) throws {
         try withOpenFile(try fileNode(handle: handle)) { state, file in
             try file.allocate(offset: offset, length: length, keepSize: keepSize)
-            try file.commit(header: &state.header)
+            try commit(file, &state)
         }
     }
 

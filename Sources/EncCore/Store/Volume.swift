@@ -135,6 +135,7 @@ public final class Volume: Sendable {
         try node.state.withLock { state in
             guard state.header.flags.contains(.pendingWrite) else { return }
             state.header = try Journal.recover(journalFD: journalFD.raw, objectFD: node.fd.raw, pending: state.header, key: key)
+            state.durableSequence = state.header.sequence
             Diagnostics.report("recovered an interrupted write of object \(Hex.encode(state.header.objectID)) from its journal")
         }
     }
@@ -292,7 +293,14 @@ public final class Volume: Sendable {
     /// name, without encrypting the name again.
     public func lookup(parent: UInt64, listed entry: DirectoryEntry) throws -> (UInt64, Attributes) {
         guard let backingName = entry.backingName else { throw StoreError.invalidArgument }
-        let child = try child(of: try node(parent), backingName: backingName)
+        let dir = try node(parent)
+        // The listing was made when the handle was opened; if a key came or went since, its
+        // names belong to the other view and must not become dentries (the key change already
+        // invalidated the cached ones). Locked listings name entries by their backing names.
+        let listedUnlocked = entry.name != backingName
+        let unlockedNow = dir.state.withLock { keys.key(for: $0.header.policy) ?? keys.lingeringKey(for: $0.header.policy) } != nil
+        guard listedUnlocked == unlockedNow else { throw StoreError.invalidArgument }
+        let child = try child(of: dir, backingName: backingName)
         child.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: entry.name)) }
         do {
             return (child.id, try attributes(child))
