@@ -174,26 +174,6 @@ fi
 # ---------------------------------------------------------------- the untar source, in tmpfs
 mkdir -p "$WORK/src" "$WORK/mnt" "$WORK/cryfs-home" "$WORK/out"
 mount -t tmpfs -o size=1G,mode=755 bench-src "$WORK/src" || die "cannot mount tmpfs"
-# On a VM, the first touch of guest memory the host has not backed yet is several times slower
-# than later touches, so whichever filesystem first wrote into fresh memory used to lose 2-3x on
-# the streaming and random-write columns. Touching most of the free memory once, before any
-# round, makes the order of the filesystems irrelevant.
-warm_memory() {
-    local avail_kib touch_mib
-    avail_kib=$(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo)
-    touch_mib=$(( avail_kib * 6 / 10 / 1024 ))
-    (( touch_mib > 16384 )) && touch_mib=16384
-    log "touching ${touch_mib} MiB of memory once so every round runs on host-backed pages"
-    python3 - "$touch_mib" <<'PY'
-import mmap, sys
-size = int(sys.argv[1]) << 20
-m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-for i in range(0, size, 4096):
-    m[i] = 1
-m.close()
-PY
-}
-warm_memory
 log "extracting fs include kernel crypto lib from $LINUX_TAR"
 mkdir "$WORK/src/x"
 tar -xJf "$LINUX_TAR" -C "$WORK/src/x" linux-source-6.1/{fs,include,kernel,crypto,lib} \
