@@ -23,7 +23,9 @@ public protocol FileSystem: Sendable {
     func fsync(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws
     func fallocate(_ node: UInt64, handle: UInt64, mode: Int32, offset: UInt64, length: UInt64) throws
     func opendir(_ node: UInt64) throws -> UInt64
-    func readdir(_ node: UInt64, handle: UInt64, offset: Int) throws -> ArraySlice<DirectoryItem>
+    /// At most `limit` entries from `offset`: a reply holds one page of them, and converting the
+    /// rest of a large directory on every page would make listing it quadratic.
+    func readdir(_ node: UInt64, handle: UInt64, offset: Int, limit: Int) throws -> ArraySlice<DirectoryItem>
     /// Looks up an entry `readdir` listed, for readdirplus: like `lookup`, it adds one kernel
     /// reference to the node it returns.
     func lookup(parent: UInt64, listed item: DirectoryItem) throws -> Entry

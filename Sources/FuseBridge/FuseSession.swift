@@ -450,8 +450,8 @@ private func opOpendir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutabl
 private func opReaddir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     answer(req) { ctx in
         guard let fi, offset >= 0 else { throw BridgeError.invalid }
-        let items = try ctx.fileSystem.readdir(ino, handle: fi.pointee.fh, offset: Int(offset))
-        var buffer = [CChar](repeating: 0, count: size)
+        let items = try ctx.fileSystem.readdir(ino, handle: fi.pointee.fh, offset: Int(offset), limit: direntLimit(size))
+        let buffer = ReplyBuffer.current.bytes(size)
         var used = 0
         var next = Int(offset)
         for item in items {
@@ -461,15 +461,13 @@ private func opReaddir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ off
             st.st_mode = item.typeBits
             let needed = (item.name + [0]).withUnsafeBufferPointer { name in
                 name.baseAddress!.withMemoryRebound(to: CChar.self, capacity: name.count) { cName in
-                    buffer.withUnsafeMutableBufferPointer { out in
-                        fuse_add_direntry(req, out.baseAddress! + used, size - used, cName, &st, off_t(next))
-                    }
+                    fuse_add_direntry(req, buffer.baseAddress!.assumingMemoryBound(to: CChar.self) + used, size - used, cName, &st, off_t(next))
                 }
             }
             if needed > size - used { break }
             used += needed
         }
-        _ = buffer.withUnsafeBufferPointer { fuse_reply_buf(req, $0.baseAddress, used) }
+        fuse_reply_buf(req, buffer.baseAddress?.assumingMemoryBound(to: CChar.self), used)
     }
 }
 
@@ -482,7 +480,7 @@ private func opReaddirplus(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
                            _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     answer(req) { ctx in
         guard let fi, offset >= 0 else { throw BridgeError.invalid }
-        let items = try ctx.fileSystem.readdir(ino, handle: fi.pointee.fh, offset: Int(offset))
+        let items = try ctx.fileSystem.readdir(ino, handle: fi.pointee.fh, offset: Int(offset), limit: direntLimit(size))
         let buffer = ReplyBuffer.current.bytes(size)
         var used = 0
         var next = Int(offset)
@@ -516,6 +514,10 @@ private func opReaddirplus(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
         }
     }
 }
+
+/// The most entries a `size`-byte reply can hold: a dirent is at least 32 bytes (24 of header and
+/// a name padded to 8), a direntplus more.
+private func direntLimit(_ size: Int) -> Int { size / 32 + 1 }
 
 private func opReleasedir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     if let fi { bridge(req).fileSystem.releasedir(ino, handle: fi.pointee.fh) }

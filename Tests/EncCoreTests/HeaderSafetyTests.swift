@@ -9,12 +9,15 @@ import Glibc
 /// Power loss in the middle of a header write, and reads racing writes that go straight to the
 /// backing file. A torn header slot here is its first 512-byte sector new and the rest old, which
 /// the crash-state enumeration cannot produce for headers shorter than a sector.
-@Suite(.serialized) struct HeaderSafetyTests {
+@Suite(.serialized) final class HeaderSafetyTests {
     static let key = try! MasterKey(raw: (1...64).map { UInt8($0) })
     let caller = Caller(uid: 0, gid: 0)
+    /// This test's own directory, removed when the test ends (pass or fail).
+    let base = FileManager.default.temporaryDirectory.path + "/encfsd-header-safety-\(UUID().uuidString)"
+
+    deinit { try? FileManager.default.removeItem(atPath: base) }
 
     func makeStore() throws -> (String, Volume) {
-        let base = FileManager.default.temporaryDirectory.path + "/encfsd-header-safety-\(UUID().uuidString)"
         try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
         let store = base + "/store"
         try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: caller)

@@ -508,7 +508,7 @@ final class ExtentFile: @unchecked Sendable {
             var j = i
             // At most 64 per call: `withBuffers` nests one closure per record.
             while j + 1 < records.count && j - i < 63 && records[j + 1].index == records[j].index + 1 { j += 1 }
-            try withBuffers(records[i...j]) { try Sys.pwritev(fd, $0, offset: geometry.backingOffset(records[i].index)) }
+            try withBuffers(records[i...j].map(\.stored)) { try Sys.pwritev(fd, $0, offset: geometry.backingOffset(records[i].index)) }
             i = j + 1
         }
     }
@@ -525,16 +525,16 @@ final class ExtentFile: @unchecked Sendable {
     }
 }
 
-/// The records' bytes as buffer pointers, valid inside `body`.
-func withBuffers<R>(_ records: ArraySlice<Journal.Record>, _ body: ([UnsafeRawBufferPointer]) throws -> R) rethrows -> R {
+/// The arrays' bytes as buffer pointers, valid inside `body` (one nested closure per array).
+func withBuffers<R>(_ arrays: [[UInt8]], _ body: ([UnsafeRawBufferPointer]) throws -> R) rethrows -> R {
     var pointers: [UnsafeRawBufferPointer] = []
-    pointers.reserveCapacity(records.count)
-    func nest(_ at: ArraySlice<Journal.Record>.Index) throws -> R {
-        guard at < records.endIndex else { return try body(pointers) }
-        return try records[at].stored.withUnsafeBytes { buffer in
+    pointers.reserveCapacity(arrays.count)
+    func nest(_ at: Int) throws -> R {
+        guard at < arrays.count else { return try body(pointers) }
+        return try arrays[at].withUnsafeBytes { buffer in
             pointers.append(buffer)
             return try nest(at + 1)
         }
     }
-    return try nest(records.startIndex)
+    return try nest(0)
 }

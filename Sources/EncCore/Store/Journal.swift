@@ -76,8 +76,7 @@ enum Journal {
                     h.u32(0)
                     return h.bytes
                 }
-                let pieces = zip(headers, batch).flatMap { [Journal.Record(index: 0, stored: $0), $1] }
-                try withBuffers(pieces[...]) { buffers in
+                try withBuffers(zip(headers, batch).flatMap { [$0, $1.stored] }) { buffers in
                     for buffer in buffers { mac.update(buffer) }
                     try Sys.pwritev(fd.raw, buffers, offset: offset)
                     offset += Int64(buffers.reduce(0) { $0 + $1.count })

@@ -115,7 +115,6 @@ extension Volume {
         try withOpenFile(node) { state, file in
             try commit(file, &state, durable: true)
             if !dataOnly { try Sys.fsync(node.fd.raw) }
-            state.durableSequence = state.header.sequence
         }
     }
 

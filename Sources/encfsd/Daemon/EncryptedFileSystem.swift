@@ -130,8 +130,8 @@ final class EncryptedFileSystem: FileSystem {
 
     func opendir(_ node: UInt64) throws -> UInt64 { try volume.openDirectory(node) }
 
-    func readdir(_ node: UInt64, handle: UInt64, offset: Int) throws -> ArraySlice<DirectoryItem> {
-        let entries = try volume.readDirectory(handle: handle, from: offset)
+    func readdir(_ node: UInt64, handle: UInt64, offset: Int, limit: Int) throws -> ArraySlice<DirectoryItem> {
+        let entries = try volume.readDirectory(handle: handle, from: offset).prefix(limit)
         return ArraySlice(entries.map { DirectoryItem(name: $0.name, inode: $0.inode, typeBits: $0.typeBits, lookupKey: $0.backingName) })
     }
 
