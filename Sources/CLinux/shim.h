@@ -20,6 +20,25 @@ static inline int encfsd_renameat2(int olddirfd, const char *oldpath, int newdir
     return (int)syscall(SYS_renameat2, olddirfd, oldpath, newdirfd, newpath, flags);
 }
 
+// openat2(2) (Linux 5.6): resolution confined to the directory, no symlink or magic link
+// followed anywhere. The struct is declared here because Debian 12's headers predate it.
+struct encfsd_open_how {
+    unsigned long long flags;
+    unsigned long long mode;
+    unsigned long long resolve;
+};
+static const unsigned long long encfsd_RESOLVE_NO_MAGICLINKS = 0x02;
+static const unsigned long long encfsd_RESOLVE_NO_SYMLINKS = 0x04;
+static const unsigned long long encfsd_RESOLVE_BENEATH = 0x08;
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+static inline int encfsd_openat2(int dirfd, const char *path, int flags, unsigned int mode,
+                                 unsigned long long resolve) {
+    struct encfsd_open_how how = { (unsigned long long)(unsigned int)flags, mode, resolve };
+    return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+}
+
 static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
     return (int)syscall(SYS_fallocate, fd, mode, offset, len);
 }

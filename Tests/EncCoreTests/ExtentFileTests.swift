@@ -64,7 +64,7 @@ import Glibc
         let object = try ScratchObject()
         try object.write(randomBytes(20000, seed: 5), at: 0)
         // A descriptor the commit cannot write through: every pwrite fails (as on ENOSPC or EIO).
-        let readOnly = try Sys.open(object.path, flags: O_RDONLY)
+        let readOnly = try openPath(object.path, O_RDONLY)
         let file = ExtentFile(fd: readOnly.raw, journalFD: object.journalFD.raw, key: object.key,
                               header: try HeaderIO.read(fd: object.fd.raw, key: object.key))
         let patch = randomBytes(5000, seed: 6)

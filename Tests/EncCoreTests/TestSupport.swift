@@ -17,9 +17,9 @@ final class ScratchObject {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("enccore-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         path = directory + "/object"
-        fd = try Sys.open(path, flags: O_RDWR | O_CREAT, mode: 0o600)
+        fd = try openPath(path, O_RDWR | O_CREAT, mode: 0o600)
         try FileManager.default.createDirectory(atPath: directory + "/.journal", withIntermediateDirectories: true)
-        journalFD = try Sys.open(directory + "/.journal", flags: O_RDONLY | O_DIRECTORY)
+        journalFD = try openPath(directory + "/.journal", O_RDONLY | O_DIRECTORY)
         self.key = try key ?? MasterKey(raw: (1...64).map { UInt8($0) })
         header = ObjectHeader(type: .regular, mode: 0o644, uid: 0, gid: 0, extentSize: UInt32(extentSize),
                               objectID: OpenSSL.random(count: 16), policy: self.key.identifier)
@@ -67,4 +67,11 @@ func randomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
 func isIntegrityError(_ error: any Error) -> Bool {
     if case StoreError.integrity = error { return true }
     return false
+}
+
+/// Opens a test's own scratch path (the store opens nothing by path but its root).
+func openPath(_ path: String, _ flags: Int32, mode: mode_t = 0) throws -> FileDescriptor {
+    let fd = Glibc.open(path, flags | O_CLOEXEC, mode)
+    if fd < 0 { throw StoreError.system(errno) }
+    return FileDescriptor(raw: fd)
 }

@@ -14,6 +14,9 @@ import Glibc
 /// once.
 final class ExtentFile: @unchecked Sendable {
     let fd: Int32
+    /// The owner of `fd` when the file owns its descriptor (an open file of a mounted store): it
+    /// closes with the last reference, so `fd` stays valid as long as this file does.
+    let descriptor: FileDescriptor?
     /// The store's `.journal` directory, where this file's shadow lives during a transaction.
     let journalFD: Int32
     let key: MasterKey
@@ -57,8 +60,14 @@ final class ExtentFile: @unchecked Sendable {
     /// Dirty bytes held before a write forces a commit: bounds memory and the journal batch.
     static let dirtyLimitBytes = 16 << 20
 
-    init(fd: Int32, journalFD: Int32, key: MasterKey, header: ObjectHeader) {
+    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, header: ObjectHeader) {
+        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, header: header, descriptor: descriptor)
+    }
+
+    /// A view of a backing file whose descriptor the caller keeps open for the file's lifetime.
+    init(fd: Int32, journalFD: Int32, key: MasterKey, header: ObjectHeader, descriptor: FileDescriptor? = nil) {
         self.fd = fd
+        self.descriptor = descriptor
         self.journalFD = journalFD
         self.key = key
         geometry = header.geometry

@@ -41,10 +41,12 @@ enum Journal {
         var created = false
         let fd: FileDescriptor
         do {
-            fd = try Sys.openAt(journalFD, shadowName, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+            fd = try Sys.createEntry(journalFD, shadowName, mode: 0o600)
             created = true
         } catch StoreError.system(EEXIST) {
-            fd = try Sys.openAt(journalFD, shadowName, flags: O_RDWR)
+            // A planted symlink, FIFO or directory here fails the type check: the flush fails
+            // with EIO and nothing outside the journal is touched.
+            fd = try Sys.openEntry(journalFD, shadowName, .regularFile, .readWrite)
         }
         try withExtendedLifetime(fd) {
             var w = ByteWriter(capacity: fixedBytes + finalSlot.count)
@@ -90,7 +92,7 @@ enum Journal {
         }
         // A new directory entry is durable only once its directory is synced.
         if created {
-            let dir = try Sys.reopen(journalFD, flags: O_RDONLY | O_DIRECTORY)
+            let dir = try Sys.listingDescriptor(journalFD)
             try withExtendedLifetime(dir) { try Sys.fsync(dir.raw) }
         }
     }
@@ -109,7 +111,9 @@ enum Journal {
     static func recover(journalFD: Int32, objectFD: Int32, pending: ObjectHeader, key: MasterKey) throws -> ObjectHeader {
         let shadowFD: FileDescriptor
         do {
-            shadowFD = try Sys.openAt(journalFD, name(of: pending.objectID), flags: O_RDWR)
+            shadowFD = try Sys.openEntry(journalFD, name(of: pending.objectID), .regularFile, .readWrite)
+        } catch let error as StoreError where error != .system(ENOENT) {
+            throw StoreError.integrity("interrupted write cannot be recovered: its journal is unusable: \(error)")
         } catch {
             throw StoreError.integrity("interrupted write cannot be recovered: its journal is missing")
         }

@@ -16,11 +16,39 @@ struct NodeState {
     var replaceableSequence: UInt64?
     var lookups: UInt64 = 0
     var opens = 0
-    /// Present while the object is open for I/O; holds the master key alive (soft removal).
+    /// Present while the object is open for I/O; holds the master key alive (soft removal) and
+    /// the object's only long-lived backing descriptor.
     var file: ExtentFile?
+    /// Where the backing object is entered (one per known hard link). A node holds no descriptor
+    /// of its own, so the daemon's descriptors scale with open files, not with the inodes the
+    /// kernel caches; the object is reopened from here when needed.
+    var locations: [Location] = []
     /// Directory entries the kernel may have cached for this object, so they can be invalidated
     /// when a key comes or goes. Stale pairs are harmless: invalidating them is a no-op.
     var dentries: Set<Dentry> = []
+
+    /// Most names remembered per object: enough to survive the unlink of some hard links; a node
+    /// with more names finds the others again at their next lookup.
+    static let maximumLocations = 8
+
+    mutating func addLocation(_ location: Location) {
+        guard !locations.contains(location) else { return }
+        if locations.count == Self.maximumLocations { locations.removeFirst() }
+        locations.append(location)
+    }
+
+    mutating func removeLocation(_ location: Location) {
+        locations.removeAll { $0 == location }
+    }
+}
+
+/// A backing entry by which an object can be reopened: a directory node and the backing name in
+/// it. Whatever is found there is used only if it is still the same inode.
+struct Location: Equatable {
+    let parent: Node
+    let name: [UInt8]
+
+    static func == (a: Location, b: Location) -> Bool { a.parent === b.parent && a.name == b.name }
 }
 
 struct Dentry: Hashable {
@@ -34,19 +62,20 @@ final class Node: Sendable {
     let id: UInt64
     let backingInode: UInt64
     let type: ObjectType
-    /// Directories: an O_PATH directory descriptor; other objects: the backing file, read-write.
-    let fd: FileDescriptor
-    /// Where the header lives: a directory's ".d" file, otherwise `fd`.
-    let headerFD: FileDescriptor
+    /// The root only: the store's directory, held for the mount's lifetime (every other
+    /// descriptor is found from it).
+    let pinnedDirectory: FileDescriptor?
     let state: Mutex<NodeState>
 
-    init(id: UInt64, backingInode: UInt64, fd: FileDescriptor, headerFD: FileDescriptor, header: ObjectHeader, verified: Bool) {
+    init(id: UInt64, backingInode: UInt64, header: ObjectHeader, verified: Bool, location: Location?,
+         pinnedDirectory: FileDescriptor? = nil) {
         self.id = id
         self.backingInode = backingInode
         type = header.type
-        self.fd = fd
-        self.headerFD = headerFD
-        state = Mutex(NodeState(header: header, verified: verified))
+        self.pinnedDirectory = pinnedDirectory
+        var initial = NodeState(header: header, verified: verified)
+        if let location { initial.locations = [location] }
+        state = Mutex(initial)
     }
 
     var isDirectory: Bool { type == .directory }

@@ -55,13 +55,13 @@ public final class StoreChecker {
     }
 
     public func run() throws -> Summary {
-        let config = try StoreConfig.load(storePath: storePath)
-        storeFD = try Sys.open(storePath, flags: Sys.oPath | O_DIRECTORY)
+        storeFD = try Sys.openStoreRoot(storePath)
+        let config = try StoreConfig.load(storeFD: storeFD.raw, shownAs: storePath)
         journalFD = try Volume.openJournal(storeFD: storeFD.raw)
-        let root = try Sys.openAt(storeFD.raw, directoryHeaderName, flags: O_RDWR)
         let rootHeader: ObjectHeader
         do {
-            rootHeader = try header(of: root.raw)
+            let root = try Sys.openEntry(storeFD.raw, directoryHeaderName, .regularFile, .readOnly)
+            rootHeader = try withExtendedLifetime(root) { try header(of: root.raw) }
         } catch {
             note(.problem, "/", "root header: \(error)")
             return summary
@@ -107,8 +107,12 @@ public final class StoreChecker {
             }
             if name.hasPrefix(".mk-") || name.hasPrefix(".rm-") {
                 if repair {
-                    try? removeLeftover(in: directoryFD, name: entry.name)
-                    note(.repaired, backing, "removed an unfinished mkdir or rmdir left by a crash")
+                    do {
+                        try removeLeftover(in: directoryFD, name: entry.name)
+                        note(.repaired, backing, "removed an unfinished mkdir or rmdir left by a crash")
+                    } catch {
+                        note(.problem, backing, "an unfinished mkdir or rmdir could not be removed: \(error)")
+                    }
                 } else {
                     note(.notice, backing, "unfinished mkdir or rmdir left by a crash (harmless; --repair removes it)")
                 }
@@ -127,8 +131,18 @@ public final class StoreChecker {
     private func checkEntry(_ entry: Sys.RawEntry, in directoryFD: Int32, parent: ObjectHeader, nameKey: MasterKey?,
                             plainPath: String, backing: String) throws {
         let isDirectory = entry.isDirectory
-        let fd = try Sys.openAt(directoryFD, entry.name, flags: isDirectory ? (Sys.oPath | O_DIRECTORY | O_NOFOLLOW) : (O_RDWR | O_NOFOLLOW))
-        let headerFD = isDirectory ? try Sys.openAt(fd.raw, directoryHeaderName, flags: O_RDWR) : fd
+        let fd: FileDescriptor
+        let headerFD: FileDescriptor
+        do {
+            // Through the store boundary: a planted link, FIFO or device is a finding (and, with
+            // --repair, moved aside), never opened or followed.
+            fd = try Sys.openEntry(directoryFD, entry.name, isDirectory ? .directory : .regularFile,
+                                   isDirectory ? .path : (repair ? .readWrite : .readOnly))
+            headerFD = isDirectory ? try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, repair ? .readWrite : .readOnly) : fd
+        } catch {
+            unrecoverable(in: directoryFD, name: entry.name, path: backing, "\(error)")
+            return
+        }
         try withExtendedLifetime((fd, headerFD)) {
             var header: ObjectHeader
             do {
@@ -214,8 +228,12 @@ public final class StoreChecker {
     private func quarantine(in directoryFD: Int32, name: [UInt8], path: String) -> String? {
         do {
             let quarantine = Array(".quarantine".utf8)
-            if (try? Sys.fstatAt(storeFD.raw, quarantine)) == nil { try Sys.mkdirAt(storeFD.raw, quarantine, mode: 0o700) }
-            let target = try Sys.openAt(storeFD.raw, quarantine, flags: Sys.oPath | O_DIRECTORY)
+            do {
+                try Sys.mkdirAt(storeFD.raw, quarantine, mode: 0o700)
+            } catch StoreError.system(EEXIST) {}
+            // Whatever already stands at the name must be a real directory: a planted symlink
+            // would move the object, or anything else, outside the store.
+            let target = try Sys.openEntry(storeFD.raw, quarantine, .directory, .path)
             let moved = Array("\(Int(Date().timeIntervalSince1970))-\(String(decoding: name, as: UTF8.self))".utf8)
             try withExtendedLifetime(target) { try Sys.renameAt(directoryFD, name, target.raw, moved, flags: Sys.renameNoReplace) }
             return String(decoding: moved, as: UTF8.self)
@@ -226,7 +244,7 @@ public final class StoreChecker {
     }
 
     private func removeLeftover(in directoryFD: Int32, name: [UInt8]) throws {
-        let fd = try Sys.openAt(directoryFD, name, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+        let fd = try Sys.openEntry(directoryFD, name, .directory, .path)
         try withExtendedLifetime(fd) {
             for entry in try Sys.listDirectory(fd.raw) where !NameCodec.isEntryName(entry.name) {
                 if entry.isDirectory { try removeLeftover(in: fd.raw, name: entry.name) } else { try Sys.unlinkAt(fd.raw, entry.name) }

@@ -15,20 +15,21 @@ public enum StoreCreation {
                               passphrase: StoreConfig.PassphraseParameters? = nil) throws {
         guard ExtentGeometry.isValid(extentSize: extentSize) else { throw StoreError.invalidArgument }
         if mkdir(path, 0o700) != 0 && errno != EEXIST { throw StoreError.system(errno) }
-        let dir = try Sys.open(path, flags: O_RDONLY | O_DIRECTORY)
-        defer { withExtendedLifetime(dir) {} }
+        let root = try Sys.openStoreRoot(path)
+        let dir = try Sys.listingDescriptor(root.raw)
+        defer { withExtendedLifetime((root, dir)) {} }
         guard try Sys.listDirectory(dir.raw).isEmpty else { throw StoreError.notEmpty }
 
         var config = StoreConfig(extentSize: extentSize, rootPolicy: key.identifier)
         config.passphrases = passphrase.map { [$0] }
-        let configFD = try Sys.openAt(dir.raw, Array(StoreConfig.fileName.utf8), flags: O_WRONLY | O_CREAT | O_EXCL, mode: 0o644)
+        let configFD = try Sys.createEntry(dir.raw, Array(StoreConfig.fileName.utf8), mode: 0o644)
         defer { withExtendedLifetime(configFD) {} }
         try Array(config.encoded()).withUnsafeBytes { try Sys.pwrite(configFD.raw, $0, offset: 0) }
         try Sys.fsync(configFD.raw)
 
         let header = ObjectHeader(type: .directory, mode: rootMode, uid: owner.uid, gid: owner.gid, extentSize: 0,
                                   objectID: OpenSSL.random(count: 16), policy: key.identifier)
-        let headerFD = try Sys.openAt(dir.raw, directoryHeaderName, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
+        let headerFD = try Sys.createEntry(dir.raw, directoryHeaderName, mode: 0o600)
         defer { withExtendedLifetime(headerFD) {} }
         try HeaderIO.create(fd: headerFD.raw, header: header, key: key)
         try Sys.fsync(headerFD.raw)

@@ -39,21 +39,10 @@ public enum Sys {
         }
     }
 
-    public static func open(_ path: String, flags: Int32, mode: mode_t = 0) throws -> FileDescriptor {
-        try FileDescriptor(raw: retrying { Glibc.open(path, flags | O_CLOEXEC, mode) })
-    }
-
-    public static func openAt(_ dir: Int32, _ name: [UInt8], flags: Int32, mode: mode_t = 0) throws -> FileDescriptor {
-        let fd = try withCName(name) { p throws in
-            try FileDescriptor(raw: retrying { Glibc.openat(dir, p, flags | O_CLOEXEC, mode) })
-        }
-        if OperationLog.shared.isRecording {
-            if flags & oTmpFile == oTmpFile {
-                OperationLog.shared.record(.newInode(inode: inode(fd.raw)))
-            } else if flags & (O_CREAT | O_EXCL) == (O_CREAT | O_EXCL) {
-                OperationLog.shared.record(.create(directory: inode(dir), name: name, inode: inode(fd.raw)))
-            }
-        }
+    /// The store's own directory, as the user named it (the one path the store opens that is not
+    /// relative to a descriptor it holds).
+    public static func openStoreRoot(_ path: String) throws -> FileDescriptor {
+        let fd = try FileDescriptor(raw: retrying { Glibc.open(path, oPath | O_DIRECTORY | O_CLOEXEC) })
         return fd
     }
 
@@ -66,7 +55,7 @@ public enum Sys {
 
     /// Re-opens an O_PATH descriptor with real access flags, as passthrough_hp does.
     public static func reopen(_ fd: Int32, flags: Int32) throws -> FileDescriptor {
-        try open("/proc/self/fd/\(fd)", flags: flags)
+        try FileDescriptor(raw: retrying { Glibc.open("/proc/self/fd/\(fd)", flags | O_CLOEXEC | O_NOCTTY) })
     }
 
     /// Reads until `buffer` is full or end of file; returns the bytes read.

@@ -9,7 +9,7 @@ extension Volume {
             guard node.type == .regular else { throw node.isDirectory ? StoreError.isDirectory : StoreError.invalidArgument }
             let key = try contentKey(node)
             try node.state.withLock { state in
-                let file = state.file ?? extentFile(node, key: key, header: state.header)
+                let file = try contents(node, state, key: key, writable: true)
                 try file.resize(to: size)
                 try commit(file, &state)
                 // A file opened just for this truncate leaves no shadow behind.
@@ -34,7 +34,7 @@ extension Volume {
                 }
             }
             if changes.modificationTime != nil { node.state.withLock { $0.file?.forgetModificationTime() } }
-            try Sys.setTimes(node.fd.raw, (spec(changes.accessTime), spec(changes.modificationTime)))
+            try withObjectFD(node, .path) { try Sys.setTimes($0, (spec(changes.accessTime), spec(changes.modificationTime))) }
         }
         return try attributes(node)
     }

@@ -36,8 +36,10 @@ extension Volume {
 
     /// Creates a non-directory object. The backing file is built unnamed (O_TMPFILE) and linked
     /// in only when its header is complete, so no crash can leave a half-made entry behind.
-    func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> Node {
-        let fd = try Sys.openAt(entry.dir.fd.raw, Array(".".utf8), flags: Sys.oTmpFile | O_RDWR, mode: 0o600)
+    func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> (Node, FileDescriptor) {
+        let dirFD = try directoryFD(entry.dir)
+        defer { withExtendedLifetime(dirFD) {} }
+        let fd = try Sys.createUnnamed(in: dirFD.raw, mode: 0o600)
         var header = entry.header
         try HeaderIO.create(fd: fd.raw, header: header, key: entry.key)
         if !contents.isEmpty {
@@ -49,11 +51,12 @@ extension Volume {
         // (every metadata file the store creates is synced before anything depends on it).
         try Sys.fdatasync(fd.raw)
         FaultPoints.reach(.createHeaderWritten)
-        try existsOnCollision { try Sys.linkAt(fd: fd.raw, toDir: entry.dir.fd.raw, entry.name.backingName) }
+        try existsOnCollision { try Sys.linkAt(fd: fd.raw, toDir: dirFD.raw, entry.name.backingName) }
         let st = try Sys.fstat(fd.raw)
-        let node = insert(fd: fd, headerFD: fd, inode: UInt64(st.st_ino), header: header, verified: true)
+        let node = insert(inode: UInt64(st.st_ino), header: header, verified: true,
+                          location: Location(parent: entry.dir, name: entry.name.backingName))
         node.state.withLock { if $0.header.sequence == header.sequence { $0.durableSequence = header.sequence } }
-        return node
+        return (node, fd)
     }
 
     /// Creates a directory under a temporary name, makes its header durable, then renames it into
@@ -61,22 +64,30 @@ extension Volume {
     /// (the failure that made whole gocryptfs volumes unreadable, its issue #1033).
     func createDirectory(_ entry: NewEntry) throws -> Node {
         let temporary = Array(".mk-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
-        try Sys.mkdirAt(entry.dir.fd.raw, temporary, mode: 0o700)
+        let parentFD = try directoryFD(entry.dir)
+        defer { withExtendedLifetime(parentFD) {} }
+        try Sys.mkdirAt(parentFD.raw, temporary, mode: 0o700)
+        var made: FileDescriptor?
         do {
-            let dirFD = try Sys.openAt(entry.dir.fd.raw, temporary, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
-            let headerFD = try Sys.openAt(dirFD.raw, directoryHeaderName, flags: O_RDWR | O_CREAT | O_EXCL, mode: 0o600)
-            try HeaderIO.create(fd: headerFD.raw, header: entry.header, key: entry.key)
-            try Sys.fsync(headerFD.raw)
+            let dirFD = try Sys.openEntry(parentFD.raw, temporary, .directory, .path)
+            made = dirFD
+            let headerFD = try Sys.createEntry(dirFD.raw, directoryHeaderName, mode: 0o600)
+            try withExtendedLifetime(headerFD) {
+                try HeaderIO.create(fd: headerFD.raw, header: entry.header, key: entry.key)
+                try Sys.fsync(headerFD.raw)
+            }
             try existsOnCollision {
-                try Sys.renameAt(entry.dir.fd.raw, temporary, entry.dir.fd.raw, entry.name.backingName, flags: Sys.renameNoReplace)
+                try Sys.renameAt(parentFD.raw, temporary, parentFD.raw, entry.name.backingName, flags: Sys.renameNoReplace)
             }
             let st = try Sys.fstat(dirFD.raw)
-            let node = insert(fd: dirFD, headerFD: headerFD, inode: UInt64(st.st_ino), header: entry.header, verified: true)
+            let node = insert(inode: UInt64(st.st_ino), header: entry.header, verified: true,
+                              location: Location(parent: entry.dir, name: entry.name.backingName))
+            directories.insert(node.id, dirFD)
             node.state.withLock { if $0.header.sequence == entry.header.sequence { $0.durableSequence = entry.header.sequence } }
             return node
         } catch {
-            try? Sys.unlinkAt(entry.dir.fd.raw, temporary + Array("/.d".utf8))
-            try? Sys.unlinkAt(entry.dir.fd.raw, temporary, directory: true)
+            if let made { try? Sys.unlinkAt(made.raw, directoryHeaderName) }
+            try? Sys.unlinkAt(parentFD.raw, temporary, directory: true)
             throw error
         }
     }
@@ -95,10 +106,10 @@ extension Volume {
     // MARK: the create family
 
     public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes, UInt64) {
-        let node = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
+        let (node, fd) = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
         let (id, attributes) = try entered(node, parent: parent, name: name)
         do {
-            return (id, attributes, try open(id, truncate: false))
+            return (id, attributes, try open(id, truncate: false, descriptor: fd))
         } catch {
             release(node) // the kernel never hears of the entry
             throw error
@@ -111,7 +122,7 @@ extension Volume {
         }
         let special = type == .characterDevice || type == .blockDevice
         let entry = try prepare(parent: parent, name: name, type: type, mode: mode, rdev: special ? rdev : 0, caller: caller)
-        return try entered(try createFile(entry), parent: parent, name: name)
+        return try entered(try createFile(entry).0, parent: parent, name: name)
     }
 
     public func mkdir(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes) {
@@ -125,7 +136,7 @@ extension Volume {
         guard !target.isEmpty, !target.contains(0) else { throw StoreError.invalidArgument }
         guard target.count <= Self.maximumSymlinkTarget else { throw StoreError.nameTooLong }
         let entry = try prepare(parent: parent, name: name, type: .symlink, mode: 0o777, caller: caller)
-        return try entered(try createFile(entry, contents: target), parent: parent, name: name)
+        return try entered(try createFile(entry, contents: target).0, parent: parent, name: name)
     }
 
     public func readlink(_ id: UInt64) throws -> [UInt8] {
@@ -133,7 +144,7 @@ extension Volume {
         guard node.type == .symlink else { throw StoreError.invalidArgument }
         let key = try contentKey(node)
         return try node.state.withLock { state in
-            let file = state.file ?? extentFile(node, key: key, header: state.header)
+            let file = try contents(node, state, key: key, writable: false)
             return try file.read(offset: 0, count: Int(file.size))
         }
     }
@@ -150,7 +161,11 @@ extension Volume {
         let binding = Self.binding(parentID: dirHeader.objectID, name: name)
         try addBinding(binding, to: object)
         do {
-            try Sys.linkAt(fd: object.fd.raw, toDir: dir.fd.raw, name.backingName)
+            let dirFD = try directoryFD(dir)
+            try withObjectFD(object, .path) { fd in
+                try withExtendedLifetime(dirFD) { try Sys.linkAt(fd: fd, toDir: dirFD.raw, name.backingName) }
+            }
+            object.state.withLock { $0.addLocation(Location(parent: dir, name: name.backingName)) }
         } catch {
             try? removeBinding(binding.digest, from: object)
             if case StoreError.system(EEXIST) = error { throw StoreError.exists }
@@ -204,14 +219,13 @@ extension Volume {
         try node.state.withLock { state in
             // A header still flagged by a failed transaction is finished first: rewritten with a
             // new sequence, its journal would no longer match it and the object would stay EIO.
-            if state.header.flags.contains(.pendingWrite) {
-                state.header = try Journal.recover(journalFD: journalFD.raw, objectFD: node.fd.raw, pending: state.header, key: key)
-                state.durableSequence = state.header.sequence
-            }
+            if state.header.flags.contains(.pendingWrite) { try recoverLocked(node, &state, key: key) }
             var header = state.header
             try change(&header)
             guard header != state.header else { return }
-            let before = node.isDirectory ? nil : try Sys.fstat(node.fd.raw)
+            let headerFD = try headerDescriptor(node, state, writable: true)
+            defer { withExtendedLifetime(headerFD) {} }
+            let before = node.isDirectory ? nil : try Sys.fstat(headerFD.raw)
             // The other slot may be overwritten without a sync only if the current version is
             // durable; the current one may be replaced in place only if the other slot is a
             // durable state the object can fall back to (not a pending copy whose journal may be
@@ -220,7 +234,7 @@ extension Volume {
             let durable = state.durableSequence == state.header.sequence
             let replaceable = state.replaceableSequence == state.header.sequence
             do {
-                try HeaderIO.write(fd: node.headerFD.raw, header: &header, key: key, sync: sync,
+                try HeaderIO.write(fd: headerFD.raw, header: &header, key: key, sync: sync,
                                    afterData: !(durable || replaceable), currentIsDurable: durable)
             } catch {
                 // Whatever reached the disk is what memory holds; known neither durable nor
@@ -232,7 +246,7 @@ extension Volume {
             // Either way the other slot now holds a durable version consistent with the data.
             if sync { state.durableSequence = header.sequence } else { state.replaceableSequence = header.sequence }
             if let before {
-                try Sys.futimens(node.fd.raw, (Sys.omitTime, before.st_mtim))
+                try Sys.futimens(headerFD.raw, (Sys.omitTime, before.st_mtim))
             }
         }
     }

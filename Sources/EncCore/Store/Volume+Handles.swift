@@ -44,7 +44,13 @@ extension Volume {
 
     // MARK: open, read, write, flush, release
 
+    /// - Parameter descriptor: the backing file read-write, when the caller has it already (a
+    ///   create); otherwise it is opened from the node's location.
     public func open(_ id: UInt64, truncate: Bool) throws -> UInt64 {
+        try open(id, truncate: truncate, descriptor: nil)
+    }
+
+    func open(_ id: UInt64, truncate: Bool, descriptor: FileDescriptor?) throws -> UInt64 {
         let node = try node(id)
         switch node.type {
         case .regular: break
@@ -56,20 +62,35 @@ extension Volume {
         let key = try contentKey(node)
         try node.state.withLock { state in
             if state.file == nil {
-                state.file = extentFile(node, key: key, header: state.header)
+                // The open file's descriptor is the object's only long-lived one (see Node).
+                try openFiles.acquire()
+                do {
+                    let fd = try descriptor ?? reopen(node, locations: state.locations, .readWrite)
+                    state.file = extentFile(fd, key: key, header: state.header)
+                } catch {
+                    openFiles.release()
+                    throw error
+                }
             }
             if truncate {
                 do {
                     try state.file!.resize(to: 0)
                     try commit(state.file!, &state)
                 } catch {
-                    if state.opens == 0 { state.file = nil }
+                    if state.opens == 0 { closeFile(&state) }
                     throw error
                 }
             }
             state.opens += 1
         }
         return handles.withLock { $0.insert(.file(node)) }
+    }
+
+    /// Drops the open file, its descriptor and its place in the budget.
+    func closeFile(_ state: inout NodeState) {
+        guard state.file != nil else { return }
+        state.file = nil
+        openFiles.release()
     }
 
     public func read(handle: UInt64, offset: UInt64, count: Int) throws -> [UInt8] {
@@ -114,7 +135,7 @@ extension Volume {
         let node = try fileNode(handle: handle)
         try withOpenFile(node) { state, file in
             try commit(file, &state, durable: true)
-            if !dataOnly { try Sys.fsync(node.fd.raw) }
+            if !dataOnly { try Sys.fsync(file.fd) }
         }
     }
 
@@ -130,7 +151,7 @@ extension Volume {
                     if state.file?.usedJournal == true && !state.header.flags.contains(.pendingWrite) {
                         Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)
                     }
-                    state.file = nil
+                    closeFile(&state)
                 }
             }
             if let f = state.file { try commit(f, &state) }
@@ -191,19 +212,21 @@ extension Volume {
     }
 
     public func fsyncDirectory(_ id: UInt64) throws {
-        let dir = try node(id)
-        let fd = try Sys.openAt(dir.fd.raw, Array(".".utf8), flags: O_RDONLY | O_DIRECTORY)
+        let dir = try directoryFD(try node(id))
+        let fd = try withExtendedLifetime(dir) { try Sys.listingDescriptor(dir.raw) }
         try withExtendedLifetime(fd) { try Sys.fsync(fd.raw) }
     }
 
     /// The directory's entries with plaintext names (no-key names in the locked view).
     /// Entries that fail to decrypt are left out and logged; `encfsd fsck` reports them.
     func list(_ dir: Node) throws -> [DirectoryEntry] {
-        let st = try Sys.fstat(dir.fd.raw)
+        let dirFD = try directoryFD(dir)
+        defer { withExtendedLifetime(dirFD) {} }
+        let st = try Sys.fstat(dirFD.raw)
         var entries = [DirectoryEntry(name: [0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR),
                        DirectoryEntry(name: [0x2e, 0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR)]
         let unlocked = try? namingDirectory(dir)
-        for raw in try Sys.listDirectory(dir.fd.raw) {
+        for raw in try Sys.listDirectory(dirFD.raw) {
             guard NameCodec.isEntryName(raw.name) else { continue }
             let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0
             guard let (key, header) = unlocked else {

@@ -12,7 +12,8 @@ extension Volume {
         guard caller.uid == 0 || caller.uid == header.uid else { throw StoreError.accessDenied }
         if header.policy == policy { return }
         guard header.policy == header.macPolicy, id != Self.rootID else { throw StoreError.exists }
-        guard try Sys.listDirectory(dir.fd.raw).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
+        let dirFD = try directoryFD(dir)
+        guard try withExtendedLifetime(dirFD, { try Sys.listDirectory(dirFD.raw) }).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
             throw StoreError.notEmpty
         }
         try mutateHeader(dir, key: try headerKey(dir), sync: true) { $0.policy = policy }

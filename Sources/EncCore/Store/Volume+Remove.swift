@@ -7,7 +7,9 @@ extension Volume {
     public func unlink(parent: UInt64, name: [UInt8]) throws {
         let dir = try node(parent)
         let backing = try backingName(of: name, in: dir)
-        let st = try Self.statEntry(dir, backing)
+        let dirFD = try directoryFD(dir)
+        defer { withExtendedLifetime(dirFD) {} }
+        let st = try Self.statEntry(dirFD.raw, backing)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw StoreError.isDirectory }
         // A file that keeps other names should stop listing this one; without the key the
         // header cannot be re-sealed, and the stale binding is harmless.
@@ -15,7 +17,8 @@ extension Volume {
         if st.st_nlink > 1, (try? namingDirectory(dir)) != nil {
             survivor = try? child(of: dir, backingName: backing)
         }
-        try Sys.unlinkAt(dir.fd.raw, backing)
+        try Sys.unlinkAt(dirFD.raw, backing)
+        forgetLocation(Location(parent: dir, name: backing), inode: UInt64(st.st_ino))
         if let survivor, let (_, dirHeader) = try? namingDirectory(dir) {
             try? removeBinding(Binding.digest(parentID: dirHeader.objectID, backingName: backing), from: survivor)
         }
@@ -25,7 +28,7 @@ extension Volume {
     public func rmdir(parent: UInt64, name: [UInt8]) throws {
         let dir = try node(parent)
         let backing = try backingName(of: name, in: dir)
-        let st = try Self.statEntry(dir, backing)
+        let st = try Self.statEntry(dir, in: self, backing)
         guard st.st_mode & S_IFMT == S_IFDIR else { throw StoreError.notDirectory }
         try removeEmptyDirectory(in: dir, backingName: backing)
     }
@@ -34,19 +37,29 @@ extension Volume {
     /// deletes its header and itself. A crash at any point leaves either the directory intact or
     /// a hidden leftover that fsck removes, never an entry without a header.
     func removeEmptyDirectory(in dir: Node, backingName: [UInt8]) throws {
-        let target = try Sys.openAt(dir.fd.raw, backingName, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+        let dirFD = try directoryFD(dir)
+        defer { withExtendedLifetime(dirFD) {} }
+        let (target, st) = try Sys.openEntryStat(dirFD.raw, backingName, .directory, .path)
         defer { withExtendedLifetime(target) {} }
         guard try Sys.listDirectory(target.raw).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
             throw StoreError.notEmpty
         }
         let trash = Array(".rm-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
-        try Sys.renameAt(dir.fd.raw, backingName, dir.fd.raw, trash, flags: Sys.renameNoReplace)
-        try removeTree(in: dir.fd.raw, name: trash)
+        try Sys.renameAt(dirFD.raw, backingName, dirFD.raw, trash, flags: Sys.renameNoReplace)
+        forgetLocation(Location(parent: dir, name: backingName), inode: UInt64(st.st_ino))
+        try removeTree(in: dirFD.raw, name: trash)
+    }
+
+    /// A backing name that no longer leads to the object the kernel may still know by it.
+    func forgetLocation(_ location: Location, inode: UInt64) {
+        guard let node = table.withLock({ $0.byInode[inode] }) else { return }
+        node.state.withLock { $0.removeLocation(location) }
+        if node.isDirectory && node.state.withLock({ $0.locations.isEmpty }) { directories.remove(node.id) }
     }
 
     /// Deletes a hidden leftover directory (our own metadata files only; entries were checked).
     func removeTree(in parentFD: Int32, name: [UInt8]) throws {
-        let fd = try Sys.openAt(parentFD, name, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+        let fd = try Sys.openEntry(parentFD, name, .directory, .path)
         defer { withExtendedLifetime(fd) {} }
         for entry in try Sys.listDirectory(fd.raw) {
             if entry.isDirectory {

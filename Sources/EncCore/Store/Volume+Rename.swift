@@ -24,7 +24,12 @@ extension Volume {
 
         var target: Node?
         defer { if let target { release(target) } }
-        if let st = try? Self.statEntry(toDir, toName.backingName) {
+        let fromFD = try directoryFD(fromDir)
+        let toFD = try directoryFD(toDir)
+        defer { withExtendedLifetime((fromFD, toFD)) {} }
+        var replaced: UInt64?
+        if let st = try? Self.statEntry(toFD.raw, toName.backingName) {
+            replaced = UInt64(st.st_ino)
             if UInt64(st.st_ino) == source.backingInode { return } // same object: POSIX says do nothing
             switch mode {
             case .noReplace: throw StoreError.exists
@@ -59,7 +64,7 @@ extension Volume {
             case .noReplace: Sys.renameNoReplace
             case .exchange: Sys.renameExchange
             }
-            try Sys.renameAt(fromDir.fd.raw, fromName.backingName, toDir.fd.raw, toName.backingName, flags: flags)
+            try Sys.renameAt(fromFD.raw, fromName.backingName, toFD.raw, toName.backingName, flags: flags)
         } catch {
             try? removeBinding(newBinding.digest, from: source)
             if let target { try? removeBinding(oldBinding.digest, from: target) }
@@ -67,6 +72,14 @@ extension Volume {
             throw error
         }
         FaultPoints.reach(.renameDone)
+        let from = Location(parent: fromDir, name: fromName.backingName)
+        let to = Location(parent: toDir, name: toName.backingName)
+        if let target {
+            target.state.withLock { $0.removeLocation(to); $0.addLocation(from) }
+        } else if let replaced {
+            forgetLocation(to, inode: replaced)
+        }
+        source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         try? removeBinding(oldBinding.digest, from: source)
         if let target { try? removeBinding(newBinding.digest, from: target) }
     }

@@ -21,7 +21,12 @@ extension Volume {
     /// Callers must keep the returned descriptor alive across the call that uses `.raw`: a
     /// temporary would be closed first, and its number could meanwhile name another file.
     private func xattrFD(_ node: Node) throws -> FileDescriptor {
-        node.isDirectory ? try Sys.reopen(node.fd.raw, flags: O_RDONLY | O_DIRECTORY) : node.fd
+        if node.isDirectory {
+            let dir = try directoryFD(node)
+            return try withExtendedLifetime(dir) { try Sys.listingDescriptor(dir.raw) }
+        }
+        let state = node.state.withLock { $0 }
+        return try objectDescriptor(node, state, .readOnly)
     }
 
     public enum XattrMode: Sendable { case any, create, replace }

@@ -25,22 +25,29 @@ public final class Volume: Sendable {
     let journalFD: FileDescriptor
     let table = Mutex(NodeTable())
     let handles = Mutex(HandleTable())
+    /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
+    let directories: DirectoryDescriptorCache
+    let openFiles: OpenFileBudget
 
     public init(storePath: String, keys: KeyTable) throws {
         self.storePath = storePath
         self.keys = keys
-        config = try StoreConfig.load(storePath: storePath)
-        let fd = try Sys.open(storePath, flags: Sys.oPath | O_DIRECTORY)
+        let fd = try Sys.openStoreRoot(storePath)
+        config = try StoreConfig.load(storeFD: fd.raw)
         journalFD = try Self.openJournal(storeFD: fd.raw)
-        let headerFD = try Sys.openAt(fd.raw, directoryHeaderName, flags: O_RDWR)
+        let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
         let st = try Sys.fstat(fd.raw)
-        let (header, verified) = try Self.readHeader(headerFD.raw, keys: keys)
+        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
         guard header.policy == config.rootIdentifier, header.macPolicy == header.policy else {
             throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
-        let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), fd: fd, headerFD: headerFD,
-                        header: header, verified: verified)
+        let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), header: header, verified: verified,
+                        location: nil, pinnedDirectory: fd)
+        // A quarter of the descriptors for directories, the rest for open files.
+        let limit = OpenFileBudget.fromProcessLimit(reservedForDirectories: 0).limit
+        directories = DirectoryDescriptorCache(capacity: min(4096, limit / 4))
+        openFiles = OpenFileBudget.fromProcessLimit(reservedForDirectories: directories.capacity)
         root.state.withLock { $0.lookups = 1 }
         table.withLock {
             $0.byID[Self.rootID] = root
@@ -51,18 +58,24 @@ public final class Volume: Sendable {
     /// Opens `.journal`, creating it durably (directory fsynced) if an older store lacks it.
     static func openJournal(storeFD: Int32) throws -> FileDescriptor {
         do {
-            return try Sys.openAt(storeFD, Journal.directoryName, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+            return try Sys.openEntry(storeFD, Journal.directoryName, .directory, .path)
         } catch StoreError.system(ENOENT) {
             try Sys.mkdirAt(storeFD, Journal.directoryName, mode: 0o700)
-            let store = try Sys.reopen(storeFD, flags: O_RDONLY | O_DIRECTORY)
+            let store = try Sys.listingDescriptor(storeFD)
             try withExtendedLifetime(store) { try Sys.fsync(store.raw) }
-            return try Sys.openAt(storeFD, Journal.directoryName, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
+            return try Sys.openEntry(storeFD, Journal.directoryName, .directory, .path)
         }
     }
 
-    /// A fresh view of the node's contents for I/O, sharing the store's journal.
-    func extentFile(_ node: Node, key: MasterKey, header: ObjectHeader) -> ExtentFile {
-        ExtentFile(fd: node.fd.raw, journalFD: journalFD.raw, key: key, header: header)
+    /// A fresh view of the node's contents for I/O through `descriptor`, sharing the journal.
+    func extentFile(_ descriptor: FileDescriptor, key: MasterKey, header: ObjectHeader) -> ExtentFile {
+        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, header: header)
+    }
+
+    /// The node's contents for one operation: its open file, or a view opened for the call.
+    func contents(_ node: Node, _ state: NodeState, key: MasterKey, writable: Bool) throws -> ExtentFile {
+        if let file = state.file { return file }
+        return extentFile(try objectDescriptor(node, state, writable ? .readWrite : .readOnly), key: key, header: state.header)
     }
 
     // MARK: headers and keys
@@ -83,7 +96,8 @@ public final class Volume: Sendable {
             if !state.verified {
                 guard let key = keys.key(for: state.header.macPolicy) ?? keys.lingeringKey(for: state.header.macPolicy)
                 else { throw StoreError.noKey }
-                state.header = try HeaderIO.read(fd: node.headerFD.raw, key: key)
+                let fd = try headerDescriptor(node, state, writable: false)
+                state.header = try withExtendedLifetime(fd) { try HeaderIO.read(fd: fd.raw, key: key) }
                 state.verified = true
             }
             return state.header
@@ -134,10 +148,18 @@ public final class Volume: Sendable {
     func recover(_ node: Node, key: MasterKey) throws {
         try node.state.withLock { state in
             guard state.header.flags.contains(.pendingWrite) else { return }
-            state.header = try Journal.recover(journalFD: journalFD.raw, objectFD: node.fd.raw, pending: state.header, key: key)
-            state.durableSequence = state.header.sequence
+            try recoverLocked(node, &state, key: key)
             Diagnostics.report("recovered an interrupted write of object \(Hex.encode(state.header.objectID)) from its journal")
         }
+    }
+
+    /// Replays the pending transaction of `state` (the node's lock held).
+    func recoverLocked(_ node: Node, _ state: inout NodeState, key: MasterKey) throws {
+        let fd = try objectDescriptor(node, state, .readWrite)
+        state.header = try withExtendedLifetime(fd) {
+            try Journal.recover(journalFD: journalFD.raw, objectFD: fd.raw, pending: state.header, key: key)
+        }
+        state.durableSequence = state.header.sequence
     }
 
     /// The key of an object's contents for reading or writing them: that of the open file if the
@@ -180,13 +202,18 @@ public final class Volume: Sendable {
     /// The reference is taken under the table lock, so a concurrent forget cannot drop the node
     /// between finding and counting it (which would let a second node for the same inode appear).
     func child(of dir: Node, backingName: [UInt8]) throws -> Node {
-        let st = try Self.statEntry(dir, backingName)
+        let dirFD = try directoryFD(dir)
+        let st = try withExtendedLifetime(dirFD) { try Self.statEntry(dirFD.raw, backingName) }
+        let location = Location(parent: dir, name: backingName)
         let cached: Node? = table.withLock { t in
             guard let node = t.byInode[UInt64(st.st_ino)] else { return nil }
-            node.state.withLock { $0.lookups += 1 }
+            node.state.withLock {
+                $0.lookups += 1
+                $0.addLocation(location)
+            }
             return node
         }
-        let node = try cached ?? openNode(in: dir, backingName: backingName, stat: st)
+        let node = try cached ?? withExtendedLifetime(dirFD) { try openNode(in: dirFD.raw, at: location, stat: st) }
         do {
             try checkBinding(node, parent: dir, backingName: backingName)
         } catch {
@@ -206,46 +233,52 @@ public final class Volume: Sendable {
         forget(node.id, count: 1)
     }
 
-    static func statEntry(_ dir: Node, _ backingName: [UInt8]) throws -> stat {
+    static func statEntry(_ dirFD: Int32, _ backingName: [UInt8]) throws -> stat {
         do {
-            return try Sys.fstatAt(dir.fd.raw, backingName)
+            return try Sys.fstatAt(dirFD, backingName)
         } catch StoreError.system(ENOENT) {
             throw StoreError.notFound
         }
     }
 
-    private func openNode(in dir: Node, backingName: [UInt8], stat st: stat) throws -> Node {
-        let fd: FileDescriptor
-        let headerFD: FileDescriptor
-        switch st.st_mode & S_IFMT {
-        case S_IFDIR:
-            fd = try Sys.openAt(dir.fd.raw, backingName, flags: Sys.oPath | O_DIRECTORY | O_NOFOLLOW)
-            headerFD = try Sys.openAt(fd.raw, directoryHeaderName, flags: O_RDWR)
-        case S_IFREG:
-            fd = try Sys.openAt(dir.fd.raw, backingName, flags: O_RDWR | O_NOFOLLOW)
-            headerFD = fd
-        default:
-            throw StoreError.integrity("backing entry is neither a file nor a directory")
+    static func statEntry(_ dir: Node, in volume: Volume, _ backingName: [UInt8]) throws -> stat {
+        let fd = try volume.directoryFD(dir)
+        return try withExtendedLifetime(fd) { try statEntry(fd.raw, backingName) }
+    }
+
+    /// Reads the header of the entry at `location` (whose descriptor is `dirFD`) and adds its
+    /// node. Files are opened only for that read; a directory's descriptor goes to the cache.
+    private func openNode(in dirFD: Int32, at location: Location, stat st: stat) throws -> Node {
+        let type: BackingType = switch st.st_mode & S_IFMT {
+        case S_IFDIR: .directory
+        case S_IFREG: .regularFile
+        default: throw StoreError.integrity("backing entry is neither a file nor a directory")
         }
-        let (header, verified) = try Self.readHeader(headerFD.raw, keys: keys)
-        guard (header.type == .directory) == ((st.st_mode & S_IFMT) == S_IFDIR) else {
+        let (fd, opened) = try Sys.openEntryStat(dirFD, location.name, type, type == .directory ? .path : .readOnly)
+        let headerFD = type == .directory ? try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly) : fd
+        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
+        guard (header.type == .directory) == (type == .directory) else {
             throw StoreError.integrity("header type does not match the backing object")
         }
         // Keyed by what was opened, not by the earlier stat: a rename in between must not put one
-        // object's descriptor under another's inode.
-        let opened = try Sys.fstat(fd.raw)
-        return insert(fd: fd, headerFD: headerFD, inode: UInt64(opened.st_ino), header: header, verified: verified)
+        // object's header under another's inode.
+        let node = insert(inode: UInt64(opened.st_ino), header: header, verified: verified, location: location)
+        if type == .directory { directories.insert(node.id, fd) }
+        return node
     }
 
     /// Adds a node for a backing object, or returns the one another thread added first; either
     /// way with one reference taken.
-    func insert(fd: FileDescriptor, headerFD: FileDescriptor, inode: UInt64, header: ObjectHeader, verified: Bool) -> Node {
+    func insert(inode: UInt64, header: ObjectHeader, verified: Bool, location: Location) -> Node {
         table.withLock { t in
             if let existing = t.byInode[inode] {
-                existing.state.withLock { $0.lookups += 1 }
+                existing.state.withLock {
+                    $0.lookups += 1
+                    $0.addLocation(location)
+                }
                 return existing
             }
-            let node = Node(id: t.nextID, backingInode: inode, fd: fd, headerFD: headerFD, header: header, verified: verified)
+            let node = Node(id: t.nextID, backingInode: inode, header: header, verified: verified, location: location)
             node.state.withLock { $0.lookups = 1 }
             t.nextID += 1
             t.byID[node.id] = node
@@ -268,11 +301,13 @@ public final class Volume: Sendable {
     /// lock, so the check made here under the same lock cannot race with a new reference.
     func dropIfUnused(_ node: Node) {
         guard node.id != Self.rootID else { return }
-        table.withLock { t in
-            guard t.byID[node.id] === node, node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) else { return }
+        let dropped = table.withLock { t in
+            guard t.byID[node.id] === node, node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) else { return false }
             t.byID[node.id] = nil
             if t.byInode[node.backingInode] === node { t.byInode[node.backingInode] = nil }
+            return true
         }
+        if dropped && node.isDirectory { directories.remove(node.id) }
     }
 
     // MARK: lookup, forget, getattr
@@ -322,10 +357,10 @@ public final class Volume: Sendable {
 
     func attributes(_ node: Node) throws -> Attributes {
         try recoverIfPossible(node)
-        let st = try Sys.fstat(node.fd.raw)
+        let st = try backingStat(node)
         // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
         // touch the directory's own ctime: the later of the two is the directory's ctime.
-        let headerChange = node.isDirectory ? try Sys.fstat(node.headerFD.raw).st_ctim : st.st_ctim
+        let headerChange = node.isDirectory ? try statEntry(ofHeaderOf: node).st_ctim : st.st_ctim
         func stamp(_ t: timespec) -> Timestamp { Timestamp(seconds: Int64(t.tv_sec), nanoseconds: Int64(t.tv_nsec)) }
         func later(_ a: timespec, _ b: timespec) -> timespec { (a.tv_sec, a.tv_nsec) >= (b.tv_sec, b.tv_nsec) ? a : b }
         return node.state.withLock { s in
@@ -344,9 +379,15 @@ public final class Volume: Sendable {
         }
     }
 
+    /// A directory's `.d` file, by name (no descriptor opened).
+    func statEntry(ofHeaderOf dir: Node) throws -> stat {
+        let fd = try directoryFD(dir)
+        return try withExtendedLifetime(fd) { try Sys.fstatAt(fd.raw, directoryHeaderName) }
+    }
+
     public func statfs() throws -> FileSystemStatistics {
-        let root = try node(Self.rootID)
-        let s = try Sys.fstatvfs(root.fd.raw)
+        let root = try directoryFD(try node(Self.rootID))
+        let s = try withExtendedLifetime(root) { try Sys.fstatvfs(root.raw) }
         return FileSystemStatistics(
             blockSize: UInt64(s.f_frsize), blocks: UInt64(s.f_blocks), blocksFree: UInt64(s.f_bfree),
             blocksAvailable: UInt64(s.f_bavail), files: UInt64(s.f_files), filesFree: UInt64(s.f_ffree),

@@ -1,0 +1,167 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// O_PATH descriptors of recently used directories, at most `capacity` of them: lookups, creates
+/// and listings in a directory need one, and reopening it from its parent on every request would
+/// cost a walk. The least recently used go first; a descriptor in use elsewhere stays open until
+/// its user lets go of it (descriptors are reference-counted owners, closed by the last one).
+final class DirectoryDescriptorCache: Sendable {
+    private struct Entry {
+        let descriptor: FileDescriptor
+        var lastUse: UInt64
+    }
+
+    private struct State {
+        var entries: [UInt64: Entry] = [:]
+        var clock: UInt64 = 0
+    }
+
+    let capacity: Int
+    private let state = Mutex(State())
+
+    init(capacity: Int) { self.capacity = max(capacity, 8) }
+
+    func descriptor(_ id: UInt64) -> FileDescriptor? {
+        state.withLock { s in
+            guard var entry = s.entries[id] else { return nil }
+            s.clock += 1
+            entry.lastUse = s.clock
+            s.entries[id] = entry
+            return entry.descriptor
+        }
+    }
+
+    func insert(_ id: UInt64, _ descriptor: FileDescriptor) {
+        // Evicted descriptors are released after the lock: closing is a system call.
+        var evicted: [FileDescriptor] = []
+        state.withLock { s in
+            s.clock += 1
+            s.entries[id] = Entry(descriptor: descriptor, lastUse: s.clock)
+            guard s.entries.count > capacity else { return }
+            // Evict an eighth at once so the scan is paid once per many misses, not per miss.
+            let victims = s.entries.sorted { $0.value.lastUse < $1.value.lastUse }.prefix(max(1, capacity / 8))
+            for (key, entry) in victims {
+                evicted.append(entry.descriptor)
+                s.entries[key] = nil
+            }
+        }
+        withExtendedLifetime(evicted) {}
+    }
+
+    func remove(_ id: UInt64) {
+        let removed = state.withLock { $0.entries.removeValue(forKey: id) }
+        withExtendedLifetime(removed) {}
+    }
+
+    var count: Int { state.withLock { $0.entries.count } }
+}
+
+/// How many backing descriptors open files may hold at once. Clients can open as many files as
+/// they like; past this, only the open that needs a new descriptor fails (EMFILE), and the
+/// directory cache, the journal and one request's transient descriptors per worker still have
+/// room, so listing the root or using files already open keeps working.
+final class OpenFileBudget: Sendable {
+    let limit: Int
+    private let held = Atomic<Int>(0)
+
+    init(limit: Int) { self.limit = max(limit, 1) }
+
+    /// The process's descriptor limit less what the rest of the daemon needs.
+    static func fromProcessLimit(reservedForDirectories: Int) -> OpenFileBudget {
+        var r = rlimit()
+        let soft = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 ? Int(min(UInt64(r.rlim_cur), UInt64(Int32.max))) : 1024
+        // 64 for libfuse, the journal, and per-request transients of every worker thread.
+        return OpenFileBudget(limit: soft - reservedForDirectories - 64)
+    }
+
+    func acquire() throws {
+        while true {
+            let current = held.load(ordering: .relaxed)
+            guard current < limit else { throw StoreError.system(EMFILE) }
+            if held.compareExchange(expected: current, desired: current + 1, ordering: .relaxed).exchanged { return }
+        }
+    }
+
+    func release() { held.subtract(1, ordering: .relaxed) }
+
+    var inUse: Int { held.load(ordering: .relaxed) }
+}
+
+extension Volume {
+    /// A directory node's O_PATH descriptor: the root's, a cached one, or reopened from where the
+    /// directory is entered (its parent's descriptor, recursively, is found the same way).
+    func directoryFD(_ dir: Node) throws -> FileDescriptor {
+        guard dir.isDirectory else { throw StoreError.notDirectory }
+        if let pinned = dir.pinnedDirectory { return pinned }
+        if let cached = directories.descriptor(dir.id) { return cached }
+        let fd = try reopen(dir, locations: dir.state.withLock { $0.locations }, .path)
+        directories.insert(dir.id, fd)
+        return fd
+    }
+
+    /// Opens a node's backing object anew from one of its locations. Only the same inode will do:
+    /// an entry replaced in the backing store since is passed over (and forgotten).
+    ///
+    /// Takes the locks of ancestors only (briefly, to read their locations), never the node's
+    /// own, so it may be called with the node's lock held; `locations` is read by the caller.
+    func reopen(_ node: Node, locations: [Location], _ access: BackingAccess) throws -> FileDescriptor {
+        var failure: Error = StoreError.notFound
+        for location in locations {
+            do {
+                let parent = try directoryFD(location.parent)
+                let (fd, st) = try withExtendedLifetime(parent) {
+                    try Sys.openEntryStat(parent.raw, location.name, node.isDirectory ? .directory : .regularFile, access)
+                }
+                if UInt64(st.st_ino) == node.backingInode { return fd }
+                failure = StoreError.integrity("backing entry of object \(node.id) was replaced by another object")
+            } catch {
+                failure = error
+            }
+        }
+        throw failure
+    }
+
+    /// The node's backing object for one call: the open file's descriptor when it is open (no
+    /// system call), else one opened for the call. For use with the node's lock held.
+    func objectDescriptor(_ node: Node, _ state: NodeState, _ access: BackingAccess) throws -> FileDescriptor {
+        if node.isDirectory { return try directoryFD(node) }
+        if let open = state.file?.descriptor { return open }
+        return try reopen(node, locations: state.locations, access)
+    }
+
+    /// Where the node's header lives, opened for one call: a directory's `.d` file, or the object.
+    func headerDescriptor(_ node: Node, _ state: NodeState, writable: Bool) throws -> FileDescriptor {
+        guard node.isDirectory else { return try objectDescriptor(node, state, writable ? .readWrite : .readOnly) }
+        let dir = try directoryFD(node)
+        return try withExtendedLifetime(dir) {
+            try Sys.openEntry(dir.raw, directoryHeaderName, .regularFile, writable ? .readWrite : .readOnly)
+        }
+    }
+
+    /// `body` with the node's backing object (see `objectDescriptor`), taking the node's lock
+    /// only to read its state.
+    func withObjectFD<R>(_ node: Node, _ access: BackingAccess, _ body: (Int32) throws -> R) throws -> R {
+        let state = node.state.withLock { $0 }
+        let fd = try objectDescriptor(node, state, access)
+        return try withExtendedLifetime(fd) { try body(fd.raw) }
+    }
+
+    /// The backing `stat` of a node: from its open descriptor or directory, else by name in its
+    /// parent (no descriptor opened).
+    func backingStat(_ node: Node) throws -> stat {
+        if node.isDirectory {
+            let fd = try directoryFD(node)
+            return try withExtendedLifetime(fd) { try Sys.fstat(fd.raw) }
+        }
+        let (open, locations) = node.state.withLock { ($0.file?.descriptor, $0.locations) }
+        if let open { return try withExtendedLifetime(open) { try Sys.fstat(open.raw) } }
+        for location in locations {
+            let parent = try directoryFD(location.parent)
+            let st = try withExtendedLifetime(parent) { try? Sys.fstatAt(parent.raw, location.name) }
+            if let st, UInt64(st.st_ino) == node.backingInode { return st }
+        }
+        throw StoreError.notFound
+    }
+}
