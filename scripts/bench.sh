@@ -14,6 +14,8 @@
 #   --runtime S      seconds per fio job (default 10)
 #   --files N        files in the create+fsync test (default 1000)
 #   --no-save        print the tables only; don't write docs/bench/YYYY-MM-DD-HHMM.md
+#   --scale [...]    instead: the scale benchmark (scripts/bench-scale.sh: per-file cost at 10k,
+#                    100k and 1M files, daemon held to 1,024 descriptors); later arguments go to it
 #
 # Each filesystem in each round gets a fresh store and mount, and runs, in order:
 # streaming write (dd 1 MiB blocks, fsync at end), streaming read after dropping caches,
@@ -34,13 +36,14 @@ ALL_FS=(plain encfsd gocryptfs securefs cryfs)
 PASS=bench-password-not-secret
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-1200}
 
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments
 QUICK=0 ROUNDS= SIZE= BACKING= ONLY= RUNTIME= NFILES=1000 SAVE=1
 while (($#)); do
     case $1 in
+        --scale) shift; exec "$REPO/scripts/bench-scale.sh" "$@" ;;
         --quick) QUICK=1 ;;
         --rounds) ROUNDS=${2:?}; shift ;;
         --size) SIZE=${2:?}; shift ;;

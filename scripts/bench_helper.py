@@ -8,6 +8,10 @@ Subcommands:
   fio-iops JSON               prints the IOPS of the (single) job in a fio JSON output file
   report RESULTS META OUT     prints the Markdown tables and writes header + tables to OUT
                               (META: tab-separated lines, see load_meta)
+  scale DIR COUNT [PID]       a COUNT-file tree in DIR (1,000 per directory, 4 clients at once):
+                              create, stat every entry, read every file, rename, remove; prints
+                              one "phase seconds" line per phase, and the most descriptors PID
+                              (the daemon) held
 """
 import json
 import mmap
@@ -47,6 +51,61 @@ def smallfiles(d, count, size):
         finally:
             os.close(fd)
     print("%.6f" % (time.monotonic() - t0))
+
+
+def scale(d, count, pid=None):
+    from concurrent.futures import ThreadPoolExecutor
+    per_dir = 1000
+    dirs = [os.path.join(d, "d%05d" % k) for k in range((count + per_dir - 1) // per_dir)]
+    most = [0]
+
+    def names(k):
+        return [(os.path.join(dirs[k], "f%07d" % i), i) for i in range(k * per_dir, min(count, (k + 1) * per_dir))]
+
+    def create(k):
+        os.mkdir(dirs[k])
+        for p, i in names(k):
+            fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.write(fd, b"%d\n" % i)
+            os.close(fd)
+
+    def stat_all(k):
+        with os.scandir(dirs[k]) as it:
+            for e in it:
+                e.stat(follow_symlinks=False)
+
+    def read_all(k):
+        for p, i in names(k):
+            with open(p, "rb") as f:
+                if f.read() != b"%d\n" % i:
+                    raise SystemExit("wrong contents in " + p)
+
+    def rename_all(k):
+        for p, i in names(k):
+            os.rename(p, p + ".r")
+
+    def remove_all(k):
+        for p, i in names(k):
+            os.unlink(p + ".r")
+        os.rmdir(dirs[k])
+
+    def descriptors():
+        if pid:
+            most[0] = max(most[0], len(os.listdir("/proc/%s/fd" % pid)))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for name, step in (("create", create), ("stat", stat_all), ("read", read_all),
+                           ("rename", rename_all), ("remove", remove_all)):
+            if name in ("stat", "read"):
+                os.sync()
+                with open("/proc/sys/vm/drop_caches", "w") as f:
+                    f.write("3")
+            t0 = time.monotonic()
+            for future in [pool.submit(step, k) for k in range(len(dirs))]:
+                future.result()
+                descriptors()
+            print("%s %.6f" % (name, time.monotonic() - t0))
+    print("descriptors %d" % most[0])
 
 
 def odirect_probe(d):
@@ -239,6 +298,8 @@ def main(argv):
         fio_iops(argv[2])
     elif cmd == "report":
         report(argv[2], argv[3], argv[4])
+    elif cmd == "scale":
+        scale(argv[2], int(argv[3]), argv[4] if len(argv) > 4 else None)
     else:
         raise SystemExit(__doc__)
 

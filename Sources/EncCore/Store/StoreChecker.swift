@@ -45,13 +45,19 @@ public final class StoreChecker {
     }
 
     /// Counts the objects a check will visit, for a progress bar.
+    /// Walks through the store boundary like the check itself: a planted link to a directory
+    /// elsewhere is neither counted nor entered.
     public static func countObjects(storePath: String) -> Int {
-        let enumerator = FileManager.default.enumerator(atPath: storePath)
-        var count = 0
-        while let path = enumerator?.nextObject() as? String {
-            if NameCodec.isEntryName(Array((path as NSString).lastPathComponent.utf8)) { count += 1 }
+        func count(in dir: Int32) -> Int {
+            guard let entries = try? Sys.listDirectory(dir) else { return 0 }
+            return entries.reduce(0) { total, entry in
+                guard NameCodec.isEntryName(entry.name) else { return total }
+                guard entry.isDirectory, let sub = try? Sys.openEntry(dir, entry.name, .directory, .path) else { return total + 1 }
+                return total + 1 + withExtendedLifetime(sub) { count(in: sub.raw) }
+            }
         }
-        return count
+        guard let root = try? Sys.openStoreRoot(storePath) else { return 0 }
+        return withExtendedLifetime(root) { count(in: root.raw) }
     }
 
     public func run() throws -> Summary {
