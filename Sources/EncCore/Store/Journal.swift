@@ -46,7 +46,7 @@ enum Journal {
         } catch StoreError.system(EEXIST) {
             // A planted symlink, FIFO or directory here fails the type check: the flush fails
             // with EIO and nothing outside the journal is touched.
-            fd = try Sys.openEntry(journalFD, shadowName, .regularFile, .readWrite)
+            fd = try Sys.openPrivateFile(journalFD, shadowName)
         }
         try withExtendedLifetime(fd) {
             var w = ByteWriter(capacity: fixedBytes + finalSlot.count)
@@ -111,7 +111,7 @@ enum Journal {
     static func recover(journalFD: Int32, objectFD: Int32, pending: ObjectHeader, key: MasterKey) throws -> ObjectHeader {
         let shadowFD: FileDescriptor
         do {
-            shadowFD = try Sys.openEntry(journalFD, name(of: pending.objectID), .regularFile, .readWrite)
+            shadowFD = try Sys.openPrivateFile(journalFD, name(of: pending.objectID))
         } catch let error as StoreError where error != .system(ENOENT) {
             throw StoreError.integrity("interrupted write cannot be recovered: its journal is unusable: \(error)")
         } catch {

@@ -88,6 +88,17 @@ extension Sys {
         return (opened, st)
     }
 
+    /// Opens an existing file that only the store ever names (a journal shadow, the lock file)
+    /// read-write. It must have exactly one link: a hard link planted from elsewhere on the same
+    /// filesystem would otherwise be truncated and overwritten as if it were the store's.
+    public static func openPrivateFile(_ dir: Int32, _ name: [UInt8]) throws -> FileDescriptor {
+        let (fd, st) = try openEntryStat(dir, name, .regularFile, .readWrite)
+        guard st.st_nlink == 1 else {
+            throw StoreError.integrity("\(String(decoding: name, as: UTF8.self)) has \(st.st_nlink) links; the store's own files have one")
+        }
+        return fd
+    }
+
     /// Creates the regular file `name` in `dir`, read-write. O_EXCL: an existing entry (a planted
     /// symlink included, which O_EXCL never follows) fails with EEXIST and is left alone.
     public static func createEntry(_ dir: Int32, _ name: [UInt8], mode: mode_t) throws -> FileDescriptor {

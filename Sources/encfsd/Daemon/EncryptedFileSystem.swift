@@ -43,7 +43,7 @@ final class EncryptedFileSystem: FileSystem {
 
     func forget(_ node: UInt64, count: UInt64) { volume.forget(node, count: count) }
 
-    func getattr(_ node: UInt64) throws -> FileAttributes { Self.convert(try volume.getattr(node)) }
+    func getattr(_ node: UInt64) throws -> FileAttributes { try logged("getattr of node \(node)") { Self.convert(try volume.getattr(node)) } }
 
     func setattr(_ node: UInt64, _ changes: SetAttributes) throws -> FileAttributes {
         var c = AttributeChanges()
@@ -68,18 +68,18 @@ final class EncryptedFileSystem: FileSystem {
     private func caller(_ context: RequestContext) -> Caller { Caller(uid: context.uid, gid: context.gid) }
 
     func mknod(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt64, context: RequestContext) throws -> Entry {
-        entry(try volume.mknod(parent: parent, name: name, mode: mode, rdev: rdev, caller: caller(context)))
+        try logged("mknod in node \(parent)") { entry(try volume.mknod(parent: parent, name: name, mode: mode, rdev: rdev, caller: caller(context))) }
     }
 
     func mkdir(parent: UInt64, name: [UInt8], mode: UInt32, context: RequestContext) throws -> Entry {
-        entry(try volume.mkdir(parent: parent, name: name, mode: mode, caller: caller(context)))
+        try logged("mkdir in node \(parent)") { entry(try volume.mkdir(parent: parent, name: name, mode: mode, caller: caller(context))) }
     }
 
-    func unlink(parent: UInt64, name: [UInt8]) throws { try volume.unlink(parent: parent, name: name) }
-    func rmdir(parent: UInt64, name: [UInt8]) throws { try volume.rmdir(parent: parent, name: name) }
+    func unlink(parent: UInt64, name: [UInt8]) throws { try logged("unlink in node \(parent)") { try volume.unlink(parent: parent, name: name) } }
+    func rmdir(parent: UInt64, name: [UInt8]) throws { try logged("rmdir in node \(parent)") { try volume.rmdir(parent: parent, name: name) } }
 
     func symlink(target: [UInt8], parent: UInt64, name: [UInt8], context: RequestContext) throws -> Entry {
-        entry(try volume.symlink(parent: parent, name: name, target: target, caller: caller(context)))
+        try logged("symlink in node \(parent)") { entry(try volume.symlink(parent: parent, name: name, target: target, caller: caller(context))) }
     }
 
     func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32) throws {
@@ -96,7 +96,7 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     func link(_ node: UInt64, newParent: UInt64, newName: [UInt8]) throws -> Entry {
-        entry(try volume.link(node, newParent: newParent, newName: newName))
+        try logged("link of node \(node)") { entry(try volume.link(node, newParent: newParent, newName: newName)) }
     }
 
     func open(_ node: UInt64, flags: Int32) throws -> OpenReply {
@@ -105,7 +105,9 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     func create(parent: UInt64, name: [UInt8], mode: UInt32, flags: Int32, context: RequestContext) throws -> (Entry, OpenReply) {
-        let (node, attributes, handle) = try volume.create(parent: parent, name: name, mode: mode, caller: caller(context))
+        let (node, attributes, handle) = try logged("create in node \(parent)") {
+            try volume.create(parent: parent, name: name, mode: mode, caller: caller(context))
+        }
         return (Entry(node: node, attributes: Self.convert(attributes)), OpenReply(handle: handle, keepCache: true))
     }
 
@@ -118,17 +120,19 @@ final class EncryptedFileSystem: FileSystem {
         return data.count
     }
 
-    func flush(_ node: UInt64, handle: UInt64) throws { try volume.flush(handle: handle) }
-    func release(_ node: UInt64, handle: UInt64) throws { try volume.release(handle: handle) }
-    func fsync(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws { try volume.fsync(handle: handle, dataOnly: dataOnly) }
+    func flush(_ node: UInt64, handle: UInt64) throws { try logged("flush of node \(node)") { try volume.flush(handle: handle) } }
+    func release(_ node: UInt64, handle: UInt64) throws { try logged("release of node \(node)") { try volume.release(handle: handle) } }
+    func fsync(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws {
+        try logged("fsync of node \(node)") { try volume.fsync(handle: handle, dataOnly: dataOnly) }
+    }
 
     func fallocate(_ node: UInt64, handle: UInt64, mode: Int32, offset: UInt64, length: UInt64) throws {
         // Mode 0 and FALLOC_FL_KEEP_SIZE reserve space; punching and zeroing ranges are not offered.
         guard mode == 0 || mode == 1 else { throw StoreError.notSupported }
-        try volume.fallocate(handle: handle, offset: offset, length: length, keepSize: mode == 1)
+        try logged("fallocate of node \(node)") { try volume.fallocate(handle: handle, offset: offset, length: length, keepSize: mode == 1) }
     }
 
-    func opendir(_ node: UInt64) throws -> UInt64 { try volume.openDirectory(node) }
+    func opendir(_ node: UInt64) throws -> UInt64 { try logged("opendir of node \(node)") { try volume.openDirectory(node) } }
 
     func readdir(_ node: UInt64, handle: UInt64, offset: Int, limit: Int) throws -> ArraySlice<DirectoryItem> {
         let entries = try volume.readDirectory(handle: handle, from: offset).prefix(limit)
@@ -141,7 +145,9 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     func releasedir(_ node: UInt64, handle: UInt64) { volume.releaseDirectory(handle: handle) }
-    func fsyncdir(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws { try volume.fsyncDirectory(node) }
+    func fsyncdir(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws {
+        try logged("fsyncdir of node \(node)") { try volume.fsyncDirectory(node) }
+    }
 
     func statfs(_ node: UInt64) throws -> VolumeStatistics {
         let s = try volume.statfs()
@@ -156,15 +162,17 @@ final class EncryptedFileSystem: FileSystem {
         case 2: .replace
         default: throw StoreError.invalidArgument
         }
-        try volume.setxattr(node, name: name, value: value, mode: mode)
+        try logged("setxattr of node \(node)") { try volume.setxattr(node, name: name, value: value, mode: mode) }
     }
 
     func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8] {
         try logged("getxattr of node \(node)") { try volume.getxattr(node, name: name) }
     }
 
-    func listxattr(_ node: UInt64) throws -> [[UInt8]] { try volume.listxattr(node) }
-    func removexattr(_ node: UInt64, name: [UInt8]) throws { try volume.removexattr(node, name: name) }
+    func listxattr(_ node: UInt64) throws -> [[UInt8]] { try logged("listxattr of node \(node)") { try volume.listxattr(node) } }
+    func removexattr(_ node: UInt64, name: [UInt8]) throws {
+        try logged("removexattr of node \(node)") { try volume.removexattr(node, name: name) }
+    }
 
     func ioctl(_ node: UInt64, command: UInt32, input: [UInt8], outputSize: Int, context: RequestContext) throws -> IoctlReply {
         try control.handle(node: node, command: command, input: input, outputSize: outputSize, context: context)
