@@ -39,6 +39,27 @@ static inline int encfsd_openat2(int dirfd, const char *path, int flags, unsigne
     return (int)syscall(SYS_openat2, dirfd, path, &how, sizeof how);
 }
 
+// The kernel's file handle of an object (name_to_handle_at(2)): inode number *and* generation,
+// so an inode number freed and reused names a different handle. `name` "" with AT_EMPTY_PATH
+// (0x1000) asks about `dirfd` itself; otherwise the entry is not followed if it is a symlink.
+#ifndef SYS_name_to_handle_at
+#define SYS_name_to_handle_at 303
+#endif
+static inline int encfsd_file_handle(int dirfd, const char *name, int flags, unsigned char *out,
+                                     unsigned int capacity, unsigned int *length, int *type) {
+    struct { unsigned int handle_bytes; int handle_type; unsigned char f_handle[128]; } h;
+    int mount_id;
+    h.handle_bytes = sizeof h.f_handle;
+    int rc = (int)syscall(SYS_name_to_handle_at, dirfd, name, &h, &mount_id, flags);
+    if (rc < 0) return rc;
+    if (h.handle_bytes > capacity) h.handle_bytes = capacity;
+    for (unsigned int i = 0; i < h.handle_bytes; i++) out[i] = h.f_handle[i];
+    *length = h.handle_bytes;
+    *type = h.handle_type;
+    return 0;
+}
+static const int encfsd_RESOLVE_NO_XDEV_FLAG = 0x01;
+
 static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
     return (int)syscall(SYS_fallocate, fd, mode, offset, len);
 }

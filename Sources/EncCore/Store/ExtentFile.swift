@@ -60,14 +60,20 @@ final class ExtentFile: @unchecked Sendable {
     /// Dirty bytes held before a write forces a commit: bounds memory and the journal batch.
     static let dirtyLimitBytes = 16 << 20
 
-    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, header: ObjectHeader) {
-        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, header: header, descriptor: descriptor)
+    /// Where the store root is, to check the journal directory is still beneath it before a
+    /// shadow is written (nil for scratch files in tests).
+    let storeRoot: Sys.Place?
+
+    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, header: ObjectHeader, storeRoot: Sys.Place) {
+        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, header: header, descriptor: descriptor, storeRoot: storeRoot)
     }
 
     /// A view of a backing file whose descriptor the caller keeps open for the file's lifetime.
-    init(fd: Int32, journalFD: Int32, key: MasterKey, header: ObjectHeader, descriptor: FileDescriptor? = nil) {
+    init(fd: Int32, journalFD: Int32, key: MasterKey, header: ObjectHeader, descriptor: FileDescriptor? = nil,
+         storeRoot: Sys.Place? = nil) {
         self.fd = fd
         self.descriptor = descriptor
+        self.storeRoot = storeRoot
         self.journalFD = journalFD
         self.key = key
         geometry = header.geometry
@@ -424,6 +430,8 @@ final class ExtentFile: @unchecked Sendable {
             pending.flags.insert(.pendingWrite)
             final.sequence = header.sequence + 2
             let finalSlot = HeaderCodec.seal(final, key: key)
+            // A journal directory moved out of the store must not receive the shadow.
+            if let storeRoot { try Sys.checkBeneath(journalFD, root: storeRoot) }
             try Journal.write(journalFD: journalFD, objectID: objectID, pendingSequence: header.sequence + 1,
                               finalSlot: finalSlot, records: records, key: key)
             usedJournal = true

@@ -62,15 +62,23 @@ final class Node: Sendable {
     let id: UInt64
     let backingInode: UInt64
     let type: ObjectType
+    /// The backing object's kernel file handle (inode and generation; nil where the backing
+    /// filesystem has none): a reopen, a cached lookup or a stat by name uses what it finds only
+    /// if it is this object, never an inode number freed and reused since.
+    let identity: [UInt8]?
+    /// Directories: the identity of the `.d` header file, checked before the header is written.
+    let headerIdentity: [UInt8]?
     /// The root only: the store's directory, held for the mount's lifetime (every other
     /// descriptor is found from it).
     let pinnedDirectory: FileDescriptor?
     let state: Mutex<NodeState>
 
-    init(id: UInt64, backingInode: UInt64, header: ObjectHeader, verified: Bool, location: Location?,
-         pinnedDirectory: FileDescriptor? = nil) {
+    init(id: UInt64, backingInode: UInt64, identity: [UInt8]?, headerIdentity: [UInt8]?, header: ObjectHeader,
+         verified: Bool, location: Location?, pinnedDirectory: FileDescriptor? = nil) {
         self.id = id
         self.backingInode = backingInode
+        self.identity = identity
+        self.headerIdentity = headerIdentity
         type = header.type
         self.pinnedDirectory = pinnedDirectory
         var initial = NodeState(header: header, verified: verified)
@@ -79,6 +87,11 @@ final class Node: Sendable {
     }
 
     var isDirectory: Bool { type == .directory }
+
+    /// Whether the object found by inode number `inode` with `identity` is this node's object.
+    func isObject(inode: UInt64, identity found: [UInt8]?) -> Bool {
+        inode == backingInode && (identity == nil || found == identity)
+    }
 }
 
 /// The name of a directory's header file inside its backing directory.

@@ -62,13 +62,63 @@ extension Sys {
                 try retrying {
                     hasOpenat2
                         ? encfsd_openat2(dir, p, all, creates ? UInt32(mode) : 0,
-                                         encfsd_RESOLVE_BENEATH | encfsd_RESOLVE_NO_SYMLINKS | encfsd_RESOLVE_NO_MAGICLINKS)
+                                         encfsd_RESOLVE_BENEATH | encfsd_RESOLVE_NO_SYMLINKS | encfsd_RESOLVE_NO_MAGICLINKS
+                                             | UInt64(encfsd_RESOLVE_NO_XDEV_FLAG))
                         : Glibc.openat(dir, p, all, mode)
                 }
             }
         } catch StoreError.system(ELOOP) {
             throw StoreError.integrity("backing entry \(String(decoding: name, as: UTF8.self)) is a symbolic link")
         }
+    }
+
+    /// The identity of the object behind `fd` (its kernel file handle: inode and generation), or
+    /// nil on a filesystem that has none, where the inode number alone identifies it.
+    public static func identity(of fd: Int32) -> [UInt8]? {
+        handle(fd, [], flags: 0x1000) // AT_EMPTY_PATH
+    }
+
+    /// The identity of the entry `name` of `dir`, without opening it (a symlink is not followed).
+    public static func identity(ofEntry name: [UInt8], in dir: Int32) -> [UInt8]? {
+        handle(dir, name, flags: 0)
+    }
+
+    private static func handle(_ dir: Int32, _ name: [UInt8], flags: Int32) -> [UInt8]? {
+        var bytes = [UInt8](repeating: 0, count: 132)
+        var length: UInt32 = 0
+        var type: Int32 = 0
+        let rc = (try? withCName(name) { p in
+            bytes.withUnsafeMutableBufferPointer { encfsd_file_handle(dir, p, flags, $0.baseAddress! + 4, 128, &length, &type) }
+        }) ?? -1
+        guard rc == 0 else { return nil }
+        withUnsafeBytes(of: type.littleEndian) { for i in 0..<4 { bytes[i] = $0[i] } }
+        return Array(bytes.prefix(4 + Int(length)))
+    }
+
+    /// A backing object's place: device and inode number.
+    public struct Place: Equatable, Sendable {
+        let device: UInt64
+        let inode: UInt64
+
+        init(_ st: stat) {
+            device = UInt64(st.st_dev)
+            inode = UInt64(st.st_ino)
+        }
+    }
+
+    /// Throws unless the directory `dir` still lies beneath the store root `root`: a directory
+    /// whose descriptor the daemon holds can be moved out of the store behind its back, and must
+    /// then receive nothing. Walks `..` up (one `openat` and `fstat` per level).
+    public static func checkBeneath(_ dir: Int32, root: Place) throws {
+        var current = try reopen(dir, flags: oPath | O_DIRECTORY)
+        for _ in 0..<4096 {
+            let here = Place(try fstat(current.raw))
+            if here == root { return }
+            let parent = try FileDescriptor(raw: retrying { Glibc.openat(current.raw, "..", oPath | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) })
+            if Place(try fstat(parent.raw)) == here { break } // the filesystem's root: never met the store's
+            current = parent
+        }
+        throw StoreError.integrity("a directory of the store was moved out of it in the backing store")
     }
 
     /// Opens the existing entry `name` of `dir`, refusing anything but `type`.

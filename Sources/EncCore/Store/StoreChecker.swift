@@ -111,7 +111,7 @@ public final class StoreChecker {
             if entry.name == directoryHeaderName || (backingPath.isEmpty && (name == StoreConfig.fileName || name == ".journal" || name == ".quarantine")) {
                 continue
             }
-            if name.hasPrefix(".mk-") || name.hasPrefix(".rm-") {
+            if Leftovers.isLeftoverName(entry.name) && entry.isDirectory {
                 if repair {
                     do {
                         try removeLeftover(in: directoryFD, name: entry.name)
@@ -251,12 +251,10 @@ public final class StoreChecker {
 
     private func removeLeftover(in directoryFD: Int32, name: [UInt8]) throws {
         let fd = try Sys.openEntry(directoryFD, name, .directory, .path)
-        try withExtendedLifetime(fd) {
-            for entry in try Sys.listDirectory(fd.raw) where !NameCodec.isEntryName(entry.name) {
-                if entry.isDirectory { try removeLeftover(in: fd.raw, name: entry.name) } else { try Sys.unlinkAt(fd.raw, entry.name) }
-            }
+        guard try Leftovers.isRemovable(fd.raw) else {
+            throw StoreError.integrity("it holds files encfsd does not make; left alone")
         }
-        try Sys.unlinkAt(directoryFD, name, directory: true)
+        try Leftovers.remove(fd, named: name, in: directoryFD)
     }
 
     /// Shadows whose object is gone are leftovers of files deleted mid-transaction.

@@ -37,7 +37,7 @@ extension Volume {
     /// Creates a non-directory object. The backing file is built unnamed (O_TMPFILE) and linked
     /// in only when its header is complete, so no crash can leave a half-made entry behind.
     func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> (Node, FileDescriptor) {
-        let dirFD = try directoryFD(entry.dir)
+        let dirFD = try changingDirectoryFD(entry.dir)
         defer { withExtendedLifetime(dirFD) {} }
         let fd = try Sys.createUnnamed(in: dirFD.raw, mode: 0o600)
         var header = entry.header
@@ -53,8 +53,9 @@ extension Volume {
         FaultPoints.reach(.createHeaderWritten)
         try existsOnCollision { try Sys.linkAt(fd: fd.raw, toDir: dirFD.raw, entry.name.backingName) }
         let st = try Sys.fstat(fd.raw)
-        let node = insert(inode: UInt64(st.st_ino), header: header, verified: true,
-                          location: Location(parent: entry.dir, name: entry.name.backingName))
+        let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: fd.raw), headerIdentity: nil,
+                          header: header, verified: true,
+                          location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
         node.state.withLock { if $0.header.sequence == header.sequence { $0.durableSequence = header.sequence } }
         return (node, fd)
     }
@@ -64,7 +65,7 @@ extension Volume {
     /// (the failure that made whole gocryptfs volumes unreadable, its issue #1033).
     func createDirectory(_ entry: NewEntry) throws -> Node {
         let temporary = Array(".mk-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
-        let parentFD = try directoryFD(entry.dir)
+        let parentFD = try changingDirectoryFD(entry.dir)
         defer { withExtendedLifetime(parentFD) {} }
         try Sys.mkdirAt(parentFD.raw, temporary, mode: 0o700)
         var made: FileDescriptor?
@@ -80,8 +81,9 @@ extension Volume {
                 try Sys.renameAt(parentFD.raw, temporary, parentFD.raw, entry.name.backingName, flags: Sys.renameNoReplace)
             }
             let st = try Sys.fstat(dirFD.raw)
-            let node = insert(inode: UInt64(st.st_ino), header: entry.header, verified: true,
-                              location: Location(parent: entry.dir, name: entry.name.backingName))
+            let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: dirFD.raw),
+                              headerIdentity: Sys.identity(of: headerFD.raw), header: entry.header, verified: true,
+                              location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
             directories.insert(node.id, dirFD)
             node.state.withLock { if $0.header.sequence == entry.header.sequence { $0.durableSequence = entry.header.sequence } }
             return node
@@ -161,7 +163,7 @@ extension Volume {
         let binding = Self.binding(parentID: dirHeader.objectID, name: name)
         try addBinding(binding, to: object)
         do {
-            let dirFD = try directoryFD(dir)
+            let dirFD = try changingDirectoryFD(dir)
             try withObjectFD(object, .path) { fd in
                 try withExtendedLifetime(dirFD) { try Sys.linkAt(fd: fd, toDir: dirFD.raw, name.backingName) }
             }

@@ -101,6 +101,14 @@ extension Volume {
         return fd
     }
 
+    /// A directory's descriptor for a change of its entries (create, link, rename, unlink):
+    /// checked to lie beneath the store root first, so nothing is made or moved outside it.
+    func changingDirectoryFD(_ dir: Node) throws -> FileDescriptor {
+        let fd = try directoryFD(dir)
+        if dir.pinnedDirectory == nil { try withExtendedLifetime(fd) { try Sys.checkBeneath(fd.raw, root: rootPlace) } }
+        return fd
+    }
+
     /// Opens a node's backing object anew from one of its locations. Only the same inode will do:
     /// an entry replaced in the backing store since is passed over (and forgotten).
     ///
@@ -114,7 +122,9 @@ extension Volume {
                 let (fd, st) = try withExtendedLifetime(parent) {
                     try Sys.openEntryStat(parent.raw, location.name, node.isDirectory ? .directory : .regularFile, access)
                 }
-                if UInt64(st.st_ino) == node.backingInode { return fd }
+                if node.isObject(inode: UInt64(st.st_ino), identity: node.identity == nil ? nil : Sys.identity(of: fd.raw)) {
+                    return fd
+                }
                 failure = StoreError.integrity("backing entry of object \(node.id) was replaced by another object")
             } catch {
                 failure = error
@@ -135,9 +145,16 @@ extension Volume {
     func headerDescriptor(_ node: Node, _ state: NodeState, writable: Bool) throws -> FileDescriptor {
         guard node.isDirectory else { return try objectDescriptor(node, state, writable ? .readWrite : .readOnly) }
         let dir = try directoryFD(node)
-        return try withExtendedLifetime(dir) {
-            try Sys.openEntry(dir.raw, directoryHeaderName, .regularFile, writable ? .readWrite : .readOnly)
+        let fd = try withExtendedLifetime(dir) {
+            // Written only if it is the `.d` that was read, with no other name: a planted hard link
+            // to a file elsewhere would otherwise receive the header.
+            writable ? try Sys.openPrivateFile(dir.raw, directoryHeaderName)
+                     : try Sys.openEntry(dir.raw, directoryHeaderName, .regularFile, .readOnly)
         }
+        if let expected = node.headerIdentity, Sys.identity(of: fd.raw) != expected {
+            throw StoreError.integrity("the header file of directory \(node.id) was replaced in the backing store")
+        }
+        return fd
     }
 
     /// `body` with the node's backing object (see `objectDescriptor`), taking the node's lock
@@ -159,8 +176,11 @@ extension Volume {
         if let open { return try withExtendedLifetime(open) { try Sys.fstat(open.raw) } }
         for location in locations {
             let parent = try directoryFD(location.parent)
-            let st = try withExtendedLifetime(parent) { try? Sys.fstatAt(parent.raw, location.name) }
-            if let st, UInt64(st.st_ino) == node.backingInode { return st }
+            let (st, found) = withExtendedLifetime(parent) {
+                (try? Sys.fstatAt(parent.raw, location.name),
+                 node.identity == nil ? nil : Sys.identity(ofEntry: location.name, in: parent.raw))
+            }
+            if let st, node.isObject(inode: UInt64(st.st_ino), identity: found) { return st }
         }
         throw StoreError.notFound
     }

@@ -7,7 +7,7 @@ extension Volume {
     public func unlink(parent: UInt64, name: [UInt8]) throws {
         let dir = try node(parent)
         let backing = try backingName(of: name, in: dir)
-        let dirFD = try directoryFD(dir)
+        let dirFD = try changingDirectoryFD(dir)
         defer { withExtendedLifetime(dirFD) {} }
         let st = try Self.statEntry(dirFD.raw, backing)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw StoreError.isDirectory }
@@ -34,40 +34,23 @@ extension Volume {
     }
 
     /// Takes an empty directory out of the namespace with one rename to a hidden trash name, then
-    /// deletes its header and itself. A crash at any point leaves either the directory intact or
-    /// a hidden leftover that fsck removes, never an entry without a header.
+    /// deletes its header and itself through the descriptor that was checked (see `Leftovers`).
+    /// A crash at any point leaves either the directory intact or a hidden leftover that fsck
+    /// removes, never an entry without a header.
     func removeEmptyDirectory(in dir: Node, backingName: [UInt8]) throws {
-        let dirFD = try directoryFD(dir)
+        let dirFD = try changingDirectoryFD(dir)
         defer { withExtendedLifetime(dirFD) {} }
         let (target, st) = try Sys.openEntryStat(dirFD.raw, backingName, .directory, .path)
-        defer { withExtendedLifetime(target) {} }
-        guard try Sys.listDirectory(target.raw).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
-            throw StoreError.notEmpty
-        }
-        let trash = Array(".rm-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
+        guard try Leftovers.isRemovable(target.raw) else { throw StoreError.notEmpty }
+        let trash = Leftovers.rmdirPrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
         try Sys.renameAt(dirFD.raw, backingName, dirFD.raw, trash, flags: Sys.renameNoReplace)
         forgetLocation(Location(parent: dir, name: backingName), inode: UInt64(st.st_ino))
-        try removeTree(in: dirFD.raw, name: trash)
+        try Leftovers.remove(target, named: trash, in: dirFD.raw)
     }
-
     /// A backing name that no longer leads to the object the kernel may still know by it.
     func forgetLocation(_ location: Location, inode: UInt64) {
         guard let node = table.withLock({ $0.byInode[inode] }) else { return }
         node.state.withLock { $0.removeLocation(location) }
         if node.isDirectory && node.state.withLock({ $0.locations.isEmpty }) { directories.remove(node.id) }
-    }
-
-    /// Deletes a hidden leftover directory (our own metadata files only; entries were checked).
-    func removeTree(in parentFD: Int32, name: [UInt8]) throws {
-        let fd = try Sys.openEntry(parentFD, name, .directory, .path)
-        defer { withExtendedLifetime(fd) {} }
-        for entry in try Sys.listDirectory(fd.raw) {
-            if entry.isDirectory {
-                try removeTree(in: fd.raw, name: entry.name)
-            } else {
-                try Sys.unlinkAt(fd.raw, entry.name)
-            }
-        }
-        try Sys.unlinkAt(parentFD, name, directory: true)
     }
 }

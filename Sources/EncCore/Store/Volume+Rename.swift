@@ -24,8 +24,8 @@ extension Volume {
 
         var target: Node?
         defer { if let target { release(target) } }
-        let fromFD = try directoryFD(fromDir)
-        let toFD = try directoryFD(toDir)
+        let fromFD = try changingDirectoryFD(fromDir)
+        let toFD = try changingDirectoryFD(toDir)
         defer { withExtendedLifetime((fromFD, toFD)) {} }
         var replaced: UInt64?
         if let st = try? Self.statEntry(toFD.raw, toName.backingName) {

@@ -28,6 +28,8 @@ public final class Volume: Sendable {
     /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
     let directories: DirectoryDescriptorCache
     let openFiles: OpenFileBudget
+    /// Where the store's directory is: every directory the store changes must lie beneath it.
+    let rootPlace: Sys.Place
 
     public init(storePath: String, keys: KeyTable) throws {
         self.storePath = storePath
@@ -37,13 +39,16 @@ public final class Volume: Sendable {
         journalFD = try Self.openJournal(storeFD: fd.raw)
         let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
         let st = try Sys.fstat(fd.raw)
+        rootPlace = Sys.Place(st)
+        let identity = Sys.identity(of: fd.raw)
+        let headerIdentity = Sys.identity(of: headerFD.raw)
         let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
         guard header.policy == config.rootIdentifier, header.macPolicy == header.policy else {
             throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
-        let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), header: header, verified: verified,
-                        location: nil, pinnedDirectory: fd)
+        let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
+                        header: header, verified: verified, location: nil, pinnedDirectory: fd)
         // A quarter of the descriptors for directories, the rest for open files.
         let limit = OpenFileBudget.fromProcessLimit(reservedForDirectories: 0).limit
         directories = DirectoryDescriptorCache(capacity: min(4096, limit / 4))
@@ -69,7 +74,7 @@ public final class Volume: Sendable {
 
     /// A fresh view of the node's contents for I/O through `descriptor`, sharing the journal.
     func extentFile(_ descriptor: FileDescriptor, key: MasterKey, header: ObjectHeader) -> ExtentFile {
-        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, header: header)
+        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, header: header, storeRoot: rootPlace)
     }
 
     /// The node's contents for one operation: its open file, or a view opened for the call.
@@ -205,8 +210,13 @@ public final class Volume: Sendable {
         let dirFD = try directoryFD(dir)
         let st = try withExtendedLifetime(dirFD) { try Self.statEntry(dirFD.raw, backingName) }
         let location = Location(parent: dir, name: backingName)
+        let found = withExtendedLifetime(dirFD) { Sys.identity(ofEntry: backingName, in: dirFD.raw) }
         let cached: Node? = table.withLock { t in
-            guard let node = t.byInode[UInt64(st.st_ino)] else { return nil }
+            // A node for another object that had this inode number (deleted behind the daemon's
+            // back, its number reused) is passed over; `insert` replaces it.
+            guard let node = t.byInode[UInt64(st.st_ino)], node.isObject(inode: UInt64(st.st_ino), identity: found) else {
+                return nil
+            }
             node.state.withLock {
                 $0.lookups += 1
                 $0.addLocation(location)
@@ -257,28 +267,36 @@ public final class Volume: Sendable {
         let (fd, opened) = try Sys.openEntryStat(dirFD, location.name, type, type == .directory ? .path : .readOnly)
         let headerFD = type == .directory ? try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly) : fd
         let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
+        let identity = Sys.identity(of: fd.raw)
+        let headerIdentity = type == .directory ? Sys.identity(of: headerFD.raw) : nil
         guard (header.type == .directory) == (type == .directory) else {
             throw StoreError.integrity("header type does not match the backing object")
         }
         // Keyed by what was opened, not by the earlier stat: a rename in between must not put one
         // object's header under another's inode.
-        let node = insert(inode: UInt64(opened.st_ino), header: header, verified: verified, location: location)
-        if type == .directory { directories.insert(node.id, fd) }
+        let node = insert(inode: UInt64(opened.st_ino), identity: identity, headerIdentity: headerIdentity,
+                          header: header, verified: verified, location: location)
+        if type == .directory && node.identity == identity { directories.insert(node.id, fd) }
         return node
     }
 
     /// Adds a node for a backing object, or returns the one another thread added first; either
-    /// way with one reference taken.
-    func insert(inode: UInt64, header: ObjectHeader, verified: Bool, location: Location) -> Node {
+    /// way with one reference taken. A node of another object under the same inode number (its
+    /// object deleted, the number reused: by the daemon's own create, or behind its back) is
+    /// never adopted: it loses its place in `byInode` and keeps only the kernel's references.
+    /// An object just created is always new (`created`), even where file handles are missing.
+    func insert(inode: UInt64, identity: [UInt8]?, headerIdentity: [UInt8]?, header: ObjectHeader, verified: Bool,
+                location: Location, created: Bool = false) -> Node {
         table.withLock { t in
-            if let existing = t.byInode[inode] {
+            if let existing = t.byInode[inode], !created, existing.isObject(inode: inode, identity: identity) {
                 existing.state.withLock {
                     $0.lookups += 1
                     $0.addLocation(location)
                 }
                 return existing
             }
-            let node = Node(id: t.nextID, backingInode: inode, header: header, verified: verified, location: location)
+            let node = Node(id: t.nextID, backingInode: inode, identity: identity, headerIdentity: headerIdentity,
+                            header: header, verified: verified, location: location)
             node.state.withLock { $0.lookups = 1 }
             t.nextID += 1
             t.byID[node.id] = node

@@ -1,0 +1,56 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// encfsd's own hidden directories, and how they are deleted: `.mk-*` (a mkdir interrupted
+/// before its rename into place), `.rm-*` (a directory taken out of the namespace by rmdir), and
+/// a directory being removed.
+///
+/// What encfsd puts in them is a `.d` header and, at most, leftovers of the same kinds. Anything
+/// else was planted (the store is hostile input): such a directory is not encfsd's to delete,
+/// since deleting it as root would delete, for whoever moved a tree there, files they could not
+/// delete themselves. Deletion acts through the descriptor that was checked, never by a name
+/// that may have been exchanged meanwhile, and never recurses past what it checked.
+enum Leftovers {
+    static let mkdirPrefix: [UInt8] = Array(".mk-".utf8)
+    static let rmdirPrefix: [UInt8] = Array(".rm-".utf8)
+    /// Leftovers nest at most this deep (an interrupted mkdir inside a directory being removed).
+    static let maximumDepth = 2
+
+    static func isLeftoverName(_ name: [UInt8]) -> Bool {
+        name.starts(with: mkdirPrefix) || name.starts(with: rmdirPrefix)
+    }
+
+    /// Whether `dir` holds only what encfsd itself puts in a directory it deletes.
+    static func isRemovable(_ dir: Int32, depth: Int = 0) throws -> Bool {
+        for entry in try Sys.listDirectory(dir) {
+            if entry.name == directoryHeaderName && !entry.isDirectory { continue }
+            guard entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else { return false }
+            let sub = try Sys.openEntry(dir, entry.name, .directory, .path)
+            guard try withExtendedLifetime(sub, { try isRemovable(sub.raw, depth: depth + 1) }) else { return false }
+        }
+        return true
+    }
+
+    /// Deletes the contents of `dir` through it, then its entry `name` in `parent` if that entry
+    /// is still `dir`. Throws `notEmpty` on anything encfsd did not put there (nothing of it is
+    /// touched) and leaves the entry in place.
+    static func remove(_ dir: FileDescriptor, named name: [UInt8], in parent: Int32, depth: Int = 0) throws {
+        for entry in try Sys.listDirectory(dir.raw) {
+            if entry.name == directoryHeaderName && !entry.isDirectory {
+                try Sys.unlinkAt(dir.raw, entry.name)
+                continue
+            }
+            guard entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else { throw StoreError.notEmpty }
+            let sub = try Sys.openEntry(dir.raw, entry.name, .directory, .path)
+            try remove(sub, named: entry.name, in: dir.raw, depth: depth + 1)
+        }
+        let expected = Sys.identity(of: dir.raw)
+        let st = try Sys.fstat(dir.raw)
+        guard let now = try? Sys.fstatAt(parent, name), now.st_ino == st.st_ino,
+              expected == nil || Sys.identity(ofEntry: name, in: parent) == expected else {
+            throw StoreError.integrity("\(String(decoding: name, as: UTF8.self)) was replaced while it was being removed")
+        }
+        try Sys.unlinkAt(parent, name, directory: true)
+    }
+}
