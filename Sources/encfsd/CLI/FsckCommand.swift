@@ -34,11 +34,7 @@ struct FsckCommand: ParsableCommand {
         }
         let keys = KeyTable()
         do {
-            for path in keyFile {
-                var raw = try KeyMaterial.read(path: path)
-                defer { raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-                try keys.add(try MasterKey(raw: raw), claim: .init(uid: getuid(), serial: 0))
-            }
+            for path in keyFile { try keys.add(try KeyMaterial.masterKey(path: path), claim: .init(uid: getuid(), serial: 0)) }
         } catch {
             FileHandle.standardError.write(Data("encfsd fsck: \(error)\n".utf8))
             throw ExitCode(8)

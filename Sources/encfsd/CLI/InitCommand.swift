@@ -38,9 +38,7 @@ struct InitCommand: ParsableCommand {
             defer { phrase.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
             (raw, parameters) = try PassphraseKeys.newParameters(passphrase: phrase, logN: scryptLogN)
         } else {
-            var bytes = try KeyMaterial.read(path: keyFile)
-            defer { bytes.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-            raw = bytes.withUnsafeBytes { SecureBytes(copying: $0) }
+            raw = try KeyMaterial.read(path: keyFile)
         }
         let key = try raw.withBytes { try MasterKey(raw: $0) }
         do {
