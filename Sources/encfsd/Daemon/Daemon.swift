@@ -27,6 +27,10 @@ struct Daemon {
         Sys.limitMallocArenas(2)
         if reportReady { _ = setsid() }
         raiseDescriptorLimit()
+        // Held until the process ends (the kernel drops it then, however the daemon dies).
+        let lock: StoreLock
+        do { lock = try StoreLock.acquire(storePath: storePath) } catch { throw CLIError("cannot mount \(storePath): \(error)") }
+        defer { withExtendedLifetime(lock) {} }
         let invalidator = CacheInvalidator()
         let table = Mutex<KeyTable?>(nil)
         let keys = KeyTable(userQuota: keyQuota) { identifier in
@@ -106,7 +110,9 @@ enum Background {
             if collected.contains(Daemon.readyLine) { return }
         }
         process.waitUntilExit()
-        let message = collected.trimmingCharacters(in: .whitespacesAndNewlines)
+        var message = collected.trimmingCharacters(in: .whitespacesAndNewlines)
+        // The daemon reported through ArgumentParser, which prefixes "Error: " as this process will.
+        if message.hasPrefix("Error: ") { message.removeFirst("Error: ".count) }
         throw CLIError(message.isEmpty ? "the daemon exited with status \(process.terminationStatus)" : message)
     }
 }
