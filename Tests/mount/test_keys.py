@@ -287,3 +287,29 @@ def test_passphrase_keys(tmp_path, encfsd_bin):
         assert (mnt / "secret").read_text() == "s"
     finally:
         run("fusermount3", "-u", mnt, check=False)
+
+
+@pytest.mark.parametrize("planted,why", [({"p": 1_000_000}, "scrypt p = 1000000 is not 1 to 4"),
+                                         ({"n": 1 << 20, "r": 15}, "over the maximum 1024 MiB"),
+                                         ({"n": 3 << 12}, "is not a power of two"),
+                                         ({"salt": "00" * 8}, "the salt is not 32 bytes")])
+def test_planted_passphrase_parameters_are_refused_before_scrypt(tmp_path, encfsd_bin, planted, why):
+    """encfsd.conf is in the store, which an attacker may write while it is mounted: a config asking
+    scrypt for more than the documented maximum (p = 10^6 would run for hours, N·r = 15 GiB would
+    exhaust memory) is refused with the reason, before any derivation, and changes nothing."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    run(encfsd_bin, "init", store, "--passphrase", "--scrypt-log-n", "12", input=PASSPHRASE + "\n")
+    run(encfsd_bin, "mount", store, mnt, "--no-keyring")
+    try:
+        config = json.loads((store / "encfsd.conf").read_text())
+        config["passphrases"][0].update(planted)
+        (store / "encfsd.conf").write_text(json.dumps(config))
+        keys_before = run("keyctl", "rlist", "@u", check=False).stdout
+        r = run(encfsd_bin, "key", "add", mnt, "--passphrase", input=PASSPHRASE + "\n", check=False)
+        assert r.returncode != 0
+        assert "asks for passphrase parameters encfsd refuses" in r.stderr and why in r.stderr, r.stderr
+        assert run("keyctl", "rlist", "@u", check=False).stdout == keys_before
+        assert run(encfsd_bin, "key", "status", mnt, config["rootPolicy"]).stdout == "Absent\n"
+    finally:
+        run("fusermount3", "-u", mnt, check=False)
