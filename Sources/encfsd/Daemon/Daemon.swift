@@ -24,6 +24,8 @@ struct Daemon {
 
     func serve() throws {
         signal(SIGPIPE, SIG_IGN)
+        // Past RLIMIT_FSIZE a write gives EFBIG, reported to the caller, instead of killing the daemon.
+        signal(SIGXFSZ, SIG_IGN)
         Sys.limitMallocArenas(2)
         if reportReady { _ = setsid() }
         raiseDescriptorLimit()
