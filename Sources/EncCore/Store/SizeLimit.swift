@@ -30,9 +30,7 @@ enum SizeLimit {
 
     /// The largest backing file the filesystem holds (capped at `largestBacking`).
     static func backingLimit(directory: Int32) -> Int64 {
-        var st = stat()
-        guard fstat(directory, &st) == 0 else { return largestBacking }
-        let device = UInt64(st.st_dev)
+        guard let device = (try? Sys.fstat(directory)).map({ UInt64($0.st_dev) }) else { return largestBacking }
         if let known = probed.withLock({ $0[device] }) { return known }
         guard let limit = Sys.probeLargestFile(in: directory, upTo: largestBacking) else { return largestBacking }
         probed.withLock { $0[device] = limit }
@@ -46,37 +44,5 @@ extension ExtentFile {
         let (end, overflow) = offset.addingReportingOverflow(length)
         guard !overflow, end <= size || end <= maximumSize else { throw StoreError.fileTooLarge }
         return end
-    }
-}
-
-extension Sys {
-    /// The largest length `ftruncate` accepts for a file in `directory`'s filesystem, up to
-    /// `limit`; nil if that cannot be found out. The kernel exposes a filesystem's largest file
-    /// size (`s_maxbytes`) only this way: the probe is an unnamed `O_TMPFILE` file, sparse, that
-    /// vanishes when closed. Its calls are not in the operation log: it never touches the store's
-    /// state. (The daemon ignores SIGXFSZ, so an `RLIMIT_FSIZE` shows here as EFBIG.)
-    static func probeLargestFile(in directory: Int32, upTo limit: Int64) -> Int64? {
-        let fd = Glibc.openat(directory, ".", oTmpFile | O_RDWR | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return nil }
-        defer { Glibc.close(fd) }
-        func fits(_ length: Int64) -> Bool? {
-            while true {
-                if Glibc.ftruncate(fd, off_t(length)) == 0 { return true }
-                switch errno {
-                case EINTR: continue
-                case EFBIG, EINVAL: return false
-                default: return nil
-                }
-            }
-        }
-        guard let all = fits(limit) else { return nil }
-        if all { return limit }
-        var low: Int64 = 0, high = limit - 1 // low fits, high + 1 does not
-        while low < high {
-            let middle = low + (high - low + 1) / 2
-            guard let ok = fits(middle) else { return nil }
-            if ok { low = middle } else { high = middle - 1 }
-        }
-        return low
     }
 }

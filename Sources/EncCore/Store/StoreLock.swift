@@ -1,4 +1,3 @@
-import CLinux
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -144,15 +143,5 @@ public final class StoreLock: Sendable {
     private static func errno(of error: any Error) -> Int32 {
         if case StoreError.system(let code) = error { return code }
         return EIO
-    }
-}
-
-extension Sys {
-    /// Takes an exclusive open file description lock on all of `fd`'s file, without waiting:
-    /// false when another description holds a conflicting lock. (`fcntl(F_OFD_SETLK)`)
-    static func lockWholeFile(_ fd: Int32) throws -> Bool {
-        if encfsd_ofd_lock_whole(fd, encfsd_F_WRLCK) == 0 { return true }
-        if errno == EAGAIN || errno == EACCES { return false }
-        throw StoreError.system(errno)
     }
 }
