@@ -4,12 +4,15 @@ plants at the lock's name is refused, never followed or written."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
 import socket
 import stat
 import struct
+import subprocess
+import time
 
 import pytest
 
@@ -64,6 +67,45 @@ def test_fsck_refuses_a_mounted_store_unless_forced(volume):
     volume.unmount()
     r = run(volume.binary, "fsck", volume.store, "--key-file", volume.key_file)
     assert "0 problem(s) left" in r.stdout
+
+
+def open_writer_once_read(fifo, reader: subprocess.Popen) -> int:
+    """Opens the FIFO for writing as soon as `reader` has it open (ENXIO until then), failing
+    rather than hanging if the reader exits first."""
+    while True:
+        try:
+            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError as e:
+            assert e.errno == errno.ENXIO, e
+        assert reader.poll() is None, f"exited before opening the FIFO: {reader.communicate()}"
+        time.sleep(0.01)
+
+
+def test_mount_is_refused_while_fsck_runs(make_volume, tmp_path):
+    """fsck takes the lock before it reads its key files: with the key file a FIFO, it waits there
+    holding the lock, until this test (whose open for writing returns only once fsck has opened the
+    FIFO) writes the key."""
+    volume = make_volume(mount=False)
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    fsck = subprocess.Popen([str(volume.binary), "fsck", str(volume.store), "--key-file", str(fifo)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        writer = open_writer_once_read(fifo, fsck)
+        try:
+            message = refused(volume, "mount", volume.store, volume.mnt)
+            assert f"in use by encfsd pid {fsck.pid} on host {socket.gethostname()}" in message, message
+            assert not is_mounted(volume.mnt)
+            os.write(writer, volume.key_file.read_bytes())
+        finally:
+            os.close(writer)
+        out, err = fsck.communicate(timeout=60)
+        assert fsck.returncode == 0 and "0 problem(s) left" in out, (out, err)
+    finally:
+        if fsck.poll() is None:
+            fsck.kill()
+            fsck.wait()
+    volume.mount()
 
 
 def test_mount_is_refused_while_another_process_holds_the_lock(make_volume):
