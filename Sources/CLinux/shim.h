@@ -8,6 +8,7 @@
 #include <sys/xattr.h>
 #include <sys/ioctl.h>
 #include <malloc.h>
+#include <fcntl.h>
 
 static const unsigned int encfsd_RENAME_NOREPLACE = 1;
 static const unsigned int encfsd_RENAME_EXCHANGE = 2;
@@ -72,6 +73,15 @@ static inline int encfsd_setfsgid(unsigned int gid) { return (int)syscall(SYS_se
 // cached per thread: with many FUSE worker threads that multiplies resident memory.
 static inline int encfsd_limit_malloc_arenas(int arenas) { return mallopt(M_ARENA_MAX, arenas); }
 static inline int encfsd_malloc_trim(void) { return malloc_trim(0); }
+
+// An open file description lock (F_OFD_SETLK, 37) on the whole file: held by the description,
+// not the process, so it is never dropped by a close of another descriptor of the same file,
+// and the kernel releases it when the last descriptor goes, also when the holder is killed.
+static inline int encfsd_ofd_lock_whole(int fd, short type) {
+    struct flock lock = { .l_type = type, .l_whence = SEEK_SET, .l_start = 0, .l_len = 0, .l_pid = 0 };
+    return fcntl(fd, 37, &lock);
+}
+static const short encfsd_F_WRLCK = F_WRLCK;
 
 static inline int encfsd_ioctl(int fd, unsigned long request, void *argument) {
     return ioctl(fd, request, argument);

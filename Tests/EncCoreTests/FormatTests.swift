@@ -63,6 +63,23 @@ import Testing
         #expect(!ExtentGeometry.isValid(extentSize: 3000))
     }
 
+    /// `largestSize(backingLength:)` is the exact inverse of `backingLength`: the size it gives
+    /// fits, one byte more does not, at every remainder around an extent boundary.
+    @Test(arguments: [4096, 16384, 1 << 20])
+    func largestSizeInvertsBackingLength(extentSize: Int) {
+        let g = ExtentGeometry(extentSize: extentSize)
+        let ext4 = Int64(1 << 44) - 4096
+        var limits: [Int64] = [0, 4095, 4096, 4096 + 32, 4096 + 33, 4096 + 34, ext4]
+        for base in [Int64(4096), Int64(4096) + 5 * Int64(g.stride), ext4 - Int64(g.stride)] {
+            for delta in [-1, 0, 1, 31, 32, 33, Int64(extentSize), Int64(extentSize) + 31, Int64(extentSize) + 32] { limits.append(base + delta) }
+        }
+        for limit in limits where limit >= 0 {
+            let size = g.largestSize(backingLength: limit)
+            #expect(size == 0 || g.backingLength(size: size) <= limit, "limit \(limit)")
+            #expect(g.backingLength(size: size + 1) > limit, "limit \(limit)")
+        }
+    }
+
     @Test func headerRoundTripAndStructuralRejection() throws {
         var header = ObjectHeader(type: .regular, mode: 0o640, uid: 1, gid: 2, extentSize: 4096,
                                   objectID: OpenSSL.random(count: 16), policy: key.identifier)

@@ -26,6 +26,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ENOKEY = getattr(errno, "ENOKEY", 126)
+# What encfsd keeps at a store's top besides the root's entries (.d is also in every directory).
+STORE_FILES = {".d", "encfsd.conf", ".journal", "encfsd.lock"}
 
 
 def _binary() -> Path:
@@ -177,7 +179,7 @@ class Volume:
 
     def backing_entries(self, directory: Path | None = None) -> set[str]:
         d = directory or self.store
-        return {n for n in os.listdir(d) if n not in (".d", "encfsd.conf", ".journal")}
+        return {n for n in os.listdir(d) if n not in STORE_FILES}
 
 
 def purge_encfsd_keys():

@@ -7,15 +7,19 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
+import json
 import os
 import random
 import re
+import socket
 import subprocess
 import time
 
 import pytest
 
-from conftest import ENOKEY, Volume, expect_errno, run
+from conftest import ENOKEY, Volume, daemon_pids, expect_errno, purge_encfsd_keys, run, wait_pids_gone
+from test_systemd import expand_unit_line, unit_lines
 
 REMOVE_KEY = 0xC0406618
 REMOVE_KEY_ALL = 0xC0406619
@@ -89,22 +93,117 @@ def scan_memory(pid: int, needle: bytes) -> list[str]:
     return found
 
 
-def test_key_bytes_are_gone_from_daemon_memory_after_removal(volume):
+PASSPHRASE = "correct horse battery staple"
+KEY_SOURCES = ["key-add", "keyring-at-mount", "passphrase", "key-file", "systemd-credential"]
+
+
+class UnlockedStore:
+    """A mounted store unlocked through one key source; `raw` is the master key it used."""
+
+    def __init__(self, source, tmp_path, binary, key_file):
+        self.source, self.binary = source, binary
+        self.store, self.mnt = tmp_path / "store", tmp_path / "mnt"
+        self.mnt.mkdir()
+        self.daemon = None
+        if source == "passphrase":
+            run(binary, "init", self.store, "--passphrase", "--scrypt-log-n", "12", input=PASSPHRASE + "\n")
+            [p] = json.loads((self.store / "encfsd.conf").read_text())["passphrases"]
+            self.raw = hashlib.scrypt(PASSPHRASE.encode(), salt=bytes.fromhex(p["salt"]), n=p["n"], r=p["r"], p=p["p"], dklen=64)
+        else:
+            run(binary, "init", self.store, "--key-file", key_file)
+            self.raw = key_file.read_bytes()
+        self.policy = json.loads((self.store / "encfsd.conf").read_text())["rootPolicy"]
+        purge_encfsd_keys()
+        if source == "key-add":
+            self.mount("--no-keyring")
+            run(binary, "key", "add", self.mnt, "--key-file", key_file)
+        elif source == "keyring-at-mount":
+            # `key add` leaves the key in the keyring; the next daemon loads it from there at start.
+            self.mount("--no-keyring")
+            run(binary, "key", "add", self.mnt, "--key-file", key_file)
+            pids = daemon_pids(self.mnt)
+            run("fusermount3", "-u", self.mnt)
+            assert wait_pids_gone(pids, 20) == []
+            self.mount()
+        elif source == "passphrase":
+            self.mount("--no-keyring")
+            run(binary, "key", "add", self.mnt, "--passphrase", input=PASSPHRASE + "\n")
+        elif source == "key-file":
+            self.mount("--no-keyring", "--key-file", key_file)
+        else:
+            self.start_unit(tmp_path, key_file)
+        self.pid = self.daemon.pid if self.daemon else daemon_pids(self.mnt)[0]
+
+    def mount(self, *extra):
+        run(self.binary, "mount", self.store, self.mnt, *extra)
+
+    def start_unit(self, tmp_path, key_file):
+        """The unit's ExecStart line, with the key in a credentials directory, as systemd runs it."""
+        credentials = tmp_path / "credentials"
+        credentials.mkdir(mode=0o700)
+        (credentials / "key").write_bytes(key_file.read_bytes())
+        [line] = unit_lines("ExecStart")
+        notify = tmp_path / "notify.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        listener.bind(str(notify))
+        listener.settimeout(30)
+        self.daemon = subprocess.Popen(expand_unit_line(line, self.binary, self.store, self.mnt, credentials), env={**os.environ, "NOTIFY_SOCKET": str(notify)},
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert "READY=1" in listener.recv(4096).decode()
+        finally:
+            listener.close()
+
+    def close(self):
+        run("fusermount3", "-u", self.mnt, check=False)
+        pids = [self.daemon.pid] if self.daemon else daemon_pids(self.mnt)
+        for pid in wait_pids_gone(pids, 20):
+            os.kill(pid, 9)
+        if self.daemon:
+            self.daemon.wait(timeout=10)
+        purge_encfsd_keys()
+
+
+def wait_for_status(binary, mnt, ident, wanted: str) -> str:
+    """The kernel sends RELEASE after close(2) returns, so the last close reaches the daemon a
+    moment later: wait for it (bounded), then report what the status is."""
+    deadline = time.monotonic() + 10
+    while True:
+        status = run(binary, "key", "status", mnt, ident).stdout.strip()
+        if status == wanted or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("source", KEY_SOURCES)
+def test_removed_key_is_wiped_for_every_key_source(source, tmp_path, encfsd_bin, key_file):
+    """Whatever brought the key in, soft removal ends the same way once the last file closes: the
+    key is absent, names are in no-key form, and neither the raw key nor a derived key is left in
+    the daemon's memory."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-    raw = volume.key_file.read_bytes()
-    # The daemon keeps no raw key, only derived keys; the name key (HKDF context 0x82) proves the
-    # scan can see key material while it is present.
-    name_key = HKDF(hashes.SHA512(), 64, None, b"fscrypt\0\x82").derive(raw)
-    [pid] = volume.pids
-    (volume.mnt / "f").write_text("data")
-    assert (volume.mnt / "f").read_text() == "data"
-    assert scan_memory(pid, raw) == []
-    assert scan_memory(pid, name_key) != [], "the scan cannot see the daemon's keys: it proves nothing"
-    run(volume.binary, "key", "remove", volume.mnt, identifier_of(volume))
-    time.sleep(0.2)
-    assert scan_memory(pid, raw) == []
-    assert scan_memory(pid, name_key) == []
+    s = UnlockedStore(source, tmp_path, encfsd_bin, key_file)
+    try:
+        # The daemon keeps no raw key, only derived keys; the name key (HKDF context 0x82) proves
+        # the scan can see key material while it is present.
+        name_key = HKDF(hashes.SHA512(), 64, None, b"fscrypt\0\x82").derive(s.raw)
+        (s.mnt / "private").mkdir()
+        (s.mnt / "private" / "diary.txt").write_text("dear diary\n")
+        assert os.listdir(s.mnt) == ["private"]
+        assert scan_memory(s.pid, s.raw) == []
+        assert scan_memory(s.pid, name_key) != [], "the scan cannot see the daemon's keys: it proves nothing"
+        with open(s.mnt / "private" / "diary.txt") as held:
+            out = run(encfsd_bin, "key", "remove", s.mnt, s.policy).stdout
+            assert out.endswith("but files still busy\n"), out
+            assert run(encfsd_bin, "key", "status", s.mnt, s.policy).stdout == "Incompletely removed\n"
+            assert held.read() == "dear diary\n"
+        assert wait_for_status(encfsd_bin, s.mnt, s.policy, "Absent") == "Absent"
+        listed = os.listdir(s.mnt)
+        assert listed != ["private"] and len(listed) == 1, listed
+        assert scan_memory(s.pid, s.raw) == []
+        assert scan_memory(s.pid, name_key) == []
+    finally:
+        s.close()
 
 
 def test_keyring_entry_is_revoked_when_key_is_wiped(volume):
@@ -186,5 +285,31 @@ def test_passphrase_keys(tmp_path, encfsd_bin):
         assert re.fullmatch(r"Added encryption key with identifier [0-9a-f]{32}\n", out)
         (mnt / "secret").write_text("s")
         assert (mnt / "secret").read_text() == "s"
+    finally:
+        run("fusermount3", "-u", mnt, check=False)
+
+
+@pytest.mark.parametrize("planted,why", [({"p": 1_000_000}, "scrypt p = 1000000 is not 1 to 4"),
+                                         ({"n": 1 << 20, "r": 15}, "over the maximum 1024 MiB"),
+                                         ({"n": 3 << 12}, "is not a power of two"),
+                                         ({"salt": "00" * 8}, "the salt is not 32 bytes")])
+def test_planted_passphrase_parameters_are_refused_before_scrypt(tmp_path, encfsd_bin, planted, why):
+    """encfsd.conf is in the store, which an attacker may write while it is mounted: a config asking
+    scrypt for more than the documented maximum (p = 10^6 would run for hours, N·r = 15 GiB would
+    exhaust memory) is refused with the reason, before any derivation, and changes nothing."""
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    run(encfsd_bin, "init", store, "--passphrase", "--scrypt-log-n", "12", input=PASSPHRASE + "\n")
+    run(encfsd_bin, "mount", store, mnt, "--no-keyring")
+    try:
+        config = json.loads((store / "encfsd.conf").read_text())
+        config["passphrases"][0].update(planted)
+        (store / "encfsd.conf").write_text(json.dumps(config))
+        keys_before = run("keyctl", "rlist", "@u", check=False).stdout
+        r = run(encfsd_bin, "key", "add", mnt, "--passphrase", input=PASSPHRASE + "\n", check=False)
+        assert r.returncode != 0
+        assert "asks for passphrase parameters encfsd refuses" in r.stderr and why in r.stderr, r.stderr
+        assert run("keyctl", "rlist", "@u", check=False).stdout == keys_before
+        assert run(encfsd_bin, "key", "status", mnt, config["rootPolicy"]).stdout == "Absent\n"
     finally:
         run("fusermount3", "-u", mnt, check=False)

@@ -10,6 +10,8 @@ import stat
 import uuid
 from pathlib import Path
 
+from conftest import STORE_FILES
+
 MiB = 1 << 20
 GiB = 1 << 30
 SPARSE_SIZE = 10 * GiB
@@ -251,7 +253,7 @@ def test_backing_names_look_encrypted(make_volume):
     seen = []
     for dirpath, dirnames, filenames in os.walk(v.store):
         for name in dirnames + filenames:
-            if name in (".d", "encfsd.conf", ".journal") and (dirpath == str(v.store) or name == ".d"):
+            if name in STORE_FILES and (dirpath == str(v.store) or name == ".d"):
                 continue
             seen.append(name)
             assert pattern.match(name), f"backing name {name!r} is not base64url"

@@ -39,6 +39,14 @@ def unit_lines(key: str) -> list[str]:
     return [line.split("=", 1)[1] for line in UNIT.read_text().splitlines() if line.startswith(key + "=")]
 
 
+def expand_unit_line(line: str, binary: Path, store: Path, mnt: Path, credentials: Path, instance: str = "demo") -> list[str]:
+    """A command line of the unit as systemd would run it for this store, mountpoint and credentials."""
+    line = (line.replace("/usr/local/bin/encfsd", str(binary))
+            .replace("/var/lib/encfsd/%i", str(store)).replace("/mnt/encfsd/%i", str(mnt))
+            .replace("%i", instance).replace("${CREDENTIALS_DIRECTORY}", str(credentials)))
+    return shlex.split(line)
+
+
 def test_exec_start_mounts_unlocked_and_notifies_ready(tmp_path, encfsd_bin, key_file):
     instance = "demo"
     store, mnt = tmp_path / "store", tmp_path / "mnt"
@@ -48,10 +56,7 @@ def test_exec_start_mounts_unlocked_and_notifies_ready(tmp_path, encfsd_bin, key
     run(encfsd_bin, "init", store, "--key-file", key_file)
 
     def expand(line: str) -> list[str]:
-        line = (line.replace("/usr/local/bin/encfsd", str(encfsd_bin))
-                .replace(f"/var/lib/encfsd/%i", str(store)).replace(f"/mnt/encfsd/%i", str(mnt))
-                .replace("%i", instance).replace("${CREDENTIALS_DIRECTORY}", str(credentials)))
-        return shlex.split(line)
+        return expand_unit_line(line, encfsd_bin, store, mnt, credentials, instance)
 
     for pre in unit_lines("ExecStartPre"):
         run(*expand(pre))

@@ -44,6 +44,18 @@ public struct ExtentGeometry: Sendable, Equatable {
         Int64(Self.headerBytes) + Int64(index) * Int64(stride)
     }
 
+    /// The largest plaintext size whose backing length (below) is at most `limit`: the inverse
+    /// of `backingLength`, which grows with the size.
+    public func largestSize(backingLength limit: Int64) -> UInt64 {
+        let room = limit - Int64(Self.headerBytes)
+        guard room > 0 else { return 0 }
+        let whole = room / Int64(stride)
+        // What is left past the whole extents holds a partial last extent of `rest - 32` bytes
+        // (less than one extent, since `rest < stride`), if it holds its nonce and tag at all.
+        let rest = room - whole * Int64(stride)
+        return UInt64(whole) * UInt64(extentSize) + UInt64(max(0, rest - Int64(Self.overheadBytes)))
+    }
+
     /// Backing file length that holds every extent of a `size`-byte file (holes included).
     public func backingLength(size: UInt64) -> Int64 {
         let count = extentCount(size: size)

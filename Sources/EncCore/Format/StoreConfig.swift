@@ -35,8 +35,38 @@ public struct StoreConfig: Codable, Equatable, Sendable {
             self.p = p
         }
 
+        /// The most a store may ask one derivation to spend. The parameters come from the store,
+        /// which an attacker may write: unbounded, a planted `encfsd.conf` could make every
+        /// `key add --passphrase` take any amount of memory and time. scrypt's working memory is
+        /// about 128·N·r·p bytes (p lanes run one after another in OpenSSL, but the cost is the
+        /// product), and its time grows with N·r·p, so one bound on the product caps both.
+        public static let maximumN: UInt64 = 1 << 20
+        public static let maximumR: UInt32 = 16
+        public static let maximumP: UInt32 = 4
+        public static let maximumMemory: UInt64 = 1 << 30
+        public static let saltBytes = 32
+
+        /// Refuses parameters outside the bounds above or malformed, before any scrypt call.
+        public func validate() throws(Problem) {
+            func refuse(_ why: String) -> Problem { .passphraseParameters("key \(identifier.prefix(32)): \(why)") }
+            guard KeyIdentifier(hex: identifier) != nil else { throw refuse("the identifier is not 32 hex digits") }
+            guard let saltBytes = Hex.decode(salt), saltBytes.count == Self.saltBytes else {
+                throw refuse("the salt is not \(Self.saltBytes) bytes of hex")
+            }
+            guard n >= 2, n & (n - 1) == 0 else { throw refuse("scrypt N = \(n) is not a power of two of at least 2") }
+            guard n <= Self.maximumN else { throw refuse("scrypt N = \(n) is over the maximum \(Self.maximumN)") }
+            guard (1...Self.maximumR).contains(r) else { throw refuse("scrypt r = \(r) is not 1 to \(Self.maximumR)") }
+            guard (1...Self.maximumP).contains(p) else { throw refuse("scrypt p = \(p) is not 1 to \(Self.maximumP)") }
+            // No overflow: each factor is bounded above, the product by 2^20 · 16 · 4 · 128.
+            let memory = 128 * n * UInt64(r) * UInt64(p)
+            guard memory <= Self.maximumMemory else {
+                throw refuse("scrypt would need \(memory >> 20) MiB (128·N·r·p), over the maximum \(Self.maximumMemory >> 20) MiB")
+            }
+        }
+
         /// The raw 64-byte master key for `passphrase`, in locked memory.
         public func derive(passphrase: [UInt8]) throws -> SecureBytes {
+            try validate()
             guard let saltBytes = Hex.decode(salt) else { throw Problem.unreadable("passphrase salt is not hex") }
             var key = try OpenSSL.scrypt(password: passphrase, salt: saltBytes, n: n, r: r, p: p, outputCount: MasterKey.maximumCount)
             defer { key.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
@@ -49,16 +79,22 @@ public struct StoreConfig: Codable, Equatable, Sendable {
         self.rootPolicy = rootPolicy.hex
     }
 
+    /// At most this many passphrase keys: a wrong passphrase is tried against each of them.
+    public static let maximumPassphraseKeys = 16
+
     public enum Problem: Error, Equatable, CustomStringConvertible {
         case missing(String)
         case unreadable(String)
         case unsupported(String)
+        /// Passphrase parameters malformed or costlier than encfsd allows (`PassphraseParameters.validate`).
+        case passphraseParameters(String)
 
         public var description: String {
             switch self {
             case .missing(let path): "\(path): not an encfsd store (no \(StoreConfig.fileName))"
             case .unreadable(let why): "store configuration is unreadable: \(why)"
             case .unsupported(let why): "store uses something this encfsd does not support: \(why)"
+            case .passphraseParameters(let why): "store configuration asks for passphrase parameters encfsd refuses: \(why)"
             }
         }
     }
@@ -107,6 +143,12 @@ public struct StoreConfig: Codable, Equatable, Sendable {
             throw .unreadable("extent size \(config.extentSize) is not a power of two in 4 KiB...1 MiB")
         }
         guard KeyIdentifier(hex: config.rootPolicy) != nil else { throw .unreadable("root policy is not a key identifier") }
+        if let passphrases = config.passphrases {
+            guard passphrases.count <= maximumPassphraseKeys else {
+                throw .passphraseParameters("\(passphrases.count) passphrase keys, over the maximum \(maximumPassphraseKeys)")
+            }
+            for parameters in passphrases { try parameters.validate() }
+        }
         return config
     }
 

@@ -6,7 +6,8 @@ import Synchronization
 /// - Removing the last claim drops the table's strong reference. Open files hold their own, so
 ///   they keep working (soft removal); the entry then reports *incompletely removed*, and its
 ///   `lingering` weak reference tells whether any file still holds the key. When the last one
-///   lets go, `MasterKey.deinit` wipes every byte and the wipe observer is told.
+///   lets go, `MasterKey.deinit` wipes every byte, the entry reports *absent*, and the wipe
+///   observer is told.
 /// - A non-root user may claim at most `userQuota` keys (EDQUOT past it).
 public final class KeyTable: Sendable {
     public enum Status: Equatable, Sendable {
@@ -42,6 +43,18 @@ public final class KeyTable: Sendable {
         var key: MasterKey?
         weak var lingering: MasterKey?
         var claims: [UInt32: KeyringClaim] = [:]
+        /// Set by the removed key's deinit. Status reads this rather than `lingering`: reading a
+        /// weak reference makes a strong one, which inside the lock could be the last and run the
+        /// key's deinit there.
+        var wiped: WipeFlag?
+    }
+
+    /// Whether a removed key has been wiped: written by its deinit, which may run on any thread
+    /// and takes no lock.
+    final class WipeFlag: Sendable {
+        private let done = Atomic(false)
+        func set() { done.store(true, ordering: .releasing) }
+        var isSet: Bool { done.load(ordering: .acquiring) }
     }
 
     public let userQuota: Int
@@ -74,6 +87,7 @@ public final class KeyTable: Sendable {
             var entry = table[id] ?? Entry()
             if entry.key == nil { entry.key = entry.lingering ?? key }
             entry.lingering = nil
+            entry.wiped = nil
             if let replaced = entry.claims.updateValue(claim, forKey: claim.uid), replaced.serial != claim.serial {
                 superseded.append(replaced) // its keyring entry goes when the key does
             }
@@ -98,7 +112,7 @@ public final class KeyTable: Sendable {
     public func status(of identifier: KeyIdentifier, uid: UInt32) -> Status {
         entries.withLock { table in
             guard let entry = table[identifier] else { return .absent }
-            guard entry.key != nil else { return .incompletelyRemoved }
+            guard entry.key != nil else { return entry.wiped?.isSet == true ? .absent : .incompletelyRemoved }
             return .present(userCount: entry.claims.count, addedBySelf: entry.claims[uid] != nil)
         }
     }
@@ -126,7 +140,9 @@ public final class KeyTable: Sendable {
                 released = entry.key
                 entry.lingering = entry.key
                 entry.key = nil
-                released?.setWipeObserver(makeObserver(identifier))
+                let wiped = WipeFlag()
+                entry.wiped = wiped
+                released?.setWipeObserver(makeObserver(identifier, wiped))
             }
             table[identifier] = entry
             return nil
@@ -151,9 +167,12 @@ public final class KeyTable: Sendable {
     }
 
     /// The key's deinit calls this, wherever its last reference was dropped, so it takes no lock.
-    private func makeObserver(_ identifier: KeyIdentifier) -> @Sendable () -> Void {
+    private func makeObserver(_ identifier: KeyIdentifier, _ wiped: WipeFlag) -> @Sendable () -> Void {
         let observer = wipeObserver
-        return { observer?(identifier) }
+        return {
+            wiped.set()
+            observer?(identifier)
+        }
     }
 
     /// The keyring entries to revoke now that a removed key was wiped: those of its dropped

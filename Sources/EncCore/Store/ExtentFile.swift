@@ -239,7 +239,7 @@ final class ExtentFile: @unchecked Sendable {
     func sealWholeExtents(offset: UInt64, data: UnsafeRawBufferPointer) -> Presealed? {
         let extentSize = UInt64(geometry.extentSize)
         let (end, overflow) = offset.addingReportingOverflow(UInt64(data.count))
-        guard !overflow, end <= Self.maximumSize else { return nil }
+        guard !overflow, end <= SizeLimit.format else { return nil } // write() refuses it (EFBIG)
         let first = (offset + extentSize - 1) / extentSize
         let endIndex = end / extentSize
         guard endIndex > first else { return nil }
@@ -261,8 +261,7 @@ final class ExtentFile: @unchecked Sendable {
     /// become dirty plaintext.
     func write(offset: UInt64, data: UnsafeRawBufferPointer, presealed: Presealed? = nil) throws {
         guard data.count > 0 else { return }
-        let (end, overflow) = offset.addingReportingOverflow(UInt64(data.count))
-        guard !overflow, end <= Self.maximumSize else { throw StoreError.system(27) } // EFBIG
+        let end = try checkedEnd(offset: offset, length: UInt64(data.count))
         // The appended run goes out first, in one pwrite: if it fails, nothing here has changed.
         var direct: Range<UInt64> = 0..<0
         if let presealed {
@@ -305,13 +304,14 @@ final class ExtentFile: @unchecked Sendable {
         touch()
     }
 
-    static let maximumSize = ObjectHeader.maximumSize
+    /// Largest size of this file (`SizeLimit`), found on the first growth that needs it.
+    lazy var maximumSize = SizeLimit.maximumSize(geometry, directory: journalFD)
 
     /// Grows (new extents are holes) or shrinks the file. The extent that becomes or stops
     /// being the partial last one is loaded, because its stored length changes with the size.
     func resize(to newSize: UInt64) throws {
         guard newSize != size else { return }
-        guard newSize <= Self.maximumSize else { throw StoreError.system(27) } // EFBIG
+        _ = try checkedEnd(offset: newSize, length: 0)
         let oldCount = geometry.extentCount(size: size)
         let newCount = geometry.extentCount(size: newSize)
         if newSize > size {
@@ -532,11 +532,12 @@ final class ExtentFile: @unchecked Sendable {
 
     /// Reserves backing space for plaintext `[offset, offset+length)` (fallocate mode 0).
     func allocate(offset: UInt64, length: UInt64, keepSize: Bool) throws {
-        let (end, overflow) = offset.addingReportingOverflow(length)
-        guard !overflow, end <= Self.maximumSize else { throw StoreError.system(27) } // EFBIG
+        let end = try checkedEnd(offset: offset, length: length)
         if !keepSize && end > size { try resize(to: end) }
         let first = geometry.extentIndex(offset: offset)
-        let lastEnd = geometry.backingOffset(geometry.extentIndex(offset: end - 1) + 1)
+        // Whole strides, except where the backing file cannot be that long (a last extent of a
+        // file at its largest size is partial).
+        let lastEnd = min(geometry.backingOffset(geometry.extentIndex(offset: end - 1) + 1), geometry.backingLength(size: maximumSize))
         try Sys.fallocate(fd, mode: keepSize ? 1 : 0, offset: geometry.backingOffset(first),
                           length: lastEnd - geometry.backingOffset(first))
     }

@@ -108,7 +108,7 @@ public final class StoreChecker {
         for entry in try Sys.listDirectory(directoryFD) {
             let name = String(decoding: entry.name, as: UTF8.self)
             let backing = backingPath + "/" + name
-            if entry.name == directoryHeaderName || (backingPath.isEmpty && (name == StoreConfig.fileName || name == ".journal" || name == ".quarantine")) {
+            if entry.name == directoryHeaderName || (backingPath.isEmpty && (name == StoreConfig.fileName || name == StoreLock.fileName || name == ".journal" || name == ".quarantine")) {
                 continue
             }
             if Leftovers.isLeftoverName(entry.name) && entry.isDirectory {

@@ -18,6 +18,8 @@ public enum StoreError: Error, Equatable, Sendable {
     case quotaExceeded
     case notSupported
     case busy
+    /// A write, truncate or fallocate would take a file past its largest size (EFBIG; `SizeLimit`).
+    case fileTooLarge
     /// Stored data failed authentication or is structurally impossible: tampering or media
     /// corruption (EIO). The string names what failed, for the log and fsck.
     case integrity(String)

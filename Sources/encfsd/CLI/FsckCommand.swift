@@ -20,25 +20,23 @@ struct FsckCommand: ParsableCommand {
     @Argument(help: "The store directory.") var store: String
     @Flag(help: "Repair what can be repaired.") var repair = false
     @Option(help: "A raw key file to check with (repeatable).") var keyFile: [String] = []
+    @Flag(help: "Check even a store that is mounted or locked (results may be wrong while a daemon writes).") var force = false
 
     func run() throws {
         let storePath: String
+        // Held while the check runs, so no daemon mounts the store meanwhile.
+        var lock: StoreLock?
         do {
             storePath = try Paths.absolute(store, what: "store")
-            if let mountpoint = MountTable.mountpoint(ofStore: storePath) {
-                throw CLIError("\(store) is mounted at \(mountpoint); unmount it first")
-            }
+            if !force { lock = try exclusiveUse(of: storePath) }
         } catch let error as CLIError {
             FileHandle.standardError.write(Data("encfsd fsck: \(error.description)\n".utf8))
             throw ExitCode(8)
         }
+        defer { withExtendedLifetime(lock) {} }
         let keys = KeyTable()
         do {
-            for path in keyFile {
-                var raw = try KeyMaterial.read(path: path)
-                defer { raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-                try keys.add(try MasterKey(raw: raw), claim: .init(uid: getuid(), serial: 0))
-            }
+            for path in keyFile { try keys.add(try KeyMaterial.masterKey(path: path), claim: .init(uid: getuid(), serial: 0)) }
         } catch {
             FileHandle.standardError.write(Data("encfsd fsck: \(error)\n".utf8))
             throw ExitCode(8)
@@ -70,6 +68,25 @@ struct FsckCommand: ParsableCommand {
               + "; \(summary.problemsLeft) problem(s) left, \(summary.repaired) repaired")
         if summary.problemsLeft > 0 { throw ExitCode(4) }
         if summary.repaired > 0 { throw ExitCode(1) }
+    }
+}
+
+extension FsckCommand {
+    /// The store's lock, or why the store may not be checked now.
+    private func exclusiveUse(of storePath: String) throws -> StoreLock {
+        let mounted = MountTable.mountpoint(ofStore: storePath).map { " (mounted at \($0))" } ?? ""
+        let lock: StoreLock
+        do {
+            lock = try StoreLock.acquire(storePath: storePath)
+        } catch .held(let holder) {
+            throw CLIError("\(store) is in use by encfsd \(holder.map { "\($0)" } ?? "(holder unknown)")\(mounted); "
+                           + "unmount it first, or give --force")
+        } catch {
+            throw CLIError("\(store): \(error)")
+        }
+        // A daemon of a version before the lock holds none.
+        guard mounted.isEmpty else { throw CLIError("\(store) is mounted\(mounted); unmount it first, or give --force") }
+        return lock
     }
 }
 

@@ -24,7 +24,9 @@ struct InitCommand: ParsableCommand {
 
     func validate() throws {
         guard (keyFile != nil) != passphrase else { throw ValidationError("give exactly one of --key-file and --passphrase") }
-        guard (10...22).contains(scryptLogN) else { throw ValidationError("scrypt log N must be 10...22") }
+        guard (10...PassphraseKeys.maximumLogN).contains(scryptLogN) else {
+            throw ValidationError("scrypt log N must be 10...\(PassphraseKeys.maximumLogN)")
+        }
         guard ExtentGeometry.isValid(extentSize: extentSize) else {
             throw ValidationError("--extent-size must be a power of two from 4096 to 1048576")
         }
@@ -38,9 +40,7 @@ struct InitCommand: ParsableCommand {
             defer { phrase.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
             (raw, parameters) = try PassphraseKeys.newParameters(passphrase: phrase, logN: scryptLogN)
         } else {
-            var bytes = try KeyMaterial.read(path: keyFile)
-            defer { bytes.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-            raw = bytes.withUnsafeBytes { SecureBytes(copying: $0) }
+            raw = try KeyMaterial.read(path: keyFile)
         }
         let key = try raw.withBytes { try MasterKey(raw: $0) }
         do {

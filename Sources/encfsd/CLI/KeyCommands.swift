@@ -88,9 +88,7 @@ struct KeyAdd: ParsableCommand {
 
     private func rawKey() throws -> SecureBytes {
         if passphrase { return try PassphraseKeys.derive(forMountpoint: mountpoint) }
-        var raw = try KeyMaterial.read(path: keyFile)
-        defer { raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-        return raw.withUnsafeBytes { SecureBytes(copying: $0) }
+        return try KeyMaterial.read(path: keyFile)
     }
 
     private func placeInKeyring(_ raw: SecureBytes) throws -> Int32 {

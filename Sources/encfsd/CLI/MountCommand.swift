@@ -67,11 +67,7 @@ struct MountCommand: ParsableCommand {
                                 reportReady: reportReady, logFile: logFile)
             daemon.keyQuota = keyQuota
             daemon.unlockFromKeyring = !noKeyring
-            for path in keyFile {
-                var raw = try KeyMaterial.read(path: path)
-                defer { raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
-                daemon.initialKeys.append(try MasterKey(raw: raw))
-            }
+            daemon.keyFiles = keyFile
             try daemon.serve()
         } else {
             var arguments = ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)", "--key-quota", "\(keyQuota)"]

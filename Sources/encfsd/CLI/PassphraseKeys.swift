@@ -9,6 +9,8 @@ enum PassphraseKeys {
     /// scrypt N = 2^17, r = 8, p = 1: 128 MiB and about half a second per derivation, the cost
     /// that makes each guess expensive.
     static let defaultLogN = 17
+    /// The largest N a store may ask for (`PassphraseParameters.maximumN`); with r = 8 that is 1 GiB.
+    static let maximumLogN = StoreConfig.PassphraseParameters.maximumN.trailingZeroBitCount
 
     static func newParameters(passphrase: [UInt8], logN: Int) throws -> (SecureBytes, StoreConfig.PassphraseParameters) {
         let salt = OpenSSL.random(count: 32)

@@ -14,17 +14,25 @@ struct Daemon {
     let mountOptions: MountOptions
     let reportReady: Bool
     let logFile: String?
-    /// Keys to unlock with at start (`--key-file`, e.g. from systemd credentials).
-    var initialKeys: [MasterKey] = []
+    /// Key files to unlock with at start (`--key-file`, e.g. from systemd credentials). Paths, not
+    /// keys: the daemon holds no reference to a key it has handed to the key table, or removing
+    /// the key could never complete (it would stay "incompletely removed", its subkeys in memory).
+    var keyFiles: [String] = []
     /// How many keys a non-root user may claim (EDQUOT past it).
     var keyQuota = 200
     var unlockFromKeyring = true
 
     func serve() throws {
         signal(SIGPIPE, SIG_IGN)
+        // Past RLIMIT_FSIZE a write gives EFBIG, reported to the caller, instead of killing the daemon.
+        signal(SIGXFSZ, SIG_IGN)
         Sys.limitMallocArenas(2)
         if reportReady { _ = setsid() }
         raiseDescriptorLimit()
+        // Held until the process ends (the kernel drops it then, however the daemon dies).
+        let lock: StoreLock
+        do { lock = try StoreLock.acquire(storePath: storePath) } catch { throw CLIError("cannot mount \(storePath): \(error)") }
+        defer { withExtendedLifetime(lock) {} }
         let invalidator = CacheInvalidator()
         let table = Mutex<KeyTable?>(nil)
         let keys = KeyTable(userQuota: keyQuota) { identifier in
@@ -34,7 +42,7 @@ struct Daemon {
         let volume = try Volume(storePath: storePath, keys: keys)
         invalidator.attach(volume: volume)
         let keyService = KeyService(keys: keys, invalidator: invalidator)
-        for key in initialKeys { try keys.add(key, claim: .init(uid: getuid(), serial: 0)) }
+        try Self.unlock(keys, withKeyFiles: keyFiles)
         if unlockFromKeyring { _ = keyService.addKeysFromUserKeyring() }
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
         invalidator.attach(session: session)
@@ -52,6 +60,13 @@ struct Daemon {
         SystemdNotify.ready()
         try session.run()
         SystemdNotify.stopping()
+    }
+
+    /// Reads each key file and gives its key to the table, which then holds the only reference.
+    /// A function of its own so no local outlives the loading: `serve` never returns while the
+    /// daemon runs, and a debug build keeps locals alive to the end of their scope.
+    private static func unlock(_ keys: KeyTable, withKeyFiles paths: [String]) throws {
+        for path in paths { try keys.add(try KeyMaterial.masterKey(path: path), claim: .init(uid: getuid(), serial: 0)) }
     }
 
     /// The node table holds one descriptor per known object, as passthrough_hp does.
@@ -97,7 +112,9 @@ enum Background {
             if collected.contains(Daemon.readyLine) { return }
         }
         process.waitUntilExit()
-        let message = collected.trimmingCharacters(in: .whitespacesAndNewlines)
+        var message = collected.trimmingCharacters(in: .whitespacesAndNewlines)
+        // The daemon reported through ArgumentParser, which prefixes "Error: " as this process will.
+        if message.hasPrefix("Error: ") { message.removeFirst("Error: ".count) }
         throw CLIError(message.isEmpty ? "the daemon exited with status \(process.terminationStatus)" : message)
     }
 }

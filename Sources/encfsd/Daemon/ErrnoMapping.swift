@@ -24,6 +24,7 @@ extension StoreError: ErrnoConvertible {
         case .quotaExceeded: EDQUOT
         case .notSupported: EOPNOTSUPP
         case .busy: EBUSY
+        case .fileTooLarge: EFBIG
         case .integrity: EIO
         case .system(let code): code
         }

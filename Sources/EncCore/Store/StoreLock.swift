@@ -1,0 +1,147 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One store, one daemon: an exclusive lock on `encfsd.lock` at the top of the store, held by a
+/// mounting daemon for its whole life and by fsck while it runs. Two daemons serving one store
+/// would each cache headers and journal into the same files, and fsck repairing under a daemon
+/// would race its commits.
+///
+/// The lock is an open file description lock (`F_OFD_SETLK`): the kernel drops it when the
+/// holder's last descriptor closes, so a daemon killed with SIGKILL leaves nothing that blocks
+/// the next mount (no pid file to judge stale). After locking, the holder records its pid and
+/// host name in the file, for the message a refused second mount or fsck gives.
+///
+/// The store is hostile ground: whatever sits at the name is opened without following a link
+/// and without side effects (`O_PATH`) first, and only a regular file with no other links is
+/// opened for writing; a symlink, FIFO, device or directory planted there is refused.
+public final class StoreLock: Sendable {
+    public static let fileName = "encfsd.lock"
+    /// A holder record longer than this is not one encfsd wrote.
+    static let recordLimit = 1024
+
+    /// Who holds the lock, as the holder recorded it.
+    public struct Holder: Codable, Equatable, Sendable, CustomStringConvertible {
+        public var pid: Int32
+        public var host: String
+        public var description: String { "pid \(pid) on host \(host)" }
+    }
+
+    public enum Failure: Error, Equatable, CustomStringConvertible {
+        /// Another daemon or fsck holds the lock (nil: it has not recorded itself, or the record
+        /// is not readable).
+        case held(Holder?)
+        /// Something other than a regular file of one link sits at the lock's name.
+        case notRegularFile(String)
+        case system(String, Int32)
+
+        public var description: String {
+            switch self {
+            case .held(let holder?): "the store is in use by encfsd \(holder) (mounted, or being checked by fsck)"
+            case .held(nil): "the store is in use by another encfsd (mounted, or being checked by fsck)"
+            case .notRegularFile(let what):
+                "\(StoreLock.fileName) in the store is \(what), not a regular file: refusing to use it (remove it if you did not make it)"
+            case .system(let what, let code): "cannot \(what) \(StoreLock.fileName): \(String(cString: strerror(code)))"
+            }
+        }
+    }
+
+    private let file: FileDescriptor
+
+    private init(file: FileDescriptor) { self.file = file }
+
+    /// Takes the lock of the store at `storePath`, creating the lock file if there is none.
+    public static func acquire(storePath: String) throws(Failure) -> StoreLock {
+        let store: FileDescriptor
+        do { store = try Sys.open(storePath, flags: Sys.oPath | O_DIRECTORY) } catch { throw .system("open the store for", errno(of: error)) }
+        let file = try withExtendedLifetime(store) { () throws(Failure) in try open(in: store.raw) }
+        let locked: Bool
+        do { locked = try Sys.lockWholeFile(file.raw) } catch { throw .system("lock", errno(of: error)) }
+        guard locked else { throw .held(readHolder(file.raw)) }
+        let lock = StoreLock(file: file)
+        lock.record(Holder(pid: getpid(), host: hostName()))
+        return lock
+    }
+
+    /// The lock file, opened for writing only once it is known to be a regular file of ours.
+    private static func open(in store: Int32) throws(Failure) -> FileDescriptor {
+        let name = Array(fileName.utf8)
+        while true {
+            do {
+                // O_PATH opens whatever is there without following it or running a device's open.
+                let path = try Sys.openAt(store, name, flags: Sys.oPath | O_NOFOLLOW)
+                let seen = try Sys.fstat(path.raw)
+                try requireLockable(seen)
+                // Reopened through /proc: the same inode just checked, never a new lookup of the name.
+                // O_NONBLOCK all the same, so nothing swapped in can make the open wait.
+                let file = try withExtendedLifetime(path) { try Sys.reopen(path.raw, flags: O_RDWR | O_NONBLOCK) }
+                let opened = try Sys.fstat(file.raw)
+                guard opened.st_dev == seen.st_dev, opened.st_ino == seen.st_ino else { throw Failure.notRegularFile("being replaced") }
+                try requireLockable(opened)
+                return file
+            } catch StoreError.system(ENOENT) {
+                do {
+                    return try Sys.openAt(store, name, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK, mode: 0o644)
+                } catch StoreError.system(EEXIST) {
+                    continue // made by someone else meanwhile: check what it is
+                } catch {
+                    throw .system("create", errno(of: error))
+                }
+            } catch let failure as Failure {
+                throw failure
+            } catch {
+                throw .system("open", errno(of: error))
+            }
+        }
+    }
+
+    private static func requireLockable(_ st: stat) throws(Failure) {
+        switch st.st_mode & S_IFMT {
+        case S_IFREG: break
+        case S_IFLNK: throw .notRegularFile("a symbolic link")
+        case S_IFIFO: throw .notRegularFile("a FIFO")
+        case S_IFDIR: throw .notRegularFile("a directory")
+        case S_IFCHR, S_IFBLK: throw .notRegularFile("a device node")
+        case S_IFSOCK: throw .notRegularFile("a socket")
+        default: throw .notRegularFile("of an unknown type")
+        }
+        // A hard link to a file elsewhere would have the holder record written into that file.
+        guard st.st_nlink == 1 else { throw .notRegularFile("a file with other hard links") }
+    }
+
+    /// Writes the record over the old one, then cuts off any rest: a reader sees a whole record
+    /// (the old holder's or this one) except in the instant between the two calls. Best effort:
+    /// the lock holds without it.
+    private func record(_ holder: Holder) {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        guard var bytes = try? encoder.encode(holder) else { return }
+        bytes.append(0x0a)
+        _ = try? bytes.withUnsafeBytes { try Sys.pwrite(file.raw, $0, offset: 0) }
+        _ = try? Sys.ftruncate(file.raw, Int64(bytes.count))
+    }
+
+    /// The holder a lock file names, if it names one readably. Its text comes from the store, so
+    /// the host name is cut short and stripped to printable ASCII before anyone prints it.
+    static func readHolder(_ fd: Int32) -> Holder? {
+        var buffer = [UInt8](repeating: 0, count: recordLimit)
+        guard let count = try? buffer.withUnsafeMutableBytes({ try Sys.pread(fd, $0, offset: 0) }), count < recordLimit,
+              var holder = try? JSONDecoder().decode(Holder.self, from: Data(buffer[0..<count])) else { return nil }
+        holder.host = String(String.UnicodeScalarView(holder.host.unicodeScalars.prefix(255).map {
+            (0x21...0x7e).contains($0.value) ? $0 : "?"
+        }))
+        return holder
+    }
+
+    private static func hostName() -> String {
+        var name = [CChar](repeating: 0, count: 256)
+        guard gethostname(&name, name.count - 1) == 0 else { return "(unknown)" }
+        return String(decoding: name.prefix(while: { $0 != 0 }).map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    }
+
+    private static func errno(of error: any Error) -> Int32 {
+        if case StoreError.system(let code) = error { return code }
+        return EIO
+    }
+}
