@@ -49,10 +49,10 @@ import Glibc
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/record"
         _ = FileManager.default.createFile(atPath: path, contents: Data(#"{"pid":7,"host":"evil\u001b[2Jhost"}"#.utf8))
-        let fd = try Sys.open(path, flags: O_RDONLY)
+        let fd = try openPath(path, O_RDONLY)
         #expect(StoreLock.readHolder(fd.raw) == .init(pid: 7, host: "evil?[2Jhost"))
         _ = FileManager.default.createFile(atPath: path, contents: Data("not json".utf8))
-        let other = try Sys.open(path, flags: O_RDONLY)
+        let other = try openPath(path, O_RDONLY)
         #expect(StoreLock.readHolder(other.raw) == nil)
     }
 
@@ -68,9 +68,9 @@ import Glibc
     @Test func probeFindsTheLargestFile() throws {
         let dir = try StoreLockTests.directory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let fd = try Sys.open(dir, flags: Sys.oPath | O_DIRECTORY)
+        let fd = try openPath(dir, Sys.oPath | O_DIRECTORY)
         let limit = try #require(Sys.probeLargestFile(in: fd.raw, upTo: SizeLimit.largestBacking))
-        let probe = try Sys.open(dir + "/probe", flags: O_RDWR | O_CREAT, mode: 0o600)
+        let probe = try openPath(dir + "/probe", O_RDWR | O_CREAT, mode: 0o600)
         #expect(Glibc.ftruncate(probe.raw, off_t(limit)) == 0)
         if limit < SizeLimit.largestBacking { #expect(Glibc.ftruncate(probe.raw, off_t(limit + 1)) != 0 && errno == EFBIG) }
         #expect(Glibc.ftruncate(probe.raw, 0) == 0)

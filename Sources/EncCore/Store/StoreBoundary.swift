@@ -68,7 +68,7 @@ extension Sys {
                 }
             }
         } catch StoreError.system(ELOOP) {
-            throw StoreError.integrity("backing entry \(String(decoding: name, as: UTF8.self)) is a symbolic link")
+            throw StoreError.unusableObject(name: String(decoding: name, as: UTF8.self), what: "a symbolic link")
         }
     }
 
@@ -144,7 +144,7 @@ extension Sys {
     public static func openPrivateFile(_ dir: Int32, _ name: [UInt8]) throws -> FileDescriptor {
         let (fd, st) = try openEntryStat(dir, name, .regularFile, .readWrite)
         guard st.st_nlink == 1 else {
-            throw StoreError.integrity("\(String(decoding: name, as: UTF8.self)) has \(st.st_nlink) links; the store's own files have one")
+            throw StoreError.unusableObject(name: String(decoding: name, as: UTF8.self), what: "a file with other hard links")
         }
         return fd
     }
@@ -195,12 +195,11 @@ extension Sys {
             case S_IFLNK: "a symbolic link"
             case S_IFIFO: "a FIFO"
             case S_IFSOCK: "a socket"
-            case S_IFCHR: "a character device"
-            case S_IFBLK: "a block device"
+            case S_IFCHR, S_IFBLK: "a device node"
             case S_IFDIR: "a directory"
             default: "a regular file"
             }
-            throw StoreError.integrity("backing entry \(String(decoding: name, as: UTF8.self)) is \(what), not \(type == .directory ? "a directory" : "a regular file")")
+            throw StoreError.unusableObject(name: String(decoding: name, as: UTF8.self), what: what)
         }
         return st
     }

@@ -54,7 +54,7 @@ public final class StoreLock: Sendable {
     /// Takes the lock of the store at `storePath`, creating the lock file if there is none.
     public static func acquire(storePath: String) throws(Failure) -> StoreLock {
         let store: FileDescriptor
-        do { store = try Sys.open(storePath, flags: Sys.oPath | O_DIRECTORY) } catch { throw .system("open the store for", errno(of: error)) }
+        do { store = try Sys.openStoreRoot(storePath) } catch { throw .system("open the store for", errno(of: error)) }
         let file = try withExtendedLifetime(store) { () throws(Failure) in try open(in: store.raw) }
         let locked: Bool
         do { locked = try Sys.lockWholeFile(file.raw) } catch { throw .system("lock", errno(of: error)) }
@@ -64,50 +64,27 @@ public final class StoreLock: Sendable {
         return lock
     }
 
-    /// The lock file, opened for writing only once it is known to be a regular file of ours.
+    /// The lock file, through the store boundary: opened for writing only once it is known to
+    /// be a regular file with one link (a hard link to a file elsewhere would receive the record).
     private static func open(in store: Int32) throws(Failure) -> FileDescriptor {
         let name = Array(fileName.utf8)
         while true {
             do {
-                // O_PATH opens whatever is there without following it or running a device's open.
-                let path = try Sys.openAt(store, name, flags: Sys.oPath | O_NOFOLLOW)
-                let seen = try Sys.fstat(path.raw)
-                try requireLockable(seen)
-                // Reopened through /proc: the same inode just checked, never a new lookup of the name.
-                // O_NONBLOCK all the same, so nothing swapped in can make the open wait.
-                let file = try withExtendedLifetime(path) { try Sys.reopen(path.raw, flags: O_RDWR | O_NONBLOCK) }
-                let opened = try Sys.fstat(file.raw)
-                guard opened.st_dev == seen.st_dev, opened.st_ino == seen.st_ino else { throw Failure.notRegularFile("being replaced") }
-                try requireLockable(opened)
-                return file
+                return try Sys.openPrivateFile(store, name)
             } catch StoreError.system(ENOENT) {
                 do {
-                    return try Sys.openAt(store, name, flags: O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_NONBLOCK, mode: 0o644)
+                    return try Sys.createEntry(store, name, mode: 0o644)
                 } catch StoreError.system(EEXIST) {
                     continue // made by someone else meanwhile: check what it is
                 } catch {
                     throw .system("create", errno(of: error))
                 }
-            } catch let failure as Failure {
-                throw failure
+            } catch StoreError.unusableObject(_, let what) {
+                throw .notRegularFile(what)
             } catch {
                 throw .system("open", errno(of: error))
             }
         }
-    }
-
-    private static func requireLockable(_ st: stat) throws(Failure) {
-        switch st.st_mode & S_IFMT {
-        case S_IFREG: break
-        case S_IFLNK: throw .notRegularFile("a symbolic link")
-        case S_IFIFO: throw .notRegularFile("a FIFO")
-        case S_IFDIR: throw .notRegularFile("a directory")
-        case S_IFCHR, S_IFBLK: throw .notRegularFile("a device node")
-        case S_IFSOCK: throw .notRegularFile("a socket")
-        default: throw .notRegularFile("of an unknown type")
-        }
-        // A hard link to a file elsewhere would have the holder record written into that file.
-        guard st.st_nlink == 1 else { throw .notRegularFile("a file with other hard links") }
     }
 
     /// Writes the record over the old one, then cuts off any rest: a reader sees a whole record

@@ -32,7 +32,7 @@ final class EncryptedFileSystem: FileSystem {
         do {
             return try body()
         } catch let error as StoreError {
-            if case .integrity(let why) = error { Diagnostics.report("\(what()): \(why)") }
+            if let why = error.integrityFailure { Diagnostics.report("\(what()): \(why)") }
             throw error
         }
     }

@@ -25,7 +25,7 @@ extension StoreError: ErrnoConvertible {
         case .notSupported: EOPNOTSUPP
         case .busy: EBUSY
         case .fileTooLarge: EFBIG
-        case .integrity: EIO
+        case .integrity, .unusableObject: EIO
         case .system(let code): code
         }
     }
