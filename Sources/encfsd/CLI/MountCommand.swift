@@ -31,8 +31,14 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Most request threads.")
     var threads = 16
 
-    @Option(help: "Where the background daemon logs (default: discard).")
+    @Option(help: "Where the background daemon logs (default: syslog, identifier encfsd, facility daemon).")
     var logFile: String?
+
+    @Option(help: "How much the daemon logs: error, warning, notice, info or debug.")
+    var logLevel: LogLevel = .notice
+
+    @Option(help: "Unmount after this long with no open file and no request: 30s, 10m, 2h, ...")
+    var idle: DurationArgument?
 
     @Option(help: "Unlock with this raw key file at start (repeatable), e.g. $CREDENTIALS_DIRECTORY/key under systemd. Keys already in your keyring are loaded anyway.")
     var keyFile: [String] = []
@@ -67,6 +73,8 @@ struct MountCommand: ParsableCommand {
                                 reportReady: reportReady, logFile: logFile)
             daemon.keyQuota = keyQuota
             daemon.unlockFromKeyring = !noKeyring
+            daemon.logLevel = logLevel
+            daemon.idle = idle?.duration
             for path in keyFile {
                 var raw = try KeyMaterial.read(path: path)
                 defer { raw.withUnsafeMutableBytes { OpenSSL.cleanse($0) } }
@@ -78,6 +86,7 @@ struct MountCommand: ParsableCommand {
             if noKeyring { arguments.append("--no-keyring") }
             arguments += options.flatMap { ["-o", $0] }
             if let logFile { arguments += ["--log-file", logFile] }
+            arguments += ["--log-level", logLevel.rawValue] + (idle.map { ["--idle", $0.text] } ?? [])
             arguments += keyFile.flatMap { ["--key-file", $0] }
             try Background.start(arguments: arguments)
         }

@@ -22,6 +22,7 @@ struct ControlHandler: Sendable {
                 throw StoreError.invalidArgument
             }
             let identifier = try keyService.add(serial: argument.keyringSerial, context: context)
+            Log.notice("key \(identifier) added by uid \(context.uid)")
             let reply = ControlProtocol.AddKeyArgument(source: .keyring, keyringSerial: argument.keyringSerial,
                                                        identifier: identifier.bytes)
             return IoctlReply(output: reply.encoded())
@@ -29,8 +30,10 @@ struct ControlHandler: Sendable {
         case FscryptIoctl.removeKey, FscryptIoctl.removeKeyAllUsers:
             guard outputSize == FscryptIoctl.RemoveKeyArgument.byteCount,
                   var argument = FscryptIoctl.RemoveKeyArgument.decode(input) else { throw StoreError.invalidArgument }
-            argument.statusFlags = try keyService.remove(argument.identifier, allUsers: command == FscryptIoctl.removeKeyAllUsers,
-                                                         context: context)
+            let allUsers = command == FscryptIoctl.removeKeyAllUsers
+            argument.statusFlags = try keyService.remove(argument.identifier, allUsers: allUsers, context: context)
+            Log.notice("key \(argument.identifier) removed by uid \(context.uid)\(allUsers ? " for all users" : "")"
+                       + Self.removalOutcome(argument.statusFlags))
             return IoctlReply(output: argument.encoded())
 
         case FscryptIoctl.getKeyStatus:
@@ -64,5 +67,11 @@ struct ControlHandler: Sendable {
         default:
             throw StoreError.system(ENOTTY)
         }
+    }
+
+    private static func removalOutcome(_ flags: UInt32) -> String {
+        if flags & FscryptIoctl.RemoveKeyArgument.otherUsers != 0 { return "; other users still hold it" }
+        if flags & FscryptIoctl.RemoveKeyArgument.filesBusy != 0 { return "; files still open: incompletely removed" }
+        return ""
     }
 }

@@ -19,11 +19,17 @@ struct Daemon {
     /// How many keys a non-root user may claim (EDQUOT past it).
     var keyQuota = 200
     var unlockFromKeyring = true
+    var logLevel = LogLevel.notice
+    /// Unmount after this long without open files or requests (`--idle`).
+    var idle: Duration?
 
     func serve() throws {
         signal(SIGPIPE, SIG_IGN)
         Sys.limitMallocArenas(2)
         if reportReady { _ = setsid() }
+        // --log-file, else syslog in the background, else standard error (a terminal, or the
+        // journal under systemd).
+        try Log.start(logFile.map { .file($0) } ?? (reportReady ? .syslog : .standardError), level: logLevel)
         raiseDescriptorLimit()
         let invalidator = CacheInvalidator()
         let table = Mutex<KeyTable?>(nil)
@@ -35,7 +41,8 @@ struct Daemon {
         invalidator.attach(volume: volume)
         let keyService = KeyService(keys: keys, invalidator: invalidator)
         for key in initialKeys { try keys.add(key, claim: .init(uid: getuid(), serial: 0)) }
-        if unlockFromKeyring { _ = keyService.addKeysFromUserKeyring() }
+        let fromKeyring = unlockFromKeyring ? keyService.addKeysFromUserKeyring() : []
+        for identifier in initialKeys.map(\.identifier) + fromKeyring { Log.notice("key \(identifier) added at start") }
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
         invalidator.attach(session: session)
         // The timer flush: buffered writes reach the journal within a few seconds even when a file
@@ -50,8 +57,10 @@ struct Daemon {
         }
         if reportReady { detach() }
         SystemdNotify.ready()
+        Log.notice("mounted \(storePath) on \(mountOptions.mountpoint)")
         try session.run()
         SystemdNotify.stopping()
+        Log.notice("unmounted \(mountOptions.mountpoint)")
     }
 
     /// The node table holds one descriptor per known object, as passthrough_hp does.

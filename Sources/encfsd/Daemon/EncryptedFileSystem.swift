@@ -27,18 +27,22 @@ final class EncryptedFileSystem: FileSystem {
                        changeTime: (a.changeTime.seconds, a.changeTime.nanoseconds))
     }
 
-    /// Integrity failures are attacks or media errors: worth a log line naming what failed.
-    private func logged<R>(_ what: @autoclosure () -> String, _ body: () throws -> R) throws -> R {
+    /// Integrity failures are attacks or media errors: worth an error in the log naming what
+    /// failed, by plaintext path when the daemon knows it (and the extent, in `why`, for data).
+    private func logged<R>(_ what: @autoclosure () -> String, node: UInt64? = nil, _ body: () throws -> R) throws -> R {
         do {
             return try body()
         } catch let error as StoreError {
-            if case .integrity(let why) = error { Diagnostics.report("\(what()): \(why)") }
+            if case .integrity(let why) = error {
+                let path = node.flatMap { volume.plaintextPath(of: $0) }.map { " (\($0))" } ?? ""
+                Log.error("integrity failure: \(what())\(path): \(why)")
+            }
             throw error
         }
     }
 
     func lookup(parent: UInt64, name: [UInt8]) throws -> Entry {
-        try logged("lookup in node \(parent)") { entry(try volume.lookup(parent: parent, name: name)) }
+        try logged("lookup in node \(parent)", node: parent) { entry(try volume.lookup(parent: parent, name: name)) }
     }
 
     func forget(_ node: UInt64, count: UInt64) { volume.forget(node, count: count) }
@@ -60,10 +64,10 @@ final class EncryptedFileSystem: FileSystem {
         }
         c.accessTime = time(changes.accessTime)
         c.modificationTime = time(changes.modificationTime)
-        return try logged("setattr of node \(node)") { Self.convert(try volume.setattr(node, c)) }
+        return try logged("setattr of node \(node)", node: node) { Self.convert(try volume.setattr(node, c)) }
     }
 
-    func readlink(_ node: UInt64) throws -> [UInt8] { try logged("readlink of node \(node)") { try volume.readlink(node) } }
+    func readlink(_ node: UInt64) throws -> [UInt8] { try logged("readlink of node \(node)", node: node) { try volume.readlink(node) } }
 
     private func caller(_ context: RequestContext) -> Caller { Caller(uid: context.uid, gid: context.gid) }
 
@@ -90,7 +94,7 @@ final class EncryptedFileSystem: FileSystem {
         case Sys.renameExchange: mode = .exchange
         default: throw StoreError.invalidArgument // RENAME_WHITEOUT is for overlay upper layers only
         }
-        try logged("rename in node \(parent)") {
+        try logged("rename in node \(parent)", node: parent) {
             try volume.rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
         }
     }
@@ -100,7 +104,7 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     func open(_ node: UInt64, flags: Int32) throws -> OpenReply {
-        let handle = try logged("open of node \(node)") { try volume.open(node, truncate: flags & O_TRUNC != 0) }
+        let handle = try logged("open of node \(node)", node: node) { try volume.open(node, truncate: flags & O_TRUNC != 0) }
         return OpenReply(handle: handle, keepCache: true)
     }
 
@@ -110,11 +114,11 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     func read(_ node: UInt64, handle: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        try logged("read of node \(node) at \(offset)") { try volume.read(handle: handle, offset: offset, into: buffer) }
+        try logged("read of node \(node) at \(offset)", node: node) { try volume.read(handle: handle, offset: offset, into: buffer) }
     }
 
     func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
-        try logged("write to node \(node) at \(offset)") { try volume.write(handle: handle, offset: offset, data: data) }
+        try logged("write to node \(node) at \(offset)", node: node) { try volume.write(handle: handle, offset: offset, data: data) }
         return data.count
     }
 
@@ -137,7 +141,7 @@ final class EncryptedFileSystem: FileSystem {
 
     func lookup(parent: UInt64, listed item: DirectoryItem) throws -> Entry {
         let listed = DirectoryEntry(name: item.name, inode: item.inode, typeBits: item.typeBits, backingName: item.lookupKey)
-        return try logged("lookup in node \(parent)") { entry(try volume.lookup(parent: parent, listed: listed)) }
+        return try logged("lookup in node \(parent)", node: parent) { entry(try volume.lookup(parent: parent, listed: listed)) }
     }
 
     func releasedir(_ node: UInt64, handle: UInt64) { volume.releaseDirectory(handle: handle) }
@@ -160,7 +164,7 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8] {
-        try logged("getxattr of node \(node)") { try volume.getxattr(node, name: name) }
+        try logged("getxattr of node \(node)", node: node) { try volume.getxattr(node, name: name) }
     }
 
     func listxattr(_ node: UInt64) throws -> [[UInt8]] { try volume.listxattr(node) }
