@@ -7,7 +7,7 @@ struct Encfsd: ParsableCommand {
         abstract: "A FUSE filesystem of transparently encrypted, authenticated, crash-safe files.",
         version: EncfsdVersion.string,
         subcommands: [InitCommand.self, MountCommand.self, UmountCommand.self, KeyCommand.self, PolicyCommand.self,
-                      NonceCommand.self, FsckCommand.self, BenchCommand.self])
+                      NonceCommand.self, StatusCommand.self, InfoCommand.self, FsckCommand.self, BenchCommand.self])
 }
 
 // Started by mount(8) (as mount.fuse.encfsd, or by mount.fuse3 as `encfsd STORE DIR -o ...`)?

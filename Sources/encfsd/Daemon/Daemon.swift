@@ -45,6 +45,7 @@ struct Daemon {
         for identifier in initialKeys.map(\.identifier) + fromKeyring { Log.notice("key \(identifier) added at start") }
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
         invalidator.attach(session: session)
+        if let idle { IdleUnmount.start(after: idle, session: session, volume: volume, mountpoint: mountOptions.mountpoint) }
         // The timer flush: buffered writes reach the journal within a few seconds even when a file
         // is neither closed nor synced.
         Thread.detachNewThread {
