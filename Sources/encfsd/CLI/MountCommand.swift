@@ -25,7 +25,7 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Stay in the foreground; log to standard error.")
     var foreground = false
 
-    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, ...")
+    @Option(name: .customShort("o"), help: ArgumentHelp("Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, ...", valueName: "options"))
     var options: [String] = []
 
     @Option(help: "Most request threads.")
