@@ -27,14 +27,16 @@ def in_namespace(script: str, timeout: float = 120) -> subprocess.CompletedProce
     return run("unshare", "--mount", "--propagation", "private", "sh", "-euc", script, check=False, timeout=timeout)
 
 
-def with_helper(tmp: Path, binary: Path, link_name: str = "mount.fuse.encfsd", over: str = "/usr/sbin") -> str:
-    """Script lines that lay `link_name` -> binary over `over` (an overlay on a tmpfs)."""
-    layer = tmp / "layer"
+def with_helper(tmp: Path, binary: Path | None, link_name: str = "mount.fuse.encfsd", over: str = "/usr/sbin") -> str:
+    """Script lines that lay `link_name` -> binary over `over` (an overlay on a tmpfs); with no
+    binary, hide `link_name` there instead (an overlay whiteout), e.g. an installed helper."""
+    layer = tmp / ("layer" + over.replace("/", "-"))
     layer.mkdir(exist_ok=True)
+    entry = f"ln -s {binary} {layer}/up/{link_name}" if binary else f"mknod {layer}/up/{link_name} c 0 0"
     return f"""
 mount -t tmpfs tmpfs {layer}
 mkdir {layer}/up {layer}/work
-ln -s {binary} {layer}/up/{link_name}
+{entry}
 mount -t overlay overlay -o lowerdir={over},upperdir={layer}/up,workdir={layer}/work {over}
 """
 
@@ -99,6 +101,7 @@ def test_through_mount_fuse3(tmp_path, encfsd_bin, key_file, store):
     store, mnt = store
     options = f"nofail,x-systemd.automount,key_file={key_file}"
     r = in_namespace(with_helper(tmp_path, encfsd_bin, link_name="encfsd", over="/usr/local/bin")
+                     + with_helper(tmp_path, None)  # an installed mount.fuse.encfsd would be used first
                      + f"test ! -e /sbin/mount.fuse.encfsd\n"
                      + round_trip(store, mnt, f"mount -t fuse.encfsd {store} {mnt} -o {options}"))
     assert r.returncode == 0, r.stdout + r.stderr
