@@ -6,7 +6,8 @@ import FuseBridge
 /// request. The unmount is the ordinary one (`fusermount3 -u`, as `encfsd umount` does), so the
 /// daemon then ends exactly as after an external unmount: every open file already committed,
 /// the session loop returning. If the mount is busy (a shell's working directory inside it), the
-/// attempt fails harmlessly and the quiet period starts again.
+/// attempt fails harmlessly and the quiet period starts again. Every request counts, `encfsd
+/// status` (an ioctl) included: something polling the mount keeps it mounted, as a user would.
 enum IdleUnmount {
     static func start(after limit: Duration, session: FuseSession, volume: Volume, mountpoint: String) {
         // Checked a few times per period, at most once a second: the unmount comes at most a
