@@ -1,4 +1,5 @@
 import CFuse3
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -13,6 +14,8 @@ import Glibc
 final class BridgeContext: Sendable {
     let fileSystem: any FileSystem
     let options: MountOptions
+    /// Requests answered so far, for idle detection (`--idle`): one relaxed add per request.
+    let requests = Atomic<UInt64>(0)
     init(fileSystem: any FileSystem, options: MountOptions) {
         self.fileSystem = fileSystem
         self.options = options
@@ -93,6 +96,9 @@ public final class FuseSession: @unchecked Sendable {
 
     public func exit() { fuse_session_exit(session) }
 
+    /// How many requests the session has answered (forgets aside): unchanged means idle.
+    public var requestCount: UInt64 { context.takeUnretainedValue().requests.load(ordering: .relaxed) }
+
     /// Makes the kernel forget a cached name (`fuse_lowlevel_notify_inval_entry`). Safe from any
     /// thread; never call it while handling a request on `parent` that holds its lock (none of
     /// encfsd's callers do: ioctls, releases and background work hold no directory lock).
@@ -171,8 +177,10 @@ private func errnoOf(_ error: any Error) -> Int32 {
 /// Runs `body` and answers the request with its errno when it throws.
 @inline(__always)
 private func answer(_ req: fuse_req_t?, _ body: (BridgeContext) throws -> Void) {
+    let context = bridge(req)
+    context.requests.wrappingAdd(1, ordering: .relaxed)
     do {
-        try body(bridge(req))
+        try body(context)
     } catch {
         fuse_reply_err(req, errnoOf(error))
     }

@@ -5,9 +5,14 @@ struct Encfsd: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "encfsd",
         abstract: "A FUSE filesystem of transparently encrypted, authenticated, crash-safe files.",
+        version: EncfsdVersion.string,
         subcommands: [InitCommand.self, MountCommand.self, UmountCommand.self, KeyCommand.self, PolicyCommand.self,
-                      NonceCommand.self, FsckCommand.self, BenchCommand.self])
+                      NonceCommand.self, StatusCommand.self, InfoCommand.self, FsckCommand.self, BenchCommand.self])
 }
+
+// Started by mount(8) (as mount.fuse.encfsd, or by mount.fuse3 as `encfsd STORE DIR -o ...`)?
+let subcommandNames = Set(Encfsd.configuration.subcommands.map { $0.configuration.commandName ?? "" } + ["help"])
+if MountHelper.isInvocation(CommandLine.arguments, subcommands: subcommandNames) { MountHelper.run(CommandLine.arguments) }
 
 // fsck(8) reports usage errors with status 16; everything else uses ArgumentParser's codes.
 do {

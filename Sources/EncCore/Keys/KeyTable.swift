@@ -109,6 +109,11 @@ public final class KeyTable: Sendable {
         entries.withLock { $0[identifier]?.lingering }
     }
 
+    /// Every key the table knows: present or incompletely removed (for `encfsd status`).
+    public func identifiers() -> [KeyIdentifier] {
+        entries.withLock { Array($0.keys) }
+    }
+
     public func status(of identifier: KeyIdentifier, uid: UInt32) -> Status {
         entries.withLock { table in
             guard let entry = table[identifier] else { return .absent }

@@ -351,7 +351,9 @@ final class ExtentFile: @unchecked Sendable {
         modifiedAt = now
     }
 
-    var needsCommitForMemory: Bool { (dirty.count + sealed.count) * geometry.extentSize >= Self.dirtyLimitBytes }
+    var needsCommitForMemory: Bool { bufferedBytes >= Self.dirtyLimitBytes }
+    /// Plaintext bytes of whole extents held uncommitted (reported by `encfsd status`).
+    var bufferedBytes: Int { (dirty.count + sealed.count) * geometry.extentSize }
 
     // MARK: committing
 

@@ -148,13 +148,8 @@ struct KeyStatus: ParsableCommand {
             guard let status = FscryptIoctl.KeyStatusArgument.decode(reply) else {
                 throw CLIError("Error getting encryption key status: malformed reply")
             }
-            switch status.status {
-            case FscryptIoctl.KeyStatusArgument.absent: print("Absent")
-            case FscryptIoctl.KeyStatusArgument.incompletelyRemoved: print("Incompletely removed")
-            default:
-                let bySelf = status.statusFlags & FscryptIoctl.KeyStatusArgument.addedBySelf != 0 ? ", added_by_self" : ""
-                print("Present (user_count=\(status.userCount)\(bySelf))")
-            }
+            print(KeyState.text(KeyState.name(status.status), userCount: status.userCount,
+                                addedBySelf: status.statusFlags & FscryptIoctl.KeyStatusArgument.addedBySelf != 0))
         }
     }
 }

@@ -25,14 +25,20 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Stay in the foreground; log to standard error.")
     var foreground = false
 
-    @Option(name: .customShort("o"), help: "Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, ...")
+    @Option(name: .customShort("o"), help: ArgumentHelp("Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, ...", valueName: "options"))
     var options: [String] = []
 
     @Option(help: "Most request threads.")
     var threads = 16
 
-    @Option(help: "Where the background daemon logs (default: discard).")
+    @Option(help: "Where the background daemon logs (default: syslog, identifier encfsd, facility daemon).")
     var logFile: String?
+
+    @Option(help: "How much the daemon logs: error, warning, notice, info or debug.")
+    var logLevel: LogLevel = .notice
+
+    @Option(help: "Unmount after this long with no open file and no request: 30s, 10m, 2h, ...")
+    var idle: DurationArgument?
 
     @Option(help: "Unlock with this raw key file at start (repeatable), e.g. $CREDENTIALS_DIRECTORY/key under systemd. Keys already in your keyring are loaded anyway.")
     var keyFile: [String] = []
@@ -68,12 +74,15 @@ struct MountCommand: ParsableCommand {
             daemon.keyQuota = keyQuota
             daemon.unlockFromKeyring = !noKeyring
             daemon.keyFiles = keyFile
+            daemon.logLevel = logLevel
+            daemon.idle = idle?.duration
             try daemon.serve()
         } else {
             var arguments = ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)", "--key-quota", "\(keyQuota)"]
             if noKeyring { arguments.append("--no-keyring") }
             arguments += options.flatMap { ["-o", $0] }
             if let logFile { arguments += ["--log-file", logFile] }
+            arguments += ["--log-level", logLevel.rawValue] + (idle.map { ["--idle", $0.text] } ?? [])
             arguments += keyFile.flatMap { ["--key-file", $0] }
             try Background.start(arguments: arguments)
         }

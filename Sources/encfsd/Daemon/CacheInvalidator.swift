@@ -26,6 +26,7 @@ final class CacheInvalidator: Sendable {
     /// under a lock): the invalidation and keyring revocation run on their own thread.
     func keyWiped(_ identifier: KeyIdentifier, keys: KeyTable) {
         Thread.detachNewThread { [self] in
+            Log.notice("key \(identifier) wiped from memory")
             invalidate(policy: identifier)
             for claim in keys.takeRevocations(identifier) {
                 Keyring.asUser(uid: claim.uid, gid: UInt32.max) { Keyring.revoke(claim.serial) }

@@ -10,6 +10,8 @@ import Glibc
 struct ControlHandler: Sendable {
     let volume: Volume
     let keyService: KeyService
+    /// When the mount came up (the handler is made as the file system is), for `encfsd status`.
+    let started = UInt64(time(nil))
 
     func handle(node: UInt64, command: UInt32, input: [UInt8], outputSize: Int, context: RequestContext) throws -> IoctlReply {
         switch command {
@@ -22,6 +24,7 @@ struct ControlHandler: Sendable {
                 throw StoreError.invalidArgument
             }
             let identifier = try keyService.add(serial: argument.keyringSerial, context: context)
+            Log.notice("key \(identifier) added by uid \(context.uid)")
             let reply = ControlProtocol.AddKeyArgument(source: .keyring, keyringSerial: argument.keyringSerial,
                                                        identifier: identifier.bytes)
             return IoctlReply(output: reply.encoded())
@@ -29,8 +32,10 @@ struct ControlHandler: Sendable {
         case FscryptIoctl.removeKey, FscryptIoctl.removeKeyAllUsers:
             guard outputSize == FscryptIoctl.RemoveKeyArgument.byteCount,
                   var argument = FscryptIoctl.RemoveKeyArgument.decode(input) else { throw StoreError.invalidArgument }
-            argument.statusFlags = try keyService.remove(argument.identifier, allUsers: command == FscryptIoctl.removeKeyAllUsers,
-                                                         context: context)
+            let allUsers = command == FscryptIoctl.removeKeyAllUsers
+            argument.statusFlags = try keyService.remove(argument.identifier, allUsers: allUsers, context: context)
+            Log.notice("key \(argument.identifier) removed by uid \(context.uid)\(allUsers ? " for all users" : "")"
+                       + Self.removalOutcome(argument.statusFlags))
             return IoctlReply(output: argument.encoded())
 
         case FscryptIoctl.getKeyStatus:
@@ -61,8 +66,41 @@ struct ControlHandler: Sendable {
             let (policy, own) = try volume.policy(of: node)
             return IoctlReply(output: ControlProtocol.PolicyArgument(identifier: policy, flags: own ? ControlProtocol.PolicyArgument.ownPolicy : 0).encoded())
 
+        case ControlProtocol.getStatus:
+            guard outputSize == ControlProtocol.StatusArgument.byteCount else { throw StoreError.invalidArgument }
+            return IoctlReply(output: status(context).encoded())
+
         default:
             throw StoreError.system(ENOTTY)
         }
+    }
+
+    /// The daemon's state for `encfsd status`; key states are as the caller sees them (its own
+    /// claim shows as added_by_self), as FS_IOC_GET_ENCRYPTION_KEY_STATUS reports them.
+    private func status(_ context: RequestContext) -> ControlProtocol.StatusArgument {
+        var reply = ControlProtocol.StatusArgument()
+        let activity = volume.activity()
+        reply.pid = UInt32(getpid())
+        reply.formatVersion = UInt32(volume.config.version)
+        reply.started = started
+        reply.openFiles = UInt64(activity.openFiles)
+        reply.openDirectories = UInt64(activity.openDirectories)
+        reply.bufferedBytes = UInt64(activity.bufferedBytes)
+        reply.journalEntries = UInt64(activity.journalEntries)
+        reply.journalBytes = UInt64(activity.journalBytes)
+        let root = volume.config.rootIdentifier
+        let others = volume.knownPolicies().union(volume.keys.identifiers()).subtracting([root]).sorted { $0.hex < $1.hex }
+        reply.policies = ([root] + others).map { identifier in
+            let key = keyService.status(identifier, context: context)
+            return .init(identifier: identifier, status: key.status, statusFlags: key.statusFlags, userCount: key.userCount,
+                         flags: identifier == root ? ControlProtocol.StatusArgument.rootPolicy : 0)
+        }
+        return reply
+    }
+
+    private static func removalOutcome(_ flags: UInt32) -> String {
+        if flags & FscryptIoctl.RemoveKeyArgument.otherUsers != 0 { return "; other users still hold it" }
+        if flags & FscryptIoctl.RemoveKeyArgument.filesBusy != 0 { return "; files still open: incompletely removed" }
+        return ""
     }
 }

@@ -21,6 +21,9 @@ struct Daemon {
     /// How many keys a non-root user may claim (EDQUOT past it).
     var keyQuota = 200
     var unlockFromKeyring = true
+    var logLevel = LogLevel.notice
+    /// Unmount after this long without open files or requests (`--idle`).
+    var idle: Duration?
 
     func serve() throws {
         signal(SIGPIPE, SIG_IGN)
@@ -28,6 +31,9 @@ struct Daemon {
         signal(SIGXFSZ, SIG_IGN)
         Sys.limitMallocArenas(2)
         if reportReady { _ = setsid() }
+        // --log-file, else syslog in the background, else standard error (a terminal, or the
+        // journal under systemd).
+        try Log.start(logFile.map { .file($0) } ?? (reportReady ? .syslog : .standardError), level: logLevel)
         raiseDescriptorLimit()
         // Held until the process ends (the kernel drops it then, however the daemon dies).
         let lock: StoreLock
@@ -43,9 +49,11 @@ struct Daemon {
         invalidator.attach(volume: volume)
         let keyService = KeyService(keys: keys, invalidator: invalidator)
         try Self.unlock(keys, withKeyFiles: keyFiles)
-        if unlockFromKeyring { _ = keyService.addKeysFromUserKeyring() }
+        let fromKeyring = unlockFromKeyring ? keyService.addKeysFromUserKeyring() : []
+        for identifier in fromKeyring { Log.notice("key \(identifier) added at start") }
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
         invalidator.attach(session: session)
+        if let idle { IdleUnmount.start(after: idle, session: session, volume: volume, mountpoint: mountOptions.mountpoint) }
         // The timer flush: buffered writes reach the journal within a few seconds even when a file
         // is neither closed nor synced.
         Thread.detachNewThread {
@@ -58,15 +66,20 @@ struct Daemon {
         }
         if reportReady { detach() }
         SystemdNotify.ready()
+        Log.notice("mounted \(storePath) on \(mountOptions.mountpoint)")
         try session.run()
         SystemdNotify.stopping()
+        Log.notice("unmounted \(mountOptions.mountpoint)")
     }
 
     /// Reads each key file and gives its key to the table, which then holds the only reference.
     /// A function of its own so no local outlives the loading: `serve` never returns while the
     /// daemon runs, and a debug build keeps locals alive to the end of their scope.
     private static func unlock(_ keys: KeyTable, withKeyFiles paths: [String]) throws {
-        for path in paths { try keys.add(try KeyMaterial.masterKey(path: path), claim: .init(uid: getuid(), serial: 0)) }
+        for path in paths {
+            let identifier = try keys.add(try KeyMaterial.masterKey(path: path), claim: .init(uid: getuid(), serial: 0))
+            Log.notice("key \(identifier) added at start")
+        }
     }
 
     /// The node table holds one descriptor per known object, as passthrough_hp does.

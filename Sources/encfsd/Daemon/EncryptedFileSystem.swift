@@ -27,23 +27,27 @@ final class EncryptedFileSystem: FileSystem {
                        changeTime: (a.changeTime.seconds, a.changeTime.nanoseconds))
     }
 
-    /// Integrity failures are attacks or media errors: worth a log line naming what failed.
-    private func logged<R>(_ what: @autoclosure () -> String, _ body: () throws -> R) throws -> R {
+    /// Integrity failures are attacks or media errors: worth an error in the log naming what
+    /// failed, by plaintext path when the daemon knows it (and the extent, in `why`, for data).
+    private func logged<R>(_ what: @autoclosure () -> String, node: UInt64? = nil, _ body: () throws -> R) throws -> R {
         do {
             return try body()
         } catch let error as StoreError {
-            if let why = error.integrityFailure { Diagnostics.report("\(what()): \(why)") }
+            if let why = error.integrityFailure {
+                let path = node.flatMap { volume.plaintextPath(of: $0) }.map { " (\($0))" } ?? ""
+                Log.error("integrity failure: \(what())\(path): \(why)")
+            }
             throw error
         }
     }
 
     func lookup(parent: UInt64, name: [UInt8]) throws -> Entry {
-        try logged("lookup in node \(parent)") { entry(try volume.lookup(parent: parent, name: name)) }
+        try logged("lookup in node \(parent)", node: parent) { entry(try volume.lookup(parent: parent, name: name)) }
     }
 
     func forget(_ node: UInt64, count: UInt64) { volume.forget(node, count: count) }
 
-    func getattr(_ node: UInt64) throws -> FileAttributes { try logged("getattr of node \(node)") { Self.convert(try volume.getattr(node)) } }
+    func getattr(_ node: UInt64) throws -> FileAttributes { try logged("getattr of node \(node)", node: node) { Self.convert(try volume.getattr(node)) } }
 
     func setattr(_ node: UInt64, _ changes: SetAttributes) throws -> FileAttributes {
         var c = AttributeChanges()
@@ -60,26 +64,26 @@ final class EncryptedFileSystem: FileSystem {
         }
         c.accessTime = time(changes.accessTime)
         c.modificationTime = time(changes.modificationTime)
-        return try logged("setattr of node \(node)") { Self.convert(try volume.setattr(node, c)) }
+        return try logged("setattr of node \(node)", node: node) { Self.convert(try volume.setattr(node, c)) }
     }
 
-    func readlink(_ node: UInt64) throws -> [UInt8] { try logged("readlink of node \(node)") { try volume.readlink(node) } }
+    func readlink(_ node: UInt64) throws -> [UInt8] { try logged("readlink of node \(node)", node: node) { try volume.readlink(node) } }
 
     private func caller(_ context: RequestContext) -> Caller { Caller(uid: context.uid, gid: context.gid) }
 
     func mknod(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt64, context: RequestContext) throws -> Entry {
-        try logged("mknod in node \(parent)") { entry(try volume.mknod(parent: parent, name: name, mode: mode, rdev: rdev, caller: caller(context))) }
+        try logged("mknod in node \(parent)", node: parent) { entry(try volume.mknod(parent: parent, name: name, mode: mode, rdev: rdev, caller: caller(context))) }
     }
 
     func mkdir(parent: UInt64, name: [UInt8], mode: UInt32, context: RequestContext) throws -> Entry {
-        try logged("mkdir in node \(parent)") { entry(try volume.mkdir(parent: parent, name: name, mode: mode, caller: caller(context))) }
+        try logged("mkdir in node \(parent)", node: parent) { entry(try volume.mkdir(parent: parent, name: name, mode: mode, caller: caller(context))) }
     }
 
-    func unlink(parent: UInt64, name: [UInt8]) throws { try logged("unlink in node \(parent)") { try volume.unlink(parent: parent, name: name) } }
-    func rmdir(parent: UInt64, name: [UInt8]) throws { try logged("rmdir in node \(parent)") { try volume.rmdir(parent: parent, name: name) } }
+    func unlink(parent: UInt64, name: [UInt8]) throws { try logged("unlink in node \(parent)", node: parent) { try volume.unlink(parent: parent, name: name) } }
+    func rmdir(parent: UInt64, name: [UInt8]) throws { try logged("rmdir in node \(parent)", node: parent) { try volume.rmdir(parent: parent, name: name) } }
 
     func symlink(target: [UInt8], parent: UInt64, name: [UInt8], context: RequestContext) throws -> Entry {
-        try logged("symlink in node \(parent)") { entry(try volume.symlink(parent: parent, name: name, target: target, caller: caller(context))) }
+        try logged("symlink in node \(parent)", node: parent) { entry(try volume.symlink(parent: parent, name: name, target: target, caller: caller(context))) }
     }
 
     func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32) throws {
@@ -90,49 +94,49 @@ final class EncryptedFileSystem: FileSystem {
         case Sys.renameExchange: mode = .exchange
         default: throw StoreError.invalidArgument // RENAME_WHITEOUT is for overlay upper layers only
         }
-        try logged("rename in node \(parent)") {
+        try logged("rename in node \(parent)", node: parent) {
             try volume.rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
         }
     }
 
     func link(_ node: UInt64, newParent: UInt64, newName: [UInt8]) throws -> Entry {
-        try logged("link of node \(node)") { entry(try volume.link(node, newParent: newParent, newName: newName)) }
+        try logged("link of node \(node)", node: node) { entry(try volume.link(node, newParent: newParent, newName: newName)) }
     }
 
     func open(_ node: UInt64, flags: Int32) throws -> OpenReply {
-        let handle = try logged("open of node \(node)") { try volume.open(node, truncate: flags & O_TRUNC != 0) }
+        let handle = try logged("open of node \(node)", node: node) { try volume.open(node, truncate: flags & O_TRUNC != 0) }
         return OpenReply(handle: handle, keepCache: true)
     }
 
     func create(parent: UInt64, name: [UInt8], mode: UInt32, flags: Int32, context: RequestContext) throws -> (Entry, OpenReply) {
-        let (node, attributes, handle) = try logged("create in node \(parent)") {
+        let (node, attributes, handle) = try logged("create in node \(parent)", node: parent) {
             try volume.create(parent: parent, name: name, mode: mode, caller: caller(context))
         }
         return (Entry(node: node, attributes: Self.convert(attributes)), OpenReply(handle: handle, keepCache: true))
     }
 
     func read(_ node: UInt64, handle: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
-        try logged("read of node \(node) at \(offset)") { try volume.read(handle: handle, offset: offset, into: buffer) }
+        try logged("read of node \(node) at \(offset)", node: node) { try volume.read(handle: handle, offset: offset, into: buffer) }
     }
 
     func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
-        try logged("write to node \(node) at \(offset)") { try volume.write(handle: handle, offset: offset, data: data) }
+        try logged("write to node \(node) at \(offset)", node: node) { try volume.write(handle: handle, offset: offset, data: data) }
         return data.count
     }
 
-    func flush(_ node: UInt64, handle: UInt64) throws { try logged("flush of node \(node)") { try volume.flush(handle: handle) } }
-    func release(_ node: UInt64, handle: UInt64) throws { try logged("release of node \(node)") { try volume.release(handle: handle) } }
+    func flush(_ node: UInt64, handle: UInt64) throws { try logged("flush of node \(node)", node: node) { try volume.flush(handle: handle) } }
+    func release(_ node: UInt64, handle: UInt64) throws { try logged("release of node \(node)", node: node) { try volume.release(handle: handle) } }
     func fsync(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws {
-        try logged("fsync of node \(node)") { try volume.fsync(handle: handle, dataOnly: dataOnly) }
+        try logged("fsync of node \(node)", node: node) { try volume.fsync(handle: handle, dataOnly: dataOnly) }
     }
 
     func fallocate(_ node: UInt64, handle: UInt64, mode: Int32, offset: UInt64, length: UInt64) throws {
         // Mode 0 and FALLOC_FL_KEEP_SIZE reserve space; punching and zeroing ranges are not offered.
         guard mode == 0 || mode == 1 else { throw StoreError.notSupported }
-        try logged("fallocate of node \(node)") { try volume.fallocate(handle: handle, offset: offset, length: length, keepSize: mode == 1) }
+        try logged("fallocate of node \(node)", node: node) { try volume.fallocate(handle: handle, offset: offset, length: length, keepSize: mode == 1) }
     }
 
-    func opendir(_ node: UInt64) throws -> UInt64 { try logged("opendir of node \(node)") { try volume.openDirectory(node) } }
+    func opendir(_ node: UInt64) throws -> UInt64 { try logged("opendir of node \(node)", node: node) { try volume.openDirectory(node) } }
 
     func readdir(_ node: UInt64, handle: UInt64, offset: Int, limit: Int) throws -> ArraySlice<DirectoryItem> {
         let entries = try volume.readDirectory(handle: handle, from: offset).prefix(limit)
@@ -141,12 +145,12 @@ final class EncryptedFileSystem: FileSystem {
 
     func lookup(parent: UInt64, listed item: DirectoryItem) throws -> Entry {
         let listed = DirectoryEntry(name: item.name, inode: item.inode, typeBits: item.typeBits, backingName: item.lookupKey)
-        return try logged("lookup in node \(parent)") { entry(try volume.lookup(parent: parent, listed: listed)) }
+        return try logged("lookup in node \(parent)", node: parent) { entry(try volume.lookup(parent: parent, listed: listed)) }
     }
 
     func releasedir(_ node: UInt64, handle: UInt64) { volume.releaseDirectory(handle: handle) }
     func fsyncdir(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws {
-        try logged("fsyncdir of node \(node)") { try volume.fsyncDirectory(node) }
+        try logged("fsyncdir of node \(node)", node: node) { try volume.fsyncDirectory(node) }
     }
 
     func statfs(_ node: UInt64) throws -> VolumeStatistics {
@@ -162,16 +166,16 @@ final class EncryptedFileSystem: FileSystem {
         case 2: .replace
         default: throw StoreError.invalidArgument
         }
-        try logged("setxattr of node \(node)") { try volume.setxattr(node, name: name, value: value, mode: mode) }
+        try logged("setxattr of node \(node)", node: node) { try volume.setxattr(node, name: name, value: value, mode: mode) }
     }
 
     func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8] {
-        try logged("getxattr of node \(node)") { try volume.getxattr(node, name: name) }
+        try logged("getxattr of node \(node)", node: node) { try volume.getxattr(node, name: name) }
     }
 
-    func listxattr(_ node: UInt64) throws -> [[UInt8]] { try logged("listxattr of node \(node)") { try volume.listxattr(node) } }
+    func listxattr(_ node: UInt64) throws -> [[UInt8]] { try logged("listxattr of node \(node)", node: node) { try volume.listxattr(node) } }
     func removexattr(_ node: UInt64, name: [UInt8]) throws {
-        try logged("removexattr of node \(node)") { try volume.removexattr(node, name: name) }
+        try logged("removexattr of node \(node)", node: node) { try volume.removexattr(node, name: name) }
     }
 
     func ioctl(_ node: UInt64, command: UInt32, input: [UInt8], outputSize: Int, context: RequestContext) throws -> IoctlReply {
