@@ -61,6 +61,8 @@ static inline int encfsd_file_handle(int dirfd, const char *name, int flags, uns
 }
 static const int encfsd_RESOLVE_NO_XDEV_FLAG = 0x01;
 
+static inline int encfsd_syncfs(int fd) { return (int)syscall(SYS_syncfs, fd); }
+
 static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
     return (int)syscall(SYS_fallocate, fd, mode, offset, len);
 }

@@ -205,3 +205,19 @@ def test_a_directory_moved_out_of_the_store_receives_nothing(volume, tmp_path):
             pass
     assert os.listdir(moved_journal) == []
     assert daemon_pids(v.mnt) == v.pids
+
+
+def test_a_burst_of_renames_never_runs_out_of_binding_space(volume):
+    """Renames leave the old name's binding in the header until the rename is durable (dropping
+    it first could lose the file to a power cut); a header full of them drops them at once."""
+    v = volume
+    (v.mnt / "n0").write_bytes(b"moving")
+    for i in range(300):
+        os.rename(v.mnt / f"n{i}", v.mnt / f"n{i + 1}")
+    assert os.listdir(v.mnt) == ["n300"]
+    assert (v.mnt / "n300").read_bytes() == b"moving"
+    v.unmount()
+    r = run(v.binary, "fsck", v.store, "--key-file", v.key_file, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    v.mount()
+    assert (v.mnt / "n300").read_bytes() == b"moving"

@@ -134,6 +134,11 @@ public enum Sys {
         OperationLog.shared.record(.sync(inode: inode(fd)))
     }
 
+    /// Commits the whole filesystem behind `fd` (directory entries included).
+    public static func syncfs(_ fd: Int32) throws {
+        _ = try retrying { encfsd_syncfs(fd) }
+    }
+
     public static func fdatasync(_ fd: Int32) throws {
         _ = try retrying { Glibc.fdatasync(fd) }
         OperationLog.shared.record(.sync(inode: inode(fd)))

@@ -200,6 +200,16 @@ extension Volume {
 
     func addBinding(_ binding: Binding, to node: Node) throws {
         let key = try headerKey(node)
+        do {
+            try appendBinding(binding, to: node, key: key)
+        } catch StoreError.tooManyLinks {
+            // The header may be full of bindings that wait to be dropped: drop them now.
+            dropStaleBindings()
+            try appendBinding(binding, to: node, key: key)
+        }
+    }
+
+    private func appendBinding(_ binding: Binding, to node: Node, key: MasterKey) throws {
         try mutateHeader(node, key: key, sync: true) { header in
             guard !header.bindings.contains(binding) else { return }
             guard header.fits(extraBytes: ObjectHeader.bindingBytes(binding)) else { throw StoreError.tooManyLinks }

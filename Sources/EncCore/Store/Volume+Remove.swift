@@ -20,7 +20,7 @@ extension Volume {
         try Sys.unlinkAt(dirFD.raw, backing)
         forgetLocation(Location(parent: dir, name: backing), inode: UInt64(st.st_ino))
         if let survivor, let (_, dirHeader) = try? namingDirectory(dir) {
-            try? removeBinding(Binding.digest(parentID: dirHeader.objectID, backingName: backing), from: survivor)
+            bindingWentStale(Binding.digest(parentID: dirHeader.objectID, backingName: backing), of: survivor)
         }
         if let survivor { release(survivor) }
     }

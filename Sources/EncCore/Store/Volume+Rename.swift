@@ -80,7 +80,7 @@ extension Volume {
             forgetLocation(to, inode: replaced)
         }
         source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
-        try? removeBinding(oldBinding.digest, from: source)
-        if let target { try? removeBinding(newBinding.digest, from: target) }
+        bindingWentStale(oldBinding.digest, of: source)
+        if let target { bindingWentStale(newBinding.digest, of: target) }
     }
 }

@@ -28,6 +28,8 @@ public final class Volume: Sendable {
     /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
     let directories: DirectoryDescriptorCache
     let openFiles: OpenFileBudget
+    /// Bindings to drop once the renames and unlinks that made them stale are durable.
+    let staleBindings = Mutex<[StaleBinding]>([])
     /// Where the store's directory is: every directory the store changes must lie beneath it.
     let rootPlace: Sys.Place
 

@@ -62,12 +62,14 @@ struct Daemon {
                 // Trimming returns freed extent buffers to the kernel; while writes are under way
                 // they would only be faulted in again, so the heap is trimmed once writing stops.
                 if !volume.commitIdleFiles(olderThan: .seconds(2)) { Sys.trimMalloc() }
+                volume.dropStaleBindings()
             }
         }
         if reportReady { detach() }
         SystemdNotify.ready()
         Log.notice("mounted \(storePath) on \(mountOptions.mountpoint)")
         try session.run()
+        volume.dropStaleBindings()
         SystemdNotify.stopping()
         Log.notice("unmounted \(mountOptions.mountpoint)")
     }

@@ -1,0 +1,59 @@
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A name binding an object keeps after a rename or unlink moved it off that name.
+struct StaleBinding {
+    let node: Node
+    let digest: [UInt8]
+}
+
+/// Dropping a binding must never reach the disk before the namespace change that made it stale:
+/// were the header written and the backing rename (or unlink) lost to a power cut, the object
+/// would sit at its old name without a binding for it, EIO, lost. A sync of the directories per
+/// rename would order them, at a cost every `mv` pays; instead stale bindings wait here, and the
+/// daemon's timer drops them about once a second, after one `syncfs` has made every rename
+/// before it durable. A leftover binding meanwhile only keeps an old name valid for that object.
+extension Volume {
+    func bindingWentStale(_ digest: [UInt8], of node: Node) {
+        staleBindings.withLock { $0.append(StaleBinding(node: node, digest: digest)) }
+    }
+
+    /// Makes the namespace durable, then drops the bindings that went stale before it, except
+    /// those that are current names again (renamed back meanwhile).
+    public func dropStaleBindings() {
+        let pending = staleBindings.withLock { list -> [StaleBinding] in
+            defer { list.removeAll() }
+            return list
+        }
+        guard !pending.isEmpty else { return }
+        do {
+            let root = try directoryFD(try node(Self.rootID))
+            // syncfs needs a real open (an O_PATH descriptor gives EBADF).
+            let listing = try withExtendedLifetime(root) { try Sys.listingDescriptor(root.raw) }
+            try withExtendedLifetime(listing) { try Sys.syncfs(listing.raw) }
+        } catch {
+            Diagnostics.report("could not make renames durable to drop stale name bindings: \(error)")
+            // Not known durable: keep them for the next round.
+            staleBindings.withLock { $0.insert(contentsOf: pending, at: 0) }
+            return
+        }
+        for stale in pending where !currentBindingDigests(of: stale.node).contains(stale.digest) {
+            do {
+                try removeBinding(stale.digest, from: stale.node)
+            } catch StoreError.noKey {
+                // Without the key the header cannot be resealed; the binding stays, harmlessly.
+            } catch {
+                Diagnostics.report("could not drop a stale name binding of object \(stale.node.id): \(error)")
+            }
+        }
+    }
+
+    /// The digests of the names an object is entered by now.
+    private func currentBindingDigests(of node: Node) -> [[UInt8]] {
+        node.state.withLock { $0.locations }.map { location in
+            Binding.digest(parentID: location.parent.state.withLock { $0.header.objectID }, backingName: location.name)
+        }
+    }
+}
