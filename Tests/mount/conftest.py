@@ -20,6 +20,7 @@ import errno
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -199,6 +200,15 @@ class Volume:
         d = directory or self.store
         return {n for n in os.listdir(d) if n not in (".d", "encfsd.conf", ".journal")}
 
+    def new_backing(self, directory: Path, action) -> str:
+        """Runs action (which creates one object through the mount) and returns the backing
+        entry it added to the backing directory `directory`, relative to the store."""
+        before = set(os.listdir(directory))
+        action()
+        added = set(os.listdir(directory)) - before
+        assert len(added) == 1, f"expected one new backing entry in {directory}, got {added}"
+        return os.path.relpath(directory / added.pop(), self.store)
+
 
 def purge_encfsd_keys():
     """Unlinks every encfsd: key from the user keyring, so tests do not unlock each other."""
@@ -286,6 +296,21 @@ def mounted(volume):
     return volume.store, volume.mnt
 
 
+_SUMMARY_LINES = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def summary_line(request):
+    """summary_line(text): shows text in the terminal summary at the end of the run, whether or
+    not output is captured (-q included)."""
+    return lambda text: request.config.stash.setdefault(_SUMMARY_LINES, []).append(text)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for text in config.stash.get(_SUMMARY_LINES, []):
+        terminalreporter.write_line(text)
+
+
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item, call):
     rep = yield
@@ -326,3 +351,27 @@ def read_range(path: Path, offset: int, count: int) -> bytes:
 
 def read_all(path: Path) -> bytes:
     return read_range(path, 0, 1 << 30)
+
+
+def call_with_timeout(fn, timeout: float):
+    """Runs fn in a thread: ("ok", result), ("err", errno) for an OSError, or ("hang", None) if it
+    has not returned within timeout seconds (a file system operation that the daemon never
+    answers; the thread stays blocked until the daemon is killed). Other exceptions propagate."""
+    box = {}
+
+    def target():
+        try:
+            box["ok"] = fn()
+        except OSError as e:
+            box["err"] = e.errno
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["exc"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return "hang", None
+    if "exc" in box:
+        raise box["exc"]
+    return ("err", box["err"]) if "err" in box else ("ok", box["ok"])

@@ -38,14 +38,14 @@ import signal
 import stat
 import struct
 import subprocess
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
-from conftest import Volume, _pid_alive, daemon_pids, is_mounted, read_all, run, wait_pids_gone
+from conftest import (Volume, _pid_alive, call_with_timeout, daemon_pids, is_mounted, read_all, run,
+                      wait_pids_gone)
 
 E = 4096
 MOUNT_TIMEOUT = 15
@@ -149,14 +149,6 @@ def object_id(header_region: bytes) -> str:
     return slot[56:72].hex()
 
 
-def new_backing(volume: Volume, directory: Path, action: Callable[[], None]) -> str:
-    before = set(os.listdir(directory))
-    action()
-    added = set(os.listdir(directory)) - before
-    assert len(added) == 1, f"expected one new backing entry in {directory}, got {added}"
-    return os.path.relpath(directory / added.pop(), volume.store)
-
-
 @pytest.fixture(scope="module")
 def pristine(encfsd_bin, tmp_path_factory) -> Pristine:
     base = tmp_path_factory.mktemp("hostile")
@@ -171,9 +163,9 @@ def pristine(encfsd_bin, tmp_path_factory) -> Pristine:
     try:
         def make(path: str, data: bytes | None, parent: Path = s):
             if data is None:
-                backing[path] = new_backing(v, parent, lambda: (m / path).mkdir())
+                backing[path] = v.new_backing(parent, lambda: (m / path).mkdir())
             else:
-                backing[path] = new_backing(v, parent, lambda: (m / path).write_bytes(data))
+                backing[path] = v.new_backing(parent, lambda: (m / path).write_bytes(data))
 
         make("ok.txt", OK_TEXT)
         make("big", BIG)
@@ -321,28 +313,12 @@ class Ctx:
         """("ok", value) | ("err", errno) | ("hang", None) | ("skipped", None)."""
         if self.hung:
             return "skipped", None
-        box = {}
-
-        def target():
-            try:
-                box["ok"] = fn()
-            except OSError as e:
-                box["err"] = e.errno
-            except BaseException as e:  # noqa: BLE001 - reported below, in the test's thread
-                box["exc"] = e
-
-        t = threading.Thread(target=target, daemon=True)
-        t.start()
-        t.join(timeout)
-        if t.is_alive():
+        status, value = call_with_timeout(fn, timeout)
+        if status == "hang":
             self.problems.append(f"{what}: hung (no answer in {timeout}s); daemon killed")
             self.hung = True
             kill_daemon(self.v)
-            t.join(10)
-            return "hang", None
-        if "exc" in box:
-            raise box["exc"]
-        return ("err", box["err"]) if "err" in box else ("ok", box["ok"])
+        return status, value
 
     def expect(self, what: str, fn: Callable, allowed: set, check: Callable | None = None):
         """allowed: errno values and/or "ok"; check(value) -> problem text or None on success."""
