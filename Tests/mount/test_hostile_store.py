@@ -1,7 +1,7 @@
 """A hostile store: at every name the daemon or fsck opens, an attacker with write access to the
 backing store plants a symlink to something outside the store (a copy of the genuine object
 where there is one, so that following it would *work*), a symlink to a path outside that does
-not exist, a FIFO, a character device, a block device (a loop device over a file of this test),
+not exist, a FIFO, a socket, a character device, a block device (a loop device over a file of this test),
 or an object of the other type (a directory where a file belongs, a file where a directory
 belongs). Then the mount and fsck are driven over it.
 
@@ -38,6 +38,7 @@ import signal
 import stat
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -229,7 +230,8 @@ def loop_device(tmp_path_factory):
 
 # --- planting ----------------------------------------------------------------------------------
 
-KINDS = ["symlink", "dangling-symlink", "fifo", "chardev", "blockdev", "wrong-type"]
+KINDS = ["symlink", "dangling-symlink", "fifo", "socket", "chardev", "blockdev", "wrong-type"]
+SPECIAL = ("fifo", "socket", "chardev", "blockdev")
 
 
 @dataclass
@@ -269,6 +271,10 @@ def plant(site_path: Path, kind: str, expects: str, outside: Path, rdev_block: i
         return []
     if kind == "fifo":
         os.mkfifo(site_path, 0o600)
+    elif kind == "socket":
+        # bound from the directory itself: a socket's path must fit in 108 bytes
+        run(sys.executable, "-c", f"import socket; socket.socket(socket.AF_UNIX).bind({site_path.name!r})",
+            cwd=site_path.parent)
     elif kind == "chardev":
         os.mknod(site_path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))    # a /dev/null
     elif kind == "blockdev":
@@ -555,7 +561,7 @@ def test_hostile_store(site_name, kind, pristine, pending, loop_device, volumes,
     try:
         watch.add_tree(outside, "outside")
         for p in planted:
-            special = kind in ("fifo", "chardev", "blockdev")
+            special = kind in SPECIAL
             # A regular file at an entry name looks like any file object, so opening it read-write
             # is fair; writing to it, or creating in a planted directory, is not.
             watch.add(p, (IN_OPEN | IN_MODIFY | IN_CLOSE_WRITE) if special

@@ -70,6 +70,15 @@ class Model:
                 out.append(path)
         return out
 
+    def label(self, rel: str) -> str:
+        """A backing path as the plaintext it holds (backing names differ from build to build)."""
+        for path in sorted(self.backing):
+            if self.backing[path] == rel:
+                return f"/{path}"
+            if os.path.join(self.backing[path], ".d") == rel:
+                return f"/{path} (.d)"
+        return rel
+
     def headers(self) -> list[str]:
         """Backing paths of every header file: objects' backing files and directories' `.d`."""
         return [self.backing[p] for p in self.objects()] + [os.path.join(self.backing[d], ".d") for d in sorted(self.dirs)]
@@ -273,7 +282,7 @@ class Trial:
         self.note_root(rel)
         size = self.rng.randrange(self.path(rel).stat().st_size)
         os.truncate(self.path(rel), size)
-        return f"{rel} truncated to {size}"
+        return f"{self.model.label(rel)} truncated to {size}"
 
     def zero_range(self):
         rel = self.pick(self.model.headers())
@@ -284,7 +293,7 @@ class Trial:
         with open(self.path(rel), "r+b") as f:
             f.seek(offset)
             f.write(bytes(length))
-        return f"{rel}: {length} bytes zeroed at {offset}"
+        return f"{self.model.label(rel)}: {length} bytes zeroed at {offset}"
 
     def swap_files(self):
         group = self.pick([[self.model.backing[p] for p in self.model.objects()],
@@ -295,18 +304,18 @@ class Trial:
         da, db = self.path(a).read_bytes(), self.path(b).read_bytes()
         self.path(a).write_bytes(db)
         self.path(b).write_bytes(da)
-        return f"contents of {a} and {b} swapped"
+        return f"contents of {self.model.label(a)} and {self.model.label(b)} swapped"
 
     def stale_copy(self):
-        candidates = [(rel, i) for i, snap in enumerate(self.model.stages[:-1]) for rel in sorted(snap)
-                      if rel in self.model.stages[-1] and snap[rel] != self.model.stages[-1][rel]
-                      and rel != "encfsd.conf"]
+        candidates = sorted(((rel, i) for i, snap in enumerate(self.model.stages[:-1]) for rel in snap
+                             if rel in self.model.stages[-1] and snap[rel] != self.model.stages[-1][rel]
+                             and rel != "encfsd.conf"), key=lambda c: (self.model.label(c[0]), c[1]))
         rel, i = self.pick(candidates)
         self.note_root(rel)
         with open(self.path(rel), "r+b") as f:      # in place: the backing xattrs stay
             f.write(self.model.stages[i][rel])
             f.truncate()
-        return f"{rel} restored to its copy after stage {i}"
+        return f"{self.model.label(rel)} restored to its copy after stage {i}"
 
     def entries(self) -> list[str]:
         return sorted({self.model.backing[p] for p in self.model.backing if p})
@@ -317,7 +326,7 @@ class Trial:
         i = self.rng.randrange(1 if name.startswith("~") else 0, len(name))
         new = name[:i] + self.pick([c for c in B64 if c != name[i]]) + name[i + 1:]
         os.rename(self.path(rel), self.path(os.path.join(parent, new)))
-        return f"backing name {rel} changed at character {i} to {new}"
+        return f"backing name of {self.model.label(rel)} changed at character {i}"
 
     def entry_move(self):
         rel = self.pick(self.entries())
@@ -327,7 +336,7 @@ class Trial:
                    and not self.model.backing[d].startswith(rel + "/")]
         target = self.pick(targets)
         os.rename(self.path(rel), self.path(os.path.join(target, name)))
-        return f"backing entry {rel} moved into /{target}"
+        return f"backing entry of {self.model.label(rel)} moved into {self.model.label(target)}"
 
     def backing_xattrs(self) -> list[tuple[str, str]]:
         found = []
@@ -342,14 +351,14 @@ class Trial:
         i, bit = self.rng.randrange(len(value)), self.rng.randrange(8)
         value[i] ^= 1 << bit
         os.setxattr(self.path(rel), name, bytes(value))
-        return f"xattr {name} of {rel}: byte {i} bit {bit}"
+        return f"xattr {name} of {self.model.label(rel)}: byte {i} bit {bit}"
 
     def xattr_swap(self):
         (ra, na), (rb, nb) = self.rng.sample(self.backing_xattrs(), 2)
         va, vb = os.getxattr(self.path(ra), na), os.getxattr(self.path(rb), nb)
         os.setxattr(self.path(ra), na, vb)
         os.setxattr(self.path(rb), nb, va)
-        return f"xattr values {ra}:{na} and {rb}:{nb} swapped"
+        return f"xattr values {self.model.label(ra)}:{na} and {self.model.label(rb)}:{nb} swapped"
 
     def slot_swap(self):
         rel = self.pick(self.model.headers())
@@ -358,7 +367,7 @@ class Trial:
             region = f.read(HEADER)
             f.seek(0)
             f.write(region[2048:] + region[:2048])
-        return f"header slots of {rel} swapped"
+        return f"header slots of {self.model.label(rel)} swapped"
 
     def extent_swap(self):
         full = {p: (self.path(self.model.backing[p]).stat().st_size - HEADER) // STRIDE for p in self.model.objects()}
