@@ -3,9 +3,10 @@
 A store holds every kind of object: small, multi-extent, holey and empty files, a directory
 tree, long (hashed) names, symlinks (one of them retargeted), hard links, a FIFO, a device node,
 xattrs on a file and a directory, and a file with a history (written, overwritten in place,
-extended, truncated), with the whole backing store saved after each stage. Each trial restores
+extended, truncated, then an overwrite interrupted by the daemon's death with its journal shadow
+waiting to be replayed), with the whole backing store saved after each stage. Each trial restores
 a copy of that store, applies ONE mutation to it (bit flips in headers, extents and `.d` files,
-truncations, zeroed ranges, swapped backing files, slots or extents, stale copies of whole
+truncations, zeroed ranges, damaged journal shadows, swapped backing files, slots or extents, stale copies of whole
 backing files from an earlier stage, changed or moved backing names, damaged or swapped xattr
 values), mounts it and reads everything: every read must give the plaintext of a state that
 object has had (contents, symlink target, type and device number, xattr value, directory
@@ -31,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Volume, _pid_alive, call_with_timeout, read_all, run
+from conftest import Volume, _pid_alive, call_with_timeout, read_all, run, wait_pids_gone
 
 E = 4096
 HEADER = 4096
@@ -55,6 +56,7 @@ class Model:
     xattrs: dict = field(default_factory=dict)      # (path, name) -> [values]
     backing: dict = field(default_factory=dict)     # path -> backing path relative to the store ("" = root)
     stages: list = field(default_factory=list)      # [{backing relpath: bytes}] after each stage
+    shadow: str = ""                                # the interrupted write's .journal/<object ID>
 
     def add_name(self, path: str):
         parent, _, name = path.rpartition("/")
@@ -104,7 +106,7 @@ def build(v: Volume, model: Model, rng: random.Random):
     m, s = v.mnt, v.store
     model.backing[""] = ""
 
-    def stage_done():
+    def stage_done(remount: bool = True):
         v.unmount()
         snap = {}
         for dirpath, _dirs, names in os.walk(s):
@@ -113,7 +115,8 @@ def build(v: Volume, model: Model, rng: random.Random):
                 if p.is_file() and not p.is_symlink():
                     snap[os.path.relpath(p, s)] = p.read_bytes()
         model.stages.append(snap)
-        v.mount(keyring=False)
+        if remount:
+            v.mount(keyring=False)
 
     def where(path: str) -> Path:
         return s / model.backing[path.rpartition("/")[0]]
@@ -217,11 +220,24 @@ def build(v: Volume, model: Model, rng: random.Random):
     os.truncate(m / "hist", E + 100)
     hist.append(hist[-1][:E + 100])
     stage_done()
-    # The model must describe the pristine store exactly: everything reads as its last state.
-    counts = Counter()
-    problems = verify(lambda what, fn: call_with_timeout(fn, OP_TIMEOUT), model, m, counts, [])
-    assert problems == [] and counts["error"] == counts["older"] == 0 and counts["current"] >= 25, (problems, counts)
+
+    # stage 4: an interrupted in-place overwrite. The daemon dies once hist's header carries the
+    # pending flag (its shadow complete in .journal), so every trial's first open of hist replays
+    # the shadow, whatever the mutation did to it, the header or anything else.
     v.unmount()
+    v.mount(keyring=False, env={**os.environ, "ENCFSD_FAULT_POINT": "pending-flag-set"})
+    patch = rng.randbytes(200)
+    try:
+        with open(m / "hist", "r+b") as f:
+            f.seek(10)
+            f.write(patch)
+    except OSError:
+        pass  # the daemon died in the flush of close
+    assert wait_pids_gone(v.pids, 10) == [], "the armed daemon did not die at pending-flag-set"
+    v.force_cleanup()
+    hist.append(hist[-1][:10] + patch + hist[-1][210:])
+    stage_done(remount=False)
+    model.shadow = next(rel for rel in model.stages[-1] if rel.startswith(".journal/"))
 
 
 # --- mutations ---------------------------------------------------------------------------------
@@ -317,6 +333,24 @@ class Trial:
             f.truncate()
         return f"{self.model.label(rel)} restored to its copy after stage {i}"
 
+    def journal(self):
+        """Damages the shadow that hist's first open must replay."""
+        rel = self.model.shadow
+        size = self.path(rel).stat().st_size
+        how = self.pick(["flip", "truncate", "zero"])
+        if how == "flip":
+            return f"shadow of /hist: {self.flip(rel, self.rng.randrange(size))}"
+        if how == "truncate":
+            cut = self.rng.randrange(size)
+            os.truncate(self.path(rel), cut)
+            return f"shadow of /hist truncated to {cut}"
+        offset = self.rng.randrange(size)
+        length = min(size - offset, self.rng.randint(1, STRIDE))
+        with open(self.path(rel), "r+b") as f:
+            f.seek(offset)
+            f.write(bytes(length))
+        return f"shadow of /hist: {length} bytes zeroed at {offset}"
+
     def entries(self) -> list[str]:
         return sorted({self.model.backing[p] for p in self.model.backing if p})
 
@@ -392,7 +426,7 @@ class Trial:
 
 
 MUTATIONS = ["header_bitflip", "extent_bitflip", "dird_bitflip", "truncate", "zero_range", "swap_files",
-             "stale_copy", "name_change", "entry_move", "xattr_bitflip", "xattr_swap", "slot_swap", "extent_swap"]
+             "stale_copy", "journal", "name_change", "entry_move", "xattr_bitflip", "xattr_swap", "slot_swap", "extent_swap"]
 
 
 # --- reading everything back -------------------------------------------------------------------
@@ -483,6 +517,15 @@ def test_store_fuzz(pristine, volumes, tmp_path, summary_line):
     work.mkdir()
     v = Volume(v0.binary, work, v0.key_file, E, create=False)
     volumes.append(v)
+
+    # Control: unmutated, everything reads as its last state (hist after replaying its shadow).
+    run("cp", "-a", v0.store, v.store)
+    v.mount(keyring=False)
+    counts = Counter()
+    problems = verify(lambda what, fn: call_with_timeout(fn, OP_TIMEOUT), model, v.mnt, counts, [])
+    v.unmount()
+    assert problems == [] and counts["error"] == counts["older"] == 0 and counts["current"] >= 25, (problems, counts)
+
     for t in trials:
         rng = random.Random(f"{SEED}:{t}")
         kind = MUTATIONS[t % len(MUTATIONS)]
