@@ -74,6 +74,8 @@ class Model:
 
     def label(self, rel: str) -> str:
         """A backing path as the plaintext it holds (backing names differ from build to build)."""
+        if rel == self.shadow:
+            return "the journal shadow of /hist"
         for path in sorted(self.backing):
             if self.backing[path] == rel:
                 return f"/{path}"
@@ -293,15 +295,15 @@ class Trial:
         start, length = self.header_span(self.path(rel).read_bytes())
         return f".d of /{d}: {self.flip(rel, start + self.rng.randrange(length))}"
 
-    def truncate(self):
-        rel = self.pick(self.model.headers())
+    def truncate(self, rel: str | None = None):
+        rel = rel or self.pick(self.model.headers())
         self.note_root(rel)
         size = self.rng.randrange(self.path(rel).stat().st_size)
         os.truncate(self.path(rel), size)
         return f"{self.model.label(rel)} truncated to {size}"
 
-    def zero_range(self):
-        rel = self.pick(self.model.headers())
+    def zero_range(self, rel: str | None = None):
+        rel = rel or self.pick(self.model.headers())
         self.note_root(rel)
         total = self.path(rel).stat().st_size
         offset = self.rng.randrange(total)
@@ -336,20 +338,10 @@ class Trial:
     def journal(self):
         """Damages the shadow that hist's first open must replay."""
         rel = self.model.shadow
-        size = self.path(rel).stat().st_size
         how = self.pick(["flip", "truncate", "zero"])
         if how == "flip":
-            return f"shadow of /hist: {self.flip(rel, self.rng.randrange(size))}"
-        if how == "truncate":
-            cut = self.rng.randrange(size)
-            os.truncate(self.path(rel), cut)
-            return f"shadow of /hist truncated to {cut}"
-        offset = self.rng.randrange(size)
-        length = min(size - offset, self.rng.randint(1, STRIDE))
-        with open(self.path(rel), "r+b") as f:
-            f.seek(offset)
-            f.write(bytes(length))
-        return f"shadow of /hist: {length} bytes zeroed at {offset}"
+            return f"{self.model.label(rel)}: {self.flip(rel, self.rng.randrange(self.path(rel).stat().st_size))}"
+        return self.truncate(rel) if how == "truncate" else self.zero_range(rel)
 
     def entries(self) -> list[str]:
         return sorted({self.model.backing[p] for p in self.model.backing if p})
