@@ -9,6 +9,7 @@ Fixtures:
   make_volume  factory: make_volume(extent_size=None, unlocked=True) -> Volume, mounted
   volume       a mounted, unlocked Volume with the default extent size
   mounted      (store, mnt) of `volume`
+  volumes      a list: every Volume a test appends (e.g. Volume.copy_of(...)) is torn down too
 Every Volume created through these fixtures is unmounted in teardown, even when the test
 fails: fusermount3 -u, then umount -l, then SIGKILL of any daemon still serving it.
 """
@@ -19,6 +20,7 @@ import errno
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -96,7 +98,8 @@ def wait_pids_gone(pids, timeout: float) -> list[int]:
 class Volume:
     """A store, its mountpoint and key, and the running daemon (if mounted)."""
 
-    def __init__(self, binary: Path, root: Path, key_file: Path, extent_size: int | None = None):
+    def __init__(self, binary: Path, root: Path, key_file: Path, extent_size: int | None = None,
+                 create: bool = True):
         self.binary = binary
         self.root = root
         self.store = root / "store"
@@ -105,6 +108,9 @@ class Volume:
         self.extent_size = extent_size or 16384
         self.pids: list[int] = []
         self.mnt.mkdir(parents=True, exist_ok=True)
+        self.policy = None
+        if not create:
+            return
         args = [binary, "init", self.store, "--key-file", key_file]
         if extent_size is not None:
             args += ["--extent-size", str(extent_size)]
@@ -112,18 +118,33 @@ class Volume:
         assert "Created store" in out and "root policy" in out, out
         self.policy = out.strip().rsplit(" ", 1)[-1]
 
+    @classmethod
+    def copy_of(cls, other: Volume, root: Path) -> Volume:
+        """A Volume over a copy (`cp -a`, xattrs included) of other's unmounted store, at
+        root/store, with the same key; not mounted."""
+        v = cls(other.binary, root, other.key_file, other.extent_size, create=False)
+        run("cp", "-a", other.store, v.store)
+        v.policy = other.policy
+        return v
+
     # mounting
 
-    def mount(self, unlock: bool = True, options: str | None = None):
+    def mount(self, unlock: bool = True, options: str | None = None, *, keyring: bool = True,
+              env: dict | None = None, timeout: float = 60):
+        """Mounts. With keyring=False the daemon neither reads nor changes the user keyring: it
+        is unlocked by --key-file alone, so the test cannot disturb (or be disturbed by) others."""
         assert not is_mounted(self.mnt), f"{self.mnt} already mounted"
         extra = ["-o", options] if options else []
-        if not unlock:
+        if not unlock or not keyring:
             # The key this test added sits in root's keyring; a locked mount must not use it.
             extra.append("--no-keyring")
-        run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log", *extra)
+        if unlock and not keyring:
+            extra += ["--key-file", self.key_file]
+        run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log", *extra,
+            env=env, timeout=timeout)
         assert is_mounted(self.mnt), "mount returned but the mountpoint is not in /proc/mounts"
         self.pids = daemon_pids(self.mnt)
-        if unlock:
+        if unlock and keyring:
             self.add_key()
         return self
 
@@ -137,9 +158,12 @@ class Volume:
         committing). Raises if anything needed force."""
         pids = self.pids or daemon_pids(self.mnt)
         if is_mounted(self.mnt):
-            r = run("fusermount3", "-u", self.mnt, check=False)
-            if r.returncode != 0:
-                raise AssertionError(f"fusermount3 -u failed: {r.stderr.strip()}")
+            # Busy can be a passer-by (another test's scan of /proc or /tmp) for a moment.
+            deadline = time.monotonic() + 5
+            while (r := run("fusermount3", "-u", self.mnt, check=False)).returncode != 0:
+                if "busy" not in r.stderr or time.monotonic() > deadline:
+                    raise AssertionError(f"fusermount3 -u failed: {r.stderr.strip()}")
+                time.sleep(0.1)
         left = wait_pids_gone(pids, timeout)
         self.pids = []
         if left:
@@ -181,6 +205,15 @@ class Volume:
         d = directory or self.store
         return {n for n in os.listdir(d) if n not in STORE_FILES}
 
+    def new_backing(self, directory: Path, action) -> str:
+        """Runs action (which creates one object through the mount) and returns the backing
+        entry it added to the backing directory `directory`, relative to the store."""
+        before = set(os.listdir(directory))
+        action()
+        added = set(os.listdir(directory)) - before
+        assert len(added) == 1, f"expected one new backing entry in {directory}, got {added}"
+        return os.path.relpath(directory / added.pop(), self.store)
+
 
 def purge_encfsd_keys():
     """Unlinks every encfsd: key from the user keyring, so tests do not unlock each other."""
@@ -218,6 +251,29 @@ def key_file(tmp_path, encfsd_bin) -> Path:
     return path
 
 
+def _tear_down(volumes: list[Volume], request, purge_keys: bool = True):
+    problems = []
+    for v in volumes:
+        problems += v.force_cleanup()
+    if purge_keys:
+        purge_encfsd_keys()
+    for v in volumes:
+        log = v.daemon_log()
+        if log.strip():
+            # Shown by pytest with -rA or on failure; handy for integrity diagnostics.
+            print(f"--- daemon log {v.root} ---\n{log[-4000:]}")
+    if problems and not getattr(request.node, "_call_failed", False):
+        pytest.fail("teardown: " + "; ".join(problems))
+
+
+@pytest.fixture
+def volumes(request):
+    made: list[Volume] = []
+    yield made
+    # Such volumes are meant to be mounted with keyring=False: nothing of theirs is in the keyring.
+    _tear_down(made, request, purge_keys=False)
+
+
 @pytest.fixture
 def make_volume(tmp_path, encfsd_bin, key_file, request):
     volumes: list[Volume] = []
@@ -232,18 +288,7 @@ def make_volume(tmp_path, encfsd_bin, key_file, request):
         return v
 
     yield make
-
-    problems = []
-    for v in volumes:
-        problems += v.force_cleanup()
-    purge_encfsd_keys()
-    for v in volumes:
-        log = v.daemon_log()
-        if log.strip():
-            # Shown by pytest with -rA or on failure; handy for integrity diagnostics.
-            print(f"--- daemon log {v.root} ---\n{log[-4000:]}")
-    if problems and not getattr(request.node, "_call_failed", False):
-        pytest.fail("teardown: " + "; ".join(problems))
+    _tear_down(volumes, request)
 
 
 @pytest.fixture
@@ -254,6 +299,21 @@ def volume(make_volume) -> Volume:
 @pytest.fixture
 def mounted(volume):
     return volume.store, volume.mnt
+
+
+_SUMMARY_LINES = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def summary_line(request):
+    """summary_line(text): shows text in the terminal summary at the end of the run, whether or
+    not output is captured (-q included)."""
+    return lambda text: request.config.stash.setdefault(_SUMMARY_LINES, []).append(text)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for text in config.stash.get(_SUMMARY_LINES, []):
+        terminalreporter.write_line(text)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -277,3 +337,46 @@ def expect_errno(expected, fn, *args, **kwargs):
     raise AssertionError(
         f"{getattr(fn, '__name__', fn)}{args}: expected {[errno.errorcode.get(x, x) for x in expected]}, "
         f"but it succeeded (returned {result!r:.200})")
+
+
+def read_range(path: Path, offset: int, count: int) -> bytes:
+    """pread loop on a raw descriptor (no Python buffering): bytes up to count or EOF."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        out = bytearray()
+        while len(out) < count:
+            chunk = os.pread(fd, min(count - len(out), 1 << 20), offset + len(out))
+            if not chunk:
+                break
+            out += chunk
+        return bytes(out)
+    finally:
+        os.close(fd)
+
+
+def read_all(path: Path) -> bytes:
+    return read_range(path, 0, 1 << 30)
+
+
+def call_with_timeout(fn, timeout: float):
+    """Runs fn in a thread: ("ok", result), ("err", errno) for an OSError, or ("hang", None) if it
+    has not returned within timeout seconds (a file system operation that the daemon never
+    answers; the thread stays blocked until the daemon is killed). Other exceptions propagate."""
+    box = {}
+
+    def target():
+        try:
+            box["ok"] = fn()
+        except OSError as e:
+            box["err"] = e.errno
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            box["exc"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return "hang", None
+    if "exc" in box:
+        raise box["exc"]
+    return ("err", box["err"]) if "err" in box else ("ok", box["ok"])

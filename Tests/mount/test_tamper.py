@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import expect_errno
+from conftest import expect_errno, read_all, read_range
 
 E = 4096
 HEADER = 4096
@@ -22,25 +22,6 @@ STRIDE = E + 32
 
 def extent_offset(i: int) -> int:
     return HEADER + i * STRIDE
-
-
-def read_range(path: Path, offset: int, count: int) -> bytes:
-    """pread loop on a raw descriptor (no Python buffering): bytes up to count or EOF."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        out = bytearray()
-        while len(out) < count:
-            chunk = os.pread(fd, min(count - len(out), 1 << 20), offset + len(out))
-            if not chunk:
-                break
-            out += chunk
-        return bytes(out)
-    finally:
-        os.close(fd)
-
-
-def read_all(path: Path) -> bytes:
-    return read_range(path, 0, 1 << 30)
 
 
 def swap_bytes(path_a: Path, off_a: int, path_b: Path, off_b: int, length: int):
