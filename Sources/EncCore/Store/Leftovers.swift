@@ -32,8 +32,11 @@ enum Leftovers {
         return true
     }
 
+    /// Damage, or a tree planted to be deleted as root: EIO for the directory that holds it.
+    static let foreign = StoreError.integrity("the directory holds objects encfsd does not make; left alone")
+
     /// Deletes the contents of `dir` through it, then its entry `name` in `parent` if that entry
-    /// is still `dir`. Throws `notEmpty` on anything encfsd did not put there (nothing of it is
+    /// is still `dir`. Throws `foreign` on anything encfsd did not put there (nothing of it is
     /// touched) and leaves the entry in place.
     static func remove(_ dir: FileDescriptor, named name: [UInt8], in parent: Int32, depth: Int = 0) throws {
         for entry in try Sys.listDirectory(dir.raw) {
@@ -41,7 +44,7 @@ enum Leftovers {
                 try Sys.unlinkAt(dir.raw, entry.name)
                 continue
             }
-            guard entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else { throw StoreError.notEmpty }
+            guard entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else { throw foreign }
             let sub = try Sys.openEntry(dir.raw, entry.name, .directory, .path)
             try remove(sub, named: entry.name, in: dir.raw, depth: depth + 1)
         }

@@ -119,8 +119,11 @@ public final class StoreChecker {
                     } catch {
                         note(.problem, backing, "an unfinished mkdir or rmdir could not be removed: \(error)")
                     }
-                } else {
+                } else if let fd = try? Sys.openEntry(directoryFD, entry.name, .directory, .path),
+                          (try? withExtendedLifetime(fd, { try Leftovers.isRemovable(fd.raw) })) == true {
                     note(.notice, backing, "unfinished mkdir or rmdir left by a crash (harmless; --repair removes it)")
+                } else {
+                    note(.problem, backing, "named as encfsd's own leftover but \(Leftovers.foreign.integrityFailure!)")
                 }
                 continue
             }
@@ -144,7 +147,7 @@ public final class StoreChecker {
             // --repair, moved aside), never opened or followed.
             fd = try Sys.openEntry(directoryFD, entry.name, isDirectory ? .directory : .regularFile,
                                    isDirectory ? .path : (repair ? .readWrite : .readOnly))
-            headerFD = isDirectory ? try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, repair ? .readWrite : .readOnly) : fd
+            headerFD = isDirectory ? try Volume.openDirectoryHeader(fd.raw) : fd
         } catch {
             unrecoverable(in: directoryFD, name: entry.name, path: backing, "\(error)")
             return
@@ -251,9 +254,7 @@ public final class StoreChecker {
 
     private func removeLeftover(in directoryFD: Int32, name: [UInt8]) throws {
         let fd = try Sys.openEntry(directoryFD, name, .directory, .path)
-        guard try Leftovers.isRemovable(fd.raw) else {
-            throw StoreError.integrity("it holds files encfsd does not make; left alone")
-        }
+        guard try Leftovers.isRemovable(fd.raw) else { throw Leftovers.foreign }
         try Leftovers.remove(fd, named: name, in: directoryFD)
     }
 

@@ -41,7 +41,7 @@ extension Volume {
         let dirFD = try changingDirectoryFD(dir)
         defer { withExtendedLifetime(dirFD) {} }
         let (target, st) = try Sys.openEntryStat(dirFD.raw, backingName, .directory, .path)
-        guard try Leftovers.isRemovable(target.raw) else { throw StoreError.notEmpty }
+        guard try Leftovers.isRemovable(target.raw) else { throw Leftovers.foreign }
         let trash = Leftovers.rmdirPrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
         try Sys.renameAt(dirFD.raw, backingName, dirFD.raw, trash, flags: Sys.renameNoReplace)
         forgetLocation(Location(parent: dir, name: backingName), inode: UInt64(st.st_ino))

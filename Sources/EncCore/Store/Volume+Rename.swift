@@ -41,8 +41,12 @@ extension Volume {
                 }
             case .replace:
                 let targetIsDirectory = st.st_mode & S_IFMT == S_IFDIR
-                if source.isDirectory && !targetIsDirectory { throw StoreError.notDirectory }
-                if !source.isDirectory && targetIsDirectory { throw StoreError.isDirectory }
+                if source.isDirectory != targetIsDirectory {
+                    // Before reporting the types, make sure the target is an object of the store
+                    // at all (a damaged or planted one is EIO, not EISDIR or ENOTDIR).
+                    release(try child(of: toDir, backingName: toName.backingName))
+                    throw source.isDirectory ? StoreError.notDirectory : StoreError.isDirectory
+                }
                 if targetIsDirectory {
                     // The backing directory still holds its header file, so the backing rename
                     // would refuse it as non-empty: take the empty target out first.

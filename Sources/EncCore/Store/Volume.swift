@@ -267,7 +267,7 @@ public final class Volume: Sendable {
         default: throw StoreError.integrity("backing entry is neither a file nor a directory")
         }
         let (fd, opened) = try Sys.openEntryStat(dirFD, location.name, type, type == .directory ? .path : .readOnly)
-        let headerFD = type == .directory ? try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly) : fd
+        let headerFD = type == .directory ? try Self.openDirectoryHeader(fd.raw) : fd
         let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
         let identity = Sys.identity(of: fd.raw)
         let headerIdentity = type == .directory ? Sys.identity(of: headerFD.raw) : nil
@@ -280,6 +280,15 @@ public final class Volume: Sendable {
                           header: header, verified: verified, location: location)
         if type == .directory && node.identity == identity { directories.insert(node.id, fd) }
         return node
+    }
+
+    /// A backing directory's `.d`: one without it is not a directory of the store (EIO).
+    static func openDirectoryHeader(_ dir: Int32) throws -> FileDescriptor {
+        do {
+            return try Sys.openEntry(dir, directoryHeaderName, .regularFile, .readOnly)
+        } catch StoreError.system(ENOENT) {
+            throw StoreError.integrity("a backing directory without a header (.d)")
+        }
     }
 
     /// Adds a node for a backing object, or returns the one another thread added first; either

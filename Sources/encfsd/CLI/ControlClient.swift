@@ -10,7 +10,8 @@ import Glibc
 /// so transcripts read the same as the kernel's.
 enum ControlClient {
     static func call(_ path: String, _ command: UInt32, _ argument: [UInt8], failure: String) throws -> [UInt8] {
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        // O_NONBLOCK: the path may be a FIFO (whose open would wait for a writer) or a device.
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
         guard fd >= 0 else { throw CLIError("\(path): \(String(cString: strerror(errno)))") }
         defer { Glibc.close(fd) }
         var buffer = argument
