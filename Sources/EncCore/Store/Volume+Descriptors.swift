@@ -92,11 +92,14 @@ final class OpenFileBudget: Sendable {
 extension Volume {
     /// A directory node's O_PATH descriptor: the root's, a cached one, or reopened from where the
     /// directory is entered (its parent's descriptor, recursively, is found the same way).
-    func directoryFD(_ dir: Node) throws -> FileDescriptor {
+    ///
+    /// - Parameter locations: the directory's locations, when the caller holds its lock (the
+    ///   lock is not taken again: Swift's Mutex traps on re-entry).
+    func directoryFD(_ dir: Node, locations known: [Location]? = nil) throws -> FileDescriptor {
         guard dir.isDirectory else { throw StoreError.notDirectory }
         if let pinned = dir.pinnedDirectory { return pinned }
         if let cached = directories.descriptor(dir.id) { return cached }
-        let fd = try reopen(dir, locations: dir.state.withLock { $0.locations }, .path)
+        let fd = try reopen(dir, locations: known ?? dir.state.withLock { $0.locations }, .path)
         directories.insert(dir.id, fd)
         return fd
     }
@@ -136,7 +139,7 @@ extension Volume {
     /// The node's backing object for one call: the open file's descriptor when it is open (no
     /// system call), else one opened for the call. For use with the node's lock held.
     func objectDescriptor(_ node: Node, _ state: NodeState, _ access: BackingAccess) throws -> FileDescriptor {
-        if node.isDirectory { return try directoryFD(node) }
+        if node.isDirectory { return try directoryFD(node, locations: state.locations) }
         if let open = state.file?.descriptor { return open }
         return try reopen(node, locations: state.locations, access)
     }
@@ -144,7 +147,7 @@ extension Volume {
     /// Where the node's header lives, opened for one call: a directory's `.d` file, or the object.
     func headerDescriptor(_ node: Node, _ state: NodeState, writable: Bool) throws -> FileDescriptor {
         guard node.isDirectory else { return try objectDescriptor(node, state, writable ? .readWrite : .readOnly) }
-        let dir = try directoryFD(node)
+        let dir = try directoryFD(node, locations: state.locations)
         let fd = try withExtendedLifetime(dir) {
             // Written only if it is the `.d` that was read, with no other name: a planted hard link
             // to a file elsewhere would otherwise receive the header.

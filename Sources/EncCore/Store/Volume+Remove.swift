@@ -41,6 +41,11 @@ extension Volume {
         let dirFD = try changingDirectoryFD(dir)
         defer { withExtendedLifetime(dirFD) {} }
         let (target, st) = try Sys.openEntryStat(dirFD.raw, backingName, .directory, .path)
+        // Entries of the store make it not empty; anything else in it that encfsd never makes
+        // is damage or planted (EIO), and is not deleted.
+        guard try Sys.listDirectory(target.raw).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
+            throw StoreError.notEmpty
+        }
         guard try Leftovers.isRemovable(target.raw) else { throw Leftovers.foreign }
         let trash = Leftovers.rmdirPrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
         try Sys.renameAt(dirFD.raw, backingName, dirFD.raw, trash, flags: Sys.renameNoReplace)

@@ -44,6 +44,8 @@ extension Volume {
                 try removeBinding(stale.digest, from: stale.node)
             } catch StoreError.noKey {
                 // Without the key the header cannot be resealed; the binding stays, harmlessly.
+            } catch StoreError.notFound {
+                // Unlinked since: no header is left to hold the binding.
             } catch {
                 Diagnostics.report("could not drop a stale name binding of object \(stale.node.id): \(error)")
             }

@@ -212,11 +212,13 @@ public final class Volume: Sendable {
         let dirFD = try directoryFD(dir)
         let st = try withExtendedLifetime(dirFD) { try Self.statEntry(dirFD.raw, backingName) }
         let location = Location(parent: dir, name: backingName)
-        let found = withExtendedLifetime(dirFD) { Sys.identity(ofEntry: backingName, in: dirFD.raw) }
+        // The entry's identity is needed only to confirm a node already known for its inode.
+        let known = table.withLock { $0.byInode[UInt64(st.st_ino)] }
+        let found = known?.identity == nil ? nil : withExtendedLifetime(dirFD) { Sys.identity(ofEntry: backingName, in: dirFD.raw) }
         let cached: Node? = table.withLock { t in
             // A node for another object that had this inode number (deleted behind the daemon's
             // back, its number reused) is passed over; `insert` replaces it.
-            guard let node = t.byInode[UInt64(st.st_ino)], node.isObject(inode: UInt64(st.st_ino), identity: found) else {
+            guard let node = t.byInode[UInt64(st.st_ino)], node === known, node.isObject(inode: UInt64(st.st_ino), identity: found) else {
                 return nil
             }
             node.state.withLock {
