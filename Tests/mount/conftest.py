@@ -11,12 +11,19 @@ Fixtures:
   mounted      (store, mnt) of `volume`
 Every Volume created through these fixtures is unmounted in teardown, even when the test
 fails: fusermount3 -u, then umount -l, then SIGKILL of any daemon still serving it.
+
+Keys: the tests share root's user keyring (@u) with whoever else uses encfsd on the machine, so
+they touch only keys they made. Every identifier that `encfsd init` or `encfsd key add` prints
+through `run` is recorded (`made_identifiers`), and `purge_test_keys` unlinks only the `encfsd:`
+entries of those identifiers. Mounts use --no-keyring unless a test asks for the keyring, so a
+test daemon never even loads a key it was not given.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import time
@@ -32,9 +39,24 @@ def _binary() -> Path:
     return Path(os.environ.get("ENCFSD", str(REPO / ".build" / "debug" / "encfsd")))
 
 
+# Identifiers of the keys the tests made (printed by `encfsd init` and `encfsd key add`): the only
+# ones whose keyring entries a test may remove.
+made_identifiers: set[str] = set()
+_IDENTIFIER = re.compile(r"\b[0-9a-f]{32}\b")
+
+
+def _records_identifiers(args: list[str]) -> bool:
+    words = [os.path.basename(a) if i == 0 else a for i, a in enumerate(args)]
+    return "encfsd" in words[0] and ("init" in words[1:2] or words[1:3] == ["key", "add"])
+
+
 def run(*args, check=True, timeout=60, **kwargs) -> subprocess.CompletedProcess:
-    """Runs a command, capturing text output; on failure the output is in the exception."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    """Runs a command, capturing text output; on failure the output is in the exception. The key
+    identifiers `encfsd init` and `encfsd key add` print are recorded in `made_identifiers`."""
+    argv = [str(a) for a in args]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if _records_identifiers(argv) and result.stdout:
+        made_identifiers.update(_IDENTIFIER.findall(result.stdout))
     if check and result.returncode != 0:
         raise AssertionError(
             f"command failed ({result.returncode}): {' '.join(str(a) for a in args)}\n"
@@ -91,6 +113,25 @@ def wait_pids_gone(pids, timeout: float) -> list[int]:
     return alive
 
 
+def force_unmount(mnt: Path, pids=()) -> list[str]:
+    """Best-effort teardown of a mount and its daemon (fusermount3 -u, then umount -l, then
+    SIGKILL); returns a list of problems found (for reporting)."""
+    problems = []
+    pids = set(pids) | set(daemon_pids(mnt))
+    if is_mounted(mnt):
+        r = run("fusermount3", "-u", mnt, check=False)
+        if r.returncode != 0:
+            problems.append(f"fusermount3 -u: {r.stderr.strip()}")
+            run("umount", "-l", mnt, check=False)
+            if is_mounted(mnt):
+                run("fusermount3", "-uz", mnt, check=False)
+    left = wait_pids_gone(pids, 10.0)
+    for pid in left:
+        problems.append(f"daemon {pid} still alive after unmount; killed")
+        _kill(pid)
+    return problems
+
+
 class Volume:
     """A store, its mountpoint and key, and the running daemon (if mounted)."""
 
@@ -112,13 +153,15 @@ class Volume:
 
     # mounting
 
-    def mount(self, unlock: bool = True, options: str | None = None):
+    def mount(self, unlock: bool = True, options: str | None = None, keyring: bool = False, env=None):
+        """Mounts (with --no-keyring unless `keyring`: root's keyring holds keys of other users of
+        the machine, which a test daemon has no business loading), then adds the key if `unlock`."""
         assert not is_mounted(self.mnt), f"{self.mnt} already mounted"
         extra = ["-o", options] if options else []
-        if not unlock:
-            # The key this test added sits in root's keyring; a locked mount must not use it.
+        if not keyring:
             extra.append("--no-keyring")
-        run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log", *extra)
+        run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log", *extra,
+            **({"env": env} if env else {}))
         assert is_mounted(self.mnt), "mount returned but the mountpoint is not in /proc/mounts"
         self.pids = daemon_pids(self.mnt)
         if unlock:
@@ -151,19 +194,7 @@ class Volume:
 
     def force_cleanup(self) -> list[str]:
         """Best-effort teardown; returns a list of problems found (for reporting)."""
-        problems = []
-        pids = set(self.pids) | set(daemon_pids(self.mnt))
-        if is_mounted(self.mnt):
-            r = run("fusermount3", "-u", self.mnt, check=False)
-            if r.returncode != 0:
-                problems.append(f"fusermount3 -u: {r.stderr.strip()}")
-                run("umount", "-l", self.mnt, check=False)
-                if is_mounted(self.mnt):
-                    run("fusermount3", "-uz", self.mnt, check=False)
-        left = wait_pids_gone(pids, 10.0)
-        for pid in left:
-            problems.append(f"daemon {pid} still alive after unmount; killed")
-            _kill(pid)
+        problems = force_unmount(self.mnt, self.pids)
         self.pids = []
         return problems
 
@@ -180,13 +211,26 @@ class Volume:
         return {n for n in os.listdir(d) if n not in (".d", "encfsd.conf", ".journal")}
 
 
-def purge_encfsd_keys():
-    """Unlinks every encfsd: key from the user keyring, so tests do not unlock each other."""
+def made_key_serials(identifiers=None) -> list[str]:
+    """Serials of the `encfsd:<identifier>:<nonce>` entries in root's keyring whose identifier is
+    one the tests made (default: every one recorded so far)."""
+    wanted = made_identifiers if identifiers is None else set(identifiers)
     listed = subprocess.run(["keyctl", "rlist", "@u"], capture_output=True, text=True).stdout.split()
+    serials = []
     for serial in listed:
-        described = subprocess.run(["keyctl", "rdescribe", serial], capture_output=True, text=True).stdout
-        if described.startswith("user;") and ";encfsd:" in described:
-            subprocess.run(["keyctl", "unlink", serial, "@u"], capture_output=True)
+        described = subprocess.run(["keyctl", "rdescribe", serial], capture_output=True, text=True).stdout.strip()
+        fields = described.split(";", 4)
+        if len(fields) == 5 and fields[0] == "user" and fields[4].startswith("encfsd:"):
+            if fields[4].split(":")[1] in wanted:
+                serials.append(serial)
+    return serials
+
+
+def purge_test_keys(identifiers=None):
+    """Unlinks from root's keyring the entries of keys the tests made, and no other: the machine's
+    own keys and other test runs' keys stay."""
+    for serial in made_key_serials(identifiers):
+        subprocess.run(["keyctl", "unlink", serial, "@u"], capture_output=True)
 
 
 def _kill(pid: int):
@@ -205,6 +249,15 @@ def encfsd_bin() -> Path:
     if not os.path.exists("/dev/fuse"):
         pytest.skip("/dev/fuse is not available")
     return binary
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_key_left():
+    """At the end of the run, no key a test made is left in root's keyring."""
+    yield
+    left = made_key_serials()
+    purge_test_keys()
+    assert left == [], f"test keys left in root's keyring (now unlinked): {left}"
 
 
 @pytest.fixture
@@ -234,7 +287,7 @@ def make_volume(tmp_path, encfsd_bin, key_file, request):
     problems = []
     for v in volumes:
         problems += v.force_cleanup()
-    purge_encfsd_keys()
+    purge_test_keys()
     for v in volumes:
         log = v.daemon_log()
         if log.strip():

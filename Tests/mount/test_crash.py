@@ -114,12 +114,7 @@ def check_p1(volume: Volume, model: Model):
 
 
 def mount_armed(volume: Volume, point: str | None):
-    env = {**os.environ}
-    if point:
-        env["ENCFSD_FAULT_POINT"] = point
-    run(volume.binary, "mount", volume.store, volume.mnt, "--log-file", volume.root / "daemon.log", env=env)
-    volume.pids = daemon_pids(volume.mnt)
-    volume.add_key()
+    volume.mount(env={**os.environ, "ENCFSD_FAULT_POINT": point} if point else None)
 
 
 @pytest.mark.parametrize("point", FILE_POINTS)

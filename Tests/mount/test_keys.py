@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import ENOKEY, Volume, expect_errno, run
+from conftest import (ENOKEY, Volume, daemon_pids, expect_errno, force_unmount, purge_test_keys, run,
+                      made_key_serials)
 
 REMOVE_KEY = 0xC0406618
 REMOVE_KEY_ALL = 0xC0406619
@@ -157,18 +158,17 @@ def test_hostile_ioctl_arguments_get_einval_and_change_nothing(volume):
 def test_keys_in_the_keyring_unlock_at_mount(volume):
     (volume.mnt / "f").write_text("kept")
     volume.unmount()
-    run(volume.binary, "mount", volume.store, volume.mnt, "--log-file", volume.root / "daemon.log")
-    volume.pids = []
-    assert (volume.mnt / "f").read_text() == "kept"  # no key add after the restart
+    volume.mount(unlock=False, keyring=True)  # no key add after the restart
+    assert (volume.mnt / "f").read_text() == "kept"
 
 
 def test_mount_with_key_file(volume):
     (volume.mnt / "f").write_text("kept")
     volume.unmount()
-    run("keyctl", "purge", "user", f"encfsd:{volume.policy}", check=False)
-    for s in run("keyctl", "rlist", "@u").stdout.split():
-        run("keyctl", "unlink", s, "@u", check=False)
+    purge_test_keys([volume.policy])  # this test's key only: the keyring holds others' too
+    assert made_key_serials([volume.policy]) == []
     run(volume.binary, "mount", volume.store, volume.mnt, "--no-keyring", "--key-file", volume.key_file)
+    volume.pids = daemon_pids(volume.mnt)
     assert (volume.mnt / "f").read_text() == "kept"
 
 
@@ -178,8 +178,8 @@ def test_passphrase_keys(tmp_path, encfsd_bin):
     run(encfsd_bin, "init", store, "--passphrase", "--scrypt-log-n", "12", input="correct horse battery staple\n")
     config = (store / "encfsd.conf").read_text()
     assert '"passphrases"' in config and "correct horse" not in config
-    run(encfsd_bin, "mount", store, mnt, "--no-keyring")
     try:
+        run(encfsd_bin, "mount", store, mnt, "--no-keyring")
         r = run(encfsd_bin, "key", "add", mnt, "--passphrase", input="wrong\n", check=False)
         assert r.returncode != 0 and "wrong passphrase" in r.stderr
         out = run(encfsd_bin, "key", "add", mnt, "--passphrase", input="correct horse battery staple\n").stdout
@@ -187,4 +187,6 @@ def test_passphrase_keys(tmp_path, encfsd_bin):
         (mnt / "secret").write_text("s")
         assert (mnt / "secret").read_text() == "s"
     finally:
-        run("fusermount3", "-u", mnt, check=False)
+        problems = force_unmount(mnt)
+        purge_test_keys()
+    assert problems == []

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Volume, expect_errno
+from conftest import Volume, expect_errno, purge_test_keys
 
 NOBODY = 65534
 libc = ctypes.CDLL(None, use_errno=True)
@@ -44,8 +44,10 @@ def public_volume(encfsd_bin, key_file):
     try:
         yield v
     finally:
-        v.force_cleanup()
+        problems = v.force_cleanup()
+        purge_test_keys()
         shutil.rmtree(root, ignore_errors=True)
+    assert problems == [], problems
 
 
 def test_other_users_need_allow_other(public_volume):
