@@ -1,4 +1,5 @@
 import Foundation
+import Testing
 @testable import EncCore
 #if canImport(Glibc)
 import Glibc
@@ -67,4 +68,14 @@ func randomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
 func isIntegrityError(_ error: any Error) -> Bool {
     if case StoreError.integrity = error { return true }
     return false
+}
+
+/// Expects `body` to fail with `StoreError.integrity` (what the mount answers with EIO): not merely
+/// with any error, which a missing file or a bad argument would give as well.
+func expectIntegrityError<R>(_ comment: Comment? = nil, sourceLocation: SourceLocation = #_sourceLocation,
+                             _ body: () throws -> R) {
+    let error = #expect(throws: StoreError.self, comment, sourceLocation: sourceLocation) { _ = try body() }
+    if let error {
+        #expect(isIntegrityError(error), "expected StoreError.integrity, got \(error)", sourceLocation: sourceLocation)
+    }
 }
