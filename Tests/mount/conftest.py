@@ -132,6 +132,20 @@ def force_unmount(mnt: Path, pids=()) -> list[str]:
     return problems
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Waits until `predicate()` is true (an event: a file appears, a key state, a log line),
+    polling; fails naming `what` after `timeout` seconds, which should be generous: the machine
+    may be loaded. Returns the predicate's value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 class Volume:
     """A store, its mountpoint and key, and the running daemon (if mounted)."""
 
