@@ -439,6 +439,11 @@ class Runner:
         self.ref.close_all()
         self.mnt.close_all()
 
+    def explained(self, e: Mismatch) -> Mismatch:
+        """`e` with the operations that led to it, for reproducing."""
+        recent = "\n    ".join(self.log[-15:])
+        return Mismatch(f"{e}\n  recent ops (ENCFSD_DIFF_SEED={self.seed}):\n    {recent}")
+
 
 def run_sequence(volume, tmp_path, seed: int, remount_at=()):
     ref_root = tmp_path / "reference"
@@ -454,16 +459,14 @@ def run_sequence(volume, tmp_path, seed: int, remount_at=()):
             try:
                 runner.step(i)
             except Mismatch as e:
-                recent = "\n    ".join(runner.log[-15:])
-                raise Mismatch(f"{e}\n  recent ops (ENCFSD_DIFF_SEED={seed}):\n    {recent}") from None
+                raise runner.explained(e) from None
             if (i + 1) % 25 == 0:
                 runner.restore_top_dirs(i)
             if (i + 1) % FULL_COMPARE_EVERY == 0:
                 try:
                     compare_trees(runner.ref, runner.mnt, f"seed {seed} after op {i}")
                 except Mismatch as e:
-                    recent = "\n    ".join(runner.log[-15:])
-                    raise Mismatch(f"{e}\n  recent ops (ENCFSD_DIFF_SEED={seed}):\n    {recent}") from None
+                    raise runner.explained(e) from None
             if i in remount_at:
                 runner.close_all()
                 compare_trees(runner.ref, runner.mnt, f"seed {seed} before remount after op {i}")
