@@ -61,7 +61,8 @@ plant_canary() {
 check_canary() {
     local status=0
     if [[ $(keyctl search @u user "$CANARY_DESC" 2>/dev/null) != "$CANARY_SERIAL" ]]; then
-        echo "isolation: FAILED: the canary key $CANARY_DESC (serial $CANARY_SERIAL) is gone from root's keyring" >&2
+        echo "isolation: FAILED: the canary key $CANARY_DESC (serial $CANARY_SERIAL) is gone from root's keyring" \
+             "($(keyctl describe "$CANARY_SERIAL" 2>&1))" >&2
         status=1
     elif ! keyctl pipe "$CANARY_SERIAL" | cmp -s - "$LOGS/canary.key"; then
         echo "isolation: FAILED: the canary key $CANARY_DESC changed" >&2

@@ -49,6 +49,17 @@ exec "$ENCFSD_REAL" "\$@"
 WRAPPER
 chmod 755 "$ENCFSD"
 
+# Runs a command as user $1 (uid and gid, no groups), as a login of theirs would: in a session
+# keyring of its own that links their user keyring, so the keys they add are theirs to possess
+# (setperm, read). Without it the command would inherit the caller's session keyring (scripts/test.sh
+# runs in one of its own), through which the user possesses nothing of their own.
+_as_user() {
+    local uid=$1
+    shift
+    setpriv --reuid="$uid" --regid="$uid" --clear-groups \
+        keyctl session - bash -c 'exec 2>&3 3>&-; keyctl link @u @s >/dev/null 2>&1; exec "$@"' _ "$@" 3>&2 2>/dev/null
+}
+
 # Unlinks the entries this test's key adds made from root's keyring, and no one else's.
 _purge_keyring() {
     local s
