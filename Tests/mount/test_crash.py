@@ -139,7 +139,7 @@ def dies_at(volume: Volume, point: str, action) -> OSError:
     else:
         raise AssertionError(f"fault point {point} was never reached by the workload")
     assert error.errno in DAEMON_GONE, error
-    assert wait_pids_gone(volume.pids, 10) == [], "the armed daemon did not die"
+    assert wait_pids_gone(volume.pids, 60) == [], "the armed daemon did not die"
     assert volume.daemon_log().count(reached) == before + 1, f"the daemon died, but not at {point}"
     kill_leftovers(volume)
     return error
@@ -195,7 +195,7 @@ def test_timer_flush_commits_files_nobody_closes(make_volume):
         wait_for(lambda: header_sequence(volume.store / backing) > created, 60, "a timer commit of the held file")
         for pid in volume.pids:
             os.kill(pid, 9)
-        assert wait_pids_gone(volume.pids, 10) == []
+        assert wait_pids_gone(volume.pids, 60) == []
     finally:
         try:
             f.close()

@@ -141,7 +141,7 @@ def killed_and_remounted(volume):
     """SIGKILLs the daemon (no flush, no cleanup: a crash) and mounts again."""
     for pid in volume.pids:
         os.kill(pid, signal.SIGKILL)
-    assert wait_pids_gone(volume.pids, 10) == []
+    assert wait_pids_gone(volume.pids, 60) == []
     kill_leftovers(volume)
     volume.mount()
 
