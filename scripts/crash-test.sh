@@ -3,7 +3,8 @@
 # real mount, kills the daemon with SIGKILL at a random moment, remounts, reads every file in full
 # and checks that no read fails and that every file is in an allowed state (its last completed
 # flush, or the flush in flight), so that no fsynced state is lost. Repeats; prints kills survived,
-# files checked and bytes verified.
+# files checked and bytes verified, and ends with "N passed, N failed" (kills survived, violations).
+# Fails when any kill went unchecked or none landed inside a logged operation.
 #
 # Usage: scripts/crash-test.sh [--kills N] [--long] [--seed S] [--keep-going] [--keep-on-failure DIR]
 #
@@ -213,4 +214,10 @@ fusermount3 -u "$MNT" || fail "unmount failed"
 for ((i = 0; i < 100; i++)); do dead "$DPID" && break; sleep 0.05; done
 
 summary
+# A run that checked nothing proves nothing: every kill must have been checked, and some of them
+# must have landed inside a logged operation (else only quiet moments were tested).
+[[ -n ${S[rounds_checked]:-} ]] || fail "the checker's statistics are empty: nothing was checked"
+((S[rounds_checked] == KILLS)) || fail "only ${S[rounds_checked]} of $KILLS kills were checked"
+((S[kills_in_flight] > 0)) || fail "no kill landed inside a logged operation"
+echo "$SURVIVED passed, ${S[violations]} failed"
 if ((S[violations] > 0)); then FAILED=1; exit 1; fi

@@ -50,7 +50,7 @@ struct BackingModel: Hashable {
             if content.count > Int(length) { content.removeLast(content.count - Int(length)) }
             else { content += [UInt8](repeating: 0, count: Int(length) - content.count) }
             files[inode] = content
-        case .sync:
+        case .sync, .syncAll:
             break
         case .newInode(let inode):
             if files[inode] == nil { files[inode] = [] }

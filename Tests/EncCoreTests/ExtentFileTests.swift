@@ -113,12 +113,8 @@ import Glibc
     func expectOnlyMiddleExtentFails(_ object: ScratchObject, _ data: [UInt8]) throws {
         #expect(try object.read(0, Self.extent) == Array(data[0..<Self.extent]))
         #expect(try object.read(UInt64(2 * Self.extent), Self.extent) == Array(data[(2 * Self.extent)...]))
-        #expect(throws: StoreError.self) { try object.read(UInt64(Self.extent), 1) }
-        do {
-            _ = try object.read(UInt64(Self.extent), Self.extent)
-        } catch {
-            #expect(isIntegrityError(error))
-        }
+        expectIntegrityError { try object.read(UInt64(Self.extent), 1) }
+        expectIntegrityError { try object.read(UInt64(Self.extent), Self.extent) }
     }
 
     @Test(arguments: [0, 16, 100, 4096 + 32 - 1]) // nonce, ciphertext, last tag byte
@@ -147,8 +143,8 @@ import Glibc
         bytes.replaceSubrange(a..<(a + Self.stride), with: bytes[b..<(b + Self.stride)])
         bytes.replaceSubrange(b..<(b + Self.stride), with: first)
         object.backingBytes = bytes
-        #expect(throws: StoreError.self) { try object.read(0, 1) }
-        #expect(throws: StoreError.self) { try object.read(UInt64(Self.extent), 1) }
+        expectIntegrityError { try object.read(0, 1) }
+        expectIntegrityError { try object.read(UInt64(Self.extent), 1) }
         #expect(try object.read(UInt64(2 * Self.extent), 1).count == 1)
     }
 
@@ -167,14 +163,14 @@ import Glibc
         let (object, data) = try threeExtentObject()
         object.backingBytes = Array(object.backingBytes.dropLast(Self.stride))
         #expect(try object.read(0, 2 * Self.extent) == Array(data[0..<(2 * Self.extent)]))
-        #expect(throws: StoreError.self) { try object.read(UInt64(2 * Self.extent), 1) }
+        expectIntegrityError { try object.read(UInt64(2 * Self.extent), 1) }
     }
 
     @Test func truncatedMidExtent() throws {
         let (object, data) = try threeExtentObject()
         object.backingBytes = Array(object.backingBytes.dropLast(10))
         #expect(try object.read(0, Self.extent) == Array(data[0..<Self.extent]))
-        #expect(throws: StoreError.self) { try object.read(UInt64(2 * Self.extent), 1) }
+        expectIntegrityError { try object.read(UInt64(2 * Self.extent), 1) }
     }
 
     @Test func zeroedRegionIsNotAHole() throws {
@@ -183,35 +179,86 @@ import Glibc
         var bytes = object.backingBytes
         bytes.replaceSubrange(4096..., with: [UInt8](repeating: 0, count: bytes.count - 4096))
         object.backingBytes = bytes
-        #expect(throws: StoreError.self) { try object.read(0, 1) }
+        expectIntegrityError { try object.read(0, 1) }
     }
 
-    @Test func headerWithOneSlotForgedFallsBackOrFails() throws {
+    /// An object whose two slots both hold a version (size 0, then `size`), and the byte offset of
+    /// the newest slot.
+    func twoVersionObject(size: Int = 3) throws -> (ScratchObject, newest: Int) {
         let object = try ScratchObject()
-        try object.write([1, 2, 3], at: 0) // two slots in use now
-        var bytes = object.backingBytes
-        for i in 0..<4096 { bytes[i] = 0 }
-        object.backingBytes = bytes
-        #expect(throws: StoreError.self) { _ = try object.reopen() }
+        try object.write(randomBytes(size, seed: 11), at: 0) // sequence 1: both slots in use now
+        let newest = HeaderCodec.slotIndex(sequence: object.header.sequence) * ExtentGeometry.headerSlotBytes
+        return (object, newest)
     }
 
-    @Test func headerFieldFlipFailsAuthentication() throws {
-        let object = try ScratchObject()
-        try object.write([1, 2, 3], at: 0)
-        let slot = HeaderCodec.slotIndex(sequence: object.header.sequence) * 2048
+    /// Changes body byte `at` of the slot starting at `slot` and recomputes the slot's unkeyed
+    /// checksum, as someone without the key can: only the MAC can tell the forgery.
+    func forge(_ bytes: inout [UInt8], slot: Int, at: Int, _ change: (inout UInt8) -> Void) {
+        change(&bytes[slot + at])
+        let length = Int(bytes[slot + 6]) | Int(bytes[slot + 7]) << 8
+        let macEnd = slot + length + ObjectHeader.macBytes
+        bytes.replaceSubrange(macEnd..<(macEnd + ObjectHeader.checksumBytes),
+                              with: OpenSSL.sha256(Array(bytes[slot..<macEnd])).prefix(ObjectHeader.checksumBytes))
+    }
+
+    /// The newest slot torn (its checksum fails): the older slot stands in.
+    @Test func headerWithNewestSlotTornFallsBackToTheOlder() throws {
+        let (object, newest) = try twoVersionObject()
         var bytes = object.backingBytes
-        bytes[slot + 48] ^= 0x01 // low byte of the plaintext size
+        bytes[newest + 48] ^= 0x01 // no checksum recomputed: what a torn write leaves
         object.backingBytes = bytes
-        // The tampered slot fails its checks; the reader falls back to the older slot (size 0),
-        // never to a forged size.
+        #expect(HeaderCodec.open(slot: bytes[newest..<(newest + ExtentGeometry.headerSlotBytes)], key: nil) == .damaged)
         let reopened = try object.reopen()
         #expect(reopened.size == 0)
+        #expect(object.header.sequence == 0)
+    }
+
+    /// The newest slot forged with a valid checksum (here: a larger size): the MAC refuses it, and
+    /// the reader either falls back to the older slot or fails, never serving the forged size.
+    @Test func headerWithOneSlotForgedFallsBackOrFails() throws {
+        let (object, newest) = try twoVersionObject()
+        var bytes = object.backingBytes
+        forge(&bytes, slot: newest, at: 48) { $0 = 0xff } // low byte of the plaintext size: 3 -> 255
+        object.backingBytes = bytes
+        let slot = bytes[newest..<(newest + ExtentGeometry.headerSlotBytes)]
+        guard case .valid(let unkeyed) = HeaderCodec.open(slot: slot, key: nil) else {
+            Issue.record("the forged slot does not pass the unkeyed checks: the test proves nothing")
+            return
+        }
+        #expect(unkeyed.size == 255)
+        #expect(HeaderCodec.open(slot: slot, key: object.key) == .forged)
+        do {
+            let reopened = try object.reopen()
+            #expect(reopened.size == 0, "served size \(reopened.size) from a forged slot")
+        } catch {
+            #expect(isIntegrityError(error), "\(error)")
+        }
+    }
+
+    /// A header field flipped with the checksum recomputed: caught by the MAC, not the checksum.
+    /// Both slots forged: nothing to fall back to, so the header fails authentication.
+    @Test func headerFieldFlipFailsAuthentication() throws {
+        let (object, _) = try twoVersionObject()
+        var bytes = object.backingBytes
+        for slot in [0, ExtentGeometry.headerSlotBytes] { forge(&bytes, slot: slot, at: 48) { $0 ^= 0x01 } }
+        object.backingBytes = bytes
+        for slot in [0, ExtentGeometry.headerSlotBytes] {
+            let image = bytes[slot..<(slot + ExtentGeometry.headerSlotBytes)]
+            if case .valid = HeaderCodec.open(slot: image, key: nil) {} else { Issue.record("slot at \(slot) fails the checksum: the MAC is not what is tested") }
+            #expect(HeaderCodec.open(slot: image, key: object.key) == .forged)
+        }
+        #expect {
+            _ = try object.reopen()
+        } throws: { error in
+            guard case StoreError.integrity(let what) = error else { return false }
+            return what.contains("authentication")
+        }
     }
 
     @Test func wrongKeyCannotOpenHeader() throws {
         let object = try ScratchObject()
         try object.write([1, 2, 3], at: 0)
         let other = try MasterKey(raw: (1...64).map { UInt8($0 ^ 0xff) })
-        #expect(throws: StoreError.self) { _ = try HeaderIO.read(fd: object.fd.raw, key: other) }
+        expectIntegrityError { _ = try HeaderIO.read(fd: object.fd.raw, key: other) }
     }
 }

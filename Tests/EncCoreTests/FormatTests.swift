@@ -10,7 +10,7 @@ import Testing
         let b = try NameCodec.encrypt(Array("same".utf8), directoryID: [UInt8](repeating: 2, count: 16), key: key)
         #expect(a.backingName != b.backingName)
         #expect(try NameCodec.decrypt(ciphertext: a.ciphertext, directoryID: [UInt8](repeating: 1, count: 16), key: key) == Array("same".utf8))
-        #expect(throws: StoreError.self) {
+        expectIntegrityError {
             try NameCodec.decrypt(ciphertext: a.ciphertext, directoryID: [UInt8](repeating: 2, count: 16), key: key)
         }
     }
@@ -111,8 +111,8 @@ import Testing
         var newer = header.encodeBody()
         newer[4] = 2 // format version 2
         let region = older + slotWithChecksum(newer)
-        #expect(throws: StoreError.self) { try HeaderCodec.current(region: region, key: key) }
-        #expect(throws: StoreError.self) { try HeaderCodec.current(region: region, key: nil) }
+        expectIntegrityError { try HeaderCodec.current(region: region, key: key) }
+        expectIntegrityError { try HeaderCodec.current(region: region, key: nil) }
     }
 
     @Test func structurallyImpossibleHeadersAreDamaged() throws {

@@ -79,7 +79,7 @@ import Testing
         #expect(hex(sealed) == "2a89819343e38630d76981b94ff09b1afa637e29129a6285768c8d9c6bd2b4")
         let (openedName, value) = try XattrCodec.open(sealed, objectID: Self.objectID, backingName: backing, key: key)
         #expect(openedName == name && value == Array("hi".utf8))
-        #expect(throws: StoreError.self) {
+        expectIntegrityError {
             try XattrCodec.open(sealed, objectID: Self.directoryID, backingName: backing, key: key)
         }
     }

@@ -1,4 +1,5 @@
 import Foundation
+import Testing
 @testable import EncCore
 #if canImport(Glibc)
 import Glibc
@@ -74,4 +75,14 @@ func openPath(_ path: String, _ flags: Int32, mode: mode_t = 0) throws -> FileDe
     let fd = Glibc.open(path, flags | O_CLOEXEC, mode)
     if fd < 0 { throw StoreError.system(errno) }
     return FileDescriptor(raw: fd)
+}
+
+/// Expects `body` to fail with `StoreError.integrity` (what the mount answers with EIO): not merely
+/// with any error, which a missing file or a bad argument would give as well.
+func expectIntegrityError<R>(_ comment: Comment? = nil, sourceLocation: SourceLocation = #_sourceLocation,
+                             _ body: () throws -> R) {
+    let error = #expect(throws: StoreError.self, comment, sourceLocation: sourceLocation) { _ = try body() }
+    if let error {
+        #expect(isIntegrityError(error), "expected StoreError.integrity, got \(error)", sourceLocation: sourceLocation)
+    }
 }

@@ -12,12 +12,19 @@ Fixtures:
   volumes      a list: every Volume a test appends (e.g. Volume.copy_of(...)) is torn down too
 Every Volume created through these fixtures is unmounted in teardown, even when the test
 fails: fusermount3 -u, then umount -l, then SIGKILL of any daemon still serving it.
+
+Keys: the tests share root's user keyring (@u) with whoever else uses encfsd on the machine, so
+they touch only keys they made. Every identifier that `encfsd init` or `encfsd key add` prints
+through `run` is recorded (`made_identifiers`), and `purge_test_keys` unlinks only the `encfsd:`
+entries of those identifiers. Mounts use --no-keyring unless a test asks for the keyring, so a
+test daemon never even loads a key it was not given.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -36,9 +43,24 @@ def _binary() -> Path:
     return Path(os.environ.get("ENCFSD", str(REPO / ".build" / "debug" / "encfsd")))
 
 
+# Identifiers of the keys the tests made (printed by `encfsd init` and `encfsd key add`): the only
+# ones whose keyring entries a test may remove.
+made_identifiers: set[str] = set()
+_IDENTIFIER = re.compile(r"\b[0-9a-f]{32}\b")
+
+
+def _records_identifiers(args: list[str]) -> bool:
+    words = [os.path.basename(a) if i == 0 else a for i, a in enumerate(args)]
+    return "encfsd" in words[0] and ("init" in words[1:2] or words[1:3] == ["key", "add"])
+
+
 def run(*args, check=True, timeout=60, **kwargs) -> subprocess.CompletedProcess:
-    """Runs a command, capturing text output; on failure the output is in the exception."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, **kwargs)
+    """Runs a command, capturing text output; on failure the output is in the exception. The key
+    identifiers `encfsd init` and `encfsd key add` print are recorded in `made_identifiers`."""
+    argv = [str(a) for a in args]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
+    if _records_identifiers(argv) and result.stdout:
+        made_identifiers.update(_IDENTIFIER.findall(result.stdout))
     if check and result.returncode != 0:
         raise AssertionError(
             f"command failed ({result.returncode}): {' '.join(str(a) for a in args)}\n"
@@ -95,6 +117,39 @@ def wait_pids_gone(pids, timeout: float) -> list[int]:
     return alive
 
 
+def force_unmount(mnt: Path, pids=()) -> list[str]:
+    """Best-effort teardown of a mount and its daemon (fusermount3 -u, then umount -l, then
+    SIGKILL); returns a list of problems found (for reporting)."""
+    problems = []
+    pids = set(pids) | set(daemon_pids(mnt))
+    if is_mounted(mnt):
+        r = run("fusermount3", "-u", mnt, check=False)
+        if r.returncode != 0:
+            problems.append(f"fusermount3 -u: {r.stderr.strip()}")
+            run("umount", "-l", mnt, check=False)
+            if is_mounted(mnt):
+                run("fusermount3", "-uz", mnt, check=False)
+    left = wait_pids_gone(pids, 10.0)
+    for pid in left:
+        problems.append(f"daemon {pid} still alive after unmount; killed")
+        _kill(pid)
+    return problems
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Waits until `predicate()` is true (an event: a file appears, a key state, a log line),
+    polling; fails naming `what` after `timeout` seconds, which should be generous: the machine
+    may be loaded. Returns the predicate's value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
 class Volume:
     """A store, its mountpoint and key, and the running daemon (if mounted)."""
 
@@ -129,22 +184,23 @@ class Volume:
 
     # mounting
 
-    def mount(self, unlock: bool = True, options: str | None = None, *, keyring: bool = True,
-              env: dict | None = None, timeout: float = 60):
-        """Mounts. With keyring=False the daemon neither reads nor changes the user keyring: it
-        is unlocked by --key-file alone, so the test cannot disturb (or be disturbed by) others."""
+    def mount(self, unlock: bool = True, options: str | None = None, *, keyring: bool = False,
+              by_key_file: bool = False, env: dict | None = None, timeout: float = 60):
+        """Mounts, then adds the key if `unlock`. The daemon loads keys from root's keyring only
+        with `keyring` (that keyring holds keys of other users of the machine, which a test daemon
+        has no business loading). With `by_key_file` it is unlocked by --key-file alone and the
+        keyring is neither read nor changed, so the test cannot disturb (or be disturbed by) others."""
         assert not is_mounted(self.mnt), f"{self.mnt} already mounted"
         extra = ["-o", options] if options else []
-        if not unlock or not keyring:
-            # The key this test added sits in root's keyring; a locked mount must not use it.
+        if not keyring:
             extra.append("--no-keyring")
-        if unlock and not keyring:
+        if unlock and by_key_file:
             extra += ["--key-file", self.key_file]
         run(self.binary, "mount", self.store, self.mnt, "--log-file", self.root / "daemon.log", *extra,
             env=env, timeout=timeout)
         assert is_mounted(self.mnt), "mount returned but the mountpoint is not in /proc/mounts"
         self.pids = daemon_pids(self.mnt)
-        if unlock and keyring:
+        if unlock and not by_key_file:
             self.add_key()
         return self
 
@@ -177,19 +233,7 @@ class Volume:
 
     def force_cleanup(self) -> list[str]:
         """Best-effort teardown; returns a list of problems found (for reporting)."""
-        problems = []
-        pids = set(self.pids) | set(daemon_pids(self.mnt))
-        if is_mounted(self.mnt):
-            r = run("fusermount3", "-u", self.mnt, check=False)
-            if r.returncode != 0:
-                problems.append(f"fusermount3 -u: {r.stderr.strip()}")
-                run("umount", "-l", self.mnt, check=False)
-                if is_mounted(self.mnt):
-                    run("fusermount3", "-uz", self.mnt, check=False)
-        left = wait_pids_gone(pids, 10.0)
-        for pid in left:
-            problems.append(f"daemon {pid} still alive after unmount; killed")
-            _kill(pid)
+        problems = force_unmount(self.mnt, self.pids)
         self.pids = []
         return problems
 
@@ -215,13 +259,26 @@ class Volume:
         return os.path.relpath(directory / added.pop(), self.store)
 
 
-def purge_encfsd_keys():
-    """Unlinks every encfsd: key from the user keyring, so tests do not unlock each other."""
+def made_key_serials(identifiers=None) -> list[str]:
+    """Serials of the `encfsd:<identifier>:<nonce>` entries in root's keyring whose identifier is
+    one the tests made (default: every one recorded so far)."""
+    wanted = made_identifiers if identifiers is None else set(identifiers)
     listed = subprocess.run(["keyctl", "rlist", "@u"], capture_output=True, text=True).stdout.split()
+    serials = []
     for serial in listed:
-        described = subprocess.run(["keyctl", "rdescribe", serial], capture_output=True, text=True).stdout
-        if described.startswith("user;") and ";encfsd:" in described:
-            subprocess.run(["keyctl", "unlink", serial, "@u"], capture_output=True)
+        described = subprocess.run(["keyctl", "rdescribe", serial], capture_output=True, text=True).stdout.strip()
+        fields = described.split(";", 4)
+        if len(fields) == 5 and fields[0] == "user" and fields[4].startswith("encfsd:"):
+            if fields[4].split(":")[1] in wanted:
+                serials.append(serial)
+    return serials
+
+
+def purge_test_keys(identifiers=None):
+    """Unlinks from root's keyring the entries of keys the tests made, and no other: the machine's
+    own keys and other test runs' keys stay."""
+    for serial in made_key_serials(identifiers):
+        subprocess.run(["keyctl", "unlink", serial, "@u"], capture_output=True)
 
 
 def _kill(pid: int):
@@ -242,6 +299,15 @@ def encfsd_bin() -> Path:
     return binary
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_test_key_left():
+    """At the end of the run, no key a test made is left in root's keyring."""
+    yield
+    left = made_key_serials()
+    purge_test_keys()
+    assert left == [], f"test keys left in root's keyring (now unlinked): {left}"
+
+
 @pytest.fixture
 def key_file(tmp_path, encfsd_bin) -> Path:
     path = tmp_path / "master.key"
@@ -256,7 +322,7 @@ def _tear_down(volumes: list[Volume], request, purge_keys: bool = True):
     for v in volumes:
         problems += v.force_cleanup()
     if purge_keys:
-        purge_encfsd_keys()
+        purge_test_keys()
     for v in volumes:
         log = v.daemon_log()
         if log.strip():
@@ -270,7 +336,7 @@ def _tear_down(volumes: list[Volume], request, purge_keys: bool = True):
 def volumes(request):
     made: list[Volume] = []
     yield made
-    # Such volumes are meant to be mounted with keyring=False: nothing of theirs is in the keyring.
+    # Such volumes are meant to be mounted with by_key_file=True: nothing of theirs is in the keyring.
     _tear_down(made, request, purge_keys=False)
 
 

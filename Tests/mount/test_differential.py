@@ -1,6 +1,10 @@
 """Differential test: a seeded random sequence of file system operations is applied to the
 mount and to a plain directory; every result (data or errno) and, periodically, the whole tree
-must match. Set ENCFSD_DIFF_SEED / ENCFSD_DIFF_OPS to reproduce or lengthen a run."""
+must match: names, types, modes, owners, sizes, contents, nlink, hard-link groups, symlink
+targets, user xattrs, and mtimes where an operation set them explicitly (utimens with a time in
+2001, which no real clock of a test run gives; a time the clock set is compared only as "now").
+Set ENCFSD_DIFF_SEED / ENCFSD_DIFF_OPS to reproduce or lengthen a run, ENCFSD_DIFF_COMPARE_EVERY=1 to
+compare the trees after every operation."""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ OPS = int(os.environ.get("ENCFSD_DIFF_OPS", "3000"))
 PARENTS = ["", "da", "db", "da/n0"]
 NAMES = [f"n{i}" for i in range(6)]
 TOP_DIRS = ["da", "db"]
-FULL_COMPARE_EVERY = 100
+FULL_COMPARE_EVERY = int(os.environ.get("ENCFSD_DIFF_COMPARE_EVERY", "100"))  # 1: find the first op that differs
 MAX_HELD = 3
 
 RENAME_NOREPLACE = 1
@@ -29,6 +33,14 @@ AT_FDCWD = -100
 
 # errno values POSIX lets differ for the same condition.
 EQUIVALENT = {errno.EEXIST: errno.ENOTEMPTY}
+
+# utimens sets times from 2001 on (seconds 978307200 + up to a year, any nanoseconds); a time
+# before this limit can only have come from such an explicit set, and is compared exactly.
+EXPLICIT_TIME_LIMIT_NS = 1_010_000_000 * 10**9
+OWNERS = [0, 1000, 65534]
+XATTR_NAMES = ["user.a", "user.b", "user.long_" + "x" * 100]
+# Symlink targets stay inside the tree (no "..", nothing absolute): some resolve, some dangle.
+SYMLINK_TARGETS = ["n0", "n1", "n2", "da", "da/n1", "missing", "db/n0/deeper", "t" * 255, "/".join(["s" * 200] * 20)]
 
 
 def renameat2(src: str, dst: str, flags: int):
@@ -74,12 +86,25 @@ def fmt(o):
     return f"ok {v!r:.200}"
 
 
+def explicit_time(ns: int):
+    """An mtime as compared: exact when utimens set it, else only "now" (each side's clock)."""
+    return ns if ns < EXPLICIT_TIME_LIMIT_NS else "now"
+
+
 def stat_summary(st):
-    return (stat.filemode(st.st_mode), st.st_size if not stat.S_ISDIR(st.st_mode) else None, st.st_nlink)
+    return (stat.filemode(st.st_mode), st.st_size if not stat.S_ISDIR(st.st_mode) else None, st.st_nlink,
+            st.st_uid, st.st_gid, explicit_time(st.st_mtime_ns))
+
+
+def xattrs(path: Path) -> dict:
+    """User xattrs of a file or directory (symlinks have none: the kernel refuses user.* on them)."""
+    return {n: hashlib.sha256(os.getxattr(path, n, follow_symlinks=False)).hexdigest()[:16]
+            for n in sorted(os.listxattr(path, follow_symlinks=False)) if n.startswith("user.")}
 
 
 def tree(side: Side) -> dict:
-    """Names, types, modes, sizes, contents, nlink, and the hard-link partition of a tree."""
+    """Names, types, modes, owners, sizes, contents, nlink, symlink targets, user xattrs,
+    explicitly set mtimes, and the hard-link partition of a tree."""
     entries = {}
     by_ino: dict[int, list[str]] = {}
     for dirpath, dirnames, filenames in os.walk(side.root):
@@ -87,7 +112,13 @@ def tree(side: Side) -> dict:
             full = Path(dirpath) / name
             rel = str(full.relative_to(side.root))
             st = os.lstat(full)
-            info = {"mode": stat.filemode(st.st_mode), "nlink": st.st_nlink}
+            info = {"mode": stat.filemode(st.st_mode), "nlink": st.st_nlink, "uid": st.st_uid, "gid": st.st_gid,
+                    "mtime": explicit_time(st.st_mtime_ns)}
+            if stat.S_ISLNK(st.st_mode):
+                info["target"] = os.readlink(full)
+                info["size"] = st.st_size
+            else:
+                info["xattrs"] = xattrs(full)
             if stat.S_ISREG(st.st_mode):
                 info["size"] = st.st_size
                 with open(full, "rb") as f:
@@ -163,8 +194,9 @@ class Runner:
         kind = rng.choices(
             ["write", "write_trunc", "append", "truncate", "rename", "link", "unlink", "mkdir", "rmdir",
              "chmod", "fsync", "read", "stat", "hold", "held_write", "held_read", "held_truncate",
-             "held_fstat", "release", "rmtree"],
-            weights=[18, 2, 3, 6, 8, 6, 5, 2, 3, 3, 2, 10, 5, 2, 4, 3, 1, 2, 2, 1])[0]
+             "held_fstat", "release", "rmtree", "symlink", "readlink", "chown", "utimens", "setxattr",
+             "getxattr", "listxattr", "removexattr"],
+            weights=[18, 2, 3, 6, 8, 6, 5, 2, 3, 3, 2, 10, 5, 2, 4, 3, 1, 2, 2, 1, 3, 2, 3, 3, 3, 2, 1, 1])[0]
         ops = None
         if kind in ("write", "write_trunc", "append"):
             rel = self.any_path()
@@ -235,15 +267,19 @@ class Runner:
             desc = f"rmtree {rel}"
 
             def ops(s, rel=rel):
-                p = s.p(rel)
-                if not stat.S_ISDIR(os.lstat(p).st_mode):
-                    raise OSError(errno.ENOTDIR, "not a directory")
-                for dirpath, dirnames, filenames in os.walk(p, topdown=False):
-                    for n in filenames:
-                        os.unlink(os.path.join(dirpath, n))
-                    for n in dirnames:
-                        os.rmdir(os.path.join(dirpath, n))
-                os.rmdir(p)
+                # In name order, symlinks unlinked: the same steps on both sides whatever order
+                # each lists a directory in, so a failure part-way leaves the same tree.
+                def remove(p):
+                    if not stat.S_ISDIR(os.lstat(p).st_mode):
+                        raise OSError(errno.ENOTDIR, "not a directory")
+                    for name in sorted(os.listdir(p)):
+                        child = os.path.join(p, name)
+                        if stat.S_ISDIR(os.lstat(child).st_mode):
+                            remove(child)
+                        else:
+                            os.unlink(child)
+                    os.rmdir(p)
+                remove(s.p(rel))
         elif kind == "chmod":
             rel = self.any_path(True)
             mode = rng.choice([0o644, 0o600, 0o000, 0o777, 0o755, 0o4755, 0o2750, 0o1777, rng.randint(0, 0o7777)])
@@ -251,6 +287,53 @@ class Runner:
 
             def ops(s, rel=rel, mode=mode):
                 return os.chmod(s.p(rel), mode)
+        elif kind == "symlink":
+            rel = self.any_path(True)
+            target = rng.choice(SYMLINK_TARGETS)
+            desc = f"symlink {rel} -> {target[:40]} ({len(target)} bytes)"
+
+            def ops(s, rel=rel, target=target):
+                return os.symlink(target, s.p(rel))
+        elif kind == "readlink":
+            rel = self.any_path(True)
+            desc = f"readlink {rel}"
+
+            def ops(s, rel=rel):
+                return os.readlink(s.p(rel))
+        elif kind == "chown":
+            rel = self.any_path(True)
+            uid, gid = rng.choice(OWNERS), rng.choice(OWNERS + [-1])
+            follow = rng.random() < 0.7
+            desc = f"{'chown' if follow else 'lchown'} {rel} {uid}:{gid}"
+
+            def ops(s, rel=rel, uid=uid, gid=gid, follow=follow):
+                return os.chown(s.p(rel), uid, gid, follow_symlinks=follow)
+        elif kind == "utimens":
+            rel = self.any_path(True)
+            times = tuple(978307200 * 10**9 + rng.randint(0, 365 * 86400 * 10**9) for _ in range(2))
+            desc = f"utimens {rel} {times}"
+
+            def ops(s, rel=rel, times=times):
+                return os.utime(s.p(rel), ns=times)
+        elif kind in ("setxattr", "getxattr", "removexattr"):
+            rel = self.any_path(True)
+            name = rng.choice(XATTR_NAMES)
+            value = rng.randbytes(rng.choice([0, 1, 100, rng.randint(0, 3000)]))
+            flags = rng.choice([0, 0, os.XATTR_CREATE, os.XATTR_REPLACE])
+            desc = f"{kind} {rel} {name[:12]} len={len(value)} flags={flags}"
+
+            def ops(s, rel=rel, name=name, value=value, flags=flags, kind=kind):
+                if kind == "setxattr":
+                    return os.setxattr(s.p(rel), name, value, flags)
+                if kind == "getxattr":
+                    return os.getxattr(s.p(rel), name)
+                return os.removexattr(s.p(rel), name)
+        elif kind == "listxattr":
+            rel = self.any_path(True)
+            desc = f"listxattr {rel}"
+
+            def ops(s, rel=rel):
+                return sorted(n for n in os.listxattr(s.p(rel)) if n.startswith("user."))
         elif kind == "fsync":
             rel = self.any_path()
             desc = f"fsync {rel}"
@@ -311,8 +394,7 @@ class Runner:
                     return os.pread(fd, size, offset)
                 if kind == "held_truncate":
                     return os.ftruncate(fd, offset)
-                st = os.fstat(fd)
-                return (stat.filemode(st.st_mode), st.st_size, st.st_nlink)
+                return stat_summary(os.fstat(fd))
         elif kind == "release":
             slot = rng.randrange(MAX_HELD)
             desc = f"release slot{slot}"
@@ -357,6 +439,11 @@ class Runner:
         self.ref.close_all()
         self.mnt.close_all()
 
+    def explained(self, e: Mismatch) -> Mismatch:
+        """`e` with the operations that led to it, for reproducing."""
+        recent = "\n    ".join(self.log[-15:])
+        return Mismatch(f"{e}\n  recent ops (ENCFSD_DIFF_SEED={self.seed}):\n    {recent}")
+
 
 def run_sequence(volume, tmp_path, seed: int, remount_at=()):
     ref_root = tmp_path / "reference"
@@ -372,12 +459,14 @@ def run_sequence(volume, tmp_path, seed: int, remount_at=()):
             try:
                 runner.step(i)
             except Mismatch as e:
-                recent = "\n    ".join(runner.log[-15:])
-                raise Mismatch(f"{e}\n  recent ops (ENCFSD_DIFF_SEED={seed}):\n    {recent}") from None
+                raise runner.explained(e) from None
             if (i + 1) % 25 == 0:
                 runner.restore_top_dirs(i)
             if (i + 1) % FULL_COMPARE_EVERY == 0:
-                compare_trees(runner.ref, runner.mnt, f"seed {seed} after op {i}")
+                try:
+                    compare_trees(runner.ref, runner.mnt, f"seed {seed} after op {i}")
+                except Mismatch as e:
+                    raise runner.explained(e) from None
             if i in remount_at:
                 runner.close_all()
                 compare_trees(runner.ref, runner.mnt, f"seed {seed} before remount after op {i}")

@@ -158,7 +158,7 @@ def pristine(encfsd_bin, tmp_path_factory) -> Pristine:
     root = base / "pristine"
     root.mkdir()
     v = Volume(encfsd_bin, root, key, extent_size=E)
-    v.mount(keyring=False)
+    v.mount(by_key_file=True)
     m, s = v.mnt, v.store
     backing = {}
     try:
@@ -200,7 +200,7 @@ def pending(pristine, tmp_path_factory) -> Pristine:
     root = tmp_path_factory.mktemp("hostile-pending")
     v = Volume.copy_of(pristine.volume, root)
     try:
-        v.mount(keyring=False, env={**os.environ, "ENCFSD_FAULT_POINT": "pending-flag-set"})
+        v.mount(by_key_file=True, env={**os.environ, "ENCFSD_FAULT_POINT": "pending-flag-set"})
         try:
             with open(v.mnt / "big", "r+b") as f:
                 f.seek(PATCH_AT)
@@ -396,7 +396,7 @@ def fsck(ctx: Ctx, repair: bool) -> int | None:
 
 def try_mount(ctx: Ctx) -> bool:
     try:
-        ctx.v.mount(keyring=False, timeout=MOUNT_TIMEOUT)
+        ctx.v.mount(by_key_file=True, timeout=MOUNT_TIMEOUT)
         return True
     except subprocess.TimeoutExpired:
         ctx.problems.append(f"mount: hung (did not return in {MOUNT_TIMEOUT}s)")
@@ -638,7 +638,7 @@ def test_pending_shadow_control(pending, volumes, tmp_path):
     write is recovered, so there the shadow is what decides, and refusing is the only outcome."""
     v = Volume.copy_of(pending.volume, tmp_path / "vol")
     volumes.append(v)
-    v.mount(keyring=False)
+    v.mount(by_key_file=True)
     assert read_all(v.mnt / "big") == BIG_PATCHED
     assert (v.mnt / "ok.txt").read_bytes() == OK_TEXT
 

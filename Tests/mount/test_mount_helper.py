@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import daemon_pids, purge_encfsd_keys, run, wait_pids_gone
+from conftest import daemon_pids, purge_test_keys, run, wait_pids_gone
 
 GENERATOR = Path("/lib/systemd/system-generators/systemd-fstab-generator")
 
@@ -51,7 +51,7 @@ def store(tmp_path, encfsd_bin, key_file):
     left = wait_pids_gone(daemon_pids(mnt), 20)
     for pid in left:
         os.kill(pid, 9)
-    purge_encfsd_keys()
+    purge_test_keys()
     assert not left, f"daemon {left} still serving after the test's unmount"
 
 

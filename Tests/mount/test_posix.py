@@ -10,13 +10,15 @@ import fcntl
 import mmap
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from conftest import Volume, expect_errno
+from conftest import Volume, expect_errno, purge_test_keys, wait_pids_gone
+from test_crash import kill_leftovers
 
 NOBODY = 65534
 libc = ctypes.CDLL(None, use_errno=True)
@@ -44,8 +46,10 @@ def public_volume(encfsd_bin, key_file):
     try:
         yield v
     finally:
-        v.force_cleanup()
+        problems = v.force_cleanup()
+        purge_test_keys()
         shutil.rmtree(root, ignore_errors=True)
+    assert problems == [], problems
 
 
 def test_other_users_need_allow_other(public_volume):
@@ -133,15 +137,41 @@ def test_locks(volume):
         assert r.returncode != 0 and ("Resource temporarily unavailable" in r.stderr or "Permission denied" in r.stderr)
 
 
-def test_fsync_family_succeeds(volume):
+def killed_and_remounted(volume):
+    """SIGKILLs the daemon (no flush, no cleanup: a crash) and mounts again."""
+    for pid in volume.pids:
+        os.kill(pid, signal.SIGKILL)
+    assert wait_pids_gone(volume.pids, 60) == []
+    kill_leftovers(volume)
+    volume.mount()
+
+
+def test_fsync_family_commits(volume):
+    """O_SYNC writes, fsync and fdatasync reach the daemon and commit before they return: the
+    daemon buffers writes until a flush point, so each write survives a SIGKILL right after the
+    call only if the call was answered by a commit (not ENOSYS, which the kernel would turn into
+    success and never ask again). fsyncdir must succeed too."""
     path = volume.mnt / "f"
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_SYNC, 0o644)
-    try:
-        os.write(fd, b"data")
-        os.fsync(fd)
-        os.fdatasync(fd)
-    finally:
-        os.close(fd)
+    expected = bytearray()
+    for i, how in enumerate(["O_SYNC", "fsync", "fdatasync"]):
+        data = f"data {i} by {how}".encode() * 100
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_TRUNC * (i == 0) | (os.O_SYNC if how == "O_SYNC" else 0), 0o644)
+        try:
+            os.pwrite(fd, data, 4096 * i)
+            if how == "fsync":
+                os.fsync(fd)
+            elif how == "fdatasync":
+                os.fdatasync(fd)
+            # (Not read back here: closing a reader's descriptor would flush the file.)
+            expected[len(expected):] = bytes(max(0, 4096 * i - len(expected)))
+            expected[4096 * i:4096 * i + len(data)] = data
+            killed_and_remounted(volume)  # the descriptor is still open: no close, no flush
+        finally:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        assert path.read_bytes() == expected, f"the write synced by {how} was lost"
     dfd = os.open(volume.mnt, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)

@@ -118,7 +118,7 @@ def build(v: Volume, model: Model, rng: random.Random):
                     snap[os.path.relpath(p, s)] = p.read_bytes()
         model.stages.append(snap)
         if remount:
-            v.mount(keyring=False)
+            v.mount(by_key_file=True)
 
     def where(path: str) -> Path:
         return s / model.backing[path.rpartition("/")[0]]
@@ -144,7 +144,7 @@ def build(v: Volume, model: Model, rng: random.Random):
         os.setxattr(m / path, name, value)
         model.xattrs.setdefault((path, name), []).append(value)
 
-    v.mount(keyring=False)
+    v.mount(by_key_file=True)
     # stage 0: one of everything
     file("small", rng.randbytes(100))
     xattr("small", "user.a", b"value a")
@@ -227,7 +227,7 @@ def build(v: Volume, model: Model, rng: random.Random):
     # pending flag (its shadow complete in .journal), so every trial's first open of hist replays
     # the shadow, whatever the mutation did to it, the header or anything else.
     v.unmount()
-    v.mount(keyring=False, env={**os.environ, "ENCFSD_FAULT_POINT": "pending-flag-set"})
+    v.mount(by_key_file=True, env={**os.environ, "ENCFSD_FAULT_POINT": "pending-flag-set"})
     patch = rng.randbytes(200)
     try:
         with open(m / "hist", "r+b") as f:
@@ -512,7 +512,7 @@ def test_store_fuzz(pristine, volumes, tmp_path, summary_line):
 
     # Control: unmutated, everything reads as its last state (hist after replaying its shadow).
     run("cp", "-a", v0.store, v.store)
-    v.mount(keyring=False)
+    v.mount(by_key_file=True)
     counts = Counter()
     problems = verify(lambda what, fn: call_with_timeout(fn, OP_TIMEOUT), model, v.mnt, counts, [])
     v.unmount()
@@ -530,7 +530,7 @@ def test_store_fuzz(pristine, volumes, tmp_path, summary_line):
         counts["trials"] += 1
         label = f"seed {SEED} trial {t} ({kind}: {what})"
         try:
-            v.mount(keyring=False, timeout=30)
+            v.mount(by_key_file=True, timeout=30)
         except (AssertionError, subprocess.TimeoutExpired) as e:
             v.force_cleanup()
             if trial.root_touched and not isinstance(e, subprocess.TimeoutExpired):

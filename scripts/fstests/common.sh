@@ -24,14 +24,47 @@ chmod 755 "$SCRATCH_MNT"
 python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(1, 65)))' > "$TEST_KEY_FILE"
 "$ENCFSD" key generate -o "$ROOT_KEY_FILE"
 
-# Unlinks this test's keys (the test key's and its root key's encfsd: entries) from root's keyring,
-# and no one else's: another test or session may be using theirs.
-_purge_keyring() {
-    local s ids
-    ids="$TEST_KEY_IDENTIFIER${ROOT_KEY_IDENTIFIER:+|$ROOT_KEY_IDENTIFIER}"
-    for s in $(keyctl rlist @u 2>/dev/null); do
-        keyctl rdescribe "$s" 2>/dev/null | grep -Eq "^user;.*;encfsd:($ids)" && keyctl unlink "$s" @u >/dev/null 2>&1
+# Root's keyring is shared with every other user of encfsd on the machine, and other runs of these
+# tests use the same test key (its identifier is fixed by xfstests), so a test may remove only the
+# entries it made itself. Every `$ENCFSD key add` goes through a wrapper that records the serials of
+# the encfsd: entries it created in root's keyring (run as another user, it records nothing: those
+# users' keyrings are the tests' own). A concurrent add by someone else within the few milliseconds
+# of one add could be recorded too; nothing else can.
+ADDED_SERIALS=$SCRATCH_BASE/added-serials
+ENCFSD_REAL=$ENCFSD
+ENCFSD=$SCRATCH_BASE/encfsd
+cat > "$ENCFSD" <<WRAPPER
+#!/usr/bin/env bash
+if [ "\${1:-} \${2:-}" = "key add" ] && [ "\$(id -u)" = 0 ]; then
+    before=" \$(keyctl rlist @u 2>/dev/null) "
+    "$ENCFSD_REAL" "\$@"
+    rc=\$?
+    for s in \$(keyctl rlist @u 2>/dev/null); do
+        case \$before in *" \$s "*) continue ;; esac
+        keyctl rdescribe "\$s" 2>/dev/null | grep -q '^user;.*;encfsd:' && echo "\$s" >> "$ADDED_SERIALS"
     done
+    exit \$rc
+fi
+exec "$ENCFSD_REAL" "\$@"
+WRAPPER
+chmod 755 "$ENCFSD"
+
+# Runs a command as user $1 (uid and gid, no groups), as a login of theirs would: in a session
+# keyring of its own that links their user keyring, so the keys they add are theirs to possess
+# (setperm, read). Without it the command would inherit the caller's session keyring (scripts/test.sh
+# runs in one of its own), through which the user possesses nothing of their own.
+_as_user() {
+    local uid=$1
+    shift
+    setpriv --reuid="$uid" --regid="$uid" --clear-groups \
+        keyctl session - bash -c 'exec 2>&3 3>&-; keyctl link @u @s >/dev/null 2>&1; exec "$@"' _ "$@" 3>&2 2>/dev/null
+}
+
+# Unlinks the entries this test's key adds made from root's keyring, and no one else's.
+_purge_keyring() {
+    local s
+    [ -e "$ADDED_SERIALS" ] || return 0
+    for s in $(sort -u "$ADDED_SERIALS"); do keyctl unlink "$s" @u >/dev/null 2>&1; done
     return 0
 }
 
@@ -51,7 +84,6 @@ _cleanup() {
 trap _cleanup EXIT
 # A signal (Ctrl-C, a closed pipe) ends the test through its EXIT trap, so cleanup always runs.
 trap 'exit 130' INT TERM HUP PIPE
-_purge_keyring
 
 _filter_scratch() { sed -e "s#$SCRATCH_MNT#SCRATCH_MNT#g" -e "s#$SCRATCH_BASE#SCRATCH_BASE#g"; }
 
@@ -109,14 +141,8 @@ _drop_caches() { sync; echo 2 > /proc/sys/vm/drop_caches; }
 
 # ---- Helpers of the 581/593/595/429/421 ports ----
 # encfsd revokes a claim's keyring entry when its key is wiped; revoked keys stay linked in the
-# keyring until the kernel's key garbage collector runs (gc_delay, 300 s). Unlink them now.
-_a_unlink_revoked_keys() {
-    local s
-    for s in $(keyctl rlist @u 2>/dev/null); do
-        keyctl rdescribe "$s" 2>&1 >/dev/null | grep -q 'revoked' && keyctl unlink "$s" @u >/dev/null 2>&1
-    done
-    return 0
-}
+# keyring until the kernel's key garbage collector runs (gc_delay, 300 s). Unlink this test's now.
+_a_unlink_revoked_keys() { _purge_keyring; }
 
 # Background loops: start them with `_a_bg CMD...`; CMD should loop while `_a_running`.
 # `_a_stop_bg [SECONDS]` asks them to stop and waits (default 10 s); those still running then are

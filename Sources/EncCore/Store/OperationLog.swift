@@ -12,6 +12,8 @@ public enum BackingOperation: Sendable, Equatable {
     /// fsync or fdatasync: everything before it on this inode (data, or entries of a directory)
     /// is durable.
     case sync(inode: UInt64)
+    /// syncfs: everything before it is durable.
+    case syncAll
     case newInode(inode: UInt64)
     case create(directory: UInt64, name: [UInt8], inode: UInt64)
     case mkdir(directory: UInt64, name: [UInt8], inode: UInt64)

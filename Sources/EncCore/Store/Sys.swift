@@ -137,6 +137,7 @@ public enum Sys {
     /// Commits the whole filesystem behind `fd` (directory entries included).
     public static func syncfs(_ fd: Int32) throws {
         _ = try retrying { encfsd_syncfs(fd) }
+        OperationLog.shared.record(.syncAll)
     }
 
     public static func fdatasync(_ fd: Int32) throws {

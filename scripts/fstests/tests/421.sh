@@ -24,23 +24,40 @@ echo "# Contents written"
 md5sum < "$file"
 
 # Processes that read the file over and over. fadvise wipes the page cache of their range before
-# each read, so that each read goes to the daemon and is decrypted there.
+# each read, so that each read goes to the daemon and is decrypted there. Each attempt is counted
+# in attempts.<n>, each full read of the slice in reads.<n>.
 _reader() {
     local range="$(($1 * slice))M ${slice}M"
     while _a_running; do
         xfs_io "$file" -c "fadvise -d $range" -c "pread $range" 2>&1 \
             | grep -q "^read $((slice * 1048576))/$((slice * 1048576)) bytes" && echo -n r >> "$SCRATCH_BASE/reads.$1"
+        echo -n a >> "$SCRATCH_BASE/attempts.$1"
     done
+}
+# How many reads (or attempts) reader $2 has made so far.
+_reader_count() { local n; n=$(stat -c %s "$SCRATCH_BASE/$1.$2" 2>/dev/null) || n=0; echo "$n"; }
+# _wait_readers WHAT [MIN...]: waits until reader n has made more than MIN[n] (default 0) of WHAT
+# (reads, attempts); up to 120 s, the machine may be loaded. Names the readers that did not.
+_wait_readers() {
+    local what=$1 i proc late=()
+    shift
+    local min=("$@")
+    for ((i = 0; i < 1200; i++)); do
+        late=()
+        for ((proc = 0; proc < nproc; proc++)); do
+            (( $(_reader_count "$what" $proc) > ${min[$proc]:-0} )) || late+=("$proc")
+        done
+        [ ${#late[@]} -eq 0 ] && return 0
+        sleep 0.1
+    done
+    for proc in "${late[@]}"; do echo "reader $proc: no $what within 120 s"; done
 }
 for ((proc = 0; proc < nproc; proc++)); do
     _a_bg _reader $proc
 done
 
-# Wait a second for the readers to start up.
-sleep 1
-for ((proc = 0; proc < nproc; proc++)); do
-    [ -s "$SCRATCH_BASE/reads.$proc" ] || echo "reader $proc has not read its slice"
-done
+# Wait until every reader has read its slice once.
+_wait_readers reads
 
 # Remove the key. Whether files are still busy at that moment depends on timing.
 echo "# Removing the key while the file is being read"
@@ -50,9 +67,10 @@ _rm_enckey "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER | sed 's/, but files still busy$/
 # holds it open, no-key otherwise; either may fail, so only the daemon's survival counts).
 cat "$(find "$dir" -type f)" > /dev/null 2>&1
 
-# Let the readers run on for a while, then wait for them to exit.
-sleep 3
-_a_stop_bg 10 || echo "readers hung"
+# Let every reader try a few more times with the key gone (reads then fail, or succeed through a
+# still-open file), then wait for them to exit.
+_wait_readers attempts $(for ((proc = 0; proc < nproc; proc++)); do echo $(( $(_reader_count attempts $proc) + 2 )); done)
+_a_stop_bg 60 || echo "readers hung"
 
 echo "# Is the daemon alive and answering?"
 kill -0 "$daemon_pid" 2>/dev/null && echo "daemon running" || echo "daemon died"

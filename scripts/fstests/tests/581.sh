@@ -14,7 +14,7 @@ source "$(dirname "$0")/../common.sh"
 # keyrings can be cleared wholesale at the end.
 USER1=15810
 USER2=15811
-_user_as() { local uid=$1; shift; setpriv --reuid="$uid" --regid="$uid" --clear-groups "$@"; }
+_user_as() { _as_user "$@"; }
 _user_do() { _user_as $USER1 "$@" 2>&1 | _filter_scratch; }
 _user2_do() { _user_as $USER2 "$@" 2>&1 | _filter_scratch; }
 

@@ -8,7 +8,7 @@
 source "$(dirname "$0")/../common.sh"
 
 OTHER_USER=15930	# no passwd entry; used only by this test
-_other_as() { setpriv --reuid=$OTHER_USER --regid=$OTHER_USER --clear-groups "$@"; }
+_other_as() { _as_user $OTHER_USER "$@"; }
 # Keys this test puts into the keyring itself. Their descriptions do not start with "encfsd:",
 # so that no other test's keyring purge touches them while this test runs.
 _593_padd() { keyctl padd user "fstests-593:$1" @u; }

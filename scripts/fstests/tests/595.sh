@@ -9,7 +9,7 @@ source "$(dirname "$0")/../common.sh"
 # adding user's keyring, revoked by the daemon when the key is wiped) are not root's, which other
 # tests running at the same time share.
 LOOP_USER=15950
-_loop_user_as() { setpriv --reuid=$LOOP_USER --regid=$LOOP_USER --clear-groups "$@"; }
+_loop_user_as() { _as_user $LOOP_USER "$@"; }
 _595_cleanup() {
     _a_cleanup
     _loop_user_as keyctl clear @u >/dev/null 2>&1

@@ -4,14 +4,17 @@
 # no-key) must not let mkdir/mknod/mkfifo/symlink/link/RENAME_NOREPLACE/O_CREAT|O_EXCL create a
 # second entry of a name that exists once the key is there.
 #
-# As in the kernel test, dir/100 exists and one process tries, for ~10 s, to create it again in
-# all these ways (each must fail: EEXIST with the key, ENOKEY without), while another loops adding
-# and removing the key. The same process also creates a fresh name, tries to create it a second
+# As in the kernel test, dir/100 exists and one process tries to create it again in all these
+# ways (each must fail: EEXIST with the key, ENOKEY without), while another loops adding and
+# removing the key; for at least 10 s, and on until the race has been run enough (the key added and
+# removed 20 times, 1000 attempts, the fresh name created 10 times, both EEXIST and ENOKEY seen),
+# which is waited for as an event (up to 10 minutes: a loaded machine is only slower). The same process also creates a fresh name, tries to create it a second
 # time (must fail) and removes it again (retrying while the key is absent). Afterwards, with the
 # key and without it, no name may appear twice.
 source "$(dirname "$0")/../common.sh"
 _scratch_mkfs_encrypted
-runtime=10
+runtime=10     # at least this many seconds of racing
+deadline=600   # at most, waiting for the race to have been run enough
 dir=$SCRATCH_MNT/dir
 tmp=$SCRATCH_BASE/tmp
 
@@ -58,9 +61,17 @@ def remove(name, op):
     except OSError:
         return False                              # e.g. ENOENT: the key is absent; retry later
 attempts, created, errors, pending = 0, 0, {}, None
+def progress():
+    # attempts, creations of the fresh name, and whether EEXIST and ENOKEY have been seen
+    seen = {err for (_, err) in errors}
+    with open(tmp + ".progress.tmp", "w") as f:
+        f.write(f"{attempts} {created} {int('File exists' in seen)} {int('Required key not available' in seen)}\n")
+    os.replace(tmp + ".progress.tmp", tmp + ".progress")
 def attempt(op, fn):
     global attempts
     attempts += 1
+    if attempts % 100 == 0:
+        progress()
     try:
         fn()
         return True
@@ -103,12 +114,23 @@ echo -e "\n# Starting add/remove enckey process"
         "$ENCFSD" key add "$SCRATCH_MNT" --key-file "$TEST_KEY_FILE" > /dev/null 2>&1
         "$ENCFSD" key remove "$SCRATCH_MNT" $TEST_KEY_IDENTIFIER > /dev/null 2>&1
         n=$((n + 1))
+        echo -n c >> "$tmp.cycle-marks"
     done
     echo $n > "$tmp.cycles"
 ) &
 
 echo -e "\n# Running for a few seconds..."
-sleep $runtime
+_621_run_enough() {
+    local attempts created eexist enokey
+    read -r attempts created eexist enokey < "$tmp.progress" 2>/dev/null || return 1
+    (( $(stat -c %s "$tmp.cycle-marks" 2>/dev/null || echo 0) >= 20 && attempts >= 1000 && created >= 10
+       && eexist && enokey ))
+}
+start=$SECONDS
+while (( SECONDS - start < runtime )) || ! _621_run_enough; do
+    (( SECONDS - start < deadline )) || break
+    sleep 0.5
+done
 echo -e "\n# Stopping subprocesses"
 touch "$tmp.done"
 wait
