@@ -117,4 +117,4 @@ def test_locked_directory_can_be_emptied(make_volume):
         else:
             os.unlink(path)
     assert os.listdir(v.mnt) == []
-    assert set(os.listdir(v.store)) == {".d", "encfsd.conf", ".journal"}, "the backing store keeps removed entries"
+    assert set(os.listdir(v.store)) == STORE_FILES, "the backing store keeps removed entries"
