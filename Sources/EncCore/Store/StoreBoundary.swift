@@ -110,13 +110,15 @@ extension Sys {
     /// whose descriptor the daemon holds can be moved out of the store behind its back, and must
     /// then receive nothing. Walks `..` up (one `openat` and `fstat` per level).
     public static func checkBeneath(_ dir: Int32, root: Place) throws {
-        var current = try reopen(dir, flags: oPath | O_DIRECTORY)
+        var here = Place(try fstat(dir))
+        var current: FileDescriptor?
         for _ in 0..<4096 {
-            let here = Place(try fstat(current.raw))
             if here == root { return }
-            let parent = try FileDescriptor(raw: retrying { Glibc.openat(current.raw, "..", oPath | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) })
-            if Place(try fstat(parent.raw)) == here { break } // the filesystem's root: never met the store's
-            current = parent
+            let from = current?.raw ?? dir
+            let parent = try FileDescriptor(raw: retrying { Glibc.openat(from, "..", oPath | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) })
+            let up = Place(try fstat(parent.raw))
+            if up == here { break } // the filesystem's root: never met the store's
+            (current, here) = (parent, up)
         }
         throw StoreError.integrity("a directory of the store was moved out of it in the backing store")
     }

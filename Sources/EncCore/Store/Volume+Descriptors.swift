@@ -3,11 +3,13 @@ import Synchronization
 import Glibc
 #endif
 
-/// O_PATH descriptors of recently used directories, at most `capacity` of them: lookups, creates
-/// and listings in a directory need one, and reopening it from its parent on every request would
-/// cost a walk. The least recently used go first; a descriptor in use elsewhere stays open until
-/// its user lets go of it (descriptors are reference-counted owners, closed by the last one).
-final class DirectoryDescriptorCache: Sendable {
+/// Descriptors of recently used objects, at most `capacity` of them, by node: O_PATH descriptors of
+/// directories (lookups, creates and listings in a directory need one, and reopening it from its
+/// parent on every request would cost a walk), and the read-write descriptors of files just looked
+/// up (the open, chmod or utimens that usually follows a lookup then reopens nothing). The least
+/// recently used go first; a descriptor in use elsewhere stays open until its user lets go of it
+/// (descriptors are reference-counted owners, closed by the last one).
+final class DescriptorCache: Sendable {
     private struct Entry {
         let descriptor: FileDescriptor
         var lastUse: UInt64
@@ -50,6 +52,11 @@ final class DirectoryDescriptorCache: Sendable {
         withExtendedLifetime(evicted) {}
     }
 
+    /// Hands the descriptor over to the caller (an open file takes the one its lookup left).
+    func take(_ id: UInt64) -> FileDescriptor? {
+        state.withLock { $0.entries.removeValue(forKey: id)?.descriptor }
+    }
+
     func remove(_ id: UInt64) {
         let removed = state.withLock { $0.entries.removeValue(forKey: id) }
         withExtendedLifetime(removed) {}
@@ -69,11 +76,11 @@ final class OpenFileBudget: Sendable {
     init(limit: Int) { self.limit = max(limit, 1) }
 
     /// The process's descriptor limit less what the rest of the daemon needs.
-    static func fromProcessLimit(reservedForDirectories: Int) -> OpenFileBudget {
+    static func fromProcessLimit(reservedForCaches: Int) -> OpenFileBudget {
         var r = rlimit()
         let soft = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 ? Int(min(UInt64(r.rlim_cur), UInt64(Int32.max))) : 1024
         // 64 for libfuse, the journal, and per-request transients of every worker thread.
-        return OpenFileBudget(limit: soft - reservedForDirectories - 64)
+        return OpenFileBudget(limit: soft - reservedForCaches - 64)
     }
 
     func acquire() throws {
@@ -141,6 +148,7 @@ extension Volume {
     func objectDescriptor(_ node: Node, _ state: NodeState, _ access: BackingAccess) throws -> FileDescriptor {
         if node.isDirectory { return try directoryFD(node, locations: state.locations) }
         if let open = state.file?.descriptor { return open }
+        if let recent = recentFiles.descriptor(node.id) { return recent }
         return try reopen(node, locations: state.locations, access)
     }
 
@@ -175,7 +183,7 @@ extension Volume {
             let fd = try directoryFD(node)
             return try withExtendedLifetime(fd) { try Sys.fstat(fd.raw) }
         }
-        let (open, locations) = node.state.withLock { ($0.file?.descriptor, $0.locations) }
+        let (open, locations) = node.state.withLock { ($0.file?.descriptor ?? recentFiles.descriptor(node.id), $0.locations) }
         if let open { return try withExtendedLifetime(open) { try Sys.fstat(open.raw) } }
         for location in locations {
             let parent = try directoryFD(location.parent)

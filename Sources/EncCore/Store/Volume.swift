@@ -26,7 +26,8 @@ public final class Volume: Sendable {
     let table = Mutex(NodeTable())
     let handles = Mutex(HandleTable())
     /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
-    let directories: DirectoryDescriptorCache
+    let directories: DescriptorCache
+    let recentFiles: DescriptorCache
     let openFiles: OpenFileBudget
     /// Bindings to drop once the renames and unlinks that made them stale are durable.
     let staleBindings = Mutex<[StaleBinding]>([])
@@ -52,9 +53,10 @@ public final class Volume: Sendable {
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
                         header: header, verified: verified, location: nil, pinnedDirectory: fd)
         // A quarter of the descriptors for directories, the rest for open files.
-        let limit = OpenFileBudget.fromProcessLimit(reservedForDirectories: 0).limit
-        directories = DirectoryDescriptorCache(capacity: min(4096, limit / 4))
-        openFiles = OpenFileBudget.fromProcessLimit(reservedForDirectories: directories.capacity)
+        let limit = OpenFileBudget.fromProcessLimit(reservedForCaches: 0).limit
+        directories = DescriptorCache(capacity: min(4096, limit / 4))
+        recentFiles = DescriptorCache(capacity: min(256, limit / 16))
+        openFiles = OpenFileBudget.fromProcessLimit(reservedForCaches: directories.capacity + recentFiles.capacity)
         root.state.withLock { $0.lookups = 1 }
         table.withLock {
             $0.byID[Self.rootID] = root
@@ -209,6 +211,12 @@ public final class Volume: Sendable {
     /// The reference is taken under the table lock, so a concurrent forget cannot drop the node
     /// between finding and counting it (which would let a second node for the same inode appear).
     func child(of dir: Node, backingName: [UInt8]) throws -> Node {
+        try childEntry(of: dir, backingName: backingName).node
+    }
+
+    /// `child`, also giving the entry's `stat` as this lookup found it (for the object that the
+    /// node is: identity checked), so the reply's attributes need not stat it again.
+    func childEntry(of dir: Node, backingName: [UInt8]) throws -> (node: Node, stat: stat) {
         let dirFD = try directoryFD(dir)
         let st = try withExtendedLifetime(dirFD) { try Self.statEntry(dirFD.raw, backingName) }
         let location = Location(parent: dir, name: backingName)
@@ -227,14 +235,14 @@ public final class Volume: Sendable {
             }
             return node
         }
-        let node = try cached ?? withExtendedLifetime(dirFD) { try openNode(in: dirFD.raw, at: location, stat: st) }
+        let (node, entryStat) = try cached.map { ($0, st) } ?? withExtendedLifetime(dirFD) { try openNode(in: dirFD.raw, at: location, stat: st) }
         do {
             try checkBinding(node, parent: dir, backingName: backingName)
         } catch {
             release(node)
             throw error
         }
-        return node
+        return (node, entryStat)
     }
 
     /// Takes one more reference to a node already in the table (a new name's entry reply).
@@ -262,13 +270,26 @@ public final class Volume: Sendable {
 
     /// Reads the header of the entry at `location` (whose descriptor is `dirFD`) and adds its
     /// node. Files are opened only for that read; a directory's descriptor goes to the cache.
-    private func openNode(in dirFD: Int32, at location: Location, stat st: stat) throws -> Node {
+    private func openNode(in dirFD: Int32, at location: Location, stat st: stat) throws -> (Node, stat) {
         let type: BackingType = switch st.st_mode & S_IFMT {
         case S_IFDIR: .directory
         case S_IFREG: .regularFile
         default: throw StoreError.integrity("backing entry is neither a file nor a directory")
         }
-        let (fd, opened) = try Sys.openEntryStat(dirFD, location.name, type, type == .directory ? .path : .readOnly)
+        // A file is opened read-write (its type verified first), so the open or metadata update that
+        // usually follows a lookup can use this descriptor; read-only where the backing refuses.
+        let (fd, opened): (FileDescriptor, stat)
+        var writable = false
+        if type == .directory {
+            (fd, opened) = try Sys.openEntryStat(dirFD, location.name, .directory, .path)
+        } else {
+            do {
+                (fd, opened) = try Sys.openEntryStat(dirFD, location.name, .regularFile, .readWrite)
+                writable = true
+            } catch StoreError.system(let code) where code == EROFS || code == EACCES {
+                (fd, opened) = try Sys.openEntryStat(dirFD, location.name, .regularFile, .readOnly)
+            }
+        }
         let headerFD = type == .directory ? try Self.openDirectoryHeader(fd.raw) : fd
         let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
         let identity = Sys.identity(of: fd.raw)
@@ -280,8 +301,10 @@ public final class Volume: Sendable {
         // object's header under another's inode.
         let node = insert(inode: UInt64(opened.st_ino), identity: identity, headerIdentity: headerIdentity,
                           header: header, verified: verified, location: location)
-        if type == .directory && node.identity == identity { directories.insert(node.id, fd) }
-        return node
+        if node.identity == identity && node.backingInode == UInt64(opened.st_ino) {
+            if type == .directory { directories.insert(node.id, fd) } else if writable { recentFiles.insert(node.id, fd) }
+        }
+        return (node, opened)
     }
 
     /// A backing directory's `.d`: one without it is not a directory of the store (EIO).
@@ -338,17 +361,17 @@ public final class Volume: Sendable {
             if t.byInode[node.backingInode] === node { t.byInode[node.backingInode] = nil }
             return true
         }
-        if dropped && node.isDirectory { directories.remove(node.id) }
+        if dropped { (node.isDirectory ? directories : recentFiles).remove(node.id) }
     }
 
     // MARK: lookup, forget, getattr
 
     public func lookup(parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
         let dir = try node(parent)
-        let child = try child(of: dir, backingName: try backingName(of: name, in: dir))
+        let (child, st) = try childEntry(of: dir, backingName: try backingName(of: name, in: dir))
         child.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: name)) }
         do {
-            return (child.id, try attributes(child))
+            return (child.id, try attributes(child, stat: st))
         } catch {
             forget(child.id, count: 1)
             throw error
@@ -366,10 +389,10 @@ public final class Volume: Sendable {
         let listedUnlocked = entry.name != backingName
         let unlockedNow = dir.state.withLock { keys.key(for: $0.header.policy) ?? keys.lingeringKey(for: $0.header.policy) } != nil
         guard listedUnlocked == unlockedNow else { throw StoreError.invalidArgument }
-        let child = try child(of: dir, backingName: backingName)
+        let (child, st) = try childEntry(of: dir, backingName: backingName)
         child.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: entry.name)) }
         do {
-            return (child.id, try attributes(child))
+            return (child.id, try attributes(child, stat: st))
         } catch {
             forget(child.id, count: 1)
             throw error
@@ -386,9 +409,12 @@ public final class Volume: Sendable {
         try attributes(try node(id))
     }
 
-    func attributes(_ node: Node) throws -> Attributes {
+    /// - Parameter known: the object's `stat` if the request already has it (a lookup).
+    func attributes(_ node: Node, stat known: stat? = nil) throws -> Attributes {
+        // A replayed write changes the backing file: the stat taken before it is stale.
+        let replays = node.state.withLock { $0.header.flags.contains(.pendingWrite) }
         try recoverIfPossible(node)
-        let st = try backingStat(node)
+        let st = try (replays ? nil : known) ?? backingStat(node)
         // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
         // touch the directory's own ctime: the later of the two is the directory's ctime.
         let headerChange = node.isDirectory ? try statEntry(ofHeaderOf: node).st_ctim : st.st_ctim
