@@ -11,6 +11,24 @@ import os
 from conftest import daemon_pids, run
 
 
+def journaled_overwrite_is_refused(path, otherwise: str):
+    """Overwrites inside a stored extent of `path` (so the commit journals it) and requires the
+    commit, at fsync, to fail with EIO."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"x" * 100, 20000)
+        try:
+            os.fsync(fd)
+            raise AssertionError(otherwise)
+        except OSError as e:
+            assert e.errno == errno.EIO, e
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # the failed commit is reported again at close
+
+
 def test_hard_link_planted_as_a_journal_shadow_is_refused(volume, tmp_path):
     v = volume
     canary = tmp_path / "canary"
@@ -24,19 +42,7 @@ def test_hard_link_planted_as_a_journal_shadow_is_refused(volume, tmp_path):
     shadow = v.store / ".journal" / object_id
     os.link(canary, shadow)
 
-    fd = os.open(victim, os.O_RDWR)
-    try:
-        os.pwrite(fd, b"x" * 100, 20000)  # inside a stored extent: the commit journals it
-        try:
-            os.fsync(fd)
-            raise AssertionError("the commit wrote its journal through a planted hard link")
-        except OSError as e:
-            assert e.errno == errno.EIO, e
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    journaled_overwrite_is_refused(victim, "the commit wrote its journal through a planted hard link")
 
     after = canary.stat()
     assert canary.read_bytes() == b"precious data outside the store\n" * 100
@@ -190,19 +196,7 @@ def test_a_directory_moved_out_of_the_store_receives_nothing(volume, tmp_path):
     moved_journal = tmp_path / "moved-journal"
     os.rename(v.store / ".journal", moved_journal)
     os.mkdir(v.store / ".journal")
-    fd = os.open(v.mnt / "jfile", os.O_RDWR)
-    try:
-        os.pwrite(fd, b"Q" * 100, 20000)
-        try:
-            os.fsync(fd)
-            raise AssertionError("a journal shadow was written into a directory outside the store")
-        except OSError as e:
-            assert e.errno == errno.EIO, e
-    finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    journaled_overwrite_is_refused(v.mnt / "jfile", "a journal shadow was written into a directory outside the store")
     assert os.listdir(moved_journal) == []
     assert daemon_pids(v.mnt) == v.pids
 

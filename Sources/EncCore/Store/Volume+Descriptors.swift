@@ -3,12 +3,11 @@ import Synchronization
 import Glibc
 #endif
 
-/// Descriptors of recently used objects, at most `capacity` of them, by node: O_PATH descriptors of
-/// directories (lookups, creates and listings in a directory need one, and reopening it from its
-/// parent on every request would cost a walk), and the read-write descriptors of files just looked
-/// up (the open, chmod or utimens that usually follows a lookup then reopens nothing). The least
-/// recently used go first; a descriptor in use elsewhere stays open until its user lets go of it
-/// (descriptors are reference-counted owners, closed by the last one).
+/// O_PATH descriptors of recently used directories, at most `capacity` of them: lookups, creates
+/// and listings in a directory need one, and reopening it from its parent on every request would
+/// cost a walk. The least recently used go first; a descriptor in use elsewhere stays open until
+/// its user lets go of it (descriptors are reference-counted owners, closed by the last one).
+/// (Keeping the descriptors of recently looked-up files too was measured: no gain, 2026-12-01.)
 final class DescriptorCache: Sendable {
     private struct Entry {
         let descriptor: FileDescriptor
@@ -50,11 +49,6 @@ final class DescriptorCache: Sendable {
             }
         }
         withExtendedLifetime(evicted) {}
-    }
-
-    /// Hands the descriptor over to the caller (an open file takes the one its lookup left).
-    func take(_ id: UInt64) -> FileDescriptor? {
-        state.withLock { $0.entries.removeValue(forKey: id)?.descriptor }
     }
 
     func remove(_ id: UInt64) {
@@ -148,7 +142,6 @@ extension Volume {
     func objectDescriptor(_ node: Node, _ state: NodeState, _ access: BackingAccess) throws -> FileDescriptor {
         if node.isDirectory { return try directoryFD(node, locations: state.locations) }
         if let open = state.file?.descriptor { return open }
-        if let recent = recentFiles.descriptor(node.id) { return recent }
         return try reopen(node, locations: state.locations, access)
     }
 
@@ -183,7 +176,7 @@ extension Volume {
             let fd = try directoryFD(node)
             return try withExtendedLifetime(fd) { try Sys.fstat(fd.raw) }
         }
-        let (open, locations) = node.state.withLock { ($0.file?.descriptor ?? recentFiles.descriptor(node.id), $0.locations) }
+        let (open, locations) = node.state.withLock { ($0.file?.descriptor, $0.locations) }
         if let open { return try withExtendedLifetime(open) { try Sys.fstat(open.raw) } }
         for location in locations {
             let parent = try directoryFD(location.parent)

@@ -65,7 +65,7 @@ extension Volume {
                 // The open file's descriptor is the object's only long-lived one (see Node).
                 try openFiles.acquire()
                 do {
-                    let fd = try descriptor ?? recentFiles.take(node.id) ?? reopen(node, locations: state.locations, .readWrite)
+                    let fd = try descriptor ?? reopen(node, locations: state.locations, .readWrite)
                     state.file = extentFile(fd, key: key, header: state.header)
                 } catch {
                     openFiles.release()

@@ -56,7 +56,6 @@ extension Volume {
     func forgetLocation(_ location: Location, inode: UInt64) {
         guard let node = table.withLock({ $0.byInode[inode] }) else { return }
         node.state.withLock { $0.removeLocation(location) }
-        // A name-less object's cached descriptor would only keep its inode alive.
-        if node.state.withLock({ $0.locations.isEmpty }) { (node.isDirectory ? directories : recentFiles).remove(node.id) }
+        if node.isDirectory && node.state.withLock({ $0.locations.isEmpty }) { directories.remove(node.id) }
     }
 }

@@ -27,7 +27,6 @@ public final class Volume: Sendable {
     let handles = Mutex(HandleTable())
     /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
     let directories: DescriptorCache
-    let recentFiles: DescriptorCache
     let openFiles: OpenFileBudget
     /// Bindings to drop once the renames and unlinks that made them stale are durable.
     let staleBindings = Mutex<[StaleBinding]>([])
@@ -55,8 +54,7 @@ public final class Volume: Sendable {
         // A quarter of the descriptors for directories, the rest for open files.
         let limit = OpenFileBudget.fromProcessLimit(reservedForCaches: 0).limit
         directories = DescriptorCache(capacity: min(4096, limit / 4))
-        recentFiles = DescriptorCache(capacity: min(256, limit / 16))
-        openFiles = OpenFileBudget.fromProcessLimit(reservedForCaches: directories.capacity + recentFiles.capacity)
+        openFiles = OpenFileBudget.fromProcessLimit(reservedForCaches: directories.capacity)
         root.state.withLock { $0.lookups = 1 }
         table.withLock {
             $0.byID[Self.rootID] = root
@@ -276,20 +274,7 @@ public final class Volume: Sendable {
         case S_IFREG: .regularFile
         default: throw StoreError.integrity("backing entry is neither a file nor a directory")
         }
-        // A file is opened read-write (its type verified first), so the open or metadata update that
-        // usually follows a lookup can use this descriptor; read-only where the backing refuses.
-        let (fd, opened): (FileDescriptor, stat)
-        var writable = false
-        if type == .directory {
-            (fd, opened) = try Sys.openEntryStat(dirFD, location.name, .directory, .path)
-        } else {
-            do {
-                (fd, opened) = try Sys.openEntryStat(dirFD, location.name, .regularFile, .readWrite)
-                writable = true
-            } catch StoreError.system(let code) where code == EROFS || code == EACCES {
-                (fd, opened) = try Sys.openEntryStat(dirFD, location.name, .regularFile, .readOnly)
-            }
-        }
+        let (fd, opened) = try Sys.openEntryStat(dirFD, location.name, type, type == .directory ? .path : .readOnly)
         let headerFD = type == .directory ? try Self.openDirectoryHeader(fd.raw) : fd
         let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
         let identity = Sys.identity(of: fd.raw)
@@ -301,9 +286,7 @@ public final class Volume: Sendable {
         // object's header under another's inode.
         let node = insert(inode: UInt64(opened.st_ino), identity: identity, headerIdentity: headerIdentity,
                           header: header, verified: verified, location: location)
-        if node.identity == identity && node.backingInode == UInt64(opened.st_ino) {
-            if type == .directory { directories.insert(node.id, fd) } else if writable { recentFiles.insert(node.id, fd) }
-        }
+        if type == .directory && node.identity == identity { directories.insert(node.id, fd) }
         return (node, opened)
     }
 
@@ -361,7 +344,7 @@ public final class Volume: Sendable {
             if t.byInode[node.backingInode] === node { t.byInode[node.backingInode] = nil }
             return true
         }
-        if dropped { (node.isDirectory ? directories : recentFiles).remove(node.id) }
+        if dropped && node.isDirectory { directories.remove(node.id) }
     }
 
     // MARK: lookup, forget, getattr
