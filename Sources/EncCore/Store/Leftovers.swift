@@ -21,16 +21,32 @@ enum Leftovers {
         name.starts(with: mkdirPrefix) || name.starts(with: rmdirPrefix)
     }
 
-    /// Whether `dir` holds only what encfsd itself puts in a directory it deletes.
-    static func isRemovable(_ dir: Int32, depth: Int = 0) throws -> Bool {
-        for entry in try Sys.listDirectory(dir) {
-            if entry.name == directoryHeaderName && !entry.isDirectory { continue }
-            guard entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else { return false }
-            let sub = try Sys.openEntry(dir, entry.name, .directory, .path)
-            guard try withExtendedLifetime(sub, { try isRemovable(sub.raw, depth: depth + 1) }) else { return false }
-        }
-        return true
+    enum Contents {
+        /// Only what encfsd itself puts in a directory it deletes.
+        case removable
+        /// Entries of the store: the directory is not empty.
+        case entries
+        /// Something encfsd never makes.
+        case foreign
     }
+
+    /// What `dir` holds, in one listing of it (and of each leftover inside).
+    static func contents(of dir: Int32, depth: Int = 0) throws -> Contents {
+        var foreignFound = false
+        for entry in try Sys.listDirectory(dir) {
+            if NameCodec.isEntryName(entry.name) { return .entries }
+            if entry.name == directoryHeaderName && !entry.isDirectory { continue }
+            guard !foreignFound, entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else {
+                foreignFound = true
+                continue
+            }
+            let sub = try Sys.openEntry(dir, entry.name, .directory, .path)
+            if try withExtendedLifetime(sub, { try contents(of: sub.raw, depth: depth + 1) }) != .removable { foreignFound = true }
+        }
+        return foreignFound ? .foreign : .removable
+    }
+
+    static func isRemovable(_ dir: Int32) throws -> Bool { try contents(of: dir) == .removable }
 
     /// Damage, or a tree planted to be deleted as root: EIO for the directory that holds it.
     static let foreign = StoreError.integrity("the directory holds objects encfsd does not make; left alone")

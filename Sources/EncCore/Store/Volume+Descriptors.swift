@@ -55,8 +55,6 @@ final class DescriptorCache: Sendable {
         let removed = state.withLock { $0.entries.removeValue(forKey: id) }
         withExtendedLifetime(removed) {}
     }
-
-    var count: Int { state.withLock { $0.entries.count } }
 }
 
 /// How many backing descriptors open files may hold at once. Clients can open as many files as
@@ -69,12 +67,13 @@ final class OpenFileBudget: Sendable {
 
     init(limit: Int) { self.limit = max(limit, 1) }
 
-    /// The process's descriptor limit less what the rest of the daemon needs.
-    static func fromProcessLimit(reservedForCaches: Int) -> OpenFileBudget {
+    /// Descriptors kept for libfuse, the journal, and per-request transients of every worker.
+    static let reserved = 64
+
+    /// The process's soft descriptor limit (the daemon raises it to the hard limit first).
+    static var processLimit: Int {
         var r = rlimit()
-        let soft = getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 ? Int(min(UInt64(r.rlim_cur), UInt64(Int32.max))) : 1024
-        // 64 for libfuse, the journal, and per-request transients of every worker thread.
-        return OpenFileBudget(limit: soft - reservedForCaches - 64)
+        return getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 ? Int(min(UInt64(r.rlim_cur), UInt64(Int32.max))) : 1024
     }
 
     func acquire() throws {
@@ -86,8 +85,6 @@ final class OpenFileBudget: Sendable {
     }
 
     func release() { held.subtract(1, ordering: .relaxed) }
-
-    var inUse: Int { held.load(ordering: .relaxed) }
 }
 
 extension Volume {

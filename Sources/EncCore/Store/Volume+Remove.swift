@@ -28,7 +28,7 @@ extension Volume {
     public func rmdir(parent: UInt64, name: [UInt8]) throws {
         let dir = try node(parent)
         let backing = try backingName(of: name, in: dir)
-        let st = try Self.statEntry(dir, in: self, backing)
+        let st = try statEntry(in: dir, backing)
         guard st.st_mode & S_IFMT == S_IFDIR else { throw StoreError.notDirectory }
         try removeEmptyDirectory(in: dir, backingName: backing)
     }
@@ -41,12 +41,11 @@ extension Volume {
         let dirFD = try changingDirectoryFD(dir)
         defer { withExtendedLifetime(dirFD) {} }
         let (target, st) = try Sys.openEntryStat(dirFD.raw, backingName, .directory, .path)
-        // Entries of the store make it not empty; anything else in it that encfsd never makes
-        // is damage or planted (EIO), and is not deleted.
-        guard try Sys.listDirectory(target.raw).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
-            throw StoreError.notEmpty
+        switch try Leftovers.contents(of: target.raw) {
+        case .removable: break
+        case .entries: throw StoreError.notEmpty
+        case .foreign: throw Leftovers.foreign
         }
-        guard try Leftovers.isRemovable(target.raw) else { throw Leftovers.foreign }
         let trash = Leftovers.rmdirPrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
         try Sys.renameAt(dirFD.raw, backingName, dirFD.raw, trash, flags: Sys.renameNoReplace)
         forgetLocation(Location(parent: dir, name: backingName), inode: UInt64(st.st_ino))

@@ -52,9 +52,9 @@ public final class Volume: Sendable {
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
                         header: header, verified: verified, location: nil, pinnedDirectory: fd)
         // A quarter of the descriptors for directories, the rest for open files.
-        let limit = OpenFileBudget.fromProcessLimit(reservedForCaches: 0).limit
+        let limit = OpenFileBudget.processLimit - OpenFileBudget.reserved
         directories = DescriptorCache(capacity: min(4096, limit / 4))
-        openFiles = OpenFileBudget.fromProcessLimit(reservedForCaches: directories.capacity)
+        openFiles = OpenFileBudget(limit: limit - directories.capacity)
         root.state.withLock { $0.lookups = 1 }
         table.withLock {
             $0.byID[Self.rootID] = root
@@ -221,7 +221,7 @@ public final class Volume: Sendable {
         // The entry's identity is needed only to confirm a node already known for its inode.
         let known = table.withLock { $0.byInode[UInt64(st.st_ino)] }
         let found = known?.identity == nil ? nil : withExtendedLifetime(dirFD) { Sys.identity(ofEntry: backingName, in: dirFD.raw) }
-        let cached: Node? = table.withLock { t in
+        let cached: Node? = known == nil ? nil : table.withLock { t in
             // A node for another object that had this inode number (deleted behind the daemon's
             // back, its number reused) is passed over; `insert` replaces it.
             guard let node = t.byInode[UInt64(st.st_ino)], node === known, node.isObject(inode: UInt64(st.st_ino), identity: found) else {
@@ -261,9 +261,9 @@ public final class Volume: Sendable {
         }
     }
 
-    static func statEntry(_ dir: Node, in volume: Volume, _ backingName: [UInt8]) throws -> stat {
-        let fd = try volume.directoryFD(dir)
-        return try withExtendedLifetime(fd) { try statEntry(fd.raw, backingName) }
+    func statEntry(in dir: Node, _ backingName: [UInt8]) throws -> stat {
+        let fd = try directoryFD(dir)
+        return try withExtendedLifetime(fd) { try Self.statEntry(fd.raw, backingName) }
     }
 
     /// Reads the header of the entry at `location` (whose descriptor is `dirFD`) and adds its

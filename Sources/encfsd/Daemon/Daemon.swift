@@ -96,14 +96,16 @@ struct Daemon {
     /// Tells the waiting parent the mount is ready, then lets go of its pipe.
     private func detach() {
         FileHandle.standardOutput.write(Data((Self.readyLine + "\n").utf8))
-        let target = logFile.map { Glibc.open($0, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600) } ?? Glibc.open("/dev/null", O_RDWR)
-        let null = Glibc.open("/dev/null", O_RDONLY)
-        if null >= 0 { dup2(null, 0); Glibc.close(null) }
+        // Standard output and error go where the log goes (the runtime's crash reports with them),
+        // through the descriptor the logger already holds rather than the path opened again.
+        let null = Glibc.open("/dev/null", O_RDWR)
+        let target = Log.fileDescriptor ?? null
+        if null >= 0 { dup2(null, 0) }
         if target >= 0 {
             dup2(target, 1)
             dup2(target, 2)
-            Glibc.close(target)
         }
+        if null >= 0 { Glibc.close(null) }
     }
 }
 

@@ -71,6 +71,9 @@ enum Log {
         Diagnostics.route { severity, message in write(severity, message) }
     }
 
+    /// The log file's descriptor, when logging to a file.
+    static var fileDescriptor: Int32? { configuration.withLock { $0.fd > 2 ? $0.fd : nil } }
+
     static func error(_ message: String) { write(.error, message) }
     static func warning(_ message: String) { write(.warning, message) }
     static func notice(_ message: String) { write(.notice, message) }
