@@ -32,7 +32,10 @@ public struct ObjectHeader: Equatable, Sendable {
 
     public static let magic: [UInt8] = Array("EFS1".utf8)
     public static let formatVersion: UInt16 = 1
+    /// Format version 2 (FORMAT.md 4.3a): epoch, previous policy, legacy ranges, birth time.
+    public static let formatVersion2: UInt16 = 2
     static let fixedBytes = 112
+    static let fixedBytesV2 = 144
     static let macBytes = 32
     static let checksumBytes = 8
 
@@ -54,6 +57,17 @@ public struct ObjectHeader: Equatable, Sendable {
     public var macPolicy: KeyIdentifier
     public var holes = HoleMap()
     public var bindings: [Binding] = []
+    /// The header format version this header is written in: 1, or 2 once its store is v2.
+    public var version: UInt16 = ObjectHeader.formatVersion
+    /// v2: the store epoch in which this slot was written (0 for v1 slots).
+    public var epoch: UInt64 = 0
+    /// v2: the key that still seals the extents in `legacyRanges` and, for a directory, the names
+    /// not yet moved to `policy` (a rekey in progress); nil when none.
+    public var previousPolicy: KeyIdentifier?
+    /// v2: extent index ranges still sealed under `previousPolicy` (holes inside them are holes).
+    public var legacyRanges = HoleMap()
+    /// v2: creation time, nanoseconds since the Unix epoch (0 when unknown).
+    public var birthTime: UInt64 = 0
 
     public init(type: ObjectType, mode: UInt32, uid: UInt32, gid: UInt32, extentSize: UInt32,
                 objectID: [UInt8], policy: KeyIdentifier, macPolicy: KeyIdentifier? = nil) {
@@ -73,7 +87,13 @@ public struct ObjectHeader: Equatable, Sendable {
     public static func bindingBytes(_ b: Binding) -> Int { 18 + b.longName.count }
 
     public var encodedBodyCount: Int {
-        Self.fixedBytes + holes.ranges.count * 16 + bindings.reduce(0) { $0 + Self.bindingBytes($1) }
+        (version >= Self.formatVersion2 ? Self.fixedBytesV2 + legacyRanges.ranges.count * 16 : Self.fixedBytes)
+            + holes.ranges.count * 16 + bindings.reduce(0) { $0 + Self.bindingBytes($1) }
+    }
+
+    /// Whether extent `index` is still sealed under `previousPolicy` (FORMAT.md 4.3a).
+    public func isLegacy(_ index: UInt64) -> Bool {
+        previousPolicy != nil && legacyRanges.contains(index) && !holes.contains(index)
     }
 
     public func fits(extraBytes: Int = 0) -> Bool {
@@ -83,7 +103,7 @@ public struct ObjectHeader: Equatable, Sendable {
     func encodeBody() -> [UInt8] {
         var w = ByteWriter(capacity: ExtentGeometry.headerSlotBytes)
         w.raw(Self.magic)
-        w.u16(Self.formatVersion)
+        w.u16(version)
         w.u16(UInt16(encodedBodyCount))
         w.u64(sequence)
         w.u32(flags.rawValue)
@@ -100,10 +120,24 @@ public struct ObjectHeader: Equatable, Sendable {
         w.raw(macPolicy.bytes)
         w.u16(UInt16(holes.ranges.count))
         w.u16(UInt16(bindings.count))
-        w.zeros(4)
+        if version >= Self.formatVersion2 {
+            w.u16(UInt16(legacyRanges.ranges.count))
+            w.zeros(2)
+            w.u64(epoch)
+            w.raw(previousPolicy?.bytes ?? [UInt8](repeating: 0, count: 16))
+            w.u64(birthTime)
+        } else {
+            w.zeros(4)
+        }
         for r in holes.ranges {
             w.u64(r.lowerBound)
             w.u64(r.upperBound - r.lowerBound)
+        }
+        if version >= Self.formatVersion2 {
+            for r in legacyRanges.ranges {
+                w.u64(r.lowerBound)
+                w.u64(r.upperBound - r.lowerBound)
+            }
         }
         for b in bindings {
             w.raw(b.digest)
@@ -130,7 +164,7 @@ public struct ObjectHeader: Equatable, Sendable {
               let sequence = r.u64(), let rawFlags = r.u32()
         else { return .failure(.malformed) }
         let flags = Flags(rawValue: rawFlags)
-        guard version == formatVersion, Flags.known.isSuperset(of: flags) else {
+        guard version == formatVersion || version == formatVersion2, Flags.known.isSuperset(of: flags) else {
             return .failure(.unsupported(version: version, sequence: sequence))
         }
         guard let typeByte = r.u8(), let type = ObjectType(rawValue: typeByte), r.raw(3) == [0, 0, 0],
@@ -138,8 +172,22 @@ public struct ObjectHeader: Equatable, Sendable {
               let extentSize = r.u32(), let rdev = r.u64(), let size = r.u64(),
               let objectID = r.raw(16), let policyBytes = r.raw(16), let policy = KeyIdentifier(bytes: policyBytes),
               let macPolicyBytes = r.raw(16), let macPolicy = KeyIdentifier(bytes: macPolicyBytes),
-              let holeCount = r.u16(), let bindingCount = r.u16(), r.raw(4) == [0, 0, 0, 0]
+              let holeCount = r.u16(), let bindingCount = r.u16()
         else { return .failure(.malformed) }
+        var legacyCount: UInt16 = 0, epoch: UInt64 = 0, birthTime: UInt64 = 0
+        var previousPolicy: KeyIdentifier?
+        if version >= formatVersion2 {
+            guard body.count >= fixedBytesV2, let count = r.u16(), r.raw(2) == [0, 0], let e = r.u64(),
+                  let previous = r.raw(16), let birth = r.u64() else { return .failure(.malformed) }
+            legacyCount = count
+            epoch = e
+            birthTime = birth
+            if previous.contains(where: { $0 != 0 }) { previousPolicy = KeyIdentifier(bytes: previous) }
+            // Legacy ranges mean nothing without the key that seals them.
+            guard previousPolicy != nil || legacyCount == 0 else { return .failure(.malformed) }
+        } else {
+            guard r.raw(4) == [0, 0, 0, 0] else { return .failure(.malformed) }
+        }
         let isDevice = type == .characterDevice || type == .blockDevice
         if type == .directory {
             guard extentSize == 0, size == 0, holeCount == 0 else { return .failure(.malformed) }
@@ -152,6 +200,10 @@ public struct ObjectHeader: Equatable, Sendable {
                                   objectID: objectID, policy: policy, macPolicy: macPolicy)
         header.sequence = sequence
         header.flags = flags
+        header.version = version
+        header.epoch = epoch
+        header.previousPolicy = previousPolicy
+        header.birthTime = birthTime
         header.rdev = rdev
         header.size = size
         let extentCount = type == .directory ? 0 : header.geometry.extentCount(size: size)
@@ -164,6 +216,16 @@ public struct ObjectHeader: Equatable, Sendable {
             previousEnd = start + count
         }
         header.holes = HoleMap(ranges: ranges)
+        // Legacy ranges follow the hole ranges, canonical in the same way (directories: none).
+        previousEnd = nil
+        var legacy: [Range<UInt64>] = []
+        for _ in 0..<legacyCount {
+            guard type != .directory, let start = r.u64(), let count = r.u64(), count > 0, start <= extentCount,
+                  count <= extentCount - start, previousEnd.map({ start > $0 }) ?? true else { return .failure(.malformed) }
+            legacy.append(start..<(start + count))
+            previousEnd = start + count
+        }
+        header.legacyRanges = HoleMap(ranges: legacy)
         for _ in 0..<bindingCount {
             guard let digest = r.raw(16), let nameCount = r.u16(), let name = r.raw(Int(nameCount)),
                   name.isEmpty || NameCodec.isValidLongCiphertext(name) else { return .failure(.malformed) }

@@ -4,12 +4,15 @@ import Foundation
 /// secret, so it may be readable by anyone who can read the ciphertext.
 public struct StoreConfig: Codable, Equatable, Sendable {
     public static let fileName = "encfsd.conf"
-    public static let currentVersion = 1
+    /// The highest version this build reads. Stores are created in version 1 and upgraded to 2
+    /// only by a rekey or `encfsd upgrade`, never silently.
+    public static let currentVersion = 2
+    public static let createdVersion = 1
     /// Features this build understands. A store naming any other is refused, never guessed at.
     public static let knownFeatures: Set<String> = []
 
     public var format: String = "encfsd"
-    public var version: Int = StoreConfig.currentVersion
+    public var version: Int = StoreConfig.createdVersion
     public var features: [String] = []
     /// Plaintext bytes per extent for files created from now on (each file records its own).
     public var extentSize: Int
@@ -18,6 +21,29 @@ public struct StoreConfig: Codable, Equatable, Sendable {
     /// How to derive passphrase-protected keys: scrypt parameters and salt per key identifier.
     /// Not secret: without the passphrase they give nothing.
     public var passphrases: [PassphraseParameters]?
+    /// Version 2: the trees being rekeyed (FORMAT.md 2.2a), so a rekey resumes after a crash.
+    public var rekeys: [RekeyRecord]?
+
+    /// One tree moving from key `from` to key `to`: the directory with that policy of its own
+    /// (or the root), found by its object ID.
+    public struct RekeyRecord: Codable, Equatable, Sendable {
+        /// The policy root's object ID, 32 hex digits.
+        public var root: String
+        public var from: String
+        public var to: String
+        /// Whether the tree is the store's root directory (its policy is `rootPolicy`).
+        public var isRoot: Bool
+        /// For a passphrase change: the old key's `passphrases` entry, removed once done.
+        public var retirePassphrase: Bool?
+
+        public init(root: [UInt8], from: KeyIdentifier, to: KeyIdentifier, isRoot: Bool, retirePassphrase: Bool = false) {
+            self.root = Hex.encode(root)
+            self.from = from.hex
+            self.to = to.hex
+            self.isRoot = isRoot
+            self.retirePassphrase = retirePassphrase ? true : nil
+        }
+    }
 
     public struct PassphraseParameters: Codable, Equatable, Sendable {
         public var identifier: String
@@ -143,6 +169,10 @@ public struct StoreConfig: Codable, Equatable, Sendable {
             throw .unreadable("extent size \(config.extentSize) is not a power of two in 4 KiB...1 MiB")
         }
         guard KeyIdentifier(hex: config.rootPolicy) != nil else { throw .unreadable("root policy is not a key identifier") }
+        for record in config.rekeys ?? [] {
+            guard config.version >= 2, Hex.decode(record.root)?.count == 16, KeyIdentifier(hex: record.from) != nil,
+                  KeyIdentifier(hex: record.to) != nil else { throw .unreadable("malformed rekey record") }
+        }
         if let passphrases = config.passphrases {
             guard passphrases.count <= maximumPassphraseKeys else {
                 throw .passphraseParameters("\(passphrases.count) passphrase keys, over the maximum \(maximumPassphraseKeys)")

@@ -20,6 +20,13 @@ final class ExtentFile: @unchecked Sendable {
     /// The store's `.journal` directory, where this file's shadow lives during a transaction.
     let journalFD: Int32
     let key: MasterKey
+    /// The key of the extents a rekey has not rewritten yet (`legacy`), when it is loaded; a read
+    /// of such an extent without it is ENOKEY, never EIO.
+    let legacyKey: MasterKey?
+    /// Committed extents still sealed under the header's `previousPolicy`. Changed only by a
+    /// commit, under `ioLock` exclusive, so reads decrypting outside the node lock see the key of
+    /// what is on disk; every extent a commit writes is sealed under `key` and leaves it.
+    private var legacy: HoleMap
     let geometry: ExtentGeometry
     let objectID: [UInt8]
     /// Size and holes as the file is now, including uncommitted changes.
@@ -64,18 +71,22 @@ final class ExtentFile: @unchecked Sendable {
     /// shadow is written (nil for scratch files in tests).
     let storeRoot: Sys.Place?
 
-    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, header: ObjectHeader, storeRoot: Sys.Place) {
-        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, header: header, descriptor: descriptor, storeRoot: storeRoot)
+    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, legacyKey: MasterKey? = nil,
+                     header: ObjectHeader, storeRoot: Sys.Place) {
+        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, legacyKey: legacyKey, header: header,
+                  descriptor: descriptor, storeRoot: storeRoot)
     }
 
     /// A view of a backing file whose descriptor the caller keeps open for the file's lifetime.
-    init(fd: Int32, journalFD: Int32, key: MasterKey, header: ObjectHeader, descriptor: FileDescriptor? = nil,
-         storeRoot: Sys.Place? = nil) {
+    init(fd: Int32, journalFD: Int32, key: MasterKey, legacyKey: MasterKey? = nil, header: ObjectHeader,
+         descriptor: FileDescriptor? = nil, storeRoot: Sys.Place? = nil) {
         self.fd = fd
         self.descriptor = descriptor
         self.storeRoot = storeRoot
         self.journalFD = journalFD
         self.key = key
+        self.legacyKey = legacyKey
+        legacy = header.previousPolicy == nil ? HoleMap() : header.legacyRanges
         geometry = header.geometry
         objectID = header.objectID
         size = header.size
@@ -130,7 +141,7 @@ final class ExtentFile: @unchecked Sendable {
                 plain.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inExtent])) }
             } else if let stored = sealed[index] {
                 let plain = ThreadScratch.current.extent(count: geometry.extentSize)
-                try stored.withUnsafeBytes { try open(index, stored: $0, into: plain) }
+                try stored.withUnsafeBytes { try open(index, stored: $0, into: plain, committed: false) }
                 target.copyMemory(from: UnsafeRawBufferPointer(rebasing: plain[inExtent]))
             } else if holes.contains(index) {
                 target.initializeMemory(as: UInt8.self, repeating: 0)
@@ -166,10 +177,10 @@ final class ExtentFile: @unchecked Sendable {
                 let to = min(end, start + UInt64(length))
                 if from == start && to == start + UInt64(length) {
                     let target = UnsafeMutableRawBufferPointer(rebasing: out[Int(from - plan.offset)..<Int(to - plan.offset)])
-                    try open(index, stored: one, into: target)
+                    try open(index, stored: one, into: target, committed: true)
                 } else {
                     let plain = scratch.extent(count: geometry.extentSize)
-                    try open(index, stored: one, into: plain)
+                    try open(index, stored: one, into: plain, committed: true)
                     UnsafeMutableRawBufferPointer(rebasing: out[Int(from - plan.offset)..<Int(to - plan.offset)])
                         .copyMemory(from: UnsafeRawBufferPointer(rebasing: plain[Int(from - start)..<Int(to - start)]))
                 }
@@ -177,9 +188,17 @@ final class ExtentFile: @unchecked Sendable {
         }
     }
 
-    private func open(_ index: UInt64, stored: UnsafeRawBufferPointer, into plain: UnsafeMutableRawBufferPointer) throws {
+    /// - Parameter committed: the bytes come from the backing file (they may be legacy), not from
+    ///   this file's own uncommitted seals (always under `key`).
+    private func open(_ index: UInt64, stored: UnsafeRawBufferPointer, into plain: UnsafeMutableRawBufferPointer,
+                      committed: Bool) throws {
+        var sealing = key
+        if committed && legacy.contains(index) {
+            guard let legacyKey else { throw StoreError.noKey }
+            sealing = legacyKey
+        }
         do {
-            try ExtentCodec.open(key: key, objectID: objectID, index: index, stored: stored, into: plain)
+            try ExtentCodec.open(key: sealing, objectID: objectID, index: index, stored: stored, into: plain)
         } catch {
             throw StoreError.integrity("extent \(index) failed authentication")
         }
@@ -191,7 +210,7 @@ final class ExtentFile: @unchecked Sendable {
         let stored = ThreadScratch.current.ciphertext(count: length + ExtentGeometry.overheadBytes)
         let n = try Sys.pread(fd, stored, offset: geometry.backingOffset(index))
         guard n == stored.count else { throw StoreError.integrity("extent \(index) is truncated") }
-        try open(index, stored: UnsafeRawBufferPointer(stored), into: buffer)
+        try open(index, stored: UnsafeRawBufferPointer(stored), into: buffer, committed: true)
         if length < buffer.count { buffer[length...].initializeMemory(as: UInt8.self, repeating: 0) }
     }
 
@@ -207,7 +226,7 @@ final class ExtentFile: @unchecked Sendable {
             if !load {
                 raw.initializeMemory(as: UInt8.self, repeating: 0)
             } else if let stored {
-                try stored.withUnsafeBytes { try open(index, stored: $0, into: raw) }
+                try stored.withUnsafeBytes { try open(index, stored: $0, into: raw, committed: false) }
             } else {
                 try loadStored(index, into: raw)
             }
@@ -399,6 +418,15 @@ final class ExtentFile: @unchecked Sendable {
         final.size = size
         final.holes = holes
         final.flags = []
+        let newCount = geometry.extentCount(size: size)
+        final.legacyRanges = remainingLegacy(count: newCount)
+        while header.previousPolicy != nil && !final.fits(), let smallest = final.legacyRanges.ranges.min(by: { $0.count < $1.count }) {
+            // Foreground writes split the legacy ranges until they no longer fit the slot: the
+            // smallest range is resealed under the new key in this transaction (an overwrite, so
+            // journaled), exactly as a rekey batch would.
+            for index in smallest where !holes.contains(index) { try makeDirty(index, willOverwriteWhole: false) }
+            final.legacyRanges.remove(smallest)
+        }
         while !final.fits() {
             // Too many separate holes for one header slot: store the smallest hole range as real
             // zero extents. Reads are unchanged; only space is spent.
@@ -406,6 +434,7 @@ final class ExtentFile: @unchecked Sendable {
             try writeZeroExtents(smallest)
             final.holes.remove(smallest)
             holes.remove(smallest)
+            final.legacyRanges.remove(smallest)
         }
         let records = (sealDirty() + sealed.map { Journal.Record(index: $0.key, stored: $0.value) })
             .sorted { $0.index < $1.index }
@@ -472,6 +501,7 @@ final class ExtentFile: @unchecked Sendable {
         sealed.removeAll(keepingCapacity: true)
         written.removeAll(keepingCapacity: true)
         committedSize = final.size
+        legacy = final.legacyRanges
         writtenEnd = 0
         replayPending = false
         dirtySince = nil
@@ -481,6 +511,42 @@ final class ExtentFile: @unchecked Sendable {
         }
         metadataChanged = false
         return safety
+    }
+
+    /// The legacy ranges once this commit's extents are written: every extent it writes (or that
+    /// is a hole, or past the new end) is no longer sealed under the previous key.
+    private func remainingLegacy(count: UInt64) -> HoleMap {
+        var remaining = legacy
+        remaining.clip(to: count)
+        for index in dirty.keys { remaining.remove(index) }
+        for index in sealed.keys { remaining.remove(index) }
+        for index in written { remaining.remove(index) }
+        for range in holes.ranges { remaining.remove(range) }
+        return remaining
+    }
+
+    /// Committed extents a rekey has still to rewrite.
+    var legacyExtentCount: UInt64 {
+        legacy.ranges.reduce(0) { $0 + UInt64($1.count) }
+    }
+
+    /// Queues up to `limit` legacy extents for resealing under `key` by the next commit (which
+    /// journals them: they are overwrites in place), loading each under the legacy key. Returns
+    /// the plaintext bytes queued. Extents the file already holds dirty are left to that write.
+    func queueLegacy(limit: Int) throws -> Int {
+        var queued = 0
+        var bytes = 0
+        for range in legacy.ranges {
+            for index in range where queued < limit {
+                queued += 1
+                guard dirty[index] == nil, sealed[index] == nil, !holes.contains(index), index < geometry.extentCount(size: size)
+                else { continue }
+                try makeDirty(index, willOverwriteWhole: false)
+                bytes += geometry.plaintextLength(index, size: size)
+            }
+        }
+        if queued > 0 { metadataChanged = true }
+        return bytes
     }
 
     /// Extent `index` sealed with a fresh nonce. The seal writes every byte of the result, so it

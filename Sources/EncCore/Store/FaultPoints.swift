@@ -25,6 +25,10 @@ public enum FaultPoint: String, CaseIterable, Sendable {
     case createHeaderWritten = "create-header-written"
     case renameBindingAdded = "rename-binding-added"
     case renameDone = "rename-done"
+    // A rekey (Volume+Rekey.swift).
+    case rekeyHeaderConverted = "rekey-header-converted"
+    case rekeyBatchCommitted = "rekey-batch-committed"
+    case rekeyNameMoved = "rekey-name-moved"
 }
 
 public enum FaultPoints {

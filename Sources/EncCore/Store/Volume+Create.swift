@@ -15,7 +15,8 @@ extension Volume {
                  caller: Caller) throws -> NewEntry {
         let dir = try node(parent)
         let (key, dirHeader) = try creationDirectory(dir)
-        let encrypted = try NameCodec.encrypt(name, directoryID: dirHeader.objectID, key: key)
+        // An existing entry still under a rekey's old name key is found, so the create collides.
+        let encrypted = try resolveName(name, in: dir, key: key, header: dirHeader)
         // ext4 semantics: a set-group-ID directory passes its group on, and the bit to subdirectories.
         let inheritsGroup = dirHeader.mode & UInt32(S_ISGID) != 0
         var permissions = mode & 0o7777
@@ -158,8 +159,8 @@ extension Volume {
         guard !object.isDirectory else { throw StoreError.notPermitted }
         let dir = try node(newParent)
         let (dirKey, dirHeader) = try creationDirectory(dir)
-        try checkSamePolicy(object, directoryPolicy: dirHeader.policy)
-        let name = try NameCodec.encrypt(newName, directoryID: dirHeader.objectID, key: dirKey)
+        try checkSamePolicy(object, directoryPolicy: dirHeader)
+        let name = try resolveName(newName, in: dir, key: dirKey, header: dirHeader)
         let binding = Self.binding(parentID: dirHeader.objectID, name: name)
         try addBinding(binding, to: object)
         do {
@@ -179,10 +180,14 @@ extension Volume {
 
     /// EXDEV unless the object may live under the directory's policy. FIFOs, sockets and device
     /// nodes carry no encrypted contents, so fscrypt lets them cross policies, and so do we.
-    func checkSamePolicy(_ node: Node, directoryPolicy: KeyIdentifier) throws {
+    /// During a rekey an object still under the old policy belongs to the tree as much as one
+    /// already moved to the new one (the rekey moves it wherever it goes in the tree).
+    func checkSamePolicy(_ node: Node, directoryPolicy directory: ObjectHeader) throws {
         let policy = node.state.withLock { $0.header.macPolicy }
         let carriesNoContents = [.fifo, .socket, .characterDevice, .blockDevice].contains(node.type)
-        guard policy == directoryPolicy || carriesNoContents else {
+        let sameTree = policy == directory.policy || rekeys.successor(of: policy) == directory.policy
+            || (directory.previousPolicy != nil && rekeys.successor(of: directory.previousPolicy!) == policy)
+        guard sameTree || carriesNoContents else {
             throw StoreError.crossPolicy
         }
     }

@@ -57,6 +57,8 @@ extension Volume {
         case .directory: throw StoreError.isDirectory
         default: throw StoreError.invalidArgument
         }
+        // What an open file writes in a tree being rekeyed is sealed under the new key.
+        if node.state.withLock({ $0.file == nil }) { try convertForRekey(node) }
         // A file that is already open can be opened again even after its key was removed: it
         // holds the key itself (fscrypt's soft removal). Anything else needs the key present.
         let key = try contentKey(node)
@@ -226,6 +228,8 @@ extension Volume {
         var entries = [DirectoryEntry(name: [0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR),
                        DirectoryEntry(name: [0x2e, 0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR)]
         let unlocked = try? namingDirectory(dir)
+        // Names a rekey has not moved yet open under the previous key: one more SIV try each.
+        let previousKey = unlocked?.1.previousPolicy.flatMap(anyKey)
         for raw in try Sys.listDirectory(dirFD.raw) {
             guard NameCodec.isEntryName(raw.name) else { continue }
             let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0
@@ -236,7 +240,8 @@ extension Volume {
             do {
                 let ciphertext = try NameCodec.ciphertext(ofShortBackingName: raw.name)
                     ?? longCiphertext(of: raw.name, in: dir, directoryID: header.objectID)
-                let name = try NameCodec.decrypt(ciphertext: ciphertext, directoryID: header.objectID, key: key)
+                let name = try (try? NameCodec.decrypt(ciphertext: ciphertext, directoryID: header.objectID, key: key))
+                    ?? NameCodec.decrypt(ciphertext: ciphertext, directoryID: header.objectID, key: previousKey ?? key)
                 entries.append(DirectoryEntry(name: name, inode: raw.inode, typeBits: typeBits, backingName: raw.name))
             } catch {
                 Diagnostics.report("skipping undecryptable entry \(String(decoding: raw.name, as: UTF8.self)): \(error)")

@@ -14,12 +14,12 @@ extension Volume {
         let toDir = try node(newParent)
         let (fromKey, fromHeader) = try creationDirectory(fromDir)
         let (toKey, toHeader) = try creationDirectory(toDir)
-        let fromName = try NameCodec.encrypt(name, directoryID: fromHeader.objectID, key: fromKey)
-        let toName = try NameCodec.encrypt(newName, directoryID: toHeader.objectID, key: toKey)
+        let fromName = try resolveName(name, in: fromDir, key: fromKey, header: fromHeader)
+        let toName = try resolveName(newName, in: toDir, key: toKey, header: toHeader)
         let source = try child(of: fromDir, backingName: fromName.backingName)
         defer { release(source) }
         if fromHeader.policy != toHeader.policy || source.isDirectory {
-            try checkSamePolicy(source, directoryPolicy: toHeader.policy)
+            try checkSamePolicy(source, directoryPolicy: toHeader)
         }
 
         var target: Node?
@@ -37,7 +37,7 @@ extension Volume {
                 let other = try child(of: toDir, backingName: toName.backingName)
                 target = other
                 if fromHeader.policy != toHeader.policy || other.isDirectory {
-                    try checkSamePolicy(other, directoryPolicy: fromHeader.policy)
+                    try checkSamePolicy(other, directoryPolicy: fromHeader)
                 }
             case .replace:
                 let targetIsDirectory = st.st_mode & S_IFMT == S_IFDIR

@@ -32,12 +32,15 @@ public final class Volume: Sendable {
     let staleBindings = Mutex<[StaleBinding]>([])
     /// Where the store's directory is: every directory the store changes must lie beneath it.
     let rootPlace: Sys.Place
+    /// Trees being moved to another key (Volume+Rekey.swift).
+    public let rekeys: RekeyRegistry
 
     public init(storePath: String, keys: KeyTable) throws {
         self.storePath = storePath
         self.keys = keys
         let fd = try Sys.openStoreRoot(storePath)
         config = try StoreConfig.load(storeFD: fd.raw)
+        rekeys = RekeyRegistry(config: config)
         journalFD = try Self.openJournal(storeFD: fd.raw)
         let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
         let st = try Sys.fstat(fd.raw)
@@ -46,7 +49,9 @@ public final class Volume: Sendable {
         let headerIdentity = Sys.identity(of: headerFD.raw)
         let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
-        guard header.policy == config.rootIdentifier, header.macPolicy == header.policy else {
+        // A root rekey records its new policy in encfsd.conf before the root header (Rekey.swift).
+        let rekeyedFrom = config.rekeys?.first { $0.isRoot }.flatMap { KeyIdentifier(hex: $0.from) }
+        guard header.policy == config.rootIdentifier || header.policy == rekeyedFrom, header.macPolicy == header.policy else {
             throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
@@ -76,7 +81,8 @@ public final class Volume: Sendable {
 
     /// A fresh view of the node's contents for I/O through `descriptor`, sharing the journal.
     func extentFile(_ descriptor: FileDescriptor, key: MasterKey, header: ObjectHeader) -> ExtentFile {
-        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, header: header, storeRoot: rootPlace)
+        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, legacyKey: header.previousPolicy.flatMap(anyKey),
+                   header: header, storeRoot: rootPlace)
     }
 
     /// The node's contents for one operation: its open file, or a view opened for the call.
@@ -94,6 +100,11 @@ public final class Volume: Sendable {
             return (unverified, false)
         }
         return (try HeaderIO.read(fd: fd, key: key), true)
+    }
+
+    /// A present key, or a removed one open files still hold: enough to read what it sealed.
+    func anyKey(_ identifier: KeyIdentifier) -> MasterKey? {
+        keys.key(for: identifier) ?? keys.lingeringKey(for: identifier)
     }
 
     /// The node's header, verified (re-read if it was first read without the key). ENOKEY when
@@ -126,6 +137,8 @@ public final class Volume: Sendable {
     /// A directory in which new names may be made: its key must be present, not just lingering.
     func creationDirectory(_ dir: Node) throws -> (MasterKey, ObjectHeader) {
         guard dir.isDirectory else { throw StoreError.notDirectory }
+        // In a tree being rekeyed, new names go under the new key from the first one on.
+        try convertForRekey(dir)
         let policy = dir.state.withLock { $0.header.policy }
         guard let key = keys.key(for: policy) else { throw StoreError.noKey }
         return (key, (try? verifiedHeader(dir)) ?? dir.state.withLock { $0.header })
@@ -179,6 +192,8 @@ public final class Volume: Sendable {
     /// The key that authenticates the node's header, to rewrite it.
     func headerKey(_ node: Node) throws -> MasterKey {
         _ = try verifiedHeader(node)
+        // A header rewritten in a tree being rekeyed is rewritten under the new key.
+        try convertForRekey(node)
         let policy = node.state.withLock { $0.header.macPolicy }
         guard let key = keys.key(for: policy) ?? keys.lingeringKey(for: policy) else { throw StoreError.noKey }
         return key
@@ -195,7 +210,7 @@ public final class Volume: Sendable {
     /// unlocked; in the locked view the name must itself be a no-key (backing) name.
     func backingName(of name: [UInt8], in dir: Node) throws -> [UInt8] {
         if let (key, header) = try? namingDirectory(dir) {
-            return try NameCodec.encrypt(name, directoryID: header.objectID, key: key).backingName
+            return try resolveName(name, in: dir, key: key, header: header).backingName
         }
         guard dir.isDirectory else { throw StoreError.notDirectory }
         guard NameCodec.isEntryName(name) else { throw StoreError.notFound }

@@ -43,6 +43,10 @@ struct PolicyGet: ParsableCommand {
             print("\tContents encryption: AES-256-GCM, a key per extent (HKDF-SHA512)")
             print("\tFilenames encryption: AES-256-SIV")
             print("\tSet on this directory: \(policy.flags & ControlProtocol.PolicyArgument.ownPolicy != 0 ? "yes" : "no (inherited)")")
+            // A daemon that predates rekey answers ENOTTY; there is then nothing to show.
+            if let rekey = try? Rekey.status(path), rekey.state == .running {
+                print("\tRekey: \(rekey.from.hex) -> \(rekey.to.hex), \(rekey.percentDone)% re-encrypted")
+            }
         }
     }
 }

@@ -66,6 +66,27 @@ struct ControlHandler: Sendable {
             let (policy, own) = try volume.policy(of: node)
             return IoctlReply(output: ControlProtocol.PolicyArgument(identifier: policy, flags: own ? ControlProtocol.PolicyArgument.ownPolicy : 0).encoded())
 
+        case ControlProtocol.rekeyStart:
+            guard let argument = ControlProtocol.PolicyArgument.decode(input),
+                  argument.flags & ~ControlProtocol.retirePassphrase == 0 else { throw StoreError.invalidArgument }
+            try volume.startRekey(node, to: argument.identifier, caller: Caller(uid: context.uid, gid: context.gid),
+                                  retirePassphrase: argument.flags & ControlProtocol.retirePassphrase != 0)
+            Log.notice("rekey to \(argument.identifier) started by uid \(context.uid)")
+            return IoctlReply()
+
+        case ControlProtocol.rekeyStatus:
+            guard outputSize == ControlProtocol.RekeyStatusArgument.byteCount else { throw StoreError.invalidArgument }
+            var reply = ControlProtocol.RekeyStatusArgument()
+            if let tree = try volume.rekeyStatus(of: node) {
+                let p = tree.progress
+                reply.state = p.finished ? .finished : .running
+                reply.from = tree.from
+                reply.to = tree.to
+                (reply.objectsDone, reply.objectsTotal, reply.bytesDone, reply.bytesTotal) = (p.objectsDone, p.objectsTotal, p.bytesDone, p.bytesTotal)
+                (reply.objectsLocked, reply.bytesRewritten, reply.elapsedNanoseconds) = (p.objectsLocked, p.bytesRewritten, p.elapsedNanoseconds)
+            }
+            return IoctlReply(output: reply.encoded())
+
         case ControlProtocol.getStatus:
             guard outputSize == ControlProtocol.StatusArgument.byteCount else { throw StoreError.invalidArgument }
             return IoctlReply(output: status(context).encoded())

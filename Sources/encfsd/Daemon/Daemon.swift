@@ -65,6 +65,8 @@ struct Daemon {
                 volume.dropStaleBindings()
             }
         }
+        // A rekey interrupted by a crash or an unmount carries on where its headers say it stopped.
+        volume.resumeRekeys()
         if reportReady { detach() }
         SystemdNotify.ready()
         Log.notice("mounted \(storePath) on \(mountOptions.mountpoint)")
