@@ -4,15 +4,12 @@ import Foundation
 /// secret, so it may be readable by anyone who can read the ciphertext.
 public struct StoreConfig: Codable, Equatable, Sendable {
     public static let fileName = "encfsd.conf"
-    /// The highest version this build reads. Stores are created in version 1 and upgraded to 2
-    /// only by a rekey or `encfsd upgrade`, never silently.
     public static let currentVersion = 2
-    public static let createdVersion = 1
     /// Features this build understands. A store naming any other is refused, never guessed at.
     public static let knownFeatures: Set<String> = []
 
     public var format: String = "encfsd"
-    public var version: Int = StoreConfig.createdVersion
+    public var version: Int = StoreConfig.currentVersion
     public var features: [String] = []
     /// Plaintext bytes per extent for files created from now on (each file records its own).
     public var extentSize: Int

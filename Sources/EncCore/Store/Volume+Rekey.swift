@@ -53,7 +53,7 @@ extension Volume {
         guard let tree = RekeyRegistry.Tree(record) else { throw StoreError.invalidArgument }
         // The record is durable before anything is sealed under the new key, so a crash at any
         // later point resumes; the root's new policy is recorded with it.
-        try rekeys.changeConfig(storeFD: storeFD()) { config, trees, finished in
+        try rekeys.changeConfig(storeFD: storeFD.raw) { config, trees, finished in
             config.version = max(config.version, 2)
             config.rekeys = (config.rekeys ?? []) + [record]
             if record.isRoot { config.rootPolicy = newPolicy.hex }
@@ -79,11 +79,6 @@ extension Volume {
                 if !rekeys.active.isEmpty { Thread.sleep(forTimeInterval: progressed ? 0.05 : 1) }
             } while !rekeys.releaseWorker()
         }
-    }
-
-    func storeFD() throws -> Int32 {
-        guard let fd = try node(Self.rootID).pinnedDirectory?.raw else { throw StoreError.notFound }
-        return fd
     }
 
     // MARK: the background pass
@@ -281,7 +276,7 @@ extension Volume {
         defer { FaultPoints.reach(.rekeyHeaderConverted) }
         try mutateHeader(node, key: newKey, sync: true) { h in
             guard h.policy == from || h.macPolicy == from else { return }
-            h.version = max(h.version, ObjectHeader.formatVersion2)
+            h.version = max(h.version, 2)
             if h.policy == from {
                 h.policy = to
                 h.previousPolicy = from
@@ -392,7 +387,7 @@ extension Volume {
 
     /// Drops the tree's record (and for a passphrase change the old passphrase's parameters).
     private func finish(_ tree: RekeyRegistry.Tree) throws {
-        try rekeys.changeConfig(storeFD: storeFD()) { config, trees, finished in
+        try rekeys.changeConfig(storeFD: storeFD.raw) { config, trees, finished in
             config.rekeys = config.rekeys?.filter { $0.root != tree.record.root }
             if config.rekeys?.isEmpty == true { config.rekeys = nil }
             if tree.record.retirePassphrase == true {

@@ -65,6 +65,7 @@ struct FsckCommand: ParsableCommand {
         print("encfsd fsck: \(summary.directories) directories, \(summary.files) files, "
               + "\(summary.extentsVerified) extents (\(summary.bytesVerified) bytes) verified"
               + (summary.locked > 0 ? ", \(summary.locked) directories without their key (structure only)" : "")
+              + (summary.notChecked > 0 ? ", \(summary.notChecked) items of a half-rekeyed tree under a key not given (not checked)" : "")
               + "; \(summary.problemsLeft) problem(s) left, \(summary.repaired) repaired")
         if summary.problemsLeft > 0 { throw ExitCode(4) }
         if summary.repaired > 0 { throw ExitCode(1) }
