@@ -173,7 +173,7 @@ class Scanner:
     def directory(self, path: Path, h: Header, what: str):
         for name in sorted(os.listdir(path)):
             child = path / name
-            if name.startswith(".") or name in ("encfsd.conf", "encfsd.lock"):
+            if "." in name:  # not an entry (FORMAT.md 2.5): encfsd.conf, .d, .journal, ...
                 continue
             region = (child / ".d").read_bytes() if child.is_dir() else child.read_bytes()[:4096]
             ch = self.header(region, f"{what}/{name}")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Volume, daemon_pids, run, wait_for, wait_pids_gone
+from conftest import Volume, daemon_pids, purge_test_keys, run, wait_for, wait_pids_gone
 from store_scanner import Scanner, identifier
 
 KiB = 1 << 10
@@ -188,6 +188,27 @@ def test_removing_the_old_key_early_gives_enokey_only_for_what_it_still_seals(vo
     assert readable > 0 and locked > 0
     status = rekey_status(volume, volume.mnt)
     assert "read ENOKEY" in status, status
+    volume.unmount()
+
+    # fsck of the half-rekeyed store: clean with both keys; with either, clean but saying what it
+    # could not check; and --repair with only one key loses nothing.
+    def fsck(*keys, repair=False):
+        args = [a for k in keys for a in ("--key-file", k)] + (["--repair"] if repair else [])
+        return run(volume.binary, "fsck", volume.store, *args, check=False)
+    # Only the key files count: the keys `key add` left in the keyring would make every check a
+    # check with both.
+    purge_test_keys([volume.policy, b_id])
+    both = fsck(volume.key_file, b_file)
+    assert both.returncode == 0 and "not checked" not in both.stdout, both.stdout + both.stderr
+    for one in (volume.key_file, b_file):
+        r = fsck(one)
+        assert r.returncode == 0 and "not checked" in r.stdout, r.stdout + r.stderr
+    assert fsck(b_file, repair=True).returncode == 0
+    volume.mount(by_key_file=True)
+    volume.add_key(b_file)
+    run(volume.binary, "rekey", "wait", volume.mnt, timeout=300)
+    for i in range(40):
+        assert (volume.mnt / f"file{i}").read_bytes() == random.Random(i).randbytes(300 * KiB)
 
 
 @pytest.mark.parametrize("round_", range(20))
