@@ -6,7 +6,7 @@ struct Encfsd: ParsableCommand {
         commandName: "encfsd",
         abstract: "A FUSE filesystem of transparently encrypted, authenticated, crash-safe files.",
         version: EncfsdVersion.string,
-        subcommands: [InitCommand.self, MountCommand.self, UmountCommand.self, KeyCommand.self, PolicyCommand.self, RekeyCommand.self,
+        subcommands: [InitCommand.self, MountCommand.self, UmountCommand.self, KeyCommand.self, PolicyCommand.self, RekeyCommand.self, UpgradeCommand.self,
                       NonceCommand.self, StatusCommand.self, InfoCommand.self, FsckCommand.self, BenchCommand.self])
 }
 

@@ -211,6 +211,50 @@ import Glibc
         #expect(checked.states >= 1000)
     }
 
+    /// A rekey of the root (header conversions, journaled batches of extents, names moved, the
+    /// record in encfsd.conf written and dropped): at every crash point every file reads in full
+    /// under one of its names with both keys present.
+    @Test func everyCrashStateOfARekeyKeepsEveryFile() throws {
+        let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
+        let base = scratch + "/encfsd-crash-rekey-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let store = base + "/store"
+        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
+        let newKey = try MasterKey(raw: [UInt8](repeating: 0x42, count: 64))
+        let keys = KeyTable()
+        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+        try keys.add(newKey, claim: .init(uid: 0, serial: 0))
+        var h = Harness(volume: try Volume(storePath: store, keys: keys))
+        var rng = SystemRandomNumberGenerator()
+        func random(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) } }
+        try h.create("A", name: "a", path: ["a"])
+        try h.write("A", at: 0, random(100))
+        try h.flush("A", durable: true)
+        try h.create("B", name: "b", path: ["b"])
+        try h.write("B", at: 0, random(3 * 4096 + 700))
+        try h.flush("B", durable: true)
+        let (dirID, _) = try h.volume.mkdir(parent: Volume.rootID, name: Array("d".utf8), mode: 0o755, caller: h.caller)
+        try h.create("C", in: dirID, name: "c", path: ["d", "c"])
+        try h.write("C", at: 0, random(2 * 4096))
+        try h.flush("C", durable: true)
+        try h.syncDirectory(); try h.syncDirectory(dirID)
+        for label in ["A", "B", "C"] { try h.volume.release(handle: h.handles[label]!) }
+        for t in h.tracked.values { t.paths[0].durableAt = 0; t.initial = t.content; t.initialOwner = t.owner; t.commits = []; t.owners = [] }
+        let initial = try BackingModel.snapshot(of: store)
+
+        OperationLog.shared.start()
+        try h.volume.startRekey(Volume.rootID, to: newKey.identifier, caller: h.caller)
+        h.volume.rekeyUntilDone()
+        let operations = OperationLog.shared.stop()
+        #expect(h.volume.rekeys.active.isEmpty)
+
+        let checked = try check(operations: operations, initial: initial, tracked: Array(h.tracked.values), base: base,
+                                keys: [Self.key, newKey])
+        print("rekey crash states checked: \(checked.states) distinct states at \(checked.points) crash points (\(operations.count) backing operations)")
+        #expect(checked.states >= 100)
+    }
+
     /// Which earlier operations a sync has made durable by log index `point`.
     func durable(_ operations: [BackingOperation], before point: Int) -> [Bool] {
         var synced: [UInt64: Int] = [:] // inode -> index of its last sync before `point`
@@ -230,7 +274,8 @@ import Glibc
         }
     }
 
-    func check(operations: [BackingOperation], initial: BackingModel, tracked: [Tracked], base: String) throws -> (states: Int, points: Int) {
+    func check(operations: [BackingOperation], initial: BackingModel, tracked: [Tracked], base: String,
+               keys: [MasterKey] = [CrashStateTests.key]) throws -> (states: Int, points: Int) {
         var seen = Set<BackingModel>()
         var points = 0
         for point in 0...operations.count {
@@ -259,7 +304,8 @@ import Glibc
                     var model = initial
                     for i in applied { model.apply(operations[i], tornAt: i == applied.last ? tear : nil) }
                     guard seen.insert(model).inserted else { continue }
-                    try verify(model, at: point, tracked: tracked, base: base, label: "point \(point), \(applied.count) ops, tear \(tear.map(String.init) ?? "none")")
+                    try verify(model, at: point, tracked: tracked, base: base, keys: keys,
+                               label: "point \(point), \(applied.count) ops, tear \(tear.map(String.init) ?? "none")")
                 }
             }
         }
@@ -267,12 +313,12 @@ import Glibc
     }
 
     /// Checks one crash state.
-    func verify(_ model: BackingModel, at point: Int, tracked: [Tracked], base: String, label: String) throws {
+    func verify(_ model: BackingModel, at point: Int, tracked: [Tracked], base: String, keys given: [MasterKey], label: String) throws {
         let dir = base + "/state"
         try? FileManager.default.removeItem(atPath: dir)
         try model.materialize(at: dir)
         let keys = KeyTable()
-        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+        for key in given { try keys.add(key, claim: .init(uid: 0, serial: 0)) }
         let volume = try Volume(storePath: dir, keys: keys)
         for t in tracked {
             let (names, mustExist) = t.names(at: point)

@@ -16,7 +16,7 @@ extension ControlProtocol {
     ///     u64 objects_locked;   // still under `from`, whose key is gone: they read ENOKEY
     ///     u64 bytes_rewritten;  // re-encrypted since the daemon started on the tree
     ///     u64 elapsed_ns;       // since the daemon started on the tree
-    ///     u8  reserved[24];     // zero
+    ///     u8  reserved[32];     // zero
     /// };
     public struct RekeyStatusArgument: Equatable, Sendable {
         public static let byteCount = 128
@@ -43,7 +43,7 @@ extension ControlProtocol {
             for value in [objectsDone, objectsTotal, bytesDone, bytesTotal, objectsLocked, bytesRewritten, elapsedNanoseconds] {
                 w.u64(value)
             }
-            w.zeros(24)
+            w.zeros(32)
             return w.bytes
         }
 
@@ -58,7 +58,7 @@ extension ControlProtocol {
                 guard let v = r.u64() else { return nil }
                 values.append(v)
             }
-            guard r.raw(24)?.allSatisfy({ $0 == 0 }) == true else { return nil }
+            guard r.raw(32)?.allSatisfy({ $0 == 0 }) == true else { return nil }
             var a = RekeyStatusArgument()
             a.state = state
             a.from = from

@@ -91,11 +91,13 @@ public final class RekeyRegistry: Sendable {
     /// Changes the configuration and writes it to the store before the change takes effect here.
     func changeConfig(storeFD: Int32, _ change: (inout StoreConfig, inout [Tree], inout [Tree]) throws -> Void) throws {
         try state.withLock { s in
-            var config = s.config
+            // What the CLI wrote meanwhile (`key change-passphrase` adds a passphrase entry) is kept.
+            let current = (try? StoreConfig.load(storeFD: storeFD)) ?? s.config
+            var config = current
             var trees = s.trees
             var finished = s.finished
             try change(&config, &trees, &finished)
-            if config != s.config { try Self.write(config, storeFD: storeFD) }
+            if config != current { try Self.write(config, storeFD: storeFD) }
             s.config = config
             s.trees = trees
             s.finished = finished
@@ -120,10 +122,21 @@ public final class RekeyRegistry: Sendable {
         }
     }
 
+    /// Replaces `encfsd.conf` atomically; see `StoreConfig.replace`.
+    static func write(_ config: StoreConfig, storeFD: Int32) throws { try StoreConfig.replace(config, storeFD: storeFD) }
+}
+
+extension StoreConfig {
+    /// Replaces the `encfsd.conf` of the store at `storePath` atomically.
+    public static func replace(_ config: StoreConfig, storePath: String) throws {
+        let root = try Sys.openStoreRoot(storePath)
+        try withExtendedLifetime(root) { try replace(config, storeFD: root.raw) }
+    }
+
     /// Replaces `encfsd.conf` atomically: the new contents go to an unnamed file, synced, linked
     /// under a temporary `.conf-` name and renamed over the old file, then the directory is
     /// synced. A crash leaves the old or the new configuration, at worst a `.conf-` leftover.
-    static func write(_ config: StoreConfig, storeFD: Int32) throws {
+    static func replace(_ config: StoreConfig, storeFD: Int32) throws {
         let dir = try Sys.listingDescriptor(storeFD)
         defer { withExtendedLifetime(dir) {} }
         let fd = try Sys.createUnnamed(in: dir.raw, mode: 0o644)

@@ -42,7 +42,8 @@ extension Volume {
         guard dir.isDirectory else { throw StoreError.notDirectory }
         let header = try verifiedHeader(dir)
         guard caller.uid == 0 || caller.uid == header.uid else { throw StoreError.accessDenied }
-        guard id == Self.rootID || header.policy != header.macPolicy, header.policy != newPolicy else {
+        guard id == Self.rootID || header.policy != header.macPolicy, header.policy != newPolicy,
+              !retirePassphrase || id == Self.rootID else {
             throw StoreError.invalidArgument
         }
         guard header.previousPolicy == nil, rekeys.successor(of: header.policy) == nil,
@@ -62,7 +63,14 @@ extension Volume {
         }
         try convertForRekey(dir)
         Diagnostics.report("rekey of \(plaintextPath(of: id) ?? "a tree") from \(header.policy) to \(newPolicy) started", severity: .notice)
-        resumeRekeys()
+    }
+
+    /// Runs rekey passes on the calling thread until no tree is left (fsck-like tools and tests;
+    /// the daemon uses the background worker of `resumeRekeys`).
+    func rekeyUntilDone() {
+        while let tree = rekeys.active.first {
+            if !rekeyPass(tree) && rekeys.active.first?.rootObjectID == tree.rootObjectID { return }
+        }
     }
 
     /// Starts the background worker if a tree is being rekeyed (at mount: a rekey interrupted by
@@ -206,6 +214,9 @@ extension Volume {
         complete = try moveNames(in: dir, tree, moved: &moved) && complete
         guard complete else { return false }
         try moveXattrs(dir, tree)
+        // The moved names are durable before the header stops saying where else to look: found by
+        // the crash-state enumeration, a lost rename then left a name no lookup tried.
+        try fsyncDirectory(dir.id)
         try finishObject(dir, tree)
         return true
     }
@@ -281,7 +292,10 @@ extension Volume {
                 h.policy = to
                 h.previousPolicy = from
                 let count = h.type == .directory ? 0 : h.geometry.extentCount(size: h.size)
-                h.legacyRanges = count > 0 && ObjectHeader.carriesContents(h.type) ? HoleMap(ranges: [0..<count]) : HoleMap()
+                // Every stored extent; holes are not stored, and a legacy range never covers one.
+                var legacy = HoleMap(ranges: count > 0 && ObjectHeader.carriesContents(h.type) ? [0..<count] : [])
+                for hole in h.holes.ranges { legacy.remove(hole) }
+                h.legacyRanges = legacy
             }
             if h.macPolicy == from { h.macPolicy = to }
             guard h.fits() else { throw StoreError.tooManyLinks }
@@ -370,6 +384,7 @@ extension Volume {
         let header = node.state.withLock { $0.header }
         guard header.previousPolicy == tree.from, let oldKey = anyKey(tree.from), let newKey = keys.key(for: tree.to) else { return }
         let fd = try xattrFD(node)
+        var moved = false
         try withExtendedLifetime(fd) {
             for backing in try Sys.flistxattr(fd.raw) where backing.hasPrefix(XattrCodec.backingPrefix) {
                 guard let sealed = try? Sys.fgetxattr(fd.raw, backing),
@@ -379,7 +394,10 @@ extension Volume {
                 let resealed = try XattrCodec.seal(name: name, value: value, objectID: header.objectID, backingName: newBacking, key: newKey)
                 try Sys.fsetxattr(fd.raw, newBacking, resealed, flags: 0)
                 try Sys.fremovexattr(fd.raw, backing)
+                moved = true
             }
+            // Durable before `previousPolicy` is cleared, which ends the search under the old key.
+            if moved { try Sys.fsync(fd.raw) }
         }
     }
 

@@ -8,7 +8,7 @@ import Glibc
 struct KeyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "key", abstract: "Generate master keys and manage the keys of a mounted store (fscrypt v2 semantics).",
-        subcommands: [KeyGenerate.self, KeyAdd.self, KeyRemove.self, KeyStatus.self])
+        subcommands: [KeyGenerate.self, KeyAdd.self, KeyRemove.self, KeyStatus.self, KeyChangePassphrase.self])
 }
 
 struct KeyGenerate: ParsableCommand {
@@ -63,13 +63,23 @@ struct KeyAdd: ParsableCommand {
 
     func run() throws {
         try reportingErrors {
-            let placed = keyringId == nil
-            let serial = try keyringId ?? placeInKeyring(try rawKey())
             if let keyringId {
                 do { try Keyring.grantOwnerRead(keyringId) } catch StoreError.system(let code) {
                     throw CLIError("Error adding encryption key: \(String(cString: strerror(code)))")
                 }
+                print("Added encryption key with identifier \(try Self.add(serial: keyringId, placed: false, to: mountpoint).hex)")
+            } else {
+                print("Added encryption key with identifier \(try Self.add(try rawKey(), to: mountpoint).hex)")
             }
+        }
+    }
+
+    /// Puts `raw` into the caller's keyring and has the daemon of `mountpoint` load it.
+    static func add(_ raw: SecureBytes, to mountpoint: String) throws -> KeyIdentifier {
+        try add(serial: try placeInKeyring(raw), placed: true, to: mountpoint)
+    }
+
+    private static func add(serial: Int32, placed: Bool, to mountpoint: String) throws -> KeyIdentifier {
             let argument = ControlProtocol.AddKeyArgument(source: .keyring, keyringSerial: serial)
             let reply: [UInt8]
             do {
@@ -82,8 +92,7 @@ struct KeyAdd: ParsableCommand {
             guard let decoded = ControlProtocol.AddKeyArgument.decode(reply), let identifier = KeyIdentifier(bytes: decoded.identifier) else {
                 throw CLIError("Error adding encryption key: the daemon's reply was malformed")
             }
-            print("Added encryption key with identifier \(identifier.hex)")
-        }
+            return identifier
     }
 
     private func rawKey() throws -> SecureBytes {
@@ -91,7 +100,7 @@ struct KeyAdd: ParsableCommand {
         return try KeyMaterial.read(path: keyFile)
     }
 
-    private func placeInKeyring(_ raw: SecureBytes) throws -> Int32 {
+    private static func placeInKeyring(_ raw: SecureBytes) throws -> Int32 {
         let identifier = raw.withBytes { KeyIdentifier(rawKey: $0) }
         do {
             return try raw.withBytes { try Keyring.addUserKey(description: Keyring.description(for: identifier), payload: $0) }

@@ -71,6 +71,7 @@ struct ControlHandler: Sendable {
                   argument.flags & ~ControlProtocol.retirePassphrase == 0 else { throw StoreError.invalidArgument }
             try volume.startRekey(node, to: argument.identifier, caller: Caller(uid: context.uid, gid: context.gid),
                                   retirePassphrase: argument.flags & ControlProtocol.retirePassphrase != 0)
+            volume.resumeRekeys()
             Log.notice("rekey to \(argument.identifier) started by uid \(context.uid)")
             return IoctlReply()
 
