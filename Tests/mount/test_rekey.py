@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Volume, daemon_pids, purge_test_keys, run, wait_for, wait_pids_gone
+from conftest import Volume, daemon_pids, force_unmount, purge_test_keys, run, wait_for, wait_pids_gone
 from store_scanner import Scanner, identifier
 
 KiB = 1 << 10
@@ -251,3 +251,47 @@ def test_kill_during_rekey_resumes_and_completes(make_volume, tmp_path, round_):
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
     report = Scanner([b_file.read_bytes()]).scan(volume.store)
     assert report.problems == [], report.problems[:20]
+
+
+def test_change_passphrase_retires_the_old_one(tmp_path, encfsd_bin):
+    store, mnt = tmp_path / "store", tmp_path / "mnt"
+    mnt.mkdir()
+    run(encfsd_bin, "init", store, "--passphrase", "--scrypt-log-n", "12", input="old passphrase\n")
+    old = json.loads((store / "encfsd.conf").read_text())["rootPolicy"]
+    try:
+        run(encfsd_bin, "mount", store, mnt, "--no-keyring")
+        run(encfsd_bin, "key", "add", mnt, "--passphrase", input="old passphrase\n")
+        (mnt / "d").mkdir()
+        (mnt / "d" / "f").write_bytes(b"contents" * 5000)
+        out = run(encfsd_bin, "key", "change-passphrase", mnt, "--scrypt-log-n", "12", input="new passphrase\n",
+                  timeout=300).stdout
+        assert "done" in out, out
+        run("fusermount3", "-u", mnt)
+        wait_for(lambda: not daemon_pids(mnt), 30, "the daemon to exit")
+        config = json.loads((store / "encfsd.conf").read_text())
+        assert config["rootPolicy"] != old and [p["identifier"] for p in config["passphrases"]] == [config["rootPolicy"]]
+        purge_test_keys()
+        run(encfsd_bin, "mount", store, mnt, "--no-keyring")
+        r = run(encfsd_bin, "key", "add", mnt, "--passphrase", input="old passphrase\n", check=False)
+        assert r.returncode != 0 and "wrong passphrase" in r.stderr
+        run(encfsd_bin, "key", "add", mnt, "--passphrase", input="new passphrase\n")
+        assert (mnt / "d" / "f").read_bytes() == b"contents" * 5000
+    finally:
+        problems = force_unmount(mnt)
+        purge_test_keys()
+    assert problems == []
+
+
+def test_v1_store_is_upgraded_only_by_upgrade_or_rekey(volume: Volume, tmp_path):
+    config_path = volume.store / "encfsd.conf"
+    volume.unmount()
+    config = json.loads(config_path.read_text())
+    config["version"] = 1
+    config_path.write_text(json.dumps(config))
+    volume.mount()
+    (volume.mnt / "f").write_bytes(b"x")
+    volume.unmount()
+    assert json.loads(config_path.read_text())["version"] == 1
+    assert "Upgraded" in run(volume.binary, "upgrade", volume.store).stdout
+    assert json.loads(config_path.read_text())["version"] == 2
+    assert "already" in run(volume.binary, "upgrade", volume.store).stdout
