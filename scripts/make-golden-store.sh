@@ -2,10 +2,14 @@
 # Writes Tests/Golden/v<N>/store: a store made by this build through a real mount, with the
 # fstests test key (bytes 0x01..0x40), and manifest.json describing what it must contain. Run once
 # per format version; commit the result; never regenerate an old version's store.
+# With "half-rekeyed" as second argument (version 2 on): the same tree, then a rekey of the root to
+# a second key (bytes 0x41..0x80) stopped part way by killing the daemon at its second batch, in
+# Tests/Golden/v<N>-half-rekeyed, whose manifest names the second key.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-version="${1:?usage: make-golden-store.sh FORMAT_VERSION}"
-out="Tests/Golden/v$version"
+version="${1:?usage: make-golden-store.sh FORMAT_VERSION [half-rekeyed]}"
+variant="${2:-}"
+out="Tests/Golden/v$version${variant:+-$variant}"
 [ -e "$out" ] && { echo "$out exists: golden stores are never regenerated" >&2; exit 1; }
 swift build 2>&1 | tail -n 1
 encfsd="$PWD/.build/debug/encfsd"
@@ -48,7 +52,24 @@ manifest = {
 }
 json.dump(manifest, open(manifest_path, "w"), indent=2, sort_keys=True)
 PY
-fusermount3 -u "$work/mnt"
+if [ "$variant" = half-rekeyed ]; then
+    fusermount3 -u "$work/mnt"
+    sleep 1
+    python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(65, 129)))' > "$work/key2"
+    second=$(python3 -c 'import hashlib,hmac,sys; k=open(sys.argv[1],"rb").read(); p=hmac.new(b"\0"*64,k,hashlib.sha512).digest(); print(hmac.new(p,b"fscrypt\0\x01\x01",hashlib.sha512).digest()[:16].hex())' "$work/key2")
+    ENCFSD_FAULT_POINT=rekey-batch-committed@2 "$encfsd" mount "$work/store" "$work/mnt" --no-keyring \
+        --key-file "$work/key" --key-file "$work/key2"
+    "$encfsd" rekey start "$work/mnt" --to "$second" || true
+    for _ in $(seq 100); do pgrep -f "mount $work/store" >/dev/null || break; sleep 0.1; done
+    python3 - "$work/manifest.json" "$second" <<'PY'
+import json, sys
+m = json.load(open(sys.argv[1]))
+m["secondKey"] = "4142...80 (bytes 65 to 128)"
+m["rekeyedTo"] = sys.argv[2]
+json.dump(m, open(sys.argv[1], "w"), indent=2, sort_keys=True)
+PY
+fi
+fusermount3 -u "$work/mnt" 2>/dev/null || true
 mkdir -p "$out"
 cp -a "$work/store" "$out/store"
 cp "$work/manifest.json" "$out/manifest.json"

@@ -15,6 +15,10 @@ import Testing
         let symlinks: [String: String]
         let fifos: [String]
         let modes: [String: UInt32]
+        /// A store left half way through a rekey to a second key (bytes 65 to 128), which the
+        /// test adds too: every file must read with both keys present.
+        let secondKey: String?
+        let rekeyedTo: String?
     }
 
     static var versions: [String] {
@@ -36,7 +40,14 @@ import Testing
 
         let keys = KeyTable()
         try keys.add(try MasterKey(raw: (1...64).map { UInt8($0) }), claim: .init(uid: 0, serial: 0))
+        if manifest.secondKey != nil {
+            try keys.add(try MasterKey(raw: (65...128).map { UInt8($0) }), claim: .init(uid: 0, serial: 0))
+        }
         let volume = try Volume(storePath: work.path, keys: keys)
+        if let rekeyedTo = manifest.rekeyedTo {
+            // Really half way: the record is there and the root already names the new key.
+            #expect(volume.rekeys.active.map(\.to.hex) == [rekeyedTo], "\(version)")
+        }
 
         func resolve(_ path: String) throws -> UInt64 {
             try path.split(separator: "/").reduce(Volume.rootID) { parent, component in
