@@ -54,6 +54,11 @@ public final class RekeyRegistry: Sendable {
     }
 
     private let state: Mutex<State>
+    /// Foreground requests served (file reads, writes, flushes, lookups): the worker rests after a
+    /// batch only if some came meanwhile, so an idle mount is rekeyed at full speed.
+    let foreground = Atomic<UInt64>(0)
+
+    func noteForeground() { foreground.add(1, ordering: .relaxed) }
 
     init(config: StoreConfig) {
         state = Mutex(State(config: config, trees: (config.rekeys ?? []).compactMap(Tree.init)))

@@ -22,6 +22,7 @@ struct HandleTable {
 
 extension Volume {
     func fileNode(handle: UInt64) throws -> Node {
+        rekeys.noteForeground()
         guard case .file(let node)? = handles.withLock({ $0.byID[handle] }) else { throw StoreError.invalidArgument }
         return node
     }

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -25,9 +26,14 @@ extension Volume {
         max(1, min(256, ExtentFile.dirtyLimitBytes / geometry.extentSize))
     }
 
-    /// The share of the daemon's time the background rekey may take: after each batch it rests as
-    /// long as the batch took, so foreground requests always get at least half.
+    /// The share of the daemon's time the background rekey may take while the mount is in use:
+    /// after a batch during which foreground requests came, it rests as long as the batch took, so
+    /// they always get at least half. With no foreground request it goes straight on.
     static let rekeyRestFactor = 1.0
+
+    /// Files of one directory re-encrypted at once: batches are single-threaded (one commit), and
+    /// an idle mount should get the machine's cores.
+    static let rekeyParallelFiles = 2
 
     // MARK: starting
 
@@ -193,24 +199,22 @@ extension Volume {
         }
         try convertForRekey(dir)
         var complete = true
-        for entry in try entries(of: dir) {
-            guard let child = try? child(of: dir, backingName: entry.name) else {
-                complete = false
-                continue
-            }
-            defer { release(child) }
-            do {
-                let done = child.isDirectory ? try rekeyDirectory(child, tree, isTreeRoot: false, moved: &moved)
-                    : try rekeyObject(child, tree, moved: &moved)
-                // Its name moves as soon as the object is done, so that an object that needs
-                // only the new key is reachable with only the new key.
-                let named = done ? try moveName(entry.name, in: dir, tree, moved: &moved) : false
-                complete = named && complete
-            } catch {
-                Diagnostics.report("rekey: \(error)")
-                complete = false
-            }
+        let listed = try entries(of: dir)
+        // Directories one after another (each walks its own tree), then the files in parallel.
+        for entry in listed where entry.isDirectory {
+            complete = rekeyEntry(entry.name, in: dir, tree, moved: &moved) && complete
         }
+        let files = listed.filter { !$0.isDirectory }.map(\.name)
+        let outcome = Mutex((complete: complete, moved: moved))
+        DispatchQueue.concurrentPerform(iterations: Self.rekeyParallelFiles) { lane in
+            var laneMoved = false
+            var laneComplete = true
+            for (i, name) in files.enumerated() where i % Self.rekeyParallelFiles == lane {
+                laneComplete = rekeyEntry(name, in: dir, tree, moved: &laneMoved) && laneComplete
+            }
+            outcome.withLock { $0.complete = $0.complete && laneComplete; $0.moved = $0.moved || laneMoved }
+        }
+        (complete, moved) = outcome.withLock { ($0.complete, $0.moved) }
         complete = try moveNames(in: dir, tree, moved: &moved) && complete
         guard complete else { return false }
         try moveXattrs(dir, tree)
@@ -219,6 +223,22 @@ extension Volume {
         try fsyncDirectory(dir.id)
         try finishObject(dir, tree)
         return true
+    }
+
+    /// Moves one entry of `dir` and then its name; true when neither needs the old key any more.
+    private func rekeyEntry(_ name: [UInt8], in dir: Node, _ tree: RekeyRegistry.Tree, moved: inout Bool) -> Bool {
+        guard let child = try? child(of: dir, backingName: name) else { return false }
+        defer { release(child) }
+        do {
+            let done = child.isDirectory ? try rekeyDirectory(child, tree, isTreeRoot: false, moved: &moved)
+                : try rekeyObject(child, tree, moved: &moved)
+            // Its name moves as soon as the object is done, so that an object that needs only the
+            // new key is reachable with only the new key.
+            return done ? try moveName(name, in: dir, tree, moved: &moved) : false
+        } catch {
+            Diagnostics.report("rekey: \(error)")
+            return false
+        }
     }
 
     /// Moves a file, symlink, FIFO, socket or device node; true when it no longer needs the old key.
@@ -234,6 +254,7 @@ extension Volume {
         if node.type == .regular || node.type == .symlink {
             let key = try objectKey(node)
             while true {
+                let requestsBefore = rekeys.foreground.load(ordering: .relaxed)
                 let clock = ContinuousClock()
                 var bytes = 0
                 let took = try clock.measure {
@@ -247,8 +268,10 @@ extension Volume {
                 if bytes < 0 { break }
                 rekeys.update(tree.rootObjectID) { $0.bytesRewritten += UInt64(bytes); $0.bytesDone += UInt64(bytes) }
                 FaultPoints.reach(.rekeyBatchCommitted)
-                let seconds = Double(took.components.seconds) + Double(took.components.attoseconds) / 1e18
-                Thread.sleep(forTimeInterval: seconds * Self.rekeyRestFactor)
+                if rekeys.foreground.load(ordering: .relaxed) != requestsBefore {
+                    let seconds = Double(took.components.seconds) + Double(took.components.attoseconds) / 1e18
+                    Thread.sleep(forTimeInterval: seconds * Self.rekeyRestFactor)
+                }
             }
         }
         try moveXattrs(node, tree)

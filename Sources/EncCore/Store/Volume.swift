@@ -374,6 +374,7 @@ public final class Volume: Sendable {
     // MARK: lookup, forget, getattr
 
     public func lookup(parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
+        rekeys.noteForeground()
         let dir = try node(parent)
         let (child, st) = try childEntry(of: dir, backingName: try backingName(of: name, in: dir))
         child.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: name)) }
