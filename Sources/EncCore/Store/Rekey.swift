@@ -60,6 +60,9 @@ public final class RekeyRegistry: Sendable {
 
     func noteForeground() { foreground.add(1, ordering: .relaxed) }
 
+    /// Set at unmount: the worker stops between batches, before the mount's epoch is closed.
+    let stopRequested = Atomic(false)
+
     init(config: StoreConfig) {
         state = Mutex(State(config: config, trees: (config.rekeys ?? []).compactMap(Tree.init)))
     }
@@ -121,10 +124,18 @@ public final class RekeyRegistry: Sendable {
     /// Gives the worker slot back unless trees remain (then the caller keeps working).
     func releaseWorker() -> Bool {
         state.withLock { s in
-            guard s.trees.isEmpty else { return false }
+            guard s.trees.isEmpty || stopRequested.load(ordering: .acquiring) else { return false }
             s.workerRunning = false
             return true
         }
+    }
+
+    /// Stops the worker and waits until it has: no header may be written after a clean unmount
+    /// is recorded (a torn write would then read as damage). What it had not done resumes at the
+    /// next mount.
+    public func stop() {
+        stopRequested.store(true, ordering: .releasing)
+        while state.withLock({ $0.workerRunning }) { usleep(10_000) }
     }
 
     /// Replaces `encfsd.conf` atomically; see `StoreConfig.replace`.

@@ -75,19 +75,19 @@ extension Volume {
     /// the daemon uses the background worker of `resumeRekeys`).
     func rekeyUntilDone() {
         while let tree = rekeys.active.first {
-            if !rekeyPass(tree) && rekeys.active.first?.rootObjectID == tree.rootObjectID { return }
+            if !rekeyPass(tree, lanes: 1) && rekeys.active.first?.rootObjectID == tree.rootObjectID { return }
         }
     }
 
     /// Starts the background worker if a tree is being rekeyed (at mount: a rekey interrupted by
     /// a crash or an unmount resumes where its headers say it stopped).
     public func resumeRekeys() {
-        guard !rekeys.active.isEmpty, rekeys.claimWorker() else { return }
+        guard !rekeys.active.isEmpty, !rekeys.stopRequested.load(ordering: .acquiring), rekeys.claimWorker() else { return }
         Thread.detachNewThread { [self] in
             repeat {
                 var progressed = false
-                for tree in rekeys.active {
-                    progressed = rekeyPass(tree) || progressed
+                for tree in rekeys.active where !rekeys.stopRequested.load(ordering: .acquiring) {
+                    progressed = rekeyPass(tree, lanes: Self.rekeyParallelFiles) || progressed
                 }
                 // Objects held open under the old key, or whose key is missing, are retried.
                 if !rekeys.active.isEmpty { Thread.sleep(forTimeInterval: progressed ? 0.05 : 1) }
@@ -99,7 +99,8 @@ extension Volume {
 
     /// One walk over the tree: counts what is left, moves it, and finishes the rekey when nothing
     /// is left. Returns whether anything was moved.
-    private func rekeyPass(_ tree: RekeyRegistry.Tree) -> Bool {
+    /// - Parameter lanes: files of a directory moved at once (1: all on the calling thread).
+    private func rekeyPass(_ tree: RekeyRegistry.Tree, lanes: Int) -> Bool {
         do {
             guard let root = try findDirectory(objectID: tree.rootObjectID) else {
                 Diagnostics.report("rekey: the tree \(Hex.encode(tree.rootObjectID)) is gone; its record is dropped")
@@ -116,12 +117,12 @@ extension Volume {
                 p.bytesDone = census.bytes - census.remainingBytes
                 p.objectsLocked = census.locked
             }
-            if census.remaining == 0 {
+            if census.remaining == 0 && !rekeys.stopRequested.load(ordering: .acquiring) {
                 try finish(tree)
                 return true
             }
             var moved = false
-            _ = try rekeyDirectory(root, tree, isTreeRoot: true, moved: &moved)
+            _ = try rekeyDirectory(root, tree, isTreeRoot: true, lanes: lanes, moved: &moved)
             return moved
         } catch {
             Diagnostics.report("rekey pass: \(error)")
@@ -187,7 +188,7 @@ extension Volume {
     }
 
     /// Moves one directory and everything under it; true when none of it needs the old key any more.
-    private func rekeyDirectory(_ dir: Node, _ tree: RekeyRegistry.Tree, isTreeRoot: Bool, moved: inout Bool) throws -> Bool {
+    private func rekeyDirectory(_ dir: Node, _ tree: RekeyRegistry.Tree, isTreeRoot: Bool, lanes: Int, moved: inout Bool) throws -> Bool {
         let header = try verifiedHeader(dir)
         if !isTreeRoot && header.policy != tree.from && header.policy != tree.to {
             // A nested policy root: only its header, authenticated under the parent's key, moves.
@@ -202,19 +203,23 @@ extension Volume {
         let listed = try entries(of: dir)
         // Directories one after another (each walks its own tree), then the files in parallel.
         for entry in listed where entry.isDirectory {
-            complete = rekeyEntry(entry.name, in: dir, tree, moved: &moved) && complete
+            complete = rekeyEntry(entry.name, in: dir, tree, lanes: lanes, moved: &moved) && complete
         }
         let files = listed.filter { !$0.isDirectory }.map(\.name)
-        let outcome = Mutex((complete: complete, moved: moved))
-        DispatchQueue.concurrentPerform(iterations: Self.rekeyParallelFiles) { lane in
-            var laneMoved = false
-            var laneComplete = true
-            for (i, name) in files.enumerated() where i % Self.rekeyParallelFiles == lane {
-                laneComplete = rekeyEntry(name, in: dir, tree, moved: &laneMoved) && laneComplete
+        if lanes <= 1 {
+            for name in files { complete = rekeyEntry(name, in: dir, tree, lanes: 1, moved: &moved) && complete }
+        } else {
+            let outcome = Mutex((complete: complete, moved: moved))
+            DispatchQueue.concurrentPerform(iterations: lanes) { lane in
+                var laneMoved = false
+                var laneComplete = true
+                for (i, name) in files.enumerated() where i % lanes == lane {
+                    laneComplete = rekeyEntry(name, in: dir, tree, lanes: lanes, moved: &laneMoved) && laneComplete
+                }
+                outcome.withLock { $0.complete = $0.complete && laneComplete; $0.moved = $0.moved || laneMoved }
             }
-            outcome.withLock { $0.complete = $0.complete && laneComplete; $0.moved = $0.moved || laneMoved }
+            (complete, moved) = outcome.withLock { ($0.complete, $0.moved) }
         }
-        (complete, moved) = outcome.withLock { ($0.complete, $0.moved) }
         complete = try moveNames(in: dir, tree, moved: &moved) && complete
         guard complete else { return false }
         try moveXattrs(dir, tree)
@@ -226,11 +231,12 @@ extension Volume {
     }
 
     /// Moves one entry of `dir` and then its name; true when neither needs the old key any more.
-    private func rekeyEntry(_ name: [UInt8], in dir: Node, _ tree: RekeyRegistry.Tree, moved: inout Bool) -> Bool {
+    private func rekeyEntry(_ name: [UInt8], in dir: Node, _ tree: RekeyRegistry.Tree, lanes: Int, moved: inout Bool) -> Bool {
+        guard !rekeys.stopRequested.load(ordering: .acquiring) else { return false }
         guard let child = try? child(of: dir, backingName: name) else { return false }
         defer { release(child) }
         do {
-            let done = child.isDirectory ? try rekeyDirectory(child, tree, isTreeRoot: false, moved: &moved)
+            let done = child.isDirectory ? try rekeyDirectory(child, tree, isTreeRoot: false, lanes: lanes, moved: &moved)
                 : try rekeyObject(child, tree, moved: &moved)
             // Its name moves as soon as the object is done, so that an object that needs only the
             // new key is reachable with only the new key.
@@ -254,6 +260,7 @@ extension Volume {
         if node.type == .regular || node.type == .symlink {
             let key = try objectKey(node)
             while true {
+                guard !rekeys.stopRequested.load(ordering: .acquiring) else { return false }
                 let requestsBefore = rekeys.foreground.load(ordering: .relaxed)
                 let clock = ContinuousClock()
                 var bytes = 0

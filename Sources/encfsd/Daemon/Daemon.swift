@@ -71,6 +71,8 @@ struct Daemon {
         SystemdNotify.ready()
         Log.notice("mounted \(storePath) on \(mountOptions.mountpoint)")
         try session.run()
+        // The rekey worker stops first: nothing may be written once the epoch is closed.
+        volume.rekeys.stop()
         volume.closeCleanly()
         SystemdNotify.stopping()
         Log.notice("unmounted \(mountOptions.mountpoint)")
