@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 import Foundation
 import Synchronization
 #if canImport(Glibc)

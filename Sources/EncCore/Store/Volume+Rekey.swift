@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 import Foundation
 import Synchronization
 #if canImport(Glibc)
@@ -34,6 +37,9 @@ extension Volume {
     /// Files of one directory re-encrypted at once: batches are single-threaded (one commit), and
     /// an idle mount should get the machine's cores.
     static let rekeyParallelFiles = 2
+
+    /// A present key, or a removed one open files still hold: enough to read what it sealed.
+    func lingeringOrPresent(_ identifier: KeyIdentifier) -> MasterKey? { keys.key(for: identifier, allowLingering: true) }
 
     // MARK: starting
 
@@ -169,7 +175,7 @@ extension Volume {
             if !Self.isRekeyed(h, from: tree.from) {
                 census.remaining += 1
                 census.remainingBytes += h.previousPolicy == tree.from ? legacyBytes(h) : bytes
-                if anyKey(tree.from) == nil { census.locked += 1 }
+                if lingeringOrPresent(tree.from) == nil { census.locked += 1 }
             }
         }
     }
@@ -250,7 +256,7 @@ extension Volume {
     /// Moves a file, symlink, FIFO, socket or device node; true when it no longer needs the old key.
     private func rekeyObject(_ node: Node, _ tree: RekeyRegistry.Tree, moved: inout Bool) throws -> Bool {
         guard !node.state.withLock({ Self.isRekeyed($0.header, from: tree.from) }) else { return true }
-        guard anyKey(tree.from) != nil, keys.key(for: tree.to) != nil else { return false }
+        guard lingeringOrPresent(tree.from) != nil, keys.key(for: tree.to) != nil else { return false }
         _ = try? verifiedHeader(node)
         try recoverIfPossible(node)
         try convertForRekey(node)
@@ -258,7 +264,7 @@ extension Volume {
         guard node.state.withLock({ $0.header.policy != tree.from }) else { return false }
         moved = true
         if node.type == .regular || node.type == .symlink {
-            let key = try objectKey(node)
+            let key = try key(for: node, .newContents).key
             while true {
                 guard !rekeys.stopRequested.load(ordering: .acquiring) else { return false }
                 let requestsBefore = rekeys.foreground.load(ordering: .relaxed)
@@ -291,7 +297,7 @@ extension Volume {
     private func finishObject(_ node: Node, _ tree: RekeyRegistry.Tree) throws {
         let header = node.state.withLock { $0.header }
         guard header.previousPolicy == tree.from, header.macPolicy != tree.from else { return }
-        guard let key = anyKey(header.macPolicy) else { throw StoreError.noKey }
+        guard let key = lingeringOrPresent(header.macPolicy) else { throw StoreError.noKey }
         // An open file's own legacy view must be empty too (it is what its next commit writes).
         guard header.legacyRanges.isEmpty, node.state.withLock({ $0.file?.legacyExtentCount ?? 0 }) == 0 else { return }
         try mutateHeader(node, key: key, sync: true) { h in
@@ -306,14 +312,14 @@ extension Volume {
     func convertForRekey(_ node: Node) throws {
         let header = node.state.withLock { $0.header }
         let from = rekeys.successor(of: header.policy) != nil ? header.policy : header.macPolicy
-        guard let to = rekeys.successor(of: from), keys.key(for: to) != nil, anyKey(from) != nil else { return }
+        guard let to = rekeys.successor(of: from), keys.key(for: to) != nil, lingeringOrPresent(from) != nil else { return }
         guard node.state.withLock({ $0.file == nil || $0.file!.key.identifier == to }) else { return }
         _ = try verifiedHeader(node)
         try recoverIfPossible(node)
         // The header is sealed under its macPolicy as it will be: the new key where it was the
         // old one, else (a tree's own root, inside a parent of another policy) the parent's.
         let macPolicy = header.macPolicy == from ? to : header.macPolicy
-        guard let newKey = anyKey(macPolicy) else { throw StoreError.noKey }
+        guard let newKey = lingeringOrPresent(macPolicy) else { throw StoreError.noKey }
         defer { FaultPoints.reach(.rekeyHeaderConverted) }
         try mutateHeader(node, key: newKey, sync: true) { h in
             guard h.policy == from || h.macPolicy == from else { return }
@@ -347,7 +353,7 @@ extension Volume {
         return try withExtendedLifetime(fd) {
             func exists(_ n: EncryptedName) -> Bool { (try? Sys.fstatAt(fd.raw, n.backingName)) != nil }
             if exists(primary) { return primary }
-            guard let oldKey = anyKey(previous) else { throw StoreError.noKey }
+            guard let oldKey = lingeringOrPresent(previous) else { throw StoreError.noKey }
             let legacy = try NameCodec.encrypt(name, directoryID: header.objectID, key: oldKey)
             // Checked in this order, a name the rekey moves meanwhile is found under one of the two.
             return exists(legacy) ? legacy : primary
@@ -371,7 +377,7 @@ extension Volume {
     private func moveName(_ backingName: [UInt8], in dir: Node, _ tree: RekeyRegistry.Tree, moved: inout Bool) throws -> Bool {
         let header = dir.state.withLock { $0.header }
         guard header.previousPolicy == tree.from else { return true }
-        guard let oldKey = anyKey(tree.from), let newKey = keys.key(for: tree.to) else { return false }
+        guard let oldKey = lingeringOrPresent(tree.from), let newKey = keys.key(for: tree.to) else { return false }
         // The object found under the name now, not the one a long rekey of it started from: a
         // rename may have put another object there meanwhile.
         guard let child = try? child(of: dir, backingName: backingName) else { return false }
@@ -412,7 +418,7 @@ extension Volume {
     /// Step 3: every xattr that opens under the old key is sealed again under the new one.
     private func moveXattrs(_ node: Node, _ tree: RekeyRegistry.Tree) throws {
         let header = node.state.withLock { $0.header }
-        guard header.previousPolicy == tree.from, let oldKey = anyKey(tree.from), let newKey = keys.key(for: tree.to) else { return }
+        guard header.previousPolicy == tree.from, let oldKey = lingeringOrPresent(tree.from), let newKey = keys.key(for: tree.to) else { return }
         let fd = try xattrFD(node)
         var moved = false
         try withExtendedLifetime(fd) {

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,8 +15,8 @@ extension Volume {
     public func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], mode: RenameMode) throws {
         let fromDir = try node(parent)
         let toDir = try node(newParent)
-        let (fromKey, fromHeader) = try creationDirectory(fromDir)
-        let (toKey, toHeader) = try creationDirectory(toDir)
+        let fromNaming = try key(for: fromDir, .newNames), toNaming = try key(for: toDir, .newNames)
+        let (fromKey, fromHeader, toKey, toHeader) = (fromNaming.key, fromNaming.header, toNaming.key, toNaming.header)
         let fromName = try resolveName(name, in: fromDir, key: fromKey, header: fromHeader)
         let toName = try resolveName(newName, in: toDir, key: toKey, header: toHeader)
         let source = try child(of: fromDir, backingName: fromName.backingName)

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,9 +15,8 @@ extension Volume {
         guard name.starts(with: Array("user.".utf8)) else { throw StoreError.notSupported }
         guard name.count <= Self.maximumXattrName else { throw StoreError.nameTooLong }
         let node = try node(id)
-        let key = try objectKey(node)
-        let header = node.state.withLock { $0.header }
-        return (node, key, header.objectID, header.previousPolicy.flatMap(anyKey))
+        let grant = try key(for: node, .newContents)
+        return (node, grant.key, grant.header.objectID, grant.header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) })
     }
 
     /// Backing xattrs live on the directory itself for directories (O_PATH descriptors cannot
@@ -81,9 +83,9 @@ extension Volume {
 
     public func listxattr(_ id: UInt64) throws -> [[UInt8]] {
         let node = try node(id)
-        guard let key = try? objectKey(node) else { return [] }
-        let header = node.state.withLock { $0.header }
-        let candidates = [key] + (header.previousPolicy.flatMap(anyKey).map { [$0] } ?? [])
+        guard let grant = try? key(for: node, .newContents) else { return [] }
+        let header = grant.header
+        let candidates = [grant.key] + (header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }.map { [$0] } ?? [])
         let fd = try xattrFD(node)
         defer { withExtendedLifetime(fd) {} }
         var names: [[UInt8]] = []

@@ -1,6 +1,9 @@
 import ArgumentParser
 import EncCore
 import Foundation
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -64,7 +67,7 @@ struct KeyAdd: ParsableCommand {
     func run() throws {
         try reportingErrors {
             if let keyringId {
-                do { try Keyring.grantOwnerRead(keyringId) } catch StoreError.system(let code) {
+                do { try Keyring.grantOwnerRead(keyringId) } catch KeyError.system(let code) {
                     throw CLIError("Error adding encryption key: \(String(cString: strerror(code)))")
                 }
                 print("Added encryption key with identifier \(try Self.add(serial: keyringId, placed: false, to: mountpoint).hex)")
@@ -104,7 +107,7 @@ struct KeyAdd: ParsableCommand {
         let identifier = raw.withBytes { KeyIdentifier(rawKey: $0) }
         do {
             return try raw.withBytes { try Keyring.addUserKey(description: Keyring.description(for: identifier), payload: $0) }
-        } catch StoreError.system(let code) {
+        } catch KeyError.system(let code) {
             throw CLIError("Error adding encryption key: cannot add it to the user keyring: \(String(cString: strerror(code)))")
         }
     }
