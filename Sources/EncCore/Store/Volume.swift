@@ -245,8 +245,7 @@ public final class Volume: Sendable {
         guard let parentHeader = naming?.header else { return }
         let (verified, bindings) = node.state.withLock { ($0.verified, $0.header.bindings) }
         guard verified else { return }
-        let digest = Binding.digest(parentID: parentHeader.objectID, backingName: backingName)
-        guard bindings.contains(where: { $0.digest == digest }) else {
+        guard NameResolver.isBound(bindings, parentID: parentHeader.objectID, backingName: backingName) else {
             throw StoreError.integrity("object is not bound to this name: moved or swapped in the backing store")
         }
     }
