@@ -1,3 +1,4 @@
+import Dispatch
 import Synchronization
 import EncCrypto
 
@@ -54,8 +55,21 @@ public final class KeyTable: Sendable {
     /// and takes no lock.
     package final class WipeFlag: Sendable {
         private let done = Atomic(false)
-        package func set() { done.store(true, ordering: .releasing) }
+        /// Signalled once, by the wipe: a remover waiting for in-flight releases wakes at the
+        /// moment the key is gone instead of polling for it.
+        private let signal = DispatchSemaphore(value: 0)
+        package func set() {
+            done.store(true, ordering: .releasing)
+            signal.signal()
+        }
         package var isSet: Bool { done.load(ordering: .acquiring) }
+        /// Waits until the key is wiped, at most `milliseconds`; whether it was.
+        package func wait(milliseconds: Int) -> Bool {
+            if isSet { return true }
+            guard signal.wait(timeout: .now() + .milliseconds(milliseconds)) == .success else { return isSet }
+            signal.signal() // for any other waiter
+            return true
+        }
     }
 
     public let userQuota: Int
@@ -193,6 +207,15 @@ public final class KeyTable: Sendable {
             table[identifier] = nil
             return .removed
         }
+    }
+
+    /// Waits, at most `milliseconds`, for a removed key that open files still held to be wiped
+    /// (their last release), then completes the removal. For the releases the kernel sends just
+    /// after the last close(2) returns: fscrypt would evict such inodes at once.
+    public func awaitWipe(_ identifier: KeyIdentifier, uid: UInt32, allUsers: Bool, milliseconds: Int) -> Removal {
+        guard let flag = entries.withLock({ $0[identifier]?.wiped }) else { return .removed }
+        guard flag.wait(milliseconds: milliseconds) else { return .filesBusy }
+        return (try? remove(identifier, uid: uid, allUsers: allUsers)) ?? .removed
     }
 
     /// The key's deinit calls this, wherever its last reference was dropped, so it takes no lock.

@@ -72,7 +72,17 @@ public final class StoreChecker {
         storeFD = try Sys.openStoreRoot(storePath)
         let config = try StoreConfig.load(storeFD: storeFD.raw, shownAs: storePath)
         self.config = config
-        journalFD = try Volume.openJournal(storeFD: storeFD.raw)
+        if repair {
+            journalFD = try Volume.openJournal(storeFD: storeFD.raw)
+        } else {
+            // A check writes nothing: a missing journal is reported, not made.
+            do {
+                journalFD = try Sys.openEntry(storeFD.raw, Journal.directoryName, .directory, .path)
+            } catch StoreError.system(ENOENT) {
+                note(.problem, ".journal", "missing (--repair makes it)")
+                journalFD = try Sys.openEntry(storeFD.raw, [0x2e], .directory, .path)
+            }
+        }
         let reading: EpochRecord.Reading
         if repair {
             // A repair writes headers: it is an epoch of its own, closed cleanly once its writes are
@@ -103,6 +113,10 @@ public final class StoreChecker {
         } catch {
             note(.problem, "/", "root header: \(error)")
             return summary
+        }
+        if rootHeader.version > config.version {
+            note(.problem, "/", "root header is format version \(rootHeader.version), newer than encfsd.conf's \(config.version) "
+                 + "(a configuration edited down): the daemon refuses the store")
         }
         if rootHeader.policy != config.rootIdentifier {
             note(.problem, "/", "root policy \(rootHeader.policy) differs from encfsd.conf's \(config.rootPolicy)")
@@ -223,35 +237,20 @@ public final class StoreChecker {
             // In a directory being rekeyed, names not moved yet are under its previous key.
             let legacyNameKey = parent.previousPolicy.flatMap { keys.key(for: $0) }
             if nameKey != nil || legacyNameKey != nil {
-                do {
-                    let ciphertext: [UInt8]
-                    if let short = NameCodec.ciphertext(ofShortBackingName: entry.name) {
-                        ciphertext = short
-                    } else {
-                        let digest = Binding.digest(parentID: parent.objectID, backingName: entry.name)
-                        guard let long = header.bindings.first(where: { $0.digest == digest })?.longName,
-                              NameCodec.backingName(forCiphertext: long) == entry.name else {
-                            throw StoreError.integrity("long name missing from its header")
-                        }
-                        ciphertext = long
-                    }
-                    let opened = [nameKey, legacyNameKey].compactMap { $0 }.lazy.compactMap {
-                        try? NameCodec.decrypt(ciphertext: ciphertext, directoryID: parent.objectID, key: $0)
-                    }.first
-                    if let plain = opened {
-                        display = plainPath + "/" + String(decoding: plain, as: UTF8.self)
-                    } else if let previous = parent.previousPolicy, nameKey == nil || legacyNameKey == nil {
-                        summary.notChecked += 1
-                        note(.notice, backing, "name not checked: a half-rekeyed directory (\(previous) -> \(parent.policy)) and "
-                             + "only one of its keys given")
-                    } else {
-                        note(.problem, backing, "name: name failed authentication")
-                    }
-                } catch {
-                    note(.problem, backing, "name: \(error)")
+                let opened = [nameKey, legacyNameKey].compactMap { $0 }.lazy.compactMap { key in
+                    try? NameResolver.plaintext(of: entry.name, directoryID: parent.objectID, key: key) { header.bindings }
+                }.first
+                if let plain = opened {
+                    display = plainPath + "/" + String(decoding: plain, as: UTF8.self)
+                } else if let previous = parent.previousPolicy, nameKey == nil || legacyNameKey == nil {
+                    summary.notChecked += 1
+                    note(.notice, backing, "name not checked: a half-rekeyed directory (\(previous) -> \(parent.policy)) and "
+                         + "only one of its keys given")
+                } else {
+                    note(.problem, backing, "name: name failed authentication")
                 }
-                let digest = Binding.digest(parentID: parent.objectID, backingName: entry.name)
-                if keys.key(for: header.macPolicy) != nil && !header.bindings.contains(where: { $0.digest == digest }) {
+                if keys.key(for: header.macPolicy) != nil
+                    && !NameResolver.isBound(header.bindings, parentID: parent.objectID, backingName: entry.name) {
                     note(.problem, display, "not bound to this name: moved or swapped in the backing store")
                 }
             }
