@@ -95,7 +95,11 @@ public enum HeaderCodec {
     ///
     /// - Throws: `FormatError.integrity` when no slot may be served.
     public static func current(region: [UInt8], key: MasterKey?, evidence: TornWriteEvidence) throws -> Choice {
-        try current(region: region, evidence: evidence) { _ in key }.choice
+        // Only `key` is known here: an older slot sealed under another key (a rekey's previous
+        // one) cannot be checked, rather than failing under this one.
+        let (choice, verified) = try current(region: region, evidence: evidence) { $0 == key?.identifier ? key : nil }
+        if key != nil && !verified { throw FormatError.integrity("header failed authentication") }
+        return choice
     }
 
     /// `current`, asking `keyFor` for the key of the newest intact slot's `macPolicy`: one read

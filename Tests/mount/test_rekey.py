@@ -285,16 +285,23 @@ def test_change_passphrase_retires_the_old_one(tmp_path, encfsd_bin):
     assert problems == []
 
 
-def test_v1_store_is_upgraded_only_by_upgrade_or_rekey(volume: Volume, tmp_path):
-    config_path = volume.store / "encfsd.conf"
-    volume.unmount()
-    config = json.loads(config_path.read_text())
-    config["version"] = 1
-    config_path.write_text(json.dumps(config))
-    volume.mount()
-    (volume.mnt / "f").write_bytes(b"x")
-    volume.unmount()
-    assert json.loads(config_path.read_text())["version"] == 1
-    assert "Upgraded" in run(volume.binary, "upgrade", volume.store).stdout
-    assert json.loads(config_path.read_text())["version"] == 2
-    assert "already" in run(volume.binary, "upgrade", volume.store).stdout
+def test_v1_store_is_upgraded_only_by_upgrade_or_rekey(tmp_path, encfsd_bin):
+    golden = Path(__file__).resolve().parent.parent / "Golden" / "v1" / "store"
+    key = tmp_path / "golden.key"
+    key.write_bytes(bytes(range(1, 65)))
+    v = Volume(encfsd_bin, tmp_path, key, create=False)
+    shutil.copytree(golden, v.store, symlinks=True)
+    config_path = v.store / "encfsd.conf"
+    try:
+        v.mount(by_key_file=True)
+        (v.mnt / "new-file").write_bytes(b"written on a v1 store")
+        v.unmount()
+        assert json.loads(config_path.read_text())["version"] == 1, "a mount upgraded the store"
+        assert "Upgraded" in run(encfsd_bin, "upgrade", v.store).stdout
+        assert json.loads(config_path.read_text())["version"] == 2
+        assert "already" in run(encfsd_bin, "upgrade", v.store).stdout
+        v.mount(by_key_file=True)
+        assert (v.mnt / "new-file").read_bytes() == b"written on a v1 store"
+        v.unmount()
+    finally:
+        v.force_cleanup()
