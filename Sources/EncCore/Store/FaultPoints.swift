@@ -25,6 +25,10 @@ public enum FaultPoint: String, CaseIterable, Sendable {
     case createHeaderWritten = "create-header-written"
     case renameBindingAdded = "rename-binding-added"
     case renameDone = "rename-done"
+    // An exchange done as three renames (a backing without RENAME_EXCHANGE; ExchangeRecord).
+    case exchangeRecorded = "exchange-recorded"
+    case exchangeFirstMoved = "exchange-first-moved"
+    case exchangeSecondMoved = "exchange-second-moved"
 }
 
 public enum FaultPoints {

@@ -140,10 +140,19 @@ public enum Sys {
         OperationLog.shared.record(.syncAll)
     }
 
+    /// fdatasync, or fsync where the backing refuses it (some FUSE and network filesystems):
+    /// fsync makes strictly more durable, so every caller's ordering argument still holds.
     public static func fdatasync(_ fd: Int32) throws {
-        _ = try retrying { Glibc.fdatasync(fd) }
+        do {
+            _ = try retrying { Glibc.fdatasync(fd) }
+        } catch StoreError.system(let code) where code == EINVAL || code == ENOSYS || code == EOPNOTSUPP {
+            _ = try retrying { Glibc.fsync(fd) }
+        }
         OperationLog.shared.record(.sync(inode: inode(fd)))
     }
+
+    /// Whether a call succeeds (EINTR retried), for the capability probe: no error is thrown or kept.
+    static func probeCall(_ call: () -> Int32) -> Bool { (try? retrying(call)) != nil }
 
     public static func ftruncate(_ fd: Int32, _ length: Int64) throws {
         _ = try retrying { Glibc.ftruncate(fd, off_t(length)) }
@@ -187,6 +196,19 @@ public enum Sys {
             try withCName(to) { t throws in try check(encfsd_renameat2(fromDir, f, toDir, t, flags)) }
         }
         OperationLog.shared.record(.rename(from: inode(fromDir), fromName: from, to: inode(toDir), toName: to, flags: flags))
+    }
+
+    /// Renames without replacing anything: `RENAME_NOREPLACE` where the backing has it (`native`),
+    /// else EEXIST if the target exists and a plain rename otherwise. The check and the rename
+    /// are one step only because nothing else changes the store's namespace meanwhile: the caller
+    /// holds the volume's namespace lock (or is fsck), and the store lock keeps other daemons out.
+    public static func renameNoReplace(_ fromDir: Int32, _ from: [UInt8], _ toDir: Int32, _ to: [UInt8], native: Bool) throws {
+        if native { return try renameAt(fromDir, from, toDir, to, flags: renameNoReplace) }
+        do {
+            _ = try fstatAt(toDir, to)
+            throw StoreError.system(EEXIST)
+        } catch StoreError.system(ENOENT) {}
+        try renameAt(fromDir, from, toDir, to)
     }
 
     /// Gives the inode behind `fd` a new name, via /proc so no capability is needed.

@@ -8,7 +8,8 @@ extension Volume {
     static let maximumXattrValue = 65536
 
     private func xattrNode(_ id: UInt64, name: [UInt8]) throws -> (Node, MasterKey, [UInt8]) {
-        guard name.starts(with: Array("user.".utf8)) else { throw StoreError.notSupported }
+        // A backing without user xattrs has nowhere to keep them (a side object is issue 12's).
+        guard name.starts(with: Array("user.".utf8)), capabilities.has(.userXattrs) else { throw StoreError.notSupported }
         guard name.count <= Self.maximumXattrName else { throw StoreError.nameTooLong }
         let node = try node(id)
         let key = try objectKey(node)
@@ -58,7 +59,7 @@ extension Volume {
 
     public func listxattr(_ id: UInt64) throws -> [[UInt8]] {
         let node = try node(id)
-        guard let key = try? objectKey(node) else { return [] }
+        guard capabilities.has(.userXattrs), let key = try? objectKey(node) else { return [] }
         let objectID = node.state.withLock { $0.header.objectID }
         let fd = try xattrFD(node)
         defer { withExtendedLifetime(fd) {} }

@@ -32,13 +32,24 @@ public final class Volume: Sendable {
     let staleBindings = Mutex<[StaleBinding]>([])
     /// Where the store's directory is: every directory the store changes must lie beneath it.
     let rootPlace: Sys.Place
+    /// What the backing filesystem can do; each missing capability selects its fallback.
+    public let capabilities: BackingCapabilities
+    /// Held across every namespace change when a fallback needs them to run one at a time
+    /// (`BackingCapabilities.needsNamespaceLock`); taken before any node or table lock.
+    let namespaceLock = Mutex<Void>(())
 
-    public init(storePath: String, keys: KeyTable) throws {
+    /// Opens the store. `capabilities` are probed when not given (a caller that probed already,
+    /// or that wants the fallbacks of a backing it does not have, passes them).
+    public init(storePath: String, keys: KeyTable, capabilities: BackingCapabilities? = nil) throws {
         self.storePath = storePath
         self.keys = keys
         let fd = try Sys.openStoreRoot(storePath)
         config = try StoreConfig.load(storeFD: fd.raw)
+        self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.raw)
         journalFD = try Self.openJournal(storeFD: fd.raw)
+        // An exchange done as three renames and interrupted completes before anything looks up
+        // either name (on any backing: the store may have moved here from one without exchange).
+        try ExchangeRecord.recoverAll(journalFD: journalFD.raw, storeFD: fd.raw)
         let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
         let st = try Sys.fstat(fd.raw)
         rootPlace = Sys.Place(st)

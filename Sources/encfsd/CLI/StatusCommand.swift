@@ -39,6 +39,7 @@ struct StatusCommand: ParsableCommand {
         var journalEntries: UInt64?
         var journalBytes: UInt64?
         var policies: [Policy]?
+        var backing: BackingReport?
     }
 
     func run() throws {
@@ -88,6 +89,7 @@ struct StatusCommand: ParsableCommand {
                           key: KeyState.name(policy.status), userCount: policy.userCount,
                           addedBySelf: policy.statusFlags & FscryptIoctl.KeyStatusArgument.addedBySelf != 0)
         }
+        report.backing = status.capabilities.map(BackingReport.init)
         return report
     }
 
@@ -109,6 +111,7 @@ struct StatusCommand: ParsableCommand {
             let state = KeyState.text(p.key, userCount: p.userCount, addedBySelf: p.addedBySelf)
             lines.append("    \(p.identifier)  \(state)\(p.root ? "  (root)" : "")")
         }
+        if let backing = r.backing { lines += ["  backing:"] + backing.lines.map { "    " + $0 } }
         return lines.joined(separator: "\n")
     }
 }
@@ -155,6 +158,8 @@ struct InfoCommand: ParsableCommand {
         var rootPolicy: String
         var passphrases: [Passphrase]
         var objects: Int
+        var backing: BackingReport?
+        var backingError: String?
     }
 
     func run() throws {
@@ -166,10 +171,12 @@ struct InfoCommand: ParsableCommand {
             } catch {
                 throw CLIError("\(error)")
             }
-            let report = Report(store: path, formatVersion: config.version, features: config.features, extentSize: config.extentSize,
+            var report = Report(store: path, formatVersion: config.version, features: config.features, extentSize: config.extentSize,
                                 rootPolicy: config.rootPolicy,
                                 passphrases: (config.passphrases ?? []).map { .init(identifier: $0.identifier, n: $0.n, r: $0.r, p: $0.p) },
                                 objects: Self.countObjects(path))
+            // A probe writes a scratch directory into the store (and removes it), harmless beside a mount.
+            do { report.backing = BackingReport(try BackingCapabilities.probe(storePath: path)) } catch { report.backingError = "\(error)" }
             if json {
                 print(try Output.json(report))
                 return
@@ -182,7 +189,10 @@ struct InfoCommand: ParsableCommand {
                 root policy:    \(report.rootPolicy)
                 passphrases:    \(report.passphrases.isEmpty ? "none" : report.passphrases.map { "\($0.identifier) (scrypt N=\($0.n) r=\($0.r) p=\($0.p))" }.joined(separator: ", "))
                 objects:        \(report.objects)
+                backing:
                 """)
+            if let error = report.backingError { print("  cannot probe: \(error)") }
+            for line in report.backing?.lines ?? [] { print("  " + line) }
         }
     }
 
@@ -202,6 +212,24 @@ struct InfoCommand: ParsableCommand {
             }
         }
         return inodes.count + 1
+    }
+}
+
+/// What a probe of the backing found, as `info` and `status` show it.
+struct BackingReport: Codable {
+    var filesystemType: String
+    var lockScope: String
+    var native: [String]
+    var fallbacks: [String: String]
+    var lines: [String]
+
+    init(_ c: BackingCapabilities) {
+        filesystemType = c.filesystemType
+        lockScope = c.lockScope.rawValue
+        native = BackingCapabilities.Capability.allCases.filter(c.has).map(\.rawValue)
+        fallbacks = Dictionary(uniqueKeysWithValues: BackingCapabilities.Capability.allCases.filter { !c.has($0) }.map { ($0.rawValue, $0.fallback) })
+        lines = c.lines
+        if let warning = c.lockWarning { lines.append("warning: " + warning) }
     }
 }
 
