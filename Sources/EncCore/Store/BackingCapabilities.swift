@@ -35,6 +35,10 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
         case lock = "ofd-lock"
         /// The backing inode number survives a rename. Required: nodes are keyed by it.
         case stableInodes = "stable-inodes"
+        /// Two hard links of a file show one inode number (not so on sshfs, whose libfuse gives
+        /// each path a number of its own). Without it `link` fails with EPERM: two numbers would
+        /// make two nodes, each with its own copy of the header, for one object.
+        case hardLinks = "hard-links"
 
         /// Whether encfsd refuses the store without it.
         public var isRequired: Bool { self == .lock || self == .stableInodes }
@@ -47,6 +51,7 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
             case .renameExchange: "journaled three-rename sequence through a .xc- name"
             case .fdatasync: "fsync"
             case .userXattrs: "xattr calls fail with EOPNOTSUPP"
+            case .hardLinks: "link fails with EPERM"
             case .lock, .stableInodes: "none: the store is refused"
             }
         }
@@ -153,8 +158,13 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
     static func probe(storeFD: Int32) throws -> BackingCapabilities {
         removeStaleProbes(storeFD)
         let name = probePrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
+        // The root's times are the plaintext root's: the probe's scratch directory must not show.
+        let root = try Sys.fstat(storeFD)
         try Sys.mkdirAt(storeFD, name, mode: 0o700)
-        defer { removeProbe(storeFD, name) }
+        defer {
+            removeProbe(storeFD, name)
+            try? Sys.setTimes(storeFD, (root.st_atim, root.st_mtim))
+        }
         let dir = try Sys.openEntry(storeFD, name, .directory, .path)
         return try withExtendedLifetime(dir) {
             let type = filesystemType(of: try Sys.fstat(dir.raw))
@@ -183,6 +193,9 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
             let moved = Array("moved".utf8)
             try Sys.renameAt(dir, a, dir, moved)
             if (try? Sys.fstatAt(dir, moved).st_ino) == inodeA { found.insert(.stableInodes) }
+            let link = Array("link".utf8)
+            if (try? Sys.linkAt(fd: fileB.raw, toDir: dir, link)) != nil, (try? Sys.fstatAt(dir, link).st_ino) == inodeB,
+               (try? Sys.fstatAt(dir, b).st_ino) == inodeB { found.insert(.hardLinks) }
             // Onto a free name: the VFS itself answers EEXIST for a taken one, before the
             // filesystem is asked whether it knows the flag at all.
             let fresh = Array("fresh".utf8)

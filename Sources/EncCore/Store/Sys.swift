@@ -225,13 +225,22 @@ public enum Sys {
 
     /// Sets times through /proc so it works on O_PATH descriptors (directories) too.
     public static func setTimes(_ fd: Int32, _ times: (timespec, timespec)) throws {
-        var t = [times.0, times.1]
+        var t = try resolvingOmitted(fd, times)
         try check(Glibc.utimensat(AT_FDCWD, "/proc/self/fd/\(fd)", &t, 0))
     }
 
     public static func futimens(_ fd: Int32, _ times: (timespec, timespec)) throws {
-        var t = [times.0, times.1]
+        var t = try resolvingOmitted(fd, times)
         try check(Glibc.futimens(fd, &t))
+    }
+
+    /// A time left alone (UTIME_OMIT) is passed as its current value instead: bindfs (1.14) takes
+    /// an omitted time to mean "now", which made every chmod look like a content change.
+    private static func resolvingOmitted(_ fd: Int32, _ times: (timespec, timespec)) throws -> [timespec] {
+        let omitted = { (t: timespec) in t.tv_nsec == omitTime.tv_nsec }
+        guard omitted(times.0) || omitted(times.1) else { return [times.0, times.1] }
+        let st = try fstat(fd)
+        return [omitted(times.0) ? st.st_atim : times.0, omitted(times.1) ? st.st_mtim : times.1]
     }
 
     public static func fallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) throws {

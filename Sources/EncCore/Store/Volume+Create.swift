@@ -189,6 +189,7 @@ extension Volume {
     }
 
     private func linkLocked(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws -> (UInt64, Attributes) {
+        guard capabilities.has(.hardLinks) else { throw StoreError.notPermitted }
         let object = try node(id)
         guard !object.isDirectory else { throw StoreError.notPermitted }
         let dir = try node(newParent)
