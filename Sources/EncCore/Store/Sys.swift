@@ -234,6 +234,16 @@ public enum Sys {
         try check(Glibc.futimens(fd, &t))
     }
 
+    /// Puts back a modification time the store's own header write changed. GlusterFS refuses any
+    /// setattr of a file whose last name is gone (ESTALE), and that must not fail the commit the
+    /// header write belonged to: backing times are unauthenticated, and an unlinked file's show
+    /// only through its open descriptors.
+    public static func restoreModificationTime(_ fd: Int32, _ time: timespec) throws {
+        do {
+            try futimens(fd, (omitTime, time))
+        } catch StoreError.system(ESTALE) {}
+    }
+
     /// A time left alone (UTIME_OMIT) is passed as its current value instead: bindfs (1.14) takes
     /// an omitted time to mean "now", which made every chmod look like a content change.
     private static func resolvingOmitted(_ fd: Int32, _ times: (timespec, timespec)) throws -> [timespec] {

@@ -310,7 +310,7 @@ extension Volume {
             // Either way the other slot now holds a durable version consistent with the data.
             if sync { state.durableSequence = header.sequence } else { state.replaceableSequence = header.sequence }
             if let before {
-                try Sys.futimens(headerFD.raw, (Sys.omitTime, before.st_mtim))
+                try Sys.restoreModificationTime(headerFD.raw, before.st_mtim)
             }
         }
     }
