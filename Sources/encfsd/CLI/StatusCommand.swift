@@ -8,7 +8,7 @@ import Glibc
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status",
-        abstract: "Show every encfsd mount (or one): its daemon, policies and key states, open files and buffers.",
+        abstract: "Show every encfsd mount (or one): its daemon, policies and key states, open files and buffers, and its backing's capabilities.",
         discussion: """
             Mounts come from /proc/self/mountinfo; each daemon is asked through the control ioctl on its \
             mountpoint, so key states are as you see them (your own claim shows as added_by_self). A mount \
@@ -138,7 +138,7 @@ enum KeyState {
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
-        abstract: "Describe a store from its configuration, without its key: format, extent size, root policy, objects.")
+        abstract: "Describe a store from its configuration, without its key: format, extent size, root policy, objects, and what its backing filesystem can do (probed).")
 
     @Argument(help: "The store directory.") var store: String
     @Flag(help: "Print JSON instead of text.") var json = false
