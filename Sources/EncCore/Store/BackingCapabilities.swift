@@ -1,4 +1,7 @@
 import Foundation
+import EncCrypto
+import EncFormat
+import EncKeys
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -258,5 +261,21 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
         if lockLocal.contains(type) { return .thisHostOnly }
         if singleMachine.contains(type) { return .thisMachine }
         return .unknown
+    }
+}
+
+/// The status reply's backing fields (FORMAT.md 9.1), in the capabilities' terms.
+extension ControlProtocol.StatusArgument {
+    /// What the daemon found of its backing, nil when it did not say.
+    public var capabilities: BackingCapabilities? {
+        guard lockScope > 0, Int(lockScope) <= BackingCapabilities.lockScopes.count else { return nil }
+        return BackingCapabilities(present: BackingCapabilities.capabilities(fromBits: backingCapabilities),
+                                   filesystemType: filesystemType, lockScope: BackingCapabilities.lockScopes[Int(lockScope) - 1])
+    }
+
+    public mutating func report(_ capabilities: BackingCapabilities) {
+        backingCapabilities = capabilities.bits
+        lockScope = UInt32(BackingCapabilities.lockScopes.firstIndex(of: capabilities.lockScope)! + 1)
+        filesystemType = String(decoding: Array(capabilities.filesystemType.utf8.prefix(31)), as: UTF8.self)
     }
 }

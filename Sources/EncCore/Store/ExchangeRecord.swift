@@ -1,3 +1,6 @@
+import EncKeys
+import EncCrypto
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,3 +1,5 @@
+import EncCrypto
+import EncKeys
 extension ControlProtocol {
     /// ENCFSD_IOC_GET_STATUS = _IOR('E', 4, struct encfsd_status_arg /* 4096 bytes */).
     public static let getStatus = ioc(read: true, write: false, type: UInt8(ascii: "E"), number: 4, size: StatusArgument.byteCount)
@@ -62,19 +64,6 @@ extension ControlProtocol {
         public var filesystemType = ""
 
         public init() {}
-
-        /// What the daemon found of its backing, nil when it did not say.
-        public var capabilities: BackingCapabilities? {
-            guard lockScope > 0, Int(lockScope) <= BackingCapabilities.lockScopes.count else { return nil }
-            return BackingCapabilities(present: BackingCapabilities.capabilities(fromBits: backingCapabilities),
-                                       filesystemType: filesystemType, lockScope: BackingCapabilities.lockScopes[Int(lockScope) - 1])
-        }
-
-        public mutating func report(_ capabilities: BackingCapabilities) {
-            backingCapabilities = capabilities.bits
-            lockScope = UInt32(BackingCapabilities.lockScopes.firstIndex(of: capabilities.lockScope)! + 1)
-            filesystemType = String(decoding: Array(capabilities.filesystemType.utf8.prefix(31)), as: UTF8.self)
-        }
 
         public func encoded() -> [UInt8] {
             var w = ByteWriter(capacity: Self.byteCount)
