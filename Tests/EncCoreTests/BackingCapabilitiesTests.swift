@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import EncCore
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
