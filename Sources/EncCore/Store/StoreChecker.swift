@@ -72,7 +72,17 @@ public final class StoreChecker {
         storeFD = try Sys.openStoreRoot(storePath)
         let config = try StoreConfig.load(storeFD: storeFD.raw, shownAs: storePath)
         self.config = config
-        journalFD = try Volume.openJournal(storeFD: storeFD.raw)
+        if repair {
+            journalFD = try Volume.openJournal(storeFD: storeFD.raw)
+        } else {
+            // A check writes nothing: a missing journal is reported, not made.
+            do {
+                journalFD = try Sys.openEntry(storeFD.raw, Journal.directoryName, .directory, .path)
+            } catch StoreError.system(ENOENT) {
+                note(.problem, ".journal", "missing (--repair makes it)")
+                journalFD = try Sys.openEntry(storeFD.raw, [0x2e], .directory, .path)
+            }
+        }
         if repair {
             capabilities = try BackingCapabilities.probe(storeFD: storeFD.raw)
             try ExchangeRecord.recoverAll(journalFD: journalFD.raw, storeFD: storeFD.raw)
@@ -107,6 +117,10 @@ public final class StoreChecker {
         } catch {
             note(.problem, "/", "root header: \(error)")
             return summary
+        }
+        if rootHeader.version > config.version {
+            note(.problem, "/", "root header is format version \(rootHeader.version), newer than encfsd.conf's \(config.version) "
+                 + "(a configuration edited down): the daemon refuses the store")
         }
         if rootHeader.policy != config.rootIdentifier {
             note(.problem, "/", "root policy \(rootHeader.policy) differs from encfsd.conf's \(config.rootPolicy)")
@@ -238,24 +252,13 @@ public final class StoreChecker {
             var display = backing
             if let nameKey {
                 do {
-                    let ciphertext: [UInt8]
-                    if let short = NameCodec.ciphertext(ofShortBackingName: entry.name) {
-                        ciphertext = short
-                    } else {
-                        let digest = Binding.digest(parentID: parent.objectID, backingName: entry.name)
-                        guard let long = header.bindings.first(where: { $0.digest == digest })?.longName,
-                              NameCodec.backingName(forCiphertext: long) == entry.name else {
-                            throw StoreError.integrity("long name missing from its header")
-                        }
-                        ciphertext = long
-                    }
-                    let plain = try NameCodec.decrypt(ciphertext: ciphertext, directoryID: parent.objectID, key: nameKey)
+                    let plain = try NameResolver.plaintext(of: entry.name, directoryID: parent.objectID, key: nameKey) { header.bindings }
                     display = plainPath + "/" + String(decoding: plain, as: UTF8.self)
                 } catch {
                     note(.problem, backing, "name: \(error)")
                 }
-                let digest = Binding.digest(parentID: parent.objectID, backingName: entry.name)
-                if keys.key(for: header.macPolicy) != nil && !header.bindings.contains(where: { $0.digest == digest }) {
+                if keys.key(for: header.macPolicy) != nil
+                    && !NameResolver.isBound(header.bindings, parentID: parent.objectID, backingName: entry.name) {
                     note(.problem, display, "not bound to this name: moved or swapped in the backing store")
                 }
             }

@@ -36,11 +36,8 @@ extension Volume {
     }
 
     func commit(_ file: ExtentFile, _ state: inout NodeState, durable: Bool = false) throws {
-        switch try file.commit(header: &state.header, durable: durable) {
-        case .durable?: state.durableSequence = state.header.sequence
-        case .replaceable?: state.replaceableSequence = state.header.sequence
-        case nil: break
-        }
+        let safety = try file.commit(header: &state.header, durable: durable)
+        state.slotSafety.record(safety, sequence: state.header.sequence)
     }
 
     /// Runs `body` on the node's open file under the node lock.
@@ -240,26 +237,16 @@ extension Volume {
                 continue
             }
             do {
-                let ciphertext = try NameCodec.ciphertext(ofShortBackingName: raw.name)
-                    ?? longCiphertext(of: raw.name, in: dir, directoryID: header.objectID)
-                let name = try NameCodec.decrypt(ciphertext: ciphertext, directoryID: header.objectID, key: key)
+                let name = try NameResolver.plaintext(of: raw.name, directoryID: header.objectID, key: key) {
+                    let node = try child(of: dir, backingName: raw.name)
+                    defer { release(node) }
+                    return node.state.withLock { $0.header.bindings }
+                }
                 entries.append(DirectoryEntry(name: name, inode: raw.inode, typeBits: typeBits, backingName: raw.name))
             } catch {
                 Diagnostics.report("skipping undecryptable entry \(String(decoding: raw.name, as: UTF8.self)): \(error)")
             }
         }
         return entries
-    }
-
-    /// The full encrypted name of a hashed long entry, from the binding in its header.
-    private func longCiphertext(of backingName: [UInt8], in dir: Node, directoryID: [UInt8]) throws -> [UInt8] {
-        let node = try child(of: dir, backingName: backingName)
-        defer { release(node) }
-        let digest = Binding.digest(parentID: directoryID, backingName: backingName)
-        let binding = node.state.withLock { $0.header.bindings.first { $0.digest == digest } }
-        guard let long = binding?.longName, NameCodec.backingName(forCiphertext: long) == backingName else {
-            throw StoreError.integrity("long name missing from header")
-        }
-        return long
     }
 }

@@ -33,6 +33,9 @@ public final class Volume: Sendable {
     let openFiles: OpenFileBudget
     /// Bindings to drop once the renames and unlinks that made them stale are durable.
     let staleBindings = Mutex<[StaleBinding]>([])
+    /// Held for a whole drop of stale bindings (its header writes included), so the unmount's
+    /// drop, and the clean end of the epoch after it, wait for one the timer thread has begun.
+    let droppingStaleBindings = Mutex(())
     /// Where the store's directory is: every directory the store changes must lie beneath it.
     let rootPlace: Sys.Place
     /// What the backing filesystem can do; each missing capability selects its fallback.
@@ -42,38 +45,48 @@ public final class Volume: Sendable {
     let namespaceLock = Mutex<Void>(())
     /// This mount's epoch and the evidence damaged header slots are judged by.
     let slots: HeaderSlots
-    /// The store directory, for closing the epoch at a clean unmount.
+    /// The store directory, for the epoch record.
     let storeFD: FileDescriptor
+    /// A real (listing) open of the store root, made before this mount's first write and kept:
+    /// `syncfs` reports writeback errors only since the descriptor it is given was opened.
+    let syncFD: FileDescriptor
 
     /// Opens the store. `capabilities` are probed when not given (a caller that probed already,
     /// or that wants the fallbacks of a backing it does not have, passes them).
-    public init(storePath: String, keys: KeyTable, capabilities: BackingCapabilities? = nil) throws {
+    /// - Parameter openingEpoch: open this mount's epoch now. A daemon passes false and calls
+    ///   `openEpoch()` once nothing can refuse the mount any more.
+    public init(storePath: String, keys: KeyTable, capabilities: BackingCapabilities? = nil, openingEpoch: Bool = true) throws {
         self.storePath = storePath
         self.keys = keys
         let fd = try Sys.openStoreRoot(storePath)
         config = try StoreConfig.load(storeFD: fd.raw)
-        self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.raw)
-        journalFD = try Self.openJournal(storeFD: fd.raw)
-        // An exchange done as three renames and interrupted completes before anything looks up
-        // either name (on any backing: the store may have moved here from one without exchange).
-        try ExchangeRecord.recoverAll(journalFD: journalFD.raw, storeFD: fd.raw)
         storeFD = fd
-        let reading = HeaderSlots.reading(evidence: try EpochRecord.read(storeFD: fd.raw).evidence(storeVersion: config.version),
-                                          storeVersion: config.version)
+        let reading = try EpochRecord.read(storeFD: fd.raw)
+        let evidence = reading.evidence(storeVersion: config.version)
         let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
         let st = try Sys.fstat(fd.raw)
         rootPlace = Sys.Place(st)
         let identity = Sys.identity(of: fd.raw)
         let headerIdentity = Sys.identity(of: headerFD.raw)
-        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: reading) }
+        let readingSlots = HeaderSlots.reading(evidence: evidence, storeVersion: config.version)
+        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: readingSlots) }
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
         guard header.policy == config.rootIdentifier, header.macPolicy == header.policy else {
             throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
-        // A store refused above is left as it was. The epoch is durable before any header of this
-        // mount is written (EpochRecord).
-        let epoch = try EpochRecord.open(storeFD: fd.raw, storeVersion: config.version)
-        slots = HeaderSlots(epoch: epoch.epoch, evidence: epoch.evidence, storeVersion: UInt16(config.version))
+        // A store's objects are never in a newer version than its encfsd.conf says; a
+        // configuration edited down to version 1 would bring back version 1's weaker rules.
+        guard header.version <= config.version else {
+            throw StoreError.integrity("the root header is format version \(header.version), newer than encfsd.conf's \(config.version)")
+        }
+        // Everything above only reads: a store refused there is left as it was.
+        journalFD = try Self.openJournal(storeFD: fd.raw)
+        self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.raw)
+        // An exchange done as three renames and interrupted completes before anything looks up
+        // either name (on any backing: the store may have moved here from one without exchange).
+        try ExchangeRecord.recoverAll(journalFD: journalFD.raw, storeFD: fd.raw)
+        syncFD = try Sys.listingDescriptor(fd.raw)
+        slots = HeaderSlots(epoch: 0, evidence: evidence, storeVersion: UInt16(config.version))
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
                         header: header, verified: verified, location: nil, pinnedDirectory: fd)
         // A quarter of the descriptors for directories, the rest for open files.
@@ -85,6 +98,14 @@ public final class Volume: Sendable {
             $0.byID[Self.rootID] = root
             $0.byInode[root.backingInode] = root
         }
+        if openingEpoch { try openEpoch() }
+    }
+
+    /// Opens this mount's epoch: durable before any header of the mount is written (EpochRecord).
+    public func openEpoch() throws {
+        precondition(slots.epoch == 0, "the epoch is opened once")
+        let opened = try EpochRecord.open(storeFD: storeFD.raw, storeVersion: config.version)
+        slots.epochCell.value.store(opened.epoch, ordering: .releasing)
     }
 
     /// Opens `.journal`, creating it durably (directory fsynced) if an older store lacks it.
@@ -256,8 +277,7 @@ public final class Volume: Sendable {
         guard let parentHeader = naming?.header else { return }
         let (verified, bindings) = node.state.withLock { ($0.verified, $0.header.bindings) }
         guard verified else { return }
-        let digest = Binding.digest(parentID: parentHeader.objectID, backingName: backingName)
-        guard bindings.contains(where: { $0.digest == digest }) else {
+        guard NameResolver.isBound(bindings, parentID: parentHeader.objectID, backingName: backingName) else {
             throw StoreError.integrity("object is not bound to this name: moved or swapped in the backing store")
         }
     }

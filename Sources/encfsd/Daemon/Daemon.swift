@@ -48,7 +48,7 @@ struct Daemon {
             if let keys = table.withLock({ $0 }) { invalidator.keyWiped(identifier, keys: keys) }
         }
         table.withLock { $0 = keys }
-        let volume = try Volume(storePath: storePath, keys: keys)
+        let volume = try Volume(storePath: storePath, keys: keys, openingEpoch: false)
         if let refusal = volume.capabilities.refusal { throw CLIError("cannot mount \(storePath): \(refusal)") }
         if let warning = volume.capabilities.lockWarning { Log.warning(warning) }
         Log.notice(volume.capabilities.summary)
@@ -59,6 +59,9 @@ struct Daemon {
         for identifier in fromKeyring { Log.notice("key \(identifier) added at start") }
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
         invalidator.attach(session: session)
+        // Past every check that can refuse the mount: a refused mount leaves no open epoch, which
+        // the next mount would read as an unclean shutdown (and so as leave to pass over damage).
+        try volume.openEpoch()
         if let idle { IdleUnmount.start(after: idle, session: session, volume: volume, mountpoint: mountOptions.mountpoint) }
         // The timer flush: buffered writes reach the journal within a few seconds even when a file
         // is neither closed nor synced.
