@@ -2,14 +2,16 @@
 # Side-by-side benchmark: encfsd against gocryptfs, securefs and CryFS (and a plain directory,
 # the limit), on the same machine in one run, rounds interleaved across filesystems.
 #
-# Usage: sudo scripts/bench.sh [--quick] [--rounds N] [--size MiB] [--backing tmpfs|disk|both]
+# Usage: sudo scripts/bench.sh [--quick] [--rounds N] [--size MiB] [--backing tmpfs|disk|both|gluster]
 #                              [--only fs1,fs2,...] [--runtime S] [--files N] [--no-save]
 #
 #   --quick          128 MiB, 1 round, tmpfs backing only, fio 3 s per job (a few minutes)
 #   --rounds N       rounds per backing; medians are reported (default 3)
 #   --size MiB       size of the streaming file and of the fio random-I/O file (default 1024)
-#   --backing B      tmpfs (an 8 GiB tmpfs it mounts), disk (a directory under /var/tmp), or both
-#                    (default both)
+#   --backing B      tmpfs (an 8 GiB tmpfs it mounts), disk (a directory under /var/tmp), both
+#                    (default), or gluster: a one-brick GlusterFS volume whose glusterd and brick
+#                    (on /var/tmp) run in a network namespace of their own, mounted with the FUSE
+#                    client (Tests/mount/backings.py; every filesystem's store on the same volume)
 #   --only LIST      comma-separated subset of: plain,encfsd,gocryptfs,securefs,cryfs
 #   --runtime S      seconds per fio job (default 10)
 #   --files N        files in the create+fsync test (default 1000)
@@ -36,7 +38,7 @@ ALL_FS=(plain encfsd gocryptfs securefs cryfs)
 PASS=bench-password-not-secret
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-1200}
 
-usage() { sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments
@@ -67,9 +69,9 @@ fi
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || die "--runtime must be a positive integer (seconds)"
 [[ $NFILES =~ ^[1-9][0-9]*$ ]] || die "--files must be a positive integer"
 case $BACKING in
-    tmpfs|disk) BACKINGS=("$BACKING") ;;
+    tmpfs|disk|gluster) BACKINGS=("$BACKING") ;;
     both) BACKINGS=(tmpfs disk) ;;
-    *) die "--backing must be tmpfs, disk or both" ;;
+    *) die "--backing must be tmpfs, disk, both or gluster" ;;
 esac
 FSS=()
 if [[ -n $ONLY ]]; then
@@ -119,6 +121,7 @@ cleanup() {
             kill -TERM "$pid" 2>/dev/null; sleep 2; kill -KILL "$pid" 2>/dev/null
         fi
     done
+    [[ -e $WORK/gluster/backing.json ]] && python3 "$REPO/Tests/mount/backings.py" down "$WORK/gluster"
     for m in $(our_mounts); do
         umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
     done
@@ -142,6 +145,7 @@ meta() { local IFS=$'\t'; echo "$*" >>"$META"; }
 
 # ---------------------------------------------------------------- dependencies and build
 PKGS=(gocryptfs securefs cryfs fio linux-source-6.1 python3 fuse3)
+[[ $BACKING == gluster ]] && PKGS+=(glusterfs-server glusterfs-client iproute2)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -376,7 +380,7 @@ want_fs cryfs && meta header cryfs "$(ver cryfs --version | sed 's/CryFS Version
 meta header fio "$(fio --version) (Debian $(pkgver fio)); 4 KiB blocks, ${RUNTIME} s per job, --direct=1 unless noted"
 meta header rounds "$ROUNDS per backing, interleaved (each round: ${FSS[*]}); medians reported"
 meta header sizes "streaming / random-I/O file ${SIZE} MiB (dd bs=1M, conv=fsync on write); untar tree: linux-source-6.1 (Debian $(pkgver linux-source-6.1)) fs include kernel crypto lib = $TREE_FILES files, $TREE_DIRS directories, $TREE_MB MB, tar read from tmpfs; small files: $NFILES × 4 KiB, fsync each"
-meta header backings "${BACKINGS[*]} (tmpfs: 8 GiB tmpfs; disk: $(findmnt -n -o FSTYPE,SOURCE -T /var/tmp | tr -s ' ' ' ') under /var/tmp)"
+meta header backings "${BACKINGS[*]} (tmpfs: 8 GiB tmpfs; disk: $(findmnt -n -o FSTYPE,SOURCE -T /var/tmp | tr -s ' ' ' ') under /var/tmp; gluster: GlusterFS $(pkgver glusterfs-server) one-brick volume on /var/tmp, server in a network namespace over a veth pair, FUSE client)"
 meta header "load average at start" "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 log "work dir $WORK; rounds=$ROUNDS size=${SIZE}MiB backing=${BACKINGS[*]} fs=${FSS[*]} fio runtime=${RUNTIME}s"
@@ -387,6 +391,8 @@ for b in "${BACKINGS[@]}"; do
     if [[ $b == tmpfs ]]; then
         BACK="$WORK/tmpfs"; mkdir -p "$BACK"
         mount -t tmpfs -o size=8G,mode=755 bench-backing "$BACK" || die "cannot mount the tmpfs backing"
+    elif [[ $b == gluster ]]; then
+        BACK=$(python3 "$REPO/Tests/mount/backings.py" up gluster "$WORK/gluster" 2>>"$LOG") || die "cannot set up the GlusterFS backing (see $LOG)"
     else
         BACK="$WORK/disk"; mkdir -p "$BACK"
     fi
@@ -397,6 +403,7 @@ for b in "${BACKINGS[@]}"; do
         for fs in "${FSS[@]}"; do bench_fs "$fs" "$BACK"; done
     done
     if [[ $b == tmpfs ]]; then umount "$BACK" || log "cannot unmount $BACK"; fi
+    if [[ $b == gluster ]]; then python3 "$REPO/Tests/mount/backings.py" down "$WORK/gluster"; BACK=$WORK/gluster; fi
     rm -rf --one-file-system "$BACK"
 done
 

@@ -7,6 +7,7 @@
 # Fails when any kill went unchecked or none landed inside a logged operation.
 #
 # Usage: scripts/crash-test.sh [--kills N] [--long] [--seed S] [--keep-going] [--keep-on-failure DIR]
+#                              [--store-in DIR]
 #
 #   --kills N   kill the daemon N times (default 50, a CI-sized run of a minute or two)
 #   --long      500 kills
@@ -18,6 +19,9 @@
 #   --keep-on-failure DIR
 #               on a violation, copy the store, key, logs and model there (default
 #               /tmp/encfsd-crash-failure.XXXXXX)
+#   --store-in DIR
+#               put the store in a new directory under DIR (a network or FUSE backing; see
+#               scripts/backing-tests.sh) instead of the work directory
 #
 # The daemon binary is $ENCFSD (default .build/debug/encfsd, built if missing), copied into the
 # work directory first so that a rebuild during the run does not disturb it. Needs root and
@@ -30,10 +34,10 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 ENCFSD=${ENCFSD:-$REPO/.build/debug/encfsd}
 WORKLOAD="$REPO/scripts/crash_workload.py"
 
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "crash-test: $*" >&2; exit 1; }
 
-KILLS=50 SEED= KEEP= KEEP_GOING=()
+KILLS=50 SEED= KEEP= KEEP_GOING=() STORE_IN=
 while (($#)); do
     case $1 in
         --kills) KILLS=${2:?--kills needs a number}; shift ;;
@@ -41,6 +45,7 @@ while (($#)); do
         --seed) SEED=${2:?--seed needs a value}; shift ;;
         --keep-going) KEEP_GOING=(--keep-going) ;;
         --keep-on-failure) KEEP=${2:?}; shift ;;
+        --store-in) STORE_IN=${2:?--store-in needs a directory}; shift ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
@@ -61,6 +66,11 @@ PY=$(python3 -c 'import sys; print(sys.executable)') || die "python3 is missing"
 
 T=$(mktemp -d /tmp/encfsd-crash.XXXXXX) || die "mktemp failed"
 STORE=$T/store MNT=$T/mnt KEY=$T/master.key DLOG=$T/daemon.log WORK=$T/work
+STORE_DIR=
+if [[ -n $STORE_IN ]]; then
+    STORE_DIR=$(mktemp -d "$STORE_IN/encfsd-crash.XXXXXX") || die "cannot make a directory in $STORE_IN"
+    STORE=$STORE_DIR/store
+fi
 mkdir -p "$MNT" "$WORK"
 # A private copy of the binary: a rebuild during the run must not change or block it.
 for _ in 1 2 3 4 5; do
@@ -101,6 +111,7 @@ cleanup() {
         echo "crash-test: store, key, daemon log, workload logs and model kept in $keep" >&2
     fi
     rm -rf "$T"
+    [[ -n $STORE_DIR ]] && rm -rf "$STORE_DIR"
     exit "$rc"
 }
 trap cleanup EXIT

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit and known-answer tests (swift test), the real-mount tests (pytest on real
-# FUSE mounts of the built daemon), a real daemon SIGKILLed 50 times under load, and the ports of the
-# xfstests encrypt group, and the Debian package's smoke test (skip it with ENCFSD_SKIP_DEB=1).
+# FUSE mounts of the built daemon), a real daemon SIGKILLed 50 times under load, a part of the mount
+# suite and the kill test with the store on bindfs, sshfs and GlusterFS, the ports of the xfstests
+# encrypt group, and the Debian package's smoke test (skip it with ENCFSD_SKIP_DEB=1).
 # Needs root and /dev/fuse for the mounts. Arguments go to pytest.
 #
 # Isolation: the stages run in a session keyring of their own (keyctl session encfsd-tests), and the
@@ -114,6 +115,11 @@ record pytest $status "$LOGS/pytest.log"
 status=0
 scripts/crash-test.sh 2>&1 | tee "$LOGS/crash.log" || status=$?
 record crash-test $status "$LOGS/crash.log"
+
+# Stores on bindfs, sshfs and GlusterFS (each set up and torn down by the stage itself).
+status=0
+scripts/backing-tests.sh 2>&1 | tee "$LOGS/backings.log" || status=$?
+record backings $status "$LOGS/backings.log"
 
 status=0
 scripts/fstests/run.sh 2>&1 | tee "$LOGS/fstests.log" || status=$?

@@ -18,7 +18,10 @@ extension ControlProtocol {
     ///     u64 buffered_bytes;     //  40: written, not yet committed
     ///     u64 journal_entries;    //  48: shadows in .journal
     ///     u64 journal_bytes;      //  56
-    ///     u8  reserved[64];       //  64: zero
+    ///     u32 backing_capabilities; // 64: bit i set: BackingCapabilities.Capability.allCases[i] native
+    ///     u32 lock_scope;         //  68: 1 + index in BackingCapabilities.lockScopes (0: not reported)
+    ///     u8  filesystem_type[32];//  72: the backing's, NUL-padded
+    ///     u8  reserved[24];       // 104: zero
     ///     struct {                // 128 + 32 * i
     ///         u8  identifier[16];
     ///         u32 status;         // as FS_IOC_GET_ENCRYPTION_KEY_STATUS: 1 absent, 2 present, 3 incompletely removed
@@ -56,6 +59,9 @@ extension ControlProtocol {
         public var journalEntries: UInt64 = 0
         public var journalBytes: UInt64 = 0
         public var policies: [Policy] = []
+        public var backingCapabilities: UInt32 = 0
+        public var lockScope: UInt32 = 0
+        public var filesystemType = ""
 
         public init() {}
 
@@ -67,7 +73,11 @@ extension ControlProtocol {
             w.u32(pid)
             w.u32(formatVersion)
             for value in [started, openFiles, openDirectories, bufferedBytes, journalEntries, journalBytes] { w.u64(value) }
-            w.zeros(64)
+            w.u32(backingCapabilities)
+            w.u32(lockScope)
+            let type = Array(filesystemType.utf8.prefix(31))
+            w.raw(type)
+            w.zeros(32 - type.count + 24)
             for policy in listed {
                 w.raw(policy.identifier.bytes)
                 for value in [policy.status, policy.statusFlags, policy.userCount, policy.flags] { w.u32(value) }
@@ -86,8 +96,11 @@ extension ControlProtocol {
             s.pid = pid
             s.formatVersion = formatVersion
             guard let started = r.u64(), let openFiles = r.u64(), let openDirectories = r.u64(), let buffered = r.u64(),
-                  let journalEntries = r.u64(), let journalBytes = r.u64(), r.raw(64)?.allSatisfy({ $0 == 0 }) == true
+                  let journalEntries = r.u64(), let journalBytes = r.u64(), let capabilityBits = r.u32(), let lockScope = r.u32(),
+                  let type = r.raw(32), type.last == 0, r.raw(24)?.allSatisfy({ $0 == 0 }) == true
             else { return nil }
+            (s.backingCapabilities, s.lockScope) = (capabilityBits, lockScope)
+            s.filesystemType = String(decoding: type.prefix(while: { $0 != 0 }), as: UTF8.self)
             (s.started, s.openFiles, s.openDirectories, s.bufferedBytes) = (started, openFiles, openDirectories, buffered)
             (s.journalEntries, s.journalBytes) = (journalEntries, journalBytes)
             for _ in 0..<count {

@@ -43,6 +43,8 @@ import Glibc
         var initialOwner = Owner(mode: 0o644, uid: 0, gid: 0)
         var unlinkedAt: Int?
         var unlinkDurableAt: Int?
+        /// The header's object ID: what a name holds when an exchange put another file there.
+        var objectID: [UInt8] = []
         init(_ label: String) { self.label = label }
 
         /// The names the file may be found under after the first `point` operations, and
@@ -81,6 +83,7 @@ import Glibc
             let t = Tracked(label)
             t.paths = [(path, log.count, nil)]
             let (id, _, handle) = try volume.create(parent: dir, name: Array(name.utf8), mode: 0o644, caller: caller)
+            t.objectID = try volume.node(id).state.withLock { $0.header.objectID }
             tracked[label] = t
             handles[label] = handle
             nodes[label] = id
@@ -141,10 +144,32 @@ import Glibc
             if durable { t.owners.append((start, log.count, t.owner, true)) }
         }
 
+        /// Swaps two files' names (RENAME_EXCHANGE); each may be found under either until the
+        /// directory is synced.
+        mutating func exchange(_ first: String, _ second: String, in dir: UInt64, _ firstName: String, _ secondName: String) throws {
+            let start = log.count
+            let (firstPath, secondPath) = (tracked[first]!.paths.last!.path, tracked[second]!.paths.last!.path)
+            try volume.rename(parent: dir, name: Array(firstName.utf8), newParent: dir, newName: Array(secondName.utf8), mode: .exchange)
+            tracked[first]!.paths.append((secondPath, start, nil))
+            tracked[second]!.paths.append((firstPath, start, nil))
+        }
+
+        mutating func renameNoReplace(_ label: String, in dir: UInt64, _ name: String, _ newName: String, path: [String]) throws {
+            let start = log.count
+            try volume.rename(parent: dir, name: Array(name.utf8), newParent: dir, newName: Array(newName.utf8), mode: .noReplace)
+            tracked[label]!.paths.append((path, start, nil))
+        }
+
         func syncDirectory(_ dir: UInt64 = Volume.rootID) throws { try volume.fsyncDirectory(dir) }
     }
 
-    @Test func everyCrashStateRecoversToACommittedState() throws {
+    /// What a backing without O_TMPFILE, linkat of an open file, RENAME_NOREPLACE and
+    /// RENAME_EXCHANGE (bindfs, sshfs, GlusterFS) leaves: every fallback sequence runs.
+    static let fallbacks = BackingCapabilities(present: [.fdatasync, .userXattrs, .lock, .stableInodes],
+                                               filesystemType: "fuse", lockScope: .unknown)
+
+    @Test(arguments: [BackingCapabilities.local, fallbacks])
+    func everyCrashStateRecoversToACommittedState(_ capabilities: BackingCapabilities) throws {
         // Thousands of states are written out and read back: on tmpfs when the machine has one.
         let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
         let base = scratch + "/encfsd-crash-\(UUID().uuidString)"
@@ -154,7 +179,7 @@ import Glibc
         try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
         let keys = KeyTable()
         try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
-        var h = Harness(volume: try Volume(storePath: store, keys: keys))
+        var h = Harness(volume: try Volume(storePath: store, keys: keys, capabilities: capabilities))
         var rng = SystemRandomNumberGenerator()
         func random(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) } }
 
@@ -200,6 +225,12 @@ import Glibc
         h.entryDurable("S")
         try h.write("S", at: 4096, random(4096)); try h.flush("S", durable: false)
         try h.write("A", at: 2000, random(9000)); try h.flush("A", durable: false)     // three extents, journaled
+        try h.exchange("C", "S", in: Volume.rootID, "c", "sparse")                      // natively one renameat2, else three renames
+        try h.syncDirectory()
+        h.entryDurable("C"); h.entryDurable("S")
+        try h.renameNoReplace("C", in: Volume.rootID, "sparse", "c2", path: ["c2"])      // natively one renameat2, else checked then renamed
+        try h.syncDirectory()
+        h.entryDurable("C")
         try h.volume.release(handle: h.handles["B"]!)
         h.tracked["B"]!.unlinkedAt = OperationLog.shared.count
         try h.volume.unlink(parent: Volume.rootID, name: Array("b".utf8))
@@ -210,7 +241,7 @@ import Glibc
 
         let checked = try check(operations: operations, initial: initial, tracked: Array(h.tracked.values), base: base)
         // README cites this line.
-        print("crash states checked: \(checked.states) distinct states at \(checked.points) crash points (\(operations.count) backing operations)")
+        print("crash states checked: \(checked.states) distinct states at \(checked.points) crash points (\(operations.count) backing operations, \(capabilities == .local ? "native" : "fallback") backing paths)")
         #expect(checked.states >= 1000)
     }
 
@@ -337,6 +368,8 @@ import Glibc
                     Issue.record("\(t.label) at \(path): lookup failed with \(error) (\(label))")
                     continue
                 }
+                // The other file of an exchange, before or after it: not this one.
+                if try volume.node(id).state.withLock({ $0.header.objectID }) != t.objectID { continue }
                 found.append(path)
                 let attributes = try volume.getattr(id)
                 let owner = Owner(mode: attributes.mode & 0o7777, uid: attributes.uid, gid: attributes.gid)

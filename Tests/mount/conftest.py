@@ -154,10 +154,10 @@ class Volume:
     """A store, its mountpoint and key, and the running daemon (if mounted)."""
 
     def __init__(self, binary: Path, root: Path, key_file: Path, extent_size: int | None = None,
-                 create: bool = True):
+                 create: bool = True, store: Path | None = None):
         self.binary = binary
         self.root = root
-        self.store = root / "store"
+        self.store = store or root / "store"
         self.mnt = root / "mnt"
         self.key_file = key_file
         self.extent_size = extent_size or 16384
@@ -340,14 +340,45 @@ def volumes(request):
     _tear_down(made, request, purge_keys=False)
 
 
+# ENCFSD_TEST_BACKING=bindfs|sshfs|gluster puts every store the fixtures make on that backing
+# filesystem (backings.py), set up once for the session; unset, stores are on the local disk.
+BACKING = os.environ.get("ENCFSD_TEST_BACKING", "")
+
+
+@pytest.fixture(scope="session")
+def backing_root(tmp_path_factory):
+    """Where make_volume puts stores: None for the local disk, else a directory on the backing."""
+    if not BACKING:
+        yield None
+        return
+    import backings
+    work = tmp_path_factory.mktemp(f"backing-{BACKING}")
+    backing = backings.make(BACKING, work)
+    try:
+        yield backing.up()
+    finally:
+        backing.down()
+
+
+def backing_capabilities(store: Path) -> dict:
+    """What `encfsd info` finds of the backing a store is on."""
+    import json
+    return json.loads(run(_binary(), "info", store, "--json").stdout)["backing"]
+
+
 @pytest.fixture
-def make_volume(tmp_path, encfsd_bin, key_file, request):
+def make_volume(tmp_path, encfsd_bin, key_file, request, backing_root):
     volumes: list[Volume] = []
 
     def make(extent_size: int | None = None, unlock: bool = True, mount: bool = True, name: str | None = None) -> Volume:
         root = tmp_path / (name or f"vol{len(volumes)}")
         root.mkdir()
-        v = Volume(encfsd_bin, root, key_file, extent_size)
+        store = None
+        if backing_root is not None:
+            label = re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:80]
+            store = backing_root / f"{label}-{os.getpid()}-{len(volumes)}-{time.monotonic_ns()}" / "store"
+            store.parent.mkdir()
+        v = Volume(encfsd_bin, root, key_file, extent_size, store=store)
         volumes.append(v)
         if mount:
             v.mount(unlock=unlock)

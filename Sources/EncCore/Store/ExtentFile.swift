@@ -534,7 +534,7 @@ final class ExtentFile: @unchecked Sendable {
         replayPending = false
         dirtySince = nil
         if let modifiedAt {
-            try Sys.futimens(fd, (Sys.omitTime, modifiedAt))
+            try Sys.restoreModificationTime(fd, modifiedAt)
             self.modifiedAt = nil
         }
         metadataChanged = false

@@ -33,6 +33,10 @@ public enum FaultPoint: String, CaseIterable, Sendable {
     case rekeyHeaderConverted = "rekey-header-converted"
     case rekeyBatchCommitted = "rekey-batch-committed"
     case rekeyNameMoved = "rekey-name-moved"
+    // An exchange done as three renames (a backing without RENAME_EXCHANGE; ExchangeRecord).
+    case exchangeRecorded = "exchange-recorded"
+    case exchangeFirstMoved = "exchange-first-moved"
+    case exchangeSecondMoved = "exchange-second-moved"
 }
 
 /// Test hooks exist only in builds made with `ENCFSD_TEST_HOOKS` (debug builds, which the tests

@@ -17,6 +17,8 @@ import Glibc
 enum Leftovers {
     static let mkdirPrefix: [UInt8] = Array(".mk-".utf8)
     static let rmdirPrefix: [UInt8] = Array(".rm-".utf8)
+    /// A file being created on a backing without O_TMPFILE, before its rename into place.
+    static let newFilePrefix: [UInt8] = Array(".nf-".utf8)
     /// Leftovers nest at most this deep (an interrupted mkdir inside a directory being removed).
     static let maximumDepth = 2
 
@@ -38,7 +40,7 @@ enum Leftovers {
         var foreignFound = false
         for entry in try Sys.listDirectory(dir) {
             if NameCodec.isEntryName(entry.name) { return .entries }
-            if entry.name == directoryHeaderName && !entry.isDirectory { continue }
+            if (entry.name == directoryHeaderName || entry.name.starts(with: newFilePrefix)) && !entry.isDirectory { continue }
             guard !foreignFound, entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else {
                 foreignFound = true
                 continue
@@ -59,7 +61,7 @@ enum Leftovers {
     /// touched) and leaves the entry in place.
     static func remove(_ dir: FileDescriptor, named name: [UInt8], in parent: Int32, depth: Int = 0) throws {
         for entry in try Sys.listDirectory(dir.raw) {
-            if entry.name == directoryHeaderName && !entry.isDirectory {
+            if (entry.name == directoryHeaderName || entry.name.starts(with: newFilePrefix)) && !entry.isDirectory {
                 try Sys.unlinkAt(dir.raw, entry.name)
                 continue
             }

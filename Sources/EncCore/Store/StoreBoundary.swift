@@ -93,7 +93,11 @@ extension Sys {
         let rc = (try? withCName(name) { p in
             bytes.withUnsafeMutableBufferPointer { encfsd_file_handle(dir, p, flags, $0.baseAddress! + 4, 128, &length, &type) }
         }) ?? -1
-        guard rc == 0 else { return nil }
+        // FUSE's handles (FILEID_INO64_GEN and _PARENT) carry the node ID its server gave the
+        // inode, which GlusterFS and libfuse's path-based servers give anew once the kernel has
+        // forgotten the inode: an unchanged object would look replaced. The inode number, which
+        // the probe has checked survives a rename, identifies the object there instead.
+        guard rc == 0, type != 0x81, type != 0x82 else { return nil }
         withUnsafeBytes(of: type.littleEndian) { for i in 0..<4 { bytes[i] = $0[i] } }
         return Array(bytes.prefix(4 + Int(length)))
     }

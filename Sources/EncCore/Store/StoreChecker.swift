@@ -41,6 +41,8 @@ public final class StoreChecker {
     private var visited = 0
     private var storeFD: FileDescriptor!
     private var journalFD: FileDescriptor!
+    /// Probed only for a repair (a check writes nothing); decides how quarantine renames.
+    private var capabilities = BackingCapabilities.local
     /// The daemon's judgement of damaged slots (and, with --repair, this run's epoch).
     private var slots: HeaderSlots!
     private var config: StoreConfig!
@@ -82,6 +84,10 @@ public final class StoreChecker {
                 note(.problem, ".journal", "missing (--repair makes it)")
                 journalFD = try Sys.openEntry(storeFD.raw, [0x2e], .directory, .path)
             }
+        }
+        if repair {
+            capabilities = try BackingCapabilities.probe(storeFD: storeFD.raw)
+            try ExchangeRecord.recoverAll(journalFD: journalFD.raw, storeFD: storeFD.raw)
         }
         let reading: EpochRecord.Reading
         if repair {
@@ -189,6 +195,18 @@ public final class StoreChecker {
                 } else {
                     note(.problem, backing, "named as encfsd's own leftover but \(Leftovers.foreign.integrityFailure!)")
                 }
+                continue
+            }
+            if entry.name.starts(with: Leftovers.newFilePrefix) && !entry.isDirectory {
+                if repair, (try? Sys.unlinkAt(directoryFD, entry.name)) != nil {
+                    note(.repaired, backing, "removed an unfinished create left by a crash")
+                } else {
+                    note(.notice, backing, "unfinished create left by a crash (harmless; --repair removes it)")
+                }
+                continue
+            }
+            if ExchangeRecord.isTemporaryName(entry.name) {
+                note(.problem, backing, "an object of an exchange that could not be completed (see .journal/xc-*)")
                 continue
             }
             guard NameCodec.isEntryName(entry.name) else {
@@ -322,7 +340,7 @@ public final class StoreChecker {
             // would move the object, or anything else, outside the store.
             let target = try Sys.openEntry(storeFD.raw, quarantine, .directory, .path)
             let moved = Array("\(Int(Date().timeIntervalSince1970))-\(String(decoding: name, as: UTF8.self))".utf8)
-            try withExtendedLifetime(target) { try Sys.renameAt(directoryFD, name, target.raw, moved, flags: Sys.renameNoReplace) }
+            try withExtendedLifetime(target) { try Sys.renameNoReplace(directoryFD, name, target.raw, moved, native: capabilities.has(.renameNoReplace)) }
             return String(decoding: moved, as: UTF8.self)
         } catch {
             note(.problem, path, "could not be quarantined: \(error)")

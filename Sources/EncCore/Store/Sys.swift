@@ -151,10 +151,19 @@ public enum Sys {
         OperationLog.shared.record(.syncAll)
     }
 
+    /// fdatasync, or fsync where the backing refuses it (some FUSE and network filesystems):
+    /// fsync makes strictly more durable, so every caller's ordering argument still holds.
     public static func fdatasync(_ fd: Int32) throws {
-        _ = try retrying { Glibc.fdatasync(fd) }
+        do {
+            _ = try retrying { Glibc.fdatasync(fd) }
+        } catch StoreError.system(let code) where code == EINVAL || code == ENOSYS || code == EOPNOTSUPP {
+            _ = try retrying { Glibc.fsync(fd) }
+        }
         OperationLog.shared.record(.sync(inode: inode(fd)))
     }
+
+    /// Whether a call succeeds (EINTR retried), for the capability probe: no error is thrown or kept.
+    static func probeCall(_ call: () -> Int32) -> Bool { (try? retrying(call)) != nil }
 
     public static func ftruncate(_ fd: Int32, _ length: Int64) throws {
         _ = try retrying { Glibc.ftruncate(fd, off_t(length)) }
@@ -200,6 +209,19 @@ public enum Sys {
         OperationLog.shared.record(.rename(from: inode(fromDir), fromName: from, to: inode(toDir), toName: to, flags: flags))
     }
 
+    /// Renames without replacing anything: `RENAME_NOREPLACE` where the backing has it (`native`),
+    /// else EEXIST if the target exists and a plain rename otherwise. The check and the rename
+    /// are one step only because nothing else changes the store's namespace meanwhile: the caller
+    /// holds the volume's namespace lock (or is fsck), and the store lock keeps other daemons out.
+    public static func renameNoReplace(_ fromDir: Int32, _ from: [UInt8], _ toDir: Int32, _ to: [UInt8], native: Bool) throws {
+        if native { return try renameAt(fromDir, from, toDir, to, flags: renameNoReplace) }
+        do {
+            _ = try fstatAt(toDir, to)
+            throw StoreError.system(EEXIST)
+        } catch StoreError.system(ENOENT) {}
+        try renameAt(fromDir, from, toDir, to)
+    }
+
     /// Gives the inode behind `fd` a new name, via /proc so no capability is needed.
     public static func linkAt(fd: Int32, toDir: Int32, _ name: [UInt8]) throws {
         try withCName(name) { p throws in
@@ -214,13 +236,32 @@ public enum Sys {
 
     /// Sets times through /proc so it works on O_PATH descriptors (directories) too.
     public static func setTimes(_ fd: Int32, _ times: (timespec, timespec)) throws {
-        var t = [times.0, times.1]
+        var t = try resolvingOmitted(fd, times)
         try check(Glibc.utimensat(AT_FDCWD, "/proc/self/fd/\(fd)", &t, 0))
     }
 
     public static func futimens(_ fd: Int32, _ times: (timespec, timespec)) throws {
-        var t = [times.0, times.1]
+        var t = try resolvingOmitted(fd, times)
         try check(Glibc.futimens(fd, &t))
+    }
+
+    /// Puts back a modification time the store's own header write changed. GlusterFS refuses any
+    /// setattr of a file whose last name is gone (ESTALE), and that must not fail the commit the
+    /// header write belonged to: backing times are unauthenticated, and an unlinked file's show
+    /// only through its open descriptors.
+    public static func restoreModificationTime(_ fd: Int32, _ time: timespec) throws {
+        do {
+            try futimens(fd, (omitTime, time))
+        } catch StoreError.system(ESTALE) {}
+    }
+
+    /// A time left alone (UTIME_OMIT) is passed as its current value instead: bindfs (1.14) takes
+    /// an omitted time to mean "now", which made every chmod look like a content change.
+    private static func resolvingOmitted(_ fd: Int32, _ times: (timespec, timespec)) throws -> [timespec] {
+        let omitted = { (t: timespec) in t.tv_nsec == omitTime.tv_nsec }
+        guard omitted(times.0) || omitted(times.1) else { return [times.0, times.1] }
+        let st = try fstat(fd)
+        return [omitted(times.0) ? st.st_atim : times.0, omitted(times.1) ? st.st_mtim : times.1]
     }
 
     public static func fallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) throws {

@@ -48,11 +48,37 @@ extension Volume {
     }
 
     /// Creates a non-directory object. The backing file is built unnamed (O_TMPFILE) and linked
-    /// in only when its header is complete, so no crash can leave a half-made entry behind.
+    /// in only when its header is complete, so no crash can leave a half-made entry behind. A
+    /// backing without O_TMPFILE (or without linkat of an open file) gets the same from a
+    /// reserved `.nf-` name renamed into place without replacing: a crash before the rename leaves
+    /// only a hidden leftover, never a named entry without its header.
     func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> (Node, FileDescriptor) {
-        let dirFD = try changingDirectoryFD(entry.dir)
-        defer { withExtendedLifetime(dirFD) {} }
-        let fd = try Sys.createUnnamed(in: dirFD.raw, mode: 0o600)
+        try changingNamespace {
+            let dirFD = try changingDirectoryFD(entry.dir)
+            return try withExtendedLifetime(dirFD) {
+                guard !capabilities.createsUnnamed else {
+                    let fd = try Sys.createUnnamed(in: dirFD.raw, mode: 0o600)
+                    return try buildFile(entry, contents: contents, fd: fd, dirFD: dirFD.raw) {
+                        try Sys.linkAt(fd: fd.raw, toDir: dirFD.raw, entry.name.backingName)
+                    }
+                }
+                let temporary = Leftovers.newFilePrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
+                let fd = try Sys.createEntry(dirFD.raw, temporary, mode: 0o600)
+                do {
+                    return try buildFile(entry, contents: contents, fd: fd, dirFD: dirFD.raw) {
+                        try Sys.renameNoReplace(dirFD.raw, temporary, dirFD.raw, entry.name.backingName, native: capabilities.has(.renameNoReplace))
+                    }
+                } catch {
+                    try? Sys.unlinkAt(dirFD.raw, temporary)
+                    throw error
+                }
+            }
+        }
+    }
+
+    /// Writes a new file's header (and contents), makes it durable, then names it with `enter`.
+    private func buildFile(_ entry: NewEntry, contents: [UInt8], fd: FileDescriptor, dirFD: Int32,
+                           enter: () throws -> Void) throws -> (Node, FileDescriptor) {
         var header = entry.header
         try slots.create(fd: fd.raw, header: &header, key: entry.key)
         if !contents.isEmpty {
@@ -64,7 +90,7 @@ extension Volume {
         // (every metadata file the store creates is synced before anything depends on it).
         try Sys.fdatasync(fd.raw)
         FaultPoints.reach(.createHeaderWritten)
-        try existsOnCollision { try Sys.linkAt(fd: fd.raw, toDir: dirFD.raw, entry.name.backingName) }
+        try existsOnCollision(enter)
         let st = try Sys.fstat(fd.raw)
         let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: fd.raw), headerIdentity: nil,
                           header: header, verified: true,
@@ -77,6 +103,10 @@ extension Volume {
     /// place without replacing anything: a power loss never leaves a directory without a header
     /// (the failure that made whole gocryptfs volumes unreadable, its issue #1033).
     func createDirectory(_ entry: NewEntry) throws -> Node {
+        try changingNamespace { try createDirectoryLocked(entry) }
+    }
+
+    private func createDirectoryLocked(_ entry: NewEntry) throws -> Node {
         let temporary = Array(".mk-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
         let parentFD = try changingDirectoryFD(entry.dir)
         defer { withExtendedLifetime(parentFD) {} }
@@ -92,7 +122,8 @@ extension Volume {
                 try Sys.fsync(headerFD.raw)
             }
             try existsOnCollision {
-                try Sys.renameAt(parentFD.raw, temporary, parentFD.raw, entry.name.backingName, flags: Sys.renameNoReplace)
+                try Sys.renameNoReplace(parentFD.raw, temporary, parentFD.raw, entry.name.backingName,
+                                        native: capabilities.has(.renameNoReplace))
             }
             let st = try Sys.fstat(dirFD.raw)
             let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: dirFD.raw),
@@ -168,6 +199,11 @@ extension Volume {
     /// Gives an object another name. The new name is added to the header's bindings (durably)
     /// before the backing link exists, so the new entry always authenticates.
     public func link(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws -> (UInt64, Attributes) {
+        try changingNamespace { try linkLocked(id, newParent: newParent, newName: newName) }
+    }
+
+    private func linkLocked(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws -> (UInt64, Attributes) {
+        guard capabilities.has(.hardLinks) else { throw StoreError.notPermitted }
         let object = try node(id)
         guard !object.isDirectory else { throw StoreError.notPermitted }
         let dir = try node(newParent)
@@ -204,6 +240,13 @@ extension Volume {
         guard sameTree || carriesNoContents else {
             throw StoreError.crossPolicy
         }
+    }
+
+    /// Runs a namespace change alone when a fallback in use checks a name before renaming or
+    /// renames in several steps (`BackingCapabilities.needsNamespaceLock`); otherwise directly.
+    func changingNamespace<T>(_ body: () throws -> T) throws -> T {
+        guard capabilities.needsNamespaceLock else { return try body() }
+        return try namespaceLock.withLock { _ in try body() }
     }
 
     /// Maps the backing EEXIST of a name collision to `StoreError.exists`.
@@ -267,7 +310,7 @@ extension Volume {
             }
             state.header = header
             if let before {
-                try Sys.futimens(headerFD.raw, (Sys.omitTime, before.st_mtim))
+                try Sys.restoreModificationTime(headerFD.raw, before.st_mtim)
             }
         }
     }

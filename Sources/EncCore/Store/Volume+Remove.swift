@@ -8,6 +8,10 @@ import Glibc
 extension Volume {
     /// Removes a name. Works in the locked view too (fscrypt allows unlink without the key).
     public func unlink(parent: UInt64, name: [UInt8]) throws {
+        try changingNamespace { try unlinkLocked(parent: parent, name: name) }
+    }
+
+    private func unlinkLocked(parent: UInt64, name: [UInt8]) throws {
         let dir = try node(parent)
         let naming = try? key(for: dir, .names)
         let backing = try backingName(of: name, in: dir, naming: naming)
@@ -30,11 +34,13 @@ extension Volume {
     }
 
     public func rmdir(parent: UInt64, name: [UInt8]) throws {
-        let dir = try node(parent)
-        let backing = try backingName(of: name, in: dir, naming: try? key(for: dir, .names))
-        let st = try statEntry(in: dir, backing)
-        guard st.st_mode & S_IFMT == S_IFDIR else { throw StoreError.notDirectory }
-        try removeEmptyDirectory(in: dir, backingName: backing)
+        try changingNamespace {
+            let dir = try node(parent)
+            let backing = try backingName(of: name, in: dir, naming: try? key(for: dir, .names))
+            let st = try statEntry(in: dir, backing)
+            guard st.st_mode & S_IFMT == S_IFDIR else { throw StoreError.notDirectory }
+            try removeEmptyDirectory(in: dir, backingName: backing)
+        }
     }
 
     /// Takes an empty directory out of the namespace with one rename to a hidden trash name, then
@@ -51,7 +57,7 @@ extension Volume {
         case .foreign: throw Leftovers.foreign
         }
         let trash = Leftovers.rmdirPrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
-        try Sys.renameAt(dirFD.raw, backingName, dirFD.raw, trash, flags: Sys.renameNoReplace)
+        try Sys.renameNoReplace(dirFD.raw, backingName, dirFD.raw, trash, native: capabilities.has(.renameNoReplace))
         forgetLocation(Location(parent: dir, name: backingName), inode: UInt64(st.st_ino))
         try Leftovers.remove(target, named: trash, in: dirFD.raw)
     }

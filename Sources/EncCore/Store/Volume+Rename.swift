@@ -13,6 +13,10 @@ extension Volume {
     /// A crash anywhere leaves the object under exactly one of its two names, and that name is
     /// bound: the old name until the rename, the new one after.
     public func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], mode: RenameMode) throws {
+        try changingNamespace { try renameLocked(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode) }
+    }
+
+    private func renameLocked(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], mode: RenameMode) throws {
         let fromDir = try node(parent)
         let toDir = try node(newParent)
         let fromNaming = try key(for: fromDir, .newNames), toNaming = try key(for: toDir, .newNames)
@@ -66,12 +70,20 @@ extension Volume {
         if let target { try addBinding(oldBinding, to: target) }
         FaultPoints.reach(.renameBindingAdded)
         do {
-            let flags: UInt32 = switch mode {
-            case .replace: 0
-            case .noReplace: Sys.renameNoReplace
-            case .exchange: Sys.renameExchange
+            switch mode {
+            case .replace:
+                try Sys.renameAt(fromFD.raw, fromName.backingName, toFD.raw, toName.backingName)
+            case .noReplace:
+                try Sys.renameNoReplace(fromFD.raw, fromName.backingName, toFD.raw, toName.backingName,
+                                        native: capabilities.has(.renameNoReplace))
+            case .exchange where capabilities.has(.renameExchange):
+                try Sys.renameAt(fromFD.raw, fromName.backingName, toFD.raw, toName.backingName, flags: Sys.renameExchange)
+            case .exchange:
+                let record = ExchangeRecord(firstDirectory: try backingPath(of: fromDir), first: fromName.backingName,
+                                            secondDirectory: try backingPath(of: toDir), second: toName.backingName,
+                                            temporary: ExchangeRecord.newTemporaryName())
+                try record.perform(journalFD: journalFD.raw, firstFD: fromFD.raw, secondFD: toFD.raw)
             }
-            try Sys.renameAt(fromFD.raw, fromName.backingName, toFD.raw, toName.backingName, flags: flags)
         } catch {
             try? removeBinding(newBinding.digest, from: source)
             if let target { try? removeBinding(oldBinding.digest, from: target) }
@@ -89,5 +101,19 @@ extension Volume {
         source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         bindingWentStale(oldBinding.digest, of: source)
         if let target { bindingWentStale(newBinding.digest, of: target) }
+    }
+
+    /// Backing names from the store root down to the directory `dir`, for a record that must
+    /// find it again after a crash. A directory has one location (no hard links to directories).
+    func backingPath(of dir: Node) throws -> [[UInt8]] {
+        var components: [[UInt8]] = []
+        var current = dir
+        for _ in 0..<4096 {
+            if current.id == Self.rootID { return components.reversed() }
+            guard let location = current.state.withLock({ $0.locations.first }) else { throw StoreError.notFound }
+            components.append(location.name)
+            current = location.parent
+        }
+        throw StoreError.integrity("a directory lies more than 4096 levels deep")
     }
 }

@@ -12,7 +12,8 @@ extension Volume {
 
     /// The object, its key, its ID, and the key of xattrs a rekey has not moved yet (if any).
     private func xattrNode(_ id: UInt64, name: [UInt8]) throws -> (Node, MasterKey, [UInt8], MasterKey?) {
-        guard name.starts(with: Array("user.".utf8)) else { throw StoreError.notSupported }
+        // A backing without user xattrs has nowhere to keep them (a side object is issue 12's).
+        guard name.starts(with: Array("user.".utf8)), capabilities.has(.userXattrs) else { throw StoreError.notSupported }
         guard name.count <= Self.maximumXattrName else { throw StoreError.nameTooLong }
         let node = try node(id)
         let grant = try key(for: node, .newContents)
@@ -83,7 +84,7 @@ extension Volume {
 
     public func listxattr(_ id: UInt64) throws -> [[UInt8]] {
         let node = try node(id)
-        guard let grant = try? key(for: node, .newContents) else { return [] }
+        guard capabilities.has(.userXattrs), let grant = try? key(for: node, .newContents) else { return [] }
         let header = grant.header
         let candidates = [grant.key] + (header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }.map { [$0] } ?? [])
         let fd = try xattrFD(node)

@@ -40,6 +40,11 @@ public final class Volume: Sendable {
     let rootPlace: Sys.Place
     /// Trees being moved to another key (Volume+Rekey.swift).
     public let rekeys: RekeyRegistry
+    /// What the backing filesystem can do; each missing capability selects its fallback.
+    public let capabilities: BackingCapabilities
+    /// Held across every namespace change when a fallback needs them to run one at a time
+    /// (`BackingCapabilities.needsNamespaceLock`); taken before any node or table lock.
+    let namespaceLock = Mutex<Void>(())
     /// This mount's epoch and the evidence damaged header slots are judged by.
     let slots: HeaderSlots
     /// The store directory, for the epoch record.
@@ -48,9 +53,11 @@ public final class Volume: Sendable {
     /// `syncfs` reports writeback errors only since the descriptor it is given was opened.
     let syncFD: FileDescriptor
 
+    /// Opens the store. `capabilities` are probed when not given (a caller that probed already,
+    /// or that wants the fallbacks of a backing it does not have, passes them).
     /// - Parameter openingEpoch: open this mount's epoch now. A daemon passes false and calls
     ///   `openEpoch()` once nothing can refuse the mount any more.
-    public init(storePath: String, keys: KeyTable, openingEpoch: Bool = true) throws {
+    public init(storePath: String, keys: KeyTable, capabilities: BackingCapabilities? = nil, openingEpoch: Bool = true) throws {
         self.storePath = storePath
         self.keys = keys
         let fd = try Sys.openStoreRoot(storePath)
@@ -79,6 +86,10 @@ public final class Volume: Sendable {
         }
         // Everything above only reads: a store refused there is left as it was.
         journalFD = try Self.openJournal(storeFD: fd.raw)
+        self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.raw)
+        // An exchange done as three renames and interrupted completes before anything looks up
+        // either name (on any backing: the store may have moved here from one without exchange).
+        try ExchangeRecord.recoverAll(journalFD: journalFD.raw, storeFD: fd.raw)
         syncFD = try Sys.listingDescriptor(fd.raw)
         slots = HeaderSlots(epoch: 0, evidence: evidence, storeVersion: UInt16(config.version))
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,

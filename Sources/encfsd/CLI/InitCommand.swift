@@ -54,6 +54,12 @@ struct InitCommand: ParsableCommand {
         } catch StoreError.system(let code) {
             throw CLIError("\(store): \(String(cString: strerror(code)))")
         }
+        // Probed here too, so a backing encfsd cannot use is named before any mount is tried.
+        let capabilities: BackingCapabilities
+        do { capabilities = try BackingCapabilities.probe(storePath: store) } catch { throw CLIError("\(store): cannot probe the backing filesystem: \(error)") }
+        if let refusal = capabilities.refusal { throw CLIError("\(store) was created, but cannot be mounted: \(refusal)") }
+        print(capabilities.summary)
+        if let warning = capabilities.lockWarning { print("warning: \(warning)") }
         print("Created store \(store) with root policy \(key.identifier.hex)")
     }
 }

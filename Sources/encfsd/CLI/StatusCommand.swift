@@ -11,7 +11,7 @@ import Glibc
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status",
-        abstract: "Show every encfsd mount (or one): its daemon, policies and key states, open files and buffers.",
+        abstract: "Show every encfsd mount (or one): its daemon, policies and key states, open files and buffers, and its backing's capabilities.",
         discussion: """
             Mounts come from /proc/self/mountinfo; each daemon is asked through the control ioctl on its \
             mountpoint, so key states are as you see them (your own claim shows as added_by_self). A mount \
@@ -42,6 +42,7 @@ struct StatusCommand: ParsableCommand {
         var journalEntries: UInt64?
         var journalBytes: UInt64?
         var policies: [Policy]?
+        var backing: BackingReport?
     }
 
     func run() throws {
@@ -91,6 +92,7 @@ struct StatusCommand: ParsableCommand {
                           key: KeyState.name(policy.status), userCount: policy.userCount,
                           addedBySelf: policy.statusFlags & FscryptIoctl.KeyStatusArgument.addedBySelf != 0)
         }
+        report.backing = status.capabilities.map(BackingReport.init)
         return report
     }
 
@@ -112,6 +114,7 @@ struct StatusCommand: ParsableCommand {
             let state = KeyState.text(p.key, userCount: p.userCount, addedBySelf: p.addedBySelf)
             lines.append("    \(p.identifier)  \(state)\(p.root ? "  (root)" : "")")
         }
+        if let backing = r.backing { lines += ["  backing:"] + backing.lines.map { "    " + $0 } }
         return lines.joined(separator: "\n")
     }
 }
@@ -138,7 +141,7 @@ enum KeyState {
 struct InfoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "info",
-        abstract: "Describe a store from its configuration, without its key: format, extent size, root policy, objects.")
+        abstract: "Describe a store from its configuration, without its key: format, extent size, root policy, objects, and what its backing filesystem can do (probed).")
 
     @Argument(help: "The store directory.") var store: String
     @Flag(help: "Print JSON instead of text.") var json = false
@@ -158,6 +161,8 @@ struct InfoCommand: ParsableCommand {
         var rootPolicy: String
         var passphrases: [Passphrase]
         var objects: Int
+        var backing: BackingReport?
+        var backingError: String?
     }
 
     func run() throws {
@@ -169,10 +174,12 @@ struct InfoCommand: ParsableCommand {
             } catch {
                 throw CLIError("\(error)")
             }
-            let report = Report(store: path, formatVersion: config.version, features: config.features, extentSize: config.extentSize,
+            var report = Report(store: path, formatVersion: config.version, features: config.features, extentSize: config.extentSize,
                                 rootPolicy: config.rootPolicy,
                                 passphrases: (config.passphrases ?? []).map { .init(identifier: $0.identifier, n: $0.n, r: $0.r, p: $0.p) },
                                 objects: Self.countObjects(path))
+            // A probe writes a scratch directory into the store (and removes it), harmless beside a mount.
+            do { report.backing = BackingReport(try BackingCapabilities.probe(storePath: path)) } catch { report.backingError = "\(error)" }
             if json {
                 print(try Output.json(report))
                 return
@@ -185,7 +192,10 @@ struct InfoCommand: ParsableCommand {
                 root policy:    \(report.rootPolicy)
                 passphrases:    \(report.passphrases.isEmpty ? "none" : report.passphrases.map { "\($0.identifier) (scrypt N=\($0.n) r=\($0.r) p=\($0.p))" }.joined(separator: ", "))
                 objects:        \(report.objects)
+                backing:
                 """)
+            if let error = report.backingError { print("  cannot probe: \(error)") }
+            for line in report.backing?.lines ?? [] { print("  " + line) }
         }
     }
 
@@ -205,6 +215,24 @@ struct InfoCommand: ParsableCommand {
             }
         }
         return inodes.count + 1
+    }
+}
+
+/// What a probe of the backing found, as `info` and `status` show it.
+struct BackingReport: Codable {
+    var filesystemType: String
+    var lockScope: String
+    var native: [String]
+    var fallbacks: [String: String]
+    var lines: [String]
+
+    init(_ c: BackingCapabilities) {
+        filesystemType = c.filesystemType
+        lockScope = c.lockScope.rawValue
+        native = BackingCapabilities.Capability.allCases.filter(c.has).map(\.rawValue)
+        fallbacks = Dictionary(uniqueKeysWithValues: BackingCapabilities.Capability.allCases.filter { !c.has($0) }.map { ($0.rawValue, $0.fallback) })
+        lines = c.lines
+        if let warning = c.lockWarning { lines.append("warning: " + warning) }
     }
 }
 

@@ -113,6 +113,7 @@ struct ControlHandler: Sendable {
         reply.bufferedBytes = UInt64(activity.bufferedBytes)
         reply.journalEntries = UInt64(activity.journalEntries)
         reply.journalBytes = UInt64(activity.journalBytes)
+        reply.report(volume.capabilities)
         let root = volume.config.rootIdentifier
         let others = volume.knownPolicies().union(volume.keys.identifiers()).subtracting([root]).sorted { $0.hex < $1.hex }
         reply.policies = ([root] + others).map { identifier in

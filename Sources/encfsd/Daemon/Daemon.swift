@@ -49,6 +49,9 @@ struct Daemon {
         }
         table.withLock { $0 = keys }
         let volume = try Volume(storePath: storePath, keys: keys, openingEpoch: false)
+        if let refusal = volume.capabilities.refusal { throw CLIError("cannot mount \(storePath): \(refusal)") }
+        if let warning = volume.capabilities.lockWarning { Log.warning(warning) }
+        Log.notice(volume.capabilities.summary)
         invalidator.attach(volume: volume)
         let keyService = KeyService(keys: keys, invalidator: invalidator)
         try Self.unlock(keys, withKeyFiles: keyFiles)
