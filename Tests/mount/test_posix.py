@@ -628,3 +628,23 @@ def test_utimens_atime_survives_remount(volume):
     assert os.stat(volume.mnt / "future").st_atime_ns == future
     assert os.stat(volume.mnt / "past").st_atime_ns == past
     assert os.stat(volume.mnt / "dir").st_atime_ns == past
+
+
+def test_locked_view_lists_objects_with_acls_and_labels(public_volume):
+    """Without the key, the kernel's ACL fetch before a permission check and ls's security.*
+    probes must read as absent, not fail: the locked view stays listable, by root and by others."""
+    v = public_volume.mount(options="allow_other")
+    os.chmod(v.mnt, 0o755)
+    d = v.mnt / "d"
+    d.mkdir(mode=0o755)
+    (d / "f").write_text("x")
+    setfacl("-m", "u:1000:r", d / "f")
+    setfacl("-d", "-m", "u:1000:rx", d)
+    os.setxattr(d / "f", "security.test", b"label")
+    v.unmount()
+    v.mount(unlock=False, options="allow_other")
+    r = subprocess.run(["ls", "-lR", str(v.mnt)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    (locked_dir,) = [p for p in v.mnt.iterdir()]
+    r = as_nobody("ls", "-l", locked_dir)
+    assert r.returncode == 0 and r.stderr == "", r.stderr

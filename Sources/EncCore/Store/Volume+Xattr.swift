@@ -13,8 +13,9 @@ import Glibc
 extension Volume {
     static let maximumXattrName = 255
     static let maximumXattrValue = 65536
+    static let userPrefix = Array("user.".utf8)
     static let trustedPrefix = Array("trusted.".utf8)
-    private static let storedPrefixes = [Array("user.".utf8), trustedPrefix, Array("security.".utf8)]
+    private static let storedPrefixes = [userPrefix, trustedPrefix, Array("security.".utf8)]
 
     static func isStoredXattrName(_ name: [UInt8]) -> Bool {
         name == PosixACL.accessName || name == PosixACL.defaultName
@@ -130,8 +131,16 @@ extension Volume {
     }
 
     public func getxattr(_ id: UInt64, name: [UInt8]) throws -> [UInt8] {
-        let (node, key, objectID) = try xattrNode(id, name: name)
-        return try readXattr(node, name, key: key, objectID: objectID)
+        let found: (Node, MasterKey, [UInt8])
+        do {
+            found = try xattrNode(id, name: name)
+        } catch StoreError.noKey where !name.starts(with: Self.userPrefix) {
+            // Locked view: the kernel asks for the ACL before a permission check and ls for
+            // security.* on every entry; any answer but ENODATA would fail the check or the
+            // listing, so without the key these read as absent (the mode alone then decides).
+            throw StoreError.system(ENODATA)
+        }
+        return try readXattr(found.0, name, key: found.1, objectID: found.2)
     }
 
     private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8] {
