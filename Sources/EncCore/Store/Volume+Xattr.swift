@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -26,7 +29,7 @@ extension Volume {
         guard Self.isStoredXattrName(name) else { throw StoreError.notSupported }
         guard name.count <= Self.maximumXattrName else { throw StoreError.nameTooLong }
         let node = try node(id)
-        let key = try objectKey(node)
+        let key = try key(for: node, .newContents).key
         let objectID = node.state.withLock { $0.header.objectID }
         return (node, key, objectID)
     }
@@ -113,7 +116,7 @@ extension Volume {
         } else {
             try storeXattr(node, PosixACL.accessName, value, key: key, objectID: objectID, mode: mode)
         }
-        try mutateHeader(node, key: try headerKey(node), sync: false) { header in
+        try mutateHeader(node, key: try self.key(for: node, .header).key, sync: false) { header in
             header.mode = header.mode & ~0o777 | acl.permissionBits
         }
     }
@@ -157,7 +160,7 @@ extension Volume {
     /// as ext4 lists them.
     public func listxattr(_ id: UInt64, includeTrusted: Bool) throws -> [[UInt8]] {
         let node = try node(id)
-        guard let key = try? objectKey(node) else { return [] }
+        guard let key = try? key(for: node, .newContents).key else { return [] }
         if node.state.withLock({ $0.backingXattrs?.isEmpty }) == true { return [] }
         let objectID = node.state.withLock { $0.header.objectID }
         let fd = try xattrFD(node)
@@ -190,7 +193,7 @@ extension Volume {
 
     /// After a chmod: the access ACL's class entries follow the new mode (`posix_acl_chmod`).
     func followModeInAccessACL(_ node: Node, mode: UInt32) throws {
-        guard node.type != .symlink, let key = try? objectKey(node) else { return }
+        guard node.type != .symlink, let key = try? self.key(for: node, .newContents).key else { return }
         let objectID = node.state.withLock { $0.header.objectID }
         guard try xattrPresent(node, PosixACL.accessName, key: key, objectID: objectID),
               let acl = PosixACL(xattr: try readXattr(node, PosixACL.accessName, key: key, objectID: objectID)) else { return }
@@ -203,7 +206,7 @@ extension Volume {
     func inheritedPermissions(from dir: Node, type: ObjectType, mode: UInt32, umask: UInt32) throws
         -> (mode: UInt32, xattrs: [(name: [UInt8], value: [UInt8])]) {
         guard type != .symlink else { return (mode, []) }
-        let key = try objectKey(dir)
+        let key = try self.key(for: dir, .newContents).key
         let objectID = dir.state.withLock { $0.header.objectID }
         guard try xattrPresent(dir, PosixACL.defaultName, key: key, objectID: objectID),
               let inheritable = PosixACL(xattr: try readXattr(dir, PosixACL.defaultName, key: key, objectID: objectID)) else {
