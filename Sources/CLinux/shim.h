@@ -15,6 +15,7 @@ static const unsigned int encfsd_RENAME_EXCHANGE = 2;
 static const unsigned int encfsd_RENAME_WHITEOUT = 4;
 static const int encfsd_O_TMPFILE = 020000000 | 0200000;
 static const int encfsd_O_PATH = 010000000;
+static const int encfsd_O_NOATIME = 01000000;
 
 static inline int encfsd_renameat2(int olddirfd, const char *oldpath, int newdirfd, const char *newpath,
                                    unsigned int flags) {

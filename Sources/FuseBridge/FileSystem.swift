@@ -11,7 +11,7 @@ public protocol FileSystem: Sendable {
     func unlink(parent: UInt64, name: [UInt8]) throws
     func rmdir(parent: UInt64, name: [UInt8]) throws
     func symlink(target: [UInt8], parent: UInt64, name: [UInt8], context: RequestContext) throws -> Entry
-    func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32) throws
+    func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32, context: RequestContext) throws
     func link(_ node: UInt64, newParent: UInt64, newName: [UInt8]) throws -> Entry
     func open(_ node: UInt64, flags: Int32) throws -> OpenReply
     func create(parent: UInt64, name: [UInt8], mode: UInt32, flags: Int32, context: RequestContext) throws -> (Entry, OpenReply)
@@ -34,7 +34,7 @@ public protocol FileSystem: Sendable {
     func statfs(_ node: UInt64) throws -> VolumeStatistics
     func setxattr(_ node: UInt64, name: [UInt8], value: [UInt8], flags: Int32) throws
     func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8]
-    func listxattr(_ node: UInt64) throws -> [[UInt8]]
+    func listxattr(_ node: UInt64, context: RequestContext) throws -> [[UInt8]]
     func removexattr(_ node: UInt64, name: [UInt8]) throws
     /// A restricted ioctl: `input` holds `_IOC_SIZE(command)` bytes for write ioctls, and the
     /// reply must be at most `outputSize` bytes.

@@ -265,6 +265,12 @@ private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutableP
     if options.writebackCache && conn.pointee.capable & UInt32(FUSE_CAP_WRITEBACK_CACHE) != 0 {
         conn.pointee.want |= UInt32(FUSE_CAP_WRITEBACK_CACHE)
     }
+    // POSIX ACLs: the kernel caches and enforces them (and turns default_permissions on); the
+    // store keeps them in step with the mode and gives new objects their directory's default
+    // ACL, so it must also see the umask unapplied (a default ACL replaces it).
+    if conn.pointee.capable & UInt32(FUSE_CAP_POSIX_ACL) != 0 && conn.pointee.capable & UInt32(FUSE_CAP_DONT_MASK) != 0 {
+        conn.pointee.want |= UInt32(FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK)
+    }
     // Locks stay in the kernel (local semantics, as ext4 gives on one host): no lock ops here.
     conn.pointee.want &= ~UInt32(FUSE_CAP_POSIX_LOCKS | FUSE_CAP_FLOCK_LOCKS)
 }
@@ -361,7 +367,8 @@ private func opSymlink(_ req: fuse_req_t?, _ link: UnsafePointer<CChar>?, _ pare
 private func opRename(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ newParent: fuse_ino_t,
                       _ newName: UnsafePointer<CChar>?, _ flags: UInt32) {
     answer(req) { ctx in
-        try ctx.fileSystem.rename(parent: parent, name: bytes(name), newParent: newParent, newName: bytes(newName), flags: flags)
+        try ctx.fileSystem.rename(parent: parent, name: bytes(name), newParent: newParent, newName: bytes(newName), flags: flags,
+                                 context: requestContext(req))
         fuse_reply_err(req, 0)
     }
 }
@@ -582,7 +589,7 @@ private func opGetxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePoi
 
 private func opListxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int) {
     answer(req) { ctx in
-        let names = try ctx.fileSystem.listxattr(ino)
+        let names = try ctx.fileSystem.listxattr(ino, context: requestContext(req))
         replySized(req, names.flatMap { $0 + [0] }, size)
     }
 }

@@ -30,9 +30,13 @@ public struct Attributes: Sendable, Equatable {
 public struct Caller: Sendable {
     public var uid: UInt32
     public var gid: UInt32
-    public init(uid: UInt32, gid: UInt32) {
+    /// The creating process's umask, applied by the store (the kernel leaves it unapplied so a
+    /// directory's default ACL can take its place).
+    public var umask: UInt32
+    public init(uid: UInt32, gid: UInt32, umask: UInt32 = 0) {
         self.uid = uid
         self.gid = gid
+        self.umask = umask
     }
 }
 
@@ -46,6 +50,10 @@ public struct AttributeChanges: Sendable {
     public var accessTime: TimeChange?
     public var modificationTime: TimeChange?
     public init() {}
+
+    var isEmpty: Bool {
+        mode == nil && uid == nil && gid == nil && size == nil && accessTime == nil && modificationTime == nil
+    }
 }
 
 /// One directory entry as listed.

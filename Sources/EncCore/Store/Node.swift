@@ -23,6 +23,10 @@ struct NodeState {
     /// Directory entries the kernel may have cached for this object, so they can be invalidated
     /// when a key comes or goes. Stale pairs are harmless: invalidating them is a no-op.
     var dentries: Set<Dentry> = []
+    /// The object's backing xattr names (`user.encfsd.*`) once listed or known from its
+    /// creation; nil until then. Lets a probe for an attribute the object lacks answer ENODATA
+    /// without a backing call.
+    var backingXattrs: Set<String>?
 
     /// Most names remembered per object: enough to survive the unlink of some hard links; a node
     /// with more names finds the others again at their next lookup.

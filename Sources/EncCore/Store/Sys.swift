@@ -65,8 +65,17 @@ public enum Sys {
     }
 
     /// Re-opens an O_PATH descriptor with real access flags, as passthrough_hp does.
+    ///
+    /// O_NOATIME where the kernel allows it (the daemon owns the file, or has CAP_FOWNER): the
+    /// backing atime is the plaintext atime, and the daemon's own reads of headers and extents
+    /// must not move it (an atime set with utimens would read back as the last header read).
     public static func reopen(_ fd: Int32, flags: Int32) throws -> FileDescriptor {
-        try FileDescriptor(raw: retrying { Glibc.open("/proc/self/fd/\(fd)", flags | O_CLOEXEC | O_NOCTTY) })
+        let path = "/proc/self/fd/\(fd)"
+        do {
+            return try FileDescriptor(raw: retrying { Glibc.open(path, flags | encfsd_O_NOATIME | O_CLOEXEC | O_NOCTTY) })
+        } catch StoreError.system(EPERM) {
+            return try FileDescriptor(raw: retrying { Glibc.open(path, flags | O_CLOEXEC | O_NOCTTY) })
+        }
     }
 
     /// Reads until `buffer` is full or end of file; returns the bytes read.
@@ -201,6 +210,7 @@ public enum Sys {
 
     public static let renameNoReplace = encfsd_RENAME_NOREPLACE
     public static let renameExchange = encfsd_RENAME_EXCHANGE
+    public static let renameWhiteout = encfsd_RENAME_WHITEOUT
 
     public static func renameAt(_ fromDir: Int32, _ from: [UInt8], _ toDir: Int32, _ to: [UInt8], flags: UInt32 = 0) throws {
         try withCName(from) { f throws in
@@ -238,6 +248,12 @@ public enum Sys {
     public static func setTimes(_ fd: Int32, _ times: (timespec, timespec)) throws {
         var t = try resolvingOmitted(fd, times)
         try check(Glibc.utimensat(AT_FDCWD, "/proc/self/fd/\(fd)", &t, 0))
+    }
+
+    /// Moves only the ctime of the object behind `fd` (an O_PATH descriptor will do): a chown
+    /// to the owner it has.
+    public static func touchChangeTime(_ fd: Int32) throws {
+        try check(Glibc.fchownat(fd, "", uid_t.max, gid_t.max, 0x1000)) // AT_EMPTY_PATH
     }
 
     public static func futimens(_ fd: Int32, _ times: (timespec, timespec)) throws {

@@ -27,6 +27,12 @@ extension Volume {
                 if let uid = changes.uid { header.uid = uid }
                 if let gid = changes.gid { header.gid = gid }
             }
+            if let mode = changes.mode { try followModeInAccessACL(node, mode: mode) }
+        }
+        if changes.isEmpty {
+            // chown(path, -1, -1) and the like change nothing but ctime, as on ext4; a no-op
+            // chown of the backing object gives it exactly that.
+            try withObjectFD(node, .path) { try Sys.touchChangeTime($0) }
         }
         if changes.accessTime != nil || changes.modificationTime != nil {
             func spec(_ change: AttributeChanges.TimeChange?) -> timespec {

@@ -12,6 +12,9 @@ extension Volume {
         let key: MasterKey
         let name: EncryptedName
         let header: ObjectHeader
+        /// Attributes the object is born with (ACLs inherited from the directory), set on the
+        /// backing object before it is entered, so no crash leaves it named without them.
+        var xattrs: [(name: [UInt8], value: [UInt8])] = []
     }
 
     func prepare(parent: UInt64, name: [UInt8], type: ObjectType, mode: UInt32, rdev: UInt64 = 0,
@@ -21,9 +24,10 @@ extension Volume {
         let (key, dirHeader) = (directory.key, directory.header)
         // An existing entry still under a rekey's old name key is found, so the create collides.
         let encrypted = try resolveName(name, in: dir, key: key, header: dirHeader)
+        let (inheritedMode, xattrs) = try inheritedPermissions(from: dir, type: type, mode: mode & 0o7777, umask: caller.umask)
         // ext4 semantics: a set-group-ID directory passes its group on, and the bit to subdirectories.
         let inheritsGroup = dirHeader.mode & UInt32(S_ISGID) != 0
-        var permissions = mode & 0o7777
+        var permissions = inheritedMode
         if inheritsGroup && type == .directory { permissions |= UInt32(S_ISGID) }
         var header = ObjectHeader(
             type: type, mode: permissions, uid: caller.uid, gid: inheritsGroup ? dirHeader.gid : caller.gid,
@@ -32,7 +36,7 @@ extension Volume {
         header.rdev = rdev
         header.birthTime = Self.nowNanoseconds()
         header.bindings = [Self.binding(parentID: dirHeader.objectID, name: encrypted)]
-        return NewEntry(dir: dir, key: key, name: encrypted, header: header)
+        return NewEntry(dir: dir, key: key, name: encrypted, header: header, xattrs: xattrs)
     }
 
     /// The creation instant, on the clock the backing timestamps use (CLOCK_REALTIME).
@@ -86,16 +90,22 @@ extension Volume {
             try contents.withUnsafeBytes { try file.write(offset: 0, data: $0) }
             try file.commit(header: &header)
         }
+        let xattrs = try Self.attachXattrs(entry.xattrs, fd: fd.raw, objectID: header.objectID, key: entry.key)
         // Durable before it has a name: an entry that survives a power loss always has a header
-        // (every metadata file the store creates is synced before anything depends on it).
-        try Sys.fdatasync(fd.raw)
+        // (every metadata file the store creates is synced before anything depends on it), and
+        // the attributes it was born with (metadata, which only fsync covers).
+        try xattrs.isEmpty ? Sys.fdatasync(fd.raw) : Sys.fsync(fd.raw)
         FaultPoints.reach(.createHeaderWritten)
         try existsOnCollision(enter)
+        try Self.stampBirth(fd.raw)
         let st = try Sys.fstat(fd.raw)
         let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: fd.raw), headerIdentity: nil,
                           header: header, verified: true,
                           location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
-        node.state.withLock { if $0.header.sequence == header.sequence { $0.slotSafety.madeDurable(header.sequence) } }
+        node.state.withLock {
+            if $0.header.sequence == header.sequence { $0.slotSafety.madeDurable(header.sequence) }
+            $0.backingXattrs = xattrs
+        }
         return (node, fd)
     }
 
@@ -121,22 +131,42 @@ extension Volume {
                 try slots.create(fd: headerFD.raw, header: &header, key: entry.key)
                 try Sys.fsync(headerFD.raw)
             }
+            var xattrs: Set<String> = []
+            if !entry.xattrs.isEmpty {
+                let listing = try Sys.listingDescriptor(dirFD.raw)
+                try withExtendedLifetime(listing) {
+                    xattrs = try Self.attachXattrs(entry.xattrs, fd: listing.raw, objectID: entry.header.objectID, key: entry.key)
+                    try Sys.fsync(listing.raw)
+                }
+            }
             try existsOnCollision {
                 try Sys.renameNoReplace(parentFD.raw, temporary, parentFD.raw, entry.name.backingName,
                                         native: capabilities.has(.renameNoReplace))
             }
+            try Self.stampBirth(dirFD.raw)
             let st = try Sys.fstat(dirFD.raw)
             let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: dirFD.raw),
                               headerIdentity: Sys.identity(of: headerFD.raw), header: header, verified: true,
                               location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
             directories.insert(node.id, dirFD)
-            node.state.withLock { if $0.header.sequence == header.sequence { $0.slotSafety.madeDurable(header.sequence) } }
+            node.state.withLock {
+                if $0.header.sequence == header.sequence { $0.slotSafety.madeDurable(header.sequence) }
+                $0.backingXattrs = xattrs
+            }
             return node
         } catch {
             if let made { try? Sys.unlinkAt(made.raw, directoryHeaderName) }
             try? Sys.unlinkAt(parentFD.raw, temporary, directory: true)
             throw error
         }
+    }
+
+    /// Gives a new backing object one instant for its atime, mtime and ctime, taken after its
+    /// last change (the link or rename that entered it): the steps of a creation otherwise leave
+    /// them apart (a symlink's target written after its ctime was set, say), and a later object
+    /// could show an earlier mtime than one made before it. Works on O_PATH descriptors.
+    static func stampBirth(_ fd: Int32) throws {
+        try Sys.setTimes(fd, (Sys.nowTime, Sys.nowTime))
     }
 
     /// The reply for a new entry; the reference `insert` took becomes the kernel's lookup.

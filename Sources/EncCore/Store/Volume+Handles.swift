@@ -10,7 +10,9 @@ enum OpenHandle {
     /// An open file and the node's `ExtentFile`, which stays the node's from its first open to its
     /// last release: a write reaches it without taking the node lock to find it.
     case file(Node, ExtentFile)
-    case directory(Node, [DirectoryEntry])
+    /// A directory's entries as listed at opendir or at the last rewind; `served` once a read
+    /// has returned them, so a later read from offset 0 is a rewinddir and lists again.
+    case directory(Node, [DirectoryEntry], served: Bool)
 }
 
 struct HandleTable {
@@ -203,12 +205,21 @@ extension Volume {
         let dir = try node(id)
         guard dir.isDirectory else { throw StoreError.notDirectory }
         let entries = try list(dir)
-        return handles.withLock { $0.insert(.directory(dir, entries)) }
+        return handles.withLock { $0.insert(.directory(dir, entries, served: false)) }
     }
 
+    /// The entries from `offset`. POSIX wants entries made since opendir to show after
+    /// rewinddir, which reaches the daemon as a read from offset 0: that lists the directory
+    /// again (except the first read, which opendir's listing already answers).
     public func readDirectory(handle: UInt64, from offset: Int) throws -> ArraySlice<DirectoryEntry> {
-        guard case .directory(_, let entries)? = handles.withLock({ $0.byID[handle] }) else {
+        guard case .directory(let dir, var entries, let served)? = handles.withLock({ $0.byID[handle] }) else {
             throw StoreError.invalidArgument
+        }
+        if offset == 0 && served { entries = try list(dir) }
+        if offset == 0 {
+            handles.withLock { table in
+                if table.byID[handle] != nil { table.byID[handle] = .directory(dir, entries, served: true) }
+            }
         }
         return offset < entries.count ? entries[offset...] : []
     }

@@ -435,6 +435,8 @@ extension Volume {
             // Durable before `previousPolicy` is cleared, which ends the search under the old key.
             if moved { try Sys.fsync(fd.raw) }
         }
+        // The names changed behind the node's cache of backing xattr names: list them anew.
+        if moved { node.state.withLock { $0.backingXattrs = nil } }
     }
 
     // MARK: finishing

@@ -117,3 +117,22 @@ extension Volume {
         throw StoreError.integrity("a directory lies more than 4096 levels deep")
     }
 }
+
+extension Volume {
+    /// RENAME_WHITEOUT, for overlayfs upper and work directories: the rename, then a whiteout
+    /// (a character device 0/0, mode 0, the caller's) under the old name. Not one atomic step as
+    /// on ext4: the kernel holds both directories locked for the whole request, so no other
+    /// request sees the moment between, but a crash there leaves the rename without its
+    /// whiteout (overlayfs would show the lower entry again). Before the reply nothing was
+    /// acknowledged, so nothing acknowledged is lost.
+    public func renameLeavingWhiteout(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], mode: RenameMode,
+                                      caller: Caller) throws {
+        guard mode != .exchange else { throw StoreError.invalidArgument }
+        try rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
+        let whiteout = try prepare(parent: parent, name: name, type: .characterDevice, mode: 0, rdev: 0,
+                                   caller: Caller(uid: caller.uid, gid: caller.gid, umask: 0))
+        let (node, fd) = try createFile(whiteout)
+        withExtendedLifetime(fd) {}
+        release(node) // the kernel looks the whiteout up when it wants it
+    }
+}

@@ -5,15 +5,30 @@ import EncFormat
 import Glibc
 #endif
 
-/// User extended attributes, stored as backing xattrs encoded by `XattrCodec`.
+/// Extended attributes of every namespace the kernel hands a filesystem (user, trusted,
+/// security, and the two POSIX ACL names of system), stored as backing xattrs encoded by
+/// `XattrCodec`. The namespace is part of the sealed name, so all of them live under the same
+/// `user.encfsd.` backing names: the backing needs no privilege and learns no namespace.
+///
+/// Who may read or change which namespace is the kernel's decision before a request arrives
+/// (trusted.* needs CAP_SYS_ADMIN, security.* writes need CAP_SYS_ADMIN or CAP_SETFCAP, ACLs the
+/// owner); only the listing, which the kernel passes through unfiltered, is filtered here.
 extension Volume {
     static let maximumXattrName = 255
     static let maximumXattrValue = 65536
+    static let userPrefix = Array("user.".utf8)
+    static let trustedPrefix = Array("trusted.".utf8)
+    private static let storedPrefixes = [userPrefix, trustedPrefix, Array("security.".utf8)]
 
-    /// The object, its key, its ID, and the key of xattrs a rekey has not moved yet (if any).
+    static func isStoredXattrName(_ name: [UInt8]) -> Bool {
+        name == PosixACL.accessName || name == PosixACL.defaultName
+            || storedPrefixes.contains { name.count > $0.count && name.starts(with: $0) }
+    }
+
+    /// The object, its key, its ID, and the key of attributes a rekey has not moved yet (if any).
     private func xattrNode(_ id: UInt64, name: [UInt8]) throws -> (Node, MasterKey, [UInt8], MasterKey?) {
-        // A backing without user xattrs has nowhere to keep them (a side object is issue 12's).
-        guard name.starts(with: Array("user.".utf8)), capabilities.has(.userXattrs) else { throw StoreError.notSupported }
+        // A backing without user xattrs has nowhere to keep them (BackingCapabilities).
+        guard Self.isStoredXattrName(name), capabilities.has(.userXattrs) else { throw StoreError.notSupported }
         guard name.count <= Self.maximumXattrName else { throw StoreError.nameTooLong }
         let node = try node(id)
         let grant = try key(for: node, .newContents)
@@ -33,87 +48,217 @@ extension Volume {
         return try objectDescriptor(node, state, .readOnly)
     }
 
+    /// The backing name and sealed value of one attribute, within the value limit.
+    static func sealedXattr(_ name: [UInt8], _ value: [UInt8], objectID: [UInt8], key: MasterKey) throws -> (String, [UInt8]) {
+        let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
+        let sealed = try XattrCodec.seal(name: name, value: value, objectID: objectID, backingName: backing, key: key)
+        // The backing filesystem's value limit applies to the sealed form (17 + name bytes more).
+        guard sealed.count <= maximumXattrValue else { throw StoreError.system(E2BIG) }
+        return (backing, sealed)
+    }
+
+    /// Whether the object may hold the backing attribute `backing`, answered from the node's
+    /// cached list of backing names (one flistxattr per node, kept current by every change made
+    /// here) so the kernel's probes (security.capability before every write, the ACL before the
+    /// first permission check) cost no backing call on objects without attributes.
+    private func mayHold(_ node: Node, _ backing: String) throws -> Bool {
+        if let known = node.state.withLock({ $0.backingXattrs }) { return known.contains(backing) }
+        let fd = try xattrFD(node)
+        let names = try withExtendedLifetime(fd) { try Sys.flistxattr(fd.raw) }.filter { $0.hasPrefix(XattrCodec.backingPrefix) }
+        let known = Set(names)
+        node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = known } }
+        return known.contains(backing)
+    }
+
+    /// Runs a change of the backing attribute `backing` and records its result in the cache,
+    /// under the node's lock so a concurrent first listing cannot record a state from before it.
+    private func changeBacking(_ node: Node, _ backing: String, present: Bool, _ body: (Int32) throws -> Void) throws {
+        let fd = try xattrFD(node)
+        try withExtendedLifetime(fd) {
+            try node.state.withLock { state in
+                try body(fd.raw)
+                if present { state.backingXattrs?.insert(backing) } else { state.backingXattrs?.remove(backing) }
+            }
+        }
+    }
+
     public enum XattrMode: Sendable { case any, create, replace }
 
     public func setxattr(_ id: UInt64, name: [UInt8], value: [UInt8], mode: XattrMode) throws {
         if let node = try? node(id) { try convertForRekey(node) }
         let (node, key, objectID, previousKey) = try xattrNode(id, name: name)
+        if name == PosixACL.accessName {
+            try setAccessACL(node, value, key: key, objectID: objectID, mode: mode, previousKey: previousKey)
+            return
+        }
+        try storeXattr(node, name, value, key: key, objectID: objectID, mode: mode, previousKey: previousKey)
+    }
+
+    private func storeXattr(_ node: Node, _ name: [UInt8], _ value: [UInt8], key: MasterKey, objectID: [UInt8],
+                            mode: XattrMode, previousKey: MasterKey? = nil) throws {
+        let (backing, sealed) = try Self.sealedXattr(name, value, objectID: objectID, key: key)
+        var flags: Int32 = switch mode {
+        case .any: 0
+        case .create: 1 // XATTR_CREATE
+        case .replace: 2 // XATTR_REPLACE
+        }
+        // During a rekey the attribute may still exist under the old key's backing name: it
+        // counts for XATTR_CREATE and XATTR_REPLACE, and goes once the new one is written.
+        let legacy = previousKey.map { XattrCodec.backingName(name, objectID: objectID, key: $0) }
+        let legacyExists = try legacy.map { try mayHold(node, $0) } ?? false
+        if legacyExists {
+            if mode == .create { throw StoreError.system(EEXIST) }
+            flags = 0
+        }
+        try changeBacking(node, backing, present: true) { try Sys.fsetxattr($0, backing, sealed, flags: flags) }
+        if legacyExists, let legacy {
+            try changeBacking(node, legacy, present: false) { fd in
+                do { try Sys.fremovexattr(fd, legacy) } catch StoreError.system(ENODATA) {}
+            }
+        }
+    }
+
+    /// The kernel leaves keeping mode and access ACL in step to the filesystem: the ACL's owner,
+    /// mask (or group) and other entries become the mode's permission bits, and an ACL the mode
+    /// says in full is not stored at all (as ext4 does), so listings show only real ACLs.
+    private func setAccessACL(_ node: Node, _ value: [UInt8], key: MasterKey, objectID: [UInt8], mode: XattrMode,
+                              previousKey: MasterKey?) throws {
+        guard let acl = PosixACL(xattr: value) else { throw StoreError.invalidArgument }
+        if acl.isEquivalentToMode {
+            if mode == .replace, !(try xattrPresent(node, PosixACL.accessName, key: key, objectID: objectID)) {
+                throw StoreError.system(ENODATA)
+            }
+            try dropXattr(node, PosixACL.accessName, key: key, objectID: objectID)
+        } else {
+            try storeXattr(node, PosixACL.accessName, value, key: key, objectID: objectID, mode: mode, previousKey: previousKey)
+        }
+        try mutateHeader(node, key: try self.key(for: node, .header).key, sync: false) { header in
+            header.mode = header.mode & ~0o777 | acl.permissionBits
+        }
+    }
+
+    private func xattrPresent(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> Bool {
+        try mayHold(node, XattrCodec.backingName(name, objectID: objectID, key: key))
+    }
+
+    private func dropXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws {
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
-        let sealed = try XattrCodec.seal(name: name, value: value, objectID: objectID, backingName: backing, key: key)
-        // The backing filesystem's value limit applies to the sealed form (17 + name bytes more).
-        guard sealed.count <= Self.maximumXattrValue else { throw StoreError.system(E2BIG) }
-        let fd = try xattrFD(node)
-        try withExtendedLifetime(fd) {
-            // During a rekey the attribute may still exist under the old key's backing name: it
-            // counts for XATTR_CREATE and XATTR_REPLACE, and goes once the new one is written.
-            let legacy = previousKey.map { XattrCodec.backingName(name, objectID: objectID, key: $0) }
-            let legacyExists = legacy.map { (try? Sys.fgetxattr(fd.raw, $0)) != nil } ?? false
-            var flags: Int32 = switch mode {
-            case .any: 0
-            case .create: 1 // XATTR_CREATE
-            case .replace: 2 // XATTR_REPLACE
-            }
-            if legacyExists {
-                if mode == .create { throw StoreError.system(EEXIST) }
-                flags = 0
-            }
-            try Sys.fsetxattr(fd.raw, backing, sealed, flags: flags)
-            if legacyExists, let legacy { try? Sys.fremovexattr(fd.raw, legacy) }
+        guard try mayHold(node, backing) else { return }
+        try changeBacking(node, backing, present: false) { fd in
+            do { try Sys.fremovexattr(fd, backing) } catch StoreError.system(ENODATA) {}
         }
     }
 
     public func getxattr(_ id: UInt64, name: [UInt8]) throws -> [UInt8] {
-        let (node, key, objectID, previousKey) = try xattrNode(id, name: name)
-        let fd = try xattrFD(node)
-        return try withExtendedLifetime(fd) {
-            for k in [key] + (previousKey.map { [$0] } ?? []) {
-                let backing = XattrCodec.backingName(name, objectID: objectID, key: k)
-                let sealed: [UInt8]
-                do {
-                    sealed = try Sys.fgetxattr(fd.raw, backing)
-                } catch StoreError.system(ENODATA) where k !== previousKey && previousKey != nil {
-                    continue
-                }
-                let (storedName, value) = try XattrCodec.open(sealed, objectID: objectID, backingName: backing, key: k)
-                guard storedName == name else { throw StoreError.integrity("xattr bound to another name") }
-                return value
-            }
+        let found: (Node, MasterKey, [UInt8], MasterKey?)
+        do {
+            found = try xattrNode(id, name: name)
+        } catch StoreError.noKey where !name.starts(with: Self.userPrefix) {
+            // Locked view: the kernel asks for the ACL before a permission check and ls for
+            // security.* on every entry; any answer but ENODATA would fail the check or the
+            // listing, so without the key these read as absent (the mode alone then decides).
             throw StoreError.system(ENODATA)
+        }
+        let (node, key, objectID, previousKey) = found
+        do {
+            return try readXattr(node, name, key: key, objectID: objectID)
+        } catch StoreError.system(ENODATA) where previousKey != nil {
+            // Not moved by the rekey yet: still under the old key's backing name.
+            return try readXattr(node, name, key: previousKey!, objectID: objectID)
         }
     }
 
-    public func listxattr(_ id: UInt64) throws -> [[UInt8]] {
+    private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8] {
+        let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
+        guard try mayHold(node, backing) else { throw StoreError.system(ENODATA) }
+        let fd = try xattrFD(node)
+        let sealed = try withExtendedLifetime(fd) { try Sys.fgetxattr(fd.raw, backing) }
+        let (storedName, value) = try XattrCodec.open(sealed, objectID: objectID, backingName: backing, key: key)
+        guard storedName == name else { throw StoreError.integrity("xattr bound to another name") }
+        return value
+    }
+
+    /// The names, leaving out trusted.* unless `includeTrusted` (the caller has CAP_SYS_ADMIN),
+    /// as ext4 lists them.
+    public func listxattr(_ id: UInt64, includeTrusted: Bool) throws -> [[UInt8]] {
         let node = try node(id)
         guard capabilities.has(.userXattrs), let grant = try? key(for: node, .newContents) else { return [] }
-        let header = grant.header
-        let candidates = [grant.key] + (header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }.map { [$0] } ?? [])
+        if node.state.withLock({ $0.backingXattrs?.isEmpty }) == true { return [] }
+        let objectID = grant.header.objectID
+        // During a rekey an attribute is under either key.
+        let candidates = [grant.key] + (grant.header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }.map { [$0] } ?? [])
         let fd = try xattrFD(node)
         defer { withExtendedLifetime(fd) {} }
         var names: [[UInt8]] = []
+        var backings: Set<String> = []
         for backing in try Sys.flistxattr(fd.raw) where backing.hasPrefix(XattrCodec.backingPrefix) {
-            let sealed = try? Sys.fgetxattr(fd.raw, backing)
-            guard let sealed, let (name, _) = candidates.lazy.compactMap({
-                try? XattrCodec.open(sealed, objectID: header.objectID, backingName: backing, key: $0)
+            backings.insert(backing)
+            guard let sealed = try? Sys.fgetxattr(fd.raw, backing), let (name, _) = candidates.lazy.compactMap({
+                try? XattrCodec.open(sealed, objectID: objectID, backingName: backing, key: $0)
             }).first else {
                 Diagnostics.report("skipping undecryptable xattr \(backing)")
                 continue
             }
+            if !includeTrusted && name.starts(with: Self.trustedPrefix) { continue }
             // A rekey interrupted between writing the new copy and removing the old shows both.
             if !names.contains(name) { names.append(name) }
         }
+        let listed = backings
+        node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = listed } }
         return names
     }
 
     public func removexattr(_ id: UInt64, name: [UInt8]) throws {
         let (node, key, objectID, previousKey) = try xattrNode(id, name: name)
-        let fd = try xattrFD(node)
-        try withExtendedLifetime(fd) {
-            let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
-            guard let previousKey else { return try Sys.fremovexattr(fd.raw, backing) }
-            let legacy = XattrCodec.backingName(name, objectID: objectID, key: previousKey)
-            let removedNew = (try? Sys.fremovexattr(fd.raw, backing)) != nil
-            let removedOld = (try? Sys.fremovexattr(fd.raw, legacy)) != nil
-            if !removedNew && !removedOld { throw StoreError.system(ENODATA) }
+        var removed = false
+        for k in [key] + (previousKey.map { [$0] } ?? []) {
+            let backing = XattrCodec.backingName(name, objectID: objectID, key: k)
+            guard try mayHold(node, backing) else { continue }
+            try changeBacking(node, backing, present: false) { try Sys.fremovexattr($0, backing) }
+            removed = true
         }
+        if !removed { throw StoreError.system(ENODATA) }
+    }
+
+    // MARK: ACLs and the mode
+
+    /// After a chmod: the access ACL's class entries follow the new mode (`posix_acl_chmod`).
+    func followModeInAccessACL(_ node: Node, mode: UInt32) throws {
+        guard node.type != .symlink, let key = try? self.key(for: node, .newContents).key else { return }
+        let objectID = node.state.withLock { $0.header.objectID }
+        guard try xattrPresent(node, PosixACL.accessName, key: key, objectID: objectID),
+              let acl = PosixACL(xattr: try readXattr(node, PosixACL.accessName, key: key, objectID: objectID)) else { return }
+        try storeXattr(node, PosixACL.accessName, acl.chmod(mode).xattr, key: key, objectID: objectID, mode: .any)
+    }
+
+    /// A new object's mode and the ACLs it inherits from its directory's default ACL; without
+    /// one the caller's umask applies instead (the kernel passes it unapplied, FUSE_CAP_DONT_MASK,
+    /// because POSIX ignores the umask where a default ACL exists).
+    func inheritedPermissions(from dir: Node, type: ObjectType, mode: UInt32, umask: UInt32) throws
+        -> (mode: UInt32, xattrs: [(name: [UInt8], value: [UInt8])]) {
+        guard type != .symlink else { return (mode, []) }
+        let key = try self.key(for: dir, .newContents).key
+        let objectID = dir.state.withLock { $0.header.objectID }
+        guard try xattrPresent(dir, PosixACL.defaultName, key: key, objectID: objectID),
+              let inheritable = PosixACL(xattr: try readXattr(dir, PosixACL.defaultName, key: key, objectID: objectID)) else {
+            return (mode & ~(umask & 0o777), [])
+        }
+        let (access, newMode) = inheritable.inherited(mode: mode)
+        var xattrs: [(name: [UInt8], value: [UInt8])] = []
+        if type == .directory { xattrs.append((PosixACL.defaultName, inheritable.xattr)) }
+        if !access.isEquivalentToMode { xattrs.append((PosixACL.accessName, access.xattr)) }
+        return (newMode, xattrs)
+    }
+
+    /// Seals and sets a new object's first attributes on its unnamed backing object (`fd` can
+    /// carry xattr calls); returns the backing names, the node's initial cache.
+    static func attachXattrs(_ xattrs: [(name: [UInt8], value: [UInt8])], fd: Int32, objectID: [UInt8], key: MasterKey) throws -> Set<String> {
+        var names: Set<String> = []
+        for (name, value) in xattrs {
+            let (backing, sealed) = try sealedXattr(name, value, objectID: objectID, key: key)
+            try Sys.fsetxattr(fd, backing, sealed, flags: 1)
+            names.insert(backing)
+        }
+        return names
     }
 }

@@ -72,7 +72,7 @@ final class EncryptedFileSystem: FileSystem {
 
     func readlink(_ node: UInt64) throws -> [UInt8] { try logged("readlink of node \(node)", node: node) { try volume.readlink(node) } }
 
-    private func caller(_ context: RequestContext) -> Caller { Caller(uid: context.uid, gid: context.gid) }
+    private func caller(_ context: RequestContext) -> Caller { Caller(uid: context.uid, gid: context.gid, umask: context.umask) }
 
     func mknod(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt64, context: RequestContext) throws -> Entry {
         try logged("mknod in node \(parent)", node: parent) { entry(try volume.mknod(parent: parent, name: name, mode: mode, rdev: rdev, caller: caller(context))) }
@@ -89,16 +89,21 @@ final class EncryptedFileSystem: FileSystem {
         try logged("symlink in node \(parent)", node: parent) { entry(try volume.symlink(parent: parent, name: name, target: target, caller: caller(context))) }
     }
 
-    func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32) throws {
+    func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32, context: RequestContext) throws {
         let mode: RenameMode
-        switch flags {
+        switch flags & ~Sys.renameWhiteout {
         case 0: mode = .replace
         case Sys.renameNoReplace: mode = .noReplace
-        case Sys.renameExchange: mode = .exchange
-        default: throw StoreError.invalidArgument // RENAME_WHITEOUT is for overlay upper layers only
+        case Sys.renameExchange where flags & Sys.renameWhiteout == 0: mode = .exchange
+        default: throw StoreError.invalidArgument
         }
         try logged("rename in node \(parent)", node: parent) {
-            try volume.rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
+            if flags & Sys.renameWhiteout != 0 {
+                try volume.renameLeavingWhiteout(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode,
+                                                 caller: caller(context))
+            } else {
+                try volume.rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
+            }
         }
     }
 
@@ -176,7 +181,11 @@ final class EncryptedFileSystem: FileSystem {
         try logged("getxattr of node \(node)", node: node) { try volume.getxattr(node, name: name) }
     }
 
-    func listxattr(_ node: UInt64) throws -> [[UInt8]] { try logged("listxattr of node \(node)", node: node) { try volume.listxattr(node) } }
+    func listxattr(_ node: UInt64, context: RequestContext) throws -> [[UInt8]] {
+        try logged("listxattr of node \(node)", node: node) {
+            try volume.listxattr(node, includeTrusted: CallerCapabilities.hasSysAdmin(context))
+        }
+    }
     func removexattr(_ node: UInt64, name: [UInt8]) throws {
         try logged("removexattr of node \(node)", node: node) { try volume.removexattr(node, name: name) }
     }
