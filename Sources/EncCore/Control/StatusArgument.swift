@@ -16,7 +16,9 @@ extension ControlProtocol {
     ///     u64 buffered_bytes;     //  40: written, not yet committed
     ///     u64 journal_entries;    //  48: shadows in .journal
     ///     u64 journal_bytes;      //  56
-    ///     u8  reserved[64];       //  64: zero
+    ///     u64 requests;           //  64: FUSE requests answered since the mount
+    ///     u64 forget_requests;    //  72: FORGET and BATCH_FORGET requests since the mount
+    ///     u8  reserved[48];       //  80: zero
     ///     struct {                // 128 + 32 * i
     ///         u8  identifier[16];
     ///         u32 status;         // as FS_IOC_GET_ENCRYPTION_KEY_STATUS: 1 absent, 2 present, 3 incompletely removed
@@ -53,6 +55,8 @@ extension ControlProtocol {
         public var bufferedBytes: UInt64 = 0
         public var journalEntries: UInt64 = 0
         public var journalBytes: UInt64 = 0
+        public var requests: UInt64 = 0
+        public var forgetRequests: UInt64 = 0
         public var policies: [Policy] = []
 
         public init() {}
@@ -64,8 +68,9 @@ extension ControlProtocol {
             w.u32(UInt32(listed.count))
             w.u32(pid)
             w.u32(formatVersion)
-            for value in [started, openFiles, openDirectories, bufferedBytes, journalEntries, journalBytes] { w.u64(value) }
-            w.zeros(64)
+            for value in [started, openFiles, openDirectories, bufferedBytes, journalEntries, journalBytes,
+                          requests, forgetRequests] { w.u64(value) }
+            w.zeros(48)
             for policy in listed {
                 w.raw(policy.identifier.bytes)
                 for value in [policy.status, policy.statusFlags, policy.userCount, policy.flags] { w.u32(value) }
@@ -84,10 +89,11 @@ extension ControlProtocol {
             s.pid = pid
             s.formatVersion = formatVersion
             guard let started = r.u64(), let openFiles = r.u64(), let openDirectories = r.u64(), let buffered = r.u64(),
-                  let journalEntries = r.u64(), let journalBytes = r.u64(), r.raw(64)?.allSatisfy({ $0 == 0 }) == true
+                  let journalEntries = r.u64(), let journalBytes = r.u64(), let requests = r.u64(), let forgets = r.u64(),
+                  r.raw(48)?.allSatisfy({ $0 == 0 }) == true
             else { return nil }
             (s.started, s.openFiles, s.openDirectories, s.bufferedBytes) = (started, openFiles, openDirectories, buffered)
-            (s.journalEntries, s.journalBytes) = (journalEntries, journalBytes)
+            (s.journalEntries, s.journalBytes, s.requests, s.forgetRequests) = (journalEntries, journalBytes, requests, forgets)
             for _ in 0..<count {
                 guard let id = r.raw(16).flatMap(KeyIdentifier.init(bytes:)), let status = r.u32(), let statusFlags = r.u32(),
                       let users = r.u32(), let flags = r.u32() else { return nil }

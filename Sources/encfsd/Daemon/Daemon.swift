@@ -51,7 +51,9 @@ struct Daemon {
         try Self.unlock(keys, withKeyFiles: keyFiles)
         let fromKeyring = unlockFromKeyring ? keyService.addKeysFromUserKeyring() : []
         for identifier in fromKeyring { Log.notice("key \(identifier) added at start") }
-        let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
+        let requestCounts = RequestCounts()
+        let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService, requestCounts: requestCounts),
+                                      options: mountOptions, counts: requestCounts)
         invalidator.attach(session: session)
         if let idle { IdleUnmount.start(after: idle, session: session, volume: volume, mountpoint: mountOptions.mountpoint) }
         // The timer flush: buffered writes reach the journal within a few seconds even when a file
