@@ -44,6 +44,8 @@ HELPER="$REPO/scripts/bench_helper.py"
 ALL_FS=(plain floor encfsd gocryptfs securefs cryfs)
 PASS=bench-password-not-secret
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-1200}
+# Extra `encfsd mount` arguments, for A/B runs of a mount option (e.g. "-o no_writeback_cache").
+ENCFSD_OPTIONS=${BENCH_ENCFSD_OPTIONS:-}
 
 usage() { sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
@@ -258,7 +260,8 @@ fs_mount() {
             DPID=$! ;;
         encfsd)
             "$ENCFSD" init "$c" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
-            timeout 60 "$ENCFSD" mount "$c" "$m" --log-file "$WORK/out/encfsd-$tag.log" >>"$LOG" 2>&1 || return 1
+            # shellcheck disable=SC2086
+            timeout 60 "$ENCFSD" mount "$c" "$m" --log-file "$WORK/out/encfsd-$tag.log" $ENCFSD_OPTIONS >>"$LOG" 2>&1 || return 1
             "$ENCFSD" key add "$m" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
             DPID=$(pgrep -n -f -- "mount $c $m") ;;
         gocryptfs)

@@ -151,7 +151,7 @@ def status_requests():
     reports = json.load(sys.stdin)
     if len(reports) != 1 or reports[0].get("requests") is None:
         raise SystemExit("expected one mount with a request count, got %r" % reports)
-    print(reports[0]["requests"] + reports[0].get("forgetRequests", 0))
+    print(reports[0]["requests"] + reports[0].get("forget_requests", 0))
 
 
 def fio_iops(path):
