@@ -334,13 +334,15 @@ count_calibrate() {
     a=$(requests "$CUR_FS" "$1") && b=$(requests "$CUR_FS" "$1") && [[ -n $a && -n $b ]] && COUNT_OVERHEAD=$((b - a))
 }
 count_start() { COUNT_BEFORE=$(requests "$CUR_FS" "$1"); }
-count_end() {  # count_end MNT METRIC OPS
-    local after
+count_end() {  # count_end MNT METRIC OPS SECONDS: requests per operation, and microseconds per request
+    local after n
     [[ -n $COUNT_BEFORE ]] || return 0
     sync -f "$1" 2>/dev/null
     after=$(requests "$CUR_FS" "$1")
-    [[ -n $after ]] && record "$2" "$(awk -v a="$COUNT_BEFORE" -v b="$after" -v o="$COUNT_OVERHEAD" -v n="$3" \
-        'BEGIN { printf "%.2f", (b - a - o) / n }')"
+    [[ -n $after ]] || return 0
+    n=$((after - COUNT_BEFORE - COUNT_OVERHEAD))
+    record "$2" "$(awk -v n="$n" -v ops="$3" 'BEGIN { printf "%.2f", n / ops }')"
+    ((n > 0)) && record "${2%_req}_usreq" "$(awk -v n="$n" -v s="$4" 'BEGIN { printf "%.1f", s * 1e6 / n }')"
 }
 
 # run_timed CMD...: runs CMD (stdout+stderr to the log) under a timeout; prints elapsed seconds.
@@ -409,7 +411,7 @@ bench_fs() {
     count_start "$m"
     if el=$(run_timed dd if=/dev/zero of="$f" bs=1M count="$SIZE" conv=fsync); then
         record write_mbs "$(rate $((SIZE * 1048576 / 1000000)) "$el")"
-        count_end "$m" write_req "$SIZE"
+        count_end "$m" write_req "$SIZE" "$el"
     else record write_mbs ERR; fi
     drop_caches
     if el=$(run_timed dd if="$f" of=/dev/null bs=1M); then
@@ -426,18 +428,18 @@ bench_fs() {
     drop_caches
     count_start "$m"
     if el=$(run_timed tar -xf "$TAR" -C "$m"); then
-        record untar_s "$(secs "$el")"; count_end "$m" untar_req "$TREE_FILES"; else record untar_s ERR; fi
+        record untar_s "$(secs "$el")"; count_end "$m" untar_req "$TREE_FILES" "$el"; else record untar_s ERR; fi
     drop_caches
     count_start "$m"
     if el=$(run_timed bash -c 'ls -lR "$1" >/dev/null' _ "$m/$TREE"); then
-        record lslr_s "$(secs "$el")"; count_end "$m" lslr_req "$entries"; else record lslr_s ERR; fi
+        record lslr_s "$(secs "$el")"; count_end "$m" lslr_req "$entries" "$el"; else record lslr_s ERR; fi
     drop_caches
     count_start "$m"
     if el=$(run_timed bash -c 'find "$1" -type f -exec cat {} + >/dev/null' _ "$m/$TREE"); then
-        record cat_s "$(secs "$el")"; count_end "$m" cat_req "$TREE_FILES"; else record cat_s ERR; fi
+        record cat_s "$(secs "$el")"; count_end "$m" cat_req "$TREE_FILES" "$el"; else record cat_s ERR; fi
     count_start "$m"
     if el=$(run_timed rm -rf "$m/$TREE"); then
-        record rm_s "$(secs "$el")"; count_end "$m" rm_req "$entries"; else record rm_s ERR; fi
+        record rm_s "$(secs "$el")"; count_end "$m" rm_req "$entries" "$el"; else record rm_s ERR; fi
 
     mkdir -p "$m/small"
     if el=$(timeout -k 10 "$STEP_TIMEOUT" python3 "$HELPER" smallfiles "$m/small" "$NFILES" 4096 2>>"$LOG"); then

@@ -260,11 +260,15 @@ def tables(res, fails, meta):
             md.append("| filesystem | " + " | ".join(h for _k, h in REQUEST_COLUMNS) + " |")
             md.append("|---|" + "---:|" * len(REQUEST_COLUMNS))
             for fs in counted:
-                row = []
-                for key, _h in REQUEST_COLUMNS:
-                    vals = data.get(fs, {}).get(key, [])
-                    row.append("%.2f" % statistics.median(vals) if vals else "–")
-                md.append("| %s | %s |" % (fs, " | ".join(row)))
+                for suffix, label, fmt in (("_req", "", "%.2f"), ("_usreq", " (µs per request)", "%.1f")):
+                    row = []
+                    for key, _h in REQUEST_COLUMNS:
+                        vals = data.get(fs, {}).get(key[:-len("_req")] + suffix, [])
+                        row.append(fmt % statistics.median(vals) if vals else "–")
+                    md.append("| %s%s | %s |" % (fs, label, " | ".join(row)))
+            md.append("")
+            md.append("µs per request: the workload's time over its requests (requests overlap, so "
+                      "this is the time the workload spends per round trip, not one request's latency).")
             md.append("")
         if meta["rounds"] > 1:
             md.append("Spread over rounds, (max − min) / median, per cell:")

@@ -274,9 +274,10 @@ private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutableP
         conn.pointee.want |= UInt32(FUSE_CAP_IOCTL_DIR)
     }
     // Optional (-o writeback_cache): the kernel's page cache absorbs small writes and sends them
-    // as large ones at writeback. Measured here it lost more than it won: every unlink, rename and
-    // link then costs an extra SETATTR (the kernel writes back ctime), and streaming writes used
-    // more daemon CPU than write-through 1 MiB requests. What it requires of the daemon holds:
+    // as large ones at writeback. Measured here it lost more than it won (twice, the second time
+    // against the floor, PERFORMANCE.md 2026-12-01): untar sends 13.3 requests per file instead
+    // of 15.2 but is no faster, every removed file costs an extra SETATTR (the kernel writes back
+    // its ctime), and streaming writes use more daemon CPU than write-through 1 MiB requests. What it requires of the daemon holds:
     // O_WRONLY handles may be read (the store never checks the access mode; the kernel already
     // did), O_APPEND offsets come from the kernel, and mtime arrives by setattr, which wins over
     // the time the buffered writes reached the daemon.
