@@ -16,17 +16,24 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CKeyutils", pkgConfig: "libkeyutils", providers: [.apt(["libkeyutils-dev"])]),
         .systemLibrary(name: "CLinux"),
+        // The core in layers, each a target, so a lower layer cannot import a higher one:
+        // crypto (the OpenSSL door) <- keys (master keys, the key table, the keyutils door)
+        // <- format (codecs of every on-disk and ioctl structure; no I/O) <- store (EncCore).
+        .target(name: "EncCrypto", dependencies: ["COpenSSL"]),
+        .target(name: "EncKeys", dependencies: ["EncCrypto", "CKeyutils", "CLinux"],
+                swiftSettings: [.define("ENCFSD_TEST_HOOKS", .when(configuration: .debug))]),
+        .target(name: "EncFormat", dependencies: ["EncCrypto", "EncKeys"]),
         // Test hooks (fault points, the no-journal switch) compile into debug builds only.
-        .target(name: "EncCore", dependencies: ["COpenSSL", "CKeyutils", "CLinux"],
+        .target(name: "EncCore", dependencies: ["EncCrypto", "EncKeys", "EncFormat", "CLinux"],
                 swiftSettings: [.define("ENCFSD_TEST_HOOKS", .when(configuration: .debug))]),
         .target(name: "FuseBridge", dependencies: ["CFuse3"]),
         .executableTarget(
             name: "encfsd",
             dependencies: [
-                "EncCore", "FuseBridge",
+                "EncCore", "EncFormat", "EncKeys", "EncCrypto", "FuseBridge",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
-        .testTarget(name: "EncCoreTests", dependencies: ["EncCore"]),
+        .testTarget(name: "EncCoreTests", dependencies: ["EncCore", "EncFormat", "EncKeys", "EncCrypto"]),
     ],
     swiftLanguageModes: [.v6]
 )

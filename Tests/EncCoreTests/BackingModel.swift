@@ -1,5 +1,8 @@
 import Foundation
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,6 +1,9 @@
 import Foundation
 import Testing
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

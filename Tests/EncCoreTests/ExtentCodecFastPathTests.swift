@@ -2,6 +2,9 @@ import Foundation
 import Synchronization
 import Testing
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 
 /// The per-extent fast path: HKDF-Expand as one keyed HMAC-SHA512 on per-thread contexts, the
 /// AES-256-GCM context reused with only key and IV, and nonces drawn ahead. Each must give

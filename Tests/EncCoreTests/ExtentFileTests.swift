@@ -1,4 +1,7 @@
 import Testing
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -253,7 +256,7 @@ import Glibc
         #expect {
             _ = try object.reopen()
         } throws: { error in
-            guard case StoreError.integrity(let what) = error else { return false }
+            guard case FormatError.integrity(let what) = error else { return false }
             return what.contains("authentication")
         }
     }

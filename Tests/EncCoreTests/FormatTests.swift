@@ -1,6 +1,9 @@
 import Foundation
 import Testing
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 
 @Suite struct FormatTests {
     let key = try! MasterKey(raw: (1...64).map { UInt8($0) })
@@ -28,9 +31,9 @@ import Testing
 
     @Test func invalidNamesRejected() {
         for bad in [[], [0x2e], [0x2e, 0x2e], [0x61, 0x2f], [0x61, 0x00]] as [[UInt8]] {
-            #expect(throws: StoreError.self) { try NameCodec.validate(bad) }
+            #expect(throws: FormatError.invalidName) { try NameCodec.validate(bad) }
         }
-        #expect(throws: StoreError.nameTooLong) { try NameCodec.validate([UInt8](repeating: 0x61, count: 256)) }
+        #expect(throws: FormatError.nameTooLong) { try NameCodec.validate([UInt8](repeating: 0x61, count: 256)) }
     }
 
     @Test func base64URLRoundTripAndCanonical() {

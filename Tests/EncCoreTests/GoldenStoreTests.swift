@@ -1,6 +1,9 @@
 import Foundation
 import Testing
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 
 /// Every release must still open the stores earlier format versions wrote. Each
 /// `Tests/Golden/v<N>` holds a store made through a real mount by that version's build

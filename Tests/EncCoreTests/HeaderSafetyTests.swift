@@ -2,6 +2,9 @@ import Foundation
 import Testing
 import Synchronization
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

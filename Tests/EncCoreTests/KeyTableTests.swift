@@ -1,6 +1,9 @@
 import Foundation
 import Testing
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 
 @Suite struct KeyTableTests {
     static func key(_ byte: UInt8) -> MasterKey { try! MasterKey(raw: [UInt8](repeating: byte, count: 32)) }
@@ -12,7 +15,7 @@ import Testing
         try table.add(Self.key(1), claim: .init(uid: 1001, serial: 0))
         #expect(table.status(of: id, uid: 1000) == .present(userCount: 2, addedBySelf: true))
         #expect(table.status(of: id, uid: 0) == .present(userCount: 2, addedBySelf: false))
-        #expect(throws: StoreError.noKey) { try table.remove(id, uid: 0, allUsers: false) }
+        #expect(throws: KeyError.noKey) { try table.remove(id, uid: 0, allUsers: false) }
         #expect(try table.remove(id, uid: 1000, allUsers: false) == .otherUsersRemain)
         #expect(try table.remove(id, uid: 1001, allUsers: false) == .removed)
         #expect(table.status(of: id, uid: 1001) == .absent)
@@ -22,7 +25,7 @@ import Testing
         let table = KeyTable(userQuota: 2)
         try table.add(Self.key(1), claim: .init(uid: 1000, serial: 0))
         try table.add(Self.key(2), claim: .init(uid: 1000, serial: 0))
-        #expect(throws: StoreError.quotaExceeded) { try table.add(Self.key(3), claim: .init(uid: 1000, serial: 0)) }
+        #expect(throws: KeyError.quotaExceeded) { try table.add(Self.key(3), claim: .init(uid: 1000, serial: 0)) }
         try table.add(Self.key(3), claim: .init(uid: 0, serial: 0)) // root is not counted
     }
 

@@ -1,5 +1,8 @@
 import Testing
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 
 /// Known answers for every derivation and cipher use. The expected values were computed with an
 /// independent implementation (Python's `cryptography`: HKDF, AESGCM, AESSIV, HMAC), not by

@@ -1,6 +1,9 @@
 import Foundation
 import Testing
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 
 /// The scrypt parameters come from the (writable, hostile) store: anything costlier than the
 /// documented maximum, or malformed, is refused before scrypt runs.

@@ -1,6 +1,9 @@
 import Foundation
 import Testing
 @testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -67,6 +70,7 @@ func randomBytes(_ count: Int, seed: UInt64) -> [UInt8] {
 
 func isIntegrityError(_ error: any Error) -> Bool {
     if case StoreError.integrity = error { return true }
+    if case FormatError.integrity = error { return true }
     return false
 }
 
@@ -81,7 +85,7 @@ func openPath(_ path: String, _ flags: Int32, mode: mode_t = 0) throws -> FileDe
 /// with any error, which a missing file or a bad argument would give as well.
 func expectIntegrityError<R>(_ comment: Comment? = nil, sourceLocation: SourceLocation = #_sourceLocation,
                              _ body: () throws -> R) {
-    let error = #expect(throws: StoreError.self, comment, sourceLocation: sourceLocation) { _ = try body() }
+    let error = #expect(throws: (any Error).self, comment, sourceLocation: sourceLocation) { _ = try body() }
     if let error {
         #expect(isIntegrityError(error), "expected StoreError.integrity, got \(error)", sourceLocation: sourceLocation)
     }

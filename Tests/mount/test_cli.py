@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -52,11 +53,12 @@ def test_unsupported_store_is_refused_unchanged(tmp_path, encfsd_bin, key_file):
     mnt.mkdir()
     run(encfsd_bin, "init", store, "--key-file", key_file)
     conf = store / "encfsd.conf"
-    conf.write_text(conf.read_text().replace('"version" : 1', '"version" : 7'))
+    made = json.loads(conf.read_text())["version"]
+    conf.write_text(conf.read_text().replace(f'"version" : {made}', '"version" : 7'))
     before = tree_digest(store)
     fails(encfsd_bin, "mount", store, mnt, expect="format version 7")
     assert tree_digest(store) == before, "a refused mount changed the store"
-    conf.write_text(conf.read_text().replace('"version" : 7', '"version" : 1').replace('"features" : [\n\n  ]', '"features" : ["x"]'))
+    conf.write_text(conf.read_text().replace('"version" : 7', f'"version" : {made}').replace('"features" : [\n\n  ]', '"features" : ["x"]'))
     before = tree_digest(store)
     fails(encfsd_bin, "mount", store, mnt, expect="features")
     assert tree_digest(store) == before, "a refused mount changed the store"

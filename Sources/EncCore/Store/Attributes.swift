@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 public struct Timestamp: Sendable, Equatable {
     public var seconds: Int64
     public var nanoseconds: Int64

@@ -1,4 +1,7 @@
 import Synchronization
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,4 +1,7 @@
 import Foundation
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -9,9 +12,12 @@ import Glibc
 /// only at `commit`, sealed once each. Sealing per write call would re-encrypt a whole extent for
 /// every small write; batching also gives the crash-safety journal one unit to protect.
 ///
-/// Invariant making this `@unchecked Sendable`: an `ExtentFile` lives only inside its node's
-/// `Mutex<NodeState>` and every method runs with that lock held, so no two threads touch it at
-/// once.
+/// Invariant making this `@unchecked Sendable`: its mutable state (`size`, `holes`, the dirty,
+/// sealed and written extents, the flags) is touched only with its node's `Mutex<NodeState>`
+/// held. Two things run without that lock and touch none of it: `sealWholeExtents`, which reads
+/// only what never changes for an open file (key, object ID, geometry, `fd`); and
+/// `ReadLease.finish`, which reads committed extents from `fd` while the lease holds `ioLock`
+/// shared, so no commit rewrites or truncates them meanwhile.
 final class ExtentFile: @unchecked Sendable {
     let fd: Int32
     /// The owner of `fd` when the file owns its descriptor (an open file of a mounted store): it
@@ -99,11 +105,36 @@ final class ExtentFile: @unchecked Sendable {
         guard offset < size, count > 0 else { return [] }
         var out = [UInt8](repeating: 0, count: Int(min(size - offset, UInt64(count))))
         try out.withUnsafeMutableBytes { buffer in
-            let plan = try prepareRead(offset: offset, count: count, into: buffer)
-            defer { if !plan.runs.isEmpty { ioLock.unlockShared() } }
-            try finishRead(plan, into: buffer)
+            try prepareRead(offset: offset, count: count, into: buffer).finish(into: buffer)
         }
         return out
+    }
+
+    /// The second half of a read, to be done after the node lock is dropped: the committed extents
+    /// still to decrypt, and the shared hold on `ioLock` that keeps a commit from rewriting them.
+    /// It is a non-copyable value: the hold is released exactly once, by `finish` or, if the lease
+    /// is dropped unused (an error on the way), by its `deinit`, never by anyone else.
+    struct ReadLease: ~Copyable {
+        let file: ExtentFile
+        let plan: ReadPlan
+
+        /// Bytes the read returns.
+        var length: Int { plan.length }
+
+        fileprivate init(file: ExtentFile, plan: ReadPlan) {
+            self.file = file
+            self.plan = plan
+            if !plan.runs.isEmpty { file.ioLock.lockShared() }
+        }
+
+        consuming func finish(into out: UnsafeMutableRawBufferPointer) throws -> Int {
+            try file.finishRead(plan, into: out)
+            return plan.length
+        }
+
+        deinit {
+            if !plan.runs.isEmpty { file.ioLock.unlockShared() }
+        }
     }
 
     /// What a read still has to fetch after `prepareRead`: runs of committed extents.
@@ -116,12 +147,11 @@ final class ExtentFile: @unchecked Sendable {
     }
 
     /// First half of a read, under the node lock: copies uncommitted extents and zeroes holes into
-    /// `out`, and lists the committed extents still to decrypt. When it lists any, it returns
-    /// holding `ioLock` shared; the caller drops the node lock, calls `finishRead`, then
-    /// `ioLock.unlockShared()`. Decrypting outside the node lock lets reads of one file run in
-    /// parallel; the shared lock keeps a commit from rewriting the extents meanwhile.
-    func prepareRead(offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws -> ReadPlan {
-        guard offset < size, count > 0 else { return ReadPlan(offset: offset, length: 0, size: size) }
+    /// `out`, and leases the committed extents still to decrypt. The caller drops the node lock and
+    /// finishes the lease: decrypting outside the node lock lets reads of one file run in
+    /// parallel, and the lease's shared lock keeps a commit from rewriting the extents meanwhile.
+    func prepareRead(offset: UInt64, count: Int, into out: UnsafeMutableRawBufferPointer) throws -> ReadLease {
+        guard offset < size, count > 0 else { return ReadLease(file: self, plan: ReadPlan(offset: offset, length: 0, size: size)) }
         let end = min(size, offset + UInt64(count))
         var plan = ReadPlan(offset: offset, length: Int(end - offset), size: size)
         var index = geometry.extentIndex(offset: offset)
@@ -147,13 +177,12 @@ final class ExtentFile: @unchecked Sendable {
             }
             index += 1
         }
-        if !plan.runs.isEmpty { ioLock.lockShared() }
-        return plan
+        return ReadLease(file: self, plan: plan)
     }
 
     /// Second half of a read: one pread per run of committed extents, each extent decrypted
     /// straight into `out` when the read wants all of it.
-    func finishRead(_ plan: ReadPlan, into out: UnsafeMutableRawBufferPointer) throws {
+    fileprivate func finishRead(_ plan: ReadPlan, into out: UnsafeMutableRawBufferPointer) throws {
         let scratch = ThreadScratch.current
         let end = plan.offset + UInt64(plan.length)
         for run in plan.runs {

@@ -1,5 +1,8 @@
 import Foundation
 import Synchronization
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,3 +1,7 @@
+import Synchronization
+import EncCrypto
+import EncKeys
+import EncFormat
 /// The one owner of an object's two header slots: which slot a new version goes to, when a sync
 /// is owed before it, which slot is served, and the epoch every version is stamped with.
 ///
@@ -21,22 +25,47 @@ struct HeaderSlots: Sendable {
     /// The version a new object of this store is created in.
     var newObjectVersion: UInt16 { min(storeVersion, ObjectHeader.newestVersion) }
 
-    func choice(fd: Int32, key: MasterKey?) throws -> HeaderCodec.Choice {
+    #if ENCFSD_TEST_HOOKS
+    /// Header regions read through these slots (shared by copies): tests hold the request paths to
+    /// their count.
+    final class ReadCount: Sendable { let value = Atomic<Int>(0) }
+    let regionReads = ReadCount()
+    #endif
+
+    private func region(fd: Int32) throws -> [UInt8] {
+        #if ENCFSD_TEST_HOOKS
+        regionReads.value.add(1, ordering: .relaxed)
+        #endif
         var region = [UInt8](repeating: 0, count: ExtentGeometry.headerBytes)
         let n = try region.withUnsafeMutableBytes { buf throws in try Sys.pread(fd, buf, offset: 0) }
         guard n == region.count else { throw StoreError.integrity("backing object is shorter than its header (\(n) bytes)") }
-        return try HeaderCodec.current(region: region, key: key, evidence: evidence)
+        return region
+    }
+
+    func choice(fd: Int32, key: MasterKey?) throws -> HeaderCodec.Choice {
+        try HeaderCodec.current(region: try region(fd: fd), key: key, evidence: evidence)
     }
 
     func read(fd: Int32, key: MasterKey?) throws -> ObjectHeader {
         let choice = try choice(fd: fd, key: key)
-        // Logged only on the keyed read: the unverified read before it chose the same slot.
-        if let torn = choice.tornSlot, key != nil {
-            Diagnostics.report("header slot \(torn) of object \(Hex.encode(choice.header.objectID)) is damaged; serving sequence "
-                + "\(choice.header.sequence) from the other slot as the state before a write torn by the unclean shutdown of "
-                + "epoch \(evidence.lastUncleanEpoch ?? 0)")
-        }
+        if key != nil { report(choice) }
         return choice.header
+    }
+
+    /// One read of the header, verified when `keyFor` has the key that authenticates it.
+    func read(fd: Int32, keyFor: (KeyIdentifier) -> MasterKey?) throws -> (ObjectHeader, verified: Bool) {
+        let (choice, verified) = try HeaderCodec.current(region: try region(fd: fd), evidence: evidence, keyFor: keyFor)
+        if verified { report(choice) }
+        return (choice.header, verified)
+    }
+
+    /// Every slot passed over is logged, once: on the read that verified it (an unverified read
+    /// before it chose the same slot).
+    private func report(_ choice: HeaderCodec.Choice) {
+        guard let torn = choice.tornSlot else { return }
+        Diagnostics.report("header slot \(torn) of object \(Hex.encode(choice.header.objectID)) is damaged; serving sequence "
+            + "\(choice.header.sequence) from the other slot as the state before a write torn by the unclean shutdown of "
+            + "epoch \(evidence.lastUncleanEpoch ?? 0)")
     }
 
     /// `header` as it is written now: stamped with this epoch, in the store's version if newer.

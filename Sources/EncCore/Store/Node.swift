@@ -1,4 +1,7 @@
 import Synchronization
+import EncCrypto
+import EncKeys
+import EncFormat
 
 /// Mutable state of one object, guarded by its node's lock.
 struct NodeState {

@@ -1,4 +1,7 @@
 import Foundation
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -217,24 +220,13 @@ public final class StoreChecker {
             var display = backing
             if let nameKey {
                 do {
-                    let ciphertext: [UInt8]
-                    if let short = NameCodec.ciphertext(ofShortBackingName: entry.name) {
-                        ciphertext = short
-                    } else {
-                        let digest = Binding.digest(parentID: parent.objectID, backingName: entry.name)
-                        guard let long = header.bindings.first(where: { $0.digest == digest })?.longName,
-                              NameCodec.backingName(forCiphertext: long) == entry.name else {
-                            throw StoreError.integrity("long name missing from its header")
-                        }
-                        ciphertext = long
-                    }
-                    let plain = try NameCodec.decrypt(ciphertext: ciphertext, directoryID: parent.objectID, key: nameKey)
+                    let plain = try NameResolver.plaintext(of: entry.name, directoryID: parent.objectID, key: nameKey) { header.bindings }
                     display = plainPath + "/" + String(decoding: plain, as: UTF8.self)
                 } catch {
                     note(.problem, backing, "name: \(error)")
                 }
-                let digest = Binding.digest(parentID: parent.objectID, backingName: entry.name)
-                if keys.key(for: header.macPolicy) != nil && !header.bindings.contains(where: { $0.digest == digest }) {
+                if keys.key(for: header.macPolicy) != nil
+                    && !NameResolver.isBound(header.bindings, parentID: parent.objectID, backingName: entry.name) {
                     note(.problem, display, "not bound to this name: moved or swapped in the backing store")
                 }
             }

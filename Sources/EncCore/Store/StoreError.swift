@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 /// Every failure the store reports. The FUSE bridge maps these to errno in one place.
 public enum StoreError: Error, Equatable, Sendable {
     case notFound
@@ -31,7 +34,7 @@ public enum StoreError: Error, Equatable, Sendable {
     case system(Int32)
 }
 
-extension StoreError {
+extension StoreError: IntegrityFailureDescribing {
     /// What failed, for the log, when this error means the store's contents cannot be trusted.
     public var integrityFailure: String? {
         switch self {

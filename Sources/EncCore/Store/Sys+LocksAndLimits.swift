@@ -1,4 +1,7 @@
 import CLinux
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

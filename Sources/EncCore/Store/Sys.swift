@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -23,11 +26,19 @@ public enum Sys {
     }
 
     @inline(__always)
+    /// Retries EINTR, throws what the store can meet (any errno a backing file system or a hostile
+    /// store can cause), and traps on what only a bug can cause, as swift-nio does: EBADF (a
+    /// descriptor used after its owner closed it, whose number another file may now have) and
+    /// EFAULT (a bad buffer). Carrying on after either could read or write the wrong file.
     static func retrying(_ call: () -> Int32) throws -> Int32 {
         while true {
             let rc = call()
             if rc >= 0 { return rc }
-            if errno != EINTR { throw StoreError.system(errno) }
+            switch errno {
+            case EINTR: continue
+            case EBADF, EFAULT: preconditionFailure("a system call failed with \(String(cString: strerror(errno))): a descriptor or buffer bug")
+            default: throw StoreError.system(errno)
+            }
         }
     }
 

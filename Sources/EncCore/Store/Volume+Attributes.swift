@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -7,7 +10,7 @@ extension Volume {
         let node = try node(id)
         if let size = changes.size {
             guard node.type == .regular else { throw node.isDirectory ? StoreError.isDirectory : StoreError.invalidArgument }
-            let key = try contentKey(node)
+            let key = try key(for: node, .contents).key
             try node.state.withLock { state in
                 let file = try contents(node, state, key: key, writable: true)
                 try file.resize(to: size)
@@ -19,7 +22,7 @@ extension Volume {
             }
         }
         if changes.mode != nil || changes.uid != nil || changes.gid != nil {
-            try mutateHeader(node, key: try headerKey(node), sync: false) { header in
+            try mutateHeader(node, key: try key(for: node, .header).key, sync: false) { header in
                 if let mode = changes.mode { header.mode = mode & 0o7777 }
                 if let uid = changes.uid { header.uid = uid }
                 if let gid = changes.gid { header.gid = gid }

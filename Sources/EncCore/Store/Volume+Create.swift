@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,7 +17,8 @@ extension Volume {
     func prepare(parent: UInt64, name: [UInt8], type: ObjectType, mode: UInt32, rdev: UInt64 = 0,
                  caller: Caller) throws -> NewEntry {
         let dir = try node(parent)
-        let (key, dirHeader) = try creationDirectory(dir)
+        let directory = try key(for: dir, .newNames)
+        let (key, dirHeader) = (directory.key, directory.header)
         let encrypted = try NameCodec.encrypt(name, directoryID: dirHeader.objectID, key: key)
         // ext4 semantics: a set-group-ID directory passes its group on, and the bit to subdirectories.
         let inheritsGroup = dirHeader.mode & UInt32(S_ISGID) != 0
@@ -153,7 +157,7 @@ extension Volume {
     public func readlink(_ id: UInt64) throws -> [UInt8] {
         let node = try node(id)
         guard node.type == .symlink else { throw StoreError.invalidArgument }
-        let key = try contentKey(node)
+        let key = try key(for: node, .contents).key
         return try node.state.withLock { state in
             let file = try contents(node, state, key: key, writable: false)
             return try file.read(offset: 0, count: Int(file.size))
@@ -166,7 +170,8 @@ extension Volume {
         let object = try node(id)
         guard !object.isDirectory else { throw StoreError.notPermitted }
         let dir = try node(newParent)
-        let (dirKey, dirHeader) = try creationDirectory(dir)
+        let directory = try key(for: dir, .newNames)
+        let (dirKey, dirHeader) = (directory.key, directory.header)
         try checkSamePolicy(object, directoryPolicy: dirHeader.policy)
         let name = try NameCodec.encrypt(newName, directoryID: dirHeader.objectID, key: dirKey)
         let binding = Self.binding(parentID: dirHeader.objectID, name: name)
@@ -208,7 +213,7 @@ extension Volume {
     // MARK: bindings
 
     func addBinding(_ binding: Binding, to node: Node) throws {
-        let key = try headerKey(node)
+        let key = try key(for: node, .header).key
         do {
             try appendBinding(binding, to: node, key: key)
         } catch StoreError.tooManyLinks {
@@ -228,7 +233,7 @@ extension Volume {
 
     /// Removing a stale name needs no fsync: a leftover binding only keeps an old name valid.
     func removeBinding(_ digest: [UInt8], from node: Node) throws {
-        let key = try headerKey(node)
+        let key = try key(for: node, .header).key
         try mutateHeader(node, key: key, sync: false) { header in
             header.bindings.removeAll { $0.digest == digest }
         }

@@ -1,10 +1,15 @@
 import Synchronization
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
 
 enum OpenHandle {
-    case file(Node)
+    /// An open file and the node's `ExtentFile`, which stays the node's from its first open to its
+    /// last release: a write reaches it without taking the node lock to find it.
+    case file(Node, ExtentFile)
     case directory(Node, [DirectoryEntry])
 }
 
@@ -22,8 +27,12 @@ struct HandleTable {
 
 extension Volume {
     func fileNode(handle: UInt64) throws -> Node {
-        guard case .file(let node)? = handles.withLock({ $0.byID[handle] }) else { throw StoreError.invalidArgument }
-        return node
+        try openFile(handle: handle).node
+    }
+
+    func openFile(handle: UInt64) throws -> (node: Node, file: ExtentFile) {
+        guard case .file(let node, let file)? = handles.withLock({ $0.byID[handle] }) else { throw StoreError.invalidArgument }
+        return (node, file)
     }
 
     func commit(_ file: ExtentFile, _ state: inout NodeState, durable: Bool = false) throws {
@@ -35,7 +44,7 @@ extension Volume {
     }
 
     /// Runs `body` on the node's open file under the node lock.
-    func withOpenFile<R>(_ node: Node, _ body: (inout NodeState, ExtentFile) throws -> R) throws -> R {
+    func withOpenFile<R: ~Copyable>(_ node: Node, _ body: (inout NodeState, ExtentFile) throws -> R) throws -> R {
         try node.state.withLock { state in
             guard let file = state.file else { throw StoreError.invalidArgument }
             return try body(&state, file)
@@ -59,8 +68,8 @@ extension Volume {
         }
         // A file that is already open can be opened again even after its key was removed: it
         // holds the key itself (fscrypt's soft removal). Anything else needs the key present.
-        let key = try contentKey(node)
-        try node.state.withLock { state in
+        let key = try key(for: node, .contents).key
+        let file = try node.state.withLock { state -> ExtentFile in
             if state.file == nil {
                 // The open file's descriptor is the object's only long-lived one (see Node).
                 try openFiles.acquire()
@@ -82,8 +91,9 @@ extension Volume {
                 }
             }
             state.opens += 1
+            return state.file!
         }
-        return handles.withLock { $0.insert(.file(node)) }
+        return handles.withLock { $0.insert(.file(node, file)) }
     }
 
     /// Drops the open file, its descriptor and its place in the budget.
@@ -103,20 +113,16 @@ extension Volume {
     /// the file). Committed extents are decrypted after the node lock is dropped (see
     /// `ExtentFile.prepareRead`), so concurrent reads of one file use every core.
     public func read(handle: UInt64, offset: UInt64, into out: UnsafeMutableRawBufferPointer) throws -> Int {
-        let (file, plan) = try withOpenFile(try fileNode(handle: handle)) { _, file in
-            (file, try file.prepareRead(offset: offset, count: out.count, into: out))
+        let lease = try withOpenFile(try fileNode(handle: handle)) { _, file in
+            try file.prepareRead(offset: offset, count: out.count, into: out)
         }
-        guard !plan.runs.isEmpty else { return plan.length }
-        defer { file.ioLock.unlockShared() }
-        try file.finishRead(plan, into: out)
-        return plan.length
+        return try lease.finish(into: out)
     }
 
     public func write(handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws {
-        let node = try fileNode(handle: handle)
+        let (node, file) = try openFile(handle: handle)
         // Whole extents are sealed before the node lock is taken, so concurrent write requests
         // (several writers, or aio at a queue depth) encrypt side by side.
-        let file = try withOpenFile(node) { _, file in file }
         let presealed = file.sealWholeExtents(offset: offset, data: data)
         try withOpenFile(node) { state, current in
             // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
@@ -140,7 +146,7 @@ extension Volume {
     }
 
     public func release(handle: UInt64) throws {
-        guard case .file(let node)? = handles.withLock({ $0.byID.removeValue(forKey: handle) }) else { return }
+        guard case .file(let node, _)? = handles.withLock({ $0.byID.removeValue(forKey: handle) }) else { return }
         defer { dropIfUnused(node) }
         try node.state.withLock { state in
             state.opens -= 1
@@ -225,7 +231,7 @@ extension Volume {
         let st = try Sys.fstat(dirFD.raw)
         var entries = [DirectoryEntry(name: [0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR),
                        DirectoryEntry(name: [0x2e, 0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR)]
-        let unlocked = try? namingDirectory(dir)
+        let unlocked = (try? key(for: dir, .names)).map { ($0.key, $0.header) }
         for raw in try Sys.listDirectory(dirFD.raw) {
             guard NameCodec.isEntryName(raw.name) else { continue }
             let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0
@@ -234,26 +240,16 @@ extension Volume {
                 continue
             }
             do {
-                let ciphertext = try NameCodec.ciphertext(ofShortBackingName: raw.name)
-                    ?? longCiphertext(of: raw.name, in: dir, directoryID: header.objectID)
-                let name = try NameCodec.decrypt(ciphertext: ciphertext, directoryID: header.objectID, key: key)
+                let name = try NameResolver.plaintext(of: raw.name, directoryID: header.objectID, key: key) {
+                    let node = try child(of: dir, backingName: raw.name)
+                    defer { release(node) }
+                    return node.state.withLock { $0.header.bindings }
+                }
                 entries.append(DirectoryEntry(name: name, inode: raw.inode, typeBits: typeBits, backingName: raw.name))
             } catch {
                 Diagnostics.report("skipping undecryptable entry \(String(decoding: raw.name, as: UTF8.self)): \(error)")
             }
         }
         return entries
-    }
-
-    /// The full encrypted name of a hashed long entry, from the binding in its header.
-    private func longCiphertext(of backingName: [UInt8], in dir: Node, directoryID: [UInt8]) throws -> [UInt8] {
-        let node = try child(of: dir, backingName: backingName)
-        defer { release(node) }
-        let digest = Binding.digest(parentID: directoryID, backingName: backingName)
-        let binding = node.state.withLock { $0.header.bindings.first { $0.digest == digest } }
-        guard let long = binding?.longName, NameCodec.backingName(forCiphertext: long) == backingName else {
-            throw StoreError.integrity("long name missing from header")
-        }
-        return long
     }
 }

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 /// Encryption policies of directories, and what the kernel may have cached under each.
 extension Volume {
     /// Gives an empty directory its own policy (fscrypt's FS_IOC_SET_ENCRYPTION_POLICY). The
@@ -16,7 +19,7 @@ extension Volume {
         guard try withExtendedLifetime(dirFD, { try Sys.listDirectory(dirFD.raw) }).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
             throw StoreError.notEmpty
         }
-        try mutateHeader(dir, key: try headerKey(dir), sync: true) { $0.policy = policy }
+        try mutateHeader(dir, key: try key(for: dir, .header).key, sync: true) { $0.policy = policy }
     }
 
     /// The policy of an object, and whether a directory has it of its own (rather than

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -6,7 +9,8 @@ extension Volume {
     /// Removes a name. Works in the locked view too (fscrypt allows unlink without the key).
     public func unlink(parent: UInt64, name: [UInt8]) throws {
         let dir = try node(parent)
-        let backing = try backingName(of: name, in: dir)
+        let naming = try? key(for: dir, .names)
+        let backing = try backingName(of: name, in: dir, naming: naming)
         let dirFD = try changingDirectoryFD(dir)
         defer { withExtendedLifetime(dirFD) {} }
         let st = try Self.statEntry(dirFD.raw, backing)
@@ -14,20 +18,20 @@ extension Volume {
         // A file that keeps other names should stop listing this one; without the key the
         // header cannot be re-sealed, and the stale binding is harmless.
         var survivor: Node?
-        if st.st_nlink > 1, (try? namingDirectory(dir)) != nil {
-            survivor = try? child(of: dir, backingName: backing)
+        if st.st_nlink > 1, naming != nil {
+            survivor = try? childEntry(of: dir, backingName: backing, naming: naming).node
         }
         try Sys.unlinkAt(dirFD.raw, backing)
         forgetLocation(Location(parent: dir, name: backing), inode: UInt64(st.st_ino))
-        if let survivor, let (_, dirHeader) = try? namingDirectory(dir) {
-            bindingWentStale(Binding.digest(parentID: dirHeader.objectID, backingName: backing), of: survivor)
+        if let survivor, let naming {
+            bindingWentStale(Binding.digest(parentID: naming.header.objectID, backingName: backing), of: survivor)
         }
         if let survivor { release(survivor) }
     }
 
     public func rmdir(parent: UInt64, name: [UInt8]) throws {
         let dir = try node(parent)
-        let backing = try backingName(of: name, in: dir)
+        let backing = try backingName(of: name, in: dir, naming: try? key(for: dir, .names))
         let st = try statEntry(in: dir, backing)
         guard st.st_mode & S_IFMT == S_IFDIR else { throw StoreError.notDirectory }
         try removeEmptyDirectory(in: dir, backingName: backing)

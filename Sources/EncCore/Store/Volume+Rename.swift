@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -12,8 +15,8 @@ extension Volume {
     public func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], mode: RenameMode) throws {
         let fromDir = try node(parent)
         let toDir = try node(newParent)
-        let (fromKey, fromHeader) = try creationDirectory(fromDir)
-        let (toKey, toHeader) = try creationDirectory(toDir)
+        let fromNaming = try key(for: fromDir, .newNames), toNaming = try key(for: toDir, .newNames)
+        let (fromKey, fromHeader, toKey, toHeader) = (fromNaming.key, fromNaming.header, toNaming.key, toNaming.header)
         let fromName = try NameCodec.encrypt(name, directoryID: fromHeader.objectID, key: fromKey)
         let toName = try NameCodec.encrypt(newName, directoryID: toHeader.objectID, key: toKey)
         let source = try child(of: fromDir, backingName: fromName.backingName)

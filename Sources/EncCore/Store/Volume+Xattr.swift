@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,7 +14,7 @@ extension Volume {
         guard name.starts(with: Array("user.".utf8)) else { throw StoreError.notSupported }
         guard name.count <= Self.maximumXattrName else { throw StoreError.nameTooLong }
         let node = try node(id)
-        let key = try objectKey(node)
+        let key = try key(for: node, .newContents).key
         let objectID = node.state.withLock { $0.header.objectID }
         return (node, key, objectID)
     }
@@ -58,7 +61,7 @@ extension Volume {
 
     public func listxattr(_ id: UInt64) throws -> [[UInt8]] {
         let node = try node(id)
-        guard let key = try? objectKey(node) else { return [] }
+        guard let key = try? key(for: node, .newContents).key else { return [] }
         let objectID = node.state.withLock { $0.header.objectID }
         let fd = try xattrFD(node)
         defer { withExtendedLifetime(fd) {} }

@@ -1,4 +1,7 @@
 import Synchronization
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -44,20 +47,22 @@ public final class Volume: Sendable {
         config = try StoreConfig.load(storeFD: fd.raw)
         journalFD = try Self.openJournal(storeFD: fd.raw)
         storeFD = fd
-        // Durable before any header of this mount is written (EpochRecord).
-        let epoch = try EpochRecord.open(storeFD: fd.raw, storeVersion: config.version)
-        let slots = HeaderSlots(epoch: epoch.epoch, evidence: epoch.evidence, storeVersion: UInt16(config.version))
-        self.slots = slots
+        let reading = HeaderSlots.reading(evidence: try EpochRecord.read(storeFD: fd.raw).evidence(storeVersion: config.version),
+                                          storeVersion: config.version)
         let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
         let st = try Sys.fstat(fd.raw)
         rootPlace = Sys.Place(st)
         let identity = Sys.identity(of: fd.raw)
         let headerIdentity = Sys.identity(of: headerFD.raw)
-        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: slots) }
+        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: reading) }
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
         guard header.policy == config.rootIdentifier, header.macPolicy == header.policy else {
             throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
+        // A store refused above is left as it was. The epoch is durable before any header of this
+        // mount is written (EpochRecord).
+        let epoch = try EpochRecord.open(storeFD: fd.raw, storeVersion: config.version)
+        slots = HeaderSlots(epoch: epoch.epoch, evidence: epoch.evidence, storeVersion: UInt16(config.version))
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
                         header: header, verified: verified, location: nil, pinnedDirectory: fd)
         // A quarter of the descriptors for directories, the rest for open files.
@@ -94,105 +99,6 @@ public final class Volume: Sendable {
         return extentFile(try objectDescriptor(node, state, writable ? .readWrite : .readOnly), key: key, header: state.header)
     }
 
-    // MARK: headers and keys
-
-    /// Reads the current header, verifying it when the key that authenticates it is loaded.
-    static func readHeader(_ fd: Int32, keys: KeyTable, slots: HeaderSlots) throws -> (ObjectHeader, Bool) {
-        let unverified = try slots.read(fd: fd, key: nil)
-        guard let key = keys.key(for: unverified.macPolicy) ?? keys.lingeringKey(for: unverified.macPolicy) else {
-            return (unverified, false)
-        }
-        return (try slots.read(fd: fd, key: key), true)
-    }
-
-    /// The node's header, verified (re-read if it was first read without the key). ENOKEY when
-    /// the key that authenticates it is not loaded.
-    func verifiedHeader(_ node: Node) throws -> ObjectHeader {
-        try node.state.withLock { state in
-            if !state.verified {
-                guard let key = keys.key(for: state.header.macPolicy) ?? keys.lingeringKey(for: state.header.macPolicy)
-                else { throw StoreError.noKey }
-                let fd = try headerDescriptor(node, state, writable: false)
-                state.header = try withExtendedLifetime(fd) { try slots.read(fd: fd.raw, key: key) }
-                state.verified = true
-            }
-            return state.header
-        }
-    }
-
-    /// A directory's name key and header, for resolving and listing names. A removed key that
-    /// open files still hold is good enough here, as fscrypt's pinned directory inodes keep
-    /// theirs; new objects need `creationDirectory`.
-    func namingDirectory(_ dir: Node) throws -> (MasterKey, ObjectHeader) {
-        guard dir.isDirectory else { throw StoreError.notDirectory }
-        let header = dir.state.withLock { $0.header }
-        guard let key = keys.key(for: header.policy) ?? keys.lingeringKey(for: header.policy) else { throw StoreError.noKey }
-        // The header is authenticated under the parent's policy; without that key (a directory
-        // with its own policy in a locked parent) the names still authenticate themselves.
-        return (key, (try? verifiedHeader(dir)) ?? header)
-    }
-
-    /// A directory in which new names may be made: its key must be present, not just lingering.
-    func creationDirectory(_ dir: Node) throws -> (MasterKey, ObjectHeader) {
-        guard dir.isDirectory else { throw StoreError.notDirectory }
-        let policy = dir.state.withLock { $0.header.policy }
-        guard let key = keys.key(for: policy) else { throw StoreError.noKey }
-        return (key, (try? verifiedHeader(dir)) ?? dir.state.withLock { $0.header })
-    }
-
-    /// The key of an object's contents, for opening it anew; ENOKEY without it.
-    func objectKey(_ node: Node) throws -> MasterKey {
-        let policy = node.state.withLock { $0.header.policy }
-        guard let key = keys.key(for: policy) else { throw StoreError.noKey }
-        let header = try verifiedHeader(node)
-        // An interrupted flush transaction is never served half-written: it is replayed from its
-        // journal first, or, if that cannot be done, the object is refused (EIO).
-        if header.flags.contains(.pendingWrite) { try recover(node, key: key) }
-        return key
-    }
-
-    /// Replays an interrupted write as soon as the object is seen with its key present, so no
-    /// attribute (the size above all) is ever reported from the pending header: the first stat,
-    /// lookup or read after a crash already sees the recovered object.
-    func recoverIfPossible(_ node: Node) throws {
-        let (pending, policy) = node.state.withLock { ($0.header.flags.contains(.pendingWrite), $0.header.policy) }
-        guard pending, let key = keys.key(for: policy) else { return }
-        _ = try verifiedHeader(node)
-        try recover(node, key: key)
-    }
-
-    func recover(_ node: Node, key: MasterKey) throws {
-        try node.state.withLock { state in
-            guard state.header.flags.contains(.pendingWrite) else { return }
-            try recoverLocked(node, &state, key: key)
-            Diagnostics.report("recovered an interrupted write of object \(Hex.encode(state.header.objectID)) from its journal")
-        }
-    }
-
-    /// Replays the pending transaction of `state` (the node's lock held).
-    func recoverLocked(_ node: Node, _ state: inout NodeState, key: MasterKey) throws {
-        let fd = try objectDescriptor(node, state, .readWrite)
-        state.header = try withExtendedLifetime(fd) {
-            try Journal.recover(journalFD: journalFD.raw, objectFD: fd.raw, pending: state.header, key: key)
-        }
-        state.durableSequence = state.header.sequence
-    }
-
-    /// The key of an object's contents for reading or writing them: that of the open file if the
-    /// object is open (it keeps working after the key is removed), else `objectKey`.
-    func contentKey(_ node: Node) throws -> MasterKey {
-        if let key = node.state.withLock({ $0.file?.key }) { return key }
-        return try objectKey(node)
-    }
-
-    /// The key that authenticates the node's header, to rewrite it.
-    func headerKey(_ node: Node) throws -> MasterKey {
-        _ = try verifiedHeader(node)
-        let policy = node.state.withLock { $0.header.macPolicy }
-        guard let key = keys.key(for: policy) ?? keys.lingeringKey(for: policy) else { throw StoreError.noKey }
-        return key
-    }
-
     // MARK: nodes
 
     func node(_ id: UInt64) throws -> Node {
@@ -202,9 +108,9 @@ public final class Volume: Sendable {
 
     /// The backing entry name for `name` in `dir`: its encryption when the directory is
     /// unlocked; in the locked view the name must itself be a no-key (backing) name.
-    func backingName(of name: [UInt8], in dir: Node) throws -> [UInt8] {
-        if let (key, header) = try? namingDirectory(dir) {
-            return try NameCodec.encrypt(name, directoryID: header.objectID, key: key).backingName
+    func backingName(of name: [UInt8], in dir: Node, naming: KeyGrant?) throws -> [UInt8] {
+        if let naming {
+            return try NameCodec.encrypt(name, directoryID: naming.header.objectID, key: naming.key).backingName
         }
         guard dir.isDirectory else { throw StoreError.notDirectory }
         guard NameCodec.isEntryName(name) else { throw StoreError.notFound }
@@ -218,12 +124,14 @@ public final class Volume: Sendable {
     /// The reference is taken under the table lock, so a concurrent forget cannot drop the node
     /// between finding and counting it (which would let a second node for the same inode appear).
     func child(of dir: Node, backingName: [UInt8]) throws -> Node {
-        try childEntry(of: dir, backingName: backingName).node
+        try childEntry(of: dir, backingName: backingName, naming: try? key(for: dir, .names)).node
     }
 
     /// `child`, also giving the entry's `stat` as this lookup found it (for the object that the
     /// node is: identity checked), so the reply's attributes need not stat it again.
-    func childEntry(of dir: Node, backingName: [UInt8]) throws -> (node: Node, stat: stat) {
+    /// `naming` is the directory's name key as the caller found it (nil: locked): it checks the
+    /// child's binding, and verifies the child's header when it is the key that authenticates it.
+    func childEntry(of dir: Node, backingName: [UInt8], naming: KeyGrant?) throws -> (node: Node, stat: stat) {
         let dirFD = try directoryFD(dir)
         let st = try withExtendedLifetime(dirFD) { try Self.statEntry(dirFD.raw, backingName) }
         let location = Location(parent: dir, name: backingName)
@@ -242,9 +150,9 @@ public final class Volume: Sendable {
             }
             return node
         }
-        let (node, entryStat) = try cached.map { ($0, st) } ?? withExtendedLifetime(dirFD) { try openNode(in: dirFD.raw, at: location, stat: st) }
+        let (node, entryStat) = try cached.map { ($0, st) } ?? withExtendedLifetime(dirFD) { try openNode(in: dirFD.raw, at: location, stat: st, candidate: naming?.key) }
         do {
-            try checkBinding(node, parent: dir, backingName: backingName)
+            try checkBinding(node, parent: naming, backingName: backingName)
         } catch {
             release(node)
             throw error
@@ -277,7 +185,7 @@ public final class Volume: Sendable {
 
     /// Reads the header of the entry at `location` (whose descriptor is `dirFD`) and adds its
     /// node. Files are opened only for that read; a directory's descriptor goes to the cache.
-    private func openNode(in dirFD: Int32, at location: Location, stat st: stat) throws -> (Node, stat) {
+    private func openNode(in dirFD: Int32, at location: Location, stat st: stat, candidate: MasterKey?) throws -> (Node, stat) {
         let type: BackingType = switch st.st_mode & S_IFMT {
         case S_IFDIR: .directory
         case S_IFREG: .regularFile
@@ -285,7 +193,7 @@ public final class Volume: Sendable {
         }
         let (fd, opened) = try Sys.openEntryStat(dirFD, location.name, type, type == .directory ? .path : .readOnly)
         let headerFD = type == .directory ? try Self.openDirectoryHeader(fd.raw) : fd
-        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: slots) }
+        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: slots, candidate: candidate) }
         let identity = Sys.identity(of: fd.raw)
         let headerIdentity = type == .directory ? Sys.identity(of: headerFD.raw) : nil
         guard (header.type == .directory) == (type == .directory) else {
@@ -333,12 +241,11 @@ public final class Volume: Sendable {
         }
     }
 
-    func checkBinding(_ node: Node, parent: Node, backingName: [UInt8]) throws {
-        guard let (_, parentHeader) = try? namingDirectory(parent) else { return }
+    func checkBinding(_ node: Node, parent naming: KeyGrant?, backingName: [UInt8]) throws {
+        guard let parentHeader = naming?.header else { return }
         let (verified, bindings) = node.state.withLock { ($0.verified, $0.header.bindings) }
         guard verified else { return }
-        let digest = Binding.digest(parentID: parentHeader.objectID, backingName: backingName)
-        guard bindings.contains(where: { $0.digest == digest }) else {
+        guard NameResolver.isBound(bindings, parentID: parentHeader.objectID, backingName: backingName) else {
             throw StoreError.integrity("object is not bound to this name: moved or swapped in the backing store")
         }
     }
@@ -360,7 +267,8 @@ public final class Volume: Sendable {
 
     public func lookup(parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
         let dir = try node(parent)
-        let (child, st) = try childEntry(of: dir, backingName: try backingName(of: name, in: dir))
+        let naming = try? key(for: dir, .names)
+        let (child, st) = try childEntry(of: dir, backingName: try backingName(of: name, in: dir, naming: naming), naming: naming)
         child.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: name)) }
         do {
             return (child.id, try attributes(child, stat: st))
@@ -379,9 +287,9 @@ public final class Volume: Sendable {
         // names belong to the other view and must not become dentries (the key change already
         // invalidated the cached ones). Locked listings name entries by their backing names.
         let listedUnlocked = entry.name != backingName
-        let unlockedNow = dir.state.withLock { keys.key(for: $0.header.policy) ?? keys.lingeringKey(for: $0.header.policy) } != nil
-        guard listedUnlocked == unlockedNow else { throw StoreError.invalidArgument }
-        let (child, st) = try childEntry(of: dir, backingName: backingName)
+        let naming = try? key(for: dir, .names)
+        guard listedUnlocked == (naming != nil) else { throw StoreError.invalidArgument }
+        let (child, st) = try childEntry(of: dir, backingName: backingName, naming: naming)
         child.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: entry.name)) }
         do {
             return (child.id, try attributes(child, stat: st))

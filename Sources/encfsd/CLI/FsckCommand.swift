@@ -1,6 +1,9 @@
 import ArgumentParser
 import EncCore
 import Foundation
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,5 +1,8 @@
 import ArgumentParser
 import EncCore
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,6 +1,9 @@
 import ArgumentParser
 import EncCore
 import Foundation
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -66,7 +69,7 @@ struct KeyAdd: ParsableCommand {
             let placed = keyringId == nil
             let serial = try keyringId ?? placeInKeyring(try rawKey())
             if let keyringId {
-                do { try Keyring.grantOwnerRead(keyringId) } catch StoreError.system(let code) {
+                do { try Keyring.grantOwnerRead(keyringId) } catch KeyError.system(let code) {
                     throw CLIError("Error adding encryption key: \(String(cString: strerror(code)))")
                 }
             }
@@ -95,7 +98,7 @@ struct KeyAdd: ParsableCommand {
         let identifier = raw.withBytes { KeyIdentifier(rawKey: $0) }
         do {
             return try raw.withBytes { try Keyring.addUserKey(description: Keyring.description(for: identifier), payload: $0) }
-        } catch StoreError.system(let code) {
+        } catch KeyError.system(let code) {
             throw CLIError("Error adding encryption key: cannot add it to the user keyring: \(String(cString: strerror(code)))")
         }
     }

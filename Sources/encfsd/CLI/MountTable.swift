@@ -1,4 +1,7 @@
 import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Mounted encfsd stores, from /proc/self/mountinfo: a mount's source is its store's path.
 enum MountTable {
@@ -8,7 +11,7 @@ enum MountTable {
     }
 
     static func encfsdMounts() -> [Mount] {
-        guard let info = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return [] }
+        guard let info = readAll("/proc/self/mountinfo") else { return [] }
         return info.split(separator: "\n").compactMap { line in
             let halves = line.components(separatedBy: " - ")
             guard halves.count == 2 else { return nil }
@@ -16,6 +19,24 @@ enum MountTable {
             guard left.count > 4, right.count > 1, right[0] == "fuse.encfsd" else { return nil }
             return Mount(point: unescape(String(left[4])), store: unescape(String(right[1])))
         }
+    }
+
+    /// A /proc file read to its end. /proc reports a size of 0, and a reader that trusts one short
+    /// read stops at the first page: with many mounts, the later ones were missing.
+    static func readAll(_ path: String) -> String? {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { Glibc.close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n >= 0 else { return nil }
+            if n == 0 { break }
+            bytes += chunk[0..<n]
+        }
+        return String(decoding: bytes, as: UTF8.self)
     }
 
     static func mountpoint(ofStore store: String) -> String? {

@@ -1,5 +1,8 @@
 import ArgumentParser
 import EncCore
+import EncCrypto
+import EncKeys
+import EncFormat
 
 struct PolicyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

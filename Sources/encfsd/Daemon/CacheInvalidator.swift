@@ -2,6 +2,9 @@ import EncCore
 import Foundation
 import FuseBridge
 import Synchronization
+import EncCrypto
+import EncKeys
+import EncFormat
 
 /// Makes the kernel forget what it cached under a policy when its key comes or goes: after a
 /// removal no name, attribute or page of plaintext stays visible, and after an add no no-key

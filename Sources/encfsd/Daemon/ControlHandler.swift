@@ -1,5 +1,8 @@
 import EncCore
 import FuseBridge
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

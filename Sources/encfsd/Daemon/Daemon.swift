@@ -2,6 +2,9 @@ import Synchronization
 import EncCore
 import Foundation
 import FuseBridge
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

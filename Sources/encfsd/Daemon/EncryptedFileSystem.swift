@@ -1,5 +1,8 @@
 import EncCore
 import FuseBridge
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -32,7 +35,7 @@ final class EncryptedFileSystem: FileSystem {
     private func logged<R>(_ what: @autoclosure () -> String, node: UInt64? = nil, _ body: () throws -> R) throws -> R {
         do {
             return try body()
-        } catch let error as StoreError {
+        } catch let error as any IntegrityFailureDescribing {
             if let why = error.integrityFailure {
                 let path = node.flatMap { volume.plaintextPath(of: $0) }.map { " (\($0))" } ?? ""
                 Log.error("integrity failure: \(what())\(path): \(why)")

@@ -1,10 +1,13 @@
 import EncCore
 import FuseBridge
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// The one place where store errors become errno values.
+/// The one place where errors of the core's layers (store, keys, format) become errno values.
 extension StoreError: ErrnoConvertible {
     public var errnoValue: Int32 {
         switch self {
@@ -27,6 +30,28 @@ extension StoreError: ErrnoConvertible {
         case .fileTooLarge: EFBIG
         case .integrity, .unusableObject: EIO
         case .system(let code): code
+        }
+    }
+}
+
+extension KeyError: ErrnoConvertible {
+    public var errnoValue: Int32 {
+        switch self {
+        case .noKey: ENOKEY
+        case .quotaExceeded: EDQUOT
+        case .rejected: EKEYREJECTED
+        case .invalidArgument: EINVAL
+        case .system(let code): code
+        }
+    }
+}
+
+extension FormatError: ErrnoConvertible {
+    public var errnoValue: Int32 {
+        switch self {
+        case .integrity: EIO
+        case .invalidName: EINVAL
+        case .nameTooLong: ENAMETOOLONG
         }
     }
 }

@@ -1,6 +1,9 @@
 import EncCore
 import Foundation
 import FuseBridge
+import EncCrypto
+import EncKeys
+import EncFormat
 
 /// `--idle`: unmounts once the mount has gone `limit` with no open file or directory and no
 /// request. The unmount is the ordinary one (`fusermount3 -u`, as `encfsd umount` does), so the

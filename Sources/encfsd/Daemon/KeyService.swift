@@ -1,5 +1,8 @@
 import EncCore
 import FuseBridge
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -40,13 +43,8 @@ struct KeyService: Sendable {
         // The kernel sends RELEASE in the background after the last close(2) returns, so a file
         // its user has already closed can still hold the key for a moment. fscrypt would evict
         // such an inode at once; give in-flight releases that moment before calling files busy.
-        var waited = 0
-        while outcome == .filesBusy && waited < Self.releaseGraceMilliseconds {
-            usleep(5000)
-            waited += 5
-            if keys.lingeringKey(for: identifier) == nil {
-                outcome = (try? keys.remove(identifier, uid: context.uid, allUsers: allUsers)) ?? .removed
-            }
+        if outcome == .filesBusy {
+            outcome = keys.awaitWipe(identifier, uid: context.uid, allUsers: allUsers, milliseconds: Self.releaseGraceMilliseconds)
         }
         switch outcome {
         case .removed: return 0

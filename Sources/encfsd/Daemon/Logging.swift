@@ -2,6 +2,9 @@ import ArgumentParser
 import EncCore
 import Foundation
 import Synchronization
+import EncCrypto
+import EncKeys
+import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif

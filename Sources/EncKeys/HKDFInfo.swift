@@ -1,3 +1,5 @@
+import EncCrypto
+
 /// HKDF "info" strings. Every derivation from a master key uses HKDF-SHA512 with no salt and
 /// info = "fscrypt\0" || context byte || context data, the construction of Linux fscrypt v2.
 ///
@@ -18,7 +20,7 @@ public enum HKDFContext: UInt8, Sendable {
 }
 
 public enum HKDFInfo {
-    static let prefix: [UInt8] = Array("fscrypt".utf8) + [0]
+    package static let prefix: [UInt8] = Array("fscrypt".utf8) + [0]
 
     public static func make(_ context: HKDFContext, _ data: [UInt8] = []) -> [UInt8] {
         prefix + [context.rawValue] + data

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// A plaintext name's encrypted forms.
 public struct EncryptedName: Equatable, Sendable {
     /// AES-256-SIV output: synthetic IV (16) || ciphertext of the padded name.
@@ -15,17 +18,17 @@ public struct EncryptedName: Equatable, Sendable {
 /// default, so entry names leak only a coarse length.
 public enum NameCodec {
     public static let maximumNameBytes = 255
-    static let paddingGranule = 32
-    static let longPrefix = UInt8(ascii: "~")
+    package static let paddingGranule = 32
+    package static let longPrefix = UInt8(ascii: "~")
     /// Largest ciphertext stored directly: 16 + 160 bytes is 235 base64url characters.
-    static let maximumShortCiphertext = 16 + 160
+    package static let maximumShortCiphertext = 16 + 160
 
     /// Checks a name the kernel handed us; the kernel already refuses "/" and NUL, but a
     /// defensive check keeps a hostile caller from creating unreadable entries.
     public static func validate(_ name: [UInt8]) throws {
         guard !name.isEmpty, name != [0x2e], name != [0x2e, 0x2e], !name.contains(0), !name.contains(0x2f)
-        else { throw StoreError.invalidArgument }
-        guard name.count <= maximumNameBytes else { throw StoreError.nameTooLong }
+        else { throw FormatError.invalidName }
+        guard name.count <= maximumNameBytes else { throw FormatError.nameTooLong }
     }
 
     public static func encrypt(_ name: [UInt8], directoryID: [UInt8], key: MasterKey) throws -> EncryptedName {
@@ -36,7 +39,7 @@ public enum NameCodec {
         do {
             sealed = try key.withNameKey { k throws(CryptoError) in try OpenSSL.sivSeal(key: k, ad: directoryID, plaintext: padded) }
         } catch {
-            throw StoreError.integrity("name encryption failed: \(error)")
+            throw FormatError.integrity("name encryption failed: \(error)")
         }
         return EncryptedName(ciphertext: sealed, backingName: backingName(forCiphertext: sealed))
     }
@@ -55,7 +58,7 @@ public enum NameCodec {
 
     /// A ciphertext that can only be stored as a long name: longer than a short name holds,
     /// padded like every name, of a name of at most 255 bytes.
-    static func isValidLongCiphertext(_ c: [UInt8]) -> Bool {
+    package static func isValidLongCiphertext(_ c: [UInt8]) -> Bool {
         c.count > maximumShortCiphertext && (c.count - 16) % paddingGranule == 0 && c.count - 16 <= 256
     }
 
@@ -74,12 +77,12 @@ public enum NameCodec {
         do {
             padded = try key.withNameKey { k throws(CryptoError) in try OpenSSL.sivOpen(key: k, ad: directoryID, sealed: ciphertext) }
         } catch {
-            throw StoreError.integrity("name failed authentication")
+            throw FormatError.integrity("name failed authentication")
         }
         let end = padded.firstIndex(of: 0) ?? padded.count
         let name = Array(padded[0..<end])
         guard padded[end...].allSatisfy({ $0 == 0 }), (try? validate(name)) != nil else {
-            throw StoreError.integrity("name has invalid padding")
+            throw FormatError.integrity("name has invalid padding")
         }
         return name
     }

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// Seals and opens one extent: nonce (16) || AES-256-GCM ciphertext || tag (16).
 ///
 /// Each seal draws a fresh random nonce and derives its own key and IV from it, so no (key, IV)
@@ -5,7 +8,7 @@
 /// survive a crash. The associated data binds the ciphertext to its object, its index and its
 /// length: a swapped, moved or truncated extent fails to open.
 public enum ExtentCodec {
-    static let adBytes = 28
+    package static let adBytes = 28
 
     public static func seal(key: MasterKey, objectID: [UInt8], index: UInt64,
                             plaintext: UnsafeRawBufferPointer, into stored: UnsafeMutableRawBufferPointer) {
@@ -13,7 +16,7 @@ public enum ExtentCodec {
     }
 
     /// `fixedNonce` exists for known-answer tests only; production seals always draw a nonce.
-    static func seal(key: MasterKey, objectID: [UInt8], index: UInt64, plaintext: UnsafeRawBufferPointer,
+    package static func seal(key: MasterKey, objectID: [UInt8], index: UInt64, plaintext: UnsafeRawBufferPointer,
                      into stored: UnsafeMutableRawBufferPointer, fixedNonce: [UInt8]?) {
         precondition(stored.count == plaintext.count + ExtentGeometry.overheadBytes)
         let nonce = UnsafeMutableRawBufferPointer(rebasing: stored[0..<ExtentGeometry.nonceBytes])

@@ -8,7 +8,7 @@ public enum CryptoError: Error, Equatable, Sendable {
     case library(String)
 }
 
-/// Every OpenSSL call encfsd makes. Nothing outside `EncCore/OpenSSL/` imports COpenSSL.
+/// Every OpenSSL call encfsd makes. Nothing outside `EncCrypto/` imports COpenSSL.
 ///
 /// Hot-path entry points (`fillNonce`, `hkdfExpandSHA512(keyedAs:...)`, `gcmSeal`, `gcmOpen`)
 /// write into caller buffers and use the calling thread's reused contexts, so sealing an extent
@@ -31,7 +31,7 @@ public enum OpenSSL {
     /// Fills `buffer` (an extent nonce, at most 1 KiB) with CSPRNG bytes no other call returned,
     /// from a per-thread batch drawn ahead with `RAND_bytes`: for values stored in the clear.
     /// Never use it for secret keys.
-    static func fillNonce(_ buffer: UnsafeMutableRawBufferPointer) {
+    package static func fillNonce(_ buffer: UnsafeMutableRawBufferPointer) {
         ThreadContexts.withCurrent { $0.takeNonce(buffer) }
     }
 
@@ -183,7 +183,7 @@ public enum OpenSSL {
     ///
     /// - Parameter serial: `prk`'s owner's unique serial (`MasterKey.instanceSerial`), never
     ///   reused for another PRK; `forgetKeyedExpand(serial:)` must be called when `prk` is wiped.
-    static func hkdfExpandSHA512(keyedAs serial: UInt64, prk: UnsafeRawBufferPointer, info: UnsafeRawBufferPointer,
+    package static func hkdfExpandSHA512(keyedAs serial: UInt64, prk: UnsafeRawBufferPointer, info: UnsafeRawBufferPointer,
                                         into output: UnsafeMutableRawBufferPointer) {
         precondition(prk.count == 64 && info.count > 0 && info.count <= 1024 && output.count > 0 && output.count <= 64)
         // info || 0x01 built on the stack, so the HMAC takes one update; a 64-byte output takes the
@@ -205,7 +205,7 @@ public enum OpenSSL {
     }
 
     /// Frees every thread's HMAC state keyed for `serial`: its PRK is being wiped.
-    static func forgetKeyedExpand(serial: UInt64) {
+    package static func forgetKeyedExpand(serial: UInt64) {
         KeyedExpandCache.forget(serial: serial)
     }
 
@@ -361,18 +361,18 @@ public enum OpenSSL {
 }
 
 // OSSL_PARAM keeps the pointer to its name, so names must outlive the call: static C strings.
-enum ParamName {
-    static var mode: UnsafePointer<CChar> { cString("mode") }
-    static var digest: UnsafePointer<CChar> { cString("digest") }
-    static var key: UnsafePointer<CChar> { cString("key") }
-    static var salt: UnsafePointer<CChar> { cString("salt") }
-    static var info: UnsafePointer<CChar> { cString("info") }
-    static var tag: UnsafePointer<CChar> { cString("tag") }
-    static var pass: UnsafePointer<CChar> { cString("pass") }
-    static var scryptN: UnsafePointer<CChar> { cString("n") }
-    static var scryptR: UnsafePointer<CChar> { cString("r") }
-    static var scryptP: UnsafePointer<CChar> { cString("p") }
-    static var scryptMaxMem: UnsafePointer<CChar> { cString("maxmem_bytes") }
+package enum ParamName {
+    package static var mode: UnsafePointer<CChar> { cString("mode") }
+    package static var digest: UnsafePointer<CChar> { cString("digest") }
+    package static var key: UnsafePointer<CChar> { cString("key") }
+    package static var salt: UnsafePointer<CChar> { cString("salt") }
+    package static var info: UnsafePointer<CChar> { cString("info") }
+    package static var tag: UnsafePointer<CChar> { cString("tag") }
+    package static var pass: UnsafePointer<CChar> { cString("pass") }
+    package static var scryptN: UnsafePointer<CChar> { cString("n") }
+    package static var scryptR: UnsafePointer<CChar> { cString("r") }
+    package static var scryptP: UnsafePointer<CChar> { cString("p") }
+    package static var scryptMaxMem: UnsafePointer<CChar> { cString("maxmem_bytes") }
 
     private static func cString(_ s: StaticString) -> UnsafePointer<CChar> {
         UnsafeRawPointer(s.utf8Start).assumingMemoryBound(to: CChar.self)

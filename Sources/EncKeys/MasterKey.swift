@@ -1,4 +1,5 @@
 import Synchronization
+import EncCrypto
 
 /// A master key and the subkeys encfsd derives from it once, all in locked memory.
 ///
@@ -13,7 +14,7 @@ public final class MasterKey: Sendable {
     /// Unique to this instance for the life of the process, never reused: it names this key's
     /// keyed HMAC state in each thread's cache (see `KeyedExpandCache`). Two instances made from
     /// the same raw key get different serials; that costs one extra keying, never a wrong key.
-    let instanceSerial: UInt64
+    package let instanceSerial: UInt64
     private static let serials = Atomic<UInt64>(0)
     /// Told when this key has been wiped (set when the key is removed from its table).
     private let wipeObserver = Mutex<(@Sendable () -> Void)?>(nil)
@@ -26,10 +27,10 @@ public final class MasterKey: Sendable {
 
     /// What a master key yields: the only state a `MasterKey` keeps.
     private struct Derived {
-        let identifier: KeyIdentifier
-        let prk: SecureBytes
-        let nameKey: SecureBytes
-        let xattrKeys: SecureBytes
+        package let identifier: KeyIdentifier
+        package let prk: SecureBytes
+        package let nameKey: SecureBytes
+        package let xattrKeys: SecureBytes
     }
 
     /// No copy of the raw key is kept: only what is derived from it, all in locked memory.
@@ -102,7 +103,7 @@ public final class MasterKey: Sendable {
         try xattrKeyBytes.withBytes { try body(UnsafeRawBufferPointer(rebasing: $0[0..<64]), UnsafeRawBufferPointer(rebasing: $0[64...])) }
     }
 
-    func setWipeObserver(_ observer: @escaping @Sendable () -> Void) {
+    package func setWipeObserver(_ observer: @escaping @Sendable () -> Void) {
         wipeObserver.withLock { $0 = observer }
     }
 
@@ -120,5 +121,5 @@ public final class MasterKey: Sendable {
 
 extension HKDFInfo {
     /// "fscrypt\0" as a static pointer, for building info strings without allocating.
-    static var prefixPointer: UnsafeRawPointer { UnsafeRawPointer(("fscrypt\0" as StaticString).utf8Start) }
+    package static var prefixPointer: UnsafeRawPointer { UnsafeRawPointer(("fscrypt\0" as StaticString).utf8Start) }
 }

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// RFC 4648 base64url without padding: the backing-name alphabet. It has no '.', so every
 /// backing name starting with '.' (".d", "encfsd.conf") can never collide with an entry.
 public enum Base64URL {

@@ -1,4 +1,6 @@
 import Foundation
+import EncCrypto
+import EncKeys
 
 /// `encfsd.conf` at the top of a store: format version, features and parameters. It holds no
 /// secret, so it may be readable by anyone who can read the ciphertext.
@@ -100,32 +102,10 @@ public struct StoreConfig: Codable, Equatable, Sendable {
     }
 
     /// Most bytes `encfsd.conf` may have: it is read from a store that may be hostile.
-    static let maximumBytes = 1 << 20
+    public static let maximumBytes = 1 << 20
 
-    public static func load(storePath: String) throws(Problem) -> StoreConfig {
-        let root: FileDescriptor
-        do {
-            root = try Sys.openStoreRoot(storePath)
-        } catch {
-            throw .missing(storePath)
-        }
-        return try withExtendedLifetime(root) { () throws(Problem) -> StoreConfig in try load(storeFD: root.raw, shownAs: storePath) }
-    }
 
-    /// Reads the configuration through the store boundary (never a link, never a FIFO).
-    public static func load(storeFD: Int32, shownAs storePath: String = "store") throws(Problem) -> StoreConfig {
-        let data: Data
-        do {
-            data = Data(try Sys.readEntry(storeFD, Array(fileName.utf8), limit: maximumBytes))
-        } catch StoreError.system(ENOENT) {
-            throw .missing(storePath)
-        } catch {
-            throw .unreadable("\(fileName): \(error)")
-        }
-        return try decode(data)
-    }
-
-    static func decode(_ data: Data) throws(Problem) -> StoreConfig {
+    public static func decode(_ data: Data) throws(Problem) -> StoreConfig {
         let config: StoreConfig
         do {
             config = try JSONDecoder().decode(StoreConfig.self, from: data)

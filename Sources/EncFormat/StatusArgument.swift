@@ -1,3 +1,5 @@
+import EncCrypto
+import EncKeys
 extension ControlProtocol {
     /// ENCFSD_IOC_GET_STATUS = _IOR('E', 4, struct encfsd_status_arg /* 4096 bytes */).
     public static let getStatus = ioc(read: true, write: false, type: UInt8(ascii: "E"), number: 4, size: StatusArgument.byteCount)

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// One name an object is known by: a directory entry in a given parent.
 ///
 /// The header lists the entries that may refer to it, so a backing file moved or swapped under
@@ -27,7 +30,7 @@ public struct ObjectHeader: Equatable, Sendable {
         public init(rawValue: UInt32) { self.rawValue = rawValue }
         /// A flush transaction is in flight; the object must be recovered before it is served.
         public static let pendingWrite = Flags(rawValue: 1 << 0)
-        static let known: Flags = [.pendingWrite]
+        package static let known: Flags = [.pendingWrite]
     }
 
     public static let magic: [UInt8] = Array("EFS1".utf8)
@@ -36,12 +39,12 @@ public struct ObjectHeader: Equatable, Sendable {
     /// v1 builds until the user upgrades it.
     public static let versions: ClosedRange<UInt16> = 1...2
     public static let newestVersion: UInt16 = 2
-    static let macBytes = 32
-    static let checksumBytes = 8
+    package static let macBytes = 32
+    package static let checksumBytes = 8
 
     /// Bytes of the fixed part of a body in `version`.
-    static func fixedBytes(version: UInt16) -> Int { version >= 2 ? 144 : 112 }
-    static let smallestFixedBytes = 112
+    package static func fixedBytes(version: UInt16) -> Int { version >= 2 ? 144 : 112 }
+    package static let smallestFixedBytes = 112
 
     public var version: UInt16
     public var sequence: UInt64 = 0
@@ -110,7 +113,7 @@ public struct ObjectHeader: Equatable, Sendable {
         encodedBodyCount + extraBytes + Self.macBytes + Self.checksumBytes <= ExtentGeometry.headerSlotBytes
     }
 
-    func encodeBody() -> [UInt8] {
+    package func encodeBody() -> [UInt8] {
         // A v1 slot has no room for what only v2 can say; writing it there would drop it.
         precondition(version >= 2 || (previousPolicy == nil && legacyRanges.isEmpty))
         var w = ByteWriter(capacity: ExtentGeometry.headerSlotBytes)
@@ -154,7 +157,7 @@ public struct ObjectHeader: Equatable, Sendable {
     }
 
     /// How a slot body that passed its checksum can still be unusable.
-    enum DecodeFailure: Error, Equatable {
+    package enum DecodeFailure: Error, Equatable {
         /// Written by a newer format version, or with flags this version does not know: refused,
         /// never guessed at or silently replaced by the older slot.
         case unsupported(version: UInt16, sequence: UInt64)
@@ -164,7 +167,7 @@ public struct ObjectHeader: Equatable, Sendable {
     /// Parses a body whose checksum has been verified, enforcing every rule of FORMAT.md 4.3 to
     /// 4.5: reserved bytes zero, ranges canonical and inside the file, fields that do not apply
     /// to the object's type zero.
-    static func decodeBody(_ body: ArraySlice<UInt8>) -> Result<ObjectHeader, DecodeFailure> {
+    package static func decodeBody(_ body: ArraySlice<UInt8>) -> Result<ObjectHeader, DecodeFailure> {
         var r = ByteReader(body)
         guard r.raw(4) == magic, let version = r.u16(), let length = r.u16(), Int(length) == body.count,
               let sequence = r.u64(), let rawFlags = r.u32()
@@ -245,7 +248,7 @@ public struct ObjectHeader: Equatable, Sendable {
 
     /// Objects with encrypted contents are authenticated under their own policy; only
     /// directories (policy roots) and content-less objects moved across policies differ.
-    static func carriesContents(_ type: ObjectType) -> Bool {
+    package static func carriesContents(_ type: ObjectType) -> Bool {
         type == .regular || type == .symlink
     }
 

@@ -1,8 +1,11 @@
+import EncCrypto
+import EncKeys
+
 /// The Linux fscrypt ioctls encfsd answers unchanged (linux/fscrypt.h), so stock tools such as
 /// `xfs_io -c rm_enckey` and `xfs_io -c enckey_status` work on an encfsd mount. Only those with a
 /// fixed-size argument can pass through a restricted FUSE ioctl.
 public enum FscryptIoctl {
-    static func iowr(_ number: UInt8, _ size: Int) -> UInt32 {
+    package static func iowr(_ number: UInt8, _ size: Int) -> UInt32 {
         ControlProtocol.ioc(read: true, write: true, type: UInt8(ascii: "f"), number: number, size: size)
     }
 
@@ -15,17 +18,17 @@ public enum FscryptIoctl {
     public static let getFlags32 = ControlProtocol.ioc(read: true, write: false, type: UInt8(ascii: "f"), number: 1, size: 4)
     public static let encryptFlag: UInt32 = 0x800 // FS_ENCRYPT_FL
 
-    static let keySpecifierIdentifier: UInt32 = 2 // FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
+    package static let keySpecifierIdentifier: UInt32 = 2 // FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER
 
     /// struct fscrypt_key_specifier { u32 type; u32 reserved; u8 u[32]; }, identifier form only
     /// (v1 descriptors belong to v1 policies, which encfsd does not have).
-    static func decodeKeySpecifier(_ r: inout ByteReader) -> KeyIdentifier? {
+    package static func decodeKeySpecifier(_ r: inout ByteReader) -> KeyIdentifier? {
         guard r.u32() == keySpecifierIdentifier, r.u32() == 0, let identifier = r.raw(16), let rest = r.raw(16),
               rest.allSatisfy({ $0 == 0 }) else { return nil }
         return KeyIdentifier(bytes: identifier)
     }
 
-    static func encodeKeySpecifier(_ w: inout ByteWriter, _ identifier: KeyIdentifier) {
+    package static func encodeKeySpecifier(_ w: inout ByteWriter, _ identifier: KeyIdentifier) {
         w.u32(keySpecifierIdentifier)
         w.u32(0)
         w.raw(identifier.bytes)

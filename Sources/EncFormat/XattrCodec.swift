@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// Encoding of user extended attributes as backing xattrs (FORMAT.md section 8).
 ///
 /// Backing name: "user.encfsd." + base64url(first 24 bytes of HMAC-SHA256(xattr HMAC key, "xattr"
@@ -21,16 +24,16 @@ public enum XattrCodec {
         }
     }
 
-    /// The attribute's name and value; `StoreError.integrity` when the value does not open.
+    /// The attribute's name and value; `FormatError.integrity` when the value does not open.
     public static func open(_ sealed: [UInt8], objectID: [UInt8], backingName: String, key: MasterKey) throws -> ([UInt8], [UInt8]) {
         let plain: [UInt8]
         do {
             plain = try key.withXattrKeys { k, _ in try OpenSSL.sivOpen(key: k, ad: objectID + Array(backingName.utf8), sealed: sealed) }
         } catch {
-            throw StoreError.integrity("xattr failed authentication")
+            throw FormatError.integrity("xattr failed authentication")
         }
         guard let count = plain.first.map(Int.init), plain.count >= 1 + count else {
-            throw StoreError.integrity("xattr is malformed")
+            throw FormatError.integrity("xattr is malformed")
         }
         return (Array(plain[1..<(1 + count)]), Array(plain[(1 + count)...]))
     }

@@ -8,13 +8,13 @@ import Glibc
 ///
 /// Invariant making this `@unchecked Sendable`: `key` and `make` are set in `init` and never
 /// change; each thread only ever touches its own value.
-final class PerThread<T: AnyObject>: @unchecked Sendable {
+package final class PerThread<T: AnyObject>: @unchecked Sendable {
     /// A `let`: read on every seal and open, and a `var` would be checked for exclusive access at
     /// run time on each read.
     private let key: pthread_key_t
     private let make: () -> T
 
-    init(_ make: @escaping () -> T) {
+    package init(_ make: @escaping () -> T) {
         var key = pthread_key_t()
         let rc = pthread_key_create(&key) { raw in
             guard let raw else { return }
@@ -26,7 +26,7 @@ final class PerThread<T: AnyObject>: @unchecked Sendable {
     }
 
     /// The calling thread's value. Never hand it to another thread.
-    var current: T {
+    package var current: T {
         if let raw = pthread_getspecific(key) {
             return Unmanaged<T>.fromOpaque(raw).takeUnretainedValue()
         }
@@ -40,7 +40,7 @@ final class PerThread<T: AnyObject>: @unchecked Sendable {
     /// costs: the thread's own reference keeps it alive until the thread exits, which cannot
     /// happen during `body`. For the per-extent path.
     @inline(__always)
-    func withCurrent<R>(_ body: (T) -> R) -> R {
+    package func withCurrent<R>(_ body: (T) -> R) -> R {
         if let raw = pthread_getspecific(key) {
             return Unmanaged<T>.fromOpaque(raw)._withUnsafeGuaranteedRef(body)
         }

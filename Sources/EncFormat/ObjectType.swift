@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// What a backing object represents. Everything but a directory is a backing regular file with a
 /// header, so symlink targets of any length and special files need no privileges in the backing
 /// directory and carry authenticated metadata like files do.

@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// Pure arithmetic between plaintext offsets, extent indices and backing offsets.
 ///
 /// A backing file is two header slots followed by extents at a fixed stride, so any plaintext

@@ -10,22 +10,22 @@ import Glibc
 /// malloc on the data path, and sharing one across threads would need a lock. Each libfuse
 /// worker thread therefore gets its own set, created on first use and freed when the thread
 /// exits (pthread key destructor).
-final class ThreadContexts {
+package final class ThreadContexts {
     /// For AES-256-SIV and anything else that sets its own cipher on each use.
-    let cipher: OpaquePointer
+    package let cipher: OpaquePointer
     /// Fixed to AES-256-GCM when created: each extent seal or open passes only key and IV. Passing
     /// the cipher again made OpenSSL free and reallocate its whole GCM state on every extent.
-    let gcm: OpaquePointer
-    let mac: OpaquePointer
-    let kdf: OpaquePointer
+    package let gcm: OpaquePointer
+    package let mac: OpaquePointer
+    package let kdf: OpaquePointer
     /// HMAC-SHA512 contexts keyed with each master key's PRK this thread derives extent keys for.
-    let keyedExpand = KeyedExpandCache()
+    package let keyedExpand = KeyedExpandCache()
     /// Random bytes drawn ahead for extent nonces (see `takeNonce`).
     private let nonces: UnsafeMutableRawBufferPointer
     private var noncesUsed: Int
     private var noncesForkGeneration: UInt64 = 0
 
-    init() {
+    package init() {
         guard let cipher = EVP_CIPHER_CTX_new(),
               let gcm = EVP_CIPHER_CTX_new(),
               let mac = EVP_MAC_CTX_new(Algorithms.shared.hmac),
@@ -57,10 +57,10 @@ final class ThreadContexts {
     /// derives nothing without the master key): what must never happen is handing the same
     /// bytes out twice. Within a thread the buffer is consumed once; across a fork the child
     /// would inherit the same unused bytes as the parent, so a fork discards the buffer.
-    static let nonceBatchBytes = 1024
+    package static let nonceBatchBytes = 1024
 
     /// Fills `out` (at most `nonceBatchBytes`) with bytes from OpenSSL's CSPRNG not given out before.
-    func takeNonce(_ out: UnsafeMutableRawBufferPointer) {
+    package func takeNonce(_ out: UnsafeMutableRawBufferPointer) {
         precondition(out.count <= Self.nonceBatchBytes)
         let generation = ForkWatch.shared.generation
         if noncesUsed + out.count > nonces.count || generation != noncesForkGeneration {
@@ -80,17 +80,17 @@ final class ThreadContexts {
     /// Runs `body` with the calling thread's contexts without a retain and release (the per-extent
     /// path; see `PerThread.withCurrent`).
     @inline(__always)
-    static func withCurrent<R>(_ body: (ThreadContexts) -> R) -> R { perThread.withCurrent(body) }
+    package static func withCurrent<R>(_ body: (ThreadContexts) -> R) -> R { perThread.withCurrent(body) }
 
     /// The calling thread's contexts. Never hand the result to another thread.
-    static var current: ThreadContexts { perThread.current }
+    package static var current: ThreadContexts { perThread.current }
 }
 
 /// Counts forks, so a child process never reuses random bytes its parent drew ahead.
 ///
 /// Invariant making this `@unchecked Sendable`: only the atomic is mutable.
-final class ForkWatch: @unchecked Sendable {
-    static let shared = ForkWatch()
+package final class ForkWatch: @unchecked Sendable {
+    package static let shared = ForkWatch()
     private static let forks = Atomic<UInt64>(0)
 
     private init() {
@@ -99,21 +99,21 @@ final class ForkWatch: @unchecked Sendable {
         precondition(rc == 0, "pthread_atfork failed: \(rc)")
     }
 
-    var generation: UInt64 { Self.forks.load(ordering: .relaxed) }
+    package var generation: UInt64 { Self.forks.load(ordering: .relaxed) }
 }
 
 /// Algorithm objects fetched once. Fetching per call costs a provider lookup under a lock.
 ///
 /// Invariant making this `@unchecked Sendable`: the pointers are set in `init` and the fetched
 /// algorithm objects are immutable and reference-counted by OpenSSL, safe to share.
-final class Algorithms: @unchecked Sendable {
-    static let shared = Algorithms()
-    let aes256gcm: OpaquePointer
-    let aes256siv: OpaquePointer
-    let sha256: OpaquePointer
-    let hmac: OpaquePointer
-    let hkdf: OpaquePointer
-    let scrypt: OpaquePointer
+package final class Algorithms: @unchecked Sendable {
+    package static let shared = Algorithms()
+    package let aes256gcm: OpaquePointer
+    package let aes256siv: OpaquePointer
+    package let sha256: OpaquePointer
+    package let hmac: OpaquePointer
+    package let hkdf: OpaquePointer
+    package let scrypt: OpaquePointer
 
     private init() {
         func need<T>(_ value: T?, _ what: String) -> T {

@@ -1,3 +1,4 @@
+import EncCrypto
 #if canImport(Glibc)
 import Glibc
 #endif

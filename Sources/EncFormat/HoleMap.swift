@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// Extent ranges that are holes: not stored, read as zeros. Kept in the authenticated header,
 /// so an attacker who zeroes stored extents gets EIO instead of a plausible hole.
 public struct HoleMap: Equatable, Sendable {

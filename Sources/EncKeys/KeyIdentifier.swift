@@ -1,3 +1,5 @@
+import EncCrypto
+
 /// The 16-byte identifier of a master key, computed exactly as Linux fscrypt v2 computes it, so
 /// identifiers printed by encfsd match those of `fscryptctl` and xfstests for the same raw key.
 public struct KeyIdentifier: Hashable, Sendable, CustomStringConvertible {

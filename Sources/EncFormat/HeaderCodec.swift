@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// Seals and opens object headers in their two slots.
 ///
 /// Two slots let a header update be atomic even when a power loss tears the write: the new
@@ -90,10 +93,18 @@ public enum HeaderCodec {
     /// Only the newest intact slot's MAC is computed: every lookup and open reads a header, and
     /// the older slot's HMAC and key derivation would double that cost for nothing.
     ///
-    /// - Throws: `StoreError.integrity` when no slot may be served.
+    /// - Throws: `FormatError.integrity` when no slot may be served.
     public static func current(region: [UInt8], key: MasterKey?, evidence: TornWriteEvidence) throws -> Choice {
+        try current(region: region, evidence: evidence) { _ in key }.choice
+    }
+
+    /// `current`, asking `keyFor` for the key of the newest intact slot's `macPolicy`: one read
+    /// and one parse of the region whether or not the key is loaded. `verified` says whether the
+    /// choice was authenticated (false: the locked view, 4.8).
+    public static func current(region: [UInt8], evidence: TornWriteEvidence,
+                               keyFor: (KeyIdentifier) -> MasterKey?) throws -> (choice: Choice, verified: Bool) {
         guard region.count == ExtentGeometry.headerBytes else {
-            throw StoreError.integrity("header region is \(region.count) bytes, not \(ExtentGeometry.headerBytes)")
+            throw FormatError.integrity("header region is \(region.count) bytes, not \(ExtentGeometry.headerBytes)")
         }
         let slotBytes = ExtentGeometry.headerSlotBytes
         let slots = [region[0..<slotBytes], region[slotBytes..<(2 * slotBytes)]]
@@ -105,20 +116,21 @@ public enum HeaderCodec {
         // A newer slot in a format this build does not know is refused outright: falling back to
         // the older slot would silently serve a rolled-back version of the object.
         for case .unsupported(let version, let sequence) in states where newest == nil || sequence > newest!.header.sequence {
-            throw StoreError.integrity("header written in format version \(version), newer than this encfsd reads")
+            throw FormatError.integrity("header written in format version \(version), newer than this encfsd reads")
         }
         guard let newest else {
-            throw StoreError.integrity(states.contains(.empty) && !states.contains(.damaged) ? "header is empty" : "header is damaged")
+            throw FormatError.integrity(states.contains(.empty) && !states.contains(.damaged) ? "header is empty" : "header is damaged")
         }
+        let key = keyFor(newest.header.macPolicy)
         if let key, !verify(slot: newest.slot, header: newest.header, key: key) {
-            throw StoreError.integrity("header failed authentication")
+            throw FormatError.integrity("header failed authentication")
         }
-        guard let damaged = states.firstIndex(of: .damaged) else { return Choice(header: newest.header, tornSlot: nil) }
+        guard let damaged = states.firstIndex(of: .damaged) else { return (Choice(header: newest.header, tornSlot: nil), key != nil) }
         guard evidence.tornWritePossible(sinceEpoch: newest.header.epoch) else {
-            throw StoreError.integrity("header slot \(damaged) is damaged, and the store has shut down cleanly since the other slot "
+            throw FormatError.integrity("header slot \(damaged) is damaged, and the store has shut down cleanly since the other slot "
                 + "was written (epoch \(newest.header.epoch)): refusing to serve what may be an older version")
         }
-        return Choice(header: newest.header, tornSlot: damaged)
+        return (Choice(header: newest.header, tornSlot: damaged), key != nil)
     }
 
 }
@@ -141,7 +153,7 @@ public struct TornWriteEvidence: Equatable, Sendable {
 }
 
 /// Whether every byte is zero, a word at a time (slot images are checked on every header read).
-func isAllZero(_ bytes: ArraySlice<UInt8>) -> Bool {
+package func isAllZero(_ bytes: ArraySlice<UInt8>) -> Bool {
     bytes.withUnsafeBytes { raw in
         var words = 0
         var acc: UInt64 = 0
@@ -160,7 +172,7 @@ func isAllZero(_ bytes: ArraySlice<UInt8>) -> Bool {
     }
 }
 
-func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+package func constantTimeEqual(_ a: [UInt8], _ b: [UInt8]) -> Bool {
     guard a.count == b.count else { return false }
     var diff: UInt8 = 0
     for i in 0..<a.count { diff |= a[i] ^ b[i] }

@@ -18,15 +18,15 @@ import Synchronization
 /// own when it exits (`retire`). Each cache has a lock for that purpose only: the owning thread
 /// takes it (uncontended) around each use, and another thread takes it only to free an entry,
 /// never to use one, so no context is ever used by two threads.
-final class KeyedExpandCache: Sendable {
+package final class KeyedExpandCache: Sendable {
     /// More master keys than this in use by one thread evicts the least recently keyed one.
-    static let capacity = 8
+    package static let capacity = 8
 
     /// Invariant making this `@unchecked Sendable`: an entry only moves into and out of its
     /// thread's `entries` lock, under which alone its context is used or freed.
     private struct Entry: @unchecked Sendable {
-        var serial: UInt64
-        var ctx: OpaquePointer
+        package var serial: UInt64
+        package var ctx: OpaquePointer
     }
 
     private let entries = Mutex<[Entry]>([])
@@ -34,13 +34,13 @@ final class KeyedExpandCache: Sendable {
     /// Every thread's cache, for `forget`.
     private static let registry = Mutex<[ObjectIdentifier: KeyedExpandCache]>([:])
 
-    init() {
+    package init() {
         Self.registry.withLock { $0[ObjectIdentifier(self)] = self }
     }
 
     /// HMAC-SHA512(prk, message) into `block` (64 bytes), with the context this thread keyed for
     /// `serial`, keying one on first use. HKDF's T(1) when `message` is info || 0x01.
-    func firstBlock(serial: UInt64, prk: UnsafeRawBufferPointer, message: UnsafeRawBufferPointer,
+    package func firstBlock(serial: UInt64, prk: UnsafeRawBufferPointer, message: UnsafeRawBufferPointer,
                     into block: UnsafeMutableRawBufferPointer) -> Bool {
         precondition(block.count == 64)
         return entries.withLock { entries -> Bool in
@@ -81,7 +81,7 @@ final class KeyedExpandCache: Sendable {
     }
 
     /// Frees the contexts keyed for `serial` in every thread: its master key is being wiped.
-    static func forget(serial: UInt64) {
+    package static func forget(serial: UInt64) {
         // Taken out of the registry lock first, so no two locks are ever held together. A thread
         // that exits meanwhile has retired its (emptied) cache; one that starts has no entry for
         // a key nobody can use any more.
@@ -98,7 +98,7 @@ final class KeyedExpandCache: Sendable {
     }
 
     /// The owning thread is exiting: frees every context.
-    func retire() {
+    package func retire() {
         _ = Self.registry.withLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
         entries.withLock { entries in
             for entry in entries { EVP_MAC_CTX_free(entry.ctx) }
@@ -107,7 +107,7 @@ final class KeyedExpandCache: Sendable {
     }
 
     /// How many threads hold a context keyed for `serial` (tests).
-    static func contexts(for serial: UInt64) -> Int {
+    package static func contexts(for serial: UInt64) -> Int {
         let caches = registry.withLock { Array($0.values) }
         return caches.filter { cache in cache.entries.withLock { $0.contains { $0.serial == serial } } }.count
     }

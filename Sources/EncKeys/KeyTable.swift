@@ -1,4 +1,6 @@
+import Dispatch
 import Synchronization
+import EncCrypto
 
 /// The master keys a mounted store knows, with the semantics of Linux fscrypt v2 key management.
 ///
@@ -39,26 +41,50 @@ public final class KeyTable: Sendable {
         }
     }
 
-    struct Entry {
-        var key: MasterKey?
+    package struct Entry {
+        package var key: MasterKey?
         weak var lingering: MasterKey?
-        var claims: [UInt32: KeyringClaim] = [:]
+        package var claims: [UInt32: KeyringClaim] = [:]
         /// Set by the removed key's deinit. Status reads this rather than `lingering`: reading a
         /// weak reference makes a strong one, which inside the lock could be the last and run the
         /// key's deinit there.
-        var wiped: WipeFlag?
+        package var wiped: WipeFlag?
     }
 
     /// Whether a removed key has been wiped: written by its deinit, which may run on any thread
     /// and takes no lock.
-    final class WipeFlag: Sendable {
+    package final class WipeFlag: Sendable {
         private let done = Atomic(false)
-        func set() { done.store(true, ordering: .releasing) }
-        var isSet: Bool { done.load(ordering: .acquiring) }
+        /// Signalled once, by the wipe: a remover waiting for in-flight releases wakes at the
+        /// moment the key is gone instead of polling for it.
+        private let signal = DispatchSemaphore(value: 0)
+        package func set() {
+            done.store(true, ordering: .releasing)
+            signal.signal()
+        }
+        package var isSet: Bool { done.load(ordering: .acquiring) }
+        /// Waits until the key is wiped, at most `milliseconds`; whether it was.
+        package func wait(milliseconds: Int) -> Bool {
+            if isSet { return true }
+            guard signal.wait(timeout: .now() + .milliseconds(milliseconds)) == .success else { return isSet }
+            signal.signal() // for any other waiter
+            return true
+        }
     }
 
     public let userQuota: Int
     private let entries = Mutex<[KeyIdentifier: Entry]>([:])
+    #if ENCFSD_TEST_HOOKS
+    /// Key lookups made (each one lock of the table): tests hold the request paths to their count.
+    package let lookups = Atomic<Int>(0)
+    #endif
+
+    @inline(__always)
+    private func countLookup() {
+        #if ENCFSD_TEST_HOOKS
+        lookups.add(1, ordering: .relaxed)
+        #endif
+    }
     /// Keyring entries of dropped claims, revoked once their key is wiped. Kept apart from the
     /// entries: a completed removal deletes its entry before the wipe is handled.
     private let dropped = Mutex<[KeyIdentifier: [KeyringClaim]]>([:])
@@ -76,10 +102,10 @@ public final class KeyTable: Sendable {
     /// Adds `key` as `claim.uid`'s claim. Re-adding an incompletely removed key revives the
     /// instance open files still hold, so old and new opens share one key.
     @discardableResult
-    public func add(_ key: MasterKey, claim: KeyringClaim) throws(StoreError) -> KeyIdentifier {
+    public func add(_ key: MasterKey, claim: KeyringClaim) throws(KeyError) -> KeyIdentifier {
         let id = key.identifier
         var superseded: [KeyringClaim] = []
-        try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(StoreError) in
+        try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(KeyError) in
             if claim.uid != 0 {
                 let held = table.values.filter { $0.claims[claim.uid] != nil }.count
                 if table[id]?.claims[claim.uid] == nil && held >= userQuota { throw .quotaExceeded }
@@ -99,14 +125,26 @@ public final class KeyTable: Sendable {
 
     /// The key for new work: only keys that are present, not incompletely removed.
     public func key(for identifier: KeyIdentifier) -> MasterKey? {
-        entries.withLock { $0[identifier]?.key }
+        countLookup()
+        return entries.withLock { $0[identifier]?.key }
+    }
+
+    /// The key, or with `allowLingering` a removed key that open files still hold (see
+    /// `lingeringKey`): one lock either way.
+    public func key(for identifier: KeyIdentifier, allowLingering: Bool) -> MasterKey? {
+        countLookup()
+        return entries.withLock { table in
+            guard let entry = table[identifier] else { return nil }
+            return entry.key ?? (allowLingering ? entry.lingering : nil)
+        }
     }
 
     /// A removed key that open files still hold: enough to resolve names in the directories they
     /// live in (as fscrypt's still-keyed directory inodes do), never to open anything new.
     /// (The strong reference it makes leaves the lock with the caller; see `remove`.)
     public func lingeringKey(for identifier: KeyIdentifier) -> MasterKey? {
-        entries.withLock { $0[identifier]?.lingering }
+        countLookup()
+        return entries.withLock { $0[identifier]?.lingering }
     }
 
     /// Every key the table knows: present or incompletely removed (for `encfsd status`).
@@ -123,10 +161,10 @@ public final class KeyTable: Sendable {
     }
 
     /// Drops `uid`'s claim (or every claim), and the key itself once no claim remains.
-    public func remove(_ identifier: KeyIdentifier, uid: UInt32, allUsers: Bool) throws(StoreError) -> Removal {
+    public func remove(_ identifier: KeyIdentifier, uid: UInt32, allUsers: Bool) throws(KeyError) -> Removal {
         var released: MasterKey?
         var droppedClaims: [KeyringClaim] = []
-        let outcome: Removal? = try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(StoreError) -> Removal? in
+        let outcome: Removal? = try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(KeyError) -> Removal? in
             guard var entry = table[identifier] else { throw .noKey }
             if entry.key != nil {
                 if allUsers {
@@ -169,6 +207,15 @@ public final class KeyTable: Sendable {
             table[identifier] = nil
             return .removed
         }
+    }
+
+    /// Waits, at most `milliseconds`, for a removed key that open files still held to be wiped
+    /// (their last release), then completes the removal. For the releases the kernel sends just
+    /// after the last close(2) returns: fscrypt would evict such inodes at once.
+    public func awaitWipe(_ identifier: KeyIdentifier, uid: UInt32, allUsers: Bool, milliseconds: Int) -> Removal {
+        guard let flag = entries.withLock({ $0[identifier]?.wiped }) else { return .removed }
+        guard flag.wait(milliseconds: milliseconds) else { return .filesBusy }
+        return (try? remove(identifier, uid: uid, allUsers: allUsers)) ?? .removed
     }
 
     /// The key's deinit calls this, wherever its last reference was dropped, so it takes no lock.

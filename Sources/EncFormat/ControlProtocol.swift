@@ -1,3 +1,6 @@
+import EncCrypto
+import EncKeys
+
 /// The control interface between the `encfsd` CLI and a running daemon: ioctls on any path
 /// inside the mount, as fscryptctl drives the kernel. Fixed-size arguments, because FUSE passes
 /// only `_IOC_SIZE(cmd)` bytes of a restricted ioctl through (FORMAT.md, "Control ioctls").

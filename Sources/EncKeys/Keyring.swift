@@ -1,5 +1,6 @@
 import CKeyutils
 import CLinux
+import EncCrypto
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -21,13 +22,13 @@ public enum Keyring {
 
     /// Possessor: everything; owner: view, read, write, search, link, setattr (so the owner's
     /// daemon can read and later revoke it); nobody else anything.
-    static let permissions: UInt32 = 0x3f3f_0000
+    package static let permissions: UInt32 = 0x3f3f_0000
 
     /// Adds `payload` as a `user` key in the calling user's keyring; returns its serial.
     public static func addUserKey(description: String, payload: UnsafeRawBufferPointer) throws -> Int32 {
         let serial = add_key("user", description, payload.baseAddress, payload.count, KEY_SPEC_USER_KEYRING)
-        guard serial > 0 else { throw StoreError.system(errno) }
-        guard keyctl_setperm(serial, permissions) == 0 else { throw StoreError.system(errno) }
+        guard serial > 0 else { throw KeyError.system(errno) }
+        guard keyctl_setperm(serial, permissions) == 0 else { throw KeyError.system(errno) }
         return serial
     }
 
@@ -40,23 +41,23 @@ public enum Keyring {
     /// `keyctl_describe`: "type;uid;gid;perm;description".
     public static func describe(_ serial: Int32) throws -> KeyInfo {
         var buffer: UnsafeMutablePointer<CChar>?
-        guard keyctl_describe_alloc(serial, &buffer) >= 0, let buffer else { throw StoreError.system(errno) }
+        guard keyctl_describe_alloc(serial, &buffer) >= 0, let buffer else { throw KeyError.system(errno) }
         defer { free(buffer) }
         let fields = String(cString: buffer).split(separator: ";", maxSplits: 4, omittingEmptySubsequences: false)
-        guard fields.count == 5, let uid = UInt32(fields[1]) else { throw StoreError.keyRejected }
+        guard fields.count == 5, let uid = UInt32(fields[1]) else { throw KeyError.rejected }
         return KeyInfo(type: String(fields[0]), uid: uid, description: String(fields[4]))
     }
 
     /// Reads a master key's raw bytes straight into locked memory and builds the key from them.
     /// EINVAL for an empty or oversized payload, EKEYREJECTED for a key that is not a `user` key.
     public static func loadMasterKey(serial: Int32) throws -> MasterKey {
-        guard try describe(serial).type == "user" else { throw StoreError.keyRejected }
+        guard try describe(serial).type == "user" else { throw KeyError.rejected }
         let size = keyctl_read(serial, nil, 0)
-        guard size >= 0 else { throw StoreError.system(errno) }
-        guard (MasterKey.minimumCount...MasterKey.maximumCount).contains(size) else { throw StoreError.invalidArgument }
+        guard size >= 0 else { throw KeyError.system(errno) }
+        guard (MasterKey.minimumCount...MasterKey.maximumCount).contains(size) else { throw KeyError.invalidArgument }
         let raw = try SecureBytes(count: size) { buffer in
             let n = keyctl_read(serial, buffer.baseAddress!.assumingMemoryBound(to: CChar.self), buffer.count)
-            guard n == buffer.count else { throw StoreError.system(n < 0 ? errno : EINVAL) }
+            guard n == buffer.count else { throw KeyError.system(n < 0 ? errno : EINVAL) }
         }
         return try raw.withBytes { try MasterKey(raw: $0) }
     }
@@ -88,13 +89,13 @@ public enum Keyring {
     /// `keyctl add` grants its owner only "view"; the possessor (the caller) may change that.
     public static func grantOwnerRead(_ serial: Int32) throws {
         var buffer: UnsafeMutablePointer<CChar>?
-        guard keyctl_describe_alloc(serial, &buffer) >= 0, let buffer else { throw StoreError.system(errno) }
+        guard keyctl_describe_alloc(serial, &buffer) >= 0, let buffer else { throw KeyError.system(errno) }
         defer { free(buffer) }
         let fields = String(cString: buffer).split(separator: ";", maxSplits: 4, omittingEmptySubsequences: false)
-        guard fields.count == 5, let permission = UInt32(fields[3], radix: 16) else { throw StoreError.keyRejected }
+        guard fields.count == 5, let permission = UInt32(fields[3], radix: 16) else { throw KeyError.rejected }
         let ownerViewRead: UInt32 = 0x0003_0000
         if permission & ownerViewRead != ownerViewRead {
-            guard keyctl_setperm(serial, permission | ownerViewRead) == 0 else { throw StoreError.system(errno) }
+            guard keyctl_setperm(serial, permission | ownerViewRead) == 0 else { throw KeyError.system(errno) }
         }
     }
 

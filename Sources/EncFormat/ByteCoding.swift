@@ -1,0 +1,52 @@
+import EncCrypto
+import EncKeys
+
+/// Little-endian field writer for the fixed binary layouts of FORMAT.md.
+package struct ByteWriter {
+    package private(set) var bytes: [UInt8] = []
+
+    package init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+
+    package mutating func u8(_ v: UInt8) { bytes.append(v) }
+    package mutating func u16(_ v: UInt16) { append(v) }
+    package mutating func u32(_ v: UInt32) { append(v) }
+    package mutating func u64(_ v: UInt64) { append(v) }
+    package mutating func raw(_ v: [UInt8]) { bytes.append(contentsOf: v) }
+    package mutating func zeros(_ n: Int) { bytes.append(contentsOf: repeatElement(0, count: n)) }
+
+    private mutating func append<T: FixedWidthInteger>(_ v: T) {
+        withUnsafeBytes(of: v.littleEndian) { bytes.append(contentsOf: $0) }
+    }
+}
+
+/// Bounds-checked little-endian reader; every read past the end returns nil, so a truncated or
+/// hostile header can never make the parser trap.
+package struct ByteReader {
+    private let bytes: ArraySlice<UInt8>
+    package private(set) var position: Int
+
+    package init(_ bytes: ArraySlice<UInt8>) {
+        self.bytes = bytes
+        position = bytes.startIndex
+    }
+
+    package mutating func u8() -> UInt8? { read(UInt8.self) }
+    package mutating func u16() -> UInt16? { read(UInt16.self) }
+    package mutating func u32() -> UInt32? { read(UInt32.self) }
+    package mutating func u64() -> UInt64? { read(UInt64.self) }
+
+    package mutating func raw(_ n: Int) -> [UInt8]? {
+        guard n >= 0, position + n <= bytes.endIndex else { return nil }
+        defer { position += n }
+        return Array(bytes[position..<(position + n)])
+    }
+
+    private mutating func read<T: FixedWidthInteger>(_: T.Type) -> T? {
+        let n = MemoryLayout<T>.size
+        guard position + n <= bytes.endIndex else { return nil }
+        var v: T = 0
+        for i in 0..<n { v |= T(bytes[position + i]) << (8 * i) }
+        position += n
+        return v
+    }
+}

@@ -1,0 +1,59 @@
+import Foundation
+import Testing
+@testable import EncCore
+@testable import EncCrypto
+@testable import EncKeys
+@testable import EncFormat
+
+/// One pass per request: the work a lookup, an open and a write do, counted (header regions read
+/// from the backing store, key table lookups) on a volume whose caches are cold.
+@Suite struct RequestPathTests {
+    static let key = try! MasterKey(raw: (1...64).map { UInt8($0) })
+    let caller = Caller(uid: 0, gid: 0)
+    let base = FileManager.default.temporaryDirectory.path + "/encfsd-request-path-\(UUID().uuidString)"
+
+    func volume(_ store: String) throws -> Volume {
+        let keys = KeyTable()
+        _ = try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+        return try Volume(storePath: store, keys: keys)
+    }
+
+    /// Counts what `body` costs on `volume`.
+    func cost(_ volume: Volume, _ body: () throws -> Void) rethrows -> (headerReads: Int, keyLookups: Int) {
+        let reads = volume.slots.regionReads.value.load(ordering: .relaxed)
+        let lookups = volume.keys.lookups.load(ordering: .relaxed)
+        try body()
+        return (volume.slots.regionReads.value.load(ordering: .relaxed) - reads, volume.keys.lookups.load(ordering: .relaxed) - lookups)
+    }
+
+    @Test func lookupReadsTheHeaderOnceAndTheKeyTableOnce() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        let store = base + "/store"
+        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: caller)
+        do {
+            let made = try volume(store)
+            let (dir, _) = try made.mkdir(parent: Volume.rootID, name: Array("d".utf8), mode: 0o755, caller: caller)
+            let (_, _, handle) = try made.create(parent: dir, name: Array("f".utf8), mode: 0o644, caller: caller)
+            try Array("contents".utf8).withUnsafeBytes { try made.write(handle: handle, offset: 0, data: $0) }
+            try made.release(handle: handle)
+            made.closeCleanly()
+        }
+        let cold = try volume(store)
+        var dir: UInt64 = 0, file: UInt64 = 0
+        // The directory's name key once; the child's header read once and verified with it.
+        let lookupDir = try cost(cold) { dir = try cold.lookup(parent: Volume.rootID, name: Array("d".utf8)).0 }
+        #expect(lookupDir == (1, 1))
+        let lookupFile = try cost(cold) { file = try cold.lookup(parent: dir, name: Array("f".utf8)).0 }
+        #expect(lookupFile == (1, 1))
+        var handle: UInt64 = 0
+        let open = try cost(cold) { handle = try cold.open(file, truncate: false) }
+        #expect(open == (0, 1))
+        // A write of an open file uses the open file's key: no lookup, no header read.
+        let write = try cost(cold) {
+            try Array("more".utf8).withUnsafeBytes { try cold.write(handle: handle, offset: 8, data: $0) }
+        }
+        #expect(write == (0, 0))
+        try cold.release(handle: handle)
+    }
+}
