@@ -90,8 +90,8 @@ public enum HeaderCodec {
     /// damaged byte would silently serve an older state, and the object is refused. A newest
     /// intact slot that fails its MAC is refused outright: a torn write cannot pass the checksum.
     ///
-    /// Only the newest intact slot's MAC is computed: every lookup and open reads a header, and
-    /// the older slot's HMAC and key derivation would double that cost for nothing.
+    /// With a key, both intact slots' MACs are computed (see below): the cost of one more HMAC per
+    /// header read is what makes a rewritten sequence number visible.
     ///
     /// - Throws: `FormatError.integrity` when no slot may be served.
     public static func current(region: [UInt8], key: MasterKey?, evidence: TornWriteEvidence) throws -> Choice {
@@ -108,7 +108,7 @@ public enum HeaderCodec {
         }
         let slotBytes = ExtentGeometry.headerSlotBytes
         let slots = [region[0..<slotBytes], region[slotBytes..<(2 * slotBytes)]]
-        let states = [parse(slot: slots[0], position: 0), parse(slot: slots[1], position: 1)]
+        var states = [parse(slot: slots[0], position: 0), parse(slot: slots[1], position: 1)]
         var newest: (slot: ArraySlice<UInt8>, header: ObjectHeader)?
         for (slot, state) in zip(slots, states) {
             if case .valid(let h) = state, h.sequence > (newest?.header.sequence ?? 0) || newest == nil { newest = (slot, h) }
@@ -124,6 +124,24 @@ public enum HeaderCodec {
         let key = keyFor(newest.header.macPolicy)
         if let key, !verify(slot: newest.slot, header: newest.header, key: key) {
             throw FormatError.integrity("header failed authentication")
+        }
+        // The other intact slot is authenticated too: without that, rewriting the newest slot's
+        // sequence below the other's (checksum recomputed, which needs no key) would make the
+        // older version current with no damage to be seen. A torn write never yields a good
+        // checksum, so a slot that fails its MAC is forged: refused. One that cannot be checked
+        // (its key absent, and not the rekey's previous key) is judged as damage.
+        if key != nil {
+            for index in 0..<2 {
+                guard case .valid(let other) = states[index], other.sequence != newest.header.sequence else { continue }
+                let otherKey = other.macPolicy == newest.header.macPolicy ? key : keyFor(other.macPolicy)
+                if let otherKey {
+                    guard verify(slot: slots[index], header: other, key: otherKey) else {
+                        throw FormatError.integrity("header slot \(index) failed authentication")
+                    }
+                } else if other.macPolicy != newest.header.previousPolicy {
+                    states[index] = .damaged
+                }
+            }
         }
         guard let damaged = states.firstIndex(of: .damaged) else { return (Choice(header: newest.header, tornSlot: nil), key != nil) }
         guard evidence.tornWritePossible(sinceEpoch: newest.header.epoch) else {

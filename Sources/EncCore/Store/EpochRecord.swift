@@ -30,8 +30,15 @@ struct EpochRecord: Equatable, Sendable {
     var state: State
     var lastUncleanEpoch: UInt64?
 
-    /// Slot order of record versions: every open and every clean end of an epoch is one step.
-    var order: UInt64 { epoch &* 2 &+ (state == .clean ? 1 : 0) }
+    /// Epochs count mounts, or start from the clock's seconds: anything near the top of the range
+    /// is not one encfsd wrote, and would overflow the next epoch.
+    static let largestEpoch: UInt64 = 1 << 62
+
+    /// Whether this version was written after `other`: every open and every clean end of an epoch
+    /// is one step.
+    func isLater(than other: EpochRecord) -> Bool {
+        (epoch, state == .clean ? 1 : 0) > (other.epoch, other.state == .clean ? 1 : 0)
+    }
 
     func encoded() -> [UInt8] {
         var w = ByteWriter(capacity: Self.slotBytes)
@@ -49,7 +56,7 @@ struct EpochRecord: Equatable, Sendable {
         guard slot.count == slotBytes, OpenSSL.sha256(Array(slot.prefix(24))).prefix(8).elementsEqual(slot.suffix(8)) else { return nil }
         var r = ByteReader(slot)
         guard r.raw(4) == magic, r.u16() == 1, let raw = r.u8(), let state = State(rawValue: raw), r.u8() == 0,
-              let epoch = r.u64(), let unclean = r.u64(), unclean <= epoch &+ 1 else { return nil }
+              let epoch = r.u64(), epoch < largestEpoch, let unclean = r.u64(), unclean <= epoch + 1 else { return nil }
         return EpochRecord(epoch: epoch, state: state, lastUncleanEpoch: unclean == 0 ? nil : unclean - 1)
     }
 
@@ -75,7 +82,9 @@ struct EpochRecord: Equatable, Sendable {
     static func read(storeFD: Int32) throws -> Reading {
         let fd: FileDescriptor
         do {
-            fd = try Sys.openEntry(storeFD, Array(fileName.utf8), .regularFile, .readOnly)
+            let (opened, st) = try Sys.openEntryStat(storeFD, Array(fileName.utf8), .regularFile, .readOnly)
+            guard st.st_nlink == 1 else { throw StoreError.unusableObject(name: fileName, what: "a file with other hard links") }
+            fd = opened
         } catch StoreError.system(ENOENT) {
             return Reading(newest: nil, damaged: false, missing: true)
         }
@@ -84,7 +93,7 @@ struct EpochRecord: Equatable, Sendable {
         let slots = [bytes[0..<slotBytes], bytes[slotBytes..<(2 * slotBytes)]]
         let records = slots.map { decode($0) }
         let damaged = n != bytes.count || zip(slots, records).contains { slot, record in record == nil && !isAllZero(slot) }
-        let newest = records.compactMap { $0 }.max { $0.order < $1.order }
+        let newest = records.compactMap { $0 }.max { $1.isLater(than: $0) }
         return Reading(newest: newest, damaged: damaged || newest == nil, missing: false)
     }
 

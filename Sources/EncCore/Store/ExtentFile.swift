@@ -404,7 +404,6 @@ final class ExtentFile: @unchecked Sendable {
     ///
     /// - Parameter durable: also make the result durable (fsync/fdatasync); otherwise it is
     ///   consistent but may be lost to a power loss.
-    enum HeaderSafety { case durable, replaceable }
     @discardableResult
     func commit(header: inout ObjectHeader, durable: Bool = false) throws -> HeaderSafety? {
         // Readers decrypting committed extents outside the node lock finish first, and none start

@@ -10,8 +10,12 @@ import EncFormat
 /// decided by `HeaderCodec.current` on this store's `TornWriteEvidence`; every slot passed over
 /// is logged here.
 struct HeaderSlots: Sendable {
-    /// The epoch of this mount (or fsck run), stamped into every v2 slot written.
-    let epoch: UInt64
+    /// The epoch of this mount (or fsck run), stamped into every v2 slot written. A mount sets it
+    /// when it opens its epoch, after every check that can refuse the mount (`Volume.openEpoch`):
+    /// a refused mount must leave no open epoch, which would read as an unclean shutdown.
+    var epoch: UInt64 { epochCell.value.load(ordering: .acquiring) }
+    final class EpochCell: Sendable { let value: Atomic<UInt64>; init(_ v: UInt64) { value = Atomic(v) } }
+    let epochCell: EpochCell
     let evidence: TornWriteEvidence
     /// Objects written in a store of a newer version than their own are rewritten in it: a v1
     /// object in an upgraded store gains what v2 records at its next write.
@@ -20,6 +24,12 @@ struct HeaderSlots: Sendable {
     /// Slots read without writing (fsck's check, tests): no epoch is stamped by such a reader.
     static func reading(evidence: TornWriteEvidence, storeVersion: Int) -> HeaderSlots {
         HeaderSlots(epoch: 0, evidence: evidence, storeVersion: UInt16(storeVersion))
+    }
+
+    init(epoch: UInt64, evidence: TornWriteEvidence, storeVersion: UInt16) {
+        epochCell = EpochCell(epoch)
+        self.evidence = evidence
+        self.storeVersion = storeVersion
     }
 
     /// The version a new object of this store is created in.
@@ -131,5 +141,49 @@ struct HeaderSlots: Sendable {
         var h = header
         try write(fd: fd, header: &h, key: key, sync: true, afterData: true)
         return h
+    }
+}
+
+/// What a commit leaves of the header's safety (`ExtentFile.commit`).
+enum HeaderSafety { case durable, replaceable }
+
+/// What is known of an object's two slots beyond what the disk shows, kept with the node: which
+/// header version is durable (synced since written), and which may be replaced in its own slot
+/// because the other slot holds a durable state with the same extents. Together with
+/// `HeaderSlots.writeMetadata` this is the one place that decides when a header write owes a sync.
+struct SlotSafety: Sendable {
+    /// A metadata update of this version may use the other slot without a sync first.
+    private(set) var durable: UInt64?
+    /// A metadata update of this version may replace it in its own slot without a sync: set after
+    /// an append-only commit and after metadata writes; never after a journaled or shrinking
+    /// commit, nor for a header merely read from disk.
+    private(set) var replaceable: UInt64?
+
+    mutating func madeDurable(_ sequence: UInt64) { durable = sequence }
+
+    mutating func record(_ safety: HeaderSafety?, sequence: UInt64) {
+        switch safety {
+        case .durable?: durable = sequence
+        case .replaceable?: replaceable = sequence
+        case nil: break
+        }
+    }
+}
+
+extension HeaderSlots {
+    /// Writes a metadata change (mode, owner, bindings, policy: no new extents) of the header whose
+    /// current version is `header`, syncing only where the slot rules need it, and records what the
+    /// write leaves in `safety`.
+    ///
+    /// The other slot may be overwritten without a sync only if the current version is durable;
+    /// the current one may be replaced in place only if the other slot is a durable state the
+    /// object can fall back to (not a pending copy whose journal may be gone, nor a size whose
+    /// extents a shrink or later appends rewrote). Otherwise: sync, then the other slot.
+    func writeMetadata(fd: Int32, header: inout ObjectHeader, key: MasterKey, sync: Bool, safety: inout SlotSafety) throws {
+        let durable = safety.durable == header.sequence
+        let replaceable = safety.replaceable == header.sequence
+        try write(fd: fd, header: &header, key: key, sync: sync, afterData: !(durable || replaceable), currentIsDurable: durable)
+        // Either way the other slot now holds a durable version consistent with the data.
+        if sync { safety.madeDurable(header.sequence) } else { safety.record(.replaceable, sequence: header.sequence) }
     }
 }

@@ -9,14 +9,8 @@ struct NodeState {
     var header: ObjectHeader
     /// Whether `header` was verified under its key (false when read in the locked view).
     var verified: Bool
-    /// The header sequence known to be durable (synced since written), if any: a metadata update
-    /// of a durable header may use the other slot without syncing first (see `HeaderSlots.write`).
-    var durableSequence: UInt64?
-    /// The header sequence whose other slot holds a durable version the object can fall back to
-    /// (same extents, only older): a metadata update may then replace it in its own slot without
-    /// syncing first. Set after an append-only commit and after metadata writes; not after a
-    /// journaled or shrinking commit, nor for a header merely read from disk.
-    var replaceableSequence: UInt64?
+    /// Which versions of the header are durable or replaceable (see `SlotSafety`).
+    var slotSafety = SlotSafety()
     var lookups: UInt64 = 0
     var opens = 0
     /// Present while the object is open for I/O; holds the master key alive (soft removal) and

@@ -70,7 +70,17 @@ public final class StoreChecker {
         storeFD = try Sys.openStoreRoot(storePath)
         let config = try StoreConfig.load(storeFD: storeFD.raw, shownAs: storePath)
         self.config = config
-        journalFD = try Volume.openJournal(storeFD: storeFD.raw)
+        if repair {
+            journalFD = try Volume.openJournal(storeFD: storeFD.raw)
+        } else {
+            // A check writes nothing: a missing journal is reported, not made.
+            do {
+                journalFD = try Sys.openEntry(storeFD.raw, Journal.directoryName, .directory, .path)
+            } catch StoreError.system(ENOENT) {
+                note(.problem, ".journal", "missing (--repair makes it)")
+                journalFD = try Sys.openEntry(storeFD.raw, [0x2e], .directory, .path)
+            }
+        }
         let reading: EpochRecord.Reading
         if repair {
             // A repair writes headers: it is an epoch of its own, closed cleanly once its writes are
@@ -101,6 +111,10 @@ public final class StoreChecker {
         } catch {
             note(.problem, "/", "root header: \(error)")
             return summary
+        }
+        if rootHeader.version > config.version {
+            note(.problem, "/", "root header is format version \(rootHeader.version), newer than encfsd.conf's \(config.version) "
+                 + "(a configuration edited down): the daemon refuses the store")
         }
         if rootHeader.policy != config.rootIdentifier {
             note(.problem, "/", "root policy \(rootHeader.policy) differs from encfsd.conf's \(config.rootPolicy)")

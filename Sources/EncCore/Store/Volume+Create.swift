@@ -68,7 +68,7 @@ extension Volume {
         let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: fd.raw), headerIdentity: nil,
                           header: header, verified: true,
                           location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
-        node.state.withLock { if $0.header.sequence == header.sequence { $0.durableSequence = header.sequence } }
+        node.state.withLock { if $0.header.sequence == header.sequence { $0.slotSafety.madeDurable(header.sequence) } }
         return (node, fd)
     }
 
@@ -98,7 +98,7 @@ extension Volume {
                               headerIdentity: Sys.identity(of: headerFD.raw), header: header, verified: true,
                               location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
             directories.insert(node.id, dirFD)
-            node.state.withLock { if $0.header.sequence == entry.header.sequence { $0.durableSequence = entry.header.sequence } }
+            node.state.withLock { if $0.header.sequence == header.sequence { $0.slotSafety.madeDurable(header.sequence) } }
             return node
         } catch {
             if let made { try? Sys.unlinkAt(made.raw, directoryHeaderName) }
@@ -252,16 +252,8 @@ extension Volume {
             let headerFD = try headerDescriptor(node, state, writable: true)
             defer { withExtendedLifetime(headerFD) {} }
             let before = node.isDirectory ? nil : try Sys.fstat(headerFD.raw)
-            // The other slot may be overwritten without a sync only if the current version is
-            // durable; the current one may be replaced in place only if the other slot is a
-            // durable state the object can fall back to (not a pending copy whose journal may be
-            // gone, nor a size whose extents a shrink or later appends rewrote). Otherwise the
-            // old rule: sync, then the other slot.
-            let durable = state.durableSequence == state.header.sequence
-            let replaceable = state.replaceableSequence == state.header.sequence
             do {
-                try slots.write(fd: headerFD.raw, header: &header, key: key, sync: sync,
-                                   afterData: !(durable || replaceable), currentIsDurable: durable)
+                try slots.writeMetadata(fd: headerFD.raw, header: &header, key: key, sync: sync, safety: &state.slotSafety)
             } catch {
                 // Whatever reached the disk is what memory holds; known neither durable nor
                 // replaceable, the next write takes the old rule.
@@ -269,8 +261,6 @@ extension Volume {
                 throw error
             }
             state.header = header
-            // Either way the other slot now holds a durable version consistent with the data.
-            if sync { state.durableSequence = header.sequence } else { state.replaceableSequence = header.sequence }
             if let before {
                 try Sys.futimens(headerFD.raw, (Sys.omitTime, before.st_mtim))
             }

@@ -36,11 +36,8 @@ extension Volume {
     }
 
     func commit(_ file: ExtentFile, _ state: inout NodeState, durable: Bool = false) throws {
-        switch try file.commit(header: &state.header, durable: durable) {
-        case .durable?: state.durableSequence = state.header.sequence
-        case .replaceable?: state.replaceableSequence = state.header.sequence
-        case nil: break
-        }
+        let safety = try file.commit(header: &state.header, durable: durable)
+        state.slotSafety.record(safety, sequence: state.header.sequence)
     }
 
     /// Runs `body` on the node's open file under the node lock.

@@ -110,7 +110,7 @@ extension Volume {
         state.header = try withExtendedLifetime(fd) {
             try Journal.recover(journalFD: journalFD.raw, objectFD: fd.raw, pending: state.header, key: key)
         }
-        state.durableSequence = state.header.sequence
+        state.slotSafety.madeDurable(state.header.sequence)
         Diagnostics.report("recovered an interrupted write of object \(Hex.encode(state.header.objectID)) from its journal")
     }
 }

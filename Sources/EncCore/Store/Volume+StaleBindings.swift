@@ -26,16 +26,17 @@ extension Volume {
     /// Makes the namespace durable, then drops the bindings that went stale before it, except
     /// those that are current names again (renamed back meanwhile).
     public func dropStaleBindings() {
+        droppingStaleBindings.withLock { _ in dropStaleBindingsSerialized() }
+    }
+
+    private func dropStaleBindingsSerialized() {
         let pending = staleBindings.withLock { list -> [StaleBinding] in
             defer { list.removeAll() }
             return list
         }
         guard !pending.isEmpty else { return }
         do {
-            let root = try directoryFD(try node(Self.rootID))
-            // syncfs needs a real open (an O_PATH descriptor gives EBADF).
-            let listing = try withExtendedLifetime(root) { try Sys.listingDescriptor(root.raw) }
-            try withExtendedLifetime(listing) { try Sys.syncfs(listing.raw) }
+            try Sys.syncfs(syncFD.raw)
         } catch {
             Diagnostics.report("could not make renames durable to drop stale name bindings: \(error)")
             // Not known durable: keep them for the next round.
@@ -79,8 +80,9 @@ extension Volume {
             return
         }
         do {
-            let listing = try Sys.listingDescriptor(storeFD.raw)
-            try withExtendedLifetime(listing) { try Sys.syncfs(listing.raw) }
+            // Through the descriptor opened before the epoch's first write, so a writeback error
+            // from any time in the epoch fails this syncfs and the epoch stays open.
+            try droppingStaleBindings.withLock { _ in try Sys.syncfs(syncFD.raw) }
             try EpochRecord.close(storeFD: storeFD.raw, epoch: slots.epoch, evidence: slots.evidence)
         } catch {
             Diagnostics.report("could not record a clean unmount: \(error); the next mount treats this one as unclean")

@@ -33,36 +33,49 @@ public final class Volume: Sendable {
     let openFiles: OpenFileBudget
     /// Bindings to drop once the renames and unlinks that made them stale are durable.
     let staleBindings = Mutex<[StaleBinding]>([])
+    /// Held for a whole drop of stale bindings (its header writes included), so the unmount's
+    /// drop, and the clean end of the epoch after it, wait for one the timer thread has begun.
+    let droppingStaleBindings = Mutex(())
     /// Where the store's directory is: every directory the store changes must lie beneath it.
     let rootPlace: Sys.Place
     /// This mount's epoch and the evidence damaged header slots are judged by.
     let slots: HeaderSlots
-    /// The store directory, for closing the epoch at a clean unmount.
+    /// The store directory, for the epoch record.
     let storeFD: FileDescriptor
+    /// A real (listing) open of the store root, made before this mount's first write and kept:
+    /// `syncfs` reports writeback errors only since the descriptor it is given was opened.
+    let syncFD: FileDescriptor
 
-    public init(storePath: String, keys: KeyTable) throws {
+    /// - Parameter openingEpoch: open this mount's epoch now. A daemon passes false and calls
+    ///   `openEpoch()` once nothing can refuse the mount any more.
+    public init(storePath: String, keys: KeyTable, openingEpoch: Bool = true) throws {
         self.storePath = storePath
         self.keys = keys
         let fd = try Sys.openStoreRoot(storePath)
         config = try StoreConfig.load(storeFD: fd.raw)
-        journalFD = try Self.openJournal(storeFD: fd.raw)
         storeFD = fd
-        let reading = HeaderSlots.reading(evidence: try EpochRecord.read(storeFD: fd.raw).evidence(storeVersion: config.version),
-                                          storeVersion: config.version)
+        let reading = try EpochRecord.read(storeFD: fd.raw)
+        let evidence = reading.evidence(storeVersion: config.version)
         let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
         let st = try Sys.fstat(fd.raw)
         rootPlace = Sys.Place(st)
         let identity = Sys.identity(of: fd.raw)
         let headerIdentity = Sys.identity(of: headerFD.raw)
-        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: reading) }
+        let readingSlots = HeaderSlots.reading(evidence: evidence, storeVersion: config.version)
+        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: readingSlots) }
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
         guard header.policy == config.rootIdentifier, header.macPolicy == header.policy else {
             throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
-        // A store refused above is left as it was. The epoch is durable before any header of this
-        // mount is written (EpochRecord).
-        let epoch = try EpochRecord.open(storeFD: fd.raw, storeVersion: config.version)
-        slots = HeaderSlots(epoch: epoch.epoch, evidence: epoch.evidence, storeVersion: UInt16(config.version))
+        // A store's objects are never in a newer version than its encfsd.conf says; a
+        // configuration edited down to version 1 would bring back version 1's weaker rules.
+        guard header.version <= config.version else {
+            throw StoreError.integrity("the root header is format version \(header.version), newer than encfsd.conf's \(config.version)")
+        }
+        // Everything above only reads: a store refused there is left as it was.
+        journalFD = try Self.openJournal(storeFD: fd.raw)
+        syncFD = try Sys.listingDescriptor(fd.raw)
+        slots = HeaderSlots(epoch: 0, evidence: evidence, storeVersion: UInt16(config.version))
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
                         header: header, verified: verified, location: nil, pinnedDirectory: fd)
         // A quarter of the descriptors for directories, the rest for open files.
@@ -74,6 +87,14 @@ public final class Volume: Sendable {
             $0.byID[Self.rootID] = root
             $0.byInode[root.backingInode] = root
         }
+        if openingEpoch { try openEpoch() }
+    }
+
+    /// Opens this mount's epoch: durable before any header of the mount is written (EpochRecord).
+    public func openEpoch() throws {
+        precondition(slots.epoch == 0, "the epoch is opened once")
+        let opened = try EpochRecord.open(storeFD: storeFD.raw, storeVersion: config.version)
+        slots.epochCell.value.store(opened.epoch, ordering: .releasing)
     }
 
     /// Opens `.journal`, creating it durably (directory fsynced) if an older store lacks it.

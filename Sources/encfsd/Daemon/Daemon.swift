@@ -48,7 +48,7 @@ struct Daemon {
             if let keys = table.withLock({ $0 }) { invalidator.keyWiped(identifier, keys: keys) }
         }
         table.withLock { $0 = keys }
-        let volume = try Volume(storePath: storePath, keys: keys)
+        let volume = try Volume(storePath: storePath, keys: keys, openingEpoch: false)
         invalidator.attach(volume: volume)
         let keyService = KeyService(keys: keys, invalidator: invalidator)
         try Self.unlock(keys, withKeyFiles: keyFiles)
@@ -58,6 +58,9 @@ struct Daemon {
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService, requestCounts: requestCounts),
                                       options: mountOptions, counts: requestCounts)
         invalidator.attach(session: session)
+        // Past every check that can refuse the mount: a refused mount leaves no open epoch, which
+        // the next mount would read as an unclean shutdown (and so as leave to pass over damage).
+        try volume.openEpoch()
         if let idle { IdleUnmount.start(after: idle, session: session, volume: volume, mountpoint: mountOptions.mountpoint) }
         // The timer flush: buffered writes reach the journal within a few seconds even when a file
         // is neither closed nor synced.
