@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: encfsd against gocryptfs, securefs and CryFS (and a plain directory,
-# the limit), on the same machine in one run, rounds interleaved across filesystems.
+# Side-by-side benchmark: encfsd against gocryptfs, securefs and CryFS, a plain directory and the
+# FUSE floor (libfuse's own passthrough_hp: no crypto, same kernel and libfuse), on the same
+# machine in one run, rounds interleaved across filesystems.
 #
 # Usage: sudo scripts/bench.sh [--quick] [--rounds N] [--size MiB] [--backing tmpfs|disk|both|gluster]
 #                              [--only fs1,fs2,...] [--runtime S] [--files N] [--no-save]
@@ -12,7 +13,7 @@
 #                    (default), or gluster: a one-brick GlusterFS volume whose glusterd and brick
 #                    (on /var/tmp) run in a network namespace of their own, mounted with the FUSE
 #                    client (Tests/mount/backings.py; every filesystem's store on the same volume)
-#   --only LIST      comma-separated subset of: plain,encfsd,gocryptfs,securefs,cryfs
+#   --only LIST      comma-separated subset of: plain,floor,encfsd,gocryptfs,securefs,cryfs
 #   --runtime S      seconds per fio job (default 10)
 #   --files N        files in the create+fsync test (default 1000)
 #   --no-save        print the tables only; don't write docs/bench/YYYY-MM-DD-HHMM.md
@@ -25,18 +26,28 @@
 # where the filesystem accepts O_DIRECT), untar of a fixed ~9k-file subset of linux-source-6.1,
 # ls -lR and read-every-file after dropping caches, rm -rf, and create+fsync of small files.
 # The peak resident memory (VmHWM) of each daemon is read just before it is unmounted.
+# FUSE requests per operation (write per MiB, untar and read-all per file, ls -lR and rm -rf per
+# entry) are counted for encfsd (`encfsd status --json`) and the floor, outside the timings.
+#
+# The floor is example/passthrough_hp.cc from the Debian source package of the installed libfuse
+# (apt-get source; a deb-src entry is added if apt has none), with a request counter added
+# (scripts/bench-floor-count.hpp), built with g++ -O2 as libfuse's meson build would configure it
+# on Linux (utimensat, posix_fallocate, xattrs). If it cannot be fetched or built, the column is
+# skipped with a message.
 #
 # Needs root (mounts, drop_caches, apt-get). Installs gocryptfs securefs cryfs fio
-# linux-source-6.1 python3 fuse3 if missing, and builds encfsd (swift build -c release) if the
+# linux-source-6.1 python3 fuse3 g++ pkg-config libfuse3-dev if missing, and builds encfsd (swift build -c release) if the
 # binary is missing or older than Sources. Unmounts everything it mounted and removes its work
 # directory on exit, failure or Ctrl-C.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPER="$REPO/scripts/bench_helper.py"
-ALL_FS=(plain encfsd gocryptfs securefs cryfs)
+ALL_FS=(plain floor encfsd gocryptfs securefs cryfs)
 PASS=bench-password-not-secret
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-1200}
+# Extra `encfsd mount` arguments, for A/B runs of a mount option (e.g. "-o no_writeback_cache").
+ENCFSD_OPTIONS=${BENCH_ENCFSD_OPTIONS:-}
 
 usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
@@ -144,7 +155,7 @@ log() { echo "[$(date +%T)] $*" | tee -a "$LOG" >&2; }
 meta() { local IFS=$'\t'; echo "$*" >>"$META"; }
 
 # ---------------------------------------------------------------- dependencies and build
-PKGS=(gocryptfs securefs cryfs fio linux-source-6.1 python3 fuse3)
+PKGS=(gocryptfs securefs cryfs fio linux-source-6.1 python3 fuse3 g++ pkg-config libfuse3-dev)
 [[ $BACKING == gluster ]] && PKGS+=(glusterfs-server glusterfs-client iproute2)
 missing=()
 for p in "${PKGS[@]}"; do
@@ -178,6 +189,51 @@ if want_fs encfsd; then
     "$ENCFSD" key generate -o "$ENCFSD_KEY" >>"$LOG" 2>&1 || die "encfsd key generate failed"
 fi
 
+# ---------------------------------------------------------------- the floor: passthrough_hp
+# build_floor: fetches the installed libfuse's source package, builds the counting
+# passthrough_hp as $WORK/passthrough_hp; returns non-zero (after logging why) if it cannot.
+build_floor() {
+    local version dir src orig
+    version=$(dpkg-query -W -f='${Version}' libfuse3-3 2>/dev/null) || { log "floor: libfuse3-3 is not installed"; return 1; }
+    dir="$WORK/floor-src"; mkdir -p "$dir"
+    if ! (cd "$dir" && apt-get source --download-only "fuse3=$version") >>"$LOG" 2>&1; then
+        # No deb-src entry: one for each deb entry of the Debian sources, then try again.
+        if [[ -f /etc/apt/sources.list.d/debian.sources ]] && ! grep -rqs '^Types:.*deb-src\|^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            log "floor: adding deb-src entries (/etc/apt/sources.list.d/encfsd-bench-src.sources)"
+            sed -e 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources \
+                >/etc/apt/sources.list.d/encfsd-bench-src.sources
+            apt-get update -qq >>"$LOG" 2>&1
+        fi
+        (cd "$dir" && apt-get source --download-only "fuse3=$version") >>"$LOG" 2>&1 \
+            || { log "floor: apt-get source fuse3=$version failed"; return 1; }
+    fi
+    orig=$(ls "$dir"/fuse3_*.orig.tar.* 2>/dev/null | grep -v '\.asc$' | head -n 1)
+    [[ -n $orig ]] && tar -xf "$orig" -C "$dir" >>"$LOG" 2>&1 || { log "floor: cannot unpack the fuse3 source"; return 1; }
+    src=$(ls -d "$dir"/fuse-*/example 2>/dev/null | head -n 1)
+    [[ -f $src/passthrough_hp.cc ]] || { log "floor: no example/passthrough_hp.cc in the fuse3 $version source"; return 1; }
+    cp "$REPO/scripts/bench-floor-count.hpp" "$src/" || return 1
+    # Every operation but init goes through the counter; the reporter starts before the workers.
+    sed -i -e 's|^#include "cxxopts.hpp"|&\n#include "bench-floor-count.hpp"|' \
+        -e '/^static void assign_operations/,/^}/{/sfs_oper\.init = /!s/^\( *sfs_oper\.[a-z_]* = \)\(sfs_[a-z_]*\);/\1BenchCounted<\2>::call;/}' \
+        -e 's|^\( *\)// Mount and run main loop|\1bench_start_reporter();\n&|' "$src/passthrough_hp.cc"
+    grep -q 'BenchCounted<sfs_lookup>' "$src/passthrough_hp.cc" && grep -q 'bench_start_reporter();' "$src/passthrough_hp.cc" \
+        || { log "floor: the counting patch did not apply to passthrough_hp.cc of fuse3 $version"; return 1; }
+    # shellcheck disable=SC2046
+    g++ -O2 -std=c++17 -DHAVE_UTIMENSAT -DHAVE_POSIX_FALLOCATE -DHAVE_SETXATTR $(pkg-config --cflags fuse3) \
+        "$src/passthrough_hp.cc" -o "$WORK/passthrough_hp" $(pkg-config --libs fuse3) -lpthread >>"$LOG" 2>&1 \
+        || { log "floor: g++ could not build passthrough_hp.cc"; return 1; }
+    FLOOR_VERSION=$version
+}
+FLOOR_VERSION=
+if want_fs floor; then
+    log "building the floor (passthrough_hp from the fuse3 source package)"
+    if ! build_floor; then
+        log "floor: skipping the floor column"
+        meta note "the floor column (passthrough_hp) was skipped: it could not be fetched or built (see the log)"
+        FSS=("${FSS[@]/floor}"); read -ra FSS <<<"${FSS[*]}"
+    fi
+fi
+
 # ---------------------------------------------------------------- the untar source, in tmpfs
 mkdir -p "$WORK/src" "$WORK/mnt" "$WORK/cryfs-home" "$WORK/out"
 mount -t tmpfs -o size=1G,mode=755 bench-src "$WORK/src" || die "cannot mount tmpfs"
@@ -201,9 +257,15 @@ fs_mount() {
     mkdir -p "$c" "$m"
     case $fs in
         plain) return 0 ;;
+        floor)
+            # In the foreground, as this script's child, so its pid is known and it can be signalled.
+            BENCH_REQUEST_COUNT_FILE="$WORK/out/floor-requests" "$WORK/passthrough_hp" --foreground "$c" "$m" \
+                >>"$WORK/out/floor-$tag.log" 2>&1 &
+            DPID=$! ;;
         encfsd)
             "$ENCFSD" init "$c" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
-            timeout 60 "$ENCFSD" mount "$c" "$m" --log-file "$WORK/out/encfsd-$tag.log" >>"$LOG" 2>&1 || return 1
+            # shellcheck disable=SC2086
+            timeout 60 "$ENCFSD" mount "$c" "$m" --log-file "$WORK/out/encfsd-$tag.log" $ENCFSD_OPTIONS >>"$LOG" 2>&1 || return 1
             "$ENCFSD" key add "$m" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
             DPID=$(pgrep -n -f -- "mount $c $m") ;;
         gocryptfs)
@@ -254,6 +316,38 @@ fs_unmount() {
 
 # ---------------------------------------------------------------- measurement helpers
 drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+
+# requests FS MNT: prints the FUSE requests FS's daemon has had so far (nothing where uncounted).
+requests() {
+    local i f="$WORK/out/floor-requests"
+    case $1 in
+        encfsd) "$ENCFSD" status "$2" --json 2>>"$LOG" | python3 "$HELPER" status-requests 2>>"$LOG" ;;
+        floor)
+            rm -f "$f"; kill -USR1 "$DPID" 2>/dev/null || return 0
+            for i in $(seq 100); do [[ -s $f ]] && { cat "$f"; return 0; }; sleep 0.05; done ;;
+    esac
+}
+# Per-operation request counts: count_start before a workload, count_end METRIC OPS after it.
+# The dirty pages of a writeback-cached mount are pushed first (syncfs), so their WRITEs count
+# with the workload that made them; the requests the counter read itself makes (encfsd status
+# opens the mountpoint for its ioctl) are measured once per mount and taken off.
+COUNT_BEFORE= COUNT_OVERHEAD=0
+count_calibrate() {
+    local a b
+    COUNT_OVERHEAD=0
+    a=$(requests "$CUR_FS" "$1") && b=$(requests "$CUR_FS" "$1") && [[ -n $a && -n $b ]] && COUNT_OVERHEAD=$((b - a))
+}
+count_start() { COUNT_BEFORE=$(requests "$CUR_FS" "$1"); }
+count_end() {  # count_end MNT METRIC OPS SECONDS: requests per operation, and microseconds per request
+    local after n
+    [[ -n $COUNT_BEFORE ]] || return 0
+    sync -f "$1" 2>/dev/null
+    after=$(requests "$CUR_FS" "$1")
+    [[ -n $after ]] || return 0
+    n=$((after - COUNT_BEFORE - COUNT_OVERHEAD))
+    record "$2" "$(awk -v n="$n" -v ops="$3" 'BEGIN { printf "%.2f", n / ops }')"
+    ((n > 0)) && record "${2%_req}_usreq" "$(awk -v n="$n" -v s="$4" 'BEGIN { printf "%.1f", s * 1e6 / n }')"
+}
 
 # run_timed CMD...: runs CMD (stdout+stderr to the log) under a timeout; prints elapsed seconds.
 run_timed() {
@@ -316,9 +410,12 @@ bench_fs() {
     fi
 
     local f="$m/big"
+    count_calibrate "$m"
     drop_caches
+    count_start "$m"
     if el=$(run_timed dd if=/dev/zero of="$f" bs=1M count="$SIZE" conv=fsync); then
         record write_mbs "$(rate $((SIZE * 1048576 / 1000000)) "$el")"
+        count_end "$m" write_req "$SIZE" "$el"
     else record write_mbs ERR; fi
     drop_caches
     if el=$(run_timed dd if="$f" of=/dev/null bs=1M); then
@@ -331,15 +428,22 @@ bench_fs() {
     run_fio rw16 randwrite libaio 16 "$f" "$direct"
     rm -f "$f"
 
+    local entries=$((TREE_FILES + TREE_DIRS))
     drop_caches
-    if el=$(run_timed tar -xf "$TAR" -C "$m"); then record untar_s "$(secs "$el")"; else record untar_s ERR; fi
+    count_start "$m"
+    if el=$(run_timed tar -xf "$TAR" -C "$m"); then
+        record untar_s "$(secs "$el")"; count_end "$m" untar_req "$TREE_FILES" "$el"; else record untar_s ERR; fi
     drop_caches
+    count_start "$m"
     if el=$(run_timed bash -c 'ls -lR "$1" >/dev/null' _ "$m/$TREE"); then
-        record lslr_s "$(secs "$el")"; else record lslr_s ERR; fi
+        record lslr_s "$(secs "$el")"; count_end "$m" lslr_req "$entries" "$el"; else record lslr_s ERR; fi
     drop_caches
+    count_start "$m"
     if el=$(run_timed bash -c 'find "$1" -type f -exec cat {} + >/dev/null' _ "$m/$TREE"); then
-        record cat_s "$(secs "$el")"; else record cat_s ERR; fi
-    if el=$(run_timed rm -rf "$m/$TREE"); then record rm_s "$(secs "$el")"; else record rm_s ERR; fi
+        record cat_s "$(secs "$el")"; count_end "$m" cat_req "$TREE_FILES" "$el"; else record cat_s ERR; fi
+    count_start "$m"
+    if el=$(run_timed rm -rf "$m/$TREE"); then
+        record rm_s "$(secs "$el")"; count_end "$m" rm_req "$entries" "$el"; else record rm_s ERR; fi
 
     mkdir -p "$m/small"
     if el=$(timeout -k 10 "$STEP_TIMEOUT" python3 "$HELPER" smallfiles "$m/small" "$NFILES" 4096 2>>"$LOG"); then
@@ -374,6 +478,7 @@ meta header OS "$(. /etc/os-release; echo "$PRETTY_NAME")"
 if want_fs encfsd; then
     meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo " + uncommitted changes in $(git -C "$REPO" diff --name-only HEAD -- Sources Package.swift | sed 's|^Sources/||' | paste -sd, - | sed 's/,/, /g')"), release build$BUILD_NOTE; 16 KiB extents (default), AES-256-GCM"
 fi
+want_fs floor && meta header floor "passthrough_hp from libfuse $FLOOR_VERSION (Debian source package), g++ -O2 -DHAVE_UTIMENSAT -DHAVE_POSIX_FALLOCATE -DHAVE_SETXATTR, its defaults (writeback cache, 86400 s timeouts, splice), with a request counter (scripts/bench-floor-count.hpp)"
 want_fs gocryptfs && meta header gocryptfs "$(ver gocryptfs -version) (Debian $(pkgver gocryptfs)); default options, -scryptn 10 at init"
 want_fs securefs && meta header securefs "$(pkgver securefs) (Debian); default format (4, lite), 4 KiB blocks"
 want_fs cryfs && meta header cryfs "$(ver cryfs --version | sed 's/CryFS Version //') (Debian $(pkgver cryfs)); --cipher aes-256-gcm --blocksize 16384"

@@ -6,6 +6,8 @@ Subcommands:
   smallfiles DIR COUNT SIZE   create COUNT files of SIZE bytes in DIR, fsync after each; prints seconds
   odirect-probe DIR           exit 0 if O_DIRECT open + aligned pread/pwrite works in DIR, else 1
   fio-iops JSON               prints the IOPS of the (single) job in a fio JSON output file
+  status-requests             reads `encfsd status --json` (one mount) on stdin; prints the FUSE
+                              requests it has had, forgets included
   report RESULTS META OUT     prints the Markdown tables and writes header + tables to OUT
                               (META: tab-separated lines, see load_meta)
   scale DIR COUNT [PID]       a COUNT-file tree in DIR (1,000 per directory, 4 clients at once):
@@ -20,8 +22,10 @@ import statistics
 import sys
 import time
 
-FS_ORDER = ["plain", "encfsd", "gocryptfs", "securefs", "cryfs"]
+FS_ORDER = ["plain", "floor", "encfsd", "gocryptfs", "securefs", "cryfs"]
 PEERS = ["gocryptfs", "securefs", "cryfs"]
+# Columns where a ratio to the floor (passthrough_hp, no crypto, no state) says nothing.
+NOT_AGAINST_FLOOR = {"rss_mib"}
 
 # key, header, higher_is_better, format
 COLUMNS = [
@@ -133,6 +137,23 @@ def odirect_probe(d):
             pass
 
 
+# FUSE requests per operation (key, what one operation is); encfsd and the floor only.
+REQUEST_COLUMNS = [
+    ("untar_req", "untar, per file"),
+    ("lslr_req", "ls -lR, per entry"),
+    ("cat_req", "read all files, per file"),
+    ("rm_req", "rm -rf, per entry"),
+    ("write_req", "stream write, per MiB"),
+]
+
+
+def status_requests():
+    reports = json.load(sys.stdin)
+    if len(reports) != 1 or reports[0].get("requests") is None:
+        raise SystemExit("expected one mount with a request count, got %r" % reports)
+    print(reports[0]["requests"] + reports[0].get("forget_requests", 0))
+
+
 def fio_iops(path):
     with open(path) as f:
         text = f.read()
@@ -165,13 +186,14 @@ def load_results(path):
     return res, fails
 
 
-def ratio_row(cells, excluded):
-    """cells: {fs: {metric: median}} -> list of strings (encfsd / best peer, >1 = encfsd better).
-    excluded: {(fs, metric)} cells that are not comparable (e.g. buffered instead of direct I/O)."""
+def ratio_row(cells, excluded, against):
+    """cells: {fs: {metric: median}} -> list of strings (encfsd / the best of `against`, >1 =
+    encfsd better). excluded: {(fs, metric)} cells that are not comparable (e.g. buffered
+    instead of direct I/O)."""
     out = []
     for key, _h, higher, _fmt in COLUMNS:
         e = cells.get("encfsd", {}).get(key)
-        peers = [cells[p][key] for p in PEERS
+        peers = [cells[p][key] for p in against
                  if p in cells and key in cells[p] and (p, key) not in excluded]
         if e is None or not peers or e == 0:
             out.append("–")
@@ -221,11 +243,33 @@ def tables(res, fails, meta):
             md.append("| %s | %s |" % (fs, " | ".join(row)))
         excluded = {(fs, key) for fs in fss for key, _h, _hb, _f in COLUMNS
                     if "%s/%s/%s" % (backing, fs, key) in meta.get("cell_notes", {})}
-        md.append("| encfsd / best peer | %s |" % " | ".join(ratio_row(medians, excluded)))
+        md.append("| encfsd / best peer | %s |" % " | ".join(ratio_row(medians, excluded, PEERS)))
+        if "floor" in fss:
+            floor_excluded = excluded | {("floor", k) for k in NOT_AGAINST_FLOOR}
+            md.append("| encfsd / floor | %s |" % " | ".join(ratio_row(medians, floor_excluded, ["floor"])))
         if excluded:
             md.append("")
             md.append("† not comparable (see notes), left out of the best-peer ratio.")
         md.append("")
+        counted = [fs for fs in ("floor", "encfsd") if fs in fss and any(
+            data.get(fs, {}).get(k) for k, _h in REQUEST_COLUMNS)]
+        if counted:
+            md.append("FUSE requests per operation (medians; encfsd from `encfsd status`, the floor "
+                      "from its counting build; forgets included, the counter reads themselves not):")
+            md.append("")
+            md.append("| filesystem | " + " | ".join(h for _k, h in REQUEST_COLUMNS) + " |")
+            md.append("|---|" + "---:|" * len(REQUEST_COLUMNS))
+            for fs in counted:
+                for suffix, label, fmt in (("_req", "", "%.2f"), ("_usreq", " (µs per request)", "%.1f")):
+                    row = []
+                    for key, _h in REQUEST_COLUMNS:
+                        vals = data.get(fs, {}).get(key[:-len("_req")] + suffix, [])
+                        row.append(fmt % statistics.median(vals) if vals else "–")
+                    md.append("| %s%s | %s |" % (fs, label, " | ".join(row)))
+            md.append("")
+            md.append("µs per request: the workload's time over its requests (requests overlap, so "
+                      "this is the time the workload spends per round trip, not one request's latency).")
+            md.append("")
         if meta["rounds"] > 1:
             md.append("Spread over rounds, (max − min) / median, per cell:")
             md.append("")
@@ -296,6 +340,8 @@ def main(argv):
         sys.exit(odirect_probe(argv[2]))
     elif cmd == "fio-iops":
         fio_iops(argv[2])
+    elif cmd == "status-requests":
+        status_requests()
     elif cmd == "report":
         report(argv[2], argv[3], argv[4])
     elif cmd == "scale":

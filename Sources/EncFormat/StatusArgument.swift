@@ -21,7 +21,9 @@ extension ControlProtocol {
     ///     u32 backing_capabilities; // 64: bit i set: BackingCapabilities.Capability.allCases[i] native
     ///     u32 lock_scope;         //  68: 1 + index in BackingCapabilities.lockScopes (0: not reported)
     ///     u8  filesystem_type[32];//  72: the backing's, NUL-padded
-    ///     u8  reserved[24];       // 104: zero
+    ///     u64 requests;           // 104: FUSE requests answered since the mount
+    ///     u64 forget_requests;    // 112: FORGET and BATCH_FORGET requests since the mount
+    ///     u8  reserved[8];        // 120: zero
     ///     struct {                // 128 + 32 * i
     ///         u8  identifier[16];
     ///         u32 status;         // as FS_IOC_GET_ENCRYPTION_KEY_STATUS: 1 absent, 2 present, 3 incompletely removed
@@ -58,6 +60,8 @@ extension ControlProtocol {
         public var bufferedBytes: UInt64 = 0
         public var journalEntries: UInt64 = 0
         public var journalBytes: UInt64 = 0
+        public var requests: UInt64 = 0
+        public var forgetRequests: UInt64 = 0
         public var policies: [Policy] = []
         public var backingCapabilities: UInt32 = 0
         public var lockScope: UInt32 = 0
@@ -77,7 +81,10 @@ extension ControlProtocol {
             w.u32(lockScope)
             let type = Array(filesystemType.utf8.prefix(31))
             w.raw(type)
-            w.zeros(32 - type.count + 24)
+            w.zeros(32 - type.count)
+            w.u64(requests)
+            w.u64(forgetRequests)
+            w.zeros(8)
             for policy in listed {
                 w.raw(policy.identifier.bytes)
                 for value in [policy.status, policy.statusFlags, policy.userCount, policy.flags] { w.u32(value) }
@@ -97,12 +104,13 @@ extension ControlProtocol {
             s.formatVersion = formatVersion
             guard let started = r.u64(), let openFiles = r.u64(), let openDirectories = r.u64(), let buffered = r.u64(),
                   let journalEntries = r.u64(), let journalBytes = r.u64(), let capabilityBits = r.u32(), let lockScope = r.u32(),
-                  let type = r.raw(32), type.last == 0, r.raw(24)?.allSatisfy({ $0 == 0 }) == true
+                  let type = r.raw(32), type.last == 0, let requests = r.u64(), let forgets = r.u64(),
+                  r.raw(8)?.allSatisfy({ $0 == 0 }) == true
             else { return nil }
             (s.backingCapabilities, s.lockScope) = (capabilityBits, lockScope)
             s.filesystemType = String(decoding: type.prefix(while: { $0 != 0 }), as: UTF8.self)
             (s.started, s.openFiles, s.openDirectories, s.bufferedBytes) = (started, openFiles, openDirectories, buffered)
-            (s.journalEntries, s.journalBytes) = (journalEntries, journalBytes)
+            (s.journalEntries, s.journalBytes, s.requests, s.forgetRequests) = (journalEntries, journalBytes, requests, forgets)
             for _ in 0..<count {
                 guard let id = r.raw(16).flatMap(KeyIdentifier.init(bytes:)), let status = r.u32(), let statusFlags = r.u32(),
                       let users = r.u32(), let flags = r.u32() else { return nil }

@@ -14,12 +14,30 @@ import Glibc
 final class BridgeContext: Sendable {
     let fileSystem: any FileSystem
     let options: MountOptions
-    /// Requests answered so far, for idle detection (`--idle`): one relaxed add per request.
-    let requests = Atomic<UInt64>(0)
-    init(fileSystem: any FileSystem, options: MountOptions) {
+    let counts: RequestCounts
+    init(fileSystem: any FileSystem, options: MountOptions, counts: RequestCounts) {
         self.fileSystem = fileSystem
         self.options = options
+        self.counts = counts
     }
+}
+
+/// Every request the kernel has sent the session, one relaxed add each: `encfsd status` shows
+/// them so a benchmark can count round trips per operation without debug logs, and `--idle`
+/// watches `answered` (forgets come from the kernel's cache pressure, not from a user).
+public final class RequestCounts: Sendable {
+    /// Requests that get a reply (every operation but the two forgets).
+    private let answeredCount = Atomic<UInt64>(0)
+    /// FORGET and BATCH_FORGET requests (one per request, however many nodes a batch names).
+    private let forgetCount = Atomic<UInt64>(0)
+
+    public init() {}
+
+    public var answered: UInt64 { answeredCount.load(ordering: .relaxed) }
+    public var forgets: UInt64 { forgetCount.load(ordering: .relaxed) }
+
+    @inline(__always) func countAnswered() { answeredCount.wrappingAdd(1, ordering: .relaxed) }
+    @inline(__always) func countForget() { forgetCount.wrappingAdd(1, ordering: .relaxed) }
 }
 
 public enum FuseError: Error, CustomStringConvertible {
@@ -46,9 +64,9 @@ public final class FuseSession: @unchecked Sendable {
     private let options: MountOptions
     private var mounted = false
 
-    public init(fileSystem: any FileSystem, options: MountOptions) throws {
+    public init(fileSystem: any FileSystem, options: MountOptions, counts: RequestCounts = RequestCounts()) throws {
         self.options = options
-        let context = Unmanaged.passRetained(BridgeContext(fileSystem: fileSystem, options: options))
+        let context = Unmanaged.passRetained(BridgeContext(fileSystem: fileSystem, options: options, counts: counts))
         self.context = context
         var mountOptions = ["fsname=\(options.fsName)", "subtype=encfsd", "default_permissions"]
         if options.allowOther { mountOptions.append("allow_other") }
@@ -97,7 +115,7 @@ public final class FuseSession: @unchecked Sendable {
     public func exit() { fuse_session_exit(session) }
 
     /// How many requests the session has answered (forgets aside): unchanged means idle.
-    public var requestCount: UInt64 { context.takeUnretainedValue().requests.load(ordering: .relaxed) }
+    public var requestCount: UInt64 { context.takeUnretainedValue().counts.answered }
 
     /// Makes the kernel forget a cached name (`fuse_lowlevel_notify_inval_entry`). Safe from any
     /// thread; never call it while handling a request on `parent` that holds its lock (none of
@@ -178,7 +196,7 @@ private func errnoOf(_ error: any Error) -> Int32 {
 @inline(__always)
 private func answer(_ req: fuse_req_t?, _ body: (BridgeContext) throws -> Void) {
     let context = bridge(req)
-    context.requests.wrappingAdd(1, ordering: .relaxed)
+    context.counts.countAnswered()
     do {
         try body(context)
     } catch {
@@ -256,9 +274,10 @@ private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutableP
         conn.pointee.want |= UInt32(FUSE_CAP_IOCTL_DIR)
     }
     // Optional (-o writeback_cache): the kernel's page cache absorbs small writes and sends them
-    // as large ones at writeback. Measured here it lost more than it won: every unlink, rename and
-    // link then costs an extra SETATTR (the kernel writes back ctime), and streaming writes used
-    // more daemon CPU than write-through 1 MiB requests. What it requires of the daemon holds:
+    // as large ones at writeback. Measured here it lost more than it won (twice, the second time
+    // against the floor, PERFORMANCE.md 2026-12-01): untar sends 13.3 requests per file instead
+    // of 15.2 but is no faster, every removed file costs an extra SETATTR (the kernel writes back
+    // its ctime), and streaming writes use more daemon CPU than write-through 1 MiB requests. What it requires of the daemon holds:
     // O_WRONLY handles may be read (the store never checks the access mode; the kernel already
     // did), O_APPEND offsets come from the kernel, and mtime arrives by setattr, which wins over
     // the time the buffered writes reached the daemon.
@@ -280,12 +299,16 @@ private func opLookup(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
 }
 
 private func opForget(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ nlookup: UInt64) {
-    bridge(req).fileSystem.forget(ino, count: nlookup)
+    let context = bridge(req)
+    context.counts.countForget()
+    context.fileSystem.forget(ino, count: nlookup)
     fuse_reply_none(req)
 }
 
 private func opForgetMulti(_ req: fuse_req_t?, _ count: Int, _ forgets: UnsafeMutablePointer<fuse_forget_data>?) {
-    let fs = bridge(req).fileSystem
+    let context = bridge(req)
+    context.counts.countForget()
+    let fs = context.fileSystem
     for i in 0..<count {
         guard let f = forgets?[i] else { continue }
         fs.forget(f.ino, count: f.nlookup)
@@ -535,7 +558,9 @@ private func opReaddirplus(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _
 private func direntLimit(_ size: Int) -> Int { size / 32 + 1 }
 
 private func opReleasedir(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
-    if let fi { bridge(req).fileSystem.releasedir(ino, handle: fi.pointee.fh) }
+    let context = bridge(req)
+    context.counts.countAnswered()
+    if let fi { context.fileSystem.releasedir(ino, handle: fi.pointee.fh) }
     fuse_reply_err(req, 0)
 }
 

@@ -175,4 +175,21 @@ import Testing
         #expect(ControlProtocol.AddKeyArgument.decode(version) == nil)
         #expect(ControlProtocol.addKey == 0xC080_4501)
     }
+
+    @Test func statusArgumentCarriesRequestCounts() throws {
+        var status = ControlProtocol.StatusArgument()
+        status.pid = 42
+        status.journalBytes = 7
+        status.requests = 0x0102_0304_0506_0708
+        status.forgetRequests = 9
+        let encoded = status.encoded()
+        #expect(encoded.count == ControlProtocol.StatusArgument.byteCount)
+        // Little-endian at the documented offsets: requests at 104, forget_requests at 112.
+        #expect(Array(encoded[104..<112]) == [8, 7, 6, 5, 4, 3, 2, 1])
+        #expect(Array(encoded[112..<120]) == [9, 0, 0, 0, 0, 0, 0, 0])
+        #expect(ControlProtocol.StatusArgument.decode(encoded) == status)
+        var reserved = encoded
+        reserved[120] = 1
+        #expect(ControlProtocol.StatusArgument.decode(reserved) == nil)
+    }
 }

@@ -57,6 +57,22 @@ def test_status_reports_daemon_policies_and_files(make_volume, tmp_path):
     assert status(volume)["open_files"] == 0
 
 
+def test_status_counts_fuse_requests(make_volume):
+    """The request counters a benchmark divides by its operations: every CREATE reaches the
+    daemon, and evicted inodes come back as forget requests, counted apart."""
+    volume = make_volume()
+    before = status(volume)
+    for i in range(10):
+        (volume.mnt / f"counted-{i}").write_bytes(b"x")
+    after = status(volume)
+    assert after["requests"] - before["requests"] >= 10
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2\n")
+    assert status(volume)["forget_requests"] > after["forget_requests"]
+    text = run(volume.binary, "status", volume.mnt).stdout
+    assert "  requests:       " in text and " forgets)" in text
+
+
 def test_status_of_a_non_mount_is_an_error(tmp_path, encfsd_bin):
     r = run(encfsd_bin, "status", tmp_path, check=False)
     assert r.returncode == 1 and "is not an encfsd mountpoint" in r.stderr

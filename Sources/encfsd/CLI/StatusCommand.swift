@@ -41,6 +41,9 @@ struct StatusCommand: ParsableCommand {
         var bufferedBytes: UInt64?
         var journalEntries: UInt64?
         var journalBytes: UInt64?
+        /// FUSE requests since the mount (this call's own among them), forgets counted apart.
+        var requests: UInt64?
+        var forgetRequests: UInt64?
         var policies: [Policy]?
         var backing: BackingReport?
     }
@@ -87,6 +90,8 @@ struct StatusCommand: ParsableCommand {
         report.bufferedBytes = status.bufferedBytes
         report.journalEntries = status.journalEntries
         report.journalBytes = status.journalBytes
+        report.requests = status.requests
+        report.forgetRequests = status.forgetRequests
         report.policies = status.policies.map { policy in
             Report.Policy(identifier: policy.identifier.hex, root: policy.flags & ControlProtocol.StatusArgument.rootPolicy != 0,
                           key: KeyState.name(policy.status), userCount: policy.userCount,
@@ -108,6 +113,7 @@ struct StatusCommand: ParsableCommand {
             "  open files:     \(r.openFiles ?? 0) (and \(r.openDirectories ?? 0) directories)",
             "  buffered:       \(r.bufferedBytes ?? 0) bytes",
             "  journal:        \(r.journalEntries ?? 0) entries, \(r.journalBytes ?? 0) bytes",
+            "  requests:       \(r.requests ?? 0) (and \(r.forgetRequests ?? 0) forgets)",
             "  policies:",
         ]
         for p in r.policies ?? [] {

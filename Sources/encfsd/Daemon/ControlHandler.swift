@@ -13,6 +13,8 @@ import Glibc
 struct ControlHandler: Sendable {
     let volume: Volume
     let keyService: KeyService
+    /// The session's request counters, for `encfsd status` (round trips per operation).
+    let requestCounts: RequestCounts
     /// When the mount came up (the handler is made as the file system is), for `encfsd status`.
     let started = UInt64(time(nil))
 
@@ -114,6 +116,8 @@ struct ControlHandler: Sendable {
         reply.journalEntries = UInt64(activity.journalEntries)
         reply.journalBytes = UInt64(activity.journalBytes)
         reply.report(volume.capabilities)
+        reply.requests = requestCounts.answered
+        reply.forgetRequests = requestCounts.forgets
         let root = volume.config.rootIdentifier
         let others = volume.knownPolicies().union(volume.keys.identifiers()).subtracting([root]).sorted { $0.hex < $1.hex }
         reply.policies = ([root] + others).map { identifier in

@@ -57,7 +57,9 @@ struct Daemon {
         try Self.unlock(keys, withKeyFiles: keyFiles)
         let fromKeyring = unlockFromKeyring ? keyService.addKeysFromUserKeyring() : []
         for identifier in fromKeyring { Log.notice("key \(identifier) added at start") }
-        let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService), options: mountOptions)
+        let requestCounts = RequestCounts()
+        let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService, requestCounts: requestCounts),
+                                      options: mountOptions, counts: requestCounts)
         invalidator.attach(session: session)
         // Past every check that can refuse the mount: a refused mount leaves no open epoch, which
         // the next mount would read as an unclean shutdown (and so as leave to pass over damage).

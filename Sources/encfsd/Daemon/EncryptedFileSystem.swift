@@ -13,9 +13,9 @@ final class EncryptedFileSystem: FileSystem {
     let volume: Volume
     let control: ControlHandler
 
-    init(volume: Volume, keyService: KeyService) {
+    init(volume: Volume, keyService: KeyService, requestCounts: RequestCounts) {
         self.volume = volume
-        control = ControlHandler(volume: volume, keyService: keyService)
+        control = ControlHandler(volume: volume, keyService: keyService, requestCounts: requestCounts)
     }
 
     private func entry(_ result: (UInt64, Attributes)) -> Entry {
