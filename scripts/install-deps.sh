@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what encfsd needs to build and test on Debian 12: libfuse3, OpenSSL 3, keyutils
 # (headers and tools), xfsprogs (xfs_io, for the fscrypt ioctl tests), attr, groff and systemd (the
-# man page and fstab-generator tests), util-linux (prlimit, losetup), and pytest.
+# man page and fstab-generator tests), util-linux (prlimit, losetup), e2fsprogs (an ext4 reference for the
+# fallocate and seek differential test), and pytest.
 set -euo pipefail
-packages=(libfuse3-dev fuse3 libssl-dev libkeyutils-dev keyutils pkg-config xfsprogs attr python3 groff-base systemd util-linux)
+packages=(libfuse3-dev fuse3 libssl-dev libkeyutils-dev keyutils pkg-config xfsprogs attr python3 groff-base systemd util-linux e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
