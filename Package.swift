@@ -16,7 +16,9 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         .systemLibrary(name: "CKeyutils", pkgConfig: "libkeyutils", providers: [.apt(["libkeyutils-dev"])]),
         .systemLibrary(name: "CLinux"),
-        .target(name: "EncCore", dependencies: ["COpenSSL", "CKeyutils", "CLinux"]),
+        // Test hooks (fault points, the no-journal switch) compile into debug builds only.
+        .target(name: "EncCore", dependencies: ["COpenSSL", "CKeyutils", "CLinux"],
+                swiftSettings: [.define("ENCFSD_TEST_HOOKS", .when(configuration: .debug))]),
         .target(name: "FuseBridge", dependencies: ["CFuse3"]),
         .executableTarget(
             name: "encfsd",

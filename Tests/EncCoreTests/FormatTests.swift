@@ -109,10 +109,12 @@ import Testing
         let older = HeaderCodec.seal(header, key: key) // sequence 0, slot 0
         header.sequence = 1
         var newer = header.encodeBody()
-        newer[4] = 2 // format version 2
+        newer[4] = 3 // format version 3
         let region = older + slotWithChecksum(newer)
-        expectIntegrityError { try HeaderCodec.current(region: region, key: key) }
-        expectIntegrityError { try HeaderCodec.current(region: region, key: nil) }
+        // Refused even where a damaged slot could be passed over as a torn write.
+        let anyUnclean = TornWriteEvidence(lastUncleanEpoch: .max)
+        expectIntegrityError { try HeaderCodec.current(region: region, key: key, evidence: anyUnclean) }
+        expectIntegrityError { try HeaderCodec.current(region: region, key: nil, evidence: anyUnclean) }
     }
 
     @Test func structurallyImpossibleHeadersAreDamaged() throws {

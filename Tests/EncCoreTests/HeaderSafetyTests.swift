@@ -31,7 +31,7 @@ import Glibc
     }
 
     func backingPath(_ store: String) throws -> String {
-        let names = try FileManager.default.contentsOfDirectory(atPath: store).filter { !$0.hasPrefix(".") && $0 != "encfsd.conf" }
+        let names = try FileManager.default.contentsOfDirectory(atPath: store).filter { !$0.hasPrefix(".") && !$0.hasPrefix("encfsd.") }
         #expect(names.count == 1)
         return store + "/" + names[0]
     }

@@ -87,7 +87,7 @@ import Testing
     @Test func headerSlot() throws {
         let key = try MasterKey(raw: Self.testKey)
         var header = ObjectHeader(type: .regular, mode: 0o644, uid: 1000, gid: 1000, extentSize: 4096,
-                                  objectID: Self.objectID, policy: key.identifier)
+                                  objectID: Self.objectID, policy: key.identifier, version: 1)
         header.sequence = 1
         header.size = 100
         header.bindings = [Binding(digest: Array(Hex.decode("de1037de7c69251a026eddde24928e4b")!))]

@@ -24,15 +24,15 @@ final class ScratchObject {
         self.key = try key ?? MasterKey(raw: (1...64).map { UInt8($0) })
         header = ObjectHeader(type: .regular, mode: 0o644, uid: 0, gid: 0, extentSize: UInt32(extentSize),
                               objectID: OpenSSL.random(count: 16), policy: self.key.identifier)
-        try HeaderIO.create(fd: fd.raw, header: header, key: self.key)
+        try HeaderSlots.scratch.create(fd: fd.raw, header: &header, key: self.key)
     }
 
     deinit { try? FileManager.default.removeItem(atPath: directory) }
 
     /// A fresh view of the committed file, as a re-open would see it.
     func reopen() throws -> ExtentFile {
-        header = try HeaderIO.read(fd: fd.raw, key: key)
-        return ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: key, header: header)
+        header = try HeaderSlots.scratch.read(fd: fd.raw, key: key)
+        return ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: key, header: header, slots: .scratch)
     }
 
     func write(_ bytes: [UInt8], at offset: UInt64) throws {
@@ -85,4 +85,9 @@ func expectIntegrityError<R>(_ comment: Comment? = nil, sourceLocation: SourceLo
     if let error {
         #expect(isIntegrityError(error), "expected StoreError.integrity, got \(error)", sourceLocation: sourceLocation)
     }
+}
+
+extension HeaderSlots {
+    /// Slots of a scratch object: epoch 1 of a v2 store with no unclean shutdown on record.
+    static let scratch = HeaderSlots(epoch: 1, evidence: .cleanHistory, storeVersion: ObjectHeader.newestVersion)
 }

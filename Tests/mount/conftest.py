@@ -36,7 +36,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ENOKEY = getattr(errno, "ENOKEY", 126)
 # What encfsd keeps at a store's top besides the root's entries (.d is also in every directory).
-STORE_FILES = {".d", "encfsd.conf", ".journal", "encfsd.lock"}
+STORE_FILES = {".d", "encfsd.conf", ".journal", "encfsd.lock", "encfsd.epoch"}
 
 
 def _binary() -> Path:

@@ -21,7 +21,7 @@ Required (issue 14):
 Names and where FORMAT.md puts them: encfsd.conf and `.d` (2.1), entries (2.3, 2.4), the xattrs
 of an object, which live on its backing file or backing directory itself (8), `.journal/<object
 ID>` (9a; the object ID is at body offset 56 of a header slot, 4.3), `.quarantine` (9a),
-`.mk-`/`.rm-` temporaries (2.5), and the store lock `encfsd.lock`.
+`.mk-`/`.rm-` temporaries (2.5), the store lock `encfsd.lock`, and the epoch record `encfsd.epoch` (15.2).
 
 One pristine store is built per module; each test plants into its own `cp -a` copy and mounts
 with --key-file and --no-keyring (the test never touches the keyring)."""
@@ -515,6 +515,7 @@ SITES = {
     "root-.d": Site(lambda p: ".d", "file", "store"),
     ".journal": Site(lambda p: ".journal", "dir", "store"),
     "encfsd.lock": Site(lambda p: "encfsd.lock", "file", "store"),
+    "encfsd.epoch": Site(lambda p: "encfsd.epoch", "file", "store"),
     "entry-file": Site(lambda p: p.backing["big"], "file", drive=drive_file, fsck_finds=True),
     "entry-dir": Site(lambda p: p.backing["dir"], "dir", drive=drive_dir, fsck_finds=True),
     "dir-.d": Site(lambda p: p.backing["dir"] + "/.d", "file", drive=drive_dir, fsck_finds=True),

@@ -43,7 +43,7 @@ public enum HeaderCodec {
         if isAllZero(slot) { return .empty }
         var r = ByteReader(slot)
         _ = r.raw(6)
-        guard let length = r.u16().map(Int.init), length >= ObjectHeader.fixedBytes,
+        guard let length = r.u16().map(Int.init), length >= ObjectHeader.smallestFixedBytes,
               length + ObjectHeader.macBytes + ObjectHeader.checksumBytes <= slot.count
         else { return .damaged }
         let start = slot.startIndex
@@ -71,35 +71,73 @@ public enum HeaderCodec {
         return constantTimeEqual(mac, Array(slot[(start + length)..<(start + length + ObjectHeader.macBytes)]))
     }
 
-    /// Picks the current header from the 4096-byte header region: the newest slot that verifies.
+    /// The current header of a region, and the slot (if any) that was damaged and passed over
+    /// as a write torn by an unclean shutdown. The caller logs every such fallback.
+    public struct Choice: Equatable, Sendable {
+        public var header: ObjectHeader
+        public var tornSlot: Int?
+    }
+
+    /// Picks the current header from the 4096-byte header region: the newest intact slot, which
+    /// must verify under `key` when one is given.
     ///
-    /// Only the newest intact slot's MAC is computed unless it fails: every lookup and open reads
-    /// a header, and the older slot's HMAC and key derivation would double that cost for nothing.
+    /// A damaged slot cannot say whether it was the newer version. Passing over it is therefore
+    /// allowed only when `evidence` shows an unclean shutdown at or after the epoch the intact slot
+    /// was written in: only then can the damage be a write that was in flight and torn. Otherwise a
+    /// damaged byte would silently serve an older state, and the object is refused. A newest
+    /// intact slot that fails its MAC is refused outright: a torn write cannot pass the checksum.
     ///
-    /// - Throws: `StoreError.integrity` when no slot verifies.
-    public static func current(region: [UInt8], key: MasterKey?) throws -> ObjectHeader {
+    /// Only the newest intact slot's MAC is computed: every lookup and open reads a header, and
+    /// the older slot's HMAC and key derivation would double that cost for nothing.
+    ///
+    /// - Throws: `StoreError.integrity` when no slot may be served.
+    public static func current(region: [UInt8], key: MasterKey?, evidence: TornWriteEvidence) throws -> Choice {
         guard region.count == ExtentGeometry.headerBytes else {
             throw StoreError.integrity("header region is \(region.count) bytes, not \(ExtentGeometry.headerBytes)")
         }
         let slotBytes = ExtentGeometry.headerSlotBytes
         let slots = [region[0..<slotBytes], region[slotBytes..<(2 * slotBytes)]]
         let states = [parse(slot: slots[0], position: 0), parse(slot: slots[1], position: 1)]
-        let intact = zip(slots, states).compactMap { slot, state -> (ArraySlice<UInt8>, ObjectHeader)? in
-            if case .valid(let h) = state { return (slot, h) }
-            return nil
-        }.sorted { $0.1.sequence > $1.1.sequence }
-        let newestValid = intact.first { slot, header in key.map { verify(slot: slot, header: header, key: $0) } ?? true }?.1
+        var newest: (slot: ArraySlice<UInt8>, header: ObjectHeader)?
+        for (slot, state) in zip(slots, states) {
+            if case .valid(let h) = state, h.sequence > (newest?.header.sequence ?? 0) || newest == nil { newest = (slot, h) }
+        }
         // A newer slot in a format this build does not know is refused outright: falling back to
         // the older slot would silently serve a rolled-back version of the object.
-        for case .unsupported(let version, let sequence) in states where sequence > (newestValid?.sequence ?? 0) || newestValid == nil {
+        for case .unsupported(let version, let sequence) in states where newest == nil || sequence > newest!.header.sequence {
             throw StoreError.integrity("header written in format version \(version), newer than this encfsd reads")
         }
-        guard let newestValid else {
-            throw StoreError.integrity(intact.isEmpty ? "header is damaged" : "header failed authentication")
+        guard let newest else {
+            throw StoreError.integrity(states.contains(.empty) && !states.contains(.damaged) ? "header is empty" : "header is damaged")
         }
-        return newestValid
+        if let key, !verify(slot: newest.slot, header: newest.header, key: key) {
+            throw StoreError.integrity("header failed authentication")
+        }
+        guard let damaged = states.firstIndex(of: .damaged) else { return Choice(header: newest.header, tornSlot: nil) }
+        guard evidence.tornWritePossible(sinceEpoch: newest.header.epoch) else {
+            throw StoreError.integrity("header slot \(damaged) is damaged, and the store has shut down cleanly since the other slot "
+                + "was written (epoch \(newest.header.epoch)): refusing to serve what may be an older version")
+        }
+        return Choice(header: newest.header, tornSlot: damaged)
     }
 
+}
+
+/// What a reader knows of unclean shutdowns (the store's `encfsd.epoch`, FORMAT.md 15.2): the only
+/// evidence on which a damaged header slot may be passed over as a torn write.
+public struct TornWriteEvidence: Equatable, Sendable {
+    /// The highest epoch that ended without a clean unmount; nil when every epoch known ended cleanly.
+    public var lastUncleanEpoch: UInt64?
+
+    public init(lastUncleanEpoch: UInt64?) { self.lastUncleanEpoch = lastUncleanEpoch }
+
+    /// No unclean shutdown known: every damaged slot is refused.
+    public static let cleanHistory = TornWriteEvidence(lastUncleanEpoch: nil)
+
+    /// Whether a write begun in `epoch` or later can have been torn by an unclean shutdown.
+    public func tornWritePossible(sinceEpoch epoch: UInt64) -> Bool {
+        lastUncleanEpoch.map { $0 >= epoch } ?? false
+    }
 }
 
 /// Whether every byte is zero, a word at a time (slot images are checked on every header read).

@@ -60,3 +60,7 @@ public struct HoleMap: Equatable, Sendable {
         remove(count..<UInt64.max)
     }
 }
+
+/// A canonical set of extent-index ranges, as the hole map keeps them; also the legacy ranges of a
+/// rekey (extents still sealed under the previous key).
+public typealias ExtentRangeSet = HoleMap

@@ -31,11 +31,19 @@ public struct ObjectHeader: Equatable, Sendable {
     }
 
     public static let magic: [UInt8] = Array("EFS1".utf8)
-    public static let formatVersion: UInt16 = 1
-    static let fixedBytes = 112
+    /// Header versions this build reads and writes (FORMAT.md 4.3 and 15). An object keeps its
+    /// version when rewritten unless its store's version is newer: a v1 store stays readable by
+    /// v1 builds until the user upgrades it.
+    public static let versions: ClosedRange<UInt16> = 1...2
+    public static let newestVersion: UInt16 = 2
     static let macBytes = 32
     static let checksumBytes = 8
 
+    /// Bytes of the fixed part of a body in `version`.
+    static func fixedBytes(version: UInt16) -> Int { version >= 2 ? 144 : 112 }
+    static let smallestFixedBytes = 112
+
+    public var version: UInt16
     public var sequence: UInt64 = 0
     public var flags: Flags = []
     public var type: ObjectType
@@ -54,9 +62,24 @@ public struct ObjectHeader: Equatable, Sendable {
     public var macPolicy: KeyIdentifier
     public var holes = HoleMap()
     public var bindings: [Binding] = []
+    /// v2: the store epoch (a per-mount counter, `EpochRecord`) in which this version was written.
+    /// It is the evidence that decides whether a damaged other slot may be a write torn by an
+    /// unclean shutdown (and the older slot served) or damage (EIO). v1 slots read as 0.
+    public var epoch: UInt64 = 0
+    /// v2: the key that still seals the extents in `legacyRanges` (and for a directory, the names
+    /// not yet moved to `policy`) while a rekey moves the object from it to `policy`.
+    public var previousPolicy: KeyIdentifier?
+    /// v2: extent indices still sealed under `previousPolicy`; every other stored extent is sealed
+    /// under `policy`. Naming the key here costs no read per extent: the header is read anyway.
+    public var legacyRanges = ExtentRangeSet()
+    /// v2: creation time, nanoseconds since the Unix epoch (0: unknown, as in every v1 object).
+    public var birthTime: UInt64 = 0
 
     public init(type: ObjectType, mode: UInt32, uid: UInt32, gid: UInt32, extentSize: UInt32,
-                objectID: [UInt8], policy: KeyIdentifier, macPolicy: KeyIdentifier? = nil) {
+                objectID: [UInt8], policy: KeyIdentifier, macPolicy: KeyIdentifier? = nil,
+                version: UInt16 = ObjectHeader.newestVersion) {
+        precondition(Self.versions.contains(version))
+        self.version = version
         self.type = type
         self.mode = mode & 0o7777
         self.uid = uid
@@ -73,7 +96,14 @@ public struct ObjectHeader: Equatable, Sendable {
     public static func bindingBytes(_ b: Binding) -> Int { 18 + b.longName.count }
 
     public var encodedBodyCount: Int {
-        Self.fixedBytes + holes.ranges.count * 16 + bindings.reduce(0) { $0 + Self.bindingBytes($1) }
+        Self.fixedBytes(version: version) + (holes.ranges.count + legacyRanges.ranges.count) * 16
+            + bindings.reduce(0) { $0 + Self.bindingBytes($1) }
+    }
+
+    /// The key that sealed stored extent `index` (FORMAT.md 15.3).
+    public func sealingPolicy(ofExtent index: UInt64) -> KeyIdentifier {
+        if let previousPolicy, legacyRanges.contains(index) { return previousPolicy }
+        return policy
     }
 
     public func fits(extraBytes: Int = 0) -> Bool {
@@ -81,9 +111,11 @@ public struct ObjectHeader: Equatable, Sendable {
     }
 
     func encodeBody() -> [UInt8] {
+        // A v1 slot has no room for what only v2 can say; writing it there would drop it.
+        precondition(version >= 2 || (previousPolicy == nil && legacyRanges.isEmpty))
         var w = ByteWriter(capacity: ExtentGeometry.headerSlotBytes)
         w.raw(Self.magic)
-        w.u16(Self.formatVersion)
+        w.u16(version)
         w.u16(UInt16(encodedBodyCount))
         w.u64(sequence)
         w.u32(flags.rawValue)
@@ -100,8 +132,16 @@ public struct ObjectHeader: Equatable, Sendable {
         w.raw(macPolicy.bytes)
         w.u16(UInt16(holes.ranges.count))
         w.u16(UInt16(bindings.count))
-        w.zeros(4)
-        for r in holes.ranges {
+        if version >= 2 {
+            w.u16(UInt16(legacyRanges.ranges.count))
+            w.zeros(2)
+            w.u64(epoch)
+            w.raw(previousPolicy?.bytes ?? [UInt8](repeating: 0, count: 16))
+            w.u64(birthTime)
+        } else {
+            w.zeros(4)
+        }
+        for r in holes.ranges + legacyRanges.ranges {
             w.u64(r.lowerBound)
             w.u64(r.upperBound - r.lowerBound)
         }
@@ -130,7 +170,7 @@ public struct ObjectHeader: Equatable, Sendable {
               let sequence = r.u64(), let rawFlags = r.u32()
         else { return .failure(.malformed) }
         let flags = Flags(rawValue: rawFlags)
-        guard version == formatVersion, Flags.known.isSuperset(of: flags) else {
+        guard versions.contains(version), Flags.known.isSuperset(of: flags) else {
             return .failure(.unsupported(version: version, sequence: sequence))
         }
         guard let typeByte = r.u8(), let type = ObjectType(rawValue: typeByte), r.raw(3) == [0, 0, 0],
@@ -138,8 +178,24 @@ public struct ObjectHeader: Equatable, Sendable {
               let extentSize = r.u32(), let rdev = r.u64(), let size = r.u64(),
               let objectID = r.raw(16), let policyBytes = r.raw(16), let policy = KeyIdentifier(bytes: policyBytes),
               let macPolicyBytes = r.raw(16), let macPolicy = KeyIdentifier(bytes: macPolicyBytes),
-              let holeCount = r.u16(), let bindingCount = r.u16(), r.raw(4) == [0, 0, 0, 0]
+              let holeCount = r.u16(), let bindingCount = r.u16()
         else { return .failure(.malformed) }
+        var legacyCount: UInt16 = 0, epoch: UInt64 = 0, birthTime: UInt64 = 0
+        var previousPolicy: KeyIdentifier?
+        if version >= 2 {
+            guard let count = r.u16(), r.raw(2) == [0, 0], let e = r.u64(), let previous = r.raw(16), let born = r.u64()
+            else { return .failure(.malformed) }
+            (legacyCount, epoch, birthTime) = (count, e, born)
+            if previous.contains(where: { $0 != 0 }) {
+                guard let id = KeyIdentifier(bytes: previous), id != policy else { return .failure(.malformed) }
+                previousPolicy = id
+            }
+            // Legacy ranges name the key of stored extents: without a previous key, or on a
+            // directory (which has no extents), they cannot mean anything.
+            guard legacyCount == 0 || (previousPolicy != nil && type != .directory) else { return .failure(.malformed) }
+        } else {
+            guard r.raw(4) == [0, 0, 0, 0] else { return .failure(.malformed) }
+        }
         let isDevice = type == .characterDevice || type == .blockDevice
         if type == .directory {
             guard extentSize == 0, size == 0, holeCount == 0 else { return .failure(.malformed) }
@@ -149,21 +205,22 @@ public struct ObjectHeader: Equatable, Sendable {
         guard isDevice || rdev == 0, type == .directory || policy == macPolicy || !carriesContents(type)
         else { return .failure(.malformed) }
         var header = ObjectHeader(type: type, mode: mode, uid: uid, gid: gid, extentSize: extentSize,
-                                  objectID: objectID, policy: policy, macPolicy: macPolicy)
+                                  objectID: objectID, policy: policy, macPolicy: macPolicy, version: version)
         header.sequence = sequence
+        header.epoch = epoch
+        header.birthTime = birthTime
+        header.previousPolicy = previousPolicy
         header.flags = flags
         header.rdev = rdev
         header.size = size
         let extentCount = type == .directory ? 0 : header.geometry.extentCount(size: size)
-        var previousEnd: UInt64?
-        var ranges: [Range<UInt64>] = []
-        for _ in 0..<holeCount {
-            guard let start = r.u64(), let count = r.u64(), count > 0, start <= extentCount, count <= extentCount - start,
-                  previousEnd.map({ start > $0 }) ?? true else { return .failure(.malformed) }
-            ranges.append(start..<(start + count))
-            previousEnd = start + count
-        }
-        header.holes = HoleMap(ranges: ranges)
+        guard let holes = readRanges(&r, count: holeCount, extentCount: extentCount),
+              let legacy = readRanges(&r, count: legacyCount, extentCount: extentCount),
+              // A hole stores nothing, so no key can have sealed it.
+              !holes.contains(where: { h in legacy.contains { $0.overlaps(h) } })
+        else { return .failure(.malformed) }
+        header.holes = HoleMap(ranges: holes)
+        header.legacyRanges = ExtentRangeSet(ranges: legacy)
         for _ in 0..<bindingCount {
             guard let digest = r.raw(16), let nameCount = r.u16(), let name = r.raw(Int(nameCount)),
                   name.isEmpty || NameCodec.isValidLongCiphertext(name) else { return .failure(.malformed) }
@@ -171,6 +228,19 @@ public struct ObjectHeader: Equatable, Sendable {
         }
         guard r.position == body.endIndex else { return .failure(.malformed) }
         return .success(header)
+    }
+
+    /// Canonical ranges (sorted, disjoint, non-adjacent, inside the file), or nil.
+    private static func readRanges(_ r: inout ByteReader, count: UInt16, extentCount: UInt64) -> [Range<UInt64>]? {
+        var previousEnd: UInt64?
+        var ranges: [Range<UInt64>] = []
+        for _ in 0..<count {
+            guard let start = r.u64(), let length = r.u64(), length > 0, start <= extentCount, length <= extentCount - start,
+                  previousEnd.map({ start > $0 }) ?? true else { return nil }
+            ranges.append(start..<(start + length))
+            previousEnd = start + length
+        }
+        return ranges
     }
 
     /// Objects with encrypted contents are authenticated under their own policy; only

@@ -4,7 +4,7 @@ import Foundation
 /// secret, so it may be readable by anyone who can read the ciphertext.
 public struct StoreConfig: Codable, Equatable, Sendable {
     public static let fileName = "encfsd.conf"
-    public static let currentVersion = 1
+    public static let currentVersion = 2
     /// Features this build understands. A store naming any other is refused, never guessed at.
     public static let knownFeatures: Set<String> = []
 

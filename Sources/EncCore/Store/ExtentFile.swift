@@ -64,14 +64,20 @@ final class ExtentFile: @unchecked Sendable {
     /// shadow is written (nil for scratch files in tests).
     let storeRoot: Sys.Place?
 
-    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, header: ObjectHeader, storeRoot: Sys.Place) {
-        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, header: header, descriptor: descriptor, storeRoot: storeRoot)
+    /// Where each header version goes and what it is stamped with.
+    let slots: HeaderSlots
+
+    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, header: ObjectHeader, slots: HeaderSlots,
+                     storeRoot: Sys.Place) {
+        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, header: header, slots: slots, descriptor: descriptor,
+                  storeRoot: storeRoot)
     }
 
     /// A view of a backing file whose descriptor the caller keeps open for the file's lifetime.
-    init(fd: Int32, journalFD: Int32, key: MasterKey, header: ObjectHeader, descriptor: FileDescriptor? = nil,
+    init(fd: Int32, journalFD: Int32, key: MasterKey, header: ObjectHeader, slots: HeaderSlots, descriptor: FileDescriptor? = nil,
          storeRoot: Sys.Place? = nil) {
         self.fd = fd
+        self.slots = slots
         self.descriptor = descriptor
         self.storeRoot = storeRoot
         self.journalFD = journalFD
@@ -268,7 +274,7 @@ final class ExtentFile: @unchecked Sendable {
             let committedCount = geometry.extentCount(size: committedSize)
             let lower = max(presealed.first, committedCount)
             let upper = presealed.first + UInt64(presealed.count)
-            if lower < upper && !Self.journalingDisabled && !replayPending {
+            if lower < upper && !TestHooks.journalingDisabled && !replayPending {
                 direct = lower..<upper
                 let at = Int(lower - presealed.first) * geometry.stride
                 let run = UnsafeRawBufferPointer(rebasing: presealed.bytes[at..<(Int(upper - presealed.first) * geometry.stride)])
@@ -358,11 +364,6 @@ final class ExtentFile: @unchecked Sendable {
 
     // MARK: committing
 
-    /// A test-only switch (ENCFSD_UNSAFE_NO_JOURNAL=1) that writes in place without the journal
-    /// or its fsyncs, to measure what crash safety costs. Never for real use: a crash mid-commit
-    /// can then tear a file.
-    static let journalingDisabled = ProcessInfo.processInfo.environment["ENCFSD_UNSAFE_NO_JOURNAL"] == "1"
-
     /// Commits everything buffered as one transaction (DESIGN.md, "The flush transaction").
     ///
     /// With no extent overwritten in place (appends into new extents, filled holes, size or
@@ -416,14 +417,14 @@ final class ExtentFile: @unchecked Sendable {
         // was then truncated is cut back to its new length like any shrinking file.
         let oldLength = max(geometry.backingLength(size: header.size), writtenEnd)
         let newLength = geometry.backingLength(size: size)
-        let unsafe = Self.journalingDisabled
+        let unsafe = TestHooks.journalingDisabled
 
         if !overwrites || unsafe {
             if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
             try write(records)
-            // The extents are made durable by the sync HeaderIO.write does before the header.
+            // The extents are made durable by the sync HeaderSlots.write does before the header.
             FaultPoints.reach(.appendExtentsWritten)
-            try HeaderIO.write(fd: fd, header: &final, key: key, sync: newLength < oldLength && !unsafe)
+            try slots.write(fd: fd, header: &final, key: key, sync: newLength < oldLength && !unsafe)
             FaultPoints.reach(.appendHeaderWritten)
             if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
             if durable { try Sys.fdatasync(fd) }
@@ -432,6 +433,7 @@ final class ExtentFile: @unchecked Sendable {
             var pending = header
             pending.flags.insert(.pendingWrite)
             final.sequence = header.sequence + 2
+            final = slots.stamped(final)
             let finalSlot = HeaderCodec.seal(final, key: key)
             // A journal directory moved out of the store must not receive the shadow.
             if let storeRoot { try Sys.checkBeneath(journalFD, root: storeRoot) }
@@ -439,14 +441,14 @@ final class ExtentFile: @unchecked Sendable {
                               finalSlot: finalSlot, records: records, key: key)
             usedJournal = true
             FaultPoints.reach(.shadowWritten)
-            try HeaderIO.write(fd: fd, header: &pending, key: key, sync: true)
+            try slots.write(fd: fd, header: &pending, key: key, sync: true)
             FaultPoints.reach(.pendingFlagSet)
             do {
                 if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
                 try write(records)
                 try Sys.fdatasync(fd)
                 FaultPoints.reach(.extentsApplied)
-                try HeaderIO.writeSlot(fd: fd, finalSlot, sequence: final.sequence)
+                try HeaderSlots.writeSealed(fd: fd, finalSlot, sequence: final.sequence)
                 // Synced even when not asked to be durable: the next transaction overwrites the
                 // journal, and a final header lost after that could not be replayed.
                 try Sys.fdatasync(fd)

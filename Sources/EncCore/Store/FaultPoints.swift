@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -27,7 +28,11 @@ public enum FaultPoint: String, CaseIterable, Sendable {
     case renameDone = "rename-done"
 }
 
+/// Test hooks exist only in builds made with `ENCFSD_TEST_HOOKS` (debug builds, which the tests
+/// run; Package.swift defines it for the debug configuration only): a release binary has no
+/// environment switch that kills it or turns its journal off.
 public enum FaultPoints {
+    #if ENCFSD_TEST_HOOKS
     private struct Armed: Sendable {
         let point: FaultPoint
         let remaining: Int
@@ -43,28 +48,29 @@ public enum FaultPoints {
         return Armed(point: point, remaining: parts.count > 1 ? Int(parts[1]) ?? 1 : 1)
     }()
 
-    private static let hits = Counter()
+    private static let hits = Mutex(0)
 
     /// Dies here (SIGKILL: no cleanup, no flush, as a crash) if this point is armed.
     @inline(__always)
     public static func reach(_ point: FaultPoint) {
         guard let armed, armed.point == point else { return }
-        if hits.increment() >= armed.remaining {
+        if hits.withLock({ $0 += 1; return $0 }) >= armed.remaining {
             Diagnostics.report("fault point \(point.rawValue) reached: dying")
             kill(getpid(), SIGKILL)
         }
     }
+    #else
+    @inline(__always)
+    public static func reach(_ point: FaultPoint) {}
+    #endif
 }
 
-/// Invariant making this `@unchecked Sendable`: the count is only touched under `lock`.
-private final class Counter: @unchecked Sendable {
-    private var value = 0
-    private var lock = pthread_mutex_t()
-    init() { pthread_mutex_init(&lock, nil) }
-    func increment() -> Int {
-        pthread_mutex_lock(&lock)
-        defer { pthread_mutex_unlock(&lock) }
-        value += 1
-        return value
-    }
+enum TestHooks {
+    #if ENCFSD_TEST_HOOKS
+    /// ENCFSD_UNSAFE_NO_JOURNAL=1 writes in place without the journal or its fsyncs, to measure
+    /// what crash safety costs. A crash mid-commit can then tear a file.
+    static let journalingDisabled = ProcessInfo.processInfo.environment["ENCFSD_UNSAFE_NO_JOURNAL"] == "1"
+    #else
+    static let journalingDisabled = false
+    #endif
 }

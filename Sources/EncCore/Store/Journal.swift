@@ -171,7 +171,7 @@ enum Journal {
             if Int64(try Sys.fstat(objectFD).st_size) < finalLength { try Sys.ftruncate(objectFD, finalLength) }
             try Sys.fdatasync(objectFD)
             FaultPoints.reach(.recoveryExtentsApplied)
-            try HeaderIO.writeSlot(fd: objectFD, slot, sequence: final.sequence)
+            try HeaderSlots.writeSealed(fd: objectFD, slot, sequence: final.sequence)
             try Sys.fdatasync(objectFD)
             FaultPoints.reach(.recoveryHeaderWritten)
             if Int64(try Sys.fstat(objectFD).st_size) > finalLength { try Sys.ftruncate(objectFD, finalLength) }

@@ -7,7 +7,7 @@ struct NodeState {
     /// Whether `header` was verified under its key (false when read in the locked view).
     var verified: Bool
     /// The header sequence known to be durable (synced since written), if any: a metadata update
-    /// of a durable header may use the other slot without syncing first (see `HeaderIO.write`).
+    /// of a durable header may use the other slot without syncing first (see `HeaderSlots.write`).
     var durableSequence: UInt64?
     /// The header sequence whose other slot holds a durable version the object can fall back to
     /// (same extents, only older): a metadata update may then replace it in its own slot without

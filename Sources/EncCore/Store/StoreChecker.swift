@@ -36,6 +36,9 @@ public final class StoreChecker {
     private var visited = 0
     private var storeFD: FileDescriptor!
     private var journalFD: FileDescriptor!
+    /// The daemon's judgement of damaged slots (and, with --repair, this run's epoch).
+    private var slots: HeaderSlots!
+    private var config: StoreConfig!
 
     public init(storePath: String, keys: KeyTable, repair: Bool, progress: @escaping (Int) -> Void = { _ in }) {
         self.storePath = storePath
@@ -63,11 +66,35 @@ public final class StoreChecker {
     public func run() throws -> Summary {
         storeFD = try Sys.openStoreRoot(storePath)
         let config = try StoreConfig.load(storeFD: storeFD.raw, shownAs: storePath)
+        self.config = config
         journalFD = try Volume.openJournal(storeFD: storeFD.raw)
+        let reading: EpochRecord.Reading
+        if repair {
+            // A repair writes headers: it is an epoch of its own, closed cleanly once its writes are
+            // durable, so an unclean end it found stays on record (`lastUncleanEpoch`).
+            let opened = try EpochRecord.open(storeFD: storeFD.raw, storeVersion: config.version)
+            slots = HeaderSlots(epoch: opened.epoch, evidence: opened.evidence, storeVersion: UInt16(config.version))
+            reading = opened.reading
+        } else {
+            reading = try EpochRecord.read(storeFD: storeFD.raw)
+            slots = .reading(evidence: reading.evidence(storeVersion: config.version), storeVersion: config.version)
+        }
+        if reading.damaged {
+            note(.problem, EpochRecord.fileName, "damaged: the daemon passes over no damaged header slot as a torn write until a clean unmount rewrites it")
+        } else if reading.missing && config.version >= 2 {
+            note(.problem, EpochRecord.fileName, "missing from a version \(config.version) store: damaged header slots cannot be judged")
+        }
+        defer {
+            if repair, (try? Sys.listingDescriptor(storeFD.raw)).map({ fd in withExtendedLifetime(fd) { (try? Sys.syncfs(fd.raw)) != nil } }) == true {
+                try? EpochRecord.close(storeFD: storeFD.raw, epoch: slots.epoch, evidence: slots.evidence)
+            }
+        }
         let rootHeader: ObjectHeader
         do {
             let root = try Sys.openEntry(storeFD.raw, directoryHeaderName, .regularFile, .readOnly)
-            rootHeader = try withExtendedLifetime(root) { try header(of: root.raw) }
+            rootHeader = try withExtendedLifetime(root) {
+                try header(of: root.raw, path: "/") { try Sys.openPrivateFile(self.storeFD.raw, directoryHeaderName) }
+            }
         } catch {
             note(.problem, "/", "root header: \(error)")
             return summary
@@ -84,11 +111,29 @@ public final class StoreChecker {
         summary.findings.append(Finding(severity: severity, path: path, message: message))
     }
 
-    /// The header of an object, verified when its key is available.
-    private func header(of fd: Int32) throws -> ObjectHeader {
-        let unverified = try HeaderIO.read(fd: fd, key: nil)
-        guard let key = keys.key(for: unverified.macPolicy) else { return unverified }
-        return try HeaderIO.read(fd: fd, key: key)
+    /// The header of an object, verified when its key is available. Every damaged slot is a
+    /// finding, whether the daemon would pass over it (a write torn by an unclean shutdown) or
+    /// refuse the object; --repair rewrites it from the intact slot through `writable`.
+    private func header(of fd: Int32, path: String, writable: () throws -> FileDescriptor) throws -> ObjectHeader {
+        // Chosen as if every damage were a torn write, to find the intact slot; whether the daemon
+        // would serve it is judged below on the store's real evidence.
+        let permissive = HeaderSlots.reading(evidence: TornWriteEvidence(lastUncleanEpoch: .max), storeVersion: config.version)
+        let unverified = try permissive.choice(fd: fd, key: nil)
+        let key = keys.key(for: unverified.header.macPolicy)
+        let choice = try key.map { try permissive.choice(fd: fd, key: $0) } ?? unverified
+        guard let torn = choice.tornSlot else { return choice.header }
+        let served = slots.evidence.tornWritePossible(sinceEpoch: choice.header.epoch)
+        let what = "header slot \(torn) is damaged; " + (served
+            ? "the daemon serves the other slot (sequence \(choice.header.sequence)) as the state before a write torn by an unclean shutdown"
+            : "no unclean shutdown since the other slot was written explains it, so the daemon refuses the object (EIO)")
+        guard repair, let key else {
+            note(.problem, path, what + (key == nil ? " (not verified: its key is not loaded)" : "; --repair rewrites it from the intact slot"))
+            return choice.header
+        }
+        let target = try writable()
+        let rewritten = try withExtendedLifetime(target) { try slots.rewriteDamaged(fd: target.raw, header: choice.header, key: key) }
+        note(.repaired, path, what + "; rewrote it from the intact slot (sequence \(choice.header.sequence))")
+        return rewritten
     }
 
     /// Reports a problem with an object; with --repair, moves the object aside (then it counts as
@@ -108,7 +153,7 @@ public final class StoreChecker {
         for entry in try Sys.listDirectory(directoryFD) {
             let name = String(decoding: entry.name, as: UTF8.self)
             let backing = backingPath + "/" + name
-            if entry.name == directoryHeaderName || (backingPath.isEmpty && (name == StoreConfig.fileName || name == StoreLock.fileName || name == ".journal" || name == ".quarantine")) {
+            if entry.name == directoryHeaderName || (backingPath.isEmpty && (name == StoreConfig.fileName || name == StoreLock.fileName || name == EpochRecord.fileName || name == ".journal" || name == ".quarantine")) {
                 continue
             }
             if Leftovers.isLeftoverName(entry.name) && entry.isDirectory {
@@ -155,7 +200,9 @@ public final class StoreChecker {
         try withExtendedLifetime((fd, headerFD)) {
             var header: ObjectHeader
             do {
-                header = try self.header(of: headerFD.raw)
+                header = try self.header(of: headerFD.raw, path: backing) {
+                    isDirectory ? try Sys.openPrivateFile(fd.raw, directoryHeaderName) : fd
+                }
             } catch {
                 // A short name decrypts without the header, so the finding can name the file.
                 let shown = nameKey.flatMap { key in
@@ -215,7 +262,7 @@ public final class StoreChecker {
 
     /// Reads every stored extent, so each one's authentication is checked.
     private func verifyExtents(fd: Int32, header: ObjectHeader, key: MasterKey, path: String) {
-        let file = ExtentFile(fd: fd, journalFD: journalFD.raw, key: key, header: header)
+        let file = ExtentFile(fd: fd, journalFD: journalFD.raw, key: key, header: header, slots: slots)
         let geometry = header.geometry
         var bad: [UInt64] = []
         for index in 0..<geometry.extentCount(size: header.size) where !header.holes.contains(index) {

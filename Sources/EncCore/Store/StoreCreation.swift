@@ -27,11 +27,15 @@ public enum StoreCreation {
         try Array(config.encoded()).withUnsafeBytes { try Sys.pwrite(configFD.raw, $0, offset: 0) }
         try Sys.fsync(configFD.raw)
 
-        let header = ObjectHeader(type: .directory, mode: rootMode, uid: owner.uid, gid: owner.gid, extentSize: 0,
+        var header = ObjectHeader(type: .directory, mode: rootMode, uid: owner.uid, gid: owner.gid, extentSize: 0,
                                   objectID: OpenSSL.random(count: 16), policy: key.identifier)
+        header.birthTime = Volume.nowNanoseconds()
+        // Epoch 0 is the store's creation; the first mount opens epoch 1.
+        try EpochRecord.create(storeFD: dir.raw)
+        let slots = HeaderSlots(epoch: 0, evidence: .cleanHistory, storeVersion: UInt16(config.version))
         let headerFD = try Sys.createEntry(dir.raw, directoryHeaderName, mode: 0o600)
         defer { withExtendedLifetime(headerFD) {} }
-        try HeaderIO.create(fd: headerFD.raw, header: header, key: key)
+        try slots.create(fd: headerFD.raw, header: &header, key: key)
         try Sys.fsync(headerFD.raw)
         try Sys.mkdirAt(dir.raw, Journal.directoryName, mode: 0o700)
         try Sys.fsync(dir.raw)

@@ -23,10 +23,18 @@ extension Volume {
         var header = ObjectHeader(
             type: type, mode: permissions, uid: caller.uid, gid: inheritsGroup ? dirHeader.gid : caller.gid,
             extentSize: type == .directory ? 0 : UInt32(config.extentSize),
-            objectID: OpenSSL.random(count: 16), policy: dirHeader.policy)
+            objectID: OpenSSL.random(count: 16), policy: dirHeader.policy, version: slots.newObjectVersion)
         header.rdev = rdev
+        header.birthTime = Self.nowNanoseconds()
         header.bindings = [Self.binding(parentID: dirHeader.objectID, name: encrypted)]
         return NewEntry(dir: dir, key: key, name: encrypted, header: header)
+    }
+
+    /// The creation instant, on the clock the backing timestamps use (CLOCK_REALTIME).
+    static func nowNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 
     static func binding(parentID: [UInt8], name: EncryptedName) -> Binding {
@@ -41,9 +49,9 @@ extension Volume {
         defer { withExtendedLifetime(dirFD) {} }
         let fd = try Sys.createUnnamed(in: dirFD.raw, mode: 0o600)
         var header = entry.header
-        try HeaderIO.create(fd: fd.raw, header: header, key: entry.key)
+        try slots.create(fd: fd.raw, header: &header, key: entry.key)
         if !contents.isEmpty {
-            let file = ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: entry.key, header: header)
+            let file = ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: entry.key, header: header, slots: slots)
             try contents.withUnsafeBytes { try file.write(offset: 0, data: $0) }
             try file.commit(header: &header)
         }
@@ -72,9 +80,10 @@ extension Volume {
         do {
             let dirFD = try Sys.openEntry(parentFD.raw, temporary, .directory, .path)
             made = dirFD
+            var header = entry.header
             let headerFD = try Sys.createEntry(dirFD.raw, directoryHeaderName, mode: 0o600)
             try withExtendedLifetime(headerFD) {
-                try HeaderIO.create(fd: headerFD.raw, header: entry.header, key: entry.key)
+                try slots.create(fd: headerFD.raw, header: &header, key: entry.key)
                 try Sys.fsync(headerFD.raw)
             }
             try existsOnCollision {
@@ -82,7 +91,7 @@ extension Volume {
             }
             let st = try Sys.fstat(dirFD.raw)
             let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: dirFD.raw),
-                              headerIdentity: Sys.identity(of: headerFD.raw), header: entry.header, verified: true,
+                              headerIdentity: Sys.identity(of: headerFD.raw), header: header, verified: true,
                               location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
             directories.insert(node.id, dirFD)
             node.state.withLock { if $0.header.sequence == entry.header.sequence { $0.durableSequence = entry.header.sequence } }
@@ -246,7 +255,7 @@ extension Volume {
             let durable = state.durableSequence == state.header.sequence
             let replaceable = state.replaceableSequence == state.header.sequence
             do {
-                try HeaderIO.write(fd: headerFD.raw, header: &header, key: key, sync: sync,
+                try slots.write(fd: headerFD.raw, header: &header, key: key, sync: sync,
                                    afterData: !(durable || replaceable), currentIsDurable: durable)
             } catch {
                 // Whatever reached the disk is what memory holds; known neither durable nor

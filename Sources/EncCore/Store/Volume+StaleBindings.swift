@@ -59,3 +59,28 @@ extension Volume {
         }
     }
 }
+
+extension Volume {
+    /// At the end of a mount: commits what is still buffered, drops stale bindings, makes every
+    /// header write of this epoch durable (syncfs) and only then records the epoch as ended
+    /// cleanly. Anything that fails leaves the epoch open, which is read as an unclean end: the
+    /// safe side, since only an unclean end lets a damaged header slot be passed over.
+    public func closeCleanly() {
+        _ = commitIdleFiles(olderThan: .zero)
+        dropStaleBindings()
+        let stillDirty = table.withLock { Array($0.byID.values) }.contains { node in
+            node.state.withLock { $0.file?.hasUncommittedChanges ?? false }
+        }
+        guard !stillDirty else {
+            Diagnostics.report("unmounted with uncommitted data: epoch \(slots.epoch) stays open (an unclean end)")
+            return
+        }
+        do {
+            let listing = try Sys.listingDescriptor(storeFD.raw)
+            try withExtendedLifetime(listing) { try Sys.syncfs(listing.raw) }
+            try EpochRecord.close(storeFD: storeFD.raw, epoch: slots.epoch, evidence: slots.evidence)
+        } catch {
+            Diagnostics.report("could not record a clean unmount: \(error); the next mount treats this one as unclean")
+        }
+    }
+}

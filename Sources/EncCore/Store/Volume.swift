@@ -32,6 +32,10 @@ public final class Volume: Sendable {
     let staleBindings = Mutex<[StaleBinding]>([])
     /// Where the store's directory is: every directory the store changes must lie beneath it.
     let rootPlace: Sys.Place
+    /// This mount's epoch and the evidence damaged header slots are judged by.
+    let slots: HeaderSlots
+    /// The store directory, for closing the epoch at a clean unmount.
+    let storeFD: FileDescriptor
 
     public init(storePath: String, keys: KeyTable) throws {
         self.storePath = storePath
@@ -39,12 +43,17 @@ public final class Volume: Sendable {
         let fd = try Sys.openStoreRoot(storePath)
         config = try StoreConfig.load(storeFD: fd.raw)
         journalFD = try Self.openJournal(storeFD: fd.raw)
+        storeFD = fd
+        // Durable before any header of this mount is written (EpochRecord).
+        let epoch = try EpochRecord.open(storeFD: fd.raw, storeVersion: config.version)
+        let slots = HeaderSlots(epoch: epoch.epoch, evidence: epoch.evidence, storeVersion: UInt16(config.version))
+        self.slots = slots
         let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
         let st = try Sys.fstat(fd.raw)
         rootPlace = Sys.Place(st)
         let identity = Sys.identity(of: fd.raw)
         let headerIdentity = Sys.identity(of: headerFD.raw)
-        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
+        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: slots) }
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
         guard header.policy == config.rootIdentifier, header.macPolicy == header.policy else {
             throw StoreError.integrity("root header policy \(header.policy) differs from encfsd.conf's \(config.rootPolicy)")
@@ -76,7 +85,7 @@ public final class Volume: Sendable {
 
     /// A fresh view of the node's contents for I/O through `descriptor`, sharing the journal.
     func extentFile(_ descriptor: FileDescriptor, key: MasterKey, header: ObjectHeader) -> ExtentFile {
-        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, header: header, storeRoot: rootPlace)
+        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, header: header, slots: slots, storeRoot: rootPlace)
     }
 
     /// The node's contents for one operation: its open file, or a view opened for the call.
@@ -88,12 +97,12 @@ public final class Volume: Sendable {
     // MARK: headers and keys
 
     /// Reads the current header, verifying it when the key that authenticates it is loaded.
-    static func readHeader(_ fd: Int32, keys: KeyTable) throws -> (ObjectHeader, Bool) {
-        let unverified = try HeaderIO.read(fd: fd, key: nil)
+    static func readHeader(_ fd: Int32, keys: KeyTable, slots: HeaderSlots) throws -> (ObjectHeader, Bool) {
+        let unverified = try slots.read(fd: fd, key: nil)
         guard let key = keys.key(for: unverified.macPolicy) ?? keys.lingeringKey(for: unverified.macPolicy) else {
             return (unverified, false)
         }
-        return (try HeaderIO.read(fd: fd, key: key), true)
+        return (try slots.read(fd: fd, key: key), true)
     }
 
     /// The node's header, verified (re-read if it was first read without the key). ENOKEY when
@@ -104,7 +113,7 @@ public final class Volume: Sendable {
                 guard let key = keys.key(for: state.header.macPolicy) ?? keys.lingeringKey(for: state.header.macPolicy)
                 else { throw StoreError.noKey }
                 let fd = try headerDescriptor(node, state, writable: false)
-                state.header = try withExtendedLifetime(fd) { try HeaderIO.read(fd: fd.raw, key: key) }
+                state.header = try withExtendedLifetime(fd) { try slots.read(fd: fd.raw, key: key) }
                 state.verified = true
             }
             return state.header
@@ -276,7 +285,7 @@ public final class Volume: Sendable {
         }
         let (fd, opened) = try Sys.openEntryStat(dirFD, location.name, type, type == .directory ? .path : .readOnly)
         let headerFD = type == .directory ? try Self.openDirectoryHeader(fd.raw) : fd
-        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys) }
+        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: slots) }
         let identity = Sys.identity(of: fd.raw)
         let headerIdentity = type == .directory ? Sys.identity(of: headerFD.raw) : nil
         guard (header.type == .directory) == (type == .directory) else {

@@ -69,7 +69,7 @@ struct Daemon {
         SystemdNotify.ready()
         Log.notice("mounted \(storePath) on \(mountOptions.mountpoint)")
         try session.run()
-        volume.dropStaleBindings()
+        volume.closeCleanly()
         SystemdNotify.stopping()
         Log.notice("unmounted \(mountOptions.mountpoint)")
     }
