@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 from conftest import run
@@ -52,11 +53,13 @@ def test_unsupported_store_is_refused_unchanged(tmp_path, encfsd_bin, key_file):
     mnt.mkdir()
     run(encfsd_bin, "init", store, "--key-file", key_file)
     conf = store / "encfsd.conf"
-    conf.write_text(conf.read_text().replace('"version" : 1', '"version" : 7'))
+    original = conf.read_text()
+    version = re.search(r'"version" : (\d+)', original).group(0)
+    conf.write_text(original.replace(version, '"version" : 7'))
     before = tree_digest(store)
     fails(encfsd_bin, "mount", store, mnt, expect="format version 7")
     assert tree_digest(store) == before, "a refused mount changed the store"
-    conf.write_text(conf.read_text().replace('"version" : 7', '"version" : 1').replace('"features" : [\n\n  ]', '"features" : ["x"]'))
+    conf.write_text(conf.read_text().replace('"version" : 7', version).replace('"features" : [\n\n  ]', '"features" : ["x"]'))
     before = tree_digest(store)
     fails(encfsd_bin, "mount", store, mnt, expect="features")
     assert tree_digest(store) == before, "a refused mount changed the store"
