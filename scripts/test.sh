@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: unit and known-answer tests (swift test), the real-mount tests (pytest on real
-# FUSE mounts of the built daemon), a real daemon SIGKILLed 50 times under load, a part of the mount
-# suite and the kill test with the store on bindfs, sshfs and GlusterFS, the ports of the xfstests
-# encrypt group, and the Debian package's smoke test (skip it with ENCFSD_SKIP_DEB=1).
+# FUSE mounts of the built daemon), a real daemon SIGKILLed 50 times under load, fsx with every
+# fallocate mode (scripts/fsx.sh), a part of the mount suite and the kill test with the store on
+# bindfs, sshfs and GlusterFS, the ports of the xfstests encrypt group, and the Debian package's
+# smoke test (skip it with ENCFSD_SKIP_DEB=1).
 # Needs root and /dev/fuse for the mounts. Arguments go to pytest.
 #
 # Isolation: the stages run in a session keyring of their own (keyctl session encfsd-tests), and the
@@ -120,6 +121,10 @@ record crash-test $status "$LOGS/crash.log"
 status=0
 scripts/backing-tests.sh 2>&1 | tee "$LOGS/backings.log" || status=$?
 record backings $status "$LOGS/backings.log"
+
+status=0
+scripts/fsx.sh 2>&1 | tee "$LOGS/fsx.log" || status=$?
+record fsx $status "$LOGS/fsx.log"
 
 status=0
 scripts/fstests/run.sh 2>&1 | tee "$LOGS/fstests.log" || status=$?

@@ -22,6 +22,9 @@ public protocol FileSystem: Sendable {
     func release(_ node: UInt64, handle: UInt64) throws
     func fsync(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws
     func fallocate(_ node: UInt64, handle: UInt64, mode: Int32, offset: UInt64, length: UInt64) throws
+    /// lseek(2) SEEK_DATA (`data`) or SEEK_HOLE: the offset of the next data or hole at or after
+    /// `offset`; ENXIO at or past the end of the file.
+    func seek(_ node: UInt64, handle: UInt64, from offset: UInt64, data: Bool) throws -> UInt64
     func opendir(_ node: UInt64) throws -> UInt64
     /// At most `limit` entries from `offset`: a reply holds one page of them, and converting the
     /// rest of a large directory on every page would make listing it quadratic.
@@ -66,6 +69,7 @@ public struct FileAttributes: Sendable {
     public var accessTime: (seconds: Int64, nanoseconds: Int64)
     public var modificationTime: (seconds: Int64, nanoseconds: Int64)
     public var changeTime: (seconds: Int64, nanoseconds: Int64)
+    public var blockSize: UInt32 = 4096
 
     public init(inode: UInt64, mode: UInt32, linkCount: UInt32, uid: UInt32, gid: UInt32, rdev: UInt64, size: UInt64,
                 blocks: UInt64, accessTime: (Int64, Int64), modificationTime: (Int64, Int64), changeTime: (Int64, Int64)) {

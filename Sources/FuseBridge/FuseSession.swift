@@ -15,6 +15,8 @@ final class BridgeContext: Sendable {
     let fileSystem: any FileSystem
     let options: MountOptions
     let counts: RequestCounts
+    /// The session, for notifications sent while answering a request (set once it exists).
+    let session = Atomic<UInt>(0)
     init(fileSystem: any FileSystem, options: MountOptions, counts: RequestCounts) {
         self.fileSystem = fileSystem
         self.options = options
@@ -97,6 +99,7 @@ public final class FuseSession: @unchecked Sendable {
             throw FuseError.mount(options.mountpoint)
         }
         session = created
+        context.takeUnretainedValue().session.store(UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(created))), ordering: .releasing)
         mounted = true
     }
 
@@ -178,6 +181,7 @@ private func makeOperations() -> fuse_lowlevel_ops {
     ops.create = opCreate
     ops.ioctl = opIoctl
     ops.fallocate = opFallocate
+    ops.lseek = opLseek
     return ops
 }
 
@@ -224,7 +228,7 @@ private func statOf(_ a: FileAttributes) -> stat {
     st.st_rdev = UInt(a.rdev)
     st.st_size = Int(truncatingIfNeeded: a.size)
     st.st_blocks = Int(truncatingIfNeeded: a.blocks)
-    st.st_blksize = 4096
+    st.st_blksize = Int(a.blockSize)
     st.st_atim = timespec(tv_sec: Int(a.accessTime.seconds), tv_nsec: Int(a.accessTime.nanoseconds))
     st.st_mtim = timespec(tv_sec: Int(a.modificationTime.seconds), tv_nsec: Int(a.modificationTime.nanoseconds))
     st.st_ctim = timespec(tv_sec: Int(a.changeTime.seconds), tv_nsec: Int(a.changeTime.nanoseconds))
@@ -440,6 +444,9 @@ private func opWrite(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer
         guard let fi, offset >= 0 else { throw BridgeError.invalid }
         let written = try ctx.fileSystem.write(ino, handle: fi.pointee.fh, offset: UInt64(offset),
                                                data: UnsafeRawBufferPointer(start: buf, count: size))
+        if fi.pointee.flags & encfsd_O_DIRECT != 0 && fi.pointee.writepage == 0 {
+            DirectWriteCoherence.dropCachedPages(ctx, ino, offset: Int64(offset), length: Int64(written))
+        }
         fuse_reply_write(req, written)
     }
 }
@@ -474,6 +481,16 @@ private func opFallocate(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ mode: Int32, _
         guard let fi, offset >= 0, length > 0 else { throw BridgeError.invalid }
         try ctx.fileSystem.fallocate(ino, handle: fi.pointee.fh, mode: mode, offset: UInt64(offset), length: UInt64(length))
         fuse_reply_err(req, 0)
+    }
+}
+
+/// SEEK_DATA and SEEK_HOLE only: the kernel answers SEEK_SET/CUR/END itself.
+private func opLseek(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ offset: off_t, _ whence: Int32,
+                     _ fi: UnsafeMutablePointer<fuse_file_info>?) {
+    answer(req) { ctx in
+        guard let fi, offset >= 0, whence == encfsd_SEEK_DATA || whence == encfsd_SEEK_HOLE else { throw BridgeError.invalid }
+        let found = try ctx.fileSystem.seek(ino, handle: fi.pointee.fh, from: UInt64(offset), data: whence == encfsd_SEEK_DATA)
+        fuse_reply_lseek(req, off_t(found))
     }
 }
 
@@ -690,5 +707,93 @@ enum BridgeError: ErrnoConvertible {
         case .invalid: EINVAL
         case .notTTY: ENOTTY
         }
+    }
+}
+
+// MARK: - direct writes and the page cache
+
+/// The kernel drops cached pages before an O_DIRECT write but not after an asynchronous one
+/// completes, so a buffered read of the range while the write was in flight left pages holding the
+/// old bytes, served after the write had completed (issue 12). The daemon drops them itself,
+/// before it answers the write, so the write completes only once no page older than it is cached.
+///
+/// The drop runs on a thread of its own with a bounded wait: when the kernel falls back from a
+/// direct write to a buffered one (it could not drop a page that was mapped), that request holds
+/// the pages locked until it is answered, and dropping them from the answering thread would wait
+/// for itself. Those pages already hold the new bytes; the drop then finishes after the answer.
+enum DirectWriteCoherence {
+    static let patienceNanoseconds: Int64 = 100_000_000
+
+    static func dropCachedPages(_ ctx: BridgeContext, _ ino: fuse_ino_t, offset: Int64, length: Int64) {
+        let raw = ctx.session.load(ordering: .acquiring)
+        guard raw != 0, length > 0, let session = OpaquePointer(bitPattern: raw) else { return }
+        let job = Unmanaged.passRetained(PageDrop(session: session, ino: ino, offset: offset, length: length))
+        var thread = pthread_t()
+        let started = pthread_create(&thread, nil, { raw in
+            let job = Unmanaged<PageDrop>.fromOpaque(raw!).takeRetainedValue()
+            _ = fuse_lowlevel_notify_inval_inode(job.session, job.ino, off_t(job.offset), off_t(job.length))
+            job.finish()
+            return nil
+        }, job.retain().toOpaque())
+        defer { job.release() }
+        guard started == 0 else {
+            job.release()
+            // No thread: drop the pages here. Only a buffered fallback can make this wait, and
+            // thread creation failing is already a daemon in trouble.
+            _ = fuse_lowlevel_notify_inval_inode(session, ino, off_t(offset), off_t(length))
+            return
+        }
+        pthread_detach(thread)
+        job.takeUnretainedValue().wait(nanoseconds: patienceNanoseconds)
+    }
+}
+
+/// One range to drop and its completion.
+///
+/// Invariant making this `@unchecked Sendable`: `done` is read and written only under `lock`; the
+/// other fields are immutable.
+private final class PageDrop: @unchecked Sendable {
+    let session: OpaquePointer
+    let ino: fuse_ino_t
+    let offset: Int64
+    let length: Int64
+    private var lock = pthread_mutex_t()
+    private var signal = pthread_cond_t()
+    private var done = false
+
+    init(session: OpaquePointer, ino: fuse_ino_t, offset: Int64, length: Int64) {
+        self.session = session
+        self.ino = ino
+        self.offset = offset
+        self.length = length
+        var attributes = pthread_condattr_t()
+        pthread_condattr_init(&attributes)
+        pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+        pthread_cond_init(&signal, &attributes)
+        pthread_condattr_destroy(&attributes)
+        pthread_mutex_init(&lock, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(&signal)
+        pthread_mutex_destroy(&lock)
+    }
+
+    func finish() {
+        pthread_mutex_lock(&lock)
+        done = true
+        pthread_cond_broadcast(&signal)
+        pthread_mutex_unlock(&lock)
+    }
+
+    func wait(nanoseconds: Int64) {
+        var deadline = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &deadline)
+        let total = Int64(deadline.tv_nsec) + nanoseconds
+        deadline.tv_sec += Int(total / 1_000_000_000)
+        deadline.tv_nsec = Int(total % 1_000_000_000)
+        pthread_mutex_lock(&lock)
+        while !done && pthread_cond_timedwait(&signal, &lock, &deadline) != ETIMEDOUT {}
+        pthread_mutex_unlock(&lock)
     }
 }

@@ -161,6 +161,28 @@ import Glibc
         }
 
         func syncDirectory(_ dir: UInt64 = Volume.rootID) throws { try volume.fsyncDirectory(dir) }
+
+        /// A fallocate range operation, committed as it returns (not necessarily durable).
+        mutating func fallocate(_ label: String, _ operation: RangeOperation, at offset: Int, length: Int) throws {
+            let t = tracked[label]!
+            let start = log.count
+            try volume.fallocate(handle: handles[label]!, operation, offset: UInt64(offset), length: UInt64(length))
+            func zero(_ end: Int) {
+                let to = min(end, t.content.count)
+                if offset < to { t.content.replaceSubrange(offset..<to, with: [UInt8](repeating: 0, count: to - offset)) }
+            }
+            switch operation {
+            case .punchHole: zero(offset + length)
+            case .zeroRange(let keepSize):
+                if !keepSize && offset + length > t.content.count { t.content += [UInt8](repeating: 0, count: offset + length - t.content.count) }
+                zero(offset + length)
+            case .collapse: t.content.removeSubrange(offset..<(offset + length))
+            case .insert: t.content.insert(contentsOf: [UInt8](repeating: 0, count: length), at: offset)
+            case .allocate(let keepSize):
+                if !keepSize && offset + length > t.content.count { t.content += [UInt8](repeating: 0, count: offset + length - t.content.count) }
+            }
+            t.commits.append((start, log.count, t.content, false))
+        }
     }
 
     /// What a backing without O_TMPFILE, linkat of an open file, RENAME_NOREPLACE and
@@ -219,6 +241,13 @@ import Glibc
         try h.syncDirectory(); try h.syncDirectory(dirID)
         h.entryDurable("A")
         try h.write("A", at: 29999, [0x5a]); try h.flush("A", durable: true)            // overwrite after the rename
+        try h.write("A", at: 0, random(8 * 4096)); try h.flush("A", durable: true)      // data to punch and shift
+        try h.fallocate("A", .punchHole, at: 4096 + 100, length: 3 * 4096)              // partial edges resealed, two extents dropped
+        try h.fallocate("A", .collapse, at: 4096, length: 2 * 4096)                     // tail moved down: journaled, resealed
+        try h.flush("A", durable: true)
+        try h.fallocate("A", .insert, at: 2 * 4096, length: 4096)                       // tail moved up, a hole left
+        try h.fallocate("A", .zeroRange(keepSize: false), at: 5 * 4096 + 10, length: 30000) // zeroes and grows
+        try h.flush("A", durable: true)
         try h.create("S", name: "sparse", path: ["sparse"])                             // holes, then a hole filled
         try h.write("S", at: 20000, random(100)); try h.flush("S", durable: true)
         try h.syncDirectory()

@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from conftest import read_all, run
 
 OPS = int(os.environ.get("ENCFSD_DIFF_OPS", "3000"))
 PARENTS = ["", "da", "db", "da/n0"]
@@ -492,3 +493,453 @@ def test_differential(make_volume, tmp_path, seed):
 @pytest.mark.parametrize("seed", [int(SEED)] if SEED else [2, 5])
 def test_differential_small_extents_with_remounts(make_volume, tmp_path, seed):
     run_sequence(make_volume(extent_size=4096), tmp_path, seed, remount_at={OPS // 3, OPS // 2, 2 * OPS // 3})
+
+
+# --- file data: fallocate modes, SEEK_DATA/SEEK_HOLE, mixed direct/buffered/mmap I/O ------------
+#
+# The reference for these is ext4 (tmpfs refuses collapse and insert), on a loop device of the
+# test's own. The mount uses 4096-byte extents, so an encfsd extent and an ext4 block are the same
+# range and holes fall in the same places on both sides.
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOCATE_MODES = {
+    "allocate": 0,
+    "allocate-keep-size": FALLOC_FL_KEEP_SIZE,
+    "punch": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+    "zero": FALLOC_FL_ZERO_RANGE,
+    "zero-keep-size": FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+    "collapse": FALLOC_FL_COLLAPSE_RANGE,
+    "insert": FALLOC_FL_INSERT_RANGE,
+}
+# The FUSE kernel module answers these itself with EOPNOTSUPP, before any daemon sees them
+# (fs/fuse/file.c, fuse_file_fallocate: only KEEP_SIZE, PUNCH_HOLE and ZERO_RANGE are forwarded).
+# The mount may refuse them that way; when it does, the reference is left as it was, and when a
+# kernel forwards them the results must match ext4's like every other mode.
+KERNEL_REFUSED = {"collapse", "insert"}
+SEEK_DATA, SEEK_HOLE = 3, 4
+BLOCK = 4096
+DATA_FILES = ["f0", "f1", "f2"]
+DATA_OPS = int(os.environ.get("ENCFSD_DIFF_DATA_OPS", "1500"))
+
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int):
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+@pytest.fixture
+def ext4_dir(tmp_path):
+    """A fresh ext4 filesystem (4 KiB blocks) on a loop device, mounted; all of it removed after."""
+    image = tmp_path / "ext4.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    run("mkfs.ext4", "-q", "-F", "-b", "4096", image)
+    device = run("losetup", "--find", "--show", image).stdout.strip()
+    mnt = tmp_path / "ext4"
+    mnt.mkdir()
+    try:
+        run("mount", "-t", "ext4", device, mnt)
+        try:
+            yield mnt
+        finally:
+            run("umount", mnt, check=False)
+    finally:
+        run("losetup", "-d", device, check=False)
+
+
+def seek_map(fd: int, size: int) -> list:
+    """Every (data start, hole start) pair of a file, walked with SEEK_DATA and SEEK_HOLE."""
+    pairs, at = [], 0
+    while at < size:
+        try:
+            data = os.lseek(fd, at, SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            break
+        hole = os.lseek(fd, data, SEEK_HOLE)
+        pairs.append((data, hole))
+        at = hole
+    return pairs
+
+
+def seek_or_none(fd: int, offset: int, whence: int):
+    try:
+        return os.lseek(fd, offset, whence)
+    except OSError as e:
+        if e.errno != errno.ENXIO:
+            raise
+        return None
+
+
+class DataRunner:
+    """Random writes, reads, truncates, every fallocate mode and seeks on a few files held open
+    on both sides; each result (data, errno) must match, and so must the data/hole map.
+
+    The map matches exactly while a file has only been written, truncated and punched. ext4 turns
+    fallocated and zeroed ranges into unwritten extents and later writes some of them out as
+    zeros (its own heuristics), so after an allocate or a zero range its holes are only a subset
+    of encfsd's: every range ext4 reports as a hole must be a hole on the mount too (and every
+    hole reads as zeros, which the content comparison checks)."""
+
+    def __init__(self, seed: int, ref_root: Path, mnt_root: Path):
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.roots = {"reference": ref_root, "mount": mnt_root}
+        self.fds: dict[str, dict[str, int]] = {}
+        self.log: list[str] = []
+        self.refused: dict[str, int] = {}
+        self.applied: dict[str, int] = {}
+        self.exact = {name: True for name in DATA_FILES}
+
+    def open_all(self):
+        for label, root in self.roots.items():
+            self.fds[label] = {n: os.open(root / n, os.O_RDWR | os.O_CREAT, 0o644) for n in DATA_FILES}
+
+    def close_all(self):
+        for fds in self.fds.values():
+            for fd in fds.values():
+                os.close(fd)
+        self.fds.clear()
+
+    def size(self, name: str) -> int:
+        return os.fstat(self.fds["reference"][name]).st_size
+
+    def position(self, name: str, limit: int = 1 << 20) -> int:
+        r = self.rng.random()
+        size = self.size(name)
+        if r < 0.5:
+            return self.rng.randrange(0, max(1, size + 1)) // BLOCK * BLOCK  # block-aligned
+        if r < 0.6:
+            return size
+        return self.rng.randrange(0, max(1, min(limit, size + 64 * BLOCK)))
+
+    def length(self) -> int:
+        if self.rng.random() < 0.5:
+            return self.rng.randint(1, 16) * BLOCK
+        return self.rng.randint(1, 12 * BLOCK)
+
+    def both(self, desc: str, fn):
+        self.log.append(desc)
+        a = outcome(lambda: fn(self.fds["reference"]))
+        b = outcome(lambda: fn(self.fds["mount"]))
+        if a != b:
+            raise Mismatch(f"seed {self.seed}: {desc}\n  reference: {fmt(a)}\n  mount:     {fmt(b)}")
+
+    def compare_file(self, name: str, where: str):
+        fa, fb = self.fds["reference"][name], self.fds["mount"][name]
+        sa, sb = os.fstat(fa).st_size, os.fstat(fb).st_size
+        if sa != sb:
+            raise Mismatch(f"{where}: {name} size reference {sa} mount {sb}")
+        da, db = os.pread(fa, sa + 1, 0), os.pread(fb, sb + 1, 0)
+        if da != db:
+            first = next(i for i in range(min(len(da), len(db))) if da[i] != db[i]) if len(da) == len(db) else None
+            raise Mismatch(f"{where}: {name} contents differ (first at {first})")
+        ma, mb = seek_map(fa, sa), seek_map(fb, sb)
+        if self.exact[name] and ma != mb:
+            raise Mismatch(f"{where}: {name} data/hole map reference {ma} mount {mb}")
+        # Holes as block sets: the reference's must all be holes on the mount.
+        def holes(pairs):
+            data = set()
+            for start, end in pairs:
+                data.update(range(start // BLOCK, (end + BLOCK - 1) // BLOCK))
+            return set(range((sa + BLOCK - 1) // BLOCK)) - data
+        if not holes(ma) <= holes(mb):
+            raise Mismatch(f"{where}: {name} reference holes {sorted(holes(ma) - holes(mb))[:20]} are data on the mount"
+                           f" (reference map {ma}, mount {mb})")
+
+    def step(self, index: int):
+        rng = self.rng
+        name = rng.choice(DATA_FILES)
+        self.log.append(f"{index}: {name} is {self.size(name)} bytes")
+        kind = rng.choices(["write", "read", "truncate", "fallocate", "seek", "fsync"],
+                           weights=[30, 15, 6, 30, 15, 4])[0]
+        if kind == "write":
+            offset, data = self.position(name), rng.randbytes(self.length())
+            self.both(f"{index}: pwrite {name} at {offset} {len(data)} bytes",
+                      lambda fds: os.pwrite(fds[name], data, offset))
+        elif kind == "read":
+            offset, count = self.position(name), self.length()
+            self.both(f"{index}: pread {name} at {offset} {count}", lambda fds: os.pread(fds[name], count, offset))
+        elif kind == "truncate":
+            size = self.position(name) if rng.random() < 0.9 else 0
+            self.both(f"{index}: ftruncate {name} to {size}", lambda fds: os.ftruncate(fds[name], size))
+            if size == 0:
+                self.exact[name] = True
+        elif kind == "fsync":
+            self.both(f"{index}: fsync {name}", lambda fds: os.fsync(fds[name]))
+        elif kind == "seek":
+            offset, whence = self.position(name), rng.choice([SEEK_DATA, SEEK_HOLE])
+            label = "SEEK_DATA" if whence == SEEK_DATA else "SEEK_HOLE"
+            desc = f"{index}: lseek {name} {offset} {label}"
+            if self.exact[name]:
+                self.both(desc, lambda fds: os.lseek(fds[name], offset, whence))
+                return
+            self.log.append(desc)
+            a = seek_or_none(self.fds["reference"][name], offset, whence)
+            b = seek_or_none(self.fds["mount"][name], offset, whence)
+            size = self.size(name)
+            # More holes on the mount: data starts no earlier, a hole no later (None: ENXIO).
+            if offset >= size:
+                ok = a is None and b is None
+            elif whence == SEEK_DATA:
+                ok = a is None and b is None or a is not None and (b is None or b >= a)
+            else:
+                ok = b is not None and a is not None and offset <= b <= a
+            if not ok:
+                raise Mismatch(f"seed {self.seed}: {desc}\n  reference: {a}\n  mount:     {b}")
+        else:
+            mode_name = rng.choice(sorted(FALLOCATE_MODES))
+            mode = FALLOCATE_MODES[mode_name]
+            offset, length = self.position(name), self.length()
+            desc = f"{index}: fallocate {name} {mode_name} at {offset} length {length}"
+            self.log.append(desc)
+            b = outcome(lambda: fallocate(self.fds["mount"][name], mode, offset, length))
+            if b == ("err", errno.EOPNOTSUPP) and mode_name in KERNEL_REFUSED:
+                self.refused[mode_name] = self.refused.get(mode_name, 0) + 1
+                return
+            a = outcome(lambda: fallocate(self.fds["reference"][name], mode, offset, length))
+            if a != b:
+                raise Mismatch(f"seed {self.seed}: {desc}\n  reference: {fmt(a)}\n  mount:     {fmt(b)}")
+            if a[0] == "ok":
+                self.applied[mode_name] = self.applied.get(mode_name, 0) + 1
+                if mode_name.startswith(("allocate", "zero")):
+                    self.exact[name] = False
+
+    def explained(self, e: Mismatch) -> Mismatch:
+        recent = "\n    ".join(self.log[-int(os.environ.get('ENCFSD_DIFF_DATA_LOG', '30')):])
+        return Mismatch(f"{e}\n  recent ops (ENCFSD_DIFF_SEED={self.seed}):\n    {recent}")
+
+
+@pytest.mark.parametrize("seed", [int(SEED)] if SEED else [7, 8])
+def test_differential_fallocate_and_seek(make_volume, ext4_dir, seed):
+    volume = make_volume(extent_size=BLOCK)
+    runner = DataRunner(seed, ext4_dir, volume.mnt)
+    runner.open_all()
+    try:
+        for i in range(DATA_OPS):
+            try:
+                runner.step(i)
+                if (i + 1) % 50 == 0:
+                    for name in DATA_FILES:
+                        runner.compare_file(name, f"seed {seed} after op {i}")
+                if (i + 1) % 500 == 0:
+                    runner.close_all()
+                    volume.remount()
+                    runner.open_all()
+                    for name in DATA_FILES:
+                        runner.compare_file(name, f"seed {seed} after the remount after op {i}")
+            except Mismatch as e:
+                raise runner.explained(e) from None
+    finally:
+        runner.close_all()
+    # Every mode the mount offers was exercised and succeeded somewhere; a refused one was
+    # refused every time, by the kernel, as documented.
+    offered = set(FALLOCATE_MODES) - set(runner.refused)
+    assert offered >= set(FALLOCATE_MODES) - KERNEL_REFUSED
+    assert all(runner.applied.get(m, 0) > 0 for m in offered), (runner.applied, runner.refused)
+    assert not set(runner.refused) & set(runner.applied), (runner.applied, runner.refused)
+
+
+# Mixed I/O on one file from several threads: asynchronous O_DIRECT writes (io_submit) with
+# buffered readers racing them, buffered writes checked by direct reads, writes through a shared
+# mapping checked by direct and buffered reads, synchronous direct writes checked through a
+# mapping. Each writer owns its regions, so after every write it knows what any read must return,
+# whatever the cache holds; the final file must equal ext4's.
+
+REGION = 64 * 1024
+REGIONS_PER_WRITER = 4
+WRITERS = ["aio-direct", "buffered", "mmap", "sync-direct"]
+MIXED_ROUNDS = int(os.environ.get("ENCFSD_DIFF_MIXED_ROUNDS", "40"))
+_SYS_IO_SETUP, _SYS_IO_DESTROY, _SYS_IO_GETEVENTS, _SYS_IO_SUBMIT = 206, 207, 208, 209
+_libc.syscall.restype = ctypes.c_long
+O_DIRECT = 0o40000
+
+
+class _IOCB(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64), ("key", ctypes.c_uint32), ("rw_flags", ctypes.c_uint32),
+                ("opcode", ctypes.c_uint16), ("reqprio", ctypes.c_int16), ("fildes", ctypes.c_uint32),
+                ("buf", ctypes.c_uint64), ("nbytes", ctypes.c_uint64), ("offset", ctypes.c_int64),
+                ("reserved2", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("resfd", ctypes.c_uint32)]
+
+
+class _IOEvent(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64), ("obj", ctypes.c_uint64), ("res", ctypes.c_int64), ("res2", ctypes.c_int64)]
+
+
+def _sys(number, *args) -> int:
+    r = _libc.syscall(number, *args)
+    if r < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return r
+
+
+def aio_write_all(fd: int, writes: list[tuple[int, object]]):
+    """Submits every (offset, aligned buffer) at once as asynchronous writes and waits for all."""
+    ctx = ctypes.c_ulong(0)
+    _sys(_SYS_IO_SETUP, ctypes.c_int(len(writes)), ctypes.byref(ctx))
+    try:
+        iocbs = (_IOCB * len(writes))()
+        pointers = (ctypes.POINTER(_IOCB) * len(writes))()
+        keep = []
+        for i, (offset, buffer) in enumerate(writes):
+            address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+            keep.append(buffer)
+            iocbs[i] = _IOCB(data=i, opcode=1, fildes=fd, buf=address, nbytes=len(buffer), offset=offset)
+            pointers[i] = ctypes.pointer(iocbs[i])
+        submitted = _sys(_SYS_IO_SUBMIT, ctx, ctypes.c_long(len(writes)), pointers)
+        assert submitted == len(writes)
+        events = (_IOEvent * len(writes))()
+        done = 0
+        while done < len(writes):
+            done += _sys(_SYS_IO_GETEVENTS, ctx, ctypes.c_long(1), ctypes.c_long(len(writes) - done),
+                         ctypes.byref(events, done * ctypes.sizeof(_IOEvent)), None)
+        for event in events:
+            assert event.res == REGION, f"asynchronous write failed: {event.res}"
+    finally:
+        _libc.syscall(_SYS_IO_DESTROY, ctx)
+
+
+def pattern(writer: int, region: int, round_: int) -> int:
+    return 1 + (writer * 37 + region * 11 + round_ * 7) % 254
+
+
+def mixed_workload(path: Path) -> tuple[bytes, list[str]]:
+    """Runs every writer and the racing readers on `path`; returns the final contents and every
+    stale or torn read seen."""
+    import mmap
+    import threading
+
+    size = len(WRITERS) * REGIONS_PER_WRITER * REGION
+    with open(path, "wb") as f:
+        f.write(bytes(size))
+    problems: list[str] = []
+    stop = threading.Event()
+
+    def offset_of(writer: int, region: int) -> int:
+        return (writer * REGIONS_PER_WRITER + region) * REGION
+
+    def aligned(byte: int):
+        buffer = mmap.mmap(-1, REGION)
+        buffer.write(bytes([byte]) * REGION)
+        return buffer
+
+    def expect(what: str, got: bytes, byte: int):
+        if got != bytes([byte]) * REGION:
+            wrong = next(i for i in range(len(got)) if got[i] != byte) if len(got) == REGION else None
+            problems.append(f"{what}: expected 0x{byte:02x}, got 0x{got[wrong]:02x} at {wrong}" if wrong is not None
+                            else f"{what}: short read of {len(got)}")
+
+    def direct_read(fd: int, offset: int) -> bytes:
+        buffer = mmap.mmap(-1, REGION)
+        n = os.preadv(fd, [buffer], offset)
+        return bytes(buffer[:n])
+
+    def aio_direct(w: int):
+        dfd, bfd = os.open(path, os.O_RDWR | O_DIRECT), os.open(path, os.O_RDONLY)
+        try:
+            for k in range(MIXED_ROUNDS):
+                buffers = [(offset_of(w, r), aligned(pattern(w, r, k))) for r in range(REGIONS_PER_WRITER)]
+                aio_write_all(dfd, buffers)
+                for r in range(REGIONS_PER_WRITER):
+                    expect(f"buffered read after async direct write, round {k} region {r}",
+                           os.pread(bfd, REGION, offset_of(w, r)), pattern(w, r, k))
+        finally:
+            os.close(dfd)
+            os.close(bfd)
+
+    def buffered(w: int):
+        bfd, dfd = os.open(path, os.O_RDWR), os.open(path, os.O_RDONLY | O_DIRECT)
+        try:
+            for k in range(MIXED_ROUNDS):
+                for r in range(REGIONS_PER_WRITER):
+                    os.pwrite(bfd, bytes([pattern(w, r, k)]) * REGION, offset_of(w, r))
+                    expect(f"direct read after buffered write, round {k} region {r}",
+                           direct_read(dfd, offset_of(w, r)), pattern(w, r, k))
+        finally:
+            os.close(bfd)
+            os.close(dfd)
+
+    def mapped(w: int):
+        fd, dfd, bfd = os.open(path, os.O_RDWR), os.open(path, os.O_RDONLY | O_DIRECT), os.open(path, os.O_RDONLY)
+        view = mmap.mmap(fd, REGIONS_PER_WRITER * REGION, offset=offset_of(w, 0))
+        try:
+            for k in range(MIXED_ROUNDS):
+                for r in range(REGIONS_PER_WRITER):
+                    view[r * REGION:(r + 1) * REGION] = bytes([pattern(w, r, k)]) * REGION
+                    view.flush(r * REGION, REGION)
+                    expect(f"direct read after mmap write, round {k} region {r}",
+                           direct_read(dfd, offset_of(w, r)), pattern(w, r, k))
+                    expect(f"buffered read after mmap write, round {k} region {r}",
+                           os.pread(bfd, REGION, offset_of(w, r)), pattern(w, r, k))
+        finally:
+            view.close()
+            for d in (fd, dfd, bfd):
+                os.close(d)
+
+    def sync_direct(w: int):
+        dfd, fd = os.open(path, os.O_RDWR | O_DIRECT), os.open(path, os.O_RDONLY)
+        view = mmap.mmap(fd, REGIONS_PER_WRITER * REGION, prot=mmap.PROT_READ, offset=offset_of(w, 0))
+        try:
+            for k in range(MIXED_ROUNDS):
+                for r in range(REGIONS_PER_WRITER):
+                    os.pwrite(dfd, aligned(pattern(w, r, k)), offset_of(w, r))
+                    expect(f"mapped read after direct write, round {k} region {r}",
+                           bytes(view[r * REGION:(r + 1) * REGION]), pattern(w, r, k))
+        finally:
+            view.close()
+            os.close(dfd)
+            os.close(fd)
+
+    def racing_reader(seed: int):
+        rng = random.Random(seed)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while not stop.is_set():
+                # Buffered reads of the regions direct writes are changing: they fill the page
+                # cache with whatever the file holds at that moment.
+                w = rng.choice([0, 3])
+                os.pread(fd, REGION, offset_of(w, rng.randrange(REGIONS_PER_WRITER)))
+        finally:
+            os.close(fd)
+
+    def guarded(fn, *args):
+        def run_it():
+            try:
+                fn(*args)
+            except Exception as e:  # noqa: BLE001 - reported as a problem of the run
+                problems.append(f"{fn.__name__}: {e!r}")
+        return run_it
+
+    writers = [threading.Thread(target=guarded(fn, w)) for w, fn in enumerate([aio_direct, buffered, mapped, sync_direct])]
+    readers = [threading.Thread(target=guarded(racing_reader, s)) for s in range(3)]
+    for t in readers + writers:
+        t.start()
+    for t in writers:
+        t.join()
+    stop.set()
+    for t in readers:
+        t.join()
+    with open(path, "rb") as f:
+        return f.read(), problems
+
+
+def test_differential_mixed_direct_buffered_mmap(make_volume, ext4_dir):
+    volume = make_volume()
+    expected = b"".join(bytes([pattern(w, r, MIXED_ROUNDS - 1)]) * REGION
+                        for w in range(len(WRITERS)) for r in range(REGIONS_PER_WRITER))
+    reference, reference_problems = mixed_workload(ext4_dir / "mixed")
+    assert reference_problems == [] and reference == expected, reference_problems[:5]
+    mounted, problems = mixed_workload(volume.mnt / "mixed")
+    assert problems == [], f"{len(problems)} stale or failed reads on the mount, first: {problems[:5]}"
+    assert mounted == reference
+    volume.remount()
+    assert read_all(volume.mnt / "mixed") == reference

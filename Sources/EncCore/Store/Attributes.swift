@@ -24,6 +24,9 @@ public struct Attributes: Sendable, Equatable {
     public var accessTime: Timestamp
     public var modificationTime: Timestamp
     public var changeTime: Timestamp
+    /// st_blksize: a regular file's extent size, the unit its holes, punches and shifts work in
+    /// (and the write size that seals whole extents); 4096 for other objects.
+    public var blockSize: UInt32 = 4096
 }
 
 /// The user a request comes from.

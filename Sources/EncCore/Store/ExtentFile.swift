@@ -36,20 +36,20 @@ final class ExtentFile: @unchecked Sendable {
     let geometry: ExtentGeometry
     let objectID: [UInt8]
     /// Size and holes as the file is now, including uncommitted changes.
-    private(set) var size: UInt64
-    private(set) var holes: HoleMap
+    var size: UInt64
+    var holes: HoleMap
     /// Plaintext of partly written extents, each `extentSize` bytes (bytes past the file end are
     /// zero), sealed at commit.
-    private var dirty: [UInt64: [UInt8]] = [:]
+    var dirty: [UInt64: [UInt8]] = [:]
     /// Whole extents sealed when they were written, waiting for the commit. Sealing a streaming
     /// write at once (outside the node lock, see `sealWholeExtents`) spreads the encryption over
     /// the workers serving concurrent writeback requests instead of one thread at commit, and
     /// skips a plaintext copy. Every entry is a full `extentSize` extent inside the file.
-    private var sealed: [UInt64: [UInt8]] = [:]
+    var sealed: [UInt64: [UInt8]] = [:]
     /// Whole extents past the committed end, already written in place by `write` and waiting only
     /// for a header to cover them. The committed header does not reference them, so writing them
     /// early is as safe as at commit; it skips a copy into `sealed` and a 16 MiB stall per batch.
-    private var written: Set<UInt64> = []
+    var written: Set<UInt64> = []
     /// The size the committed header records: extents at or past its end are unreferenced.
     private var committedSize: UInt64
     /// Where direct writes have extended the backing file, for the commit to cut back to the
@@ -60,7 +60,7 @@ final class ExtentFile: @unchecked Sendable {
     /// Held shared while a read decrypts committed extents without the node lock, exclusive
     /// while a commit rewrites or truncates them.
     let ioLock = ReadWriteLock()
-    private var metadataChanged = false
+    var metadataChanged = false
     /// When the contents last changed, if not yet committed: what stat reports as mtime and
     /// ctime meanwhile, and what the commit stamps on the backing file (POSIX: the time of the
     /// write, not of the flush).
@@ -249,7 +249,7 @@ final class ExtentFile: @unchecked Sendable {
 
     /// Makes extent `index` a plaintext dirty buffer, loading what it holds now unless the caller
     /// overwrites all of it.
-    private func makeDirty(_ index: UInt64, willOverwriteWhole: Bool) throws {
+    func makeDirty(_ index: UInt64, willOverwriteWhole: Bool) throws {
         guard dirty[index] == nil else { return }
         let stored = sealed[index]
         let load = !willOverwriteWhole && (stored != nil || (!holes.contains(index) && index < geometry.extentCount(size: size)))
@@ -367,8 +367,9 @@ final class ExtentFile: @unchecked Sendable {
         let oldCount = geometry.extentCount(size: size)
         let newCount = geometry.extentCount(size: newSize)
         if newSize > size {
-            if size % UInt64(geometry.extentSize) != 0 {
+            if size % UInt64(geometry.extentSize) != 0 && !holes.contains(oldCount - 1) {
                 // The partial last extent grows: its stored length changes, so it is resealed.
+                // A hole there stays one (nothing is stored; SEEK_HOLE finds it as ext4 would).
                 let lastOld = oldCount - 1
                 try makeDirty(lastOld, willOverwriteWhole: false)
                 holes.remove(lastOld)
@@ -396,7 +397,7 @@ final class ExtentFile: @unchecked Sendable {
     /// An explicit utimes/futimens wins over the time of the buffered writes.
     func forgetModificationTime() { modifiedAt = nil }
 
-    private func touch() {
+    func touch() {
         if dirtySince == nil { dirtySince = .now }
         var now = timespec()
         clock_gettime(CLOCK_REALTIME, &now)
@@ -458,7 +459,7 @@ final class ExtentFile: @unchecked Sendable {
             // Too many separate holes for one header slot: store the smallest hole range as real
             // zero extents. Reads are unchanged; only space is spent.
             guard let smallest = final.holes.ranges.min(by: { $0.count < $1.count }) else { break }
-            try writeZeroExtents(smallest)
+            try storeAsZeros(smallest, committedHoles: header.holes)
             final.holes.remove(smallest)
             holes.remove(smallest)
             final.legacyRanges.remove(smallest)
@@ -599,7 +600,7 @@ final class ExtentFile: @unchecked Sendable {
     /// Stores a hole range as sealed zero extents, streamed 64 at a time so memory stays bounded
     /// however large the range. The range is a committed hole, so nothing references these bytes
     /// until the header that drops the hole is written (after the sync that precedes it).
-    private func writeZeroExtents(_ range: Range<UInt64>) throws {
+    func writeZeroExtents(_ range: Range<UInt64>) throws {
         let zeros = [UInt8](repeating: 0, count: geometry.extentSize)
         var index = range.lowerBound
         while index < range.upperBound {

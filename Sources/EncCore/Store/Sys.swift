@@ -281,7 +281,15 @@ public enum Sys {
     }
 
     public static func fallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) throws {
+        let before = OperationLog.shared.isRecording ? try fstat(fd).st_size : 0
         _ = try retrying { encfsd_fallocate(fd, mode, off_t(offset), off_t(length)) }
+        // For the crash-state checker: a punched range reads as zeros; an allocation may grow the file.
+        if mode & 0x02 != 0 {
+            let end = min(offset + length, Int64(before))
+            if end > offset { OperationLog.shared.record(.write(inode: inode(fd), offset: offset, bytes: [UInt8](repeating: 0, count: Int(end - offset)))) }
+        } else if mode & 0x01 == 0 && offset + length > Int64(before) {
+            OperationLog.shared.record(.truncate(inode: inode(fd), length: offset + length))
+        }
     }
 
     public static func fstatvfs(_ fd: Int32) throws -> statvfs {

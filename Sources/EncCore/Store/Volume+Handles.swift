@@ -192,13 +192,6 @@ extension Volume {
         return busy
     }
 
-    public func fallocate(handle: UInt64, offset: UInt64, length: UInt64, keepSize: Bool) throws {
-        try withOpenFile(try fileNode(handle: handle)) { state, file in
-            try file.allocate(offset: offset, length: length, keepSize: keepSize)
-            try commit(file, &state)
-        }
-    }
-
     // MARK: directories
 
     public func openDirectory(_ id: UInt64) throws -> UInt64 {

@@ -366,12 +366,14 @@ public final class Volume: Sendable {
             default: 0
             }
             let pending = s.file?.modifiedAt
-            return Attributes(
+            var attributes = Attributes(
                 inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
                 uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
                 accessTime: stamp(st.st_atim),
                 modificationTime: stamp(pending ?? st.st_mtim),
                 changeTime: stamp(later(pending ?? st.st_ctim, later(st.st_ctim, headerChange))))
+            if node.type == .regular { attributes.blockSize = s.header.extentSize }
+            return attributes
         }
     }
 

@@ -23,11 +23,13 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     static func convert(_ a: Attributes) -> FileAttributes {
-        FileAttributes(inode: a.inode, mode: a.mode, linkCount: a.linkCount, uid: a.uid, gid: a.gid, rdev: a.rdev,
+        var converted = FileAttributes(inode: a.inode, mode: a.mode, linkCount: a.linkCount, uid: a.uid, gid: a.gid, rdev: a.rdev,
                        size: a.size, blocks: a.blocks,
                        accessTime: (a.accessTime.seconds, a.accessTime.nanoseconds),
                        modificationTime: (a.modificationTime.seconds, a.modificationTime.nanoseconds),
                        changeTime: (a.changeTime.seconds, a.changeTime.nanoseconds))
+        converted.blockSize = a.blockSize
+        return converted
     }
 
     /// Integrity failures are attacks or media errors: worth an error in the log naming what
@@ -139,9 +141,12 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     func fallocate(_ node: UInt64, handle: UInt64, mode: Int32, offset: UInt64, length: UInt64) throws {
-        // Mode 0 and FALLOC_FL_KEEP_SIZE reserve space; punching and zeroing ranges are not offered.
-        guard mode == 0 || mode == 1 else { throw StoreError.notSupported }
-        try logged("fallocate of node \(node)", node: node) { try volume.fallocate(handle: handle, offset: offset, length: length, keepSize: mode == 1) }
+        guard let operation = RangeOperation(fallocateMode: mode) else { throw StoreError.notSupported }
+        try logged("fallocate of node \(node)", node: node) { try volume.fallocate(handle: handle, operation, offset: offset, length: length) }
+    }
+
+    func seek(_ node: UInt64, handle: UInt64, from offset: UInt64, data: Bool) throws -> UInt64 {
+        try logged("lseek of node \(node)", node: node) { try volume.seek(handle: handle, from: offset, data: data) }
     }
 
     func opendir(_ node: UInt64) throws -> UInt64 { try logged("opendir of node \(node)", node: node) { try volume.openDirectory(node) } }
