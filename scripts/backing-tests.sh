@@ -7,9 +7,10 @@
 #     operation (test_posix), the tamper checks (test_tamper), the daemon killed at every fault
 #     point (test_crash) and every fallback path (test_network_backings);
 #   - the kill test: scripts/crash-test.sh with its store on the backing (10 kills).
-# sshfs has neither user xattrs nor hard links that share an inode number, and its inode numbers
-# are libfuse's, new at every sshfs mount: the three posix tests that need those are left out there
-# (test_network_backings checks EOPNOTSUPP and EPERM instead).
+# sshfs has neither user xattrs nor hard links that share an inode number, its inode numbers are
+# libfuse's, new at every sshfs mount, and the SFTP server reads files without O_NOATIME (so the
+# daemon's own header reads move a backing atime set in the past): the four posix tests that need
+# those are left out there (test_network_backings checks EOPNOTSUPP and EPERM instead).
 # Needs root and /dev/fuse. Arguments: the backings to test (default all three). The last line is
 # "N passed, N failed, N skipped" over every pytest run and kill test.
 set -uo pipefail
@@ -18,7 +19,7 @@ export ENCFSD=${ENCFSD:-$PWD/.build/debug/encfsd}
 BACKINGS=("$@")
 ((${#BACKINGS[@]})) || BACKINGS=(bindfs sshfs gluster)
 declare -A DESELECT=(
-    [sshfs]="not test_inode_numbers_are_stable_across_remount and not test_unlink_keeps_other_links_and_open_files and not test_directory_chmod_updates_ctime"
+    [sshfs]="not test_inode_numbers_are_stable_across_remount and not test_unlink_keeps_other_links_and_open_files and not test_directory_chmod_updates_ctime and not test_utimens_atime_survives_remount"
 )
 PASSED=0 FAILED=0 SKIPPED=0
 count() { # adds the counts of the last summary line of the log $1 (pytest's or crash-test's)

@@ -28,6 +28,9 @@ public final class StoreLock: Sendable {
     public struct Holder: Codable, Equatable, Sendable, CustomStringConvertible {
         public var pid: Int32
         public var host: String
+        /// The holder is unmounted and finishing (committing, syncing, closing its epoch): a new
+        /// mount may wait for the lock instead of refusing. Absent in records of older builds.
+        public var closing: Bool?
         public var description: String { "pid \(pid) on host \(host)" }
     }
 
@@ -65,6 +68,12 @@ public final class StoreLock: Sendable {
         let lock = StoreLock(file: file)
         lock.record(Holder(pid: getpid(), host: hostName()))
         return lock
+    }
+
+    /// Records that this holder has unmounted and is finishing, so an `umount` followed at once
+    /// by a `mount` waits for the lock rather than failing on it.
+    public func markClosing() {
+        record(Holder(pid: getpid(), host: Self.hostName(), closing: true))
     }
 
     /// The lock file, through the store boundary: opened for writing only once it is known to

@@ -62,6 +62,9 @@ extension Volume {
     /// here) so the kernel's probes (security.capability before every write, the ACL before the
     /// first permission check) cost no backing call on objects without attributes.
     private func mayHold(_ node: Node, _ backing: String) throws -> Bool {
+        // A backing without user xattrs holds none: default ACLs, capabilities and the kernel's
+        // probes are all simply absent there (xattr calls themselves give EOPNOTSUPP).
+        guard capabilities.has(.userXattrs) else { return false }
         if let known = node.state.withLock({ $0.backingXattrs }) { return known.contains(backing) }
         let fd = try xattrFD(node)
         let names = try withExtendedLifetime(fd) { try Sys.flistxattr(fd.raw) }.filter { $0.hasPrefix(XattrCodec.backingPrefix) }

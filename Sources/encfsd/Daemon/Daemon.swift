@@ -39,8 +39,7 @@ struct Daemon {
         try Log.start(logFile.map { .file($0) } ?? (reportReady ? .syslog : .standardError), level: logLevel)
         raiseDescriptorLimit()
         // Held until the process ends (the kernel drops it then, however the daemon dies).
-        let lock: StoreLock
-        do { lock = try StoreLock.acquire(storePath: storePath) } catch { throw CLIError("cannot mount \(storePath): \(error)") }
+        let lock = try Self.lock(storePath)
         defer { withExtendedLifetime(lock) {} }
         let invalidator = CacheInvalidator()
         let table = Mutex<KeyTable?>(nil)
@@ -82,11 +81,28 @@ struct Daemon {
         SystemdNotify.ready()
         Log.notice("mounted \(storePath) on \(mountOptions.mountpoint)")
         try session.run()
+        lock.markClosing()
         // The rekey worker stops first: nothing may be written once the epoch is closed.
         volume.rekeys.stop()
         volume.closeCleanly()
         SystemdNotify.stopping()
         Log.notice("unmounted \(mountOptions.mountpoint)")
+    }
+
+    /// The store's lock. A holder that has unmounted and is finishing (its last commits and the
+    /// syncfs that ends its epoch cleanly) is waited for, up to a minute: `umount` returns before
+    /// the old daemon exits, and a `mount` right after it is what users do.
+    private static func lock(_ storePath: String) throws -> StoreLock {
+        let deadline = ContinuousClock.now + .seconds(60)
+        while true {
+            do {
+                return try StoreLock.acquire(storePath: storePath)
+            } catch .held(let holder) where holder?.closing == true && ContinuousClock.now < deadline {
+                Thread.sleep(forTimeInterval: 0.05)
+            } catch {
+                throw CLIError("cannot mount \(storePath): \(error)")
+            }
+        }
     }
 
     /// Reads each key file and gives its key to the table, which then holds the only reference.
