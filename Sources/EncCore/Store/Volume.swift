@@ -242,6 +242,14 @@ public final class Volume: Sendable {
         let node = insert(inode: UInt64(opened.st_ino), identity: identity, headerIdentity: headerIdentity,
                           header: header, verified: verified, location: location)
         if type == .directory && node.identity == identity { directories.insert(node.id, fd) }
+        // The kernel asks for ACLs and security.* of nearly every file it looks up (ls -l, the
+        // capability probe before writes). Listing the backing xattr names here, on the descriptor
+        // the header was read through, spares those a reopen of the file each (Volume+Xattr's cache).
+        if type == .regularFile && capabilities.has(.userXattrs), node.identity == identity,
+           let names = try? Sys.flistxattr(fd.raw) {
+            let known = Set(names.filter { $0.hasPrefix(XattrCodec.backingPrefix) })
+            node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = known } }
+        }
         return (node, opened)
     }
 
