@@ -129,8 +129,10 @@ public final class KeyTable: Sendable {
         return entries.withLock { $0[identifier]?.key }
     }
 
-    /// The key, or with `allowLingering` a removed key that open files still hold (see
-    /// `lingeringKey`): one lock either way.
+    /// The key, or with `allowLingering` a removed key that open files still hold: enough to
+    /// resolve names in the directories they live in (as fscrypt's still-keyed directory inodes
+    /// do), never to open anything new. One lock either way; the strong reference it makes leaves
+    /// the lock with the caller (see `remove`).
     public func key(for identifier: KeyIdentifier, allowLingering: Bool) -> MasterKey? {
         countLookup()
         return entries.withLock { table in
@@ -139,13 +141,6 @@ public final class KeyTable: Sendable {
         }
     }
 
-    /// A removed key that open files still hold: enough to resolve names in the directories they
-    /// live in (as fscrypt's still-keyed directory inodes do), never to open anything new.
-    /// (The strong reference it makes leaves the lock with the caller; see `remove`.)
-    public func lingeringKey(for identifier: KeyIdentifier) -> MasterKey? {
-        countLookup()
-        return entries.withLock { $0[identifier]?.lingering }
-    }
 
     /// Every key the table knows: present or incompletely removed (for `encfsd status`).
     public func identifiers() -> [KeyIdentifier] {

@@ -76,7 +76,7 @@ def test_forged_lower_sequence_in_newest_slot_is_not_silent(copy):
         v.unmount()
 
 
-def test_fsck_without_repair_writes_nothing(copy):
+def test_fsck_without_repair_creates_no_journal(copy):
     v, _ = copy
     run("rm", "-rf", v.store / ".journal")
     fsck(v)
