@@ -27,6 +27,9 @@ struct NodeState {
     /// creation; nil until then. Lets a probe for an attribute the object lacks answer ENODATA
     /// without a backing call.
     var backingXattrs: Set<String>?
+    /// An atime an access made due (`Volume.noteAccess`), not yet in the header: written with the
+    /// handle's last close or folded into the next header write.
+    var accessedAt: UInt64?
 
     /// Most names remembered per object: enough to survive the unlink of some hard links; a node
     /// with more names finds the others again at their next lookup.

@@ -38,6 +38,12 @@ extension Volume {
     /// them, and a crash after an early deallocation would read them as damaged.
     public func fallocate(handle: UInt64, _ operation: RangeOperation, offset: UInt64, length: UInt64) throws {
         try withOpenFile(try fileNode(handle: handle)) { state, file in
+            // vfs_fallocate: nothing on an immutable file; on an append-only one only an
+            // allocation that keeps the size.
+            let flags = state.header.inodeFlags
+            if flags.contains(.immutable) || (flags.contains(.appendOnly) && operation != .allocate(keepSize: true)) {
+                throw StoreError.notPermitted
+            }
             switch operation {
             case .allocate(let keepSize):
                 try file.allocate(offset: offset, length: length, keepSize: keepSize)

@@ -52,13 +52,17 @@ public final class Volume: Sendable {
     /// A real (listing) open of the store root, made before this mount's first write and kept:
     /// `syncfs` reports writeback errors only since the descriptor it is given was opened.
     let syncFD: FileDescriptor
+    /// When reads move atimes (the mount's atime options).
+    public let accessTimes: AccessTimeOptions
 
     /// Opens the store. `capabilities` are probed when not given (a caller that probed already,
     /// or that wants the fallbacks of a backing it does not have, passes them).
     /// - Parameter openingEpoch: open this mount's epoch now. A daemon passes false and calls
     ///   `openEpoch()` once nothing can refuse the mount any more.
-    public init(storePath: String, keys: KeyTable, capabilities: BackingCapabilities? = nil, openingEpoch: Bool = true) throws {
+    public init(storePath: String, keys: KeyTable, capabilities: BackingCapabilities? = nil, openingEpoch: Bool = true,
+                accessTimes: AccessTimeOptions = AccessTimeOptions()) throws {
         self.storePath = storePath
+        self.accessTimes = accessTimes
         self.keys = keys
         let fd = try Sys.openStoreRoot(storePath)
         config = try StoreConfig.load(storeFD: fd.raw)
@@ -364,10 +368,15 @@ public final class Volume: Sendable {
         let st = try (replays ? nil : known) ?? backingStat(node)
         // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
         // touch the directory's own ctime: the later of the two is the directory's ctime.
-        let headerChange = node.isDirectory ? try statEntry(ofHeaderOf: node).st_ctim : st.st_ctim
+        let headerStat = node.isDirectory ? try statEntry(ofHeaderOf: node) : st
         func stamp(_ t: timespec) -> Timestamp { Timestamp(seconds: Int64(t.tv_sec), nanoseconds: Int64(t.tv_nsec)) }
         func later(_ a: timespec, _ b: timespec) -> timespec { (a.tv_sec, a.tv_nsec) >= (b.tv_sec, b.tv_nsec) ? a : b }
+        func spec(_ ns: UInt64) -> timespec { timespec(tv_sec: Int(ns / 1_000_000_000), tv_nsec: Int(ns % 1_000_000_000)) }
         return node.state.withLock { s in
+            // An atime write leaves the plaintext ctime in the header (AccessTimes.swift).
+            let headerChange = spec(Self.changeTime(headerStat, header: s.header))
+            let ownChange = node.isDirectory ? st.st_ctim : headerChange
+            let accessed = s.accessedAt ?? (s.header.accessTime != 0 ? s.header.accessTime : nil)
             let size: UInt64 = switch node.type {
             case .directory: 4096
             case .regular, .symlink: s.file?.size ?? s.header.size
@@ -377,9 +386,9 @@ public final class Volume: Sendable {
             var attributes = Attributes(
                 inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
                 uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
-                accessTime: stamp(st.st_atim),
+                accessTime: accessed.map { Timestamp(nanosecondsSinceEpoch: $0) } ?? stamp(st.st_atim),
                 modificationTime: stamp(pending ?? st.st_mtim),
-                changeTime: stamp(later(pending ?? st.st_ctim, later(st.st_ctim, headerChange))))
+                changeTime: stamp(later(pending ?? ownChange, later(ownChange, headerChange))))
             if node.type == .regular { attributes.blockSize = s.header.extentSize }
             return attributes
         }

@@ -79,6 +79,7 @@ struct MountCommand: ParsableCommand {
             daemon.keyFiles = keyFile
             daemon.logLevel = logLevel
             daemon.idle = idle?.duration
+            daemon.accessTimes = accessTimes
             try daemon.serve()
         } else {
             var arguments = ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)", "--key-quota", "\(keyQuota)"]
@@ -89,6 +90,13 @@ struct MountCommand: ParsableCommand {
             arguments += keyFile.flatMap { ["--key-file", $0] }
             try Background.start(arguments: arguments)
         }
+    }
+
+    /// The atime options among `-o`'s, in order (a later one wins, as with mount(8)).
+    private var accessTimes: AccessTimeOptions {
+        var result = AccessTimeOptions()
+        for option in options.flatMap({ $0.split(separator: ",").map(String.init) }) { _ = result.apply(option) }
+        return result
     }
 
     private func mountOptions(_ mountPath: String, storePath: String) -> MountOptions {
@@ -103,6 +111,8 @@ struct MountCommand: ParsableCommand {
             // The kernel writeback cache, off by default (see FuseSession's init).
             case "writeback_cache": result.writebackCache = true
             case "no_writeback_cache": result.writebackCache = false
+            // Not a flag of the VFS mount; encfsd's own atime writes are lazy anyway (AccessTimeOptions).
+            case "lazytime", "nolazytime": break
             default: result.extra.append(option)
             }
         }
