@@ -81,15 +81,16 @@ extension Volume {
         guard keepsInodeMetadata, accessTimes.rule != .never, !(node.isDirectory && !accessTimes.directories) else { return }
         guard !node.state.withLock({ $0.header.inodeFlags.contains(.noAccessTime) }) else { return }
         let now = Self.nowNanoseconds()
-        if accessTimes.rule == .always {
-            node.state.withLock { $0.accessedAt = now }
-            return
+        if accessTimes.rule != .always {
+            guard let current = try? attributes(node),
+                  accessTimes.isDue(atime: current.accessTime.nanosecondsSinceEpoch, modified: current.modificationTime.nanosecondsSinceEpoch,
+                                    changed: current.changeTime.nanosecondsSinceEpoch, now: now, directory: node.isDirectory)
+            else { return }
         }
-        guard let current = try? attributes(node) else { return }
-        guard accessTimes.isDue(atime: current.accessTime.nanosecondsSinceEpoch, modified: current.modificationTime.nanosecondsSinceEpoch,
-                                changed: current.changeTime.nanosecondsSinceEpoch, now: now, directory: node.isDirectory)
-        else { return }
         node.state.withLock { $0.accessedAt = max($0.accessedAt ?? 0, now) }
+        // The kernel keeps attributes for the attribute timeout; a stat right after the read must
+        // show the new atime, as on ext4.
+        attributesMoved.withLock { $0 }?(node.id)
     }
 
     /// Writes an atime `noteAccess` kept, as a header write that leaves the plaintext ctime where it

@@ -317,7 +317,14 @@ public enum Sys {
 
     /// Entries of a directory, without "." and "..", with the inode and type getdents gives.
     public static func listDirectory(_ dirFD: Int32) throws -> [RawEntry] {
-        let fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        // O_NOATIME as in `reopen`: a listing must not move the backing atime, which is the
+        // plaintext atime of a directory whose header keeps none.
+        let fd: Int32
+        do {
+            fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC | encfsd_O_NOATIME) }
+        } catch StoreError.system(EPERM) {
+            fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        }
         guard let dir = fdopendir(fd) else {
             let e = errno
             Glibc.close(fd)

@@ -54,6 +54,9 @@ public final class Volume: Sendable {
     let syncFD: FileDescriptor
     /// When reads move atimes (the mount's atime options).
     public let accessTimes: AccessTimeOptions
+    /// Told the node whose attributes changed without a request that changes them (an access
+    /// moved its atime), so the front end can drop what the kernel caches of them.
+    public let attributesMoved = Mutex<(@Sendable (UInt64) -> Void)?>(nil)
 
     /// Opens the store. `capabilities` are probed when not given (a caller that probed already,
     /// or that wants the fallbacks of a backing it does not have, passes them).

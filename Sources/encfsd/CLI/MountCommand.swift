@@ -28,7 +28,7 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Stay in the foreground; log to standard error.")
     var foreground = false
 
-    @Option(name: .customShort("o"), help: ArgumentHelp("Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, ...", valueName: "options"))
+    @Option(name: .customShort("o"), help: ArgumentHelp("Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, noatime, relatime (the default), strictatime, nodiratime, lazytime, ...", valueName: "options"))
     var options: [String] = []
 
     @Option(help: "Most request threads.")
@@ -111,11 +111,15 @@ struct MountCommand: ParsableCommand {
             // The kernel writeback cache, off by default (see FuseSession's init).
             case "writeback_cache": result.writebackCache = true
             case "no_writeback_cache": result.writebackCache = false
-            // Not a flag of the VFS mount; encfsd's own atime writes are lazy anyway (AccessTimeOptions).
-            case "lazytime", "nolazytime": break
-            default: result.extra.append(option)
+            default:
+                // The atime options are the daemon's to apply (the kernel updates no atime of a
+                // FUSE inode); libfuse knows only some of them. noatime alone also goes to the
+                // VFS mount, so /proc/mounts shows it.
+                var probe = AccessTimeOptions()
+                if !probe.apply(option) { result.extra.append(option) }
             }
         }
+        if accessTimes.rule == .never { result.extra.append("noatime") }
         return result
     }
 }
