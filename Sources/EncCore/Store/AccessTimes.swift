@@ -54,7 +54,8 @@ public struct AccessTimeOptions: Sendable, Equatable {
         switch rule {
         case .never: return false
         case .always: return atime != now
-        case .relative: return atime <= modified || atime <= changed || now &- atime >= Self.day
+        // An atime in the future is not old (the kernel's relatime compares signed).
+        case .relative: return atime <= modified || atime <= changed || (now > atime && now - atime >= Self.day)
         }
     }
 }
@@ -103,6 +104,7 @@ extension Volume {
         try node.state.withLock { state in
             guard let accessed = state.accessedAt else { return }
             state.accessedAt = nil
+            state.accessTimeWrites += 1
             if state.header.flags.contains(.pendingWrite) { try recoverLocked(node, &state, key: key) }
             let headerFD = try headerDescriptor(node, state, writable: true)
             defer { withExtendedLifetime(headerFD) {} }

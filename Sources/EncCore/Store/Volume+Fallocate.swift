@@ -38,10 +38,11 @@ extension Volume {
     /// them, and a crash after an early deallocation would read them as damaged.
     public func fallocate(handle: UInt64, _ operation: RangeOperation, offset: UInt64, length: UInt64) throws {
         try withOpenFile(try fileNode(handle: handle)) { state, file in
-            // vfs_fallocate: nothing on an immutable file; on an append-only one only an
-            // allocation that keeps the size.
+            // vfs_fallocate: nothing on an immutable file; on an append-only one only allocation
+            // (which may grow it), never a mode that changes or moves what is there.
             let flags = state.header.inodeFlags
-            if flags.contains(.immutable) || (flags.contains(.appendOnly) && operation != .allocate(keepSize: true)) {
+            if flags.contains(.immutable) { throw StoreError.notPermitted }
+            if flags.contains(.appendOnly), case .allocate = operation {} else if flags.contains(.appendOnly) {
                 throw StoreError.notPermitted
             }
             switch operation {

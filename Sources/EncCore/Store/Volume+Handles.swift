@@ -148,7 +148,7 @@ extension Volume {
         // (several writers, or aio at a queue depth) encrypt side by side.
         let presealed = file.sealWholeExtents(offset: offset, data: data)
         try withOpenFile(node) { state, current in
-            try checkWrite(state, file: current, offset: offset)
+            try checkWrite(state)
             // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
             // its sealed extents are still valid there, but write them plainly to keep this simple.
             try current.write(offset: offset, data: data, presealed: current === file ? presealed : nil)

@@ -99,11 +99,11 @@ extension Volume {
         }
     }
 
-    /// A write as ext4 takes it: none to an immutable file (a descriptor opened before the flag
-    /// was set included), and to an append-only one only at its end.
-    func checkWrite(_ state: NodeState, file: ExtentFile, offset: UInt64) throws {
-        let flags = state.header.inodeFlags
-        if flags.contains(.immutable) || (flags.contains(.appendOnly) && offset != file.size) { throw StoreError.notPermitted }
+    /// A write as ext4 takes it: none to an immutable file, a descriptor opened before the flag
+    /// was set included. An append-only file is guarded at open (`checkOpen`) only: ext4 lets a
+    /// descriptor opened for writing before the flag was set write anywhere, and so does encfsd.
+    func checkWrite(_ state: NodeState) throws {
+        if state.header.inodeFlags.contains(.immutable) { throw StoreError.notPermitted }
     }
 
     /// A directory's entries changed (create, link, unlink, rename): with FS_DIRSYNC_FL or

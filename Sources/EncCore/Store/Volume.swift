@@ -365,36 +365,49 @@ public final class Volume: Sendable {
 
     /// - Parameter known: the object's `stat` if the request already has it (a lookup).
     func attributes(_ node: Node, stat known: stat? = nil) throws -> Attributes {
-        // A replayed write changes the backing file: the stat taken before it is stale.
-        let replays = node.state.withLock { $0.header.flags.contains(.pendingWrite) }
-        try recoverIfPossible(node)
-        let st = try (replays ? nil : known) ?? backingStat(node)
-        // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
-        // touch the directory's own ctime: the later of the two is the directory's ctime.
-        let headerStat = node.isDirectory ? try statEntry(ofHeaderOf: node) : st
+        var known = known
+        // An atime write moves the backing ctime, then marks it (AccessTimes.swift) under the node
+        // lock, while these stats are taken without it: a stat caught between the two is taken again.
+        for attempt in 0... {
+            // A replayed write changes the backing file: the stat taken before it is stale.
+            let (replays, writes) = node.state.withLock { ($0.header.flags.contains(.pendingWrite), $0.accessTimeWrites) }
+            try recoverIfPossible(node)
+            let st = try (replays ? nil : known) ?? backingStat(node)
+            // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
+            // touch the directory's own ctime: the later of the two is the directory's ctime.
+            let headerStat = node.isDirectory ? try statEntry(ofHeaderOf: node) : st
+            if let attributes = node.state.withLock({ s in
+                s.accessTimeWrites == writes || attempt == 3 ? Self.attributes(node, s, stat: st, headerStat: headerStat) : nil
+            }) {
+                return attributes
+            }
+            known = nil
+        }
+        fatalError("unreachable")
+    }
+
+    private static func attributes(_ node: Node, _ s: NodeState, stat st: stat, headerStat: stat) -> Attributes {
         func stamp(_ t: timespec) -> Timestamp { Timestamp(seconds: Int64(t.tv_sec), nanoseconds: Int64(t.tv_nsec)) }
         func later(_ a: timespec, _ b: timespec) -> timespec { (a.tv_sec, a.tv_nsec) >= (b.tv_sec, b.tv_nsec) ? a : b }
         func spec(_ ns: UInt64) -> timespec { timespec(tv_sec: Int(ns / 1_000_000_000), tv_nsec: Int(ns % 1_000_000_000)) }
-        return node.state.withLock { s in
-            // An atime write leaves the plaintext ctime in the header (AccessTimes.swift).
-            let headerChange = spec(Self.changeTime(headerStat, header: s.header))
-            let ownChange = node.isDirectory ? st.st_ctim : headerChange
-            let accessed = s.accessedAt ?? (s.header.accessTime != 0 ? s.header.accessTime : nil)
-            let size: UInt64 = switch node.type {
-            case .directory: 4096
-            case .regular, .symlink: s.file?.size ?? s.header.size
-            default: 0
-            }
-            let pending = s.file?.modifiedAt
-            var attributes = Attributes(
-                inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
-                uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
-                accessTime: accessed.map { Timestamp(nanosecondsSinceEpoch: $0) } ?? stamp(st.st_atim),
-                modificationTime: stamp(pending ?? st.st_mtim),
-                changeTime: stamp(later(pending ?? ownChange, later(ownChange, headerChange))))
-            if node.type == .regular { attributes.blockSize = s.header.extentSize }
-            return attributes
+        // An atime write leaves the plaintext ctime in the header (AccessTimes.swift).
+        let headerChange = spec(changeTime(headerStat, header: s.header))
+        let ownChange = node.isDirectory ? st.st_ctim : headerChange
+        let accessed = s.accessedAt ?? (s.header.accessTime != 0 ? s.header.accessTime : nil)
+        let size: UInt64 = switch node.type {
+        case .directory: 4096
+        case .regular, .symlink: s.file?.size ?? s.header.size
+        default: 0
         }
+        let pending = s.file?.modifiedAt
+        var attributes = Attributes(
+            inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
+            uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
+            accessTime: accessed.map { Timestamp(nanosecondsSinceEpoch: $0) } ?? stamp(st.st_atim),
+            modificationTime: stamp(pending ?? st.st_mtim),
+            changeTime: stamp(later(pending ?? ownChange, later(ownChange, headerChange))))
+        if node.type == .regular { attributes.blockSize = s.header.extentSize }
+        return attributes
     }
 
     /// A directory's `.d` file, by name (no descriptor opened).
