@@ -54,6 +54,14 @@ def chattr_workload(root: Path) -> list:
                          ("f", "-AdS"), ("f", "+D"), ("d", "+D"), ("d", "+i"), ("d", "-i"), ("d", "+a"), ("d", "+AdS"),
                          ("d", "-aAdSD"), ("f", "+iaAdS"), ("f", "-iaAdS")]:
         seen.append((target, spec, chattr(root / target, spec), lsattr(root / target)))
+    # What new objects take from their directory.
+    assert chattr(root / "d", "+aAdSD") == "ok"
+    (root / "d" / "file").write_bytes(b"")
+    (root / "d" / "dir").mkdir()
+    os.symlink("file", root / "d" / "link")
+    # (A FIFO or device inherits too, but FUSE sends flag ioctls for files and directories only.)
+    seen += [(name, lsattr(root / "d" / name)) for name in ("file", "dir")]
+    assert chattr(root / "d", "-aAdSD") == "ok"
     return seen
 
 

@@ -41,10 +41,8 @@ extension Volume {
             // vfs_fallocate: nothing on an immutable file; on an append-only one only allocation
             // (which may grow it), never a mode that changes or moves what is there.
             let flags = state.header.inodeFlags
-            if flags.contains(.immutable) { throw StoreError.notPermitted }
-            if flags.contains(.appendOnly), case .allocate = operation {} else if flags.contains(.appendOnly) {
-                throw StoreError.notPermitted
-            }
+            let allocates = if case .allocate = operation { true } else { false }
+            if flags.contains(.immutable) || (flags.contains(.appendOnly) && !allocates) { throw StoreError.notPermitted }
             switch operation {
             case .allocate(let keepSize):
                 try file.allocate(offset: offset, length: length, keepSize: keepSize)

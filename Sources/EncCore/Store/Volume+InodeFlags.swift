@@ -55,6 +55,18 @@ extension Volume {
         try mutateHeader(node, key: try key(for: node, .header).key, sync: wanted.contains(.sync)) { $0.inodeFlags = wanted }
     }
 
+    /// The flags a new object takes from its directory, as ext4 passes them on (EXT4_FL_INHERITED,
+    /// then ext4_mask_flags): a directory takes them all, a regular file all but FS_DIRSYNC_FL,
+    /// anything else only FS_NODUMP_FL and FS_NOATIME_FL. Immutable and append-only never pass on.
+    static func inheritedFlags(_ directory: InodeFlags, type: ObjectType) -> InodeFlags {
+        let inherited = directory.intersection([.sync, .noDump, .noAccessTime, .directorySync])
+        return switch type {
+        case .directory: inherited
+        case .regular: inherited.subtracting(.directorySync)
+        default: inherited.intersection([.noDump, .noAccessTime])
+        }
+    }
+
     /// EPERM if the object has any of `flags`.
     func refuse(_ node: Node, ifAny flags: InodeFlags) throws {
         if !node.state.withLock({ $0.header.inodeFlags }).isDisjoint(with: flags) { throw StoreError.notPermitted }

@@ -368,7 +368,8 @@ public final class Volume: Sendable {
         var known = known
         // An atime write moves the backing ctime, then marks it (AccessTimes.swift) under the node
         // lock, while these stats are taken without it: a stat caught between the two is taken again.
-        for attempt in 0... {
+        var attempt = 0
+        while true {
             // A replayed write changes the backing file: the stat taken before it is stale.
             let (replays, writes) = node.state.withLock { ($0.header.flags.contains(.pendingWrite), $0.accessTimeWrites) }
             try recoverIfPossible(node)
@@ -382,8 +383,8 @@ public final class Volume: Sendable {
                 return attributes
             }
             known = nil
+            attempt += 1
         }
-        fatalError("unreachable")
     }
 
     private static func attributes(_ node: Node, _ s: NodeState, stat st: stat, headerStat: stat) -> Attributes {
