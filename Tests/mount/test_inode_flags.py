@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import shutil
 import struct
 import subprocess
 import time
@@ -244,11 +243,7 @@ def test_flags_survive_remount_and_sync_flag_writes_survive_a_kill(volume):
 
 
 def test_a_version_2_store_refuses_flags_until_upgraded(tmp_path, encfsd_bin):
-    golden = Path(__file__).resolve().parent.parent / "Golden" / "v2" / "store"
-    key = tmp_path / "golden.key"
-    key.write_bytes(bytes(range(1, 65)))
-    v = Volume(encfsd_bin, tmp_path, key, create=False)
-    shutil.copytree(golden, v.store, symlinks=True)
+    v = Volume.golden(encfsd_bin, tmp_path, "v2")
     try:
         v.mount(by_key_file=True)
         assert chattr(v.mnt / "one-byte", "+d") == "Operation not supported"
