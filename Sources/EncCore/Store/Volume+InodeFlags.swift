@@ -74,15 +74,16 @@ extension Volume {
 
     /// An object leaving a name (unlink, rmdir, rename, replaced by a rename): neither it nor its
     /// directory may be immutable or append-only. The object is the node the kernel looked up
-    /// before asking (found by its backing inode); one the daemon does not know is opened.
+    /// before asking (found by its backing inode); one the daemon does not know is opened. One
+    /// whose header cannot be read has no flags anyone could have set: it may go, as before.
     func checkRemoval(from dir: Node, backingName: [UInt8], inode: UInt64) throws {
         try refuse(dir, ifAny: [.immutable, .appendOnly])
         guard keepsInodeMetadata else { return }
-        if let known = table.withLock({ $0.byInode[inode] }), known.backingInode == inode {
+        if let known = table.withLock({ $0.byInode[inode] }) {
             try refuse(known, ifAny: [.immutable, .appendOnly])
             return
         }
-        let victim = try child(of: dir, backingName: backingName)
+        guard let victim = try? child(of: dir, backingName: backingName) else { return }
         defer { release(victim) }
         try refuse(victim, ifAny: [.immutable, .appendOnly])
     }
