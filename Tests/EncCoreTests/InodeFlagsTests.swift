@@ -20,7 +20,7 @@ import Glibc
         #expect(options.rule == .relative && options.directories)
         let applied = ["strictatime", "nodiratime", "lazytime"].map { options.apply($0) }
         #expect(applied == [true, true, true])
-        #expect(options == AccessTimeOptions(rule: .always, directories: false))
+        #expect(options == AccessTimeOptions(rule: .always, directories: false, lazy: true))
         let later = ["noatime", "relatime", "nosuid", "atime_max=3"].map { option in (options.apply(option), options.rule) }
         #expect(later.map(\.0) == [true, true, false, false])
         #expect(later.map(\.1) == [.never, .relative, .relative, .relative])
@@ -132,6 +132,21 @@ import Glibc
             #expect(node.state.withLock { $0.header.sequence } == written.0)
             #expect(after.st_ctim.tv_sec == written.1.st_ctim.tv_sec && after.st_ctim.tv_nsec == written.1.st_ctim.tv_nsec)
             #expect(try volume.getattr(file) == first)
+        }
+    }
+
+    @Test func lazytimeWritesTheAtimeWhenTheObjectIsForgotten() throws {
+        try withFile(accessTimes: AccessTimeOptions(rule: .always, lazy: true)) { volume, file, backing in
+            let node = try volume.node(file)
+            let sequence = node.state.withLock { $0.header.sequence }
+            let handle = try volume.open(file, flags: O_RDONLY)
+            try volume.release(handle: handle)
+            let accessed = try volume.getattr(file).accessTime
+            #expect(node.state.withLock { $0.header.sequence } == sequence) // not at the close
+            volume.forget(file, count: 1)
+            let (again, _) = try volume.lookup(parent: Volume.rootID, name: Array("f".utf8))
+            #expect(try volume.node(again).state.withLock { $0.header.sequence } != sequence)
+            #expect(try volume.getattr(again).accessTime == accessed)
         }
     }
 }

@@ -23,15 +23,18 @@ public struct AccessTimeOptions: Sendable, Equatable {
     public var rule: Rule = .relative
     /// `nodiratime`: listing a directory never moves its atime.
     public var directories = true
+    /// `lazytime`: a moved atime is written when the kernel forgets the object, with the object's
+    /// next header write of another kind, or at unmount, instead of at each close (what lazytime
+    /// asks of ext4: atimes kept in memory, at the price of those a crash loses).
+    public var lazy = false
 
-    public init(rule: Rule = .relative, directories: Bool = true) {
+    public init(rule: Rule = .relative, directories: Bool = true, lazy: Bool = false) {
         self.rule = rule
         self.directories = directories
+        self.lazy = lazy
     }
 
-    /// Applies one mount option; false if `option` is not an atime option. `lazytime` is accepted
-    /// and changes nothing: encfsd's atime updates are always lazy (kept in memory and written with
-    /// the handle's last close), which is what lazytime asks of ext4.
+    /// Applies one mount option; false if `option` is not an atime option.
     public mutating func apply(_ option: String) -> Bool {
         switch option {
         case "noatime": rule = .never
@@ -39,7 +42,8 @@ public struct AccessTimeOptions: Sendable, Equatable {
         case "strictatime", "norelatime": rule = .always
         case "nodiratime": directories = false
         case "diratime": directories = true
-        case "lazytime", "nolazytime": break
+        case "lazytime": lazy = true
+        case "nolazytime": lazy = false
         default: return false
         }
         return true
@@ -115,6 +119,13 @@ extension Volume {
             try slots.writeMetadata(fd: headerFD.raw, header: &header, key: key, sync: false, safety: &state.slotSafety)
             state.header = header
             try Sys.markUnchangedSinceWrite(headerFD.raw, modified: node.isDirectory ? nil : before.st_mtim)
+        }
+    }
+
+    /// The atimes still only in memory (lazytime), written at unmount before the epoch ends.
+    func writePendingAccessTimes() {
+        for node in table.withLock({ Array($0.byID.values) }) where node.state.withLock({ $0.accessedAt != nil }) {
+            writeAccessTimeReporting(node)
         }
     }
 

@@ -180,7 +180,7 @@ extension Volume {
             return $0.byID.removeValue(forKey: handle)
         }) else { return }
         defer { dropIfUnused(node) }
-        defer { writeAccessTimeReporting(node) }
+        defer { if !accessTimes.lazy { writeAccessTimeReporting(node) } }
         try node.state.withLock { state in
             state.opens -= 1
             defer {
@@ -251,7 +251,7 @@ extension Volume {
 
     public func releaseDirectory(handle: UInt64) {
         guard case .directory(let dir, _, _)? = handles.withLock({ $0.byID.removeValue(forKey: handle) }) else { return }
-        writeAccessTimeReporting(dir)
+        if !accessTimes.lazy { writeAccessTimeReporting(dir) }
     }
 
     public func fsyncDirectory(_ id: UInt64) throws {

@@ -355,7 +355,12 @@ public final class Volume: Sendable {
 
     public func forget(_ id: UInt64, count: UInt64) {
         guard let node = table.withLock({ $0.byID[id] }) else { return }
-        node.state.withLock { $0.lookups -= min($0.lookups, count) }
+        let forgotten = node.state.withLock {
+            $0.lookups -= min($0.lookups, count)
+            return $0.lookups == 0 && $0.opens == 0 && $0.accessedAt != nil
+        }
+        // lazytime: the last moment the atime can still be written from this node.
+        if forgotten { writeAccessTimeReporting(node) }
         dropIfUnused(node)
     }
 
