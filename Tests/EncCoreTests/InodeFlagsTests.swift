@@ -1,12 +1,8 @@
 import Foundation
 import Testing
 @testable import EncCore
-@testable import EncCrypto
-@testable import EncKeys
-@testable import EncFormat
-#if canImport(Glibc)
-import Glibc
-#endif
+import EncKeys
+import EncFormat
 
 /// Inode flags and atimes below FUSE: the atime rule and options, the flag ioctls' encodings, what
 /// the flags forbid at the store's API, and that a read with no atime due writes nothing.
