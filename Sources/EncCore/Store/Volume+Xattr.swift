@@ -172,6 +172,10 @@ extension Volume {
     }
 
     private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8] {
+        // `ls -l` and the kernel's ACL and capability checks probe every entry and most writes;
+        // an object known to hold no attribute answers without deriving a backing name (an HMAC
+        // under a per-object key, the largest cost of a probe).
+        if node.state.withLock({ $0.backingXattrs?.isEmpty }) == true { throw StoreError.system(ENODATA) }
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
         guard try mayHold(node, backing) else { throw StoreError.system(ENODATA) }
         let fd = try xattrFD(node)
