@@ -381,6 +381,11 @@ public final class Volume: Sendable {
                 modificationTime: stamp(pending ?? st.st_mtim),
                 changeTime: stamp(later(pending ?? st.st_ctim, later(st.st_ctim, headerChange))))
             if node.type == .regular { attributes.blockSize = s.header.extentSize }
+            // A v1 header has no field for it: the time set at creation would be gone at remount.
+            if s.header.version >= 2 && s.header.birthTime != 0 {
+                attributes.birthTime = Timestamp(seconds: Int64(s.header.birthTime / 1_000_000_000),
+                                                 nanoseconds: Int64(s.header.birthTime % 1_000_000_000))
+            }
             return attributes
         }
     }
