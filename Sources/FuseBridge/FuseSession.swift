@@ -108,15 +108,11 @@ public final class FuseSession: @unchecked Sendable {
         mounted = true
     }
 
-    /// Serves requests on a pool of threads until unmounted or signalled, then unmounts: after a
-    /// signal or `exit` the mount would otherwise outlive the daemon, every access to it failing
-    /// with ENOTCONN. After the kernel's own unmount libfuse finds the device closed and only
-    /// closes its descriptor.
+    /// Serves requests on a pool of threads until unmounted, signalled or `exit`ed; returns
+    /// normally for all three, so the daemon closes its store cleanly after a SIGTERM too (every
+    /// request thread has finished its request by then). It does not unmount: that closes the
+    /// session's descriptor while other threads may still send notifications through it.
     public func run() throws {
-        defer {
-            fuse_session_unmount(session)
-            mounted = false
-        }
         try RequestLoop(session: session, context: context.takeUnretainedValue(), options: options, finished: finished).serve()
     }
 
