@@ -7,6 +7,8 @@
 #include <sys/statvfs.h>
 #include <sys/ioctl.h>
 #include <linux/fs.h>
+#include <signal.h>
+#include <stdint.h>
 #include <string.h>
 
 // Visible to Swift without _GNU_SOURCE: the open flag that marks a request from a direct-I/O
@@ -14,9 +16,6 @@
 static const int encfsd_O_DIRECT = 040000;
 static const int encfsd_SEEK_DATA = 3;
 static const int encfsd_SEEK_HOLE = 4;
-
-#include <signal.h>
-#include <stdint.h>
 
 // The kernel's request protocol, as much of it as the daemon's request loop reads and writes
 // itself (include/uapi/linux/fuse.h, protocol 7.39). Declared here because libfuse 3.14 keeps
