@@ -70,6 +70,8 @@ public struct FileAttributes: Sendable {
     public var modificationTime: (seconds: Int64, nanoseconds: Int64)
     public var changeTime: (seconds: Int64, nanoseconds: Int64)
     public var blockSize: UInt32 = 4096
+    /// When the object was created, for statx's STX_BTIME; nil when the store does not know.
+    public var birthTime: (seconds: Int64, nanoseconds: Int64)?
 
     public init(inode: UInt64, mode: UInt32, linkCount: UInt32, uid: UInt32, gid: UInt32, rdev: UInt64, size: UInt64,
                 blocks: UInt64, accessTime: (Int64, Int64), modificationTime: (Int64, Int64), changeTime: (Int64, Int64)) {

@@ -65,6 +65,9 @@ public final class FuseSession: @unchecked Sendable {
     private let context: Unmanaged<BridgeContext>
     private let options: MountOptions
     private var mounted = false
+    /// Posted when a request thread stops or `exit` is called; the thread in `run` waits on it
+    /// (and a signal interrupts the wait).
+    private let finished: UnsafeMutablePointer<sem_t>
 
     public init(fileSystem: any FileSystem, options: MountOptions, counts: RequestCounts = RequestCounts()) throws {
         self.options = options
@@ -99,23 +102,25 @@ public final class FuseSession: @unchecked Sendable {
             throw FuseError.mount(options.mountpoint)
         }
         session = created
+        finished = .allocate(capacity: 1)
+        sem_init(finished, 0, 0)
         context.takeUnretainedValue().session.store(UInt(bitPattern: Int(bitPattern: UnsafeRawPointer(created))), ordering: .releasing)
         mounted = true
     }
 
-    /// Serves requests on a pool of threads until unmounted or signalled.
+    /// Serves requests on a pool of threads until unmounted, signalled or `exit`ed; returns
+    /// normally for all three, so the daemon closes its store cleanly after a SIGTERM too (every
+    /// request thread has finished its request by then). It does not unmount: that closes the
+    /// session's descriptor while other threads may still send notifications through it.
     public func run() throws {
-        guard let config = fuse_loop_cfg_create() else { throw FuseError.loop(-ENOMEM) }
-        defer { fuse_loop_cfg_destroy(config) }
-        // One /dev/fuse descriptor per worker spreads requests without a shared queue lock.
-        fuse_loop_cfg_set_clone_fd(config, 1)
-        fuse_loop_cfg_set_max_threads(config, UInt32(options.threads))
-        fuse_loop_cfg_set_idle_threads(config, UInt32(max(2, options.threads / 2)))
-        let rc = encfsd_fuse_session_loop_mt(session, config)
-        guard rc == 0 else { throw FuseError.loop(rc) }
+        try RequestLoop(session: session, context: context.takeUnretainedValue(), options: options, finished: finished).serve()
     }
 
-    public func exit() { fuse_session_exit(session) }
+    /// Ends `run`: its threads finish the requests they hold and stop.
+    public func exit() {
+        fuse_session_exit(session)
+        sem_post(finished)
+    }
 
     /// How many requests the session has answered (forgets aside): unchanged means idle.
     public var requestCount: UInt64 { context.takeUnretainedValue().counts.answered }
@@ -148,7 +153,262 @@ public final class FuseSession: @unchecked Sendable {
         fuse_remove_signal_handlers(session)
         fuse_session_destroy(session)
         context.release()
+        sem_destroy(finished)
+        finished.deallocate()
     }
+}
+
+// MARK: - the request loop
+
+/// The threads that read requests from /dev/fuse and answer them. It stands where libfuse's
+/// `fuse_session_loop_mt` stood, for one reason: libfuse 3.14 (Debian 12's) answers FUSE_STATX,
+/// which Linux 6.6+ sends when statx asks for a birth time, with ENOSYS, and the kernel then
+/// never asks again. Each thread reads a request into a buffer of its own with the public
+/// `fuse_session_receive_buf`, answers FUSE_STATX itself, and gives every other request to
+/// `fuse_session_process_buf`, which dispatches it exactly as libfuse's loop would (interrupts,
+/// forgets and the rest stay libfuse's business). The only work added to an ordinary request is
+/// reading its opcode, which libfuse's loop also does to keep forgets from starting threads.
+///
+/// Threads come and go as in libfuse's loop: one to start, another whenever a request finds no
+/// thread waiting, up to `threads`; a thread that finishes a request while more than the idle
+/// limit are waiting stops. Exit signals are blocked on these threads, so they interrupt the
+/// wait in `serve`; unmounting ends every read with ENODEV.
+///
+/// Invariant making this `@unchecked Sendable`: every stored property but `state` is immutable,
+/// and `state` is a Mutex.
+private final class RequestLoop: @unchecked Sendable {
+    struct Worker {
+        /// 0 until `launch` knows it.
+        var thread = pthread_t()
+        /// Waiting for a request in (or on the way into) `fuse_session_receive_buf`.
+        var receiving = true
+    }
+
+    struct State {
+        /// Threads in the loop: a thread removes itself, under the lock, as the last thing it
+        /// does with the session, so a thread named here is alive and may be signalled.
+        var workers: [Int: Worker] = [:]
+        var nextID = 0
+        /// Threads waiting for a request, or about to (libfuse's `numavail`).
+        var waiting = 0
+        var stopping = false
+        /// The read error that ended the loop, negated errno; 0 for an unmount or a signal.
+        var error: Int32 = 0
+    }
+
+    let session: OpaquePointer
+    let context: BridgeContext
+    let maxThreads: Int
+    let maxWaiting: Int
+    let finished: UnsafeMutablePointer<sem_t>
+    let state = Mutex(State())
+
+    init(session: OpaquePointer, context: BridgeContext, options: MountOptions, finished: UnsafeMutablePointer<sem_t>) {
+        self.session = session
+        self.context = context
+        maxThreads = max(1, options.threads)
+        maxWaiting = max(2, options.threads / 2)
+        self.finished = finished
+    }
+
+    func serve() throws {
+        let wakeSignal = encfsd_install_wake_signal()
+        guard wakeSignal > 0 else { throw FuseError.loop(-errno) }
+        guard let first = state.withLock({ reserve(&$0) }), launch(first) else { throw FuseError.loop(-EAGAIN) }
+        // A signal interrupts sem_wait (libfuse installs its handlers without SA_RESTART).
+        while fuse_session_exited(session) == 0 { sem_wait(finished) }
+        stop(wakeSignal)
+        let error = state.withLock { $0.error }
+        if error != 0 { throw FuseError.loop(error) }
+    }
+
+    /// Counts a thread about to start, if the limit allows one; `launch` starts it.
+    private func reserve(_ s: inout State) -> Int? {
+        guard !s.stopping, s.workers.count < maxThreads else { return nil }
+        let id = s.nextID
+        s.nextID += 1
+        s.workers[id] = Worker()
+        s.waiting += 1
+        return id
+    }
+
+    private func launch(_ id: Int) -> Bool {
+        var exitSignals = sigset_t(), previous = sigset_t()
+        sigemptyset(&exitSignals)
+        for signal in [SIGTERM, SIGINT, SIGHUP, SIGQUIT] { sigaddset(&exitSignals, signal) }
+        pthread_sigmask(SIG_BLOCK, &exitSignals, &previous)
+        let start = Unmanaged.passRetained(WorkerStart(loop: self, id: id))
+        var thread = pthread_t()
+        let rc = pthread_create(&thread, nil, { raw in
+            let start = Unmanaged<WorkerStart>.fromOpaque(raw!).takeRetainedValue()
+            start.loop.work(start.id)
+            return nil
+        }, start.toOpaque())
+        pthread_sigmask(SIG_SETMASK, &previous, nil)
+        guard rc == 0 else {
+            start.release()
+            state.withLock { s in
+                s.workers[id] = nil
+                s.waiting -= 1
+            }
+            return false
+        }
+        pthread_detach(thread)
+        state.withLock { $0.workers[id]?.thread = thread }
+        return true
+    }
+
+    private func work(_ id: Int) {
+        var buffer = fuse_buf()
+        defer { free(buffer.mem) }
+        while fuse_session_exited(session) == 0 {
+            let received = fuse_session_receive_buf(session, &buffer)
+            if received == -EINTR { continue }
+            if received <= 0 {
+                // 0 is an unmount (libfuse has marked the session exited); below it the device failed.
+                if received < 0 {
+                    state.withLock { $0.error = received }
+                    fuse_session_exit(session)
+                }
+                break
+            }
+            // A request spliced into a pipe (never a small one) has no header in memory to read.
+            let opcode = buffer.flags.rawValue & FUSE_BUF_IS_FD.rawValue == 0
+                ? buffer.mem!.load(as: encfsd_fuse_in_header.self).opcode : 0
+            // A burst of forgets must not start a thread per forget.
+            let isForget = opcode == encfsd_FUSE_FORGET || opcode == encfsd_FUSE_BATCH_FORGET
+            let another = state.withLock { s -> Int? in
+                s.workers[id]?.receiving = false
+                if !isForget { s.waiting -= 1 }
+                return s.waiting == 0 ? reserve(&s) : nil
+            }
+            if let another { _ = launch(another) }
+            if opcode == encfsd_FUSE_STATX {
+                answerStatx(buffer.mem!, count: Int(received))
+            } else {
+                fuse_session_process_buf(session, &buffer)
+            }
+            let leave = state.withLock { s -> Bool in
+                if !isForget { s.waiting += 1 }
+                if s.waiting > maxWaiting && s.workers.count > 1 && !s.stopping {
+                    s.waiting -= 1
+                    s.workers[id] = nil
+                    return true
+                }
+                s.workers[id]?.receiving = true
+                return false
+            }
+            if leave { return }
+        }
+        // Posted before the thread leaves the table: `stop` returns once the table is empty, and
+        // the semaphore goes with the session after that.
+        sem_post(finished)
+        state.withLock { s in
+            s.workers[id] = nil
+            s.waiting -= 1
+        }
+    }
+
+    /// Wakes the threads blocked reading the device and waits until every thread has left.
+    /// Threads busy with a request finish it first. A wake can land between a thread's check of
+    /// the exit flag and its read and be lost, so waiting threads are signalled again until they
+    /// have all gone.
+    private func stop(_ wakeSignal: Int32) {
+        state.withLock { $0.stopping = true }
+        while state.withLock({ s -> Bool in
+            for worker in s.workers.values where worker.receiving && worker.thread != pthread_t() {
+                pthread_kill(worker.thread, wakeSignal)
+            }
+            return !s.workers.isEmpty
+        }) {
+            var deadline = timespec()
+            clock_gettime(CLOCK_REALTIME, &deadline)
+            deadline.tv_nsec += 10_000_000
+            if deadline.tv_nsec >= 1_000_000_000 {
+                deadline.tv_sec += 1
+                deadline.tv_nsec -= 1_000_000_000
+            }
+            _ = sem_timedwait(finished, &deadline)
+        }
+    }
+
+    /// FUSE_STATX: the attributes GETATTR answers with, from the same call, plus the birth time
+    /// when the store knows it. The kernel asks for the basic stats and the birth time whatever
+    /// statx asked (its `sx_mask` is always both), and caches the basic stats only when the
+    /// reply holds them all. An interrupt for this request finds no libfuse request to mark;
+    /// libfuse keeps it and answers it EAGAIN with its next request, which the kernel drops once
+    /// this reply is in.
+    private func answerStatx(_ request: UnsafeMutableRawPointer, count: Int) {
+        context.counts.countAnswered()
+        let header = request.load(as: encfsd_fuse_in_header.self)
+        var reply = encfsd_fuse_statx_reply()
+        reply.header.unique = header.unique
+        do {
+            guard count >= MemoryLayout<encfsd_fuse_in_header>.size + MemoryLayout<encfsd_fuse_statx_in>.size else {
+                throw BridgeError.invalid
+            }
+            let attributes = try context.fileSystem.getattr(header.nodeid)
+            (reply.attr_valid, reply.attr_valid_nsec) = validity(context.options.attributeTimeout)
+            reply.stat = statxOf(attributes)
+            reply.header.len = UInt32(MemoryLayout<encfsd_fuse_statx_reply>.size)
+        } catch {
+            reply.header.error = -errnoOf(error)
+            reply.header.len = UInt32(MemoryLayout<encfsd_fuse_out_header>.size)
+        }
+        // A failed write is a request the kernel no longer waits for (ENOENT: interrupted) or a
+        // connection gone (ENODEV): nobody to tell either way.
+        let length = Int(reply.header.len)
+        _ = withUnsafeBytes(of: &reply) { write(fuse_session_fd(session), $0.baseAddress, length) }
+    }
+}
+
+/// What a request thread starts with (pthread_create passes one pointer).
+private final class WorkerStart {
+    let loop: RequestLoop
+    let id: Int
+    init(loop: RequestLoop, id: Int) {
+        self.loop = loop
+        self.id = id
+    }
+}
+
+/// An attribute timeout as the kernel takes it, seconds and nanoseconds, rounded as libfuse
+/// rounds the one it sends with GETATTR.
+private func validity(_ timeout: Double) -> (UInt64, UInt32) {
+    guard timeout > 0 else { return (0, 0) }
+    guard timeout < Double(UInt64.max) else { return (UInt64.max, 0) }
+    let seconds = UInt64(timeout)
+    let fraction = timeout - Double(seconds)
+    return (seconds, fraction >= 0.999999999 ? 999_999_999 : UInt32(fraction * 1e9))
+}
+
+/// The statx record of `a`: every basic field as `statOf` gives it to GETATTR (rdev through the
+/// same 32-bit encoding the kernel decodes there), and STATX_BTIME only with a birth time.
+private func statxOf(_ a: FileAttributes) -> encfsd_fuse_statx {
+    func time(_ t: (seconds: Int64, nanoseconds: Int64)) -> encfsd_fuse_sx_time {
+        encfsd_fuse_sx_time(tv_sec: t.seconds, tv_nsec: UInt32(truncatingIfNeeded: t.nanoseconds), reserved: 0)
+    }
+    var sx = encfsd_fuse_statx()
+    sx.mask = encfsd_STATX_BASIC_STATS
+    sx.blksize = a.blockSize
+    sx.nlink = a.linkCount
+    sx.uid = a.uid
+    sx.gid = a.gid
+    sx.mode = UInt16(truncatingIfNeeded: a.mode)
+    sx.ino = a.inode
+    sx.size = a.size
+    sx.blocks = a.blocks
+    sx.atime = time(a.accessTime)
+    sx.mtime = time(a.modificationTime)
+    sx.ctime = time(a.changeTime)
+    let rdev = UInt32(truncatingIfNeeded: a.rdev)
+    sx.rdev_major = (rdev & 0xfff00) >> 8
+    sx.rdev_minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00)
+    if let born = a.birthTime {
+        sx.mask |= encfsd_STATX_BTIME
+        sx.btime = time(born)
+    }
+    return sx
 }
 
 // MARK: - the operation table

@@ -9,6 +9,7 @@ Fixtures:
   make_volume  factory: make_volume(extent_size=None, unlocked=True) -> Volume, mounted
   volume       a mounted, unlocked Volume with the default extent size
   mounted      (store, mnt) of `volume`
+  ext4_dir     a fresh ext4 filesystem mounted from a loop device, the reference for behaviour
   volumes      a list: every Volume a test appends (e.g. Volume.copy_of(...)) is torn down too
 Every Volume created through these fixtures is unmounted in teardown, even when the test
 fails: fusermount3 -u, then umount -l, then SIGKILL of any daemon still serving it.
@@ -410,6 +411,28 @@ def mounted(volume):
 
 
 _SUMMARY_LINES = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def ext4_dir(tmp_path):
+    """A fresh ext4 filesystem (4 KiB blocks) on a loop device, mounted; all of it removed after.
+    256-byte inodes, as mkfs gives a filesystem of ordinary size (this one is small enough for
+    its 128-byte default), so files have a birth time like on any ext4 a user meets."""
+    image = tmp_path / "ext4.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    run("mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", image)
+    device = run("losetup", "--find", "--show", image).stdout.strip()
+    mnt = tmp_path / "ext4"
+    mnt.mkdir()
+    try:
+        run("mount", "-t", "ext4", device, mnt)
+        try:
+            yield mnt
+        finally:
+            run("umount", mnt, check=False)
+    finally:
+        run("losetup", "-d", device, check=False)
 
 
 @pytest.fixture

@@ -534,26 +534,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int):
         raise OSError(e, os.strerror(e))
 
 
-@pytest.fixture
-def ext4_dir(tmp_path):
-    """A fresh ext4 filesystem (4 KiB blocks) on a loop device, mounted; all of it removed after."""
-    image = tmp_path / "ext4.img"
-    with open(image, "wb") as f:
-        f.truncate(256 << 20)
-    run("mkfs.ext4", "-q", "-F", "-b", "4096", image)
-    device = run("losetup", "--find", "--show", image).stdout.strip()
-    mnt = tmp_path / "ext4"
-    mnt.mkdir()
-    try:
-        run("mount", "-t", "ext4", device, mnt)
-        try:
-            yield mnt
-        finally:
-            run("umount", mnt, check=False)
-    finally:
-        run("losetup", "-d", device, check=False)
-
-
 def seek_map(fd: int, size: int) -> list:
     """Every (data start, hole start) pair of a file, walked with SEEK_DATA and SEEK_HOLE."""
     pairs, at = [], 0

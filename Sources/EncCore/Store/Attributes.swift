@@ -27,6 +27,8 @@ public struct Attributes: Sendable, Equatable {
     /// st_blksize: a regular file's extent size, the unit its holes, punches and shifts work in
     /// (and the write size that seals whole extents); 4096 for other objects.
     public var blockSize: UInt32 = 4096
+    /// The header's creation time; nil for objects whose header has none (every v1 object).
+    public var birthTime: Timestamp?
 }
 
 /// The user a request comes from.

@@ -413,6 +413,10 @@ public final class Volume: Sendable {
             modificationTime: stamp(pending ?? st.st_mtim),
             changeTime: stamp(later(pending ?? ownChange, later(ownChange, headerChange))))
         if node.type == .regular { attributes.blockSize = s.header.extentSize }
+        // A v1 header has no field for it: the time set at creation would be gone at remount.
+        if s.header.version >= 2 && s.header.birthTime != 0 {
+            attributes.birthTime = Timestamp(nanosecondsSinceEpoch: s.header.birthTime)
+        }
         return attributes
     }
 

@@ -29,6 +29,7 @@ final class EncryptedFileSystem: FileSystem {
                        modificationTime: (a.modificationTime.seconds, a.modificationTime.nanoseconds),
                        changeTime: (a.changeTime.seconds, a.changeTime.nanoseconds))
         converted.blockSize = a.blockSize
+        converted.birthTime = a.birthTime.map { ($0.seconds, $0.nanoseconds) }
         return converted
     }
 
