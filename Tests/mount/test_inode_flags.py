@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 
 from conftest import Volume, expect_errno, run
-from test_differential import ext4_dir  # noqa: F401 (a fixture)
 from test_posix import NOBODY, killed_and_remounted, public_volume  # noqa: F401 (a fixture)
 
 FS_IOC_GETFLAGS = 0x80086601
