@@ -45,6 +45,11 @@ import Glibc
         var unlinkDurableAt: Int?
         /// The header's object ID: what a name holds when an exchange put another file there.
         var objectID: [UInt8] = []
+        /// Its xattrs after each setxattr or removexattr (each durable when it returns), checked
+        /// only for files the workload gives xattrs.
+        var xattrSets: [(start: Int, end: Int, value: [String: [UInt8]], durable: Bool)] = []
+        var xattrs: [String: [UInt8]] = [:]
+        var checksXattrs = false
         init(_ label: String) { self.label = label }
 
         /// The names the file may be found under after the first `point` operations, and
@@ -161,6 +166,19 @@ import Glibc
         }
 
         func syncDirectory(_ dir: UInt64 = Volume.rootID) throws { try volume.fsyncDirectory(dir) }
+
+        func setxattr(_ label: String, _ name: String, _ value: [UInt8]?) throws {
+            let t = tracked[label]!
+            let start = log.count
+            if let value {
+                try volume.setxattr(nodes[label]!, name: Array(name.utf8), value: value, mode: .any)
+            } else {
+                try volume.removexattr(nodes[label]!, name: Array(name.utf8))
+            }
+            t.xattrs[name] = value
+            t.checksXattrs = true
+            t.xattrSets.append((start, log.count, t.xattrs, true))
+        }
 
         /// A fallocate range operation, committed as it returns (not necessarily durable).
         mutating func fallocate(_ label: String, _ operation: RangeOperation, at offset: Int, length: Int) throws {
@@ -318,6 +336,56 @@ import Glibc
         #expect(checked.states >= 100)
     }
 
+    /// A backing without user xattrs (sshfs), natively and with every other fallback: each
+    /// setxattr and removexattr commits a new side object generation (written, synced, named by
+    /// a synced header, the old one unlinked). At every crash point the file's xattrs read as
+    /// the set before or after one change, never EIO; and a file unlinked with its side object
+    /// stays gone.
+    @Test(arguments: [BackingCapabilities(present: BackingCapabilities.local.present.subtracting([.userXattrs]), filesystemType: "ext4", lockScope: .thisMachine),
+                      BackingCapabilities(present: [.fdatasync, .lock, .stableInodes], filesystemType: "fuse.sshfs", lockScope: .thisHostOnly)])
+    func everyCrashStateOfASideObjectHoldsTheOldOrTheNewSet(_ capabilities: BackingCapabilities) throws {
+        let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
+        let base = scratch + "/encfsd-crash-xattrs-\(UUID().uuidString)"
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let store = base + "/store"
+        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
+        let keys = KeyTable()
+        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+        var h = Harness(volume: try Volume(storePath: store, keys: keys, capabilities: capabilities))
+        try h.create("X", name: "x", path: ["x"])
+        try h.write("X", at: 0, randomBytes(3000, seed: 1))
+        try h.flush("X", durable: true)
+        try h.create("Z", name: "z", path: ["z"])
+        try h.setxattr("Z", "user.doomed", [9])
+        try h.syncDirectory()
+        for t in h.tracked.values { t.paths[0].durableAt = 0; t.initial = t.content; t.initialOwner = t.owner; t.commits = []; t.owners = [] }
+        let zSet = h.tracked["Z"]!.xattrs
+        h.tracked["Z"]!.xattrSets = []
+        h.tracked["Z"]!.checksXattrs = false
+        let initial = try BackingModel.snapshot(of: store)
+
+        OperationLog.shared.start()
+        try h.setxattr("X", "user.first", randomBytes(200, seed: 2))     // generation 1, the first .xattrs entry
+        try h.setxattr("X", "user.second", randomBytes(5000, seed: 3))   // 2: the old one unlinked after the header
+        try h.setxattr("X", "user.first", randomBytes(300, seed: 4))     // 3: replaced
+        try h.setxattr("X", "security.label", Array("label\0".utf8))    // 4
+        try h.setxattr("X", "user.second", nil)                          // 5: removed
+        try h.write("X", at: 100, randomBytes(50, seed: 5)); try h.flush("X", durable: true) // contents keep the generation
+        try h.volume.release(handle: h.handles["Z"]!)
+        h.tracked["Z"]!.unlinkedAt = OperationLog.shared.count
+        try h.volume.unlink(parent: Volume.rootID, name: Array("z".utf8))  // its side object goes once the unlink is durable
+        try h.syncDirectory()
+        h.tracked["Z"]!.unlinkDurableAt = OperationLog.shared.count
+        let operations = OperationLog.shared.stop()
+        try h.volume.release(handle: h.handles["X"]!)
+        #expect(zSet == ["user.doomed": [9]])
+
+        let checked = try check(operations: operations, initial: initial, tracked: Array(h.tracked.values), base: base)
+        print("xattr side object crash states checked: \(checked.states) distinct states at \(checked.points) crash points (\(operations.count) backing operations, \(capabilities.has(.unnamedFiles) ? "native" : "fallback") backing paths)")
+        #expect(checked.states >= 100)
+    }
+
     /// Which earlier operations a sync has made durable by log index `point`.
     func durable(_ operations: [BackingOperation], before point: Int) -> [Bool] {
         var synced: [UInt64: Int] = [:] // inode -> index of its last sync before `point`
@@ -411,6 +479,15 @@ import Glibc
                 // and what it held when recording began, until a durable commit.
                 let allowed = Tracked.allowed(t.commits, initial: t.initial, at: point)
                 #expect(allowed.contains(data), "\(t.label) at \(path) holds \(data.count) bytes, allowed \(allowed.map(\.count)) (\(label))")
+                if t.checksXattrs {
+                    // Never EIO, never a mix: exactly the set before or after one change.
+                    var xattrs: [String: [UInt8]] = [:]
+                    for name in try volume.listxattr(id, includeTrusted: true) {
+                        xattrs[String(decoding: name, as: UTF8.self)] = try volume.getxattr(id, name: name)
+                    }
+                    let allowedSets = Tracked.allowed(t.xattrSets, initial: [:], at: point)
+                    #expect(allowedSets.contains(xattrs), "\(t.label) at \(path) has xattrs \(xattrs.keys.sorted()), allowed \(allowedSets.map { $0.keys.sorted() }) (\(label))")
+                }
             }
             if let gone = t.unlinkDurableAt, gone <= point {
                 #expect(found.isEmpty, "\(t.label) came back after a durable unlink (\(label))")

@@ -419,6 +419,8 @@ extension Volume {
     private func moveXattrs(_ node: Node, _ tree: RekeyRegistry.Tree) throws {
         let header = node.state.withLock { $0.header }
         guard header.previousPolicy == tree.from, let oldKey = lingeringOrPresent(tree.from), let newKey = keys.key(for: tree.to) else { return }
+        try moveSideXattrs(node, from: oldKey, to: newKey)
+        guard capabilities.has(.userXattrs) else { return }
         let fd = try xattrFD(node)
         var moved = false
         try withExtendedLifetime(fd) {

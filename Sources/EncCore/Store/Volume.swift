@@ -45,6 +45,9 @@ public final class Volume: Sendable {
     /// Held across every namespace change when a fallback needs them to run one at a time
     /// (`BackingCapabilities.needsNamespaceLock`); taken before any node or table lock.
     let namespaceLock = Mutex<Void>(())
+    /// `.xattrs`, once a side object was read or written (`Volume+XattrSide`).
+    let xattrSideDirectory = Mutex<FileDescriptor?>(nil)
+    let sideObjectRefusalReported = Atomic<Bool>(false)
     /// This mount's epoch and the evidence damaged header slots are judged by.
     let slots: HeaderSlots
     /// The store directory, for the epoch record.
