@@ -33,17 +33,38 @@ public struct ObjectHeader: Equatable, Sendable {
         package static let known: Flags = [.pendingWrite]
     }
 
+    /// v3: the inode flags of `FS_IOC_GETFLAGS`/`SETFLAGS`, stored with Linux's own bit values so
+    /// the ioctl needs no translation. The kernel does not enforce them for FUSE; the daemon does.
+    public struct InodeFlags: OptionSet, Sendable, Hashable {
+        public let rawValue: UInt32
+        public init(rawValue: UInt32) { self.rawValue = rawValue }
+        public static let sync = InodeFlags(rawValue: 0x8)
+        public static let immutable = InodeFlags(rawValue: 0x10)
+        public static let appendOnly = InodeFlags(rawValue: 0x20)
+        public static let noDump = InodeFlags(rawValue: 0x40)
+        public static let noAccessTime = InodeFlags(rawValue: 0x80)
+        /// Directories only.
+        public static let directorySync = InodeFlags(rawValue: 0x10000)
+        public static let storable: InodeFlags = [.sync, .immutable, .appendOnly, .noDump, .noAccessTime, .directorySync]
+    }
+
     public static let magic: [UInt8] = Array("EFS1".utf8)
     /// Header versions this build reads and writes (FORMAT.md 4.3 and 15). An object keeps its
     /// version when rewritten unless its store's version is newer: a v1 store stays readable by
     /// v1 builds until the user upgrades it.
-    public static let versions: ClosedRange<UInt16> = 1...2
-    public static let newestVersion: UInt16 = 2
+    public static let versions: ClosedRange<UInt16> = 1...3
+    public static let newestVersion: UInt16 = 3
     package static let macBytes = 32
     package static let checksumBytes = 8
 
     /// Bytes of the fixed part of a body in `version`.
-    package static func fixedBytes(version: UInt16) -> Int { version >= 2 ? 144 : 112 }
+    package static func fixedBytes(version: UInt16) -> Int {
+        switch version {
+        case 1: 112
+        case 2: 144
+        default: 176
+        }
+    }
     package static let smallestFixedBytes = 112
 
     public var version: UInt16
@@ -77,6 +98,15 @@ public struct ObjectHeader: Equatable, Sendable {
     public var legacyRanges = ExtentRangeSet()
     /// v2: creation time, nanoseconds since the Unix epoch (0: unknown, as in every v1 object).
     public var birthTime: UInt64 = 0
+    /// v3: `FS_IOC_SETFLAGS` flags.
+    public var inodeFlags: InodeFlags = []
+    /// v3: the plaintext atime in nanoseconds since the Unix epoch, kept here so updating it never
+    /// moves the plaintext ctime (which is the backing file's). 0: not kept, the backing file's
+    /// atime is the plaintext atime (every v1 and v2 object).
+    public var accessTime: UInt64 = 0
+    /// v3: the generation of the object's xattr side object, 0 when it has none. The header is
+    /// authenticated, so this pins the side object's version: a stale or swapped one reads EIO.
+    public var xattrGeneration: UInt64 = 0
 
     public init(type: ObjectType, mode: UInt32, uid: UInt32, gid: UInt32, extentSize: UInt32,
                 objectID: [UInt8], policy: KeyIdentifier, macPolicy: KeyIdentifier? = nil,
@@ -114,8 +144,10 @@ public struct ObjectHeader: Equatable, Sendable {
     }
 
     package func encodeBody() -> [UInt8] {
-        // A v1 slot has no room for what only v2 can say; writing it there would drop it.
+        // An older slot has no room for what only a newer version can say; writing it there
+        // would drop it.
         precondition(version >= 2 || (previousPolicy == nil && legacyRanges.isEmpty))
+        precondition(version >= 3 || (inodeFlags.isEmpty && accessTime == 0 && xattrGeneration == 0))
         var w = ByteWriter(capacity: ExtentGeometry.headerSlotBytes)
         w.raw(Self.magic)
         w.u16(version)
@@ -141,6 +173,13 @@ public struct ObjectHeader: Equatable, Sendable {
             w.u64(epoch)
             w.raw(previousPolicy?.bytes ?? [UInt8](repeating: 0, count: 16))
             w.u64(birthTime)
+            if version >= 3 {
+                w.u32(inodeFlags.rawValue)
+                w.zeros(4)
+                w.u64(accessTime)
+                w.u64(xattrGeneration)
+                w.zeros(8)
+            }
         } else {
             w.zeros(4)
         }
@@ -185,6 +224,7 @@ public struct ObjectHeader: Equatable, Sendable {
         else { return .failure(.malformed) }
         var legacyCount: UInt16 = 0, epoch: UInt64 = 0, birthTime: UInt64 = 0
         var previousPolicy: KeyIdentifier?
+        var inodeFlags: InodeFlags = [], accessTime: UInt64 = 0, xattrGeneration: UInt64 = 0
         if version >= 2 {
             guard let count = r.u16(), r.raw(2) == [0, 0], let e = r.u64(), let previous = r.raw(16), let born = r.u64()
             else { return .failure(.malformed) }
@@ -196,6 +236,15 @@ public struct ObjectHeader: Equatable, Sendable {
             // Legacy ranges name the key of stored extents: without a previous key, or on a
             // directory (which has no extents), they cannot mean anything.
             guard legacyCount == 0 || (previousPolicy != nil && type != .directory) else { return .failure(.malformed) }
+            if version >= 3 {
+                guard let rawInodeFlags = r.u32(), r.raw(4) == [0, 0, 0, 0], let atime = r.u64(), let generation = r.u64(),
+                      r.raw(8) == [UInt8](repeating: 0, count: 8)
+                else { return .failure(.malformed) }
+                let stored = InodeFlags(rawValue: rawInodeFlags)
+                guard InodeFlags.storable.isSuperset(of: stored), type == .directory || !stored.contains(.directorySync)
+                else { return .failure(.malformed) }
+                (inodeFlags, accessTime, xattrGeneration) = (stored, atime, generation)
+            }
         } else {
             guard r.raw(4) == [0, 0, 0, 0] else { return .failure(.malformed) }
         }
@@ -212,6 +261,9 @@ public struct ObjectHeader: Equatable, Sendable {
         header.sequence = sequence
         header.epoch = epoch
         header.birthTime = birthTime
+        header.inodeFlags = inodeFlags
+        header.accessTime = accessTime
+        header.xattrGeneration = xattrGeneration
         header.previousPolicy = previousPolicy
         header.flags = flags
         header.rdev = rdev

@@ -6,7 +6,7 @@ import EncKeys
 /// secret, so it may be readable by anyone who can read the ciphertext.
 public struct StoreConfig: Codable, Equatable, Sendable {
     public static let fileName = "encfsd.conf"
-    public static let currentVersion = 2
+    public static let currentVersion = 3
     /// Features this build understands. A store naming any other is refused, never guessed at.
     public static let knownFeatures: Set<String> = []
 

@@ -112,7 +112,7 @@ import Testing
         let older = HeaderCodec.seal(header, key: key) // sequence 0, slot 0
         header.sequence = 1
         var newer = header.encodeBody()
-        newer[4] = 3 // format version 3
+        newer[4] = UInt8(ObjectHeader.newestVersion + 1) // a format version this build does not know
         let region = older + slotWithChecksum(newer)
         // Refused even where a damaged slot could be passed over as a torn write.
         let anyUnclean = TornWriteEvidence(lastUncleanEpoch: .max)

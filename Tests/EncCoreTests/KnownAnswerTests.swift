@@ -103,6 +103,30 @@ import Testing
         #expect(slot[170...].allSatisfy { $0 == 0 })
     }
 
+    /// FORMAT.md 16.1: the same header in version 3, with every field that only v3 stores set.
+    @Test func version3HeaderSlot() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        var header = ObjectHeader(type: .regular, mode: 0o644, uid: 1000, gid: 1000, extentSize: 4096,
+                                  objectID: Self.objectID, policy: key.identifier, version: 3)
+        header.sequence = 1
+        header.size = 100
+        header.epoch = 5
+        header.birthTime = 1_600_000_000_000_000_000
+        header.inodeFlags = [.immutable, .noAccessTime]
+        header.accessTime = 1_700_000_000_123_456_789
+        header.xattrGeneration = 7
+        header.bindings = [Binding(digest: Array(Hex.decode("de1037de7c69251a026eddde24928e4b")!))]
+        let slot = HeaderCodec.seal(header, key: key)
+        #expect(hex(slot[0..<194]) == Self.version3Body)
+        #expect(hex(slot[194..<226]) == "a71c1d725b5662634bdbe956e23b924c8a3434bffdcd72b1c6c99dded0c28ac9")
+        #expect(HeaderCodec.open(slot: slot[...], key: key) == .valid(header))
+    }
+
+    static let version3Body = "454653310300c20001000000000000000000000001000000a4010000e8030000e8030000001000000000000000000000"
+        + "6400000000000000101112131415161718191a1b1c1d1e1f69b2f6edeee720cce0577937eb8a675169b2f6edeee720cce0577937eb8a6751"
+        + "00000100000000000500000000000000000000000000000000000000000000000000a0d885573416"
+        + "900000000000000015cd853dfe9c971707000000000000000000000000000000de1037de7c69251a026eddde24928e4b0000"
+
     @Test func hkdfExpandOnlyMatchesFullHKDF() throws {
         let info = HKDFInfo.make(.extentKey, Self.nonce)
         let full = OpenSSL.hkdfSHA512(ikm: Self.testKey, info: info, outputCount: 44)

@@ -139,6 +139,39 @@ import Glibc
         #expect(HeaderCodec.open(slot: reserved[...], key: nil) == .damaged)
     }
 
+    // MARK: the v3 body
+
+    @Test func version3StructuralRules() throws {
+        var file = ObjectHeader(type: .regular, mode: 0o640, uid: 1, gid: 2, extentSize: 4096,
+                                objectID: OpenSSL.random(count: 16), policy: Self.key.identifier, version: 3)
+        file.inodeFlags = [.appendOnly, .noDump]
+        file.accessTime = 42
+        file.xattrGeneration = 3
+        let body = file.encodeBody()
+        #expect(body.count == 176)
+        #expect(ObjectHeader.decodeBody(body[...]) == .success(file))
+        // Reserved bytes, a flag no version stores, and a directory-only flag on a file.
+        for (offset, byte) in [(148, 1), (151, 0x80), (168, 1), (175, 1), (146, 1), (144, 1), (145, 2)] {
+            var bad = body
+            bad[offset] |= UInt8(byte)
+            #expect(ObjectHeader.decodeBody(bad[...]) == .failure(.malformed), "offset \(offset)")
+        }
+        var directory = ObjectHeader(type: .directory, mode: 0o755, uid: 1, gid: 2, extentSize: 0,
+                                     objectID: OpenSSL.random(count: 16), policy: Self.key.identifier, version: 3)
+        directory.inodeFlags = [.directorySync, .immutable]
+        #expect(ObjectHeader.decodeBody(directory.encodeBody()[...]) == .success(directory))
+    }
+
+    @Test func version2HeadersMoveToVersion3InAVersion3Store() throws {
+        var header = ObjectHeader(type: .regular, mode: 0o640, uid: 1, gid: 2, extentSize: 4096,
+                                  objectID: OpenSSL.random(count: 16), policy: Self.key.identifier, version: 2)
+        header.birthTime = 77
+        let slot = HeaderCodec.seal(header, key: Self.key)
+        #expect(slot[4] == 2 && slot[6] == 144)
+        #expect(HeaderSlots(epoch: 4, evidence: .cleanHistory, storeVersion: 3).stamped(header).version == 3)
+        #expect(HeaderSlots(epoch: 4, evidence: .cleanHistory, storeVersion: 2).stamped(header).version == 2)
+    }
+
     @Test func version1HeadersStayVersion1() throws {
         var header = ObjectHeader(type: .regular, mode: 0o640, uid: 1, gid: 2, extentSize: 4096,
                                   objectID: OpenSSL.random(count: 16), policy: Self.key.identifier, version: 1)

@@ -67,11 +67,11 @@ def parse_slot(slot: bytes) -> Header | None:
     oid, policy, mac_policy = body[56:72], body[72:88], body[88:104]
     holes_n, bindings_n = struct.unpack_from("<HH", body, 104)
     at, legacy_n, previous = 112, 0, None
-    if version == 2:
+    if version >= 2:
         legacy_n, = struct.unpack_from("<H", body, 108)
         prev = body[120:136]
         previous = prev.hex() if any(prev) else None
-        at = 144
+        at = 144 if version == 2 else 176
     holes, legacy, bindings = [], [], []
     for _ in range(holes_n):
         holes.append(struct.unpack_from("<QQ", body, at))

@@ -148,7 +148,7 @@ def test_rekey_every_object_type_while_in_use(volume: Volume, tmp_path):
     run(volume.binary, "key", "remove", volume.mnt, volume.policy)
     volume.unmount()
     config = json.loads((volume.store / "encfsd.conf").read_text())
-    assert config["version"] == 2 and config["rootPolicy"] == b_id and "rekeys" not in config
+    assert config["version"] == 3 and config["rootPolicy"] == b_id and "rekeys" not in config
     volume.mount(unlock=False)
     volume.add_key(b_file)
     volume.add_key(c_file)
@@ -298,7 +298,7 @@ def test_v1_store_is_upgraded_only_by_upgrade_or_rekey(tmp_path, encfsd_bin):
         v.unmount()
         assert json.loads(config_path.read_text())["version"] == 1, "a mount upgraded the store"
         assert "Upgraded" in run(encfsd_bin, "upgrade", v.store).stdout
-        assert json.loads(config_path.read_text())["version"] == 2
+        assert json.loads(config_path.read_text())["version"] == 3
         assert "already" in run(encfsd_bin, "upgrade", v.store).stdout
         v.mount(by_key_file=True)
         assert (v.mnt / "new-file").read_bytes() == b"written on a v1 store"

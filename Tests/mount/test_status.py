@@ -22,7 +22,7 @@ def test_status_reports_daemon_policies_and_files(make_volume, tmp_path):
     volume = make_volume()
     report = status(volume)
     assert report["mountpoint"] == str(volume.mnt) and report["store"] == str(volume.store)
-    assert report["pid"] in volume.pids and report["format_version"] == 2
+    assert report["pid"] in volume.pids and report["format_version"] == 3
     assert 0 <= report["uptime_seconds"] < 3600
     assert report["open_files"] == 0 and report["open_directories"] == 0
     # The root policy first; keys other tests left in root's keyring may follow (loaded at mount).
@@ -84,7 +84,7 @@ def test_info_needs_no_key(tmp_path, encfsd_bin, key_file):
     info = json.loads(run(encfsd_bin, "info", store, "--json").stdout)
     # What the probe of the backing found (a local disk here: every capability native).
     assert info.pop("backing")["fallbacks"] == {}
-    assert info == {"store": str(store), "format_version": 2, "features": [], "extent_size": 65536,
+    assert info == {"store": str(store), "format_version": 3, "features": [], "extent_size": 65536,
                     "root_policy": policy, "passphrases": [], "objects": 1}
     text = run(encfsd_bin, "info", store).stdout
     assert f"root policy:    {policy}\n" in text and "extent size:    65536\n" in text

@@ -49,8 +49,8 @@ struct KeyChangePassphrase: ParsableCommand {
 struct UpgradeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "upgrade",
-        abstract: "Upgrade an unmounted store from format version 1 to 2 (v1 builds of encfsd can then no longer open it).",
-        discussion: "Nothing else upgrades a store, except starting a rekey. Objects move to version 2 headers as they are next written.")
+        abstract: "Upgrade an unmounted store to the newest format version (builds of encfsd that only know its older version can then no longer open it).",
+        discussion: "Nothing else upgrades a store, except starting a rekey. Objects move to the newest header version as they are next written.")
 
     @Argument(help: "The store directory.") var store: String
 
