@@ -256,4 +256,55 @@ import Glibc
         #expect(try volume.listxattr(id, includeTrusted: true) == [])
         #expect(!FileManager.default.fileExists(atPath: work.path + "/.xattrs"))
     }
+
+    @Test func fsckChecksSideObjectsAndRemovesLeftoverGenerations() throws {
+        let f = try Fixture()
+        let id = try f.file("f"), other = try f.file("g")
+        try f.set(id, "user.a", [1])
+        let older = try f.sidePath(id)
+        try FileManager.default.copyItem(atPath: older, toPath: f.base + "/older")
+        try f.set(id, "user.b", [2])
+        try f.set(other, "user.c", [3])
+        try f.volume.setxattr(Volume.rootID, name: Array("user.root".utf8), value: [4], mode: .any)
+        let damaged = try f.sidePath(other)
+        f.volume.closeCleanly()
+        func check(repair: Bool) throws -> StoreChecker.Summary { try StoreChecker(storePath: f.store, keys: f.keys, repair: repair).run() }
+        #expect(try check(repair: false).problemsLeft == 0)
+        // A generation a crash left behind: reported, removed by --repair, the current one kept.
+        try FileManager.default.copyItem(atPath: f.base + "/older", toPath: older)
+        let leftover = try check(repair: false)
+        #expect(leftover.problemsLeft == 0 && leftover.findings.contains { $0.path.hasSuffix(older.split(separator: "/").last!) })
+        #expect(try check(repair: true).repaired == 1)
+        #expect(!FileManager.default.fileExists(atPath: older) && f.sideFiles().count == 3)
+        // A damaged one is a problem of its object.
+        var bytes = Array(FileManager.default.contents(atPath: damaged)!)
+        bytes[30] ^= 1
+        try Data(bytes).write(to: URL(fileURLWithPath: damaged))
+        let found = try check(repair: false)
+        #expect(found.problemsLeft == 1 && found.findings.contains { $0.path == "/g" && $0.message.contains("failed authentication") })
+        try FileManager.default.removeItem(atPath: damaged)
+        #expect(try check(repair: true).findings.contains { $0.path == "/g" && $0.message.contains("missing") })
+    }
+
+    @Test func aRekeyResealsTheSideObjectUnderTheNewKey() throws {
+        let f = try Fixture()
+        let newKey = try MasterKey(raw: [UInt8](repeating: 0x42, count: 64))
+        try f.keys.add(newKey, claim: .init(uid: 0, serial: 0))
+        let id = try f.file("f")
+        let (dir, _) = try f.volume.mkdir(parent: Volume.rootID, name: Array("d".utf8), mode: 0o755, caller: f.caller)
+        for target in [id, dir, Volume.rootID] { try f.set(target, "user.kept", Array("value".utf8)) }
+        try f.volume.startRekey(Volume.rootID, to: newKey.identifier, caller: f.caller)
+        f.volume.rekeyUntilDone()
+        #expect(f.volume.rekeys.active.isEmpty)
+        try f.remount()
+        let again = try f.file("f"), d = try f.volume.lookup(parent: Volume.rootID, name: Array("d".utf8)).0
+        for target in [again, d, Volume.rootID] {
+            #expect(try f.get(target, "user.kept") == Array("value".utf8))
+            let (objectID, generation) = try f.volume.node(target).state.withLock { ($0.header.objectID, $0.header.xattrGeneration) }
+            let image = try Array(Data(contentsOf: URL(fileURLWithPath: f.sidePath(target))))
+            #expect(try XattrSideObject.open(image, objectID: objectID, generation: generation, key: newKey) == [Array("user.kept".utf8): Array("value".utf8)])
+        }
+        // Nothing is left that the old key opens: one file per object, each the header's.
+        #expect(f.sideFiles().count == 3)
+    }
 }
