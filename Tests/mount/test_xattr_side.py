@@ -198,7 +198,7 @@ def tamper_fifo(path: Path, older: Path, other: Path):
 
 
 def tamper_hardlink(path: Path, older: Path, other: Path):
-    os.link(path, older.parent / "second-name")
+    os.link(path, path.parent / "second-name")
 
 
 @pytest.mark.parametrize("tamper", [tamper_flip, tamper_stale, tamper_swap, tamper_truncate, tamper_delete,
