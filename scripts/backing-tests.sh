@@ -14,7 +14,7 @@
 # there (test_network_backings checks EPERM instead). It has no user xattrs either: every xattr is
 # in a side object there, and the xattr and ACL tests run as everywhere, but for planting a FIFO
 # in the store (SFTP makes none), a hard link to a side object (sshfs reports one link for it) and
-# the rekey test (a rekey is not started on sshfs).
+# the rekey test (a rekey cannot start there: Rekey.replace makes the new encfsd.conf with O_TMPFILE).
 # Needs root and /dev/fuse. Arguments: the backings to test (default all three). The last line is
 # "N passed, N failed, N skipped" over every pytest run and kill test.
 set -uo pipefail

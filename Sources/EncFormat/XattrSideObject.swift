@@ -15,14 +15,15 @@ public enum XattrSideObject {
     /// Magic and nonce before the ciphertext, the GCM tag after it.
     public static let overheadBytes = 4 + nonceBytes + OpenSSL.gcmTagCount
     static let domain: [UInt8] = Array("encfsd xattr side object".utf8)
-    /// Most bytes of names and values one side object holds: the per-object limit encfsd adds to
-    /// what the backing file holds itself (ENOSPC past it, as ext4 when its xattr block is full).
-    public static let maximumPayload = 1 << 20
+    /// Most plaintext bytes one side object holds (names, values and their framing): the
+    /// per-object limit encfsd adds to what the backing file holds itself (ENOSPC past it, as ext4
+    /// when its xattr block is full).
+    public static let maximumPlaintext = 1 << 20
     /// The largest value of one attribute, ext4's (E2BIG past it).
     public static let maximumValue = 65536
     public static let maximumName = 255
-    /// The largest file a reader accepts: a full payload and the record framing of 255-byte names.
-    public static let maximumFileBytes = overheadBytes + 4 + maximumPayload + 5 * (maximumPayload / 256 + 1)
+    /// The largest file a reader accepts.
+    public static let maximumFileBytes = overheadBytes + maximumPlaintext
 
     /// The backing file name of `generation` of the object `objectID`.
     public static func fileName(objectID: [UInt8], generation: UInt64) -> [UInt8] {
@@ -55,7 +56,7 @@ public enum XattrSideObject {
     /// The plaintext: u32 count, then per attribute (sorted by name, bytewise) u8 name length,
     /// name, u32 value length, value.
     public static func encode(_ attributes: [[UInt8]: [UInt8]]) -> [UInt8] {
-        var w = ByteWriter(capacity: 4 + attributes.reduce(0) { $0 + 5 + $1.key.count + $1.value.count })
+        var w = ByteWriter(capacity: plaintextBytes(attributes))
         w.u32(UInt32(attributes.count))
         for name in attributes.keys.sorted(by: { $0.lexicographicallyPrecedes($1) }) {
             let value = attributes[name]!
@@ -67,9 +68,9 @@ public enum XattrSideObject {
         return w.bytes
     }
 
-    /// Bytes of names and values, what `maximumPayload` bounds.
-    public static func payload(_ attributes: [[UInt8]: [UInt8]]) -> Int {
-        attributes.reduce(0) { $0 + $1.key.count + $1.value.count }
+    /// The plaintext's length, what `maximumPlaintext` bounds.
+    public static func plaintextBytes(_ attributes: [[UInt8]: [UInt8]]) -> Int {
+        attributes.reduce(4) { $0 + 5 + $1.key.count + $1.value.count }
     }
 
     static func decode(_ plain: [UInt8]) throws -> [[UInt8]: [UInt8]] {

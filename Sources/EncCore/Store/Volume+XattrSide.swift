@@ -78,7 +78,7 @@ extension Volume {
             var attributes = try loadSideXattrs(&state, keys: [key] + (previousKey.map { [$0] } ?? []))?.attributes ?? [:]
             try change(&attributes)
             // encfsd's own limit per object, refused at the call as ext4 refuses a full xattr block.
-            guard XattrSideObject.payload(attributes) <= XattrSideObject.maximumPayload else { throw StoreError.system(ENOSPC) }
+            guard XattrSideObject.plaintextBytes(attributes) <= XattrSideObject.maximumPlaintext else { throw StoreError.system(ENOSPC) }
             try commitSideXattrs(node, &state, attributes, key: key, headerKey: headerKey)
         }
     }
