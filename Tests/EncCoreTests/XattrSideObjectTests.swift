@@ -307,4 +307,24 @@ import Glibc
         // Nothing is left that the old key opens: one file per object, each the header's.
         #expect(f.sideFiles().count == 3)
     }
+
+    /// The common path pays nothing: objects whose header names no side object never open
+    /// `.xattrs`; one that does reads its side object once per node, then answers from memory.
+    @Test func objectsWithoutASideObjectCostNothingAndOneIsReadOnce() throws {
+        let f = try Fixture(capabilities: .local)
+        let plain = try f.file("plain"), side = try f.file("side")
+        try f.set(plain, "user.small", [1])
+        try f.set(side, "user.big", [UInt8](repeating: 2, count: 65536)) // its sealed form fits no backing xattr
+        try f.remount()
+        let p = try f.file("plain")
+        #expect(try f.get(p, "user.small") == [1])
+        #expect(errno { try f.get(p, "security.capability") } == ENODATA)
+        #expect(try f.list(p) == ["user.small"])
+        #expect(f.volume.sideObjectReads.load(ordering: .relaxed) == 0)
+        #expect(f.volume.xattrSideDirectory.withLock { $0 == nil }, ".xattrs not even opened")
+        let s = try f.file("side")
+        for _ in 0..<3 { #expect(try f.get(s, "user.big").count == 65536) }
+        #expect(errno { try f.get(s, "security.capability") } == ENODATA)
+        #expect(f.volume.sideObjectReads.load(ordering: .relaxed) == 1)
+    }
 }

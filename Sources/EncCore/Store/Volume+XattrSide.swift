@@ -57,6 +57,9 @@ extension Volume {
         guard let directory = try sideDirectory(create: false) else {
             throw StoreError.integrity("xattr side object of \(Hex.encode(objectID)) is missing (no .xattrs)")
         }
+        #if ENCFSD_TEST_HOOKS
+        sideObjectReads.add(1, ordering: .relaxed)
+        #endif
         let image = try withExtendedLifetime(directory) {
             try XattrSideStore.read(directoryFD: directory.raw, objectID: objectID, generation: generation)
         }

@@ -48,6 +48,10 @@ public final class Volume: Sendable {
     /// `.xattrs`, once a side object was read or written (`Volume+XattrSide`).
     let xattrSideDirectory = Mutex<FileDescriptor?>(nil)
     let sideObjectRefusalReported = Atomic<Bool>(false)
+    #if ENCFSD_TEST_HOOKS
+    /// Side object files read: tests hold the xattr paths to their count.
+    let sideObjectReads = Atomic<Int>(0)
+    #endif
     /// This mount's epoch and the evidence damaged header slots are judged by.
     let slots: HeaderSlots
     /// The store directory, for the epoch record.
