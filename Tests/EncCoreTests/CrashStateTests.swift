@@ -49,6 +49,7 @@ import Glibc
         /// only for files the workload gives xattrs.
         var xattrSets: [(start: Int, end: Int, value: [String: [UInt8]], durable: Bool)] = []
         var xattrs: [String: [UInt8]] = [:]
+        var initialXattrs: [String: [UInt8]] = [:]
         var checksXattrs = false
         init(_ label: String) { self.label = label }
 
@@ -319,9 +320,14 @@ import Glibc
         try h.create("C", in: dirID, name: "c", path: ["d", "c"])
         try h.write("C", at: 0, random(2 * 4096))
         try h.flush("C", durable: true)
+        // A side object for the rekey to reseal: a sealed 64 KiB value fits no backing xattr.
+        try h.setxattr("C", "user.big", random(65536))
         try h.syncDirectory(); try h.syncDirectory(dirID)
         for label in ["A", "B", "C"] { try h.volume.release(handle: h.handles[label]!) }
-        for t in h.tracked.values { t.paths[0].durableAt = 0; t.initial = t.content; t.initialOwner = t.owner; t.commits = []; t.owners = [] }
+        for t in h.tracked.values {
+            t.paths[0].durableAt = 0; t.initial = t.content; t.initialOwner = t.owner; t.commits = []; t.owners = []
+            t.initialXattrs = t.xattrs; t.xattrSets = []
+        }
         let initial = try BackingModel.snapshot(of: store)
 
         OperationLog.shared.start()
@@ -329,6 +335,13 @@ import Glibc
         h.volume.rekeyUntilDone()
         let operations = OperationLog.shared.stop()
         #expect(h.volume.rekeys.active.isEmpty)
+        // The side object moved with the rekey: sealed under the new key now, one file left.
+        let c = try h.node(["d", "c"])
+        let (objectID, generation) = try h.volume.node(c).state.withLock { ($0.header.objectID, $0.header.xattrGeneration) }
+        let sideFiles = try FileManager.default.contentsOfDirectory(atPath: store + "/.xattrs")
+        #expect(sideFiles == [String(decoding: XattrSideObject.fileName(objectID: objectID, generation: generation), as: UTF8.self)])
+        let image = try Array(Data(contentsOf: URL(fileURLWithPath: store + "/.xattrs/" + sideFiles[0])))
+        #expect(try XattrSideObject.open(image, objectID: objectID, generation: generation, key: newKey).count == 1)
 
         let checked = try check(operations: operations, initial: initial, tracked: Array(h.tracked.values), base: base,
                                 keys: [Self.key, newKey])
@@ -485,7 +498,7 @@ import Glibc
                     for name in try volume.listxattr(id, includeTrusted: true) {
                         xattrs[String(decoding: name, as: UTF8.self)] = try volume.getxattr(id, name: name)
                     }
-                    let allowedSets = Tracked.allowed(t.xattrSets, initial: [:], at: point)
+                    let allowedSets = Tracked.allowed(t.xattrSets, initial: t.initialXattrs, at: point)
                     #expect(allowedSets.contains(xattrs), "\(t.label) at \(path) has xattrs \(xattrs.keys.sorted()), allowed \(allowedSets.map { $0.keys.sorted() }) (\(label))")
                 }
             }

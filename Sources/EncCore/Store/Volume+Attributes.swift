@@ -42,7 +42,14 @@ extension Volume {
                 case .set(let t): timespec(tv_sec: Int(t.seconds), tv_nsec: Int(t.nanoseconds))
                 }
             }
-            if changes.modificationTime != nil { node.state.withLock { $0.file?.forgetModificationTime() } }
+            if changes.modificationTime != nil {
+                // Writes buffered before the times are set are committed first: committed later,
+                // their extents would move the backing mtime past the one set here.
+                try node.state.withLock { state in
+                    if let file = state.file { try commit(file, &state) }
+                    state.file?.forgetModificationTime()
+                }
+            }
             try withObjectFD(node, .path) { try Sys.setTimes($0, (spec(changes.accessTime), spec(changes.modificationTime))) }
         }
         return try attributes(node)
