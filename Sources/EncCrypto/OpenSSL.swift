@@ -55,8 +55,7 @@ public enum OpenSSL {
     }
 
     private static func digest(_ md: OpaquePointer, _ parts: [[UInt8]], count: Int) -> [UInt8] {
-        guard let ctx = EVP_MD_CTX_new() else { fatalError("EVP_MD_CTX_new: out of memory") }
-        defer { EVP_MD_CTX_free(ctx) }
+        let ctx = ThreadContexts.current.digest
         var out = [UInt8](repeating: 0, count: count)
         var ok = EVP_DigestInit_ex2(ctx, md, nil) == 1
         for part in parts where ok {
@@ -70,27 +69,14 @@ public enum OpenSSL {
 
     /// HMAC-SHA256(key, concatenation of parts) (`EVP_MAC` "HMAC").
     public static func hmacSHA256(key: UnsafeRawBufferPointer, _ parts: [UInt8]...) -> [UInt8] {
-        let ctx = ThreadContexts.current.mac
+        let ctx = ThreadContexts.current.hmacSHA256
         var out = [UInt8](repeating: 0, count: 32)
-        var digestName = Array("SHA256".utf8CString)
-        let ok: Bool = digestName.withUnsafeMutableBufferPointer { name in
-            var params = [
-                OSSL_PARAM_construct_utf8_string(ParamName.digest, name.baseAddress, 0),
-                OSSL_PARAM_construct_end(),
-            ]
-            guard EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self), key.count, &params) == 1
-            else { return false }
-            for part in parts {
-                let updated = part.withUnsafeBytes {
-                    EVP_MAC_update(ctx, $0.baseAddress?.assumingMemoryBound(to: UInt8.self), $0.count) == 1
-                }
-                if !updated { return false }
-            }
-            var written = 0
-            return out.withUnsafeMutableBufferPointer {
-                EVP_MAC_final(ctx, $0.baseAddress, &written, 32) == 1 && written == 32
-            }
+        var ok = EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self), key.count, nil) == 1
+        for part in parts where ok {
+            ok = part.withUnsafeBytes { EVP_MAC_update(ctx, $0.baseAddress?.assumingMemoryBound(to: UInt8.self), $0.count) == 1 }
         }
+        var written = 0
+        ok = ok && out.withUnsafeMutableBufferPointer { EVP_MAC_final(ctx, $0.baseAddress, &written, 32) == 1 && written == 32 }
         precondition(ok, "HMAC-SHA256 failed")
         return out
     }

@@ -16,7 +16,11 @@ package final class ThreadContexts {
     /// Fixed to AES-256-GCM when created: each extent seal or open passes only key and IV. Passing
     /// the cipher again made OpenSSL free and reallocate its whole GCM state on every extent.
     package let gcm: OpaquePointer
-    package let mac: OpaquePointer
+    /// Fixed to HMAC-SHA256 when created, so each MAC passes only its key: setting the digest on
+    /// every use made OpenSSL fetch it again (about a third of a header verification).
+    package let hmacSHA256: OpaquePointer
+    /// For SHA-256 and other digests; re-initialised per use instead of allocated.
+    package let digest: OpaquePointer
     package let kdf: OpaquePointer
     /// HMAC-SHA512 contexts keyed with each master key's PRK this thread derives extent keys for.
     package let keyedExpand = KeyedExpandCache()
@@ -28,13 +32,21 @@ package final class ThreadContexts {
     package init() {
         guard let cipher = EVP_CIPHER_CTX_new(),
               let gcm = EVP_CIPHER_CTX_new(),
-              let mac = EVP_MAC_CTX_new(Algorithms.shared.hmac),
+              let hmacSHA256 = EVP_MAC_CTX_new(Algorithms.shared.hmac),
+              let digest = EVP_MD_CTX_new(),
               let kdf = EVP_KDF_CTX_new(Algorithms.shared.hkdf)
         else { fatalError("OpenSSL could not allocate a context: out of memory") }
         self.cipher = cipher
         self.gcm = gcm
-        self.mac = mac
+        self.hmacSHA256 = hmacSHA256
+        self.digest = digest
         self.kdf = kdf
+        var digestName = Array("SHA256".utf8CString)
+        let digestSet: Bool = digestName.withUnsafeMutableBufferPointer { name in
+            var params = [OSSL_PARAM_construct_utf8_string(ParamName.digest, name.baseAddress, 0), OSSL_PARAM_construct_end()]
+            return EVP_MAC_CTX_set_params(hmacSHA256, &params) == 1
+        }
+        guard digestSet else { fatalError("OpenSSL refused HMAC-SHA256") }
         guard EVP_CipherInit_ex2(gcm, Algorithms.shared.aes256gcm, nil, nil, 1, nil) == 1
         else { fatalError("OpenSSL refused AES-256-GCM") }
         nonces = .allocate(byteCount: ThreadContexts.nonceBatchBytes, alignment: 16)
@@ -45,7 +57,8 @@ package final class ThreadContexts {
         keyedExpand.retire()
         EVP_CIPHER_CTX_free(cipher)
         EVP_CIPHER_CTX_free(gcm)
-        EVP_MAC_CTX_free(mac)
+        EVP_MAC_CTX_free(hmacSHA256)
+        EVP_MD_CTX_free(digest)
         EVP_KDF_CTX_free(kdf)
         nonces.deallocate()
     }

@@ -68,9 +68,14 @@ public enum HeaderCodec {
     /// Whether the MAC of an intact slot verifies under `key`.
     private static func verify(slot: ArraySlice<UInt8>, header: ObjectHeader, key: MasterKey) -> Bool {
         guard key.identifier == header.macPolicy else { return false }
+        return key.withHeaderKey(objectID: header.objectID) { macMatches(slot: slot, headerKey: $0) }
+    }
+
+    /// Whether an intact slot's MAC is the one `headerKey` (already derived for its object) gives.
+    private static func macMatches(slot: ArraySlice<UInt8>, headerKey: UnsafeRawBufferPointer) -> Bool {
         let start = slot.startIndex
         let length = Int(slot[start + 6]) | Int(slot[start + 7]) << 8
-        let mac = key.withHeaderKey(objectID: header.objectID) { OpenSSL.hmacSHA256(key: $0, Array(slot[start..<(start + length)])) }
+        let mac = OpenSSL.hmacSHA256(key: headerKey, Array(slot[start..<(start + length)]))
         return constantTimeEqual(mac, Array(slot[(start + length)..<(start + length + ObjectHeader.macBytes)]))
     }
 
@@ -126,24 +131,28 @@ public enum HeaderCodec {
             throw FormatError.integrity(states.contains(.empty) && !states.contains(.damaged) ? "header is empty" : "header is damaged")
         }
         let key = keyFor(newest.header.macPolicy)
-        if let key, !verify(slot: newest.slot, header: newest.header, key: key) {
-            throw FormatError.integrity("header failed authentication")
-        }
         // The other intact slot is authenticated too: without that, rewriting the newest slot's
         // sequence below the other's (checksum recomputed, which needs no key) would make the
         // older version current with no damage to be seen. A torn write never yields a good
         // checksum, so a slot that fails its MAC is forged: refused. One that cannot be checked
-        // (its key absent, and not the rekey's previous key) is judged as damage.
-        if key != nil {
-            for index in 0..<2 {
-                guard case .valid(let other) = states[index], other.sequence != newest.header.sequence else { continue }
-                let otherKey = other.macPolicy == newest.header.macPolicy ? key : keyFor(other.macPolicy)
-                if let otherKey {
-                    guard verify(slot: slots[index], header: other, key: otherKey) else {
-                        throw FormatError.integrity("header slot \(index) failed authentication")
+        // (its key absent, and not the rekey's previous key) is judged as damage. Both slots of
+        // one object under one key share the derived header key: a derivation per lookup, not two.
+        if let key {
+            guard key.identifier == newest.header.macPolicy else { throw FormatError.integrity("header failed authentication") }
+            try key.withHeaderKey(objectID: newest.header.objectID) { headerKey in
+                guard macMatches(slot: newest.slot, headerKey: headerKey) else { throw FormatError.integrity("header failed authentication") }
+                for index in 0..<2 {
+                    guard case .valid(let other) = states[index], other.sequence != newest.header.sequence else { continue }
+                    let verified: Bool
+                    if other.macPolicy == newest.header.macPolicy && other.objectID == newest.header.objectID {
+                        verified = macMatches(slot: slots[index], headerKey: headerKey)
+                    } else if let otherKey = other.macPolicy == newest.header.macPolicy ? key : keyFor(other.macPolicy) {
+                        verified = verify(slot: slots[index], header: other, key: otherKey)
+                    } else {
+                        if other.macPolicy != newest.header.previousPolicy { states[index] = .damaged }
+                        continue
                     }
-                } else if other.macPolicy != newest.header.previousPolicy {
-                    states[index] = .damaged
+                    guard verified else { throw FormatError.integrity("header slot \(index) failed authentication") }
                 }
             }
         }

@@ -204,7 +204,14 @@ extension Volume {
     }
 
     private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8] {
-        if let value = try sideXattrs(node, keys: [key])[name] { return value }
+        // One look at the node: whether its header names a side object, and whether the backing
+        // object is known to hold no attribute.
+        let (generation, backingHoldsNone) = node.state.withLock { ($0.header.xattrGeneration, $0.backingXattrs?.isEmpty == true) }
+        if generation != 0, let value = try sideXattrs(node, keys: [key])[name] { return value }
+        // `ls -l` and the kernel's ACL and capability checks probe every entry and most writes;
+        // an object known to hold no attribute answers without deriving a backing name (an HMAC
+        // under a per-object key, the largest cost of a probe).
+        if backingHoldsNone || !capabilities.has(.userXattrs) { throw StoreError.system(ENODATA) }
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
         guard try mayHold(node, backing) else { throw StoreError.system(ENODATA) }
         let fd = try xattrFD(node)
