@@ -204,6 +204,24 @@ import Glibc
         }
     }
 
+    /// A new store with `key` (and `alsoKey`) loaded, in a scratch directory removed with it:
+    /// on tmpfs when the machine has one, since thousands of states are written out and read back.
+    final class ScratchStore {
+        let base: String
+        var store: String { base + "/store" }
+        let keys = KeyTable()
+
+        init(_ label: String, alsoKey: MasterKey? = nil) throws {
+            let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
+            base = scratch + "/encfsd-\(label)-\(UUID().uuidString)"
+            try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+            try StoreCreation.create(at: base + "/store", key: CrashStateTests.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
+            for key in [CrashStateTests.key] + (alsoKey.map { [$0] } ?? []) { try keys.add(key, claim: .init(uid: 0, serial: 0)) }
+        }
+
+        deinit { try? FileManager.default.removeItem(atPath: base) }
+    }
+
     /// What a backing without O_TMPFILE, linkat of an open file, RENAME_NOREPLACE and
     /// RENAME_EXCHANGE (bindfs, sshfs, GlusterFS) leaves: every fallback sequence runs.
     static let fallbacks = BackingCapabilities(present: [.fdatasync, .userXattrs, .lock, .stableInodes],
@@ -211,16 +229,10 @@ import Glibc
 
     @Test(arguments: [BackingCapabilities.local, fallbacks])
     func everyCrashStateRecoversToACommittedState(_ capabilities: BackingCapabilities) throws {
-        // Thousands of states are written out and read back: on tmpfs when the machine has one.
-        let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
-        let base = scratch + "/encfsd-crash-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: base) }
-        let store = base + "/store"
-        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
-        let keys = KeyTable()
-        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
-        var h = Harness(volume: try Volume(storePath: store, keys: keys, capabilities: capabilities))
+        let scratch = try ScratchStore("crash")
+        defer { withExtendedLifetime(scratch) {} }
+        let (base, store) = (scratch.base, scratch.store)
+        var h = Harness(volume: try Volume(storePath: store, keys: scratch.keys, capabilities: capabilities))
         var rng = SystemRandomNumberGenerator()
         func random(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) } }
 
@@ -297,17 +309,11 @@ import Glibc
     /// record in encfsd.conf written and dropped): at every crash point every file reads in full
     /// under one of its names with both keys present.
     @Test func everyCrashStateOfARekeyKeepsEveryFile() throws {
-        let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
-        let base = scratch + "/encfsd-crash-rekey-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: base) }
-        let store = base + "/store"
-        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
         let newKey = try MasterKey(raw: [UInt8](repeating: 0x42, count: 64))
-        let keys = KeyTable()
-        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
-        try keys.add(newKey, claim: .init(uid: 0, serial: 0))
-        var h = Harness(volume: try Volume(storePath: store, keys: keys))
+        let scratch = try ScratchStore("crash-rekey", alsoKey: newKey)
+        defer { withExtendedLifetime(scratch) {} }
+        let (base, store) = (scratch.base, scratch.store)
+        var h = Harness(volume: try Volume(storePath: store, keys: scratch.keys))
         var rng = SystemRandomNumberGenerator()
         func random(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) } }
         try h.create("A", name: "a", path: ["a"])
@@ -357,15 +363,10 @@ import Glibc
     @Test(arguments: [BackingCapabilities(present: BackingCapabilities.local.present.subtracting([.userXattrs]), filesystemType: "ext4", lockScope: .thisMachine),
                       BackingCapabilities(present: [.fdatasync, .lock, .stableInodes], filesystemType: "fuse.sshfs", lockScope: .thisHostOnly)])
     func everyCrashStateOfASideObjectHoldsTheOldOrTheNewSet(_ capabilities: BackingCapabilities) throws {
-        let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
-        let base = scratch + "/encfsd-crash-xattrs-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: base) }
-        let store = base + "/store"
-        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
-        let keys = KeyTable()
-        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
-        var h = Harness(volume: try Volume(storePath: store, keys: keys, capabilities: capabilities))
+        let scratch = try ScratchStore("crash-xattrs")
+        defer { withExtendedLifetime(scratch) {} }
+        let (base, store) = (scratch.base, scratch.store)
+        var h = Harness(volume: try Volume(storePath: store, keys: scratch.keys, capabilities: capabilities))
         try h.create("X", name: "x", path: ["x"])
         try h.write("X", at: 0, randomBytes(3000, seed: 1))
         try h.flush("X", durable: true)
