@@ -13,8 +13,7 @@
 # reads move a backing atime set in the past): the four posix tests that need those are left out
 # there (test_network_backings checks EPERM instead). It has no user xattrs either: every xattr is
 # in a side object there, and the xattr and ACL tests run as everywhere, but for planting a FIFO
-# in the store (SFTP makes none), a hard link to a side object (sshfs reports one link for it) and
-# the rekey test (a rekey cannot start there: Rekey.replace makes the new encfsd.conf with O_TMPFILE).
+# in the store (SFTP makes none) and a hard link to a side object (sshfs reports one link for it).
 # Needs root and /dev/fuse. Arguments: the backings to test (default all three). The last line is
 # "N passed, N failed, N skipped" over every pytest run and kill test.
 set -uo pipefail
@@ -23,7 +22,7 @@ export ENCFSD=${ENCFSD:-$PWD/.build/debug/encfsd}
 BACKINGS=("$@")
 ((${#BACKINGS[@]})) || BACKINGS=(bindfs sshfs gluster)
 declare -A DESELECT=(
-    [sshfs]="not test_inode_numbers_are_stable_across_remount and not test_unlink_keeps_other_links_and_open_files and not test_directory_chmod_updates_ctime and not test_utimens_atime_survives_remount and not tamper_fifo and not tamper_hardlink and not test_rekey_leaves_no_side_object_under_the_old_key"
+    [sshfs]="not test_inode_numbers_are_stable_across_remount and not test_unlink_keeps_other_links_and_open_files and not test_directory_chmod_updates_ctime and not test_utimens_atime_survives_remount and not tamper_fifo and not tamper_hardlink"
 )
 PASSED=0 FAILED=0 SKIPPED=0
 count() { # adds the counts of the last summary line of the log $1 (pytest's or crash-test's)

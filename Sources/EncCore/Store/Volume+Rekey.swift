@@ -395,10 +395,14 @@ extension Volume {
         try addBinding(newBinding, to: child)
         let dirFD = try changingDirectoryFD(dir)
         do {
-            try withExtendedLifetime(dirFD) {
-                // Still the same object under the name (it is the one just bound to the new name).
-                guard try Self.statEntry(dirFD.raw, backingName).st_ino == child.backingInode else { throw StoreError.busy }
-                try Sys.renameAt(dirFD.raw, backingName, dirFD.raw, newName.backingName, flags: Sys.renameNoReplace)
+            // Under the namespace lock: without RENAME_NOREPLACE (bindfs, sshfs, GlusterFS) the
+            // rename is a check and a plain rename, which no other namespace change may split.
+            try changingNamespace {
+                try withExtendedLifetime(dirFD) {
+                    // Still the same object under the name (it is the one just bound to the new name).
+                    guard try Self.statEntry(dirFD.raw, backingName).st_ino == child.backingInode else { throw StoreError.busy }
+                    try Sys.renameNoReplace(dirFD.raw, backingName, dirFD.raw, newName.backingName, native: capabilities.has(.renameNoReplace))
+                }
             }
         } catch {
             try? removeBinding(newBinding.digest, from: child)
