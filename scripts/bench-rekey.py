@@ -3,18 +3,22 @@
 same mount, and foreground streaming read and write speed during a rekey against their speed
 without one. Run by scripts/bench-rekey.sh; prints one Markdown table.
 
-    bench-rekey.py ENCFSD_BINARY WORKDIR SIZE_MIB
+    bench-rekey.py ENCFSD_BINARY WORKDIR SIZE_MIB ROUNDS
+
+Rounds run one after another on fresh mounts (the machine is shared: a round's streaming write
+and its rekey run back to back, so both see the same load); the medians decide the targets.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-binary, work, size_mib = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+binary, work, size_mib, rounds = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 MiB = 1 << 20
 CHUNK = os.urandom(MiB)
 
@@ -59,42 +63,63 @@ def rekey_running(mnt: Path) -> bool:
     return "re-encrypted" in run(binary, "rekey", "status", mnt).stdout
 
 
-store, mnt = work / "store", work / "mnt"
-mnt.mkdir(parents=True)
-a, b = work / "a.key", work / "b.key"
-for k in (a, b):
-    k.write_bytes(os.urandom(64))
-run(binary, "init", store, "--key-file", a)
-run(binary, "mount", store, mnt, "--no-keyring", "--key-file", a, "--key-file", b, "--log-file", work / "daemon.log")
-try:
-    # Without a rekey: the streaming figures, and the data to rekey (two files of SIZE).
-    write_plain = write_file(mnt / "data1", size_mib)
-    write_file(mnt / "data2", size_mib)
-    read_plain = read_file(mnt / "data1")
-    write_file(mnt / "probe", size_mib // 4)
-    read_probe_plain = read_file(mnt / "probe")
-    probe_write_plain = write_file(mnt / "probe-w", size_mib // 4)
-    os.unlink(mnt / "probe-w")
+def one_round(work: Path) -> dict:
+    """One mount: the streaming figures without a rekey, then the rekey with the probes during it."""
+    store, mnt = work / "store", work / "mnt"
+    mnt.mkdir(parents=True)
+    a, b = work / "a.key", work / "b.key"
+    for k in (a, b):
+        k.write_bytes(os.urandom(64))
+    run(binary, "init", store, "--key-file", a)
+    run(binary, "mount", store, mnt, "--no-keyring", "--key-file", a, "--key-file", b, "--log-file", work / "daemon.log")
+    r = {"load": os.getloadavg()[0]}
+    try:
+        # Without a rekey: the streaming figures, and the data to rekey (two files of SIZE).
+        r["write"] = write_file(mnt / "data1", size_mib)
+        write_file(mnt / "data2", size_mib)
+        r["read"] = read_file(mnt / "data1")
+        write_file(mnt / "probe", size_mib // 4)
+        r["probe_read"] = read_file(mnt / "probe")
+        r["probe_write"] = write_file(mnt / "probe-w", size_mib // 4)
+        os.unlink(mnt / "probe-w")
 
-    total = 2 * size_mib + size_mib // 4
-    start = time.monotonic()
-    run(binary, "rekey", "start", mnt, "--to", identifier(b))
-    # Foreground during the rekey: a streaming read and a streaming write of a quarter of SIZE.
-    during = rekey_running(mnt)
-    read_during = read_file(mnt / "probe")
-    write_during = write_file(mnt / "probe-w", size_mib // 4)
-    during = during and rekey_running(mnt)
-    run(binary, "rekey", "wait", mnt, timeout=3600)
-    elapsed = time.monotonic() - start
-    rekey_rate = total * MiB / 1e6 / elapsed
-finally:
-    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        total = 2 * size_mib + size_mib // 4
+        start = time.monotonic()
+        run(binary, "rekey", "start", mnt, "--to", identifier(b))
+        # Foreground during the rekey: a streaming read and a streaming write of a quarter of SIZE.
+        during = rekey_running(mnt)
+        r["read_during"] = read_file(mnt / "probe")
+        r["write_during"] = write_file(mnt / "probe-w", size_mib // 4)
+        r["overlapped"] = during and rekey_running(mnt)
+        run(binary, "rekey", "wait", mnt, timeout=3600)
+        r["rekey"] = total * MiB / 1e6 / (time.monotonic() - start)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+    r["load_end"] = os.getloadavg()[0]
+    r["ratio"] = r["rekey"] / r["write"]
+    r["read_slowdown"] = r["probe_read"] / r["read_during"]
+    r["write_slowdown"] = r["probe_write"] / r["write_during"]
+    return r
 
-print(f"| metric | value |")
-print(f"|---|---|")
-print(f"| streaming write, no rekey (MB/s) | {write_plain:.0f} |")
-print(f"| streaming read, no rekey (MB/s) | {read_plain:.0f} |")
-print(f"| re-encryption throughput ({total} MiB, MB/s; includes the foreground probes) | {rekey_rate:.0f} ({rekey_rate / write_plain:.2f} of the streaming write) |")
-print(f"| foreground read during the rekey / without (MB/s) | {read_during:.0f} / {read_probe_plain:.0f} ({read_probe_plain / read_during:.2f}x slower) |")
-print(f"| foreground write during the rekey / without (MB/s) | {write_during:.0f} / {probe_write_plain:.0f} ({probe_write_plain / write_during:.2f}x slower) |")
-print(f"| rekey was running through both probes | {'yes' if during else 'no (size too small to overlap)'} |")
+
+results = []
+for i in range(rounds):
+    results.append(one_round(work / f"round{i + 1}"))
+    subprocess.run(["rm", "-rf", str(work / f"round{i + 1}")])
+
+print(f"Each round is one fresh mount: streaming write, then the rekey right after it ({2 * size_mib + size_mib // 4} MiB).")
+print()
+print("| round | load avg (1 min, start/end) | streaming write (MB/s) | re-encryption (MB/s) | re-encryption / write | read during / without (MB/s) | write during / without (MB/s) |")
+print("|---|---|---|---|---|---|---|")
+for i, r in enumerate(results):
+    print(f"| {i + 1} | {r['load']:.2f} / {r['load_end']:.2f} | {r['write']:.0f} | {r['rekey']:.0f} | {r['ratio']:.2f} | "
+          f"{r['read_during']:.0f} / {r['probe_read']:.0f} ({r['read_slowdown']:.2f}x slower) | "
+          f"{r['write_during']:.0f} / {r['probe_write']:.0f} ({r['write_slowdown']:.2f}x slower) |")
+m = {k: statistics.median(r[k] for r in results) for k in ("write", "rekey", "ratio", "read_slowdown", "write_slowdown")}
+print(f"| median | | {m['write']:.0f} | {m['rekey']:.0f} | {m['ratio']:.2f} | {m['read_slowdown']:.2f}x slower | {m['write_slowdown']:.2f}x slower |")
+print()
+print(f"- re-encryption at least half the streaming write (median ratio {m['ratio']:.2f}): {'met' if m['ratio'] >= 0.5 else 'NOT met'}")
+print(f"- foreground read within 2x during a rekey (median {m['read_slowdown']:.2f}x): {'met' if m['read_slowdown'] <= 2 else 'NOT met'}")
+print(f"- foreground write within 2x during a rekey (median {m['write_slowdown']:.2f}x): {'met' if m['write_slowdown'] <= 2 else 'NOT met'}")
+if not all(r["overlapped"] for r in results):
+    print("- in some round the rekey ended before a probe did (size too small to overlap): use a larger --size")

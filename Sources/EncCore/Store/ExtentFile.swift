@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -434,7 +435,8 @@ final class ExtentFile: @unchecked Sendable {
         // A transaction that failed after its pending flag reached the disk is finished first:
         // its journal is complete, and nothing may be written on top of a pending header.
         if header.flags.contains(.pendingWrite) {
-            header = try Journal.recover(journalFD: journalFD, objectFD: fd, pending: header, key: key)
+            header = try Journal.recover(journalFD: journalFD, objectFD: fd, pending: header, key: key,
+                                            storeVersion: slots.storeVersion)
             recovered = true
         }
         guard hasUncommittedChanges else {
@@ -493,7 +495,7 @@ final class ExtentFile: @unchecked Sendable {
             // A journal directory moved out of the store must not receive the shadow.
             if let storeRoot { try Sys.checkBeneath(journalFD, root: storeRoot) }
             try Journal.write(journalFD: journalFD, objectID: objectID, pendingSequence: header.sequence + 1,
-                              finalSlot: finalSlot, records: records, key: key)
+                              finalSlot: finalSlot, records: records, key: key, storeVersion: slots.storeVersion)
             usedJournal = true
             FaultPoints.reach(.shadowWritten)
             try slots.write(fd: fd, header: &pending, key: key, sync: true)
@@ -576,6 +578,89 @@ final class ExtentFile: @unchecked Sendable {
         }
         if queued > 0 { metadataChanged = true }
         return bytes
+    }
+
+    // MARK: rekey batches resealed without the node lock
+
+    /// Up to `limit` committed legacy extents that a rekey can reseal without the node lock: whole
+    /// (their stored length cannot change with the size), not a hole, not held dirty or sealed
+    /// by a write. The rest (a partial last extent, extents a write holds) go through
+    /// `queueLegacy`.
+    func wholeLegacyExtents(limit: Int) -> [UInt64] {
+        let wholeCount = min(size, committedSize) / UInt64(geometry.extentSize)
+        var found: [UInt64] = []
+        for range in legacy.ranges where found.count < limit {
+            for index in range where found.count < limit {
+                guard index < wholeCount else { break }
+                guard dirty[index] == nil, sealed[index] == nil, !holes.contains(index) else { continue }
+                found.append(index)
+            }
+        }
+        return found
+    }
+
+    /// Reads the whole legacy extents `indices` (ascending) from the backing file, opens them under
+    /// the legacy key and seals them under `key`. Runs without the node lock: it reads only what
+    /// never changes for this file (descriptor, keys, object ID, geometry). A commit may rewrite
+    /// the extents meanwhile; the caller installs the result only if none did (`installResealed`),
+    /// and a failed open then means that, not damage.
+    ///
+    /// - Parameter threads: how many threads share the decryption and sealing.
+    func resealLegacy(_ indices: [UInt64], threads: Int) throws -> [Journal.Record] {
+        guard let legacyKey else { throw StoreError.noKey }
+        let stride = geometry.stride
+        let resealed = Mutex([Journal.Record]())
+        let failure = Mutex<Error?>(nil)
+        let parts = max(1, min(threads, indices.count / 16))
+        DispatchQueue.concurrentPerform(iterations: parts) { part in
+            let mine = indices[(indices.count * part / parts)..<(indices.count * (part + 1) / parts)]
+            var records: [Journal.Record] = []
+            records.reserveCapacity(mine.count)
+            do {
+                var i = mine.startIndex
+                while i < mine.endIndex {
+                    // Contiguous extents are read with one pread, at most 64 at a time.
+                    var j = i
+                    while j + 1 < mine.endIndex && j - i < 63 && mine[j + 1] == mine[j] + 1 { j += 1 }
+                    let count = j - i + 1
+                    let stored = ThreadScratch.current.ciphertext(count: count * stride)
+                    let n = try Sys.pread(fd, stored, offset: geometry.backingOffset(mine[i]))
+                    guard n == stored.count else { throw StoreError.integrity("extent \(mine[j]) is truncated") }
+                    let plain = ThreadScratch.current.extent(count: geometry.extentSize)
+                    for k in 0..<count {
+                        let index = mine[i + k]
+                        let one = UnsafeRawBufferPointer(rebasing: stored[(k * stride)..<((k + 1) * stride)])
+                        do {
+                            try ExtentCodec.open(key: legacyKey, objectID: objectID, index: index, stored: one, into: plain)
+                        } catch {
+                            throw StoreError.integrity("extent \(index) failed authentication")
+                        }
+                        records.append(Journal.Record(index: index, stored: sealedExtent(index, plaintext: UnsafeRawBufferPointer(plain))))
+                    }
+                    i = j + 1
+                }
+                resealed.withLock { $0 += records }
+            } catch {
+                failure.withLock { $0 = error }
+            }
+        }
+        if let error = failure.withLock({ $0 }) { throw error }
+        return resealed.withLock { $0 }
+    }
+
+    /// Takes resealed legacy extents for the next commit, each only if it is still what
+    /// `wholeLegacyExtents` chose it for (a write or truncate meanwhile wins). The caller has
+    /// checked that no header was written since they were read. Returns the plaintext bytes taken.
+    func installResealed(_ records: [Journal.Record], sealedWith sealing: MasterKey) -> Int {
+        guard sealing === key || sealing.identifier == key.identifier else { return 0 }
+        let wholeCount = min(size, committedSize) / UInt64(geometry.extentSize)
+        var taken = 0
+        for record in records where record.index < wholeCount && legacy.contains(record.index)
+            && dirty[record.index] == nil && sealed[record.index] == nil && !holes.contains(record.index) {
+            sealed[record.index] = record.stored
+            taken += geometry.extentSize
+        }
+        return taken
     }
 
     /// Extent `index` sealed with a fresh nonce. The seal writes every byte of the result, so it

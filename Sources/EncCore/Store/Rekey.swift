@@ -63,6 +63,23 @@ public final class RekeyRegistry: Sendable {
 
     func noteForeground() { foreground.add(1, ordering: .relaxed) }
 
+    /// Held by the one batch (and its rest) allowed to run while foreground requests come.
+    private let pacer = Mutex(())
+
+    /// Runs `batch` as the only paced batch of the daemon, then rests `restFactor` times as long
+    /// as it took before letting the next one run: how the worker's lanes yield to foreground
+    /// requests (see `Volume.rekeyRestFactor`).
+    func paced(_ restFactor: Double, _ batch: () throws -> Int) throws -> Int {
+        try pacer.withLock { _ in
+            let start = ContinuousClock.now
+            let result = try batch()
+            let took = (ContinuousClock.now - start).components
+            let seconds = Double(took.seconds) + Double(took.attoseconds) / 1e18
+            Thread.sleep(forTimeInterval: seconds * restFactor)
+            return result
+        }
+    }
+
     /// Set at unmount: the worker stops between batches, before the mount's epoch is closed.
     let stopRequested = Atomic(false)
 
