@@ -13,9 +13,6 @@ public enum FscryptIoctl {
     public static let removeKeyAllUsers = iowr(25, RemoveKeyArgument.byteCount)   // 0xc0406619
     public static let getKeyStatus = iowr(26, KeyStatusArgument.byteCount)        // 0xc080661a
     public static let getNonce = ControlProtocol.ioc(read: true, write: false, type: UInt8(ascii: "f"), number: 27, size: 16)
-    /// FS_IOC_GETFLAGS is _IOR('f', 1, long); the kernel's fileattr path asks with a 4-byte int.
-    public static let getFlags = ControlProtocol.ioc(read: true, write: false, type: UInt8(ascii: "f"), number: 1, size: 8)
-    public static let getFlags32 = ControlProtocol.ioc(read: true, write: false, type: UInt8(ascii: "f"), number: 1, size: 4)
     public static let encryptFlag: UInt32 = 0x800 // FS_ENCRYPT_FL
 
     package static let keySpecifierIdentifier: UInt32 = 2 // FSCRYPT_KEY_SPEC_TYPE_IDENTIFIER

@@ -107,6 +107,11 @@ public struct ObjectHeader: Equatable, Sendable {
     /// v3: the generation of the object's xattr side object, 0 when it has none. The header is
     /// authenticated, so this pins the side object's version: a stale or swapped one reads EIO.
     public var xattrGeneration: UInt64 = 0
+    /// v3: the plaintext ctime kept across an atime-only header write, which moves the backing
+    /// ctime although nothing changed; valid only while the backing object's atime equals its
+    /// ctime (that write ends with a futimens setting the atime to now, which gives both the same
+    /// instant; any later change moves the ctime alone). 0: the backing ctime is the plaintext one.
+    public var changeTime: UInt64 = 0
 
     public init(type: ObjectType, mode: UInt32, uid: UInt32, gid: UInt32, extentSize: UInt32,
                 objectID: [UInt8], policy: KeyIdentifier, macPolicy: KeyIdentifier? = nil,
@@ -147,7 +152,7 @@ public struct ObjectHeader: Equatable, Sendable {
         // An older slot has no room for what only a newer version can say; writing it there
         // would drop it.
         precondition(version >= 2 || (previousPolicy == nil && legacyRanges.isEmpty))
-        precondition(version >= 3 || (inodeFlags.isEmpty && accessTime == 0 && xattrGeneration == 0))
+        precondition(version >= 3 || (inodeFlags.isEmpty && accessTime == 0 && xattrGeneration == 0 && changeTime == 0))
         var w = ByteWriter(capacity: ExtentGeometry.headerSlotBytes)
         w.raw(Self.magic)
         w.u16(version)
@@ -178,7 +183,7 @@ public struct ObjectHeader: Equatable, Sendable {
                 w.zeros(4)
                 w.u64(accessTime)
                 w.u64(xattrGeneration)
-                w.zeros(8)
+                w.u64(changeTime)
             }
         } else {
             w.zeros(4)
@@ -224,7 +229,7 @@ public struct ObjectHeader: Equatable, Sendable {
         else { return .failure(.malformed) }
         var legacyCount: UInt16 = 0, epoch: UInt64 = 0, birthTime: UInt64 = 0
         var previousPolicy: KeyIdentifier?
-        var inodeFlags: InodeFlags = [], accessTime: UInt64 = 0, xattrGeneration: UInt64 = 0
+        var inodeFlags: InodeFlags = [], accessTime: UInt64 = 0, xattrGeneration: UInt64 = 0, changeTime: UInt64 = 0
         if version >= 2 {
             guard let count = r.u16(), r.raw(2) == [0, 0], let e = r.u64(), let previous = r.raw(16), let born = r.u64()
             else { return .failure(.malformed) }
@@ -238,12 +243,12 @@ public struct ObjectHeader: Equatable, Sendable {
             guard legacyCount == 0 || (previousPolicy != nil && type != .directory) else { return .failure(.malformed) }
             if version >= 3 {
                 guard let rawInodeFlags = r.u32(), r.raw(4) == [0, 0, 0, 0], let atime = r.u64(), let generation = r.u64(),
-                      r.raw(8) == [UInt8](repeating: 0, count: 8)
+                      let kept = r.u64()
                 else { return .failure(.malformed) }
                 let stored = InodeFlags(rawValue: rawInodeFlags)
                 guard InodeFlags.storable.isSuperset(of: stored), type == .directory || !stored.contains(.directorySync)
                 else { return .failure(.malformed) }
-                (inodeFlags, accessTime, xattrGeneration) = (stored, atime, generation)
+                (inodeFlags, accessTime, xattrGeneration, changeTime) = (stored, atime, generation, kept)
             }
         } else {
             guard r.raw(4) == [0, 0, 0, 0] else { return .failure(.malformed) }
@@ -264,6 +269,7 @@ public struct ObjectHeader: Equatable, Sendable {
         header.inodeFlags = inodeFlags
         header.accessTime = accessTime
         header.xattrGeneration = xattrGeneration
+        header.changeTime = changeTime
         header.previousPolicy = previousPolicy
         header.flags = flags
         header.rdev = rdev

@@ -136,6 +136,13 @@ public final class FuseSession: @unchecked Sendable {
         _ = fuse_lowlevel_notify_inval_inode(session, node, 0, 0)
     }
 
+    /// Makes the kernel drop an inode's cached attributes only, its pages staying (a negative
+    /// offset to `..._inval_inode`). Takes no page or inode lock in the kernel, so it is safe
+    /// inside any request, one on the same inode included.
+    public func invalidateAttributes(_ node: UInt64) {
+        _ = fuse_lowlevel_notify_inval_inode(session, node, -1, 0)
+    }
+
     deinit {
         if mounted { fuse_session_unmount(session) }
         fuse_remove_signal_handlers(session)

@@ -20,10 +20,10 @@ import Glibc
 @Suite(.serialized) struct CrashStateTests {
     static let key = try! MasterKey(raw: (1...64).map { UInt8($0) })
 
-    /// Mode (permission bits), uid and gid: what a chmod or chown changes.
+    /// Mode (permission bits), uid, gid and inode flags: what a chmod, chown or SETFLAGS changes.
     struct Owner: Equatable, CustomStringConvertible {
-        var mode: UInt32, uid: UInt32, gid: UInt32
-        var description: String { "mode \(String(mode, radix: 8)) uid \(uid) gid \(gid)" }
+        var mode: UInt32, uid: UInt32, gid: UInt32, flags: UInt32 = 0
+        var description: String { "mode \(String(mode, radix: 8)) uid \(uid) gid \(gid) flags \(String(flags, radix: 16))" }
     }
 
     /// One logical file of the workload and what the log says about it.
@@ -102,6 +102,14 @@ import Glibc
             t.content.replaceSubrange(offset..<(offset + bytes.count), with: bytes)
         }
 
+        /// A write to a file with FS_SYNC_FL: committed and durable before it returns.
+        mutating func synchronousWrite(_ label: String, at offset: Int, _ bytes: [UInt8]) throws {
+            let start = log.count
+            try write(label, at: offset, bytes)
+            let t = tracked[label]!
+            t.commits.append((start, log.count, t.content, true))
+        }
+
         mutating func truncate(_ label: String, to size: Int) throws {
             let t = tracked[label]!
             let start = log.count
@@ -123,6 +131,14 @@ import Glibc
             changes.uid = uid
             changes.gid = gid
             try setOwnership(label, changes) { $0.uid = uid; $0.gid = gid }
+        }
+
+        func setFlags(_ label: String, _ flags: UInt32) throws {
+            let t = tracked[label]!
+            let start = log.count
+            try volume.setInodeFlags(nodes[label]!, flags, caller: FlagsCaller(uid: 0, mayChangeImmutable: true, ownsEverything: true))
+            t.owner.flags = flags
+            t.owners.append((start, log.count, t.owner, false))
         }
 
         private func setOwnership(_ label: String, _ changes: AttributeChanges, _ change: (inout Owner) -> Void) throws {
@@ -261,8 +277,11 @@ import Glibc
         // does per file): the first may use the other slot of a durable header, the later ones
         // replace the unsynced newest slot in place. None may cost C its fsynced contents.
         try h.setMode("C", 0o600); try h.setMode("C", 0o640); try h.setOwner("C", uid: 1, gid: 1)
+        try h.setFlags("C", 0x40 | 0x80)                                               // SETFLAGS (nodump, noatime): one more metadata slot
         try h.write("C", at: 10, random(5)); try h.flush("C", durable: false)          // journaled, after unsynced metadata
         try h.setMode("C", 0o644); try h.flush("C", durable: true)
+        try h.setFlags("C", 0x8); try h.synchronousWrite("C", at: 20, random(7))      // FS_SYNC_FL: the write is durable at once
+        try h.setFlags("C", 0)                                                          // and the later writes buffered again
         try h.write("C", at: 4096, random(3 * 4096)); try h.flush("C", durable: false) // whole extents past the end: written before the header
         try h.truncate("C", to: 6000); try h.flush("C", durable: true)                 // then cut back into one of them
         try h.syncDirectory()
@@ -483,7 +502,8 @@ import Glibc
                 if try volume.node(id).state.withLock({ $0.header.objectID }) != t.objectID { continue }
                 found.append(path)
                 let attributes = try volume.getattr(id)
-                let owner = Owner(mode: attributes.mode & 0o7777, uid: attributes.uid, gid: attributes.gid)
+                let owner = Owner(mode: attributes.mode & 0o7777, uid: attributes.uid, gid: attributes.gid,
+                                  flags: try volume.inodeFlags(of: id).rawValue)
                 let allowedOwners = Tracked.allowed(t.owners, initial: t.initialOwner, at: point)
                 #expect(allowedOwners.contains(owner), "\(t.label) at \(path) has \(owner), allowed \(allowedOwners) (\(label))")
                 let handle = try volume.open(id, truncate: false)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -180,6 +181,16 @@ class Volume:
         v = cls(other.binary, root, other.key_file, other.extent_size, create=False)
         run("cp", "-a", other.store, v.store)
         v.policy = other.policy
+        return v
+
+    @classmethod
+    def golden(cls, binary: Path, root: Path, version: str) -> Volume:
+        """A Volume over a copy of the golden store Tests/Golden/<version> (its key: the bytes 1 to
+        64), at root/store; not mounted."""
+        key = root / "golden.key"
+        key.write_bytes(bytes(range(1, 65)))
+        v = cls(binary, root, key, create=False)
+        shutil.copytree(REPO / "Tests" / "Golden" / version / "store", v.store, symlinks=True)
         return v
 
     # mounting

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import stat
 import threading
@@ -286,11 +285,7 @@ def test_change_passphrase_retires_the_old_one(tmp_path, encfsd_bin):
 
 
 def test_v1_store_is_upgraded_only_by_upgrade_or_rekey(tmp_path, encfsd_bin):
-    golden = Path(__file__).resolve().parent.parent / "Golden" / "v1" / "store"
-    key = tmp_path / "golden.key"
-    key.write_bytes(bytes(range(1, 65)))
-    v = Volume(encfsd_bin, tmp_path, key, create=False)
-    shutil.copytree(golden, v.store, symlinks=True)
+    v = Volume.golden(encfsd_bin, tmp_path, "v1")
     config_path = v.store / "encfsd.conf"
     try:
         v.mount(by_key_file=True)

@@ -37,7 +37,7 @@ def offset_in_slot(path, part: str) -> int:
     """Where a part of the newest slot lies: body fields, the MAC, the checksum, the padding."""
     slot = slots(path)[newest_slot(path)]
     length = struct.unpack_from("<H", slot, 6)[0]
-    return {"sequence": 8, "size": 48, "epoch": 112, "atime": 152, "MAC": length + 5, "checksum": length + 33,
+    return {"sequence": 8, "size": 48, "epoch": 112, "inode flags": 144, "atime": 152, "ctime kept": 168, "MAC": length + 5, "checksum": length + 33,
             "padding": length + 60, "last byte": 2047}[part]
 
 
@@ -82,7 +82,7 @@ def copy(written, tmp_path, volumes):
 
 # Padding is zero already: there a byte can only be flipped.
 CASES = [(part, how) for part in ["sequence", "size", "epoch", "MAC", "checksum"] for how in ("flip", "zero")] \
-    + [("padding", "flip"), ("last byte", "flip"), ("atime", "flip")]
+    + [("padding", "flip"), ("last byte", "flip"), ("atime", "flip"), ("inode flags", "flip"), ("ctime kept", "flip")]
 
 
 @pytest.mark.parametrize("part,how", CASES)
@@ -106,7 +106,7 @@ def test_damage_after_clean_unmount_is_eio(copy, part, how):
     v.unmount()
 
 
-@pytest.mark.parametrize("part", ["size", "MAC", "padding"])
+@pytest.mark.parametrize("part", ["size", "MAC", "padding", "inode flags"])
 def test_damage_after_unclean_end_serves_older_state_logged(copy, part):
     v, backing = copy
     v.mount(by_key_file=True)

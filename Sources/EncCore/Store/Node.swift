@@ -31,6 +31,11 @@ struct NodeState {
     var sideXattrs: SideXattrs?
     /// The last name went while the object was open: its side object goes at the last close.
     var sideObjectUnlinked = false
+    /// An atime an access made due (`Volume.noteAccess`), not yet in the header: written with the
+    /// handle's last close or folded into the next header write.
+    var accessedAt: UInt64?
+    /// Atime writes begun (`Volume.writeAccessTime`): a stat taken while one ran is taken again.
+    var accessTimeWrites: UInt64 = 0
 
     /// Most names remembered per object: enough to survive the unlink of some hard links; a node
     /// with more names finds the others again at their next lookup.

@@ -271,6 +271,17 @@ public enum Sys {
         } catch StoreError.system(ESTALE) {}
     }
 
+    /// open(2)'s O_NOATIME.
+    public static let noAccessTimeFlag = encfsd_O_NOATIME
+
+    /// Sets the atime to now (which gives it the instant the ctime gets) and the mtime to
+    /// `modified` (nil: left alone): the mark of an atime-only header write (`writeAccessTime`).
+    static func markUnchangedSinceWrite(_ fd: Int32, modified: timespec?) throws {
+        do {
+            try futimens(fd, (nowTime, modified ?? omitTime))
+        } catch StoreError.system(ESTALE) {}
+    }
+
     /// A time left alone (UTIME_OMIT) is passed as its current value instead: bindfs (1.14) takes
     /// an omitted time to mean "now", which made every chmod look like a content change.
     private static func resolvingOmitted(_ fd: Int32, _ times: (timespec, timespec)) throws -> [timespec] {
@@ -306,7 +317,14 @@ public enum Sys {
 
     /// Entries of a directory, without "." and "..", with the inode and type getdents gives.
     public static func listDirectory(_ dirFD: Int32) throws -> [RawEntry] {
-        let fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        // O_NOATIME as in `reopen`: a listing must not move the backing atime, which is the
+        // plaintext atime of a directory whose header keeps none.
+        let fd: Int32
+        do {
+            fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC | encfsd_O_NOATIME) }
+        } catch StoreError.system(EPERM) {
+            fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+        }
         guard let dir = fdopendir(fd) else {
             let e = errno
             Glibc.close(fd)

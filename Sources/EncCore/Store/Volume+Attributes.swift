@@ -8,6 +8,7 @@ import Glibc
 extension Volume {
     public func setattr(_ id: UInt64, _ changes: AttributeChanges) throws -> Attributes {
         let node = try node(id)
+        try checkAttributeChange(node, changes)
         if let size = changes.size {
             guard node.type == .regular else { throw node.isDirectory ? StoreError.isDirectory : StoreError.invalidArgument }
             let key = try key(for: node, .contents).key
@@ -49,6 +50,13 @@ extension Volume {
                     if let file = state.file { try commit(file, &state) }
                     state.file?.forgetModificationTime()
                 }
+            }
+            if changes.accessTime != nil, keepsInodeMetadata {
+                // The backing atime takes the time set, exactly (before 1970 too, and "now" as the
+                // instant the mtime and ctime get); an atime the header kept from an access gives
+                // way to it. Set last, so no header write moves the ctime after it.
+                node.state.withLock { $0.accessedAt = nil }
+                try mutateHeader(node, key: try key(for: node, .header).key, sync: false) { $0.accessTime = 0 }
             }
             try withObjectFD(node, .path) { try Sys.setTimes($0, (spec(changes.accessTime), spec(changes.modificationTime))) }
         }

@@ -20,6 +20,7 @@ extension Volume {
     func prepare(parent: UInt64, name: [UInt8], type: ObjectType, mode: UInt32, rdev: UInt64 = 0,
                  caller: Caller) throws -> NewEntry {
         let dir = try node(parent)
+        try refuse(dir, ifAny: [.immutable])
         let directory = try key(for: dir, .newNames)
         let (key, dirHeader) = (directory.key, directory.header)
         // An existing entry still under a rekey's old name key is found, so the create collides.
@@ -34,6 +35,7 @@ extension Volume {
             extentSize: type == .directory ? 0 : UInt32(config.extentSize),
             objectID: OpenSSL.random(count: 16), policy: dirHeader.policy, version: slots.newObjectVersion)
         header.rdev = rdev
+        header.inodeFlags = Self.inheritedFlags(dirHeader.inodeFlags, type: type)
         header.birthTime = Self.nowNanoseconds()
         header.bindings = [Self.binding(parentID: dirHeader.objectID, name: encrypted)]
         return NewEntry(dir: dir, key: key, name: encrypted, header: header, xattrs: xattrs)
@@ -199,6 +201,7 @@ extension Volume {
     private func entered(_ node: Node, parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
         node.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: name)) }
         do {
+            try syncIfDirectorySync(try self.node(parent))
             return (node.id, try attributes(node))
         } catch {
             release(node)
@@ -262,7 +265,9 @@ extension Volume {
         guard capabilities.has(.hardLinks) else { throw StoreError.notPermitted }
         let object = try node(id)
         guard !object.isDirectory else { throw StoreError.notPermitted }
+        try refuse(object, ifAny: [.immutable, .appendOnly])
         let dir = try node(newParent)
+        try refuse(dir, ifAny: [.immutable])
         let directory = try key(for: dir, .newNames)
         let (dirKey, dirHeader) = (directory.key, directory.header)
         try checkSamePolicy(object, directoryPolicy: dirHeader)
@@ -358,6 +363,13 @@ extension Volume {
         var header = state.header
         try change(&header)
         guard header != state.header else { return }
+        // A real change: the plaintext ctime moves with the backing one, and an atime kept
+        // for the handle's close goes with this write.
+        header.changeTime = 0
+        if let accessed = state.accessedAt {
+            header.accessTime = accessed
+            state.accessedAt = nil
+        }
         let headerFD = try headerDescriptor(node, state, writable: true)
         defer { withExtendedLifetime(headerFD) {} }
         let before = node.isDirectory ? nil : try Sys.fstat(headerFD.raw)

@@ -38,6 +38,11 @@ extension Volume {
     /// them, and a crash after an early deallocation would read them as damaged.
     public func fallocate(handle: UInt64, _ operation: RangeOperation, offset: UInt64, length: UInt64) throws {
         try withOpenFile(try fileNode(handle: handle)) { state, file in
+            // vfs_fallocate: nothing on an immutable file; on an append-only one only allocation
+            // (which may grow it), never a mode that changes or moves what is there.
+            let flags = state.header.inodeFlags
+            let allocates = if case .allocate = operation { true } else { false }
+            if flags.contains(.immutable) || (flags.contains(.appendOnly) && !allocates) { throw StoreError.notPermitted }
             switch operation {
             case .allocate(let keepSize):
                 try file.allocate(offset: offset, length: length, keepSize: keepSize)

@@ -18,6 +18,8 @@ enum OpenHandle {
 struct HandleTable {
     var byID: [UInt64: OpenHandle] = [:]
     var nextID: UInt64 = 1
+    /// Handles opened with O_NOATIME: their reads never move the atime.
+    var withoutAccessTime: Set<UInt64> = []
 
     mutating func insert(_ handle: OpenHandle) -> UInt64 {
         let id = nextID
@@ -57,6 +59,21 @@ extension Volume {
     ///   create); otherwise it is opened from the node's location.
     public func open(_ id: UInt64, truncate: Bool) throws -> UInt64 {
         try open(id, truncate: truncate, descriptor: nil)
+    }
+
+    /// open(2) with its flags: what the inode flags forbid is refused, and an open for reading
+    /// is an access (`noteAccess`) unless it asks for O_NOATIME. The open counts rather than the
+    /// reads: with the page cache kept across opens most reads never reach the daemon.
+    public func open(_ id: UInt64, flags: Int32) throws -> UInt64 {
+        let node = try node(id)
+        try checkOpen(node, flags: flags)
+        let handle = try open(id, truncate: flags & O_TRUNC != 0, descriptor: nil)
+        if flags & Sys.noAccessTimeFlag != 0 {
+            handles.withLock { _ = $0.withoutAccessTime.insert(handle) }
+        } else if flags & O_ACCMODE != O_WRONLY {
+            noteAccess(node)
+        }
+        return handle
     }
 
     func open(_ id: UInt64, truncate: Bool, descriptor: FileDescriptor?) throws -> UInt64 {
@@ -115,8 +132,12 @@ extension Volume {
     /// the file). Committed extents are decrypted after the node lock is dropped (see
     /// `ExtentFile.prepareRead`), so concurrent reads of one file use every core.
     public func read(handle: UInt64, offset: UInt64, into out: UnsafeMutableRawBufferPointer) throws -> Int {
-        let lease = try withOpenFile(try fileNode(handle: handle)) { _, file in
-            try file.prepareRead(offset: offset, count: out.count, into: out)
+        let node = try fileNode(handle: handle)
+        // strictatime: every read that reaches the daemon is an access too (kept in memory only).
+        let accessed = accessTimes.rule == .always && keepsInodeMetadata && !handles.withLock { $0.withoutAccessTime.contains(handle) }
+        let lease = try withOpenFile(node) { state, file in
+            if accessed && !state.header.inodeFlags.contains(.noAccessTime) { state.accessedAt = Self.nowNanoseconds() }
+            return try file.prepareRead(offset: offset, count: out.count, into: out)
         }
         return try lease.finish(into: out)
     }
@@ -127,10 +148,16 @@ extension Volume {
         // (several writers, or aio at a queue depth) encrypt side by side.
         let presealed = file.sealWholeExtents(offset: offset, data: data)
         try withOpenFile(node) { state, current in
+            try checkWrite(state)
             // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
             // its sealed extents are still valid there, but write them plainly to keep this simple.
             try current.write(offset: offset, data: data, presealed: current === file ? presealed : nil)
-            if current.needsCommitForMemory { try commit(current, &state) }
+            // FS_SYNC_FL: every write is durable before its reply, as with O_SYNC.
+            if state.header.inodeFlags.contains(.sync) {
+                try commit(current, &state, durable: true)
+            } else if current.needsCommitForMemory {
+                try commit(current, &state)
+            }
         }
     }
 
@@ -148,8 +175,12 @@ extension Volume {
     }
 
     public func release(handle: UInt64) throws {
-        guard case .file(let node, _)? = handles.withLock({ $0.byID.removeValue(forKey: handle) }) else { return }
+        guard case .file(let node, _)? = handles.withLock({
+            $0.withoutAccessTime.remove(handle)
+            return $0.byID.removeValue(forKey: handle)
+        }) else { return }
         defer { dropIfUnused(node) }
+        defer { if !accessTimes.lazy { writeAccessTimeReporting(node) } }
         try node.state.withLock { state in
             state.opens -= 1
             defer {
@@ -211,6 +242,7 @@ extension Volume {
         }
         if offset == 0 && served { entries = try list(dir) }
         if offset == 0 {
+            noteAccess(dir)
             handles.withLock { table in
                 if table.byID[handle] != nil { table.byID[handle] = .directory(dir, entries, served: true) }
             }
@@ -219,7 +251,8 @@ extension Volume {
     }
 
     public func releaseDirectory(handle: UInt64) {
-        _ = handles.withLock { $0.byID.removeValue(forKey: handle) }
+        guard case .directory(let dir, _, _)? = handles.withLock({ $0.byID.removeValue(forKey: handle) }) else { return }
+        if !accessTimes.lazy { writeAccessTimeReporting(dir) }
     }
 
     public func fsyncDirectory(_ id: UInt64) throws {

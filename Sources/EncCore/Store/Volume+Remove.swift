@@ -19,6 +19,7 @@ extension Volume {
         defer { withExtendedLifetime(dirFD) {} }
         let st = try Self.statEntry(dirFD.raw, backing)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw StoreError.isDirectory }
+        try checkRemoval(from: dir, backingName: backing, inode: UInt64(st.st_ino))
         // A file that keeps other names should stop listing this one; without the key the
         // header cannot be re-sealed, and the stale binding is harmless.
         var survivor: Node?
@@ -33,6 +34,7 @@ extension Volume {
             bindingWentStale(Binding.digest(parentID: naming.header.objectID, backingName: backing), of: survivor)
         }
         if let survivor { release(survivor) }
+        try syncIfDirectorySync(dir)
     }
 
     /// The header of an object about to lose its last name, when no node has it (a node's is read
@@ -49,7 +51,9 @@ extension Volume {
             let backing = try backingName(of: name, in: dir, naming: try? key(for: dir, .names))
             let st = try statEntry(in: dir, backing)
             guard st.st_mode & S_IFMT == S_IFDIR else { throw StoreError.notDirectory }
+            try checkRemoval(from: dir, backingName: backing, inode: UInt64(st.st_ino))
             try removeEmptyDirectory(in: dir, backingName: backing)
+            try syncIfDirectorySync(dir)
         }
     }
 

@@ -25,6 +25,9 @@ extension Volume {
         let toName = try resolveName(newName, in: toDir, key: toKey, header: toHeader)
         let source = try child(of: fromDir, backingName: fromName.backingName)
         defer { release(source) }
+        try refuse(fromDir, ifAny: [.immutable, .appendOnly])
+        try refuse(source, ifAny: [.immutable, .appendOnly])
+        try refuse(toDir, ifAny: [.immutable])
         if fromHeader.policy != toHeader.policy || source.isDirectory {
             try checkSamePolicy(source, directoryPolicy: toHeader)
         }
@@ -45,12 +48,14 @@ extension Volume {
             switch mode {
             case .noReplace: throw StoreError.exists
             case .exchange:
+                try checkRemoval(from: toDir, backingName: toName.backingName, inode: UInt64(st.st_ino))
                 let other = try child(of: toDir, backingName: toName.backingName)
                 target = other
                 if fromHeader.policy != toHeader.policy || other.isDirectory {
                     try checkSamePolicy(other, directoryPolicy: fromHeader)
                 }
             case .replace:
+                try checkRemoval(from: toDir, backingName: toName.backingName, inode: UInt64(st.st_ino))
                 let targetIsDirectory = st.st_mode & S_IFMT == S_IFDIR
                 if source.isDirectory != targetIsDirectory {
                     // Before reporting the types, make sure the target is an object of the store
@@ -106,6 +111,8 @@ extension Volume {
         source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         bindingWentStale(oldBinding.digest, of: source)
         if let target { bindingWentStale(newBinding.digest, of: target) }
+        try syncIfDirectorySync(fromDir)
+        if toDir !== fromDir { try syncIfDirectorySync(toDir) }
     }
 
     /// Backing names from the store root down to the directory `dir`, for a record that must

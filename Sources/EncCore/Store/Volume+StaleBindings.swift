@@ -72,6 +72,7 @@ extension Volume {
     public func closeCleanly() {
         _ = commitIdleFiles(olderThan: .zero)
         dropStaleBindings()
+        writePendingAccessTimes()
         let stillDirty = table.withLock { Array($0.byID.values) }.contains { node in
             node.state.withLock { $0.file?.hasUncommittedChanges ?? false }
         }

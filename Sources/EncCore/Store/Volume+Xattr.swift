@@ -93,6 +93,7 @@ extension Volume {
     public enum XattrMode: Sendable { case any, create, replace }
 
     public func setxattr(_ id: UInt64, name: [UInt8], value: [UInt8], mode: XattrMode) throws {
+        try refuse(try node(id), ifAny: [.immutable, .appendOnly])
         if let node = try? node(id) { try convertForRekey(node) }
         let (node, key, objectID, previousKey) = try xattrNode(id, name: name)
         if name == PosixACL.accessName {
@@ -254,6 +255,7 @@ extension Volume {
 
     /// Backing copies first, then the side object's (see `dropXattr`).
     public func removexattr(_ id: UInt64, name: [UInt8]) throws {
+        try refuse(try node(id), ifAny: [.immutable, .appendOnly])
         let (node, key, objectID, previousKey) = try xattrNode(id, name: name)
         var removed = false
         for k in [key] + (previousKey.map { [$0] } ?? []) where capabilities.has(.userXattrs) {

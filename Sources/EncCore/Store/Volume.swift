@@ -59,13 +59,20 @@ public final class Volume: Sendable {
     /// A real (listing) open of the store root, made before this mount's first write and kept:
     /// `syncfs` reports writeback errors only since the descriptor it is given was opened.
     let syncFD: FileDescriptor
+    /// When reads move atimes (the mount's atime options).
+    public let accessTimes: AccessTimeOptions
+    /// Told the node whose attributes changed without a request that changes them (an access
+    /// moved its atime), so the front end can drop what the kernel caches of them.
+    public let attributesMoved = Mutex<(@Sendable (UInt64) -> Void)?>(nil)
 
     /// Opens the store. `capabilities` are probed when not given (a caller that probed already,
     /// or that wants the fallbacks of a backing it does not have, passes them).
     /// - Parameter openingEpoch: open this mount's epoch now. A daemon passes false and calls
     ///   `openEpoch()` once nothing can refuse the mount any more.
-    public init(storePath: String, keys: KeyTable, capabilities: BackingCapabilities? = nil, openingEpoch: Bool = true) throws {
+    public init(storePath: String, keys: KeyTable, capabilities: BackingCapabilities? = nil, openingEpoch: Bool = true,
+                accessTimes: AccessTimeOptions = AccessTimeOptions()) throws {
         self.storePath = storePath
+        self.accessTimes = accessTimes
         self.keys = keys
         let fd = try Sys.openStoreRoot(storePath)
         config = try StoreConfig.load(storeFD: fd.raw)
@@ -355,7 +362,12 @@ public final class Volume: Sendable {
 
     public func forget(_ id: UInt64, count: UInt64) {
         guard let node = table.withLock({ $0.byID[id] }) else { return }
-        node.state.withLock { $0.lookups -= min($0.lookups, count) }
+        let forgotten = node.state.withLock {
+            $0.lookups -= min($0.lookups, count)
+            return $0.lookups == 0 && $0.opens == 0 && $0.accessedAt != nil
+        }
+        // lazytime: the last moment the atime can still be written from this node.
+        if forgotten { writeAccessTimeReporting(node) }
         dropIfUnused(node)
     }
 
@@ -365,31 +377,50 @@ public final class Volume: Sendable {
 
     /// - Parameter known: the object's `stat` if the request already has it (a lookup).
     func attributes(_ node: Node, stat known: stat? = nil) throws -> Attributes {
-        // A replayed write changes the backing file: the stat taken before it is stale.
-        let replays = node.state.withLock { $0.header.flags.contains(.pendingWrite) }
-        try recoverIfPossible(node)
-        let st = try (replays ? nil : known) ?? backingStat(node)
-        // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
-        // touch the directory's own ctime: the later of the two is the directory's ctime.
-        let headerChange = node.isDirectory ? try statEntry(ofHeaderOf: node).st_ctim : st.st_ctim
+        var known = known
+        // An atime write moves the backing ctime, then marks it (AccessTimes.swift) under the node
+        // lock, while these stats are taken without it: a stat caught between the two is taken again.
+        var attempt = 0
+        while true {
+            // A replayed write changes the backing file: the stat taken before it is stale.
+            let (replays, writes) = node.state.withLock { ($0.header.flags.contains(.pendingWrite), $0.accessTimeWrites) }
+            try recoverIfPossible(node)
+            let st = try (replays ? nil : known) ?? backingStat(node)
+            // A directory's metadata lives in its ".d" file, whose rewrite (chmod, chown) does not
+            // touch the directory's own ctime: the later of the two is the directory's ctime.
+            let headerStat = node.isDirectory ? try statEntry(ofHeaderOf: node) : st
+            if let attributes = node.state.withLock({ s in
+                s.accessTimeWrites == writes || attempt == 3 ? Self.attributes(node, s, stat: st, headerStat: headerStat) : nil
+            }) {
+                return attributes
+            }
+            known = nil
+            attempt += 1
+        }
+    }
+
+    private static func attributes(_ node: Node, _ s: NodeState, stat st: stat, headerStat: stat) -> Attributes {
         func stamp(_ t: timespec) -> Timestamp { Timestamp(seconds: Int64(t.tv_sec), nanoseconds: Int64(t.tv_nsec)) }
         func later(_ a: timespec, _ b: timespec) -> timespec { (a.tv_sec, a.tv_nsec) >= (b.tv_sec, b.tv_nsec) ? a : b }
-        return node.state.withLock { s in
-            let size: UInt64 = switch node.type {
-            case .directory: 4096
-            case .regular, .symlink: s.file?.size ?? s.header.size
-            default: 0
-            }
-            let pending = s.file?.modifiedAt
-            var attributes = Attributes(
-                inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
-                uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
-                accessTime: stamp(st.st_atim),
-                modificationTime: stamp(pending ?? st.st_mtim),
-                changeTime: stamp(later(pending ?? st.st_ctim, later(st.st_ctim, headerChange))))
-            if node.type == .regular { attributes.blockSize = s.header.extentSize }
-            return attributes
+        func spec(_ ns: UInt64) -> timespec { timespec(tv_sec: Int(ns / 1_000_000_000), tv_nsec: Int(ns % 1_000_000_000)) }
+        // An atime write leaves the plaintext ctime in the header (AccessTimes.swift).
+        let headerChange = spec(changeTime(headerStat, header: s.header))
+        let ownChange = node.isDirectory ? st.st_ctim : headerChange
+        let accessed = s.accessedAt ?? (s.header.accessTime != 0 ? s.header.accessTime : nil)
+        let size: UInt64 = switch node.type {
+        case .directory: 4096
+        case .regular, .symlink: s.file?.size ?? s.header.size
+        default: 0
         }
+        let pending = s.file?.modifiedAt
+        var attributes = Attributes(
+            inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
+            uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
+            accessTime: accessed.map { Timestamp(nanosecondsSinceEpoch: $0) } ?? stamp(st.st_atim),
+            modificationTime: stamp(pending ?? st.st_mtim),
+            changeTime: stamp(later(pending ?? ownChange, later(ownChange, headerChange))))
+        if node.type == .regular { attributes.blockSize = s.header.extentSize }
+        return attributes
     }
 
     /// A directory's `.d` file, by name (no descriptor opened).

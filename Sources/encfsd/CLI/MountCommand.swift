@@ -28,7 +28,7 @@ struct MountCommand: ParsableCommand {
     @Flag(help: "Stay in the foreground; log to standard error.")
     var foreground = false
 
-    @Option(name: .customShort("o"), help: ArgumentHelp("Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, ...", valueName: "options"))
+    @Option(name: .customShort("o"), help: ArgumentHelp("Mount options, comma-separated: allow_other, default_permissions (always on), writeback_cache, ro, noatime, relatime (the default), strictatime, nodiratime, lazytime, ...", valueName: "options"))
     var options: [String] = []
 
     @Option(help: "Most request threads.")
@@ -79,6 +79,7 @@ struct MountCommand: ParsableCommand {
             daemon.keyFiles = keyFile
             daemon.logLevel = logLevel
             daemon.idle = idle?.duration
+            daemon.accessTimes = accessTimes
             try daemon.serve()
         } else {
             var arguments = ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)", "--key-quota", "\(keyQuota)"]
@@ -89,6 +90,13 @@ struct MountCommand: ParsableCommand {
             arguments += keyFile.flatMap { ["--key-file", $0] }
             try Background.start(arguments: arguments)
         }
+    }
+
+    /// The atime options among `-o`'s, in order (a later one wins, as with mount(8)).
+    private var accessTimes: AccessTimeOptions {
+        var result = AccessTimeOptions()
+        for option in options.flatMap({ $0.split(separator: ",").map(String.init) }) { _ = result.apply(option) }
+        return result
     }
 
     private func mountOptions(_ mountPath: String, storePath: String) -> MountOptions {
@@ -103,9 +111,15 @@ struct MountCommand: ParsableCommand {
             // The kernel writeback cache, off by default (see FuseSession's init).
             case "writeback_cache": result.writebackCache = true
             case "no_writeback_cache": result.writebackCache = false
-            default: result.extra.append(option)
+            default:
+                // The atime options are the daemon's to apply (the kernel updates no atime of a
+                // FUSE inode); libfuse knows only some of them. noatime alone also goes to the
+                // VFS mount, so /proc/mounts shows it.
+                var probe = AccessTimeOptions()
+                if !probe.apply(option) { result.extra.append(option) }
             }
         }
+        if accessTimes.rule == .never { result.extra.append("noatime") }
         return result
     }
 }

@@ -32,6 +32,7 @@ enum MountHelper {
         "allow_other", "default_permissions", "writeback_cache", "no_writeback_cache", "ro",
         "dev", "nodev", "suid", "nosuid", "exec", "noexec", "sync", "async", "dirsync",
         "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime",
+        "lazytime", "nolazytime",
     ]
     /// mount(8)'s, fstab's and systemd's own options: they never reach the daemon. (`rw` is the
     /// default; mount.fuse3 itself adds `dev,suid` for root, which libfuse accepts.)

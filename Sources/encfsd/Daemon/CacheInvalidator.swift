@@ -25,6 +25,11 @@ final class CacheInvalidator: Sendable {
         for node in nodes { session.invalidateInode(node) }
     }
 
+    /// An atime an access moved (Volume.attributesMoved): the kernel's copy of the attributes goes.
+    func attributesMoved(_ node: UInt64) {
+        session.withLock { $0 }?.invalidateAttributes(node)
+    }
+
     /// A removed key was wiped when its last open file closed (inside that file's release, maybe
     /// under a lock): the invalidation and keyring revocation run on their own thread.
     func keyWiped(_ identifier: KeyIdentifier, keys: KeyTable) {

@@ -52,12 +52,36 @@ struct ControlHandler: Sendable {
             guard outputSize == 16 else { throw StoreError.invalidArgument }
             return IoctlReply(output: try volume.nonce(of: node))
 
-        case FscryptIoctl.getFlags, FscryptIoctl.getFlags32:
-            // Every encfsd object is encrypted: lsattr shows 'E'.
-            let flags = FscryptIoctl.encryptFlag
+        case FileAttrIoctl.getFlags, FileAttrIoctl.getFlags32:
+            // Every encfsd object is encrypted: lsattr shows 'E' beside the flags it keeps.
+            let flags = FileAttrIoctl.encryptFlag | (try volume.inodeFlags(of: node).rawValue)
             let bytes = withUnsafeBytes(of: UInt64(flags).littleEndian) { Array($0) }
             guard outputSize == 4 || outputSize == 8 else { throw StoreError.invalidArgument }
             return IoctlReply(output: Array(bytes.prefix(outputSize)))
+
+        case FileAttrIoctl.setFlags, FileAttrIoctl.setFlags32:
+            // The kernel's fileattr path sends an int (4 bytes) whichever form the caller used; the
+            // upper half of a long must be zero (no flag lives there).
+            guard input.count == 4 || input.count == 8 else { throw StoreError.invalidArgument }
+            var value: UInt64 = 0
+            for (i, byte) in input.enumerated() { value |= UInt64(byte) << (8 * UInt64(i)) }
+            guard value <= UInt64(UInt32.max) else { throw StoreError.notSupported }
+            try volume.setInodeFlags(node, UInt32(value), caller: flagsCaller(context))
+            return IoctlReply()
+
+        case FileAttrIoctl.getXattr:
+            guard outputSize == FileAttrIoctl.FileAttributes.byteCount else { throw StoreError.invalidArgument }
+            let xflags = FileAttrIoctl.xflags(of: try volume.inodeFlags(of: node).rawValue)
+            return IoctlReply(output: FileAttrIoctl.FileAttributes(xflags: xflags).encoded())
+
+        case FileAttrIoctl.setXattr:
+            // Extent size hints and project IDs are not kept: only zero is accepted for them.
+            guard let argument = FileAttrIoctl.FileAttributes.decode(input) else { throw StoreError.notSupported }
+            guard let flags = FileAttrIoctl.flags(ofXflags: argument.xflags) else { throw StoreError.notSupported }
+            // FS_DIRSYNC_FL has no xflag: it stays as it is.
+            let kept = try volume.inodeFlags(of: node).intersection(.directorySync).rawValue
+            try volume.setInodeFlags(node, flags | kept, caller: flagsCaller(context))
+            return IoctlReply()
 
         case ControlProtocol.setPolicy:
             guard let argument = ControlProtocol.PolicyArgument.decode(input), argument.flags == 0 else {
@@ -126,6 +150,11 @@ struct ControlHandler: Sendable {
                          flags: identifier == root ? ControlProtocol.StatusArgument.rootPolicy : 0)
         }
         return reply
+    }
+
+    private func flagsCaller(_ context: RequestContext) -> FlagsCaller {
+        FlagsCaller(uid: context.uid, mayChangeImmutable: CallerCapabilities.has(.linuxImmutable, context),
+                    ownsEverything: CallerCapabilities.has(.fileOwner, context))
     }
 
     private static func removalOutcome(_ flags: UInt32) -> String {

@@ -27,6 +27,8 @@ struct Daemon {
     var logLevel = LogLevel.notice
     /// Unmount after this long without open files or requests (`--idle`).
     var idle: Duration?
+    /// The `-o` atime options: the kernel applies none of them to a FUSE mount's inodes.
+    var accessTimes = AccessTimeOptions()
 
     func serve() throws {
         signal(SIGPIPE, SIG_IGN)
@@ -47,7 +49,7 @@ struct Daemon {
             if let keys = table.withLock({ $0 }) { invalidator.keyWiped(identifier, keys: keys) }
         }
         table.withLock { $0 = keys }
-        let volume = try Volume(storePath: storePath, keys: keys, openingEpoch: false)
+        let volume = try Volume(storePath: storePath, keys: keys, openingEpoch: false, accessTimes: accessTimes)
         if let refusal = volume.capabilities.refusal { throw CLIError("cannot mount \(storePath): \(refusal)") }
         if let warning = volume.capabilities.lockWarning { Log.warning(warning) }
         Log.notice(volume.capabilities.summary)
@@ -60,6 +62,7 @@ struct Daemon {
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService, requestCounts: requestCounts),
                                       options: mountOptions, counts: requestCounts)
         invalidator.attach(session: session)
+        volume.attributesMoved.withLock { $0 = { invalidator.attributesMoved($0) } }
         // Past every check that can refuse the mount: a refused mount leaves no open epoch, which
         // the next mount would read as an unclean shutdown (and so as leave to pass over damage).
         try volume.openEpoch()

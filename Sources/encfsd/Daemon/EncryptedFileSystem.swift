@@ -114,7 +114,7 @@ final class EncryptedFileSystem: FileSystem {
     }
 
     func open(_ node: UInt64, flags: Int32) throws -> OpenReply {
-        let handle = try logged("open of node \(node)", node: node) { try volume.open(node, truncate: flags & O_TRUNC != 0) }
+        let handle = try logged("open of node \(node)", node: node) { try volume.open(node, flags: flags) }
         return OpenReply(handle: handle, keepCache: true)
     }
 

@@ -1,0 +1,150 @@
+import EncCrypto
+import EncKeys
+import EncFormat
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// When reads move an object's atime: the mount's atime options. With FUSE the kernel marks every
+/// inode S_NOATIME and never updates an atime itself, and the VFS mount flags (`noatime`,
+/// `relatime`, ...) it applies never reach the daemon; so `encfsd mount` reads them from its own
+/// `-o` options and the store applies them (DESIGN.md, "Access times").
+public struct AccessTimeOptions: Sendable, Equatable {
+    public enum Rule: Sendable, Equatable {
+        /// Never (`noatime`).
+        case never
+        /// When the atime is not after the mtime or the ctime, or is a day old (`relatime`, the
+        /// default, as on ext4).
+        case relative
+        /// At every access (`strictatime`).
+        case always
+    }
+
+    public var rule: Rule = .relative
+    /// `nodiratime`: listing a directory never moves its atime.
+    public var directories = true
+    /// `lazytime`: a moved atime is written when the kernel forgets the object, with the object's
+    /// next header write of another kind, or at unmount, instead of at each close (what lazytime
+    /// asks of ext4: atimes kept in memory, at the price of those a crash loses).
+    public var lazy = false
+
+    public init(rule: Rule = .relative, directories: Bool = true, lazy: Bool = false) {
+        self.rule = rule
+        self.directories = directories
+        self.lazy = lazy
+    }
+
+    /// Applies one mount option; false if `option` is not an atime option.
+    public mutating func apply(_ option: String) -> Bool {
+        switch option {
+        case "noatime": rule = .never
+        case "relatime", "atime", "nostrictatime": rule = .relative
+        case "strictatime", "norelatime": rule = .always
+        case "nodiratime": directories = false
+        case "diratime": directories = true
+        case "lazytime": lazy = true
+        case "nolazytime": lazy = false
+        default: return false
+        }
+        return true
+    }
+
+    static let day: UInt64 = 86_400 * 1_000_000_000
+
+    /// Whether an access at `now` moves an atime of `atime` given the object's mtime and ctime
+    /// (all nanoseconds since the epoch).
+    func isDue(atime: UInt64, modified: UInt64, changed: UInt64, now: UInt64, directory: Bool) -> Bool {
+        if directory && !directories { return false }
+        switch rule {
+        case .never: return false
+        case .always: return atime != now
+        // An atime in the future is not old (the kernel's relatime compares signed).
+        case .relative: return atime <= modified || atime <= changed || (now > atime && now - atime >= Self.day)
+        }
+    }
+}
+
+extension Timestamp {
+    /// Nanoseconds since the epoch; times before it count as 0.
+    var nanosecondsSinceEpoch: UInt64 {
+        seconds < 0 ? 0 : UInt64(seconds) &* 1_000_000_000 &+ UInt64(max(0, nanoseconds))
+    }
+
+    init(nanosecondsSinceEpoch ns: UInt64) {
+        self.init(seconds: Int64(ns / 1_000_000_000), nanoseconds: Int64(ns % 1_000_000_000))
+    }
+}
+
+extension Volume {
+    /// Whether this store keeps inode flags and atimes in headers (format version 3).
+    var keepsInodeMetadata: Bool { slots.newObjectVersion >= 3 }
+
+    /// An access (an open for reading, a read under strictatime, a listing) by a handle that did
+    /// not ask for O_NOATIME: the new atime, if the mount's rule says one is due, is kept in the
+    /// node and written with its handle's last close (`writeAccessTime`), never on the read path.
+    func noteAccess(_ node: Node) {
+        guard keepsInodeMetadata, accessTimes.rule != .never, !(node.isDirectory && !accessTimes.directories) else { return }
+        guard !node.state.withLock({ $0.header.inodeFlags.contains(.noAccessTime) }) else { return }
+        let now = Self.nowNanoseconds()
+        if accessTimes.rule != .always {
+            guard let current = try? attributes(node),
+                  accessTimes.isDue(atime: current.accessTime.nanosecondsSinceEpoch, modified: current.modificationTime.nanosecondsSinceEpoch,
+                                    changed: current.changeTime.nanosecondsSinceEpoch, now: now, directory: node.isDirectory)
+            else { return }
+        }
+        node.state.withLock { $0.accessedAt = max($0.accessedAt ?? 0, now) }
+        // The kernel keeps attributes for the attribute timeout; a stat right after the read must
+        // show the new atime, as on ext4.
+        attributesMoved.withLock { $0 }?(node.id)
+    }
+
+    /// Writes an atime `noteAccess` kept, as a header write that leaves the plaintext ctime where it
+    /// was: the write moves the backing ctime, so the header records the plaintext one
+    /// (`changeTime`) and a futimens then sets the backing atime to now, which gives it the
+    /// backing ctime's instant. While the two stay equal nothing else changed the backing object,
+    /// and `changeTime` is the ctime (`attributes`). Without the key the atime is dropped.
+    func writeAccessTime(_ node: Node) throws {
+        guard node.state.withLock({ $0.accessedAt != nil }), let key = try? key(for: node, .header).key else { return }
+        try node.state.withLock { state in
+            guard let accessed = state.accessedAt else { return }
+            state.accessedAt = nil
+            state.accessTimeWrites += 1
+            if state.header.flags.contains(.pendingWrite) { try recoverLocked(node, &state, key: key) }
+            let headerFD = try headerDescriptor(node, state, writable: true)
+            defer { withExtendedLifetime(headerFD) {} }
+            let before = try Sys.fstat(headerFD.raw)
+            var header = state.header
+            header.accessTime = accessed
+            header.changeTime = Self.changeTime(before, header: header)
+            try slots.writeMetadata(fd: headerFD.raw, header: &header, key: key, sync: false, safety: &state.slotSafety)
+            state.header = header
+            try Sys.markUnchangedSinceWrite(headerFD.raw, modified: node.isDirectory ? nil : before.st_mtim)
+        }
+    }
+
+    /// The atimes still only in memory (lazytime), written at unmount before the epoch ends.
+    func writePendingAccessTimes() {
+        for node in table.withLock({ Array($0.byID.values) }) where node.state.withLock({ $0.accessedAt != nil }) {
+            writeAccessTimeReporting(node)
+        }
+    }
+
+    /// `writeAccessTime` at a handle's close, which has no caller to fail: an atime that cannot be
+    /// written is logged and lost, as a crash would lose it.
+    func writeAccessTimeReporting(_ node: Node) {
+        do {
+            try writeAccessTime(node)
+        } catch {
+            Diagnostics.report("atime of object \(Hex.encode(node.state.withLock { $0.header.objectID })) not written: \(error)")
+        }
+    }
+
+    /// The plaintext ctime an object's header file shows: the one its header kept over its last
+    /// atime write while nothing has changed it since (atime equal to ctime), else its own.
+    static func changeTime(_ st: stat, header: ObjectHeader) -> UInt64 {
+        if header.changeTime != 0 && st.st_atim.tv_sec == st.st_ctim.tv_sec && st.st_atim.tv_nsec == st.st_ctim.tv_nsec {
+            return header.changeTime
+        }
+        return Timestamp(seconds: Int64(st.st_ctim.tv_sec), nanoseconds: Int64(st.st_ctim.tv_nsec)).nanosecondsSinceEpoch
+    }
+}
