@@ -87,14 +87,19 @@ import Testing
         }
     }
 
-    @Test func headerSlot() throws {
-        let key = try MasterKey(raw: Self.testKey)
+    /// FORMAT.md 12's header: sequence 1, size 100, one binding, in `version`.
+    static func vectorHeader(version: UInt16, key: MasterKey) -> ObjectHeader {
         var header = ObjectHeader(type: .regular, mode: 0o644, uid: 1000, gid: 1000, extentSize: 4096,
-                                  objectID: Self.objectID, policy: key.identifier, version: 1)
+                                  objectID: Self.objectID, policy: key.identifier, version: version)
         header.sequence = 1
         header.size = 100
         header.bindings = [Binding(digest: Array(Hex.decode("de1037de7c69251a026eddde24928e4b")!))]
-        let slot = HeaderCodec.seal(header, key: key)
+        return header
+    }
+
+    @Test func headerSlot() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        let slot = HeaderCodec.seal(Self.vectorHeader(version: 1, key: key), key: key)
         #expect(hex(slot[0..<130]) == "454653310100820001000000000000000000000001000000a4010000e8030000e8030000001000000000000000000000"
             + "6400000000000000101112131415161718191a1b1c1d1e1f69b2f6edeee720cce0577937eb8a675169b2f6edeee720cce0577937eb8a6751"
             + "0000010000000000de1037de7c69251a026eddde24928e4b0000")
@@ -106,16 +111,12 @@ import Testing
     /// FORMAT.md 16.1: the same header in version 3, with every field that only v3 stores set.
     @Test func version3HeaderSlot() throws {
         let key = try MasterKey(raw: Self.testKey)
-        var header = ObjectHeader(type: .regular, mode: 0o644, uid: 1000, gid: 1000, extentSize: 4096,
-                                  objectID: Self.objectID, policy: key.identifier, version: 3)
-        header.sequence = 1
-        header.size = 100
+        var header = Self.vectorHeader(version: 3, key: key)
         header.epoch = 5
         header.birthTime = 1_600_000_000_000_000_000
         header.inodeFlags = [.immutable, .noAccessTime]
         header.accessTime = 1_700_000_000_123_456_789
         header.xattrGeneration = 7
-        header.bindings = [Binding(digest: Array(Hex.decode("de1037de7c69251a026eddde24928e4b")!))]
         let slot = HeaderCodec.seal(header, key: key)
         #expect(hex(slot[0..<194]) == Self.version3Body)
         #expect(hex(slot[194..<226]) == "a71c1d725b5662634bdbe956e23b924c8a3434bffdcd72b1c6c99dded0c28ac9")
