@@ -4,7 +4,9 @@
 # per format version; commit the result; never regenerate an old version's store.
 # With "half-rekeyed" as second argument (version 2 on): the same tree, then a rekey of the root to
 # a second key (bytes 0x41..0x80) stopped part way by killing the daemon at its second batch, in
-# Tests/Golden/v<N>-half-rekeyed, whose manifest names the second key.
+# Tests/Golden/v<N>-half-rekeyed, whose manifest names the second key. With "attributes" (version 3
+# on): the same tree with inode flags and xattrs, part of them in a side object, in
+# Tests/Golden/v<N>-attributes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:?usage: make-golden-store.sh FORMAT_VERSION [half-rekeyed]}"
@@ -14,11 +16,19 @@ out="Tests/Golden/v$version${variant:+-$variant}"
 swift build 2>&1 | tail -n 1
 encfsd="$PWD/.build/debug/encfsd"
 work=$(mktemp -d)
-trap 'fusermount3 -u "$work/mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'fusermount3 -u "$work/mnt" 2>/dev/null || true; fusermount3 -u "$work/backing" 2>/dev/null || true; rm -rf "$work"' EXIT
 python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(1, 65)))' > "$work/key"
 mkdir "$work/mnt"
-"$encfsd" init "$work/store" --key-file "$work/key" --extent-size 4096
-"$encfsd" mount "$work/store" "$work/mnt"
+store="$work/store"
+if [ "$variant" = attributes ]; then
+    # git keeps no xattrs, so the store is made on a backing that has none (bindfs --xattr-none):
+    # every xattr then lives in side objects, which a checkout carries.
+    mkdir "$work/backing-source" "$work/backing"
+    bindfs --xattr-none -o attr_timeout=0 "$work/backing-source" "$work/backing"
+    store="$work/backing/store"
+fi
+"$encfsd" init "$store" --key-file "$work/key" --extent-size 4096
+"$encfsd" mount "$store" "$work/mnt"
 "$encfsd" key add "$work/mnt" --key-file "$work/key"
 python3 - "$work/mnt" "$work/manifest.json" <<'PY'
 import hashlib, json, os, sys
@@ -52,15 +62,40 @@ manifest = {
 }
 json.dump(manifest, open(manifest_path, "w"), indent=2, sort_keys=True)
 PY
+if [ "$variant" = attributes ]; then
+    # Version 3 on: inode flags, and xattrs, all in side objects (see the backing above).
+    python3 - "$work/mnt" "$work/manifest.json" <<'PY'
+import fcntl, json, os, struct, sys
+mnt, manifest_path = sys.argv[1], sys.argv[2]
+FS_IOC_GETFLAGS, FS_IOC_SETFLAGS = 0x80086601, 0x40086602
+xattrs = {"three-extents-and-a-bit": {f"user.a{i:02d}": bytes((i * 7 + j) & 0xff for j in range(200)) for i in range(40)},
+          "dir": {"user.dir-note": b"kept with the directory"}}
+for path, attrs in xattrs.items():
+    for name, value in attrs.items():
+        os.setxattr(os.path.join(mnt, path), name, value)
+flags = {"one-byte": 0x20, "empty": 0x40 | 0x80, "dir": 0x8}  # append-only; nodump + noatime; sync
+for path, value in flags.items():
+    fd = os.open(os.path.join(mnt, path), os.O_RDONLY)
+    try:
+        fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("q", value))
+    finally:
+        os.close(fd)
+m = json.load(open(manifest_path))
+m["xattrs"] = {p: {n: v.hex() for n, v in a.items()} for p, a in xattrs.items()}
+m["inodeFlags"] = flags
+json.dump(m, open(manifest_path, "w"), indent=2, sort_keys=True)
+PY
+    [ -n "$(ls "$store/.xattrs" 2>/dev/null)" ] || { echo "no xattr side object was made" >&2; exit 1; }
+fi
 if [ "$variant" = half-rekeyed ]; then
     fusermount3 -u "$work/mnt"
     sleep 1
     python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(65, 129)))' > "$work/key2"
     second=$(python3 -c 'import hashlib,hmac,sys; k=open(sys.argv[1],"rb").read(); p=hmac.new(b"\0"*64,k,hashlib.sha512).digest(); print(hmac.new(p,b"fscrypt\0\x01\x01",hashlib.sha512).digest()[:16].hex())' "$work/key2")
-    ENCFSD_FAULT_POINT=rekey-batch-committed@2 "$encfsd" mount "$work/store" "$work/mnt" --no-keyring \
+    ENCFSD_FAULT_POINT=rekey-batch-committed@2 "$encfsd" mount "$store" "$work/mnt" --no-keyring \
         --key-file "$work/key" --key-file "$work/key2"
     "$encfsd" rekey start "$work/mnt" --to "$second" || true
-    for _ in $(seq 100); do pgrep -f "mount $work/store" >/dev/null || break; sleep 0.1; done
+    for _ in $(seq 100); do pgrep -f "mount $store" >/dev/null || break; sleep 0.1; done
     python3 - "$work/manifest.json" "$second" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
@@ -71,6 +106,6 @@ PY
 fi
 fusermount3 -u "$work/mnt" 2>/dev/null || true
 mkdir -p "$out"
-cp -a "$work/store" "$out/store"
+cp -a "$store" "$out/store"
 cp "$work/manifest.json" "$out/manifest.json"
 echo "wrote $out"

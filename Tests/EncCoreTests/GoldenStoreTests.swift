@@ -22,6 +22,10 @@ import Testing
         /// test adds too: every file must read with both keys present.
         let secondKey: String?
         let rekeyedTo: String?
+        /// Path -> xattr name -> value (hex); some of them live in a side object.
+        let xattrs: [String: [String: String]]?
+        /// Path -> FS_IOC_GETFLAGS flags (FS_ENCRYPT_FL aside).
+        let inodeFlags: [String: UInt32]?
     }
 
     static var versions: [String] {
@@ -74,6 +78,17 @@ import Testing
         }
         for (path, mode) in manifest.modes {
             #expect(try volume.getattr(resolve(path)).mode & 0o7777 == mode, "\(version) \(path)")
+        }
+        for (path, attributes) in manifest.xattrs ?? [:] {
+            let node = try resolve(path)
+            for (name, value) in attributes {
+                #expect(try Hex.encode(volume.getxattr(node, name: Array(name.utf8))) == value, "\(version) \(path) \(name)")
+            }
+            let names = try Set(volume.listxattr(node, includeTrusted: false).map { String(decoding: $0, as: UTF8.self) })
+            #expect(names == Set(attributes.keys), "\(version) \(path)")
+        }
+        for (path, flags) in manifest.inodeFlags ?? [:] {
+            #expect(try volume.inodeFlags(of: resolve(path)).rawValue == flags, "\(version) \(path)")
         }
         let listed = try volume.list(volume.node(Volume.rootID)).map { String(decoding: $0.name, as: UTF8.self) }
         let expectedTop = Set(manifest.files.keys.map { String($0.split(separator: "/")[0]) })
