@@ -17,6 +17,9 @@ public enum HKDFContext: UInt8, Sendable {
     case nameKey = 0x82
     /// Per-master-key extended-attribute keys (96 bytes): AES-256-SIV key (64) || HMAC key (32).
     case xattrKey = 0x83
+    /// v3: per-seal AES-256-GCM key and IV of an xattr side object (44 bytes); context data is the
+    /// seal's 16-byte random nonce, as for extents, under a context of its own.
+    case xattrSideObjectKey = 0x84
 }
 
 public enum HKDFInfo {

@@ -94,6 +94,18 @@ public final class MasterKey: Sendable {
         }
     }
 
+    /// Runs `body` with the 32-byte AES-256-GCM key and 12-byte IV of one xattr side object seal
+    /// (context 0x84 with the seal's nonce); both are wiped afterwards.
+    public func withXattrSideObjectKey<R>(nonce: [UInt8], _ body: (_ key: UnsafeRawBufferPointer, _ iv: UnsafeRawBufferPointer) throws -> R) rethrows -> R {
+        precondition(nonce.count == 16)
+        return try withUnsafeTemporaryAllocation(byteCount: 44, alignment: 16) { out in
+            defer { OpenSSL.cleanse(out) }
+            let info = HKDFInfo.make(.xattrSideObjectKey, nonce)
+            prk.withBytes { p in info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(prk: p, info: $0, into: out) } }
+            return try body(UnsafeRawBufferPointer(rebasing: out[0..<32]), UnsafeRawBufferPointer(rebasing: out[32..<44]))
+        }
+    }
+
     public func withNameKey<R>(_ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         try nameKeyBytes.withBytes(body)
     }

@@ -45,6 +45,12 @@ import Glibc
         var unlinkDurableAt: Int?
         /// The header's object ID: what a name holds when an exchange put another file there.
         var objectID: [UInt8] = []
+        /// Its xattrs after each setxattr or removexattr (each durable when it returns), checked
+        /// only for files the workload gives xattrs.
+        var xattrSets: [(start: Int, end: Int, value: [String: [UInt8]], durable: Bool)] = []
+        var xattrs: [String: [UInt8]] = [:]
+        var initialXattrs: [String: [UInt8]] = [:]
+        var checksXattrs = false
         init(_ label: String) { self.label = label }
 
         /// The names the file may be found under after the first `point` operations, and
@@ -178,6 +184,19 @@ import Glibc
 
         func syncDirectory(_ dir: UInt64 = Volume.rootID) throws { try volume.fsyncDirectory(dir) }
 
+        func setxattr(_ label: String, _ name: String, _ value: [UInt8]?) throws {
+            let t = tracked[label]!
+            let start = log.count
+            if let value {
+                try volume.setxattr(nodes[label]!, name: Array(name.utf8), value: value, mode: .any)
+            } else {
+                try volume.removexattr(nodes[label]!, name: Array(name.utf8))
+            }
+            t.xattrs[name] = value
+            t.checksXattrs = true
+            t.xattrSets.append((start, log.count, t.xattrs, true))
+        }
+
         /// A fallocate range operation, committed as it returns (not necessarily durable).
         mutating func fallocate(_ label: String, _ operation: RangeOperation, at offset: Int, length: Int) throws {
             let t = tracked[label]!
@@ -201,6 +220,24 @@ import Glibc
         }
     }
 
+    /// A new store with `key` (and `alsoKey`) loaded, in a scratch directory removed with it:
+    /// on tmpfs when the machine has one, since thousands of states are written out and read back.
+    final class ScratchStore {
+        let base: String
+        var store: String { base + "/store" }
+        let keys = KeyTable()
+
+        init(_ label: String, alsoKey: MasterKey? = nil) throws {
+            let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
+            base = scratch + "/encfsd-\(label)-\(UUID().uuidString)"
+            try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+            try StoreCreation.create(at: base + "/store", key: CrashStateTests.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
+            for key in [CrashStateTests.key] + (alsoKey.map { [$0] } ?? []) { try keys.add(key, claim: .init(uid: 0, serial: 0)) }
+        }
+
+        deinit { try? FileManager.default.removeItem(atPath: base) }
+    }
+
     /// What a backing without O_TMPFILE, linkat of an open file, RENAME_NOREPLACE and
     /// RENAME_EXCHANGE (bindfs, sshfs, GlusterFS) leaves: every fallback sequence runs.
     static let fallbacks = BackingCapabilities(present: [.fdatasync, .userXattrs, .lock, .stableInodes],
@@ -208,16 +245,10 @@ import Glibc
 
     @Test(arguments: [BackingCapabilities.local, fallbacks])
     func everyCrashStateRecoversToACommittedState(_ capabilities: BackingCapabilities) throws {
-        // Thousands of states are written out and read back: on tmpfs when the machine has one.
-        let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
-        let base = scratch + "/encfsd-crash-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: base) }
-        let store = base + "/store"
-        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
-        let keys = KeyTable()
-        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
-        var h = Harness(volume: try Volume(storePath: store, keys: keys, capabilities: capabilities))
+        let scratch = try ScratchStore("crash")
+        defer { withExtendedLifetime(scratch) {} }
+        let (base, store) = (scratch.base, scratch.store)
+        var h = Harness(volume: try Volume(storePath: store, keys: scratch.keys, capabilities: capabilities))
         var rng = SystemRandomNumberGenerator()
         func random(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) } }
 
@@ -297,17 +328,11 @@ import Glibc
     /// record in encfsd.conf written and dropped): at every crash point every file reads in full
     /// under one of its names with both keys present.
     @Test func everyCrashStateOfARekeyKeepsEveryFile() throws {
-        let scratch = FileManager.default.fileExists(atPath: "/dev/shm") ? "/dev/shm" : FileManager.default.temporaryDirectory.path
-        let base = scratch + "/encfsd-crash-rekey-\(UUID().uuidString)"
-        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: base) }
-        let store = base + "/store"
-        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: Caller(uid: 0, gid: 0))
         let newKey = try MasterKey(raw: [UInt8](repeating: 0x42, count: 64))
-        let keys = KeyTable()
-        try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
-        try keys.add(newKey, claim: .init(uid: 0, serial: 0))
-        var h = Harness(volume: try Volume(storePath: store, keys: keys))
+        let scratch = try ScratchStore("crash-rekey", alsoKey: newKey)
+        defer { withExtendedLifetime(scratch) {} }
+        let (base, store) = (scratch.base, scratch.store)
+        var h = Harness(volume: try Volume(storePath: store, keys: scratch.keys))
         var rng = SystemRandomNumberGenerator()
         func random(_ n: Int) -> [UInt8] { (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) } }
         try h.create("A", name: "a", path: ["a"])
@@ -320,9 +345,14 @@ import Glibc
         try h.create("C", in: dirID, name: "c", path: ["d", "c"])
         try h.write("C", at: 0, random(2 * 4096))
         try h.flush("C", durable: true)
+        // A side object for the rekey to reseal: a sealed 64 KiB value fits no backing xattr.
+        try h.setxattr("C", "user.big", random(65536))
         try h.syncDirectory(); try h.syncDirectory(dirID)
         for label in ["A", "B", "C"] { try h.volume.release(handle: h.handles[label]!) }
-        for t in h.tracked.values { t.paths[0].durableAt = 0; t.initial = t.content; t.initialOwner = t.owner; t.commits = []; t.owners = [] }
+        for t in h.tracked.values {
+            t.paths[0].durableAt = 0; t.initial = t.content; t.initialOwner = t.owner; t.commits = []; t.owners = []
+            t.initialXattrs = t.xattrs; t.xattrSets = []
+        }
         let initial = try BackingModel.snapshot(of: store)
 
         OperationLog.shared.start()
@@ -330,10 +360,62 @@ import Glibc
         h.volume.rekeyUntilDone()
         let operations = OperationLog.shared.stop()
         #expect(h.volume.rekeys.active.isEmpty)
+        // The side object moved with the rekey: sealed under the new key now, one file left.
+        let c = try h.node(["d", "c"])
+        let (objectID, generation) = try h.volume.node(c).state.withLock { ($0.header.objectID, $0.header.xattrGeneration) }
+        let sideFiles = try FileManager.default.contentsOfDirectory(atPath: store + "/.xattrs")
+        #expect(sideFiles == [String(decoding: XattrSideObject.fileName(objectID: objectID, generation: generation), as: UTF8.self)])
+        let image = try Array(Data(contentsOf: URL(fileURLWithPath: store + "/.xattrs/" + sideFiles[0])))
+        #expect(try XattrSideObject.open(image, objectID: objectID, generation: generation, key: newKey).count == 1)
 
         let checked = try check(operations: operations, initial: initial, tracked: Array(h.tracked.values), base: base,
                                 keys: [Self.key, newKey])
         print("rekey crash states checked: \(checked.states) distinct states at \(checked.points) crash points (\(operations.count) backing operations)")
+        #expect(checked.states >= 100)
+    }
+
+    /// A backing without user xattrs (sshfs), natively and with every other fallback: each
+    /// setxattr and removexattr commits a new side object generation (written, synced, named by
+    /// a synced header, the old one unlinked). At every crash point the file's xattrs read as
+    /// the set before or after one change, never EIO; and a file unlinked with its side object
+    /// stays gone.
+    @Test(arguments: [BackingCapabilities(present: BackingCapabilities.local.present.subtracting([.userXattrs]), filesystemType: "ext4", lockScope: .thisMachine),
+                      BackingCapabilities(present: [.fdatasync, .lock, .stableInodes], filesystemType: "fuse.sshfs", lockScope: .thisHostOnly)])
+    func everyCrashStateOfASideObjectHoldsTheOldOrTheNewSet(_ capabilities: BackingCapabilities) throws {
+        let scratch = try ScratchStore("crash-xattrs")
+        defer { withExtendedLifetime(scratch) {} }
+        let (base, store) = (scratch.base, scratch.store)
+        var h = Harness(volume: try Volume(storePath: store, keys: scratch.keys, capabilities: capabilities))
+        try h.create("X", name: "x", path: ["x"])
+        try h.write("X", at: 0, randomBytes(3000, seed: 1))
+        try h.flush("X", durable: true)
+        try h.create("Z", name: "z", path: ["z"])
+        try h.setxattr("Z", "user.doomed", [9])
+        try h.syncDirectory()
+        for t in h.tracked.values { t.paths[0].durableAt = 0; t.initial = t.content; t.initialOwner = t.owner; t.commits = []; t.owners = [] }
+        let zSet = h.tracked["Z"]!.xattrs
+        h.tracked["Z"]!.xattrSets = []
+        h.tracked["Z"]!.checksXattrs = false
+        let initial = try BackingModel.snapshot(of: store)
+
+        OperationLog.shared.start()
+        try h.setxattr("X", "user.first", randomBytes(200, seed: 2))     // generation 1, the first .xattrs entry
+        try h.setxattr("X", "user.second", randomBytes(5000, seed: 3))   // 2: the old one unlinked after the header
+        try h.setxattr("X", "user.first", randomBytes(300, seed: 4))     // 3: replaced
+        try h.setxattr("X", "security.label", Array("label\0".utf8))    // 4
+        try h.setxattr("X", "user.second", nil)                          // 5: removed
+        try h.write("X", at: 100, randomBytes(50, seed: 5)); try h.flush("X", durable: true) // contents keep the generation
+        try h.volume.release(handle: h.handles["Z"]!)
+        h.tracked["Z"]!.unlinkedAt = OperationLog.shared.count
+        try h.volume.unlink(parent: Volume.rootID, name: Array("z".utf8))  // its side object goes once the unlink is durable
+        try h.syncDirectory()
+        h.tracked["Z"]!.unlinkDurableAt = OperationLog.shared.count
+        let operations = OperationLog.shared.stop()
+        try h.volume.release(handle: h.handles["X"]!)
+        #expect(zSet == ["user.doomed": [9]])
+
+        let checked = try check(operations: operations, initial: initial, tracked: Array(h.tracked.values), base: base)
+        print("xattr side object crash states checked: \(checked.states) distinct states at \(checked.points) crash points (\(operations.count) backing operations, \(capabilities.has(.unnamedFiles) ? "native" : "fallback") backing paths)")
         #expect(checked.states >= 100)
     }
 
@@ -431,6 +513,15 @@ import Glibc
                 // and what it held when recording began, until a durable commit.
                 let allowed = Tracked.allowed(t.commits, initial: t.initial, at: point)
                 #expect(allowed.contains(data), "\(t.label) at \(path) holds \(data.count) bytes, allowed \(allowed.map(\.count)) (\(label))")
+                if t.checksXattrs {
+                    // Never EIO, never a mix: exactly the set before or after one change.
+                    var xattrs: [String: [UInt8]] = [:]
+                    for name in try volume.listxattr(id, includeTrusted: true) {
+                        xattrs[String(decoding: name, as: UTF8.self)] = try volume.getxattr(id, name: name)
+                    }
+                    let allowedSets = Tracked.allowed(t.xattrSets, initial: t.initialXattrs, at: point)
+                    #expect(allowedSets.contains(xattrs), "\(t.label) at \(path) has xattrs \(xattrs.keys.sorted()), allowed \(allowedSets.map { $0.keys.sorted() }) (\(label))")
+                }
             }
             if let gone = t.unlinkDurableAt, gone <= point {
                 #expect(found.isEmpty, "\(t.label) came back after a durable unlink (\(label))")

@@ -30,8 +30,9 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
         case renameExchange = "RENAME_EXCHANGE"
         /// `fdatasync`. Fallback: `fsync`, which does strictly more.
         case fdatasync
-        /// `user.` extended attributes. Without them, xattr calls on the mount fail with
-        /// EOPNOTSUPP and listings are empty (nothing is stored).
+        /// `user.` extended attributes. Without them, every xattr is kept in the object's side
+        /// object (`Volume+XattrSide`); a store older than version 3 has none, and xattr calls
+        /// there fail with EOPNOTSUPP.
         case userXattrs = "user-xattrs"
         /// An exclusive `F_OFD_SETLK` that a second open file description cannot also take.
         /// Required: without it the store is refused (two daemons would corrupt it).
@@ -53,7 +54,7 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
             case .renameNoReplace: "absence checked, then a plain rename, under the namespace lock"
             case .renameExchange: "journaled three-rename sequence through a .xc- name"
             case .fdatasync: "fsync"
-            case .userXattrs: "xattr calls fail with EOPNOTSUPP"
+            case .userXattrs: "every xattr in side objects (.xattrs/; a version 3 store)"
             case .hardLinks: "link fails with EPERM"
             case .lock, .stableInodes: "none: the store is refused"
             }

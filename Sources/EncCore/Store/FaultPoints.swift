@@ -37,6 +37,10 @@ public enum FaultPoint: String, CaseIterable, Sendable {
     case exchangeRecorded = "exchange-recorded"
     case exchangeFirstMoved = "exchange-first-moved"
     case exchangeSecondMoved = "exchange-second-moved"
+    // An xattr side object commit (Volume+XattrSide.swift): the new generation durable, then
+    // the header naming it.
+    case xattrSideObjectWritten = "xattr-side-object-written"
+    case xattrSideHeaderCommitted = "xattr-side-header-committed"
 }
 
 /// Test hooks exist only in builds made with `ENCFSD_TEST_HOOKS` (debug builds, which the tests

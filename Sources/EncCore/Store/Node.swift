@@ -27,6 +27,10 @@ struct NodeState {
     /// creation; nil until then. Lets a probe for an attribute the object lacks answer ENODATA
     /// without a backing call.
     var backingXattrs: Set<String>?
+    /// The side object the header names, once read or written (`Volume+XattrSide`).
+    var sideXattrs: SideXattrs?
+    /// The last name went while the object was open: its side object goes at the last close.
+    var sideObjectUnlinked = false
     /// An atime an access made due (`Volume.noteAccess`), not yet in the header: written with the
     /// handle's last close or folded into the next header write.
     var accessedAt: UInt64?

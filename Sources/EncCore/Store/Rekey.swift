@@ -172,15 +172,22 @@ extension StoreConfig {
     /// Replaces `encfsd.conf` atomically: the new contents go to an unnamed file, synced, linked
     /// under a temporary `.conf-` name and renamed over the old file, then the directory is
     /// synced. A crash leaves the old or the new configuration, at worst a `.conf-` leftover.
+    /// A backing without O_TMPFILE or linkat of an open file (bindfs, sshfs, GlusterFS) gets the
+    /// `.conf-` file made under its name, which no reader takes for the configuration.
     static func replace(_ config: StoreConfig, storeFD: Int32) throws {
         let dir = try Sys.listingDescriptor(storeFD)
         defer { withExtendedLifetime(dir) {} }
-        let fd = try Sys.createUnnamed(in: dir.raw, mode: 0o644)
-        defer { withExtendedLifetime(fd) {} }
-        try Array(config.encoded()).withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: 0) }
-        try Sys.fsync(fd.raw)
         let temporary = Array(".conf-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
-        try Sys.linkAt(fd: fd.raw, toDir: dir.raw, temporary)
+        let contents = Array(config.encoded())
+        func durable(_ fd: FileDescriptor) throws -> FileDescriptor {
+            try contents.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: 0) }
+            try Sys.fsync(fd.raw)
+            return fd
+        }
+        let unnamed = try? durable(Sys.createUnnamed(in: dir.raw, mode: 0o644))
+        let linked = unnamed.flatMap { fd in (try? Sys.linkAt(fd: fd.raw, toDir: dir.raw, temporary)).map { fd } }
+        let fd = try linked ?? durable(Sys.createEntry(dir.raw, temporary, mode: 0o644))
+        defer { withExtendedLifetime((fd, unnamed)) {} }
         try Sys.renameAt(dir.raw, temporary, dir.raw, Array(StoreConfig.fileName.utf8))
         try Sys.fsync(dir.raw)
     }

@@ -46,6 +46,11 @@ public final class StoreChecker {
     /// The daemon's judgement of damaged slots (and, with --repair, this run's epoch).
     private var slots: HeaderSlots!
     private var config: StoreConfig!
+    /// `.xattrs`, when the store has it, and the side object files the headers read name.
+    private var sideDirectory: FileDescriptor?
+    private var sideObjectsNamed: Set<[UInt8]> = []
+    /// Some header could not be read: a side object no header names may then be that object's.
+    private var headerUnread = false
 
     public init(storePath: String, keys: KeyTable, repair: Bool, progress: @escaping (Int) -> Void = { _ in }) {
         self.storePath = storePath
@@ -127,8 +132,16 @@ public final class StoreChecker {
         if rootHeader.policy != config.rootIdentifier {
             note(.problem, "/", "root policy \(rootHeader.policy) differs from encfsd.conf's \(config.rootPolicy)")
         }
+        do {
+            sideDirectory = try XattrSideStore.directory(storeFD: storeFD.raw, create: false)
+        } catch {
+            note(.problem, ".xattrs", "\(error): every xattr side object reads EIO")
+            headerUnread = true
+        }
+        checkSideObject(of: rootHeader, path: "/")
         try walk(directoryFD: storeFD.raw, header: rootHeader, plainPath: "", backingPath: "")
         checkJournal()
+        checkSideObjectGarbage()
         return summary
     }
 
@@ -178,7 +191,8 @@ public final class StoreChecker {
         for entry in try Sys.listDirectory(directoryFD) {
             let name = String(decoding: entry.name, as: UTF8.self)
             let backing = backingPath + "/" + name
-            if entry.name == directoryHeaderName || (backingPath.isEmpty && (name == StoreConfig.fileName || name == StoreLock.fileName || name == EpochRecord.fileName || name == ".journal" || name == ".quarantine")) {
+            if entry.name == directoryHeaderName || (backingPath.isEmpty && (name == StoreConfig.fileName || name == StoreLock.fileName || name == EpochRecord.fileName || name == ".journal" || name == ".quarantine"
+                || entry.name == XattrSideStore.directoryName)) {
                 continue
             }
             if Leftovers.isLeftoverName(entry.name) && entry.isDirectory {
@@ -248,6 +262,7 @@ public final class StoreChecker {
                     }
                 }.map { plainPath + "/" + String(decoding: $0, as: UTF8.self) + " (backing \(backing))" } ?? backing
                 unrecoverable(in: directoryFD, name: entry.name, path: shown, "header: \(error)")
+                headerUnread = true
                 return
             }
             // The name: decrypt it, and require the object to be bound to it.
@@ -272,6 +287,7 @@ public final class StoreChecker {
                     note(.problem, display, "not bound to this name: moved or swapped in the backing store")
                 }
             }
+            checkSideObject(of: header, path: display)
             if isDirectory {
                 guard header.type == .directory else { return note(.problem, display, "a backing directory whose header is not a directory's") }
                 try walk(directoryFD: fd.raw, header: header, plainPath: display, backingPath: backing)
@@ -298,6 +314,47 @@ public final class StoreChecker {
                 }
             }
             verifyExtents(fd: fd.raw, header: header, key: key, path: display)
+        }
+    }
+
+    /// The side object the header names: there, a plain file of one link, and opening under the
+    /// object's ID and generation with its key (or, half way through a rekey, the previous one).
+    private func checkSideObject(of header: ObjectHeader, path: String) {
+        guard header.xattrGeneration != 0 else { return }
+        sideObjectsNamed.insert(XattrSideObject.fileName(objectID: header.objectID, generation: header.xattrGeneration))
+        let what = "xattr side object (generation \(header.xattrGeneration))"
+        guard let sideDirectory else { return note(.problem, path, "\(what) is missing (no .xattrs): its xattrs read EIO") }
+        let image: [UInt8]
+        do {
+            image = try withExtendedLifetime(sideDirectory) {
+                try XattrSideStore.read(directoryFD: sideDirectory.raw, objectID: header.objectID, generation: header.xattrGeneration)
+            }
+        } catch {
+            return note(.problem, path, "\(what): \(error): its xattrs read EIO")
+        }
+        let candidates = [keys.key(for: header.policy), header.previousPolicy.flatMap { keys.key(for: $0) }].compactMap { $0 }
+        guard !candidates.isEmpty else { return }
+        let opens = candidates.contains { (try? XattrSideObject.open(image, objectID: header.objectID, generation: header.xattrGeneration, key: $0)) != nil }
+        if !opens { note(.problem, path, "\(what) failed authentication (altered, stale or another object's): its xattrs read EIO") }
+    }
+
+    /// Files of `.xattrs` no header names: generations a crash left behind (written but never
+    /// committed, or committed over and not yet unlinked) and those of objects whose last name
+    /// went in a crash. Nobody reads them; --repair removes them, unless some header could not be
+    /// read (the file might be that object's).
+    private func checkSideObjectGarbage() {
+        guard let sideDirectory, let entries = try? Sys.listDirectory(sideDirectory.raw) else { return }
+        for entry in entries where !sideObjectsNamed.contains(entry.name) {
+            let shown = ".xattrs/" + String(decoding: entry.name, as: UTF8.self)
+            guard XattrSideObject.parse(fileName: entry.name) != nil, !entry.isDirectory else {
+                note(.notice, shown, "not an encfsd side object; ignored")
+                continue
+            }
+            if repair && !headerUnread, (try? Sys.unlinkAt(sideDirectory.raw, entry.name)) != nil {
+                note(.repaired, shown, "removed a side object generation no header names (left by a crash)")
+            } else {
+                note(.notice, shown, "a side object generation no header names, left by a crash (harmless; --repair removes it)")
+            }
         }
     }
 

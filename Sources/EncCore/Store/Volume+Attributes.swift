@@ -43,7 +43,14 @@ extension Volume {
                 case .set(let t): timespec(tv_sec: Int(t.seconds), tv_nsec: Int(t.nanoseconds))
                 }
             }
-            if changes.modificationTime != nil { node.state.withLock { $0.file?.forgetModificationTime() } }
+            if changes.modificationTime != nil {
+                // Writes buffered before the times are set are committed first: committed later,
+                // their extents would move the backing mtime past the one set here.
+                try node.state.withLock { state in
+                    if let file = state.file { try commit(file, &state) }
+                    state.file?.forgetModificationTime()
+                }
+            }
             if changes.accessTime != nil, keepsInodeMetadata {
                 // The backing atime takes the time set, exactly (before 1970 too, and "now" as the
                 // instant the mtime and ctime get); an atime the header kept from an access gives

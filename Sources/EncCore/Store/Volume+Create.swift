@@ -86,13 +86,34 @@ extension Volume {
     private func buildFile(_ entry: NewEntry, contents: [UInt8], fd: FileDescriptor, dirFD: Int32,
                            enter: () throws -> Void) throws -> (Node, FileDescriptor) {
         var header = entry.header
+        let side = try bornSideXattrs(entry, &header)
+        do {
+            return try buildFile(entry, header: header, side: side, contents: contents, fd: fd, dirFD: dirFD, enter: enter)
+        } catch {
+            if side != nil { removeSideObject(of: header) }
+            throw error
+        }
+    }
+
+    /// On a backing without xattrs, the attributes a new object is born with go to its first
+    /// side object, durable before the header naming it is written.
+    private func bornSideXattrs(_ entry: NewEntry, _ header: inout ObjectHeader) throws -> SideXattrs? {
+        guard !entry.xattrs.isEmpty, !capabilities.has(.userXattrs) else { return nil }
+        let side = try createSideXattrs(entry.xattrs, objectID: header.objectID, key: entry.key)
+        header.xattrGeneration = side.generation
+        return side
+    }
+
+    private func buildFile(_ entry: NewEntry, header initial: ObjectHeader, side: SideXattrs?, contents: [UInt8], fd: FileDescriptor,
+                           dirFD: Int32, enter: () throws -> Void) throws -> (Node, FileDescriptor) {
+        var header = initial
         try slots.create(fd: fd.raw, header: &header, key: entry.key)
         if !contents.isEmpty {
             let file = ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: entry.key, header: header, slots: slots)
             try contents.withUnsafeBytes { try file.write(offset: 0, data: $0) }
             try file.commit(header: &header)
         }
-        let xattrs = try Self.attachXattrs(entry.xattrs, fd: fd.raw, objectID: header.objectID, key: entry.key)
+        let xattrs = side != nil ? [] : try Self.attachXattrs(entry.xattrs, fd: fd.raw, objectID: header.objectID, key: entry.key)
         // Durable before it has a name: an entry that survives a power loss always has a header
         // (every metadata file the store creates is synced before anything depends on it), and
         // the attributes it was born with (metadata, which only fsync covers).
@@ -107,6 +128,7 @@ extension Volume {
         node.state.withLock {
             if $0.header.sequence == header.sequence { $0.slotSafety.madeDurable(header.sequence) }
             $0.backingXattrs = xattrs
+            $0.sideXattrs = side
         }
         return (node, fd)
     }
@@ -124,17 +146,19 @@ extension Volume {
         defer { withExtendedLifetime(parentFD) {} }
         try Sys.mkdirAt(parentFD.raw, temporary, mode: 0o700)
         var made: FileDescriptor?
+        var side: SideXattrs?
         do {
             let dirFD = try Sys.openEntry(parentFD.raw, temporary, .directory, .path)
             made = dirFD
             var header = entry.header
+            side = try bornSideXattrs(entry, &header)
             let headerFD = try Sys.createEntry(dirFD.raw, directoryHeaderName, mode: 0o600)
             try withExtendedLifetime(headerFD) {
                 try slots.create(fd: headerFD.raw, header: &header, key: entry.key)
                 try Sys.fsync(headerFD.raw)
             }
             var xattrs: Set<String> = []
-            if !entry.xattrs.isEmpty {
+            if !entry.xattrs.isEmpty && side == nil {
                 let listing = try Sys.listingDescriptor(dirFD.raw)
                 try withExtendedLifetime(listing) {
                     xattrs = try Self.attachXattrs(entry.xattrs, fd: listing.raw, objectID: entry.header.objectID, key: entry.key)
@@ -154,9 +178,11 @@ extension Volume {
             node.state.withLock {
                 if $0.header.sequence == header.sequence { $0.slotSafety.madeDurable(header.sequence) }
                 $0.backingXattrs = xattrs
+                $0.sideXattrs = side
             }
             return node
         } catch {
+            if side != nil { removeSideObject(objectID: entry.header.objectID, generation: 1) }
             if let made { try? Sys.unlinkAt(made.raw, directoryHeaderName) }
             try? Sys.unlinkAt(parentFD.raw, temporary, directory: true)
             throw error
@@ -325,35 +351,39 @@ extension Volume {
     /// Rewrites the header after `change`, keeping the backing modification time: metadata
     /// updates must not look like content changes (POSIX: chmod changes ctime only).
     func mutateHeader(_ node: Node, key: MasterKey, sync: Bool, _ change: (inout ObjectHeader) throws -> Void) throws {
-        try node.state.withLock { state in
-            // A header still flagged by a failed transaction is finished first: rewritten with a
-            // new sequence, its journal would no longer match it and the object would stay EIO.
-            if state.header.flags.contains(.pendingWrite) { try recoverLocked(node, &state, key: key) }
-            var header = state.header
-            try change(&header)
-            guard header != state.header else { return }
-            // A real change: the plaintext ctime moves with the backing one, and an atime kept
-            // for the handle's close goes with this write.
-            header.changeTime = 0
-            if let accessed = state.accessedAt {
-                header.accessTime = accessed
-                state.accessedAt = nil
-            }
-            let headerFD = try headerDescriptor(node, state, writable: true)
-            defer { withExtendedLifetime(headerFD) {} }
-            let before = node.isDirectory ? nil : try Sys.fstat(headerFD.raw)
-            do {
-                try slots.writeMetadata(fd: headerFD.raw, header: &header, key: key, sync: sync, safety: &state.slotSafety)
-            } catch {
-                // Whatever reached the disk is what memory holds; known neither durable nor
-                // replaceable, the next write takes the old rule.
-                state.header = header
-                throw error
-            }
+        try node.state.withLock { state in try mutateHeaderLocked(node, &state, key: key, sync: sync, change) }
+    }
+
+    /// `mutateHeader` for a caller already holding the node's lock.
+    func mutateHeaderLocked(_ node: Node, _ state: inout NodeState, key: MasterKey, sync: Bool,
+                            _ change: (inout ObjectHeader) throws -> Void) throws {
+        // A header still flagged by a failed transaction is finished first: rewritten with a
+        // new sequence, its journal would no longer match it and the object would stay EIO.
+        if state.header.flags.contains(.pendingWrite) { try recoverLocked(node, &state, key: key) }
+        var header = state.header
+        try change(&header)
+        guard header != state.header else { return }
+        // A real change: the plaintext ctime moves with the backing one, and an atime kept
+        // for the handle's close goes with this write.
+        header.changeTime = 0
+        if let accessed = state.accessedAt {
+            header.accessTime = accessed
+            state.accessedAt = nil
+        }
+        let headerFD = try headerDescriptor(node, state, writable: true)
+        defer { withExtendedLifetime(headerFD) {} }
+        let before = node.isDirectory ? nil : try Sys.fstat(headerFD.raw)
+        do {
+            try slots.writeMetadata(fd: headerFD.raw, header: &header, key: key, sync: sync, safety: &state.slotSafety)
+        } catch {
+            // Whatever reached the disk is what memory holds; known neither durable nor
+            // replaceable, the next write takes the old rule.
             state.header = header
-            if let before {
-                try Sys.restoreModificationTime(headerFD.raw, before.st_mtim)
-            }
+            throw error
+        }
+        state.header = header
+        if let before {
+            try Sys.restoreModificationTime(headerFD.raw, before.st_mtim)
         }
     }
 }

@@ -191,6 +191,7 @@ extension Volume {
                         Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)
                     }
                     closeFile(&state)
+                    if state.sideObjectUnlinked { removeSideObject(of: state.header) }
                 }
             }
             if let f = state.file { try commit(f, &state) }

@@ -434,10 +434,14 @@ extension Volume {
         try addBinding(newBinding, to: child)
         let dirFD = try changingDirectoryFD(dir)
         do {
-            try withExtendedLifetime(dirFD) {
-                // Still the same object under the name (it is the one just bound to the new name).
-                guard try Self.statEntry(dirFD.raw, backingName).st_ino == child.backingInode else { throw StoreError.busy }
-                try Sys.renameAt(dirFD.raw, backingName, dirFD.raw, newName.backingName, flags: Sys.renameNoReplace)
+            // Under the namespace lock: without RENAME_NOREPLACE (bindfs, sshfs, GlusterFS) the
+            // rename is a check and a plain rename, which no other namespace change may split.
+            try changingNamespace {
+                try withExtendedLifetime(dirFD) {
+                    // Still the same object under the name (it is the one just bound to the new name).
+                    guard try Self.statEntry(dirFD.raw, backingName).st_ino == child.backingInode else { throw StoreError.busy }
+                    try Sys.renameNoReplace(dirFD.raw, backingName, dirFD.raw, newName.backingName, native: capabilities.has(.renameNoReplace))
+                }
             }
         } catch {
             try? removeBinding(newBinding.digest, from: child)
@@ -458,6 +462,8 @@ extension Volume {
     private func moveXattrs(_ node: Node, _ tree: RekeyRegistry.Tree) throws {
         let header = node.state.withLock { $0.header }
         guard header.previousPolicy == tree.from, let oldKey = lingeringOrPresent(tree.from), let newKey = keys.key(for: tree.to) else { return }
+        try moveSideXattrs(node, from: oldKey, to: newKey)
+        guard capabilities.has(.userXattrs) else { return }
         let fd = try xattrFD(node)
         var moved = false
         try withExtendedLifetime(fd) {

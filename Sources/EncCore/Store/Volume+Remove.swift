@@ -26,13 +26,23 @@ extension Volume {
         if st.st_nlink > 1, naming != nil {
             survivor = try? childEntry(of: dir, backingName: backing, naming: naming).node
         }
+        let lastName = st.st_nlink == 1 ? header(ofLastName: backing, in: dirFD.raw, inode: UInt64(st.st_ino)) : nil
         try Sys.unlinkAt(dirFD.raw, backing)
         forgetLocation(Location(parent: dir, name: backing), inode: UInt64(st.st_ino))
+        if st.st_nlink == 1 { dropSideObject(ofUnlinked: UInt64(st.st_ino), header: lastName, directoryFD: dirFD.raw) }
         if let survivor, let naming {
             bindingWentStale(Binding.digest(parentID: naming.header.objectID, backingName: backing), of: survivor)
         }
         if let survivor { release(survivor) }
         try syncIfDirectorySync(dir)
+    }
+
+    /// The header of an object about to lose its last name, when no node has it (a node's is read
+    /// then): only a v3 store's objects can have a side object to remove with it.
+    func header(ofLastName backing: [UInt8], in dirFD: Int32, inode: UInt64) -> ObjectHeader? {
+        guard holdsSideObjects, table.withLock({ $0.byInode[inode] }) == nil,
+              let fd = try? Sys.openEntry(dirFD, backing, .regularFile, .readOnly) else { return nil }
+        return withExtendedLifetime(fd) { try? slots.read(fd: fd.raw, key: nil) }
     }
 
     public func rmdir(parent: UInt64, name: [UInt8]) throws {
@@ -60,10 +70,12 @@ extension Volume {
         case .entries: throw StoreError.notEmpty
         case .foreign: throw Leftovers.foreign
         }
+        let removed = header(ofLastName: directoryHeaderName, in: target.raw, inode: UInt64(st.st_ino))
         let trash = Leftovers.rmdirPrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
         try Sys.renameNoReplace(dirFD.raw, backingName, dirFD.raw, trash, native: capabilities.has(.renameNoReplace))
         forgetLocation(Location(parent: dir, name: backingName), inode: UInt64(st.st_ino))
         try Leftovers.remove(target, named: trash, in: dirFD.raw)
+        dropSideObject(ofUnlinked: UInt64(st.st_ino), header: removed, directoryFD: dirFD.raw)
     }
     /// A backing name that no longer leads to the object the kernel may still know by it.
     func forgetLocation(_ location: Location, inode: UInt64) {

@@ -38,8 +38,12 @@ extension Volume {
         let toFD = try changingDirectoryFD(toDir)
         defer { withExtendedLifetime((fromFD, toFD)) {} }
         var replaced: UInt64?
+        var replacedLastName: (inode: UInt64, header: ObjectHeader?)?
         if let st = try? Self.statEntry(toFD.raw, toName.backingName) {
             replaced = UInt64(st.st_ino)
+            if mode == .replace, st.st_mode & S_IFMT == S_IFREG, st.st_nlink == 1, UInt64(st.st_ino) != source.backingInode {
+                replacedLastName = (UInt64(st.st_ino), header(ofLastName: toName.backingName, in: toFD.raw, inode: UInt64(st.st_ino)))
+            }
             if UInt64(st.st_ino) == source.backingInode { return } // same object: POSIX says do nothing
             switch mode {
             case .noReplace: throw StoreError.exists
@@ -103,6 +107,7 @@ extension Volume {
         } else if let replaced {
             forgetLocation(to, inode: replaced)
         }
+        if let replacedLastName { dropSideObject(ofUnlinked: replacedLastName.inode, header: replacedLastName.header, directoryFD: toFD.raw) }
         source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         bindingWentStale(oldBinding.digest, of: source)
         if let target { bindingWentStale(newBinding.digest, of: target) }

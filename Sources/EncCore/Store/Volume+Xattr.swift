@@ -27,8 +27,12 @@ extension Volume {
 
     /// The object, its key, its ID, and the key of attributes a rekey has not moved yet (if any).
     private func xattrNode(_ id: UInt64, name: [UInt8]) throws -> (Node, MasterKey, [UInt8], MasterKey?) {
-        // A backing without user xattrs has nowhere to keep them (BackingCapabilities).
-        guard Self.isStoredXattrName(name), capabilities.has(.userXattrs) else { throw StoreError.notSupported }
+        guard Self.isStoredXattrName(name) else { throw StoreError.notSupported }
+        // A backing without user xattrs keeps them all in side objects, which need a v3 store.
+        guard capabilities.has(.userXattrs) || holdsSideObjects else {
+            refuseSideObjectsOnce()
+            throw StoreError.notSupported
+        }
         guard name.count <= Self.maximumXattrName else { throw StoreError.nameTooLong }
         let node = try node(id)
         let grant = try key(for: node, .newContents)
@@ -48,11 +52,12 @@ extension Volume {
         return try objectDescriptor(node, state, .readOnly)
     }
 
-    /// The backing name and sealed value of one attribute, within the value limit.
+    /// The backing name and sealed value of one attribute; E2BIG when the sealed form (17 + name
+    /// bytes more than the value) is past what a backing xattr value may be, so a value of up to
+    /// `maximumXattrValue` itself goes to the side object instead.
     static func sealedXattr(_ name: [UInt8], _ value: [UInt8], objectID: [UInt8], key: MasterKey) throws -> (String, [UInt8]) {
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
         let sealed = try XattrCodec.seal(name: name, value: value, objectID: objectID, backingName: backing, key: key)
-        // The backing filesystem's value limit applies to the sealed form (17 + name bytes more).
         guard sealed.count <= maximumXattrValue else { throw StoreError.system(E2BIG) }
         return (backing, sealed)
     }
@@ -98,27 +103,53 @@ extension Volume {
         try storeXattr(node, name, value, key: key, objectID: objectID, mode: mode, previousKey: previousKey)
     }
 
+    /// Where the attribute goes: where it already is when that is the side object; otherwise the
+    /// backing file, unless the backing has no xattrs or refuses this one (ENOSPC: its xattr space
+    /// is full; E2BIG: the sealed value is past its value limit), and then the side object. A copy
+    /// left on the backing goes only after the side object holds the new value, which shadows it.
     private func storeXattr(_ node: Node, _ name: [UInt8], _ value: [UInt8], key: MasterKey, objectID: [UInt8],
                             mode: XattrMode, previousKey: MasterKey? = nil) throws {
-        let (backing, sealed) = try Self.sealedXattr(name, value, objectID: objectID, key: key)
-        var flags: Int32 = switch mode {
-        case .any: 0
-        case .create: 1 // XATTR_CREATE
-        case .replace: 2 // XATTR_REPLACE
-        }
+        guard value.count <= Self.maximumXattrValue else { throw StoreError.system(E2BIG) }
+        let side = try sideXattrs(node, keys: [key] + (previousKey.map { [$0] } ?? []))
+        let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
         // During a rekey the attribute may still exist under the old key's backing name: it
         // counts for XATTR_CREATE and XATTR_REPLACE, and goes once the new one is written.
         let legacy = previousKey.map { XattrCodec.backingName(name, objectID: objectID, key: $0) }
         let legacyExists = try legacy.map { try mayHold(node, $0) } ?? false
-        if legacyExists {
-            if mode == .create { throw StoreError.system(EEXIST) }
-            flags = 0
-        }
-        try changeBacking(node, backing, present: true) { try Sys.fsetxattr($0, backing, sealed, flags: flags) }
-        if legacyExists, let legacy {
-            try changeBacking(node, legacy, present: false) { fd in
-                do { try Sys.fremovexattr(fd, legacy) } catch StoreError.system(ENODATA) {}
+        let inSide = side[name] != nil
+        // The kernel holds the inode's lock across setxattr and removexattr, so the checks and
+        // the change are one step for this object.
+        let exists = try inSide || legacyExists || mayHold(node, backing)
+        if mode == .create && exists { throw StoreError.system(EEXIST) }
+        if mode == .replace && !exists { throw StoreError.system(ENODATA) }
+        if !inSide && capabilities.has(.userXattrs) {
+            do {
+                let (_, sealed) = try Self.sealedXattr(name, value, objectID: objectID, key: key)
+                try changeBacking(node, backing, present: true) { try Sys.fsetxattr($0, backing, sealed, flags: 0) }
+                try dropLegacy(node, legacy, if: legacyExists)
+                return
+            } catch StoreError.system(let code) where (code == ENOSPC || code == E2BIG) && holdsSideObjects {
+                // The backing's own limit, not encfsd's: the rest goes to the side object.
             }
+        } else if !holdsSideObjects {
+            throw StoreError.notSupported
+        }
+        try changeSideXattrs(node, key: key, previousKey: previousKey) { $0[name] = value }
+        if capabilities.has(.userXattrs) {
+            try dropBacking(node, backing)
+            try dropLegacy(node, legacy, if: legacyExists)
+        }
+    }
+
+    private func dropLegacy(_ node: Node, _ legacy: String?, if exists: Bool) throws {
+        guard exists, let legacy else { return }
+        try dropBacking(node, legacy)
+    }
+
+    private func dropBacking(_ node: Node, _ backing: String) throws {
+        guard try mayHold(node, backing) else { return }
+        try changeBacking(node, backing, present: false) { fd in
+            do { try Sys.fremovexattr(fd, backing) } catch StoreError.system(ENODATA) {}
         }
     }
 
@@ -142,14 +173,15 @@ extension Volume {
     }
 
     private func xattrPresent(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> Bool {
-        try mayHold(node, XattrCodec.backingName(name, objectID: objectID, key: key))
+        try sideXattrs(node, keys: [key])[name] != nil || mayHold(node, XattrCodec.backingName(name, objectID: objectID, key: key))
     }
 
+    /// The backing copy first: the side object's copy shadows it, so removing that first would let
+    /// a crash in between bring back the older backing value.
     private func dropXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws {
-        let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
-        guard try mayHold(node, backing) else { return }
-        try changeBacking(node, backing, present: false) { fd in
-            do { try Sys.fremovexattr(fd, backing) } catch StoreError.system(ENODATA) {}
+        try dropBacking(node, XattrCodec.backingName(name, objectID: objectID, key: key))
+        if try sideXattrs(node, keys: [key])[name] != nil {
+            try changeSideXattrs(node, key: key, previousKey: nil) { $0[name] = nil }
         }
     }
 
@@ -173,10 +205,14 @@ extension Volume {
     }
 
     private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8] {
+        // One look at the node: whether its header names a side object, and whether the backing
+        // object is known to hold no attribute.
+        let (generation, backingHoldsNone) = node.state.withLock { ($0.header.xattrGeneration, $0.backingXattrs?.isEmpty == true) }
+        if generation != 0, let value = try sideXattrs(node, keys: [key])[name] { return value }
         // `ls -l` and the kernel's ACL and capability checks probe every entry and most writes;
         // an object known to hold no attribute answers without deriving a backing name (an HMAC
         // under a per-object key, the largest cost of a probe).
-        if node.state.withLock({ $0.backingXattrs?.isEmpty }) == true { throw StoreError.system(ENODATA) }
+        if backingHoldsNone || !capabilities.has(.userXattrs) { throw StoreError.system(ENODATA) }
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
         guard try mayHold(node, backing) else { throw StoreError.system(ENODATA) }
         let fd = try xattrFD(node)
@@ -187,43 +223,49 @@ extension Volume {
     }
 
     /// The names, leaving out trusted.* unless `includeTrusted` (the caller has CAP_SYS_ADMIN),
-    /// as ext4 lists them.
+    /// as ext4 lists them: the side object's, then the backing file's not already listed.
     public func listxattr(_ id: UInt64, includeTrusted: Bool) throws -> [[UInt8]] {
         let node = try node(id)
-        guard capabilities.has(.userXattrs), let grant = try? key(for: node, .newContents) else { return [] }
-        if node.state.withLock({ $0.backingXattrs?.isEmpty }) == true { return [] }
+        guard capabilities.has(.userXattrs) || holdsSideObjects, let grant = try? key(for: node, .newContents) else { return [] }
         let objectID = grant.header.objectID
         // During a rekey an attribute is under either key.
         let candidates = [grant.key] + (grant.header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }.map { [$0] } ?? [])
-        let fd = try xattrFD(node)
-        defer { withExtendedLifetime(fd) {} }
-        var names: [[UInt8]] = []
-        var backings: Set<String> = []
-        for backing in try Sys.flistxattr(fd.raw) where backing.hasPrefix(XattrCodec.backingPrefix) {
-            backings.insert(backing)
-            guard let sealed = try? Sys.fgetxattr(fd.raw, backing), let (name, _) = candidates.lazy.compactMap({
-                try? XattrCodec.open(sealed, objectID: objectID, backingName: backing, key: $0)
-            }).first else {
-                Diagnostics.report("skipping undecryptable xattr \(backing)")
-                continue
+        var names = try sideXattrs(node, keys: candidates).keys.sorted { $0.lexicographicallyPrecedes($1) }
+        if capabilities.has(.userXattrs) && node.state.withLock({ $0.backingXattrs?.isEmpty }) != true {
+            let fd = try xattrFD(node)
+            defer { withExtendedLifetime(fd) {} }
+            var backings: Set<String> = []
+            for backing in try Sys.flistxattr(fd.raw) where backing.hasPrefix(XattrCodec.backingPrefix) {
+                backings.insert(backing)
+                guard let sealed = try? Sys.fgetxattr(fd.raw, backing), let (name, _) = candidates.lazy.compactMap({
+                    try? XattrCodec.open(sealed, objectID: objectID, backingName: backing, key: $0)
+                }).first else {
+                    Diagnostics.report("skipping undecryptable xattr \(backing)")
+                    continue
+                }
+                // A rekey interrupted between writing the new copy and removing the old shows
+                // both; a move to the side object interrupted before the backing copy went, both.
+                if !names.contains(name) { names.append(name) }
             }
-            if !includeTrusted && name.starts(with: Self.trustedPrefix) { continue }
-            // A rekey interrupted between writing the new copy and removing the old shows both.
-            if !names.contains(name) { names.append(name) }
+            let listed = backings
+            node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = listed } }
         }
-        let listed = backings
-        node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = listed } }
-        return names
+        return includeTrusted ? names : names.filter { !$0.starts(with: Self.trustedPrefix) }
     }
 
+    /// Backing copies first, then the side object's (see `dropXattr`).
     public func removexattr(_ id: UInt64, name: [UInt8]) throws {
         try refuse(try node(id), ifAny: [.immutable, .appendOnly])
         let (node, key, objectID, previousKey) = try xattrNode(id, name: name)
         var removed = false
-        for k in [key] + (previousKey.map { [$0] } ?? []) {
+        for k in [key] + (previousKey.map { [$0] } ?? []) where capabilities.has(.userXattrs) {
             let backing = XattrCodec.backingName(name, objectID: objectID, key: k)
             guard try mayHold(node, backing) else { continue }
             try changeBacking(node, backing, present: false) { try Sys.fremovexattr($0, backing) }
+            removed = true
+        }
+        if try sideXattrs(node, keys: [key] + (previousKey.map { [$0] } ?? []))[name] != nil {
+            try changeSideXattrs(node, key: key, previousKey: previousKey) { $0[name] = nil }
             removed = true
         }
         if !removed { throw StoreError.system(ENODATA) }

@@ -45,6 +45,13 @@ public final class Volume: Sendable {
     /// Held across every namespace change when a fallback needs them to run one at a time
     /// (`BackingCapabilities.needsNamespaceLock`); taken before any node or table lock.
     let namespaceLock = Mutex<Void>(())
+    /// `.xattrs`, once a side object was read or written (`Volume+XattrSide`).
+    let xattrSideDirectory = Mutex<FileDescriptor?>(nil)
+    let sideObjectRefusalReported = Atomic<Bool>(false)
+    #if ENCFSD_TEST_HOOKS
+    /// Side object files read: tests hold the xattr paths to their count.
+    let sideObjectReads = Atomic<Int>(0)
+    #endif
     /// This mount's epoch and the evidence damaged header slots are judged by.
     let slots: HeaderSlots
     /// The store directory, for the epoch record.

@@ -1,0 +1,83 @@
+import EncCrypto
+import EncKeys
+import EncFormat
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The store's `.xattrs/` directory: the side objects of format v3 (FORMAT.md 16), one file per
+/// object generation, named by object ID so hard links share it and renames never touch it.
+///
+/// Invariant: a generation is written complete and made durable (file and directory entry)
+/// before any header names it, and the generation a durable header names is never removed; so a
+/// crash leaves the header's generation readable, and any other file is garbage nobody reads
+/// (fsck reports it, `--repair` removes it).
+enum XattrSideStore {
+    static let directoryName: [UInt8] = Array(".xattrs".utf8)
+
+    /// Opens `.xattrs` (O_PATH, through the store boundary); nil when it does not exist and
+    /// `create` is false. Created durably (the root synced) before the first side object in it.
+    static func directory(storeFD: Int32, create: Bool) throws -> FileDescriptor? {
+        do {
+            return try Sys.openEntry(storeFD, directoryName, .directory, .path)
+        } catch StoreError.system(ENOENT) where create {
+            do { try Sys.mkdirAt(storeFD, directoryName, mode: 0o700) } catch StoreError.system(EEXIST) {}
+            let root = try Sys.listingDescriptor(storeFD)
+            try withExtendedLifetime(root) { try Sys.fsync(root.raw) }
+            return try Sys.openEntry(storeFD, directoryName, .directory, .path)
+        } catch StoreError.system(ENOENT) {
+            return nil
+        }
+    }
+
+    /// The file image of `generation` of `objectID`. Missing, not a regular file (a symlink,
+    /// FIFO or device is never opened for reading), hard-linked or too large: an integrity
+    /// failure of that object's xattrs.
+    static func read(directoryFD: Int32, objectID: [UInt8], generation: UInt64) throws -> [UInt8] {
+        let name = XattrSideObject.fileName(objectID: objectID, generation: generation)
+        let (fd, st): (FileDescriptor, stat)
+        do {
+            (fd, st) = try Sys.openEntryStat(directoryFD, name, .regularFile, .readOnly)
+        } catch StoreError.system(ENOENT) {
+            throw StoreError.integrity("xattr side object \(String(decoding: name, as: UTF8.self)) is missing")
+        }
+        return try withExtendedLifetime(fd) {
+            guard st.st_nlink == 1 else { throw StoreError.integrity("xattr side object has other hard links") }
+            guard st.st_size <= XattrSideObject.maximumFileBytes else { throw StoreError.integrity("xattr side object is too large") }
+            var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+            let n = try bytes.withUnsafeMutableBytes { try Sys.pread(fd.raw, $0, offset: 0) }
+            guard n == bytes.count else { throw StoreError.integrity("xattr side object is truncated") }
+            return bytes
+        }
+    }
+
+    /// Writes `image` as `generation` of `objectID` and makes it durable, entry included. A file
+    /// already under that name is a leftover of a write that no header came to name (the header
+    /// names the generation before it): it is replaced.
+    static func write(directoryFD: Int32, objectID: [UInt8], generation: UInt64, image: [UInt8]) throws {
+        let name = XattrSideObject.fileName(objectID: objectID, generation: generation)
+        let fd: FileDescriptor
+        do {
+            fd = try Sys.createEntry(directoryFD, name, mode: 0o600)
+        } catch StoreError.system(EEXIST) {
+            try Sys.unlinkAt(directoryFD, name)
+            fd = try Sys.createEntry(directoryFD, name, mode: 0o600)
+        }
+        do {
+            try withExtendedLifetime(fd) {
+                try image.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: 0) }
+                try Sys.fdatasync(fd.raw)
+            }
+            let listing = try Sys.listingDescriptor(directoryFD)
+            try withExtendedLifetime(listing) { try Sys.fsync(listing.raw) }
+        } catch {
+            try? Sys.unlinkAt(directoryFD, name)
+            throw error
+        }
+    }
+
+    /// Removes a generation no durable header names any more (a lost unlink leaves garbage only).
+    static func remove(directoryFD: Int32, objectID: [UInt8], generation: UInt64) {
+        try? Sys.unlinkAt(directoryFD, XattrSideObject.fileName(objectID: objectID, generation: generation))
+    }
+}
