@@ -1,0 +1,50 @@
+"""Attacks on this period's new code from a caller of the mount (review 3): the inode flags the
+daemon enforces, where the kernel's own checks do not reach a FUSE filesystem."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+
+from test_inode_flags import FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC32_SETFLAGS, lsattr
+from test_posix import NOBODY, public_volume  # noqa: F401 (a fixture)
+
+SETTER = ("import fcntl, os, struct, sys\n"
+          "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+          "try:\n"
+          f"    fcntl.ioctl(fd, {FS_IOC32_SETFLAGS}, struct.pack('<I', int(sys.argv[2])))\n"
+          "    print('ok')\n"
+          "except OSError as e:\n"
+          "    print(e.errno)\n")
+
+
+def test_capabilities_of_a_user_namespace_do_not_count(public_volume):
+    """An unprivileged user who makes its own user namespace has every capability there (its
+    /proc status shows a full CapEff) but none over the mount: ext4 asks for CAP_LINUX_IMMUTABLE
+    in the initial namespace and CAP_FOWNER over an owner mapped into the caller's. Through the
+    restricted FS_IOC32_SETFLAGS, which the kernel passes to the daemon unchecked, such a caller
+    must not set immutable on its own file, nor touch the flags of root's."""
+    v = public_volume.mount(options="allow_other")
+    roots, own = v.mnt / "roots", v.mnt / "own"
+    roots.write_bytes(b"root's")
+    os.chmod(roots, 0o644)
+    own.write_bytes(b"nobody's")
+    os.chown(own, NOBODY, NOBODY)
+
+    def in_own_namespace(path, flags):
+        r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                            "unshare", "--user", "--map-root-user", "python3", "-c", SETTER, str(path), str(flags)],
+                           capture_output=True, text=True, check=True)
+        return r.stdout.strip()
+
+    assert in_own_namespace(own, FS_IMMUTABLE_FL) == str(errno.EPERM)
+    assert in_own_namespace(roots, FS_APPEND_FL) == str(errno.EPERM)
+    assert lsattr(own) == "" and lsattr(roots) == ""
+    # Nor does such a caller's CAP_SYS_ADMIN show it trusted.* names in a listing.
+    os.setxattr(roots, "trusted.secret", b"1")
+    lister = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                             "unshare", "--user", "--map-root-user", "python3", "-c",
+                             "import os, sys; print(os.listxattr(sys.argv[1]))", str(roots)],
+                            capture_output=True, text=True, check=True)
+    assert "trusted.secret" not in lister.stdout and "trusted.secret" in os.listxattr(roots)
