@@ -4,10 +4,12 @@ daemon enforces, where the kernel's own checks do not reach a FUSE filesystem.""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import subprocess
+from pathlib import Path
 
-from test_inode_flags import FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC32_SETFLAGS, lsattr
+from test_inode_flags import FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC32_SETFLAGS, lsattr, outcome, set_flag
 from test_posix import NOBODY, public_volume  # noqa: F401 (a fixture)
 
 SETTER = ("import fcntl, os, struct, sys\n"
@@ -48,3 +50,30 @@ def test_capabilities_of_a_user_namespace_do_not_count(public_volume):
                              "import os, sys; print(os.listxattr(sys.argv[1]))", str(roots)],
                             capture_output=True, text=True, check=True)
     assert "trusted.secret" not in lister.stdout and "trusted.secret" in os.listxattr(roots)
+
+
+def append_only_descriptor_games(path: Path) -> dict:
+    """A descriptor opened with O_APPEND on an append-only file, O_APPEND then cleared."""
+    path.write_bytes(b"0123456789")
+    set_flag(path, FS_APPEND_FL)
+    results = {}
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        results["clear O_APPEND"] = outcome(lambda: fcntl.fcntl(fd, fcntl.F_SETFL, 0))
+        results["write at 0"] = outcome(lambda: os.pwrite(fd, b"X", 0))
+        results["write at the end"] = outcome(lambda: os.pwrite(fd, b"+", os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
+    set_flag(path, 0)
+    results["contents"] = path.read_bytes()
+    return results
+
+
+def test_an_append_only_file_keeps_its_start(volume, ext4_dir):
+    """ext4 refuses to clear O_APPEND on a descriptor of an append-only file (fcntl's setfl tests
+    IS_APPEND, which FUSE never sets, so on encfsd the fcntl succeeds): a descriptor the daemon
+    let open only because it said O_APPEND must still write nowhere but at the end."""
+    ext4 = append_only_descriptor_games(ext4_dir / "log")
+    encfsd = append_only_descriptor_games(volume.mnt / "log")
+    assert ext4 == {"clear O_APPEND": "EPERM", "write at 0": "ok", "write at the end": "ok", "contents": b"0123456789X+"}
+    assert encfsd == {"clear O_APPEND": "ok", "write at 0": "EPERM", "write at the end": "ok", "contents": b"0123456789+"}

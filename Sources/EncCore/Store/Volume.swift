@@ -64,6 +64,9 @@ public final class Volume: Sendable {
     /// Told the node whose attributes changed without a request that changes them (an access
     /// moved its atime), so the front end can drop what the kernel caches of them.
     public let attributesMoved = Mutex<(@Sendable (UInt64) -> Void)?>(nil)
+    /// The mount caches writes in the kernel (`-o writeback_cache`): it sends them as whole pages
+    /// through any writable handle of the file, so no write can be told to one handle.
+    public let kernelWritesPages = Atomic<Bool>(false)
 
     /// Opens the store. `capabilities` are probed when not given (a caller that probed already,
     /// or that wants the fallbacks of a backing it does not have, passes them).
