@@ -9,8 +9,10 @@ import os
 import subprocess
 from pathlib import Path
 
+from conftest import expect_errno
 from test_inode_flags import FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC32_SETFLAGS, lsattr, outcome, set_flag
 from test_posix import NOBODY, public_volume  # noqa: F401 (a fixture)
+from test_xattr_side import SIDE
 
 SETTER = ("import fcntl, os, struct, sys\n"
           "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
@@ -77,3 +79,24 @@ def test_an_append_only_file_keeps_its_start(volume, ext4_dir):
     encfsd = append_only_descriptor_games(volume.mnt / "log")
     assert ext4 == {"clear O_APPEND": "EPERM", "write at 0": "ok", "write at the end": "ok", "contents": b"0123456789X+"}
     assert encfsd == {"clear O_APPEND": "ok", "write at 0": "EPERM", "write at the end": "ok", "contents": b"0123456789+"}
+
+
+def test_side_object_directory_moved_out_of_the_store_gets_no_writes(volume, tmp_path):
+    """`.xattrs` is opened once and kept. Someone who can write the backing store moves it out
+    (to a directory of theirs on the same filesystem) while the store is mounted: encfsd must
+    neither create a side object there nor remove one, as it refuses for a moved journal."""
+    f = volume.mnt / "f"
+    f.write_bytes(b"contents")
+    os.setxattr(f, "user.big", b"\1" * 65536)  # past what the backing takes: a side object
+    [first] = os.listdir(volume.store / SIDE)
+    outside = volume.store.parent / "outside-the-store"
+    os.rename(volume.store / SIDE, outside)
+    try:
+        expect_errno(errno.EIO, os.setxattr, f, "user.second", b"\2" * 65536)
+        assert os.listdir(outside) == [first]
+    finally:
+        os.rename(outside, volume.store / SIDE)
+    # Back in place, the object's xattrs are what they were and change again.
+    assert os.getxattr(f, "user.big") == b"\1" * 65536
+    os.setxattr(f, "user.second", b"\2" * 65536)
+    assert sorted(os.listxattr(f)) == ["user.big", "user.second"]
