@@ -6,8 +6,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 import subprocess
 from pathlib import Path
+
+import pytest
 
 from conftest import expect_errno
 from test_inode_flags import FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC32_SETFLAGS, lsattr, outcome, set_flag
@@ -100,3 +103,60 @@ def test_side_object_directory_moved_out_of_the_store_gets_no_writes(volume, tmp
     assert os.getxattr(f, "user.big") == b"\1" * 65536
     os.setxattr(f, "user.second", b"\2" * 65536)
     assert sorted(os.listxattr(f)) == ["user.big", "user.second"]
+
+
+def plant_symlink_to_a_copy(store: Path, outside: Path):
+    shutil.copytree(store / SIDE, outside)
+    shutil.rmtree(store / SIDE)
+    os.symlink(outside, store / SIDE)
+
+
+def plant_file(store: Path, outside: Path):
+    outside.mkdir()
+    shutil.rmtree(store / SIDE)
+    (store / SIDE).write_bytes(b"not a directory")
+
+
+@pytest.mark.parametrize("plant", [plant_symlink_to_a_copy, plant_file], ids=lambda p: p.__name__)
+def test_something_planted_as_the_side_object_directory(volume, plant):
+    """`.xattrs` replaced while unmounted by a symlink to a copy of itself outside the store, or a
+    file: the objects whose headers name side objects read EIO for their xattrs only, a change
+    makes nothing outside, and objects without side objects keep their xattrs."""
+    f, plain = volume.mnt / "f", volume.mnt / "plain"
+    f.write_bytes(b"contents")
+    plain.write_bytes(b"plain")
+    os.setxattr(f, "user.big", b"\1" * 65536)
+    os.setxattr(plain, "user.small", b"s")
+    volume.unmount()
+    outside = volume.store.parent / "outside-the-store"
+    plant(volume.store, outside)
+    before = sorted(os.listdir(outside))
+    volume.mount()
+    expect_errno(errno.EIO, os.getxattr, f, "user.big")
+    expect_errno(errno.EIO, os.setxattr, f, "user.second", b"\2" * 65536)
+    expect_errno(errno.EIO, os.setxattr, plain, "user.big", b"\3" * 65536)
+    assert f.read_bytes() == b"contents"
+    assert os.getxattr(plain, "user.small") == b"s"
+    assert sorted(os.listdir(outside)) == before
+
+
+def test_a_directory_planted_at_the_next_generation(volume):
+    """A directory (which unlink cannot remove) at the name the next generation will take: the
+    change fails, and the object keeps the set it had, before and after a remount."""
+    f = volume.mnt / "f"
+    f.write_bytes(b"contents")
+    os.setxattr(f, "user.big", b"\1" * 65536)
+    [current] = os.listdir(volume.store / SIDE)
+    object_id, generation = current.split(".")
+    (volume.store / SIDE / f"{object_id}.{int(generation, 16) + 1:016x}").mkdir()
+    try:
+        os.setxattr(f, "user.second", b"\2" * 65536)
+        changed = True
+    except OSError as e:
+        assert e.errno in (errno.EIO, errno.EISDIR), e
+        changed = False
+    expected = ["user.big", "user.second"] if changed else ["user.big"]
+    assert sorted(os.listxattr(f)) == expected
+    volume.unmount()
+    volume.mount()
+    assert sorted(os.listxattr(f)) == expected and os.getxattr(f, "user.big") == b"\1" * 65536
