@@ -13,17 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest import expect_errno
-from test_inode_flags import FS_APPEND_FL, FS_IMMUTABLE_FL, FS_IOC32_SETFLAGS, lsattr, outcome, set_flag
+from test_inode_flags import (FS_APPEND_FL, FS_IMMUTABLE_FL, RESTRICTED_SETTER, files_of_two_owners, lsattr, outcome,
+                              set_flag)
 from test_posix import NOBODY, public_volume  # noqa: F401 (a fixture)
 from test_xattr_side import SIDE
-
-SETTER = ("import fcntl, os, struct, sys\n"
-          "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
-          "try:\n"
-          f"    fcntl.ioctl(fd, {FS_IOC32_SETFLAGS}, struct.pack('<I', int(sys.argv[2])))\n"
-          "    print('ok')\n"
-          "except OSError as e:\n"
-          "    print(e.errno)\n")
 
 
 def test_capabilities_of_a_user_namespace_do_not_count(public_volume):
@@ -32,16 +25,11 @@ def test_capabilities_of_a_user_namespace_do_not_count(public_volume):
     in the initial namespace and CAP_FOWNER over an owner mapped into the caller's. Through the
     restricted FS_IOC32_SETFLAGS, which the kernel passes to the daemon unchecked, such a caller
     must not set immutable on its own file, nor touch the flags of root's."""
-    v = public_volume.mount(options="allow_other")
-    roots, own = v.mnt / "roots", v.mnt / "own"
-    roots.write_bytes(b"root's")
-    os.chmod(roots, 0o644)
-    own.write_bytes(b"nobody's")
-    os.chown(own, NOBODY, NOBODY)
+    roots, own = files_of_two_owners(public_volume)
 
     def in_own_namespace(path, flags):
         r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                            "unshare", "--user", "--map-root-user", "python3", "-c", SETTER, str(path), str(flags)],
+                            "unshare", "--user", "--map-root-user", "python3", "-c", RESTRICTED_SETTER, str(path), str(flags)],
                            capture_output=True, text=True, check=True)
         return r.stdout.strip()
 
