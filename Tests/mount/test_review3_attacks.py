@@ -1,5 +1,8 @@
-"""Attacks on this period's new code from a caller of the mount (review 3): the inode flags the
-daemon enforces, where the kernel's own checks do not reach a FUSE filesystem."""
+"""Attacks on this period's new code (review 3). From a caller of the mount: the inode flags the
+daemon enforces, where the kernel's own checks do not reach a FUSE filesystem (capabilities of a
+user namespace, O_APPEND cleared by fcntl, copy_file_range, ACLs, O_DIRECT, shared mappings, the
+locked view). From whoever can write the backing store: the xattr side object directory moved
+out while mounted, replaced by a symlink or a file, a directory at the next generation's name."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import expect_errno
+from conftest import expect_errno, run
 from test_inode_flags import (FS_APPEND_FL, FS_IMMUTABLE_FL, RESTRICTED_SETTER, files_of_two_owners, lsattr, outcome,
                               set_flag)
 from test_posix import NOBODY, public_volume  # noqa: F401 (a fixture)
@@ -148,3 +151,74 @@ def test_a_directory_planted_at_the_next_generation(volume):
     volume.unmount()
     volume.mount()
     assert sorted(os.listxattr(f)) == expected and os.getxattr(f, "user.big") == b"\1" * 65536
+
+
+MAP_AND_WRITE = ("import mmap, os, sys\n"
+                 "fd = os.open(sys.argv[1], os.O_RDWR | os.O_APPEND)\n"
+                 "try:\n"
+                 "    m = mmap.mmap(fd, 4096, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)\n"
+                 "    m[0:1] = b'M'\n"
+                 "    m.flush()\n"
+                 "    print('ok')\n"
+                 "except OSError as e:\n"
+                 "    print(e.errno)\n")
+
+
+def immutable_side_doors(root: Path) -> dict:
+    """Ways to change an immutable file that pass beside write(2) and setattr, through a
+    descriptor opened read-write before the flag was set."""
+    f, source = root / "f", root / "source"
+    f.write_bytes(b"0123456789" * 500)
+    source.write_bytes(b"S" * 100)
+    held = os.open(f, os.O_RDWR)
+    src = os.open(source, os.O_RDONLY)
+    run("chattr", "+i", f)  # chattr keeps ext4's extents flag, which clearing it would refuse
+    try:
+        results = {
+            "copy_file_range": outcome(lambda: os.copy_file_range(src, held, 10, 0, 0)),
+            "setfacl": "ok" if subprocess.run(["setfacl", "-m", f"u:{NOBODY}:rwx", str(f)], capture_output=True).returncode == 0 else "refused",
+            "open O_DIRECT read-write": outcome(lambda: os.close(os.open(f, os.O_RDWR | os.O_DIRECT))),
+        }
+    finally:
+        os.close(src)
+        os.close(held)
+        run("chattr", "-i", f)
+    results["contents"] = f.read_bytes() == b"0123456789" * 500
+    return results
+
+
+def test_immutable_file_side_doors_match_ext4(volume, ext4_dir):
+    assert immutable_side_doors(volume.mnt) == immutable_side_doors(ext4_dir)
+
+
+def test_shared_mapping_of_an_append_only_file_writes_nothing(volume, ext4_dir):
+    """ext4 refuses a writable shared mapping of an append-only file (IS_APPEND in mmap), which a
+    FUSE inode never shows: on encfsd the mapping is made, and its writeback through the O_APPEND
+    handle is refused (msync gives EPERM), so the backing keeps the file's start. (The kernel keeps
+    the refused page in its cache until it drops it: a remount shows what is stored.)"""
+    results = {}
+    for label, base in (("ext4", ext4_dir), ("encfsd", volume.mnt)):
+        f = base / "log"
+        f.write_bytes(b"0123456789" * 500)
+        run("chattr", "+a", f)
+        results[label] = subprocess.run(["python3", "-c", MAP_AND_WRITE, str(f)], capture_output=True, text=True, check=True).stdout.strip()
+        run("chattr", "-a", f)
+    assert results == {"ext4": str(errno.EACCES), "encfsd": str(errno.EPERM)}
+    volume.remount()
+    assert (volume.mnt / "log").read_bytes() == b"0123456789" * 500
+
+
+def test_an_immutable_file_stays_in_a_locked_directory(make_volume):
+    """Without the key (a locked view, where fscrypt lets a directory be emptied) an immutable
+    file still cannot be unlinked."""
+    v = make_volume()
+    (v.mnt / "d").mkdir()
+    (v.mnt / "d" / "keep").write_bytes(b"kept")
+    set_flag(v.mnt / "d" / "keep", FS_IMMUTABLE_FL)
+    v.remount(unlock=False)
+    [d] = os.listdir(v.mnt)
+    [name] = os.listdir(v.mnt / d)
+    expect_errno(errno.EPERM, os.unlink, v.mnt / d / name)
+    v.add_key()
+    assert (v.mnt / "d" / "keep").read_bytes() == b"kept"
+    set_flag(v.mnt / "d" / "keep", 0)
