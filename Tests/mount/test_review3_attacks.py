@@ -73,6 +73,22 @@ def test_an_append_only_file_keeps_its_start(volume, ext4_dir):
     encfsd = append_only_descriptor_games(volume.mnt / "log")
     assert ext4 == {"clear O_APPEND": "EPERM", "write at 0": "ok", "write at the end": "ok", "contents": b"0123456789X+"}
     assert encfsd == {"clear O_APPEND": "ok", "write at 0": "EPERM", "write at the end": "ok", "contents": b"0123456789+"}
+    # A descriptor opened with O_APPEND before the flag was set is held to it too (ext4's fcntl
+    # tests the flag at the call); one opened without O_APPEND writes anywhere, as on ext4.
+    f = volume.mnt / "early"
+    f.write_bytes(b"0123456789")
+    early = os.open(f, os.O_WRONLY | os.O_APPEND)
+    plain = os.open(f, os.O_WRONLY)
+    try:
+        set_flag(f, FS_APPEND_FL)
+        fcntl.fcntl(early, fcntl.F_SETFL, 0)
+        assert outcome(lambda: os.pwrite(early, b"X", 0)) == "EPERM"
+        assert outcome(lambda: os.pwrite(plain, b"Y", 1)) == "ok"
+    finally:
+        os.close(early)
+        os.close(plain)
+        set_flag(f, 0)
+    assert f.read_bytes() == b"0Y23456789"
 
 
 def test_side_object_directory_moved_out_of_the_store_gets_no_writes(volume, tmp_path):
