@@ -1,3 +1,4 @@
+import Synchronization
 import Foundation
 import Testing
 @testable import EncCore
@@ -77,6 +78,30 @@ import EncFormat
         let backing = try #require(Set(try FileManager.default.contentsOfDirectory(atPath: store)).subtracting(before).first)
         try body(volume, file, store + "/" + backing)
         volume.closeCleanly()
+    }
+
+    /// Every access that moves an atime tells the front end through `attributesMoved`. Taking the
+    /// callback out of its Mutex must not wrap it again each time: a closure stored as
+    /// `Mutex<((UInt64) -> Void)?>` and read with `withLock { $0 }` gained two reabstraction
+    /// thunks per read, so after some hundred thousand reads of files the call went as many
+    /// frames deep (a daemon spinning at full CPU in the descriptor-limit test, then out of stack).
+    @Test func theAttributeCallbackStaysOneCallDeep() throws {
+        try withFile(accessTimes: AccessTimeOptions(rule: .always)) { volume, file, _ in
+            let depths = Mutex<[Int]>([])
+            volume.attributesMoved.withLock {
+                $0 = AttributesMovedObserver { _ in
+                    let depth = Thread.callStackReturnAddresses.count
+                    depths.withLock { $0.append(depth) }
+                }
+            }
+            for _ in 0..<600 {
+                let handle = try volume.open(file, flags: O_RDONLY)
+                try volume.release(handle: handle)
+            }
+            let seen = depths.withLock { $0 }
+            #expect(seen.count == 600)
+            #expect(seen.first == seen.last)
+        }
     }
 
     @Test func immutableAndAppendOnlyRefuseAtTheStore() throws {

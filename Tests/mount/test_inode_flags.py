@@ -34,6 +34,16 @@ KEPT = set("iaAdSD")
 PAST_NS = 978_307_200 * 10**9 + 123_456_789  # 2001-01-01, no clock of a test run
 
 
+# A program that sets its argv[1]'s flags to argv[2] by FS_IOC32_SETFLAGS and prints ok or the errno.
+RESTRICTED_SETTER = ("import fcntl, os, struct, sys\n"
+                     "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+                     "try:\n"
+                     f"    fcntl.ioctl(fd, {FS_IOC32_SETFLAGS}, struct.pack('<I', int(sys.argv[2])))\n"
+                     "    print('ok')\n"
+                     "except OSError as e:\n"
+                     "    print(e.errno)\n")
+
+
 def lsattr(path: Path) -> str:
     out = run("lsattr", "-d", path).stdout.split()[0]
     return "".join(sorted(set(out) & KEPT))
@@ -184,22 +194,22 @@ def test_what_a_flag_forbids_matches_ext4(volume, ext4_dir, flag):
         assert diff == {}, diff
 
 
-def test_restricted_setflags_is_checked_by_the_daemon(public_volume):
-    """FS_IOC32_SETFLAGS from a 64-bit caller reaches the daemon as a plain FUSE ioctl, past the
-    kernel's fileattr checks: the daemon checks the owner and CAP_LINUX_IMMUTABLE itself."""
+def files_of_two_owners(public_volume) -> tuple[Path, Path]:
+    """Mounts `public_volume` for every user and makes a file of root's and one of nobody's."""
     v = public_volume.mount(options="allow_other")
     mine, theirs = v.mnt / "mine", v.mnt / "theirs"
     mine.write_bytes(b"root's")
     os.chmod(mine, 0o644)
     theirs.write_bytes(b"nobody's")
     os.chown(theirs, NOBODY, NOBODY)
-    setter = ("import fcntl, os, struct, sys\n"
-              "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
-              "try:\n"
-              f"    fcntl.ioctl(fd, {FS_IOC32_SETFLAGS}, struct.pack('<I', int(sys.argv[2])))\n"
-              "    print('ok')\n"
-              "except OSError as e:\n"
-              "    print(e.errno)\n")
+    return mine, theirs
+
+
+def test_restricted_setflags_is_checked_by_the_daemon(public_volume):
+    """FS_IOC32_SETFLAGS from a 64-bit caller reaches the daemon as a plain FUSE ioctl, past the
+    kernel's fileattr checks: the daemon checks the owner and CAP_LINUX_IMMUTABLE itself."""
+    mine, theirs = files_of_two_owners(public_volume)
+    setter = RESTRICTED_SETTER
 
     def as_nobody(path, flags):
         r = subprocess.run(["python3", "-c", setter, str(path), str(flags)], user=NOBODY, group=NOBODY,

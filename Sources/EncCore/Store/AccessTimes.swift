@@ -95,7 +95,7 @@ extension Volume {
         node.state.withLock { $0.accessedAt = max($0.accessedAt ?? 0, now) }
         // The kernel keeps attributes for the attribute timeout; a stat right after the read must
         // show the new atime, as on ext4.
-        attributesMoved.withLock { $0 }?(node.id)
+        attributesMoved.withLock { $0 }?.notify(node.id)
     }
 
     /// Writes an atime `noteAccess` kept, as a header write that leaves the plaintext ctime where it

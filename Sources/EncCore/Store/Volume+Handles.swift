@@ -20,6 +20,10 @@ struct HandleTable {
     var nextID: UInt64 = 1
     /// Handles opened with O_NOATIME: their reads never move the atime.
     var withoutAccessTime: Set<UInt64> = []
+    /// Handles opened for writing with O_APPEND: while the file is append-only they write nothing
+    /// below the end, though the caller may clear O_APPEND with fcntl (the kernel refuses that on
+    /// ext4 by testing IS_APPEND, which no FUSE inode has).
+    var appending: Set<UInt64> = []
 
     mutating func insert(_ handle: OpenHandle) -> UInt64 {
         let id = nextID
@@ -68,6 +72,9 @@ extension Volume {
         let node = try node(id)
         try checkOpen(node, flags: flags)
         let handle = try open(id, truncate: flags & O_TRUNC != 0, descriptor: nil)
+        if flags & O_ACCMODE != O_RDONLY, flags & O_APPEND != 0, !kernelWritesPages.load(ordering: .relaxed) {
+            handles.withLock { _ = $0.appending.insert(handle) }
+        }
         if flags & Sys.noAccessTimeFlag != 0 {
             handles.withLock { _ = $0.withoutAccessTime.insert(handle) }
         } else if flags & O_ACCMODE != O_WRONLY {
@@ -147,8 +154,10 @@ extension Volume {
         // Whole extents are sealed before the node lock is taken, so concurrent write requests
         // (several writers, or aio at a queue depth) encrypt side by side.
         let presealed = file.sealWholeExtents(offset: offset, data: data)
+        let appending = handles.withLock { $0.appending.contains(handle) }
         try withOpenFile(node) { state, current in
             try checkWrite(state)
+            if appending && offset < current.size && state.header.inodeFlags.contains(.appendOnly) { throw StoreError.notPermitted }
             // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
             // its sealed extents are still valid there, but write them plainly to keep this simple.
             try current.write(offset: offset, data: data, presealed: current === file ? presealed : nil)
@@ -177,6 +186,7 @@ extension Volume {
     public func release(handle: UInt64) throws {
         guard case .file(let node, _)? = handles.withLock({
             $0.withoutAccessTime.remove(handle)
+            $0.appending.remove(handle)
             return $0.byID.removeValue(forKey: handle)
         }) else { return }
         defer { dropIfUnused(node) }

@@ -39,6 +39,21 @@ extension Volume {
         }
     }
 
+    /// `.xattrs` for a change, only while it is still beneath the store root: the kept descriptor
+    /// follows the directory wherever someone who can write the backing moves it, and a side
+    /// object must never be made or removed outside the store (as `checkBeneath` guards the
+    /// journal). One moved out is dropped, so the next change opens whatever is at the name.
+    func changingSideDirectory(create: Bool) throws -> FileDescriptor? {
+        guard let directory = try sideDirectory(create: create) else { return nil }
+        do {
+            try withExtendedLifetime(directory) { try Sys.checkBeneath(directory.raw, root: rootPlace) }
+        } catch {
+            xattrSideDirectory.withLock { if $0?.raw == directory.raw { $0 = nil } }
+            throw error
+        }
+        return directory
+    }
+
     /// The attributes in the object's side object (none when its header names none), opened with
     /// `keys` or the key a rekey is moving the object from.
     func sideXattrs(_ node: Node, keys given: [MasterKey]) throws -> [[UInt8]: [UInt8]] {
@@ -97,7 +112,7 @@ extension Volume {
         let old = state.header.xattrGeneration
         let next = old + 1
         let image = try XattrSideObject.seal(attributes, objectID: objectID, generation: next, key: key)
-        guard let directory = try sideDirectory(create: true) else { throw StoreError.system(ENOENT) }
+        guard let directory = try changingSideDirectory(create: true) else { throw StoreError.system(ENOENT) }
         try withExtendedLifetime(directory) {
             try XattrSideStore.write(directoryFD: directory.raw, objectID: objectID, generation: next, image: image)
             FaultPoints.reach(.xattrSideObjectWritten)
@@ -114,7 +129,7 @@ extension Volume {
         var attributes: [[UInt8]: [UInt8]] = [:]
         for (name, value) in xattrs { attributes[name] = value }
         let image = try XattrSideObject.seal(attributes, objectID: objectID, generation: 1, key: key)
-        guard let directory = try sideDirectory(create: true) else { throw StoreError.system(ENOENT) }
+        guard let directory = try changingSideDirectory(create: true) else { throw StoreError.system(ENOENT) }
         try withExtendedLifetime(directory) {
             try XattrSideStore.write(directoryFD: directory.raw, objectID: objectID, generation: 1, image: image)
         }
@@ -153,7 +168,7 @@ extension Volume {
     }
 
     func removeSideObject(objectID: [UInt8], generation: UInt64) {
-        guard generation != 0, let directory = (try? sideDirectory(create: false)) ?? nil else { return }
+        guard generation != 0, let directory = (try? changingSideDirectory(create: false)) ?? nil else { return }
         withExtendedLifetime(directory) { XattrSideStore.remove(directoryFD: directory.raw, objectID: objectID, generation: generation) }
     }
 }

@@ -63,7 +63,10 @@ public final class Volume: Sendable {
     public let accessTimes: AccessTimeOptions
     /// Told the node whose attributes changed without a request that changes them (an access
     /// moved its atime), so the front end can drop what the kernel caches of them.
-    public let attributesMoved = Mutex<(@Sendable (UInt64) -> Void)?>(nil)
+    public let attributesMoved = Mutex<AttributesMovedObserver?>(nil)
+    /// The mount caches writes in the kernel (`-o writeback_cache`): it sends them as whole pages
+    /// through any writable handle of the file, so no write can be told to one handle.
+    public let kernelWritesPages = Atomic<Bool>(false)
 
     /// Opens the store. `capabilities` are probed when not given (a caller that probed already,
     /// or that wants the fallbacks of a backing it does not have, passes them).
@@ -441,4 +444,13 @@ public final class Volume: Sendable {
             blocksAvailable: UInt64(s.f_bavail), files: UInt64(s.f_files), filesFree: UInt64(s.f_ffree),
             nameMax: UInt64(NameCodec.maximumNameBytes))
     }
+}
+
+/// The front end's callback for `Volume.attributesMoved`, in a class so that taking it out of the
+/// Mutex copies a reference: a bare closure there came out wrapped in two more reabstraction
+/// thunks at every `withLock { $0 }`, and kept them (the inout write-back stored the wrapped one),
+/// so every access that moved an atime made the next call deeper, until the stack ran out.
+public final class AttributesMovedObserver: Sendable {
+    public let notify: @Sendable (UInt64) -> Void
+    public init(_ notify: @escaping @Sendable (UInt64) -> Void) { self.notify = notify }
 }

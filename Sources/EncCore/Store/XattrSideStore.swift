@@ -17,16 +17,22 @@ enum XattrSideStore {
 
     /// Opens `.xattrs` (O_PATH, through the store boundary); nil when it does not exist and
     /// `create` is false. Created durably (the root synced) before the first side object in it.
+    /// Something else at the name (a symlink, a file) is an integrity failure: the xattr calls
+    /// of objects with side objects answer EIO, not the ENOTDIR of a lookup no caller made.
     static func directory(storeFD: Int32, create: Bool) throws -> FileDescriptor? {
         do {
-            return try Sys.openEntry(storeFD, directoryName, .directory, .path)
-        } catch StoreError.system(ENOENT) where create {
-            do { try Sys.mkdirAt(storeFD, directoryName, mode: 0o700) } catch StoreError.system(EEXIST) {}
-            let root = try Sys.listingDescriptor(storeFD)
-            try withExtendedLifetime(root) { try Sys.fsync(root.raw) }
-            return try Sys.openEntry(storeFD, directoryName, .directory, .path)
-        } catch StoreError.system(ENOENT) {
+            do {
+                return try Sys.openEntry(storeFD, directoryName, .directory, .path)
+            } catch StoreError.system(ENOENT) where create {
+                do { try Sys.mkdirAt(storeFD, directoryName, mode: 0o700) } catch StoreError.system(EEXIST) {}
+                let root = try Sys.listingDescriptor(storeFD)
+                try withExtendedLifetime(root) { try Sys.fsync(root.raw) }
+                return try Sys.openEntry(storeFD, directoryName, .directory, .path)
+            }
+        } catch StoreError.system(ENOENT) where !create {
             return nil
+        } catch StoreError.system(let code) where code == ENOTDIR || code == ELOOP {
+            throw StoreError.integrity(".xattrs is not a directory of the store (a link or a file was put there)")
         }
     }
 

@@ -62,7 +62,8 @@ struct Daemon {
         let session = try FuseSession(fileSystem: EncryptedFileSystem(volume: volume, keyService: keyService, requestCounts: requestCounts),
                                       options: mountOptions, counts: requestCounts)
         invalidator.attach(session: session)
-        volume.attributesMoved.withLock { $0 = { invalidator.attributesMoved($0) } }
+        volume.attributesMoved.withLock { $0 = AttributesMovedObserver { invalidator.attributesMoved($0) } }
+        volume.kernelWritesPages.store(mountOptions.writebackCache, ordering: .relaxed)
         // Past every check that can refuse the mount: a refused mount leaves no open epoch, which
         // the next mount would read as an unclean shutdown (and so as leave to pass over damage).
         try volume.openEpoch()
