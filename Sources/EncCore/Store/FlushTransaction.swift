@@ -96,7 +96,7 @@ struct FlushTransaction {
         try object.writeInPlace(records)
         // The extents are made durable by the sync HeaderSlots.write does before the header.
         FaultPoints.reach(.appendExtentsWritten)
-        try object.slots.write(fd: fd, header: &final, key: object.key, sync: newLength < oldLength && !unsafe)
+        try object.slots.write(fd: fd, header: &final, key: object.key, sync: newLength < oldLength && !unsafe, afterData: true)
         FaultPoints.reach(.appendHeaderWritten)
         if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
         if durable { try Sys.fdatasync(fd) }
@@ -115,7 +115,7 @@ struct FlushTransaction {
         try Journal.write(journalFD: object.journalFD, objectID: object.objectID, pendingSequence: committed.sequence + 1,
                           finalSlot: finalSlot, records: records, key: object.key, storeVersion: object.slots.storeVersion)
         FaultPoints.reach(.shadowWritten)
-        try object.slots.write(fd: fd, header: &pending, key: object.key, sync: true)
+        try object.slots.write(fd: fd, header: &pending, key: object.key, sync: true, afterData: true)
         FaultPoints.reach(.pendingFlagSet)
         do {
             if newLength > oldLength { try Sys.ftruncate(fd, newLength) }

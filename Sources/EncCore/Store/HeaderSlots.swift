@@ -103,7 +103,7 @@ struct HeaderSlots: Sendable {
     ///   left alone. Either way no sync is spent: untar's chown, chmod and utimens per file cost
     ///   three fdatasyncs on a disk before.
     func write(fd: Int32, header: inout ObjectHeader, key: MasterKey, sync: Bool,
-               afterData: Bool = true, currentIsDurable: Bool = false) throws {
+               afterData: Bool, currentIsDurable: Bool = false) throws {
         if afterData && !TestHooks.journalingDisabled { try Sys.fdatasync(fd) }
         var next = stamped(header)
         next.sequence = header.sequence &+ (afterData || currentIsDurable ? 1 : 2)
