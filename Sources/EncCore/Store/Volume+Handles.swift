@@ -164,7 +164,7 @@ extension Volume {
         // (several writers, or aio at a queue depth) encrypt side by side.
         let presealed = file.sealWholeExtents(offset: offset, data: data)
         let appending = handles.withLock { $0.appending.contains(handle) }
-        try withOpenFile(node) { state, current in
+        let mayHoldCapability = try withOpenFile(node) { state, current in
             try checkWrite(state)
             if appending && offset < current.size && state.header.inodeFlags.contains(.appendOnly) { throw StoreError.notPermitted }
             // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
@@ -177,8 +177,9 @@ extension Volume {
             } else if current.needsCommitForMemory {
                 try commit(current, &state)
             }
+            return !holdsNoXattr(state)
         }
-        try dropCapability(node)
+        if mayHoldCapability { try dropCapability(node) }
     }
 
     /// Commits buffered writes (close(2) of a descriptor, not necessarily the last one).

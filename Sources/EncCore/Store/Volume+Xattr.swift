@@ -267,11 +267,14 @@ extension Volume {
     /// later through this mount clears but one set behind the kernel's back does not. An object
     /// known to hold no attribute, the common case, costs nothing: no key, no backing call.
     func dropCapability(_ node: Node) throws {
-        let holdsNone = node.state.withLock { state in
-            state.header.xattrGeneration == 0 && (state.backingXattrs?.isEmpty == true || !capabilities.has(.userXattrs))
-        }
-        guard !holdsNone, capabilities.has(.userXattrs) || holdsSideObjects else { return }
+        guard !node.state.withLock({ holdsNoXattr($0) }), capabilities.has(.userXattrs) || holdsSideObjects else { return }
         _ = try removeXattr(node.id, name: Self.capabilityName)
+    }
+
+    /// Whether the object is known to hold no attribute at all: no side object, and no backing
+    /// attribute (or a backing without xattrs). Needs the node's lock.
+    func holdsNoXattr(_ state: NodeState) -> Bool {
+        state.header.xattrGeneration == 0 && (state.backingXattrs?.isEmpty == true || !capabilities.has(.userXattrs))
     }
 
     /// Removes the attribute wherever it is; whether there was one.
