@@ -26,26 +26,21 @@ import EncFormat
     /// A volume on a scratch store and a file `f` of `mode` holding a few bytes; `body` gets the
     /// volume, a function reopening the volume (to read what reached the disk) and the file.
     func withFile(mode: UInt32, _ body: (inout Volume, _ reopen: (inout Volume) throws -> Void, _ file: UInt64) throws -> Void) throws {
-        let base = FileManager.default.temporaryDirectory.path + "/encfsd-privileges-\(UUID().uuidString)"
-        defer { try? FileManager.default.removeItem(atPath: base) }
-        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
-        let store = base + "/store"
-        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: caller)
-        let keys = KeyTable()
-        _ = try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
-        var volume = try Volume(storePath: store, keys: keys)
-        let (file, _, handle) = try volume.create(parent: Volume.rootID, name: Array("f".utf8), mode: 0o644, caller: caller)
-        try Array("contents".utf8).withUnsafeBytes { try volume.write(handle: handle, offset: 0, data: $0) }
-        try volume.release(handle: handle)
-        var changes = AttributeChanges()
-        changes.mode = mode
-        _ = try volume.setattr(file, changes)
-        func reopen(_ v: inout Volume) throws {
-            v.closeCleanly()
-            v = try Volume(storePath: store, keys: keys)
+        try withScratchStore("encfsd-privileges", key: Self.key, owner: caller) { store, keys in
+            var volume = try Volume(storePath: store, keys: keys)
+            let (file, _, handle) = try volume.create(parent: Volume.rootID, name: Array("f".utf8), mode: 0o644, caller: caller)
+            try Array("contents".utf8).withUnsafeBytes { try volume.write(handle: handle, offset: 0, data: $0) }
+            try volume.release(handle: handle)
+            var changes = AttributeChanges()
+            changes.mode = mode
+            _ = try volume.setattr(file, changes)
+            func reopen(_ v: inout Volume) throws {
+                v.closeCleanly()
+                v = try Volume(storePath: store, keys: keys)
+            }
+            try body(&volume, reopen, file)
+            volume.closeCleanly()
         }
-        try body(&volume, reopen, file)
-        volume.closeCleanly()
     }
 
     func sequence(_ volume: Volume, _ file: UInt64) throws -> UInt64 {

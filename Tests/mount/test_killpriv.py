@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
+from conftest import loop_ext4
 from test_posix import public_volume  # noqa: F401 (a fixture)
 
 OWNER = 1000
@@ -37,22 +37,11 @@ def public_ext4():
     """A fresh ext4 on a loop device, mounted under a world-traversable directory."""
     root = Path(tempfile.mkdtemp(prefix="encfsd-killpriv-ext4-"))
     os.chmod(root, 0o755)
-    image = root / "ext4.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    run("mkfs.ext4", "-q", "-F", "-b", "4096", image)
-    device = run("losetup", "--find", "--show", image).stdout.strip()
-    mnt = root / "ext4"
-    mnt.mkdir()
     try:
-        run("mount", "-t", "ext4", device, mnt)
-        try:
+        with loop_ext4(root, 64 << 20) as mnt:
             os.chmod(mnt, 0o777)
             yield mnt
-        finally:
-            run("umount", mnt, check=False)
     finally:
-        run("losetup", "-d", device, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 
