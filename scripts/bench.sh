@@ -51,6 +51,9 @@ PASS=bench-password-not-secret
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-1200}
 # Extra `encfsd mount` arguments, for A/B runs of a mount option (e.g. "-o no_writeback_cache").
 ENCFSD_OPTIONS=${BENCH_ENCFSD_OPTIONS:-}
+# Extra `encfsd init` arguments for the encfsd and the baseline columns (e.g. "--extent-size 4096").
+ENCFSD_INIT_OPTIONS=${BENCH_ENCFSD_INIT_OPTIONS:-}
+BASELINE_INIT_OPTIONS=${BENCH_BASELINE_INIT_OPTIONS:-}
 
 usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
@@ -279,13 +282,15 @@ fs_mount() {
                 >>"$WORK/out/floor-$tag.log" 2>&1 &
             DPID=$! ;;
         encfsd)
-            "$ENCFSD" init "$c" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
+            # shellcheck disable=SC2086
+            "$ENCFSD" init "$c" --key-file "$ENCFSD_KEY" $ENCFSD_INIT_OPTIONS >>"$LOG" 2>&1 || return 1
             # shellcheck disable=SC2086
             timeout 60 "$ENCFSD" mount "$c" "$m" --log-file "$WORK/out/encfsd-$tag.log" $ENCFSD_OPTIONS >>"$LOG" 2>&1 || return 1
             "$ENCFSD" key add "$m" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
             DPID=$(pgrep -n -f -- "mount $c $m") ;;
         baseline)
-            "$ENCFSD_BASELINE" init "$c" --key-file "$BASELINE_KEY" >>"$LOG" 2>&1 || return 1
+            # shellcheck disable=SC2086
+            "$ENCFSD_BASELINE" init "$c" --key-file "$BASELINE_KEY" $BASELINE_INIT_OPTIONS >>"$LOG" 2>&1 || return 1
             # shellcheck disable=SC2086
             timeout 60 "$ENCFSD_BASELINE" mount "$c" "$m" --log-file "$WORK/out/baseline-$tag.log" $ENCFSD_OPTIONS >>"$LOG" 2>&1 || return 1
             "$ENCFSD_BASELINE" key add "$m" --key-file "$BASELINE_KEY" >>"$LOG" 2>&1 || return 1
@@ -499,10 +504,10 @@ meta header kernel "$(uname -r)"
 meta header CPU "$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores; $(awk '/MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo)"
 meta header OS "$(. /etc/os-release; echo "$PRETTY_NAME")"
 if want_fs baseline; then
-    meta header baseline "$BASELINE ($("$ENCFSD_BASELINE" --version 2>/dev/null | head -n 1)), built $(date -r "$BASELINE" '+%Y-%m-%d %H:%M')"
+    meta header baseline "$BASELINE ($("$ENCFSD_BASELINE" --version 2>/dev/null | head -n 1)), built $(date -r "$BASELINE" '+%Y-%m-%d %H:%M'); init options: ${BASELINE_INIT_OPTIONS:-none}"
 fi
 if want_fs encfsd; then
-    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo " + uncommitted changes in $(git -C "$REPO" diff --name-only HEAD -- Sources Package.swift | sed 's|^Sources/||' | paste -sd, - | sed 's/,/, /g')"), release build$BUILD_NOTE; 16 KiB extents (default), AES-256-GCM"
+    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo " + uncommitted changes in $(git -C "$REPO" diff --name-only HEAD -- Sources Package.swift | sed 's|^Sources/||' | paste -sd, - | sed 's/,/, /g')"), release build$BUILD_NOTE; init options: ${ENCFSD_INIT_OPTIONS:-none (16 KiB extents)}, mount options: ${ENCFSD_OPTIONS:-none}, AES-256-GCM"
 fi
 want_fs floor && meta header floor "passthrough_hp from libfuse $FLOOR_VERSION (Debian source package), g++ -O2 -DHAVE_UTIMENSAT -DHAVE_POSIX_FALLOCATE -DHAVE_SETXATTR, its defaults (writeback cache, 86400 s timeouts, splice), with a request counter (scripts/bench-floor-count.hpp)"
 want_fs gocryptfs && meta header gocryptfs "$(ver gocryptfs -version) (Debian $(pkgver gocryptfs)); default options, -scryptn 10 at init"
