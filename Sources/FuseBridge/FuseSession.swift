@@ -178,7 +178,8 @@ public final class FuseSession: @unchecked Sendable {
 /// `fuse_session_receive_buf`, answers FUSE_STATX itself, and gives every other request to
 /// `fuse_session_process_buf`, which dispatches it exactly as libfuse's loop would (interrupts,
 /// forgets and the rest stay libfuse's business). The only work added to an ordinary request is
-/// reading its opcode, which libfuse's loop also does to keep forgets from starting threads.
+/// reading its opcode, which libfuse's loop also does to keep forgets from starting threads, and
+/// for a write, setattr or open the kill flag libfuse does not decode (`PrivilegeNegotiation`).
 ///
 /// Threads come and go as in libfuse's loop: one to start, another whenever a request finds no
 /// thread waiting, up to `threads`; a thread that finishes a request while more than the idle
