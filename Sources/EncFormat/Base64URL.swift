@@ -34,22 +34,34 @@ public enum Base64URL {
     /// Decodes canonical base64url; nil for any other input (wrong alphabet, length, or
     /// non-zero trailing bits), so two different names never decode to the same bytes.
     public static func decode(_ text: some Collection<UInt8>) -> [UInt8]? {
-        let chars = Array(text)
+        // Every listed entry's name is decoded: in place when the bytes are contiguous.
+        if let decoded = text.withContiguousStorageIfAvailable({ decode(contiguous: $0) }) { return decoded }
+        return Array(text).withUnsafeBufferPointer { decode(contiguous: $0) }
+    }
+
+    private static func decode(contiguous chars: UnsafeBufferPointer<UInt8>) -> [UInt8]? {
         guard chars.count % 4 != 1 else { return nil }
-        var out = [UInt8]()
-        out.reserveCapacity(chars.count * 3 / 4)
-        var acc: UInt32 = 0, bits = 0
-        for c in chars {
-            let v = reverse[Int(c)]
-            guard v != 0xff else { return nil }
-            acc = acc << 6 | UInt32(v)
-            bits += 6
-            if bits >= 8 {
-                bits -= 8
-                out.append(UInt8(acc >> UInt32(bits) & 0xff))
+        let decodedCount = chars.count * 6 / 8
+        var valid = true
+        let out = reverse.withUnsafeBufferPointer { table in
+            [UInt8](unsafeUninitializedCapacity: decodedCount) { buffer, initialized in
+                var acc: UInt32 = 0, bits: UInt32 = 0, written = 0
+                for c in chars {
+                    let v = table[Int(c)]
+                    if v == 0xff { valid = false; break }
+                    acc = acc << 6 | UInt32(v)
+                    bits += 6
+                    if bits >= 8 {
+                        bits -= 8
+                        buffer[written] = UInt8(truncatingIfNeeded: acc >> bits)
+                        written += 1
+                    }
+                }
+                // Non-zero bits left over would let two encodings name the same bytes.
+                if valid && acc & ((1 << bits) - 1) != 0 { valid = false }
+                initialized = written
             }
         }
-        guard acc & ((1 << UInt32(bits)) - 1) == 0 else { return nil }
-        return out
+        return valid ? out : nil
     }
 }
