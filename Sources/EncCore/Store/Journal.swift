@@ -133,7 +133,8 @@ enum Journal {
     }
 
     /// Completes the transaction `pending` marks: verifies the whole shadow (streaming), copies its
-    /// extents into place, and writes its final header. Returns the final header.
+    /// extents into place, and writes its final header. Returns the final header. Called only by
+    /// `HeaderSlots.completeInterruptedWrite`, which owns when a pending header is replayed.
     ///
     /// - Throws: `StoreError.integrity` when the shadow is missing, damaged or belongs to another
     ///   transaction. The object is then refused, never served half-written.

@@ -305,8 +305,7 @@ public final class StoreChecker {
             if header.flags.contains(.pendingWrite) {
                 guard repair else { return note(.problem, display, "an interrupted write awaits recovery (--repair, or open it on a mount)") }
                 do {
-                    header = try Journal.recover(journalFD: journalFD.raw, objectFD: fd.raw, pending: header, key: key,
-                                                    storeVersion: slots.storeVersion)
+                    header = try slots.completeInterruptedWrite(fd: fd.raw, journalFD: journalFD.raw, pending: header, key: key)
                     note(.repaired, display, "completed an interrupted write from its journal")
                 } catch {
                     unrecoverable(in: directoryFD, name: entry.name, path: display, "interrupted write cannot be recovered: \(error)")

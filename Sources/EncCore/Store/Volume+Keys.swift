@@ -114,10 +114,8 @@ extension Volume {
     func recoverLocked(_ node: Node, _ state: inout NodeState, key: MasterKey) throws {
         let fd = try objectDescriptor(node, state, .readWrite)
         state.header = try withExtendedLifetime(fd) {
-            try Journal.recover(journalFD: journalFD.raw, objectFD: fd.raw, pending: state.header, key: key,
-                                storeVersion: slots.storeVersion)
+            try slots.completeInterruptedWrite(fd: fd.raw, journalFD: journalFD.raw, pending: state.header, key: key)
         }
         state.slotSafety.madeDurable(state.header.sequence)
-        Diagnostics.report("recovered an interrupted write of object \(Hex.encode(state.header.objectID)) from its journal")
     }
 }
