@@ -11,24 +11,35 @@ public enum Base64URL {
         return table
     }()
 
+    /// Written in place: every lookup and create encodes a name (appending four-element arrays
+    /// allocated one per three bytes).
     public static func encode(_ bytes: [UInt8]) -> [UInt8] {
-        var out = [UInt8]()
-        out.reserveCapacity((bytes.count * 4 + 2) / 3)
-        var i = 0
-        while i + 3 <= bytes.count {
-            let v = UInt32(bytes[i]) << 16 | UInt32(bytes[i + 1]) << 8 | UInt32(bytes[i + 2])
-            out += [alphabet[Int(v >> 18 & 63)], alphabet[Int(v >> 12 & 63)], alphabet[Int(v >> 6 & 63)], alphabet[Int(v & 63)]]
-            i += 3
+        let encodedCount = (bytes.count * 4 + 2) / 3
+        return alphabet.withUnsafeBufferPointer { table in
+            bytes.withUnsafeBufferPointer { input in
+                [UInt8](unsafeUninitializedCapacity: encodedCount) { out, initialized in
+                    var i = 0, o = 0
+                    while i + 3 <= input.count {
+                        let v = UInt32(input[i]) << 16 | UInt32(input[i + 1]) << 8 | UInt32(input[i + 2])
+                        out[o] = table[Int(v >> 18 & 63)]
+                        out[o + 1] = table[Int(v >> 12 & 63)]
+                        out[o + 2] = table[Int(v >> 6 & 63)]
+                        out[o + 3] = table[Int(v & 63)]
+                        i += 3
+                        o += 4
+                    }
+                    let rest = input.count - i
+                    if rest > 0 {
+                        let v = UInt32(input[i]) << 16 | (rest == 2 ? UInt32(input[i + 1]) << 8 : 0)
+                        out[o] = table[Int(v >> 18 & 63)]
+                        out[o + 1] = table[Int(v >> 12 & 63)]
+                        if rest == 2 { out[o + 2] = table[Int(v >> 6 & 63)] }
+                        o += rest + 1
+                    }
+                    initialized = o
+                }
+            }
         }
-        let rest = bytes.count - i
-        if rest == 1 {
-            let v = UInt32(bytes[i]) << 16
-            out += [alphabet[Int(v >> 18 & 63)], alphabet[Int(v >> 12 & 63)]]
-        } else if rest == 2 {
-            let v = UInt32(bytes[i]) << 16 | UInt32(bytes[i + 1]) << 8
-            out += [alphabet[Int(v >> 18 & 63)], alphabet[Int(v >> 12 & 63)], alphabet[Int(v >> 6 & 63)]]
-        }
-        return out
     }
 
     /// Decodes canonical base64url; nil for any other input (wrong alphabet, length, or

@@ -46,7 +46,7 @@ import Glibc
                               storeVersion: storeVersion)
             var pending = committed
             pending.flags.insert(.pendingWrite)
-            try HeaderSlots.scratch.write(fd: object.fd.raw, header: &pending, key: object.key, sync: true)
+            try HeaderSlots.scratch.write(fd: object.fd.raw, header: &pending, key: object.key, sync: true, afterData: true)
             self.object = object
             self.before = before
             self.after = after
