@@ -2,7 +2,7 @@
 # Counts the daemon's instructions for one workload under callgrind, so two builds can be compared
 # on a machine too busy for wall times (instruction counts do not move with load).
 #   scripts/callgrind-daemon.sh ENCFSD_BINARY lslr|catall|rmrf|randwrite|stream [OUT_PREFIX]
-# lslr, catall and rmrf (rm -rf of the whole tree) run cold (after drop_caches) on a store holding linux-source-6.1's fs/ and
+# lslr, catall and rmrf (rm -rf of the tree) run cold (after drop_caches) on a store holding linux-source-6.1's fs/ and
 # crypto/ (2,361 entries); randwrite is 4,000 random 4 KiB writes at depth 1 into a 32 MiB file;
 # stream reads a 256 MiB file cold, 1 MiB at a time.
 # Instrumentation is on only around the workload. Prints the total and leaves OUT_PREFIX.<pid>.1
