@@ -81,6 +81,48 @@ public enum OpenSSL {
         return out
     }
 
+    /// SHA-256 of `bytes` into `digest` (32 bytes), allocating nothing: the header checksum is
+    /// computed for both slots on every lookup.
+    public static func sha256(_ bytes: UnsafeRawBufferPointer, into digest: UnsafeMutableRawBufferPointer) {
+        precondition(digest.count == 32)
+        let ctx = ThreadContexts.withCurrent { $0.digest }
+        var outCount: UInt32 = 0
+        let ok = EVP_DigestInit_ex2(ctx, Algorithms.shared.sha256, nil) == 1
+            && EVP_DigestUpdate(ctx, bytes.baseAddress, bytes.count) == 1
+            && EVP_DigestFinal_ex(ctx, u8m(digest), &outCount) == 1
+        precondition(ok && outCount == 32, "EVP_Digest failed")
+    }
+
+    /// Runs `body` with an HMAC-SHA256 keyed with `key` once, for checking several messages under
+    /// one key: each further check starts from the key pads computed here instead of hashing them
+    /// again (both header slots of an object share one header key). `body` must not keep it.
+    public static func withHMACSHA256<R>(key: UnsafeRawBufferPointer, _ body: (borrowing KeyedHMACSHA256) throws -> R) rethrows -> R {
+        let ctx = ThreadContexts.withCurrent { $0.hmacSHA256 }
+        let keyed = EVP_MAC_init(ctx, u8(key), key.count, nil) == 1
+        precondition(keyed, "HMAC-SHA256 init failed")
+        return try body(KeyedHMACSHA256(ctx: ctx))
+    }
+
+    /// An HMAC-SHA256 context of the calling thread keyed by `withHMACSHA256`, valid only inside it.
+    /// Not copyable, so `body` cannot keep a copy past its return.
+    public struct KeyedHMACSHA256: ~Copyable {
+        fileprivate let ctx: OpaquePointer
+
+        /// Whether HMAC(key, `message`) equals `expected` (32 bytes), compared in constant time.
+        public func matches(_ message: UnsafeRawBufferPointer, expected: UnsafeRawBufferPointer) -> Bool {
+            precondition(expected.count == 32)
+            return withUnsafeTemporaryAllocation(byteCount: 32, alignment: 16) { mac -> Bool in
+                var written = 0
+                // A NULL key re-initialises from the pads computed when the context was keyed.
+                let ok = EVP_MAC_init(ctx, nil, 0, nil) == 1
+                    && EVP_MAC_update(ctx, u8(message), message.count) == 1
+                    && EVP_MAC_final(ctx, u8m(mac), &written, 32) == 1 && written == 32
+                precondition(ok, "HMAC-SHA256 failed")
+                return CRYPTO_memcmp(mac.baseAddress, expected.baseAddress, 32) == 0
+            }
+        }
+    }
+
     /// An HMAC-SHA256 computed over data fed in pieces, so a journal of any length is verified in
     /// bounded memory. Owns its own context (it may outlive many calls on the thread's context).
     public final class HMACStream {
@@ -168,7 +210,7 @@ public enum OpenSSL {
     /// keys a fresh HMAC on every call, which cost more than the HMAC itself).
     ///
     /// - Parameter serial: `prk`'s owner's unique serial (`MasterKey.instanceSerial`), never
-    ///   reused for another PRK; `forgetKeyedExpand(serial:)` must be called when `prk` is wiped.
+    ///   reused for another PRK; `forgetKeyedContexts(serial:)` must be called when `prk` is wiped.
     package static func hkdfExpandSHA512(keyedAs serial: UInt64, prk: UnsafeRawBufferPointer, info: UnsafeRawBufferPointer,
                                         into output: UnsafeMutableRawBufferPointer) {
         precondition(prk.count == 64 && info.count > 0 && info.count <= 1024 && output.count > 0 && output.count <= 64)
@@ -182,7 +224,7 @@ public enum OpenSSL {
             let target = output.count == 64 ? output : block
             defer { if output.count < 64 { cleanse(block) } }
             let done = ThreadContexts.withCurrent {
-                $0.keyedExpand.firstBlock(serial: serial, prk: prk, message: UnsafeRawBufferPointer(message), into: target)
+                $0.keyed.firstBlock(serial: serial, prk: prk, message: UnsafeRawBufferPointer(message), into: target)
             }
             if done && output.count < 64 { output.copyMemory(from: UnsafeRawBufferPointer(rebasing: block[0..<output.count])) }
             return done
@@ -190,9 +232,9 @@ public enum OpenSSL {
         precondition(ok, "HKDF-SHA512 expand (HMAC) failed")
     }
 
-    /// Frees every thread's HMAC state keyed for `serial`: its PRK is being wiped.
-    package static func forgetKeyedExpand(serial: UInt64) {
-        KeyedExpandCache.forget(serial: serial)
+    /// Frees every thread's HMAC and SIV state keyed for `serial`: its keys are being wiped.
+    package static func forgetKeyedContexts(serial: UInt64) {
+        KeyedContextCache.forget(serial: serial)
     }
 
     private static func hkdf(mode: Int32, key: UnsafeRawBufferPointer, salt: UnsafeRawBufferPointer,
@@ -275,17 +317,70 @@ public enum OpenSSL {
 
     // MARK: AES-256-SIV (RFC 5297): deterministic authenticated encryption of names
 
-    /// Returns the 16-byte synthetic IV followed by the ciphertext.
+    /// Returns the 16-byte synthetic IV followed by the ciphertext, keying a context afresh: the
+    /// reference the keyed path (`sivSeal(keyedAs:...)`) is tested against.
     public static func sivSeal(key: UnsafeRawBufferPointer, ad: [UInt8], plaintext: [UInt8]) throws(CryptoError) -> [UInt8] {
         precondition(key.count == 64 && !plaintext.isEmpty)
-        let ctx = ThreadContexts.current.cipher
+        let ctx = ThreadContexts.withCurrent { $0.cipher }
+        defer { EVP_CIPHER_CTX_reset(ctx) }
+        return try sivSeal(ctx, ad: ad, plaintext: plaintext) { EVP_EncryptInit_ex2(ctx, Algorithms.shared.aes256siv, u8(key), nil, nil) == 1 }
+    }
+
+    /// The reference for `sivOpen(keyedAs:...)`, keying a context afresh.
+    public static func sivOpen(key: UnsafeRawBufferPointer, ad: [UInt8], sealed: [UInt8]) throws(CryptoError) -> [UInt8] {
+        precondition(key.count == 64)
+        let ctx = ThreadContexts.withCurrent { $0.cipher }
+        defer { EVP_CIPHER_CTX_reset(ctx) }
+        return try sivOpen(ctx, ad: ad, sealed: sealed) { EVP_DecryptInit_ex2(ctx, Algorithms.shared.aes256siv, u8(key), nil, nil) == 1 }
+    }
+
+    /// `sivSeal(key:ad:plaintext:)` on a copy of a template this thread keyed with `key` once:
+    /// sealing a name costs a context copy instead of two AES key expansions and a CMAC.
+    ///
+    /// - Parameters:
+    ///   - serial: `key`'s owner's unique serial (`MasterKey.instanceSerial`), never reused;
+    ///     `forgetKeyedContexts(serial:)` must be called when `key` is wiped.
+    ///   - subkey: which of the owner's SIV keys `key` is, so two keys of one owner never share a template.
+    package static func sivSeal(keyedAs serial: UInt64, subkey: UInt8, key: UnsafeRawBufferPointer,
+                                ad: [UInt8], plaintext: [UInt8]) throws(CryptoError) -> [UInt8] {
+        precondition(key.count == 64 && !plaintext.isEmpty)
+        var sealed: [UInt8]?
+        ThreadContexts.withCurrent { threadContexts in
+            _ = threadContexts.keyed.withSIV(serial: serial, subkey: subkey, encrypt: true, key: key,
+                                             working: threadContexts.cipher) { ctx in
+                sealed = try? sivSeal(ctx, ad: ad, plaintext: plaintext) { true }
+                return sealed != nil
+            }
+        }
+        guard let sealed else { throw .library("AES-256-SIV seal") }
+        return sealed
+    }
+
+    /// `sivOpen(key:ad:sealed:)` on a copy of a template this thread keyed with `key` once (see
+    /// `sivSeal(keyedAs:...)`). Throws `.authenticationFailed` for any failure, as the reference does.
+    package static func sivOpen(keyedAs serial: UInt64, subkey: UInt8, key: UnsafeRawBufferPointer,
+                                ad: [UInt8], sealed: [UInt8]) throws(CryptoError) -> [UInt8] {
+        precondition(key.count == 64)
+        var opened: Result<[UInt8], CryptoError> = .failure(.authenticationFailed)
+        ThreadContexts.withCurrent { threadContexts in
+            _ = threadContexts.keyed.withSIV(serial: serial, subkey: subkey, encrypt: false, key: key,
+                                             working: threadContexts.cipher) { ctx in
+                opened = Result { () throws(CryptoError) in try sivOpen(ctx, ad: ad, sealed: sealed) { true } }
+                return true
+            }
+        }
+        return try opened.get()
+    }
+
+    /// Seals on `ctx` once `initialise` has keyed it for encryption.
+    private static func sivSeal(_ ctx: OpaquePointer, ad: [UInt8], plaintext: [UInt8],
+                                initialise: () -> Bool) throws(CryptoError) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: 16 + plaintext.count)
         var outCount: Int32 = 0
-        let k = key
         let ok = ad.withUnsafeBytes { a in plaintext.withUnsafeBytes { p in
             out.withUnsafeMutableBytes { o -> Bool in
                 let body = UnsafeMutableRawBufferPointer(rebasing: o[16...])
-                return EVP_EncryptInit_ex2(ctx, Algorithms.shared.aes256siv, u8(k), nil, nil) == 1
+                return initialise()
                     && EVP_EncryptUpdate(ctx, nil, &outCount, u8(a), Int32(a.count)) == 1
                     && EVP_EncryptUpdate(ctx, u8m(body), &outCount, u8(p), Int32(p.count)) == 1
                     && EVP_EncryptFinal_ex(ctx, u8m(body), &outCount) == 1
@@ -296,17 +391,16 @@ public enum OpenSSL {
         return out
     }
 
-    public static func sivOpen(key: UnsafeRawBufferPointer, ad: [UInt8], sealed: [UInt8]) throws(CryptoError) -> [UInt8] {
-        precondition(key.count == 64)
+    /// Opens on `ctx` once `initialise` has keyed it for decryption; wipes the output on failure.
+    private static func sivOpen(_ ctx: OpaquePointer, ad: [UInt8], sealed: [UInt8],
+                                initialise: () -> Bool) throws(CryptoError) -> [UInt8] {
         guard sealed.count > 16 else { throw .authenticationFailed }
-        let ctx = ThreadContexts.current.cipher
         var out = [UInt8](repeating: 0, count: sealed.count - 16)
         var outCount: Int32 = 0
-        let k = key
         let ok = ad.withUnsafeBytes { a in sealed.withUnsafeBytes { s in
             out.withUnsafeMutableBytes { o -> Bool in
                 let body = UnsafeRawBufferPointer(rebasing: s[16...])
-                return EVP_DecryptInit_ex2(ctx, Algorithms.shared.aes256siv, u8(k), nil, nil) == 1
+                return initialise()
                     && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_AEAD_SET_TAG, 16, UnsafeMutableRawPointer(mutating: s.baseAddress)) == 1
                     && EVP_DecryptUpdate(ctx, nil, &outCount, u8(a), Int32(a.count)) == 1
                     && EVP_DecryptUpdate(ctx, u8m(o), &outCount, u8(body), Int32(body.count)) == 1

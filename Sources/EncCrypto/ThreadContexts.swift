@@ -11,7 +11,8 @@ import Glibc
 /// worker thread therefore gets its own set, created on first use and freed when the thread
 /// exits (pthread key destructor).
 package final class ThreadContexts {
-    /// For AES-256-SIV and anything else that sets its own cipher on each use.
+    /// For AES-256-SIV: a keyed template is copied into it per name, and it is reset after each
+    /// use so no key schedule stays in it.
     package let cipher: OpaquePointer
     /// Fixed to AES-256-GCM when created: each extent seal or open passes only key and IV. Passing
     /// the cipher again made OpenSSL free and reallocate its whole GCM state on every extent.
@@ -22,8 +23,9 @@ package final class ThreadContexts {
     /// For SHA-256 and other digests; re-initialised per use instead of allocated.
     package let digest: OpaquePointer
     package let kdf: OpaquePointer
-    /// HMAC-SHA512 contexts keyed with each master key's PRK this thread derives extent keys for.
-    package let keyedExpand = KeyedExpandCache()
+    /// Contexts keyed with the secrets of each master key this thread uses: HMAC-SHA512 on the
+    /// PRK for extent and header keys, AES-256-SIV templates for names and xattrs.
+    package let keyed = KeyedContextCache()
     /// Random bytes drawn ahead for extent nonces (see `takeNonce`).
     private let nonces: UnsafeMutableRawBufferPointer
     private var noncesUsed: Int
@@ -54,7 +56,7 @@ package final class ThreadContexts {
     }
 
     deinit {
-        keyedExpand.retire()
+        keyed.retire()
         EVP_CIPHER_CTX_free(cipher)
         EVP_CIPHER_CTX_free(gcm)
         EVP_MAC_CTX_free(hmacSHA256)

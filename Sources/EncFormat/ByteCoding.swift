@@ -41,12 +41,28 @@ package struct ByteReader {
         return Array(bytes[position..<(position + n)])
     }
 
+    /// Skips `n` bytes if they are all zero (reserved fields), without copying them out.
+    package mutating func zeros(_ n: Int) -> Bool {
+        guard n >= 0, position + n <= bytes.endIndex, isAllZero(bytes[position..<(position + n)]) else { return false }
+        position += n
+        return true
+    }
+
+    /// Skips `expected.count` bytes if they equal `expected` (a magic number), without copying them out.
+    package mutating func expect(_ expected: [UInt8]) -> Bool {
+        let n = expected.count
+        guard position + n <= bytes.endIndex, bytes[position..<(position + n)].elementsEqual(expected) else { return false }
+        position += n
+        return true
+    }
+
+    /// One unaligned load rather than a byte at a time: headers are decoded twice per lookup.
     private mutating func read<T: FixedWidthInteger>(_: T.Type) -> T? {
         let n = MemoryLayout<T>.size
         guard position + n <= bytes.endIndex else { return nil }
-        var v: T = 0
-        for i in 0..<n { v |= T(bytes[position + i]) << (8 * i) }
+        let offset = position - bytes.startIndex
+        let v = bytes.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: offset, as: T.self) }
         position += n
-        return v
+        return T(littleEndian: v)
     }
 }

@@ -51,10 +51,8 @@ public enum HeaderCodec {
         else { return .damaged }
         let start = slot.startIndex
         let body = slot[start..<(start + length)]
-        let macEnd = start + length + ObjectHeader.macBytes
-        let checksum = OpenSSL.sha256(Array(slot[start..<macEnd])).prefix(ObjectHeader.checksumBytes)
-        let checksumEnd = macEnd + ObjectHeader.checksumBytes
-        guard checksum.elementsEqual(slot[macEnd..<checksumEnd]), isAllZero(slot[checksumEnd...]) else { return .damaged }
+        let checksumEnd = start + length + ObjectHeader.macBytes + ObjectHeader.checksumBytes
+        guard checksumMatches(slot: slot, length: length), isAllZero(slot[checksumEnd...]) else { return .damaged }
         let header: ObjectHeader
         switch ObjectHeader.decodeBody(body) {
         case .success(let decoded): header = decoded
@@ -65,18 +63,33 @@ public enum HeaderCodec {
         return .valid(header)
     }
 
+    /// Whether the checksum of a slot whose body is `length` bytes matches, computed in place:
+    /// both slots are checked on every header read.
+    private static func checksumMatches(slot: ArraySlice<UInt8>, length: Int) -> Bool {
+        slot.withUnsafeBytes { raw in
+            withUnsafeTemporaryAllocation(byteCount: 32, alignment: 16) { digest in
+                let macEnd = length + ObjectHeader.macBytes
+                OpenSSL.sha256(UnsafeRawBufferPointer(rebasing: raw[0..<macEnd]), into: digest)
+                return digest[0..<ObjectHeader.checksumBytes].elementsEqual(raw[macEnd..<(macEnd + ObjectHeader.checksumBytes)])
+            }
+        }
+    }
+
     /// Whether the MAC of an intact slot verifies under `key`.
     private static func verify(slot: ArraySlice<UInt8>, header: ObjectHeader, key: MasterKey) -> Bool {
         guard key.identifier == header.macPolicy else { return false }
-        return key.withHeaderKey(objectID: header.objectID) { macMatches(slot: slot, headerKey: $0) }
+        return key.withHeaderKey(objectID: header.objectID) { headerKey in
+            OpenSSL.withHMACSHA256(key: headerKey) { macMatches(slot: slot, hmac: $0) }
+        }
     }
 
-    /// Whether an intact slot's MAC is the one `headerKey` (already derived for its object) gives.
-    private static func macMatches(slot: ArraySlice<UInt8>, headerKey: UnsafeRawBufferPointer) -> Bool {
-        let start = slot.startIndex
-        let length = Int(slot[start + 6]) | Int(slot[start + 7]) << 8
-        let mac = OpenSSL.hmacSHA256(key: headerKey, Array(slot[start..<(start + length)]))
-        return constantTimeEqual(mac, Array(slot[(start + length)..<(start + length + ObjectHeader.macBytes)]))
+    /// Whether an intact slot's MAC is the one `hmac` (keyed with its object's header key) gives.
+    private static func macMatches(slot: ArraySlice<UInt8>, hmac: borrowing OpenSSL.KeyedHMACSHA256) -> Bool {
+        slot.withUnsafeBytes { raw in
+            let length = Int(raw[6]) | Int(raw[7]) << 8
+            return hmac.matches(UnsafeRawBufferPointer(rebasing: raw[0..<length]),
+                                expected: UnsafeRawBufferPointer(rebasing: raw[length..<(length + ObjectHeader.macBytes)]))
+        }
     }
 
     /// The current header of a region, and the slot (if any) that was damaged and passed over
@@ -136,23 +149,35 @@ public enum HeaderCodec {
         // older version current with no damage to be seen. A torn write never yields a good
         // checksum, so a slot that fails its MAC is forged: refused. One that cannot be checked
         // (its key absent, and not the rekey's previous key) is judged as damage. Both slots of
-        // one object under one key share the derived header key: a derivation per lookup, not two.
+        // one object under one key share the derived header key and its keyed HMAC: one
+        // derivation and one keying per lookup, not two.
         if let key {
             guard key.identifier == newest.header.macPolicy else { throw FormatError.integrity("header failed authentication") }
+            var underOtherHeaderKey: [Int] = []
             try key.withHeaderKey(objectID: newest.header.objectID) { headerKey in
-                guard macMatches(slot: newest.slot, headerKey: headerKey) else { throw FormatError.integrity("header failed authentication") }
-                for index in 0..<2 {
-                    guard case .valid(let other) = states[index], other.sequence != newest.header.sequence else { continue }
-                    let verified: Bool
-                    if other.macPolicy == newest.header.macPolicy && other.objectID == newest.header.objectID {
-                        verified = macMatches(slot: slots[index], headerKey: headerKey)
-                    } else if let otherKey = other.macPolicy == newest.header.macPolicy ? key : keyFor(other.macPolicy) {
-                        verified = verify(slot: slots[index], header: other, key: otherKey)
-                    } else {
-                        if other.macPolicy != newest.header.previousPolicy { states[index] = .damaged }
-                        continue
+                try OpenSSL.withHMACSHA256(key: headerKey) { hmac in
+                    guard macMatches(slot: newest.slot, hmac: hmac) else { throw FormatError.integrity("header failed authentication") }
+                    for index in 0..<2 {
+                        guard case .valid(let other) = states[index], other.sequence != newest.header.sequence else { continue }
+                        guard other.macPolicy == newest.header.macPolicy && other.objectID == newest.header.objectID else {
+                            // Checked below: its own keyed HMAC would re-key this thread's context under `hmac`.
+                            underOtherHeaderKey.append(index)
+                            continue
+                        }
+                        guard macMatches(slot: slots[index], hmac: hmac) else {
+                            throw FormatError.integrity("header slot \(index) failed authentication")
+                        }
                     }
-                    guard verified else { throw FormatError.integrity("header slot \(index) failed authentication") }
+                }
+            }
+            for index in underOtherHeaderKey {
+                guard case .valid(let other) = states[index] else { continue }
+                guard let otherKey = other.macPolicy == newest.header.macPolicy ? key : keyFor(other.macPolicy) else {
+                    if other.macPolicy != newest.header.previousPolicy { states[index] = .damaged }
+                    continue
+                }
+                guard verify(slot: slots[index], header: other, key: otherKey) else {
+                    throw FormatError.integrity("header slot \(index) failed authentication")
                 }
             }
         }

@@ -37,7 +37,7 @@ public enum NameCodec {
         let padded = name + [UInt8](repeating: 0, count: paddedCount - name.count)
         let sealed: [UInt8]
         do {
-            sealed = try key.withNameKey { k throws(CryptoError) in try OpenSSL.sivSeal(key: k, ad: directoryID, plaintext: padded) }
+            sealed = try key.sivSeal(.names, ad: directoryID, plaintext: padded)
         } catch {
             throw FormatError.integrity("name encryption failed: \(error)")
         }
@@ -75,7 +75,7 @@ public enum NameCodec {
     public static func decrypt(ciphertext: [UInt8], directoryID: [UInt8], key: MasterKey) throws -> [UInt8] {
         let padded: [UInt8]
         do {
-            padded = try key.withNameKey { k throws(CryptoError) in try OpenSSL.sivOpen(key: k, ad: directoryID, sealed: ciphertext) }
+            padded = try key.sivOpen(.names, ad: directoryID, sealed: ciphertext)
         } catch {
             throw FormatError.integrity("name failed authentication")
         }

@@ -213,14 +213,14 @@ public struct ObjectHeader: Equatable, Sendable {
     /// to the object's type zero.
     package static func decodeBody(_ body: ArraySlice<UInt8>) -> Result<ObjectHeader, DecodeFailure> {
         var r = ByteReader(body)
-        guard r.raw(4) == magic, let version = r.u16(), let length = r.u16(), Int(length) == body.count,
+        guard r.expect(magic), let version = r.u16(), let length = r.u16(), Int(length) == body.count,
               let sequence = r.u64(), let rawFlags = r.u32()
         else { return .failure(.malformed) }
         let flags = Flags(rawValue: rawFlags)
         guard versions.contains(version), Flags.known.isSuperset(of: flags) else {
             return .failure(.unsupported(version: version, sequence: sequence))
         }
-        guard let typeByte = r.u8(), let type = ObjectType(rawValue: typeByte), r.raw(3) == [0, 0, 0],
+        guard let typeByte = r.u8(), let type = ObjectType(rawValue: typeByte), r.zeros(3),
               let mode = r.u32(), mode & ~0o7777 == 0, let uid = r.u32(), let gid = r.u32(),
               let extentSize = r.u32(), let rdev = r.u64(), let size = r.u64(),
               let objectID = r.raw(16), let policyBytes = r.raw(16), let policy = KeyIdentifier(bytes: policyBytes),
@@ -231,7 +231,7 @@ public struct ObjectHeader: Equatable, Sendable {
         var previousPolicy: KeyIdentifier?
         var inodeFlags: InodeFlags = [], accessTime: UInt64 = 0, xattrGeneration: UInt64 = 0, changeTime: UInt64 = 0
         if version >= 2 {
-            guard let count = r.u16(), r.raw(2) == [0, 0], let e = r.u64(), let previous = r.raw(16), let born = r.u64()
+            guard let count = r.u16(), r.zeros(2), let e = r.u64(), let previous = r.raw(16), let born = r.u64()
             else { return .failure(.malformed) }
             (legacyCount, epoch, birthTime) = (count, e, born)
             if previous.contains(where: { $0 != 0 }) {
@@ -242,7 +242,7 @@ public struct ObjectHeader: Equatable, Sendable {
             // directory (which has no extents), they cannot mean anything.
             guard legacyCount == 0 || (previousPolicy != nil && type != .directory) else { return .failure(.malformed) }
             if version >= 3 {
-                guard let rawInodeFlags = r.u32(), r.raw(4) == [0, 0, 0, 0], let atime = r.u64(), let generation = r.u64(),
+                guard let rawInodeFlags = r.u32(), r.zeros(4), let atime = r.u64(), let generation = r.u64(),
                       let kept = r.u64()
                 else { return .failure(.malformed) }
                 let stored = InodeFlags(rawValue: rawInodeFlags)
@@ -251,7 +251,7 @@ public struct ObjectHeader: Equatable, Sendable {
                 (inodeFlags, accessTime, xattrGeneration, changeTime) = (stored, atime, generation, kept)
             }
         } else {
-            guard r.raw(4) == [0, 0, 0, 0] else { return .failure(.malformed) }
+            guard r.zeros(4) else { return .failure(.malformed) }
         }
         let isDevice = type == .characterDevice || type == .blockDevice
         if type == .directory {

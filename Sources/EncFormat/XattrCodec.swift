@@ -19,16 +19,14 @@ public enum XattrCodec {
     public static func seal(name: [UInt8], value: [UInt8], objectID: [UInt8], backingName: String, key: MasterKey) throws -> [UInt8] {
         precondition(name.count <= 255)
         let plaintext = [UInt8(name.count)] + name + value
-        return try key.withXattrKeys { k, _ in
-            try OpenSSL.sivSeal(key: k, ad: objectID + Array(backingName.utf8), plaintext: plaintext)
-        }
+        return try key.sivSeal(.xattrs, ad: objectID + Array(backingName.utf8), plaintext: plaintext)
     }
 
     /// The attribute's name and value; `FormatError.integrity` when the value does not open.
     public static func open(_ sealed: [UInt8], objectID: [UInt8], backingName: String, key: MasterKey) throws -> ([UInt8], [UInt8]) {
         let plain: [UInt8]
         do {
-            plain = try key.withXattrKeys { k, _ in try OpenSSL.sivOpen(key: k, ad: objectID + Array(backingName.utf8), sealed: sealed) }
+            plain = try key.sivOpen(.xattrs, ad: objectID + Array(backingName.utf8), sealed: sealed)
         } catch {
             throw FormatError.integrity("xattr failed authentication")
         }

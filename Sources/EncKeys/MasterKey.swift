@@ -12,7 +12,7 @@ public final class MasterKey: Sendable {
 
     public let identifier: KeyIdentifier
     /// Unique to this instance for the life of the process, never reused: it names this key's
-    /// keyed HMAC state in each thread's cache (see `KeyedExpandCache`). Two instances made from
+    /// keyed HMAC and SIV state in each thread's cache (see `KeyedContextCache`). Two instances made from
     /// the same raw key get different serials; that costs one extra keying, never a wrong key.
     package let instanceSerial: UInt64
     private static let serials = Atomic<UInt64>(0)
@@ -72,25 +72,29 @@ public final class MasterKey: Sendable {
     /// saves copying it out of a scratch buffer.
     public func deriveExtentKey(nonce: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) {
         precondition(nonce.count == 16 && (44...64).contains(output.count))
-        withUnsafeTemporaryAllocation(byteCount: 25, alignment: 1) { info in
-            info.copyMemory(from: UnsafeRawBufferPointer(start: HKDFInfo.prefixPointer, count: 8))
-            info[8] = HKDFContext.extentKey.rawValue
-            UnsafeMutableRawBufferPointer(rebasing: info[9...]).copyMemory(from: nonce)
-            prk.withBytes {
-                OpenSSL.hkdfExpandSHA512(keyedAs: instanceSerial, prk: $0, info: UnsafeRawBufferPointer(info), into: output)
-            }
-        }
+        expandKeyed(.extentKey, nonce, into: output)
     }
 
     /// Runs `body` with the 32-byte header MAC key of one object; the key is wiped afterwards.
     public func withHeaderKey<R>(objectID: [UInt8], _ body: (UnsafeRawBufferPointer) throws -> R) rethrows -> R {
         try withUnsafeTemporaryAllocation(byteCount: 32, alignment: 16) { key in
             defer { OpenSSL.cleanse(key) }
-            let info = HKDFInfo.make(.headerKey, objectID)
-            prk.withBytes { p in
-                info.withUnsafeBytes { OpenSSL.hkdfExpandSHA512(keyedAs: instanceSerial, prk: p, info: $0, into: key) }
-            }
+            objectID.withUnsafeBytes { expandKeyed(.headerKey, $0, into: key) }
             return try body(UnsafeRawBufferPointer(key))
+        }
+    }
+
+    /// HKDF-Expand(PRK, "fscrypt\0" || `context` || `data`) into `output` (at most one block) on
+    /// this thread's HMAC keyed with the PRK, the info built on the stack: per extent and per
+    /// header read.
+    private func expandKeyed(_ context: HKDFContext, _ data: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) {
+        withUnsafeTemporaryAllocation(byteCount: 9 + data.count, alignment: 1) { info in
+            info.copyMemory(from: UnsafeRawBufferPointer(start: HKDFInfo.prefixPointer, count: 8))
+            info[8] = context.rawValue
+            UnsafeMutableRawBufferPointer(rebasing: info[9...]).copyMemory(from: data)
+            prk.withBytes {
+                OpenSSL.hkdfExpandSHA512(keyedAs: instanceSerial, prk: $0, info: UnsafeRawBufferPointer(info), into: output)
+            }
         }
     }
 
@@ -115,6 +119,42 @@ public final class MasterKey: Sendable {
         try xattrKeyBytes.withBytes { try body(UnsafeRawBufferPointer(rebasing: $0[0..<64]), UnsafeRawBufferPointer(rebasing: $0[64...])) }
     }
 
+    /// This key's AES-256-SIV keys (FORMAT.md 3.3).
+    public enum SIVKey: UInt8, Sendable {
+        case names = 0
+        /// The first 64 bytes of the xattr keys.
+        case xattrs = 1
+    }
+
+    /// AES-256-SIV seal (synthetic IV || ciphertext) under one of this key's SIV keys, on a
+    /// template this thread keyed once for it: names are sealed on every lookup and create.
+    public func sivSeal(_ which: SIVKey, ad: [UInt8], plaintext: [UInt8]) throws(CryptoError) -> [UInt8] {
+        let sealed = withSIVKey(which) { k in
+            Result { () throws(CryptoError) in
+                try OpenSSL.sivSeal(keyedAs: instanceSerial, subkey: which.rawValue, key: k, ad: ad, plaintext: plaintext)
+            }
+        }
+        return try sealed.get()
+    }
+
+    /// AES-256-SIV open under one of this key's SIV keys (see `sivSeal`): names are opened for
+    /// every entry listed.
+    public func sivOpen(_ which: SIVKey, ad: [UInt8], sealed: [UInt8]) throws(CryptoError) -> [UInt8] {
+        let opened = withSIVKey(which) { k in
+            Result { () throws(CryptoError) in
+                try OpenSSL.sivOpen(keyedAs: instanceSerial, subkey: which.rawValue, key: k, ad: ad, sealed: sealed)
+            }
+        }
+        return try opened.get()
+    }
+
+    private func withSIVKey<R>(_ which: SIVKey, _ body: (UnsafeRawBufferPointer) -> R) -> R {
+        switch which {
+        case .names: nameKeyBytes.withBytes(body)
+        case .xattrs: xattrKeyBytes.withBytes { body(UnsafeRawBufferPointer(rebasing: $0[0..<64])) }
+        }
+    }
+
     package func setWipeObserver(_ observer: @escaping @Sendable () -> Void) {
         wipeObserver.withLock { $0 = observer }
     }
@@ -123,9 +163,9 @@ public final class MasterKey: Sendable {
         // The SecureBytes members wipe themselves as they are released right after this. Runs on
         // whichever thread dropped the last reference: never inside the key table's lock (every
         // strong reference taken under it is released outside), since the observer takes it.
-        // The threads' HMAC states keyed with the PRK are secrets too: freed (and wiped by
+        // The threads' HMAC states and SIV templates keyed with its keys are secrets too: freed (and wiped by
         // OpenSSL) before the observer reports the key gone.
-        OpenSSL.forgetKeyedExpand(serial: instanceSerial)
+        OpenSSL.forgetKeyedContexts(serial: instanceSerial)
         let observer = wipeObserver.withLock { $0 }
         observer?()
     }

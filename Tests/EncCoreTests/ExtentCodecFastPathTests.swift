@@ -59,7 +59,7 @@ import Testing
         var prk = [UInt8](repeating: 0, count: 64)
         raw.withUnsafeBytes { ikm in prk.withUnsafeMutableBytes { OpenSSL.hkdfExtractSHA512(ikm: ikm, into: $0) } }
         let serial = UInt64.max - 7 // no MasterKey gets this far
-        defer { OpenSSL.forgetKeyedExpand(serial: serial) }
+        defer { OpenSSL.forgetKeyedContexts(serial: serial) }
         for count in [1, 16, 32, 44, 63, 64] {
             for infoCount in [1, 9, 25, 111, 112, 200] {
                 let info = OpenSSL.random(count: infoCount)
@@ -74,7 +74,7 @@ import Testing
 
     /// More keys than a thread keeps keyed contexts for: evicted ones are keyed again, never mixed up.
     @Test func moreKeysThanTheCacheHolds() throws {
-        let raws = (0..<(KeyedExpandCache.capacity + 3)).map { _ in OpenSSL.random(count: 64) }
+        let raws = (0..<(KeyedContextCache.capacity + 3)).map { _ in OpenSSL.random(count: 64) }
         let keys = try raws.map { try MasterKey(raw: $0) }
         for round in 0..<3 {
             for (index, key) in keys.enumerated().reversed() where (index + round) % 2 == 0 || round == 2 {
@@ -108,12 +108,12 @@ import Testing
         let key = try MasterKey(raw: OpenSSL.random(count: 64))
         let serial = key.instanceSerial
         _ = extentKey(key, nonce: nonce)
-        #expect(KeyedExpandCache.contexts(for: serial) == 1)
+        #expect(KeyedContextCache.contexts(for: serial) == 1)
         let exit = idleThread(after: { _ = extentKey(key, nonce: nonce) })
-        #expect(KeyedExpandCache.contexts(for: serial) == 2)
+        #expect(KeyedContextCache.contexts(for: serial) == 2)
         exit.signal()
         // The thread's destructors run after its block returns.
-        #expect(waitUntil { KeyedExpandCache.contexts(for: serial) == 1 })
+        #expect(waitUntil { KeyedContextCache.contexts(for: serial) == 1 })
         withExtendedLifetime(key) {}
     }
 
@@ -143,7 +143,7 @@ import Testing
         let serial = box.key.withLock { $0!.instanceSerial }
         // Its own reference only for the derivation: then it idles holding none.
         let exit = idleThread(after: { _ = extentKey(box.key.withLock { $0! }, nonce: nonce) })
-        #expect(KeyedExpandCache.contexts(for: serial) == 1)
+        #expect(KeyedContextCache.contexts(for: serial) == 1)
         let wiped = DispatchSemaphore(value: 0)
         do {
             let last = box.key.withLock { key -> MasterKey in
@@ -153,12 +153,65 @@ import Testing
             last.setWipeObserver { wiped.signal() }
             // A key still in use stays usable: a derivation on this thread keys its own state.
             _ = extentKey(last, nonce: nonce)
-            #expect(KeyedExpandCache.contexts(for: serial) == 2)
+            #expect(KeyedContextCache.contexts(for: serial) == 2)
         } // `last` was the only reference left: the key is wiped here
         #expect(wiped.wait(timeout: .now() + 5) == .success)
         // Already gone from the idle thread, which has not run since.
-        #expect(KeyedExpandCache.contexts(for: serial) == 0, "key wiped, its HMAC state must be gone")
+        #expect(KeyedContextCache.contexts(for: serial) == 0, "key wiped, its HMAC state must be gone")
         exit.signal()
+    }
+
+    /// The keyed SIV templates are as secret as the name and xattr keys: a wiped key's templates
+    /// go from every thread at once, including an idle one, and a new key (even of the same raw
+    /// bytes, even at the old one's address) keys its own.
+    @Test func wipeFreesIdleThreadsSIVTemplatesImmediately() throws {
+        let raw = OpenSSL.random(count: 64)
+        let directoryID = OpenSSL.random(count: 16)
+        let box = KeyBox(try MasterKey(raw: raw))
+        let serial = box.key.withLock { $0!.instanceSerial }
+        let exit = idleThread(after: {
+            let key = box.key.withLock { $0! }
+            let sealed = try! NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: key)
+            _ = try! NameCodec.decrypt(ciphertext: sealed.ciphertext, directoryID: directoryID, key: key)
+        })
+        for encrypt in [true, false] {
+            #expect(KeyedContextCache.contexts(for: serial, use: .siv(subkey: MasterKey.SIVKey.names.rawValue, encrypt: encrypt)) == 1)
+        }
+        let wiped = DispatchSemaphore(value: 0)
+        let sealedBefore: [UInt8]
+        do {
+            let last = box.key.withLock { key -> MasterKey in
+                defer { key = nil }
+                return key!
+            }
+            last.setWipeObserver { wiped.signal() }
+            sealedBefore = try NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: last).ciphertext
+            #expect(KeyedContextCache.contexts(for: serial, use: .siv(subkey: MasterKey.SIVKey.names.rawValue, encrypt: true)) == 2)
+        }
+        #expect(wiped.wait(timeout: .now() + 5) == .success)
+        #expect(KeyedContextCache.contexts(for: serial) == 0, "key wiped, its SIV templates must be gone")
+        // Another key, and the same raw key again: each seals with its own templates.
+        let other = try MasterKey(raw: OpenSSL.random(count: 64))
+        let again = try MasterKey(raw: raw)
+        #expect(again.instanceSerial != serial)
+        #expect(try NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: again).ciphertext == sealedBefore)
+        #expect(try NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: other).ciphertext != sealedBefore)
+        exit.signal()
+    }
+
+    /// More keys than a thread keeps SIV templates for: evicted ones are keyed again, never mixed up.
+    @Test func moreNameKeysThanTheCacheHolds() throws {
+        let directoryID = OpenSSL.random(count: 16)
+        let keys = try (0..<(KeyedContextCache.capacity + 3)).map { _ in try MasterKey(raw: OpenSSL.random(count: 64)) }
+        for round in 0..<3 {
+            for (index, key) in keys.enumerated().reversed() where (index + round) % 2 == 0 || round == 2 {
+                let name = Array("name \(index)".utf8)
+                let padded = name + [UInt8](repeating: 0, count: 32 - name.count)
+                let fresh = try key.withNameKey { try OpenSSL.sivSeal(key: $0, ad: directoryID, plaintext: padded) }
+                #expect(try NameCodec.encrypt(name, directoryID: directoryID, key: key).ciphertext == fresh)
+                #expect(try NameCodec.decrypt(ciphertext: fresh, directoryID: directoryID, key: key) == name)
+            }
+        }
     }
 
     /// The GCM context keeps its cipher across seals, opens, failed opens and other ciphers on

@@ -36,6 +36,22 @@ import Testing
         #expect(throws: FormatError.nameTooLong) { try NameCodec.validate([UInt8](repeating: 0x61, count: 256)) }
     }
 
+    /// Integers are little-endian and read from the slice's own start; reserved and magic bytes are
+    /// checked in place, and a failed check leaves the position alone.
+    @Test func byteReaderOnASlice() {
+        let bytes: [UInt8] = [0xff, 0xff, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0, 0, 0x45]
+        var r = ByteReader(bytes[2...])
+        let integers = (r.u16(), r.u16(), r.u32())
+        #expect(integers.0 == 0x0201 && integers.1 == 0x0403 && integers.2 == 0x0807_0605)
+        let checks = [r.zeros(3), r.zeros(2), r.expect([0x46]), r.expect([0x45])]
+        #expect(checks == [false, true, false, true])
+        let pastEnd = (r.u8(), r.zeros(1), r.expect([0]))
+        #expect(pastEnd.0 == nil && !pastEnd.1 && !pastEnd.2)
+        var wide = ByteReader((Array(repeating: 0xee, count: 3) + (1...8).map { UInt8($0) })[3...])
+        let u64 = wide.u64()
+        #expect(u64 == 0x0807_0605_0403_0201)
+    }
+
     @Test func base64URLRoundTripAndCanonical() {
         for n in 0..<70 {
             let bytes = randomBytes(n, seed: UInt64(n))
@@ -43,6 +59,11 @@ import Testing
         }
         #expect(Base64URL.decode(Array("AB".utf8)) == nil) // non-zero trailing bits: not canonical
         #expect(Base64URL.decode(Array("A=".utf8)) == nil)
+        // A slice (not starting at index 0) and a non-contiguous collection decode alike.
+        let encoded = Base64URL.encode(Array(0..<40))
+        #expect(Base64URL.decode(([0x7e] + encoded).dropFirst()) == Array(0..<40))
+        #expect(Base64URL.decode(encoded.lazy.map { $0 }) == Array(0..<40))
+        #expect(Base64URL.decode(Array("AAA*".utf8)) == nil)
     }
 
     @Test func holeMapMergesAndSplits() {

@@ -87,6 +87,55 @@ import Testing
         }
     }
 
+    /// Names and xattr values sealed through the thread's keyed SIV templates equal what a context
+    /// keyed afresh gives (and the known answer above), every time, for every padded length and
+    /// interleaved with the other direction, the other SIV key and failed opens.
+    @Test func sivThroughTemplateEqualsFreshContext() throws {
+        let key = try MasterKey(raw: Self.testKey)
+        let nameKey = key.withNameKey { Array($0) }
+        let xattrSIVKey = key.withXattrKeys { siv, _ in Array(siv) }
+        for round in 0..<3 {
+            for count in [1, 9, 31, 32, 33, 100, 255] {
+                let name = (0..<count).map { UInt8(0x41 + ($0 + round) % 26) }
+                let viaTemplate = try NameCodec.encrypt(name, directoryID: Self.directoryID, key: key)
+                let padded = name + [UInt8](repeating: 0, count: (count + 31) / 32 * 32 - count)
+                let fresh = try nameKey.withUnsafeBytes { try OpenSSL.sivSeal(key: $0, ad: Self.directoryID, plaintext: padded) }
+                #expect(viaTemplate.ciphertext == fresh, "\(count) bytes, round \(round)")
+                #expect(try NameCodec.decrypt(ciphertext: fresh, directoryID: Self.directoryID, key: key) == name)
+                var tampered = fresh
+                tampered[tampered.count - 1] ^= 1
+                #expect(throws: CryptoError.authenticationFailed) { try key.sivOpen(.names, ad: Self.directoryID, sealed: tampered) }
+                let xattr = try key.sivSeal(.xattrs, ad: Self.objectID, plaintext: name)
+                #expect(xattr == (try xattrSIVKey.withUnsafeBytes { try OpenSSL.sivSeal(key: $0, ad: Self.objectID, plaintext: name) }))
+                #expect(xattr != (try key.sivSeal(.names, ad: Self.objectID, plaintext: name)), "the two SIV keys share no template")
+            }
+            #expect(try NameCodec.encrypt(Array("hello.txt".utf8), directoryID: Self.directoryID, key: key).ciphertext
+                == Array(Hex.decode("882be442e28d71031c087788bd370e6977a8019b8fdb8b3d4c7bea7207fe3464a93bf93ba5ba4812b97e5ae7981af342")!))
+        }
+    }
+
+    /// An HMAC keyed once and reused for several messages gives each message's own HMAC, and a
+    /// wrong tag (or message) does not match.
+    @Test func hmacKeyedOnceForSeveralMessages() throws {
+        let hmacKey = (0..<32).map { UInt8($0 * 3) }
+        let messages = [Array("encfsd header body".utf8), [UInt8](repeating: 7, count: 200), [0x00]]
+        let expected = messages.map { m in hmacKey.withUnsafeBytes { OpenSSL.hmacSHA256(key: $0, m) } }
+        hmacKey.withUnsafeBytes { k in
+            OpenSSL.withHMACSHA256(key: k) { hmac in
+                for _ in 0..<2 {
+                    for (message, tag) in zip(messages, expected) {
+                        var wrong = tag
+                        wrong[31] ^= 0x80
+                        let results = message.withUnsafeBytes { m in
+                            (tag.withUnsafeBytes { hmac.matches(m, expected: $0) }, wrong.withUnsafeBytes { hmac.matches(m, expected: $0) })
+                        }
+                        #expect(results.0 && !results.1)
+                    }
+                }
+            }
+        }
+    }
+
     /// FORMAT.md 12's header: sequence 1, size 100, one binding, in `version`.
     static func vectorHeader(version: UInt16, key: MasterKey) -> ObjectHeader {
         var header = ObjectHeader(type: .regular, mode: 0o644, uid: 1000, gid: 1000, extentSize: 4096,

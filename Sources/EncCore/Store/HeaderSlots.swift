@@ -46,9 +46,14 @@ struct HeaderSlots: Sendable {
         #if ENCFSD_TEST_HOOKS
         regionReads.value.add(1, ordering: .relaxed)
         #endif
-        var region = [UInt8](repeating: 0, count: ExtentGeometry.headerBytes)
-        let n = try region.withUnsafeMutableBytes { buf throws in try Sys.pread(fd, buf, offset: 0) }
-        guard n == region.count else { throw StoreError.integrity("backing object is shorter than its header (\(n) bytes)") }
+        // Not zero-filled first (4 KiB per lookup): pread overwrites all of it, and a short read
+        // is refused before any byte is looked at.
+        var n = 0
+        let region = try [UInt8](unsafeUninitializedCapacity: ExtentGeometry.headerBytes) { buffer, initialized throws in
+            n = try Sys.pread(fd, UnsafeMutableRawBufferPointer(buffer), offset: 0)
+            initialized = n
+        }
+        guard n == ExtentGeometry.headerBytes else { throw StoreError.integrity("backing object is shorter than its header (\(n) bytes)") }
         return region
     }
 

@@ -1,0 +1,175 @@
+import COpenSSL
+import Synchronization
+
+/// What a cached context was keyed with: one master key has several keys that are expensive to
+/// set up and used over and over.
+package enum KeyedUse: Equatable, Sendable {
+    /// HMAC-SHA512 keyed with the master key's HKDF PRK: each HKDF-Expand of at most one block
+    /// then costs the two compressions of the HMAC itself, not two more (and the allocations) of
+    /// hashing the key pads again.
+    case expand
+    /// An AES-256-SIV context keyed with one of the master key's 64-byte SIV keys (`subkey` tells
+    /// which), for one direction. Keying SIV expands two AES key schedules and computes CMAC(K, 0),
+    /// most of the cost of sealing a short name; a copy of the keyed template skips all of it.
+    /// The direction is part of the use because OpenSSL cannot re-initialise a SIV context
+    /// without its key.
+    case siv(subkey: UInt8, encrypt: Bool)
+
+    var isCipher: Bool {
+        if case .siv = self { return true }
+        return false
+    }
+}
+
+/// OpenSSL contexts already keyed with a master key's secrets, one set per thread (see `KeyedUse`).
+///
+/// Identity: entries are found by the master key's `instanceSerial`, a number no other
+/// `MasterKey` instance ever gets (it doubles as a generation: the same raw key added again is a
+/// new instance with a new serial), not by the object's address. An address is reused as soon as
+/// a wiped key's memory is freed, and a new key allocated there would then derive or encrypt with
+/// the old key's state: wrong keys, silently.
+///
+/// Wiping: a context holds HMAC pad state or AES key schedules, as good as the key itself, on
+/// the ordinary heap. A serial checked on use would stop a wiped key's state from being *used*,
+/// but an idle worker thread would keep that secret in memory until it next ran, long after soft
+/// removal promised the key was gone. So `MasterKey.deinit` frees the contexts of its serial in
+/// every thread right away (`forget`), and a thread frees all of its own when it exits
+/// (`retire`); OpenSSL cleanses key state as it frees it. Each cache has a lock for that purpose
+/// only: the owning thread takes it (uncontended) around each use, and another thread takes it
+/// only to free an entry, never to use one, so no context is ever used by two threads.
+package final class KeyedContextCache: Sendable {
+    /// More master keys than this in use by one thread, for one use, evicts the least recently
+    /// keyed one.
+    package static let capacity = 8
+
+    /// Invariant making this `@unchecked Sendable`: an entry only moves into and out of its
+    /// thread's `entries` lock, under which alone its context is used or freed.
+    private struct Entry: @unchecked Sendable {
+        var serial: UInt64
+        var use: KeyedUse
+        var ctx: OpaquePointer
+
+        func free() {
+            if use.isCipher { EVP_CIPHER_CTX_free(ctx) } else { EVP_MAC_CTX_free(ctx) }
+        }
+    }
+
+    private let entries = Mutex<[Entry]>([])
+
+    /// Every thread's cache, for `forget`.
+    private static let registry = Mutex<[ObjectIdentifier: KeyedContextCache]>([:])
+
+    package init() {
+        Self.registry.withLock { $0[ObjectIdentifier(self)] = self }
+    }
+
+    /// Runs `body` on this thread's context keyed for (`serial`, `use`), made by `make` on first
+    /// use; false if `make` fails.
+    private func withContext(serial: UInt64, use: KeyedUse, make: () -> OpaquePointer?,
+                             _ body: (OpaquePointer) -> Bool) -> Bool {
+        entries.withLock { entries -> Bool in
+            let ctx: OpaquePointer
+            if let found = entries.firstIndex(where: { $0.serial == serial && $0.use == use }) {
+                ctx = entries[found].ctx
+            } else {
+                guard let fresh = make() else { return false }
+                if entries.lazy.filter({ $0.use == use }).count == Self.capacity,
+                   let oldest = entries.firstIndex(where: { $0.use == use }) {
+                    entries.remove(at: oldest).free()
+                }
+                entries.append(Entry(serial: serial, use: use, ctx: fresh))
+                ctx = fresh
+            }
+            return body(ctx)
+        }
+    }
+
+    /// HMAC-SHA512(prk, message) into `block` (64 bytes), with the context this thread keyed for
+    /// `serial`, keying one on first use. HKDF's T(1) when `message` is info || 0x01.
+    package func firstBlock(serial: UInt64, prk: UnsafeRawBufferPointer, message: UnsafeRawBufferPointer,
+                            into block: UnsafeMutableRawBufferPointer) -> Bool {
+        precondition(block.count == 64)
+        return withContext(serial: serial, use: .expand, make: { Self.keyedHMACSHA512(prk) }) { ctx in
+            var written = 0
+            // A NULL key re-initialises from the pad state computed when the context was keyed.
+            return EVP_MAC_init(ctx, nil, 0, nil) == 1
+                && EVP_MAC_update(ctx, message.baseAddress!.assumingMemoryBound(to: UInt8.self), message.count) == 1
+                && EVP_MAC_final(ctx, block.baseAddress!.assumingMemoryBound(to: UInt8.self), &written, 64) == 1
+                && written == 64
+        }
+    }
+
+    /// Copies this thread's AES-256-SIV template for (`serial`, `subkey`, `encrypt`) into `working`,
+    /// keying the template with `key` on first use, and runs `body` on `working`. `working` is reset
+    /// afterwards whatever happened, so the only keyed SIV state a thread keeps is its templates,
+    /// which `forget` reaches.
+    package func withSIV(serial: UInt64, subkey: UInt8, encrypt: Bool, key: UnsafeRawBufferPointer,
+                         working: OpaquePointer, _ body: (OpaquePointer) -> Bool) -> Bool {
+        defer { EVP_CIPHER_CTX_reset(working) }
+        let make = { () -> OpaquePointer? in
+            guard let ctx = EVP_CIPHER_CTX_new() else { return nil }
+            guard EVP_CipherInit_ex2(ctx, Algorithms.shared.aes256siv, key.baseAddress?.assumingMemoryBound(to: UInt8.self),
+                                     nil, encrypt ? 1 : 0, nil) == 1
+            else {
+                EVP_CIPHER_CTX_free(ctx)
+                return nil
+            }
+            return ctx
+        }
+        return withContext(serial: serial, use: .siv(subkey: subkey, encrypt: encrypt), make: make) { template in
+            EVP_CIPHER_CTX_copy(working, template) == 1 && body(working)
+        }
+    }
+
+    private static func keyedHMACSHA512(_ prk: UnsafeRawBufferPointer) -> OpaquePointer? {
+        guard let ctx = EVP_MAC_CTX_new(Algorithms.shared.hmac) else { return nil }
+        var digestName: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) = (83, 72, 65, 53, 49, 50, 0) // "SHA512"
+        let keyed = withUnsafeMutablePointer(to: &digestName) { namePtr -> Bool in
+            withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2) { params in
+                params[0] = OSSL_PARAM_construct_utf8_string(
+                    ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0)
+                params[1] = OSSL_PARAM_construct_end()
+                return EVP_MAC_init(ctx, prk.baseAddress!.assumingMemoryBound(to: UInt8.self), prk.count, params.baseAddress) == 1
+            }
+        }
+        guard keyed else {
+            EVP_MAC_CTX_free(ctx)
+            return nil
+        }
+        return ctx
+    }
+
+    /// Frees the contexts keyed for `serial` in every thread: its master key is being wiped.
+    package static func forget(serial: UInt64) {
+        // Taken out of the registry lock first, so no two locks are ever held together. A thread
+        // that exits meanwhile has retired its (emptied) cache; one that starts has no entry for
+        // a key nobody can use any more.
+        let caches = registry.withLock { Array($0.values) }
+        for cache in caches {
+            cache.entries.withLock { entries in
+                entries.removeAll { entry in
+                    guard entry.serial == serial else { return false }
+                    entry.free()
+                    return true
+                }
+            }
+        }
+    }
+
+    /// The owning thread is exiting: frees every context.
+    package func retire() {
+        _ = Self.registry.withLock { $0.removeValue(forKey: ObjectIdentifier(self)) }
+        entries.withLock { entries in
+            for entry in entries { entry.free() }
+            entries.removeAll()
+        }
+    }
+
+    /// How many threads hold a context keyed for `serial`, for `use` or for any use when nil (tests).
+    package static func contexts(for serial: UInt64, use: KeyedUse? = nil) -> Int {
+        let caches = registry.withLock { Array($0.values) }
+        return caches.filter { cache in
+            cache.entries.withLock { $0.contains { $0.serial == serial && (use == nil || $0.use == use) } }
+        }.count
+    }
+}
