@@ -23,7 +23,7 @@ final class ExtentFile: @unchecked Sendable {
     let fd: Int32
     /// The owner of `fd` when the file owns its descriptor (an open file of a mounted store): it
     /// closes with the last reference, so `fd` stays valid as long as this file does.
-    let descriptor: FileDescriptor?
+    let descriptor: SharedDescriptor?
     /// The store's `.journal` directory, where this file's shadow lives during a transaction.
     let journalFD: Int32
     let key: MasterKey
@@ -81,15 +81,15 @@ final class ExtentFile: @unchecked Sendable {
     /// Where each header version goes and what it is stamped with.
     let slots: HeaderSlots
 
-    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, legacyKey: MasterKey? = nil,
+    convenience init(descriptor: SharedDescriptor, journalFD: Int32, key: MasterKey, legacyKey: MasterKey? = nil,
                      header: ObjectHeader, slots: HeaderSlots, storeRoot: Sys.Place) {
-        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, legacyKey: legacyKey, header: header, slots: slots,
+        self.init(fd: descriptor.descriptor.raw, journalFD: journalFD, key: key, legacyKey: legacyKey, header: header, slots: slots,
                   descriptor: descriptor, storeRoot: storeRoot)
     }
 
     /// A view of a backing file whose descriptor the caller keeps open for the file's lifetime.
     init(fd: Int32, journalFD: Int32, key: MasterKey, legacyKey: MasterKey? = nil, header: ObjectHeader, slots: HeaderSlots,
-         descriptor: FileDescriptor? = nil, storeRoot: Sys.Place? = nil) {
+         descriptor: SharedDescriptor? = nil, storeRoot: Sys.Place? = nil) {
         self.fd = fd
         self.slots = slots
         self.descriptor = descriptor

@@ -33,7 +33,7 @@ extension Volume {
         if changes.isEmpty {
             // chown(path, -1, -1) and the like change nothing but ctime, as on ext4; a no-op
             // chown of the backing object gives it exactly that.
-            try withObjectFD(node, .path) { try Sys.touchChangeTime($0) }
+            try withObjectFD(node, .path) { try $0.touchChangeTime() }
         }
         if changes.accessTime != nil || changes.modificationTime != nil {
             func spec(_ change: AttributeChanges.TimeChange?) -> timespec {
@@ -58,7 +58,7 @@ extension Volume {
                 node.state.withLock { $0.accessedAt = nil }
                 try mutateHeader(node, key: try key(for: node, .header).key, sync: false) { $0.accessTime = 0 }
             }
-            try withObjectFD(node, .path) { try Sys.setTimes($0, (spec(changes.accessTime), spec(changes.modificationTime))) }
+            try withObjectFD(node, .path) { try $0.setTimes((spec(changes.accessTime), spec(changes.modificationTime))) }
         }
         return try attributes(node)
     }

@@ -83,7 +83,7 @@ extension Volume {
         return handle
     }
 
-    func open(_ id: UInt64, truncate: Bool, descriptor: FileDescriptor?) throws -> UInt64 {
+    func open(_ id: UInt64, truncate: Bool, descriptor: SharedDescriptor?) throws -> UInt64 {
         let node = try node(id)
         switch node.type {
         case .regular: break
@@ -267,22 +267,21 @@ extension Volume {
 
     public func fsyncDirectory(_ id: UInt64) throws {
         let dir = try directoryFD(try node(id))
-        let fd = try withExtendedLifetime(dir) { try Sys.listingDescriptor(dir.raw) }
-        try withExtendedLifetime(fd) { try Sys.fsync(fd.raw) }
+        let fd = try dir.descriptor.listingDescriptor()
+        try fd.fsync()
     }
 
     /// The directory's entries with plaintext names (no-key names in the locked view).
     /// Entries that fail to decrypt are left out and logged; `encfsd fsck` reports them.
     func list(_ dir: Node) throws -> [DirectoryEntry] {
         let dirFD = try directoryFD(dir)
-        defer { withExtendedLifetime(dirFD) {} }
-        let st = try Sys.fstat(dirFD.raw)
+        let st = try dirFD.descriptor.fstat()
         var entries = [DirectoryEntry(name: [0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR),
                        DirectoryEntry(name: [0x2e, 0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR)]
         let unlocked = (try? key(for: dir, .names)).map { ($0.key, $0.header) }
         // Names a rekey has not moved yet open under the previous key: one more SIV try each.
         let previousKey = unlocked?.1.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }
-        for raw in try Sys.listDirectory(dirFD.raw) {
+        for raw in try dirFD.descriptor.listDirectory() {
             guard NameCodec.isEntryName(raw.name) else { continue }
             let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0
             guard let (key, header) = unlocked else {
