@@ -1018,14 +1018,16 @@ enum DirectWriteCoherence {
 /// One range to drop and its completion.
 ///
 /// Invariant making this `@unchecked Sendable`: `done` is read and written only under `lock`; the
-/// other fields are immutable.
+/// other fields are immutable. The mutex and condition live in memory of their own, allocated
+/// once: pthread objects must not move, and Swift gives no fixed address to a stored property
+/// passed with `&`.
 private final class PageDrop: @unchecked Sendable {
     let session: OpaquePointer
     let ino: fuse_ino_t
     let offset: Int64
     let length: Int64
-    private var lock = pthread_mutex_t()
-    private var signal = pthread_cond_t()
+    private let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let signal = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var done = false
 
     init(session: OpaquePointer, ino: fuse_ino_t, offset: Int64, length: Int64) {
@@ -1033,24 +1035,28 @@ private final class PageDrop: @unchecked Sendable {
         self.ino = ino
         self.offset = offset
         self.length = length
+        lock.initialize(to: pthread_mutex_t())
+        signal.initialize(to: pthread_cond_t())
         var attributes = pthread_condattr_t()
         pthread_condattr_init(&attributes)
         pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-        pthread_cond_init(&signal, &attributes)
+        pthread_cond_init(signal, &attributes)
         pthread_condattr_destroy(&attributes)
-        pthread_mutex_init(&lock, nil)
+        pthread_mutex_init(lock, nil)
     }
 
     deinit {
-        pthread_cond_destroy(&signal)
-        pthread_mutex_destroy(&lock)
+        pthread_cond_destroy(signal)
+        pthread_mutex_destroy(lock)
+        signal.deallocate()
+        lock.deallocate()
     }
 
     func finish() {
-        pthread_mutex_lock(&lock)
+        pthread_mutex_lock(lock)
         done = true
-        pthread_cond_broadcast(&signal)
-        pthread_mutex_unlock(&lock)
+        pthread_cond_broadcast(signal)
+        pthread_mutex_unlock(lock)
     }
 
     func wait(nanoseconds: Int64) {
@@ -1059,8 +1065,8 @@ private final class PageDrop: @unchecked Sendable {
         let total = Int64(deadline.tv_nsec) + nanoseconds
         deadline.tv_sec += Int(total / 1_000_000_000)
         deadline.tv_nsec = Int(total % 1_000_000_000)
-        pthread_mutex_lock(&lock)
-        while !done && pthread_cond_timedwait(&signal, &lock, &deadline) != ETIMEDOUT {}
-        pthread_mutex_unlock(&lock)
+        pthread_mutex_lock(lock)
+        while !done && pthread_cond_timedwait(signal, lock, &deadline) != ETIMEDOUT {}
+        pthread_mutex_unlock(lock)
     }
 }

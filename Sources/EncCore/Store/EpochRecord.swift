@@ -79,15 +79,19 @@ struct EpochRecord: Equatable, Sendable {
         }
     }
 
-    static func read(storeFD: borrowing FileDescriptor) throws -> Reading {
-        let fd: FileDescriptor
+    /// The record file, refused if it has other hard links; nil if there is none.
+    private static func openRecord(_ storeFD: borrowing FileDescriptor) throws -> FileDescriptor? {
         do {
             let opened = try storeFD.openEntryStat(Array(fileName.utf8), .regularFile, .readOnly)
             guard opened.stat.st_nlink == 1 else { throw StoreError.unusableObject(name: fileName, what: "a file with other hard links") }
-            fd = opened.descriptor
+            return opened.descriptor
         } catch StoreError.system(ENOENT) {
-            return Reading(newest: nil, damaged: false, missing: true)
+            return nil
         }
+    }
+
+    static func read(storeFD: borrowing FileDescriptor) throws -> Reading {
+        guard let fd = try openRecord(storeFD) else { return Reading(newest: nil, damaged: false, missing: true) }
         var bytes = [UInt8](repeating: 0, count: 2 * slotBytes)
         let n = try bytes.withUnsafeMutableBytes { try fd.pread($0, offset: 0) }
         let slots = [bytes[0..<slotBytes], bytes[slotBytes..<(2 * slotBytes)]]

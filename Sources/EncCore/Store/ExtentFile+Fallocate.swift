@@ -29,9 +29,7 @@ extension ExtentFile {
     /// Makes `range` a hole: no extent of it is stored or buffered any more.
     private func drop(_ range: Range<UInt64>) {
         guard !range.isEmpty else { return }
-        for index in dirty.keys where range.contains(index) { dirty[index] = nil }
-        for index in sealed.keys where range.contains(index) { sealed[index] = nil }
-        written = written.filter { !range.contains($0) }
+        changes.drop(range)
         holes.insert(range)
     }
 
@@ -54,7 +52,7 @@ extension ExtentFile {
             let to = Int(min(end, start + UInt64(geometry.extentSize)) - start)
             guard from < to else { continue }
             try makeDirty(index, willOverwriteWhole: false)
-            _ = dirty[index]!.withUnsafeMutableBytes { $0[from..<to].initializeMemory(as: UInt8.self, repeating: 0) }
+            _ = changes.modifyPlain(index) { $0[from..<to].initializeMemory(as: UInt8.self, repeating: 0) }
         }
         drop(whole)
         metadataChanged = true
@@ -87,15 +85,13 @@ extension ExtentFile {
 
     /// Copies extent `from` (data or hole) to extent `to`, whose old contents are replaced.
     private func move(_ from: UInt64, to: UInt64) throws {
-        sealed[to] = nil
-        written.remove(to)
         if holes.contains(from) {
-            dirty[to] = nil
+            changes.drop(to..<(to + 1))
             holes.insert(to..<(to + 1))
             return
         }
         try makeDirty(from, willOverwriteWhole: false)
-        dirty[to] = dirty[from]
+        changes.setPlain(to, changes.plain[from]!)
         holes.remove(to)
     }
 
@@ -174,7 +170,7 @@ extension ExtentFile {
             }
             if let start = runStart { try writeZeroExtents(start..<index) }
             runStart = nil
-            dirty[index] = [UInt8](repeating: 0, count: geometry.extentSize)
+            changes.setPlain(index, [UInt8](repeating: 0, count: geometry.extentSize))
         }
         if let start = runStart { try writeZeroExtents(start..<range.upperBound) }
     }

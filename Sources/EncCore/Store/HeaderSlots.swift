@@ -103,7 +103,7 @@ struct HeaderSlots: Sendable {
     ///   left alone. Either way no sync is spent: untar's chown, chmod and utimens per file cost
     ///   three fdatasyncs on a disk before.
     func write(fd: borrowing FileDescriptor, header: inout ObjectHeader, key: MasterKey, sync: Bool,
-               afterData: Bool = true, currentIsDurable: Bool = false) throws {
+               afterData: Bool, currentIsDurable: Bool = false) throws {
         if afterData && !TestHooks.journalingDisabled { try fd.fdatasync() }
         var next = stamped(header)
         next.sequence = header.sequence &+ (afterData || currentIsDurable ? 1 : 2)
@@ -133,6 +133,20 @@ struct HeaderSlots: Sendable {
             region = Array(region[ExtentGeometry.headerSlotBytes...] + region[..<ExtentGeometry.headerSlotBytes])
         }
         try region.withUnsafeBytes { buf throws in try fd.pwrite(buf, offset: 0) }
+    }
+
+    /// Completes the interrupted transaction a pending header marks, from its journal, and returns
+    /// the final header (now durable). The one place a pending header is replayed: by a mount, the
+    /// first time the object is used with its key or when a commit finds its own failed
+    /// transaction; by fsck, with `--repair`. Each replay is logged.
+    ///
+    /// - Throws: `StoreError.integrity` when the journal is missing, damaged or of another
+    ///   transaction: the object is refused, never served half-written.
+    func completeInterruptedWrite(fd: borrowing FileDescriptor, journalFD: borrowing FileDescriptor, pending: ObjectHeader, key: MasterKey) throws -> ObjectHeader {
+        precondition(pending.flags.contains(.pendingWrite))
+        let final = try Journal.recover(journalFD: journalFD, objectFD: fd, pending: pending, key: key, storeVersion: storeVersion)
+        Diagnostics.report("recovered an interrupted write of object \(Hex.encode(pending.objectID)) from its journal")
+        return final
     }
 
     /// fsck --repair: rewrites the damaged slot with the served version, as the next sequence, so

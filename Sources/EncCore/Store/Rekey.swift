@@ -183,13 +183,8 @@ extension StoreConfig {
             try fd.fsync()
             return fd
         }
-        // Held open to the end, as the file it names is renamed into place.
-        let fd: FileDescriptor
-        if let unnamed = try? durable(dir.createUnnamed(mode: 0o644)), (try? unnamed.linkAt(toDir: dir, temporary)) != nil {
-            fd = unnamed
-        } else {
-            fd = try durable(dir.createEntry(temporary, mode: 0o644))
-        }
+        let linked = (try? durable(dir.createUnnamed(mode: 0o644)).linkAt(toDir: dir, temporary)) != nil
+        if !linked { _ = try durable(dir.createEntry(temporary, mode: 0o644)) }
         try dir.renameAt(temporary, dir, Array(StoreConfig.fileName.utf8))
         try dir.fsync()
     }

@@ -178,7 +178,8 @@ extension FileDescriptor {
 
     /// Opens the existing entry `name` of this directory, refusing anything but `type`.
     public func openEntry(_ name: [UInt8], _ type: BackingType, _ access: BackingAccess) throws -> FileDescriptor {
-        try openEntryStat(name, type, access).descriptor
+        let opened = try openEntryStat(name, type, access)
+        return opened.descriptor
     }
 
     /// `openEntry`, also giving the `stat` its type check read.

@@ -302,15 +302,14 @@ public final class StoreChecker {
         if header.flags.contains(.pendingWrite) {
             guard repair else { return note(.problem, display, "an interrupted write awaits recovery (--repair, or open it on a mount)") }
             do {
-                header = try Journal.recover(journalFD: journalFD.descriptor.raw, objectFD: fd.descriptor.raw, pending: header, key: key,
-                                                storeVersion: slots.storeVersion)
+                header = try slots.completeInterruptedWrite(fd: fd.descriptor, journalFD: journalFD.descriptor, pending: header, key: key)
                 note(.repaired, display, "completed an interrupted write from its journal")
             } catch {
                 unrecoverable(in: directoryFD, name: entry.name, path: display, "interrupted write cannot be recovered: \(error)")
                 return
             }
         }
-        verifyExtents(fd: fd.descriptor, header: header, key: key, path: display)
+        verifyExtents(fd: fd, header: header, key: key, path: display)
     }
 
     /// The side object the header names: there, a plain file of one link, and opening under the
@@ -353,10 +352,10 @@ public final class StoreChecker {
     }
 
     /// Reads every stored extent, so each one's authentication is checked.
-    private func verifyExtents(fd: borrowing FileDescriptor, header: ObjectHeader, key: MasterKey, path: String) {
+    private func verifyExtents(fd: SharedDescriptor, header: ObjectHeader, key: MasterKey, path: String) {
         // Extents a rekey has not rewritten yet are checked under the previous key, if given.
         let legacyKey = header.previousPolicy.flatMap { keys.key(for: $0) }
-        let file = ExtentFile(fd: fd.raw, journalFD: journalFD.descriptor.raw, key: key, legacyKey: legacyKey, header: header, slots: slots)
+        let file = ExtentFile(backing: fd, journal: journalFD, key: key, legacyKey: legacyKey, header: header, slots: slots)
         let geometry = header.geometry
         var bad: [UInt64] = []
         var unchecked = 0

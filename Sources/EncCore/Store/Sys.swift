@@ -16,8 +16,9 @@ import CLinux
 public struct FileDescriptor: ~Copyable, Sendable {
     private let number: Int32
 
-    /// Takes ownership of `number`, a descriptor just returned by the kernel.
-    init(taking number: Int32) { self.number = number }
+    /// Takes ownership of `number`, a descriptor just returned by the kernel: no one else may
+    /// use or close it from here on.
+    public init(taking number: Int32) { self.number = number }
 
     deinit { _ = Glibc.close(number) }
 
@@ -484,97 +485,5 @@ extension FileDescriptor {
             if ok { low = middle } else { high = middle - 1 }
         }
         return low
-    }
-}
-
-// MARK: bridge (temporary)
-
-// The number and `Sys` calls on numbers, for the three files the lead is splitting
-// (ExtentFile.swift, ExtentFile+Fallocate.swift, Journal.swift) and HeaderSlots.swift, which
-// call with numbers until they are converted after that split is merged; then this goes.
-extension FileDescriptor {
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public var raw: Int32 { number }
-
-    /// Stops owning the number without closing it.
-    fileprivate consuming func relinquish() { discard self }
-
-    /// `body` with a borrowed view of `number`, which it does not own (nothing is closed).
-    fileprivate static func viewing<R: ~Copyable>(_ number: Int32, _ body: (borrowing FileDescriptor) throws -> R) rethrows -> R {
-        let view = FileDescriptor(taking: number)
-        defer { view.relinquish() }
-        return try body(view)
-    }
-}
-
-extension Sys {
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
-        try FileDescriptor.viewing(fd) { try $0.pread(buffer, offset: offset) }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: Int64) throws {
-        try FileDescriptor.viewing(fd) { try $0.pwrite(buffer, offset: offset) }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func pwritev(_ fd: Int32, _ buffers: [UnsafeRawBufferPointer], offset: Int64) throws {
-        try FileDescriptor.viewing(fd) { try $0.pwritev(buffers, offset: offset) }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func fsync(_ fd: Int32) throws { try FileDescriptor.viewing(fd) { try $0.fsync() } }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func fdatasync(_ fd: Int32) throws { try FileDescriptor.viewing(fd) { try $0.fdatasync() } }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func ftruncate(_ fd: Int32, _ length: Int64) throws { try FileDescriptor.viewing(fd) { try $0.ftruncate(length) } }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func fstat(_ fd: Int32) throws -> stat { try FileDescriptor.viewing(fd) { try $0.fstat() } }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func createEntry(_ dir: Int32, _ name: [UInt8], mode: mode_t) throws -> FileDescriptor {
-        try FileDescriptor.viewing(dir) { try $0.createEntry(name, mode: mode) }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func openPrivateFile(_ dir: Int32, _ name: [UInt8]) throws -> FileDescriptor {
-        try FileDescriptor.viewing(dir) { try $0.openPrivateFile(name) }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func listingDescriptor(_ dir: Int32) throws -> FileDescriptor {
-        try FileDescriptor.viewing(dir) { try $0.listingDescriptor() }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func unlinkAt(_ dir: Int32, _ name: [UInt8], directory: Bool = false) throws {
-        try FileDescriptor.viewing(dir) { try $0.unlinkAt(name, directory: directory) }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func checkBeneath(_ dir: Int32, root: Place) throws {
-        try FileDescriptor.viewing(dir) { try $0.checkBeneath(root: root) }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func fallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) throws {
-        try FileDescriptor.viewing(fd) { try $0.fallocate(mode: mode, offset: offset, length: length) }
-    }
-    @available(*, deprecated, message: "bridge: call a method on the descriptor")
-    public static func restoreModificationTime(_ fd: Int32, _ time: timespec) throws {
-        try FileDescriptor.viewing(fd) { try $0.restoreModificationTime(time) }
-    }
-}
-
-extension HeaderSlots {
-    @available(*, deprecated, message: "bridge: pass the descriptor")
-    func write(fd: Int32, header: inout ObjectHeader, key: MasterKey, sync: Bool,
-               afterData: Bool = true, currentIsDurable: Bool = false) throws {
-        try FileDescriptor.viewing(fd) {
-            try write(fd: $0, header: &header, key: key, sync: sync, afterData: afterData, currentIsDurable: currentIsDurable)
-        }
-    }
-    @available(*, deprecated, message: "bridge: pass the descriptor")
-    static func writeSealed(fd: Int32, _ slot: [UInt8], sequence: UInt64) throws {
-        try FileDescriptor.viewing(fd) { try writeSealed(fd: $0, slot, sequence: sequence) }
-    }
-}
-
-extension SizeLimit {
-    @available(*, deprecated, message: "bridge: pass the descriptor")
-    static func maximumSize(_ geometry: ExtentGeometry, directory: Int32) -> UInt64 {
-        FileDescriptor.viewing(directory) { maximumSize(geometry, directory: $0) }
     }
 }

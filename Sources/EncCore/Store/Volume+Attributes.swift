@@ -18,7 +18,7 @@ extension Volume {
                 try commit(file, &state)
                 // A file opened just for this truncate leaves no shadow behind.
                 if state.file == nil && file.usedJournal && !state.header.flags.contains(.pendingWrite) {
-                    Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)
+                    Journal.remove(journalFD: journalFD.descriptor, objectID: state.header.objectID)
                 }
             }
         }

@@ -103,26 +103,25 @@ extension Volume {
         return side
     }
 
-    private func buildFile(_ entry: NewEntry, header initial: ObjectHeader, side: SideXattrs?, contents: [UInt8], fd shared: SharedDescriptor,
+    private func buildFile(_ entry: NewEntry, header initial: ObjectHeader, side: SideXattrs?, contents: [UInt8], fd backing: SharedDescriptor,
                            enter: () throws -> Void) throws -> (Node, SharedDescriptor) {
-        let fd = shared.descriptor
         var header = initial
-        try slots.create(fd: fd, header: &header, key: entry.key)
+        try slots.create(fd: backing.descriptor, header: &header, key: entry.key)
         if !contents.isEmpty {
-            let file = ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: entry.key, header: header, slots: slots)
+            let file = ExtentFile(backing: backing, journal: journalFD, key: entry.key, header: header, slots: slots)
             try contents.withUnsafeBytes { try file.write(offset: 0, data: $0) }
             try file.commit(header: &header)
         }
-        let xattrs = side != nil ? [] : try Self.attachXattrs(entry.xattrs, fd: fd, objectID: header.objectID, key: entry.key)
+        let xattrs = side != nil ? [] : try Self.attachXattrs(entry.xattrs, fd: backing.descriptor, objectID: header.objectID, key: entry.key)
         // Durable before it has a name: an entry that survives a power loss always has a header
         // (every metadata file the store creates is synced before anything depends on it), and
         // the attributes it was born with (metadata, which only fsync covers).
-        try xattrs.isEmpty ? fd.fdatasync() : fd.fsync()
+        try xattrs.isEmpty ? backing.descriptor.fdatasync() : backing.descriptor.fsync()
         FaultPoints.reach(.createHeaderWritten)
         try existsOnCollision(enter)
-        try Self.stampBirth(fd)
-        let st = try fd.fstat()
-        let node = insert(inode: UInt64(st.st_ino), identity: fd.identity(), headerIdentity: nil,
+        try Self.stampBirth(backing.descriptor)
+        let st = try backing.descriptor.fstat()
+        let node = insert(inode: UInt64(st.st_ino), identity: backing.descriptor.identity(), headerIdentity: nil,
                           header: header, verified: true,
                           location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
         node.state.withLock {
@@ -130,7 +129,7 @@ extension Volume {
             $0.backingXattrs = xattrs
             $0.sideXattrs = side
         }
-        return (node, shared)
+        return (node, backing)
     }
 
     /// Creates a directory under a temporary name, makes its header durable, then renames it into

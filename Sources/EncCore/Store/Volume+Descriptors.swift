@@ -140,7 +140,7 @@ extension Volume {
     /// system call), else one opened for the call. For use with the node's lock held.
     func objectDescriptor(_ node: Node, _ state: NodeState, _ access: BackingAccess) throws -> SharedDescriptor {
         if node.isDirectory { return try directoryFD(node, locations: state.locations) }
-        if let open = state.file?.descriptor { return open }
+        if let open = state.file?.backing { return open }
         return SharedDescriptor(try reopen(node, locations: state.locations, access))
     }
 
@@ -173,7 +173,7 @@ extension Volume {
             let fd = try directoryFD(node)
             return try fd.descriptor.fstat()
         }
-        let (open, locations) = node.state.withLock { ($0.file?.descriptor, $0.locations) }
+        let (open, locations) = node.state.withLock { ($0.file?.backing, $0.locations) }
         if let open { return try open.descriptor.fstat() }
         for location in locations {
             let parent = try directoryFD(location.parent)

@@ -100,7 +100,7 @@ extension Volume {
                 // The open file's descriptor is the object's only long-lived one (see Node).
                 try openFiles.acquire()
                 do {
-                    let fd = try descriptor ?? reopen(node, locations: state.locations, .readWrite)
+                    let fd = try descriptor ?? SharedDescriptor(reopen(node, locations: state.locations, .readWrite))
                     state.file = extentFile(fd, key: key, header: state.header)
                 } catch {
                     openFiles.release()
@@ -179,7 +179,7 @@ extension Volume {
         let node = try fileNode(handle: handle)
         try withOpenFile(node) { state, file in
             try commit(file, &state, durable: true)
-            if !dataOnly { try Sys.fsync(file.fd) }
+            if !dataOnly { try file.backing.descriptor.fsync() }
         }
     }
 
@@ -198,7 +198,7 @@ extension Volume {
                 // removes its (empty) shadow.
                 if state.opens == 0 {
                     if state.file?.usedJournal == true && !state.header.flags.contains(.pendingWrite) {
-                        Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)
+                        Journal.remove(journalFD: journalFD.descriptor, objectID: state.header.objectID)
                     }
                     closeFile(&state)
                     if state.sideObjectUnlinked { removeSideObject(of: state.header) }

@@ -113,9 +113,7 @@ extension Volume {
     /// Replays the pending transaction of `state` (the node's lock held).
     func recoverLocked(_ node: Node, _ state: inout NodeState, key: MasterKey) throws {
         let fd = try objectDescriptor(node, state, .readWrite)
-        state.header = try Journal.recover(journalFD: journalFD.raw, objectFD: fd.descriptor.raw, pending: state.header, key: key,
-                                           storeVersion: slots.storeVersion)
+        state.header = try slots.completeInterruptedWrite(fd: fd.descriptor, journalFD: journalFD.descriptor, pending: state.header, key: key)
         state.slotSafety.madeDurable(state.header.sequence)
-        Diagnostics.report("recovered an interrupted write of object \(Hex.encode(state.header.objectID)) from its journal")
     }
 }

@@ -90,7 +90,7 @@ extension Volume {
                 let record = ExchangeRecord(firstDirectory: try backingPath(of: fromDir), first: fromName.backingName,
                                             secondDirectory: try backingPath(of: toDir), second: toName.backingName,
                                             temporary: ExchangeRecord.newTemporaryName())
-                try record.perform(journalFD: journalFD, firstFD: fromFD.descriptor, secondFD: toFD.descriptor)
+                try record.perform(journalFD: journalFD.descriptor, firstFD: fromFD.descriptor, secondFD: toFD.descriptor)
             }
         } catch {
             try? removeBinding(newBinding.digest, from: source)
@@ -142,8 +142,7 @@ extension Volume {
         try rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
         let whiteout = try prepare(parent: parent, name: name, type: .characterDevice, mode: 0, rdev: 0,
                                    caller: Caller(uid: caller.uid, gid: caller.gid, umask: 0))
-        let (node, fd) = try createFile(whiteout)
-        
+        let (node, _) = try createFile(whiteout)
         release(node) // the kernel looks the whiteout up when it wants it
     }
 }

@@ -25,7 +25,7 @@ public final class Volume: Sendable {
     public let config: StoreConfig
     public let keys: KeyTable
     /// The `.journal` directory holding the shadows of flush transactions in progress.
-    let journalFD: FileDescriptor
+    let journalFD: SharedDescriptor
     let table = Mutex(NodeTable())
     let handles = Mutex(HandleTable())
     /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
@@ -102,11 +102,11 @@ public final class Volume: Sendable {
             throw StoreError.integrity("the root header is format version \(header.version), newer than encfsd.conf's \(config.version)")
         }
         // Everything above only reads: a store refused there is left as it was.
-        journalFD = try Self.openJournal(storeFD: fd.descriptor)
+        journalFD = SharedDescriptor(try Self.openJournal(storeFD: fd.descriptor))
         self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.descriptor)
         // An exchange done as three renames and interrupted completes before anything looks up
         // either name (on any backing: the store may have moved here from one without exchange).
-        try ExchangeRecord.recoverAll(journalFD: journalFD, storeFD: fd.descriptor)
+        try ExchangeRecord.recoverAll(journalFD: journalFD.descriptor, storeFD: fd.descriptor)
         syncFD = try fd.descriptor.listingDescriptor()
         slots = HeaderSlots(epoch: 0, evidence: evidence, storeVersion: UInt16(config.version))
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
@@ -144,7 +144,7 @@ public final class Volume: Sendable {
 
     /// A fresh view of the node's contents for I/O through `descriptor`, sharing the journal.
     func extentFile(_ descriptor: SharedDescriptor, key: MasterKey, header: ObjectHeader) -> ExtentFile {
-        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, legacyKey: header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) },
+        ExtentFile(backing: descriptor, journal: journalFD, key: key, legacyKey: header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) },
                    header: header, slots: slots, storeRoot: rootPlace)
     }
 

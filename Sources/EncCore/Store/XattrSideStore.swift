@@ -62,13 +62,7 @@ enum XattrSideStore {
     /// names the generation before it): it is replaced.
     static func write(directoryFD: borrowing FileDescriptor, objectID: [UInt8], generation: UInt64, image: [UInt8]) throws {
         let name = XattrSideObject.fileName(objectID: objectID, generation: generation)
-        let fd: FileDescriptor
-        do {
-            fd = try directoryFD.createEntry(name, mode: 0o600)
-        } catch StoreError.system(EEXIST) {
-            try directoryFD.unlinkAt(name)
-            fd = try directoryFD.createEntry(name, mode: 0o600)
-        }
+        let fd = try createReplacing(name, in: directoryFD)
         do {
             try image.withUnsafeBytes { try fd.pwrite($0, offset: 0) }
             try fd.fdatasync()
@@ -77,6 +71,16 @@ enum XattrSideStore {
         } catch {
             try? directoryFD.unlinkAt(name)
             throw error
+        }
+    }
+
+    /// Creates `name`, replacing a leftover file of that name.
+    private static func createReplacing(_ name: [UInt8], in directoryFD: borrowing FileDescriptor) throws -> FileDescriptor {
+        do {
+            return try directoryFD.createEntry(name, mode: 0o600)
+        } catch StoreError.system(EEXIST) {
+            try directoryFD.unlinkAt(name)
+            return try directoryFD.createEntry(name, mode: 0o600)
         }
     }
 

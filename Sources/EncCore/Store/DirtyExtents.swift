@@ -1,0 +1,78 @@
+/// The extents an open file has changed since its last commit, each held in exactly one form:
+///
+/// - `plain`: plaintext of a partly written extent, `extentSize` bytes (zero past the file's end),
+///   sealed at commit;
+/// - `sealed`: a whole extent sealed when it was written (or resealed by a rekey), written in place
+///   at commit;
+/// - `written`: a whole extent past the committed end, already in the backing file, waiting only
+///   for a header to cover it.
+///
+/// Invariant: an index is in at most one of the three, and each lies inside the file as it is
+/// now (`clip` on every shrink). The setters below are the only way in, so the invariant cannot be
+/// broken by a caller that updates one map and forgets another.
+struct DirtyExtents {
+    private(set) var plain: [UInt64: [UInt8]] = [:]
+    private(set) var sealed: [UInt64: [UInt8]] = [:]
+    private(set) var written: Set<UInt64> = []
+
+    var isEmpty: Bool { plain.isEmpty && sealed.isEmpty && written.isEmpty }
+
+    /// Whether a write or rekey holds `index` in memory (plain or sealed, not yet in place).
+    func buffers(_ index: UInt64) -> Bool { plain[index] != nil || sealed[index] != nil }
+
+    /// Plaintext bytes of whole extents held in memory (`written` ones are on disk already).
+    func bufferedBytes(extentSize: Int) -> Int { (plain.count + sealed.count) * extentSize }
+
+    /// Every index this commit will write or has written, for the legacy ranges it leaves.
+    var changedIndices: [UInt64] { Array(plain.keys) + Array(sealed.keys) + Array(written) }
+
+    mutating func setPlain(_ index: UInt64, _ bytes: [UInt8]) {
+        sealed[index] = nil
+        written.remove(index)
+        plain[index] = bytes
+    }
+
+    /// Changes the plaintext of an extent already held plain (`setPlain` first).
+    mutating func modifyPlain<R>(_ index: UInt64, _ body: (UnsafeMutableRawBufferPointer) throws -> R) rethrows -> R {
+        try plain[index]!.withUnsafeMutableBytes(body)
+    }
+
+    mutating func setSealed(_ index: UInt64, _ stored: [UInt8]) {
+        plain[index] = nil
+        written.remove(index)
+        sealed[index] = stored
+    }
+
+    mutating func setWritten(_ index: UInt64) {
+        plain[index] = nil
+        sealed[index] = nil
+        written.insert(index)
+    }
+
+    /// Forgets `range`: it became a hole, or its extents were replaced.
+    mutating func drop(_ range: Range<UInt64>) {
+        guard !range.isEmpty else { return }
+        for index in plain.keys where range.contains(index) { plain[index] = nil }
+        for index in sealed.keys where range.contains(index) { sealed[index] = nil }
+        written = written.filter { !range.contains($0) }
+    }
+
+    /// Keeps only extents below `count` (the file shrank).
+    mutating func clip(to count: UInt64) { drop(count..<UInt64.max) }
+
+    /// The records a commit writes in place: every plain extent sealed (`seal`), then every sealed
+    /// one, in index order.
+    func records(seal: (UInt64, [UInt8]) -> [UInt8]) -> [Journal.Record] {
+        (plain.map { Journal.Record(index: $0.key, stored: seal($0.key, $0.value)) }
+            + sealed.map { Journal.Record(index: $0.key, stored: $0.value) })
+            .sorted { $0.index < $1.index }
+    }
+
+    /// After a successful commit: everything is in the header now. Capacity is kept, since the
+    /// next batch of writes fills the maps again.
+    mutating func removeAll() {
+        plain.removeAll(keepingCapacity: true)
+        sealed.removeAll(keepingCapacity: true)
+        written.removeAll(keepingCapacity: true)
+    }
+}
