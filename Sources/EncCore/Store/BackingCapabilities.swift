@@ -183,30 +183,28 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
         }
         let fileA = try dir.createEntry(a, mode: 0o600)
         let fileB = try dir.createEntry(b, mode: 0o600)
-        do {
-            if fileA.probeFdatasync() { found.insert(.fdatasync) }
-            if (try? fileA.fsetxattr("user.encfsd.probe", [1], flags: 0)) != nil,
-               (try? fileA.fgetxattr("user.encfsd.probe")) == [1] { found.insert(.userXattrs) }
-            // A second open file description of the same file must be refused the lock.
-            let again = try dir.openEntry(a, .regularFile, .readWrite)
-            if (try? fileA.lockWholeFile()) == true, (try? again.lockWholeFile()) == false { found.insert(.lock) }
-            let inodeA = try fileA.fstat().st_ino, inodeB = try fileB.fstat().st_ino
-            let moved = Array("moved".utf8)
-            try dir.renameAt(a, dir, moved)
-            if (try? dir.fstatAt(moved).st_ino) == inodeA { found.insert(.stableInodes) }
-            let link = Array("link".utf8)
-            if (try? fileB.linkAt(toDir: dir, link)) != nil, (try? dir.fstatAt(link).st_ino) == inodeB,
-               (try? dir.fstatAt(b).st_ino) == inodeB { found.insert(.hardLinks) }
-            // Onto a free name: the VFS itself answers EEXIST for a taken one, before the
-            // filesystem is asked whether it knows the flag at all.
-            let fresh = Array("fresh".utf8)
-            if (try? dir.renameAt(moved, dir, fresh, flags: Sys.renameNoReplace)) != nil {
-                found.insert(.renameNoReplace)
-                try dir.renameAt(fresh, dir, moved)
-            }
-            if (try? dir.renameAt(moved, dir, b, flags: Sys.renameExchange)) != nil {
-                if (try? dir.fstatAt(b).st_ino) == inodeA, (try? dir.fstatAt(moved).st_ino) == inodeB { found.insert(.renameExchange) }
-            }
+        if fileA.probeFdatasync() { found.insert(.fdatasync) }
+        if (try? fileA.fsetxattr("user.encfsd.probe", [1], flags: 0)) != nil,
+           (try? fileA.fgetxattr("user.encfsd.probe")) == [1] { found.insert(.userXattrs) }
+        // A second open file description of the same file must be refused the lock.
+        let again = try dir.openEntry(a, .regularFile, .readWrite)
+        if (try? fileA.lockWholeFile()) == true, (try? again.lockWholeFile()) == false { found.insert(.lock) }
+        let inodeA = try fileA.fstat().st_ino, inodeB = try fileB.fstat().st_ino
+        let moved = Array("moved".utf8)
+        try dir.renameAt(a, dir, moved)
+        if (try? dir.fstatAt(moved).st_ino) == inodeA { found.insert(.stableInodes) }
+        let link = Array("link".utf8)
+        if (try? fileB.linkAt(toDir: dir, link)) != nil, (try? dir.fstatAt(link).st_ino) == inodeB,
+           (try? dir.fstatAt(b).st_ino) == inodeB { found.insert(.hardLinks) }
+        // Onto a free name: the VFS itself answers EEXIST for a taken one, before the
+        // filesystem is asked whether it knows the flag at all.
+        let fresh = Array("fresh".utf8)
+        if (try? dir.renameAt(moved, dir, fresh, flags: Sys.renameNoReplace)) != nil {
+            found.insert(.renameNoReplace)
+            try dir.renameAt(fresh, dir, moved)
+        }
+        if (try? dir.renameAt(moved, dir, b, flags: Sys.renameExchange)) != nil {
+            if (try? dir.fstatAt(b).st_ino) == inodeA, (try? dir.fstatAt(moved).st_ino) == inodeB { found.insert(.renameExchange) }
         }
         return found
     }

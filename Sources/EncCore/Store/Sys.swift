@@ -23,8 +23,8 @@ public struct FileDescriptor: ~Copyable, Sendable {
     deinit { _ = Glibc.close(number) }
 
     /// The number, for the one call that has no method here: the store boundary's confined open
-    /// (`StoreBoundary.swift` keeps it, so that every backing open is visibly in that file).
-    /// `body` must not keep the number.
+    /// (`StoreBoundary.swift` keeps it, so that every backing open is visibly in that file; tests
+    /// also look a descriptor up in `/proc/self/fd` with it). `body` must not keep the number.
     func withUnsafeNumber<R: ~Copyable, E: Error>(_ body: (Int32) throws(E) -> R) throws(E) -> R {
         try body(number)
     }
