@@ -5,6 +5,7 @@
 #
 # Usage: sudo scripts/bench.sh [--quick] [--rounds N] [--size MiB] [--backing tmpfs|disk|both|gluster]
 #                              [--only fs1,fs2,...] [--runtime S] [--files N] [--no-save]
+#                              [--baseline BINARY]
 #
 #   --quick          128 MiB, 1 round, tmpfs backing only, fio 3 s per job (a few minutes)
 #   --rounds N       rounds per backing; medians are reported (default 3)
@@ -13,10 +14,12 @@
 #                    (default), or gluster: a one-brick GlusterFS volume whose glusterd and brick
 #                    (on /var/tmp) run in a network namespace of their own, mounted with the FUSE
 #                    client (Tests/mount/backings.py; every filesystem's store on the same volume)
-#   --only LIST      comma-separated subset of: plain,floor,encfsd,gocryptfs,securefs,cryfs
+#   --only LIST      comma-separated subset of: plain,floor,encfsd,baseline,gocryptfs,securefs,cryfs
 #   --runtime S      seconds per fio job (default 10)
 #   --files N        files in the create+fsync test (default 1000)
 #   --no-save        print the tables only; don't write docs/bench/YYYY-MM-DD-HHMM.md
+#   --baseline BIN   also run another encfsd binary (an older commit's release build) as the
+#                    column `baseline`, interleaved with the others, with an `encfsd / baseline` row
 #   --scale [...]    instead: the scale benchmark (scripts/bench-scale.sh: per-file cost at 10k,
 #                    100k and 1M files, daemon held to 1,024 descriptors); later arguments go to it
 #
@@ -43,17 +46,20 @@ set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HELPER="$REPO/scripts/bench_helper.py"
-ALL_FS=(plain floor encfsd gocryptfs securefs cryfs)
+ALL_FS=(plain floor encfsd baseline gocryptfs securefs cryfs)
 PASS=bench-password-not-secret
 STEP_TIMEOUT=${BENCH_STEP_TIMEOUT:-1200}
 # Extra `encfsd mount` arguments, for A/B runs of a mount option (e.g. "-o no_writeback_cache").
 ENCFSD_OPTIONS=${BENCH_ENCFSD_OPTIONS:-}
+# Extra `encfsd init` arguments for the encfsd and the baseline columns (e.g. "--extent-size 4096").
+ENCFSD_INIT_OPTIONS=${BENCH_ENCFSD_INIT_OPTIONS:-}
+BASELINE_INIT_OPTIONS=${BENCH_BASELINE_INIT_OPTIONS:-}
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments
-QUICK=0 ROUNDS= SIZE= BACKING= ONLY= RUNTIME= NFILES=1000 SAVE=1
+QUICK=0 ROUNDS= SIZE= BACKING= ONLY= RUNTIME= NFILES=1000 SAVE=1 BASELINE=
 while (($#)); do
     case $1 in
         --scale) shift; exec "$REPO/scripts/bench-scale.sh" "$@" ;;
@@ -65,6 +71,7 @@ while (($#)); do
         --runtime) RUNTIME=${2:?}; shift ;;
         --files) NFILES=${2:?}; shift ;;
         --no-save) SAVE=0 ;;
+        --baseline) BASELINE=${2:?}; shift ;;
         -h|--help) usage 0 ;;
         *) echo "unknown argument: $1" >&2; usage 2 ;;
     esac
@@ -95,6 +102,12 @@ if [[ -n $ONLY ]]; then
     done
 else
     FSS=("${ALL_FS[@]}")
+fi
+if [[ -z $BASELINE ]]; then
+    FSS=("${FSS[@]/baseline}"); read -ra FSS <<<"${FSS[*]}"
+else
+    [[ -x $BASELINE ]] || die "--baseline: $BASELINE is not an executable"
+    [[ " ${FSS[*]} " == *" baseline "* ]] || FSS+=(baseline)
 fi
 ((${#FSS[@]})) || die "--only selected nothing"
 [[ $(id -u) -eq 0 ]] || die "must run as root (mounts, drop_caches, apt-get)"
@@ -188,6 +201,12 @@ if want_fs encfsd; then
     ENCFSD_KEY="$WORK/encfsd.key"
     "$ENCFSD" key generate -o "$ENCFSD_KEY" >>"$LOG" 2>&1 || die "encfsd key generate failed"
 fi
+if want_fs baseline; then
+    cp "$BASELINE" "$WORK/encfsd-baseline" || die "cannot copy $BASELINE"
+    ENCFSD_BASELINE="$WORK/encfsd-baseline"
+    BASELINE_KEY="$WORK/baseline.key"
+    "$ENCFSD_BASELINE" key generate -o "$BASELINE_KEY" >>"$LOG" 2>&1 || die "baseline: encfsd key generate failed"
+fi
 
 # ---------------------------------------------------------------- the floor: passthrough_hp
 # build_floor: fetches the installed libfuse's source package, builds the counting
@@ -263,10 +282,18 @@ fs_mount() {
                 >>"$WORK/out/floor-$tag.log" 2>&1 &
             DPID=$! ;;
         encfsd)
-            "$ENCFSD" init "$c" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
+            # shellcheck disable=SC2086
+            "$ENCFSD" init "$c" --key-file "$ENCFSD_KEY" $ENCFSD_INIT_OPTIONS >>"$LOG" 2>&1 || return 1
             # shellcheck disable=SC2086
             timeout 60 "$ENCFSD" mount "$c" "$m" --log-file "$WORK/out/encfsd-$tag.log" $ENCFSD_OPTIONS >>"$LOG" 2>&1 || return 1
             "$ENCFSD" key add "$m" --key-file "$ENCFSD_KEY" >>"$LOG" 2>&1 || return 1
+            DPID=$(pgrep -n -f -- "mount $c $m") ;;
+        baseline)
+            # shellcheck disable=SC2086
+            "$ENCFSD_BASELINE" init "$c" --key-file "$BASELINE_KEY" $BASELINE_INIT_OPTIONS >>"$LOG" 2>&1 || return 1
+            # shellcheck disable=SC2086
+            timeout 60 "$ENCFSD_BASELINE" mount "$c" "$m" --log-file "$WORK/out/baseline-$tag.log" $ENCFSD_OPTIONS >>"$LOG" 2>&1 || return 1
+            "$ENCFSD_BASELINE" key add "$m" --key-file "$BASELINE_KEY" >>"$LOG" 2>&1 || return 1
             DPID=$(pgrep -n -f -- "mount $c $m") ;;
         gocryptfs)
             gocryptfs -init -q -scryptn 10 -extpass "echo $PASS" "$c" >>"$LOG" 2>&1 || return 1
@@ -322,6 +349,7 @@ requests() {
     local i f="$WORK/out/floor-requests"
     case $1 in
         encfsd) "$ENCFSD" status "$2" --json 2>>"$LOG" | python3 "$HELPER" status-requests 2>>"$LOG" ;;
+        baseline) "$ENCFSD_BASELINE" status "$2" --json 2>>"$LOG" | python3 "$HELPER" status-requests 2>>"$LOG" ;;
         floor)
             rm -f "$f"; kill -USR1 "$DPID" 2>/dev/null || return 0
             for i in $(seq 100); do [[ -s $f ]] && { cat "$f"; return 0; }; sleep 0.05; done ;;
@@ -475,8 +503,11 @@ meta filesystems "${FSS[*]}"
 meta header kernel "$(uname -r)"
 meta header CPU "$(lscpu | sed -n 's/^Model name: *//p' | head -n 1), $(nproc) cores; $(awk '/MemTotal/ { printf "%.0f GiB RAM", $2 / 1048576 }' /proc/meminfo)"
 meta header OS "$(. /etc/os-release; echo "$PRETTY_NAME")"
+if want_fs baseline; then
+    meta header baseline "$BASELINE ($("$ENCFSD_BASELINE" --version 2>/dev/null | head -n 1)), built $(date -r "$BASELINE" '+%Y-%m-%d %H:%M'); init options: ${BASELINE_INIT_OPTIONS:-none}"
+fi
 if want_fs encfsd; then
-    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo " + uncommitted changes in $(git -C "$REPO" diff --name-only HEAD -- Sources Package.swift | sed 's|^Sources/||' | paste -sd, - | sed 's/,/, /g')"), release build$BUILD_NOTE; 16 KiB extents (default), AES-256-GCM"
+    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo " + uncommitted changes in $(git -C "$REPO" diff --name-only HEAD -- Sources Package.swift | sed 's|^Sources/||' | paste -sd, - | sed 's/,/, /g')"), release build$BUILD_NOTE; init options: ${ENCFSD_INIT_OPTIONS:-none (16 KiB extents)}, mount options: ${ENCFSD_OPTIONS:-none}, AES-256-GCM"
 fi
 want_fs floor && meta header floor "passthrough_hp from libfuse $FLOOR_VERSION (Debian source package), g++ -O2 -DHAVE_UTIMENSAT -DHAVE_POSIX_FALLOCATE -DHAVE_SETXATTR, its defaults (writeback cache, 86400 s timeouts, splice), with a request counter (scripts/bench-floor-count.hpp)"
 want_fs gocryptfs && meta header gocryptfs "$(ver gocryptfs -version) (Debian $(pkgver gocryptfs)); default options, -scryptn 10 at init"

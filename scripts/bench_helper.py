@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 
-FS_ORDER = ["plain", "floor", "encfsd", "gocryptfs", "securefs", "cryfs"]
+FS_ORDER = ["plain", "floor", "encfsd", "baseline", "gocryptfs", "securefs", "cryfs"]
 PEERS = ["gocryptfs", "securefs", "cryfs"]
 # Columns where a ratio to the floor (passthrough_hp, no crypto, no state) says nothing.
 NOT_AGAINST_FLOOR = {"rss_mib"}
@@ -244,6 +244,8 @@ def tables(res, fails, meta):
         excluded = {(fs, key) for fs in fss for key, _h, _hb, _f in COLUMNS
                     if "%s/%s/%s" % (backing, fs, key) in meta.get("cell_notes", {})}
         md.append("| encfsd / best peer | %s |" % " | ".join(ratio_row(medians, excluded, PEERS)))
+        if "baseline" in fss:
+            md.append("| encfsd / baseline | %s |" % " | ".join(ratio_row(medians, excluded, ["baseline"])))
         if "floor" in fss:
             floor_excluded = excluded | {("floor", k) for k in NOT_AGAINST_FLOOR}
             md.append("| encfsd / floor | %s |" % " | ".join(ratio_row(medians, floor_excluded, ["floor"])))
@@ -251,7 +253,7 @@ def tables(res, fails, meta):
             md.append("")
             md.append("† not comparable (see notes), left out of the best-peer ratio.")
         md.append("")
-        counted = [fs for fs in ("floor", "encfsd") if fs in fss and any(
+        counted = [fs for fs in ("floor", "encfsd", "baseline") if fs in fss and any(
             data.get(fs, {}).get(k) for k, _h in REQUEST_COLUMNS)]
         if counted:
             md.append("FUSE requests per operation (medians; encfsd from `encfsd status`, the floor "

@@ -63,12 +63,7 @@ extension ExtentFile {
         guard offset < size, count > 0 else { return ReadLease(file: self, plan: ReadPlan(offset: offset, length: 0, size: size)) }
         let end = min(size, offset + UInt64(count))
         var plan = ReadPlan(offset: offset, length: Int(end - offset), size: size)
-        var index = geometry.extentIndex(offset: offset)
-        let last = geometry.extentIndex(offset: end - 1)
-        while index <= last {
-            let start = geometry.extentStart(index)
-            let from = max(offset, start)
-            let to = min(end, start + UInt64(geometry.extentSize))
+        try forEachExtent(offset: offset, end: end) { index, start, from, to in
             let target = UnsafeMutableRawBufferPointer(rebasing: out[Int(from - offset)..<Int(to - offset)])
             let inExtent = Int(from - start)..<Int(to - start)
             if let plain = changes.plain[index] {
@@ -84,7 +79,6 @@ extension ExtentFile {
             } else {
                 plan.runs.append(index...index)
             }
-            index += 1
         }
         return ReadLease(file: self, plan: plan)
     }

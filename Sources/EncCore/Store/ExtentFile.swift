@@ -190,12 +190,7 @@ final class ExtentFile: @unchecked Sendable {
             }
         }
         if end > size { try resize(to: end) }
-        var index = geometry.extentIndex(offset: offset)
-        let last = geometry.extentIndex(offset: end - 1)
-        while index <= last {
-            let start = geometry.extentStart(index)
-            let from = max(offset, start)
-            let to = min(end, start + UInt64(geometry.extentSize))
+        try forEachExtent(offset: offset, end: end) { index, start, from, to in
             let whole = from == start && to - start == UInt64(geometry.extentSize)
             if whole && direct.contains(index) {
                 changes.setWritten(index)
@@ -209,9 +204,21 @@ final class ExtentFile: @unchecked Sendable {
                 }
             }
             holes.remove(index)
-            index += 1
         }
         touch()
+    }
+
+    /// Calls `body` for each extent `[offset, end)` touches (`end > offset`), in order, with the
+    /// extent's start and the part of the range inside it, `[from, to)`.
+    func forEachExtent(offset: UInt64, end: UInt64,
+                       _ body: (_ index: UInt64, _ start: UInt64, _ from: UInt64, _ to: UInt64) throws -> Void) rethrows {
+        var index = geometry.extentIndex(offset: offset)
+        let last = geometry.extentIndex(offset: end - 1)
+        while index <= last {
+            let start = geometry.extentStart(index)
+            try body(index, start, max(offset, start), min(end, start + UInt64(geometry.extentSize)))
+            index += 1
+        }
     }
 
     /// Largest size of this file (`SizeLimit`), found on the first growth that needs it.
