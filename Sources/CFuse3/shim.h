@@ -97,6 +97,46 @@ _Static_assert(sizeof(struct encfsd_fuse_statx_in) == 24, "fuse_statx_in");
 _Static_assert(sizeof(struct encfsd_fuse_statx) == 256, "fuse_statx");
 _Static_assert(sizeof(struct encfsd_fuse_statx_reply) == 16 + 288, "fuse_statx_out");
 
+// FUSE_HANDLE_KILLPRIV_V2 (protocol 7.33), which libfuse 3.14 neither offers in `fuse_conn_info`
+// nor passes on in the requests it decodes: the INIT flag, the request flags that carry the
+// kernel's verdict, and the leading fields of the requests they sit in.
+static const uint32_t encfsd_FUSE_SETATTR = 4;
+static const uint32_t encfsd_FUSE_OPEN = 14;
+static const uint32_t encfsd_FUSE_WRITE = 16;
+static const uint32_t encfsd_FUSE_INIT = 26;
+static const uint32_t encfsd_FUSE_HANDLE_KILLPRIV = 1u << 19;
+static const uint32_t encfsd_FUSE_HANDLE_KILLPRIV_V2 = 1u << 28;
+static const uint32_t encfsd_FUSE_WRITE_KILL_SUIDGID = 1u << 2;
+static const uint32_t encfsd_FATTR_KILL_SUIDGID = 1u << 11;
+static const uint32_t encfsd_FUSE_OPEN_KILL_SUIDGID = 1u << 0;
+
+// The first four fields of fuse_init_in and of fuse_init_out are the same in every protocol
+// version: `flags` is where both sides name what they support.
+struct encfsd_fuse_init_prefix {
+    uint32_t major;
+    uint32_t minor;
+    uint32_t max_readahead;
+    uint32_t flags;
+};
+
+struct encfsd_fuse_write_in {
+    uint64_t fh;
+    uint64_t offset;
+    uint32_t size;
+    uint32_t write_flags;
+    uint64_t lock_owner;
+    uint32_t flags;
+    uint32_t padding;
+};
+
+struct encfsd_fuse_open_in {
+    uint32_t flags;
+    uint32_t open_flags;
+};
+
+_Static_assert(sizeof(struct encfsd_fuse_init_prefix) == 16, "fuse_init prefix");
+_Static_assert(sizeof(struct encfsd_fuse_write_in) == 40, "fuse_write_in");
+
 // statx(2) mask bits (linux/stat.h): the basic stats GETATTR also gives, and the birth time.
 static const uint32_t encfsd_STATX_BASIC_STATS = 0x07ff;
 static const uint32_t encfsd_STATX_BTIME = 0x0800;

@@ -13,11 +13,14 @@ public protocol FileSystem: Sendable {
     func symlink(target: [UInt8], parent: UInt64, name: [UInt8], context: RequestContext) throws -> Entry
     func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], flags: UInt32, context: RequestContext) throws
     func link(_ node: UInt64, newParent: UInt64, newName: [UInt8]) throws -> Entry
-    func open(_ node: UInt64, flags: Int32) throws -> OpenReply
+    /// - Parameter dropSetID: an O_TRUNC open by a caller without CAP_FSETID: the truncate drops
+    ///   the set-ID bits (see `SetAttributes.dropSetID`).
+    func open(_ node: UInt64, flags: Int32, dropSetID: Bool) throws -> OpenReply
     func create(parent: UInt64, name: [UInt8], mode: UInt32, flags: Int32, context: RequestContext) throws -> (Entry, OpenReply)
     /// Reads into `buffer` (the request's size); returns the bytes read.
     func read(_ node: UInt64, handle: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int
-    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int
+    /// - Parameter dropSetID: the writer lacks CAP_FSETID: the write drops the set-ID bits.
+    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool) throws -> Int
     func flush(_ node: UInt64, handle: UInt64) throws
     func release(_ node: UInt64, handle: UInt64) throws
     func fsync(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws
@@ -117,6 +120,10 @@ public struct SetAttributes: Sendable {
     public var accessTime: Time?
     public var modificationTime: Time?
     public var handle: UInt64?
+    /// The kernel asks the change to drop the set-ID bits (FATTR_KILL_SUIDGID: a truncate by a
+    /// caller without CAP_FSETID, or any chown of a non-directory). A write, truncate or chown
+    /// removes `security.capability` whatever this says, as on ext4.
+    public var dropSetID = false
 }
 
 public struct DirectoryItem: Sendable {

@@ -17,6 +17,7 @@ final class BridgeContext: Sendable {
     let counts: RequestCounts
     /// The session, for notifications sent while answering a request (set once it exists).
     let session = Atomic<UInt>(0)
+    let privileges = PrivilegeNegotiation()
     init(fileSystem: any FileSystem, options: MountOptions, counts: RequestCounts) {
         self.fileSystem = fileSystem
         self.options = options
@@ -101,6 +102,16 @@ public final class FuseSession: @unchecked Sendable {
             context.release()
             throw FuseError.mount(options.mountpoint)
         }
+        // Every reply passes through `deviceWritev`, so the INIT reply can name
+        // FUSE_HANDLE_KILLPRIV_V2 (see `PrivilegeNegotiation`); reads are plain reads.
+        var io = fuse_custom_io(writev: deviceWritev, read: deviceRead, splice_receive: nil, splice_send: nil)
+        guard fuse_session_custom_io(created, &io, fuse_session_fd(created)) == 0 else {
+            fuse_session_unmount(created)
+            fuse_remove_signal_handlers(created)
+            fuse_session_destroy(created)
+            context.release()
+            throw FuseError.sessionCreation
+        }
         session = created
         finished = .allocate(capacity: 1)
         sem_init(finished, 0, 0)
@@ -167,7 +178,8 @@ public final class FuseSession: @unchecked Sendable {
 /// `fuse_session_receive_buf`, answers FUSE_STATX itself, and gives every other request to
 /// `fuse_session_process_buf`, which dispatches it exactly as libfuse's loop would (interrupts,
 /// forgets and the rest stay libfuse's business). The only work added to an ordinary request is
-/// reading its opcode, which libfuse's loop also does to keep forgets from starting threads.
+/// reading its opcode, which libfuse's loop also does to keep forgets from starting threads, and
+/// for a write, setattr or open the kill flag libfuse does not decode (`PrivilegeNegotiation`).
 ///
 /// Threads come and go as in libfuse's loop: one to start, another whenever a request finds no
 /// thread waiting, up to `threads`; a thread that finishes a request while more than the idle
@@ -286,7 +298,10 @@ private final class RequestLoop: @unchecked Sendable {
             if opcode == encfsd_FUSE_STATX {
                 answerStatx(buffer.mem!, count: Int(received))
             } else {
+                let dropsSetID = opcode != 0 && context.privileges.examine(buffer.mem!, count: Int(received), opcode: opcode)
+                if dropsSetID { DispatchedRequest.dropsSetID = true }
                 fuse_session_process_buf(session, &buffer)
+                if dropsSetID { DispatchedRequest.dropsSetID = false }
             }
             let leave = state.withLock { s -> Bool in
                 if !isForget { s.waiting += 1 }
@@ -409,6 +424,115 @@ private func statxOf(_ a: FileAttributes) -> encfsd_fuse_statx {
         sx.btime = time(born)
     }
     return sx
+}
+
+// MARK: - killing privileges in the daemon (FUSE_HANDLE_KILLPRIV_V2)
+
+/// FUSE_HANDLE_KILLPRIV_V2 moves the decision whether a write, truncate or chown drops set-ID bits
+/// from a round trip to a flag. Without it the kernel asks for `security.capability` (GETXATTR)
+/// before every write, since FUSE caches no xattr; with it the kernel marks the superblock
+/// SB_NOSEC, stops asking once an inode was found to hold neither set-ID bits nor a capability,
+/// and sends FUSE_WRITE_KILL_SUIDGID, FATTR_KILL_SUIDGID or FUSE_OPEN_KILL_SUIDGID where the
+/// caller lacks CAP_FSETID (and FATTR_KILL_SUIDGID on every chown of a non-directory). The
+/// daemon then clears the bits itself (`FileSystem` gets a `dropSetID` flag).
+///
+/// libfuse 3.14 knows neither the INIT flag nor the request flags: `fuse_conn_info` has no
+/// capability bit for it, and its decoders drop `write_flags`, `open_flags` and the kill bit of
+/// `valid`. So the daemon takes both ends itself, through libfuse's public interfaces: the
+/// request loop reads the raw request before `fuse_session_process_buf` dispatches it (as it
+/// already does for the opcode), and the INIT reply goes out through `fuse_session_custom_io`'s
+/// writev, which adds the flag when the kernel offered it. libfuse's own state does not depend
+/// on the flag, so it never learns.
+///
+/// FUSE_HANDLE_KILLPRIV (v1), which libfuse could negotiate, is not used: it makes the daemon kill
+/// on every write whatever the caller's capabilities and keeps the per-write probe.
+final class PrivilegeNegotiation: Sendable {
+    /// The unique ID of the INIT request whose reply is to carry the flag; 0 when none.
+    private let initUnique = Atomic<UInt64>(0)
+    private let negotiatedFlag = Atomic<Bool>(false)
+
+    /// Whether the kernel accepted FUSE_HANDLE_KILLPRIV_V2 for this session.
+    var negotiated: Bool { negotiatedFlag.load(ordering: .relaxed) }
+
+    /// Looks at a request before libfuse dispatches it: an INIT that offers the flag is noted
+    /// for its reply; for a write, setattr or open, returns whether it carries a kill flag. Any
+    /// other request costs a comparison or two. CREATE can carry FUSE_OPEN_KILL_SUIDGID too (an
+    /// O_CREAT|O_TRUNC open), but it concerns a file that already exists, and encfsd's create
+    /// never opens one (the name is entered with RENAME_NOREPLACE or linkat, EEXIST otherwise):
+    /// a new file keeps the mode it was created with, as on ext4.
+    func examine(_ request: UnsafeMutableRawPointer, count: Int, opcode: UInt32) -> Bool {
+        let headerSize = MemoryLayout<encfsd_fuse_in_header>.size
+        func field<T>(_ type: T.Type) -> T? {
+            count >= headerSize + MemoryLayout<T>.size ? request.loadUnaligned(fromByteOffset: headerSize, as: T.self) : nil
+        }
+        switch opcode {
+        case encfsd_FUSE_WRITE:
+            guard negotiated, let write = field(encfsd_fuse_write_in.self) else { return false }
+            return write.write_flags & encfsd_FUSE_WRITE_KILL_SUIDGID != 0
+        case encfsd_FUSE_SETATTR:
+            // `valid` leads fuse_setattr_in.
+            guard negotiated, let valid = field(UInt32.self) else { return false }
+            return valid & encfsd_FATTR_KILL_SUIDGID != 0
+        case encfsd_FUSE_OPEN:
+            guard negotiated, let open = field(encfsd_fuse_open_in.self) else { return false }
+            return open.open_flags & encfsd_FUSE_OPEN_KILL_SUIDGID != 0
+        case encfsd_FUSE_INIT:
+            if let offered = field(encfsd_fuse_init_prefix.self), offered.flags & encfsd_FUSE_HANDLE_KILLPRIV_V2 != 0 {
+                initUnique.store(request.load(as: encfsd_fuse_in_header.self).unique, ordering: .relaxed)
+            }
+            return false
+        default:
+            return false
+        }
+    }
+
+    /// Adds FUSE_HANDLE_KILLPRIV_V2 (and takes v1 out) if `iov` is the successful reply to the
+    /// INIT `examine` noted. libfuse sends every reply as the header and then its body.
+    func amendInitReply(_ iov: UnsafeMutablePointer<iovec>, count: Int32) {
+        let unique = initUnique.load(ordering: .relaxed)
+        guard unique != 0, count >= 2,
+              iov[0].iov_len >= MemoryLayout<encfsd_fuse_out_header>.size, let headerBytes = iov[0].iov_base,
+              iov[1].iov_len >= MemoryLayout<encfsd_fuse_init_prefix>.size, let body = iov[1].iov_base else { return }
+        let header = headerBytes.loadUnaligned(as: encfsd_fuse_out_header.self)
+        guard header.unique == unique else { return }
+        initUnique.store(0, ordering: .relaxed)
+        guard header.error == 0 else { return }
+        var reply = body.loadUnaligned(as: encfsd_fuse_init_prefix.self)
+        reply.flags = reply.flags & ~encfsd_FUSE_HANDLE_KILLPRIV | encfsd_FUSE_HANDLE_KILLPRIV_V2
+        body.storeBytes(of: reply, as: encfsd_fuse_init_prefix.self)
+        negotiatedFlag.store(true, ordering: .relaxed)
+    }
+}
+
+/// `fuse_custom_io.writev`: every reply and notification of the session.
+private func deviceWritev(_ fd: Int32, _ iov: UnsafeMutablePointer<iovec>?, _ count: Int32, _ userdata: UnsafeMutableRawPointer?) -> Int {
+    if let iov, let userdata {
+        Unmanaged<BridgeContext>.fromOpaque(userdata).takeUnretainedValue().privileges.amendInitReply(iov, count: count)
+    }
+    return writev(fd, iov, count)
+}
+
+/// `fuse_custom_io.read`: what libfuse itself would do without custom I/O.
+private func deviceRead(_ fd: Int32, _ buffer: UnsafeMutableRawPointer?, _ count: Int, _ userdata: UnsafeMutableRawPointer?) -> Int {
+    read(fd, buffer, count)
+}
+
+/// What the request loop learned from the raw request a thread is dispatching, for the
+/// callback libfuse calls on that same thread inside `fuse_session_process_buf` (libfuse hands
+/// the callbacks only what it decoded). A thread dispatches one request at a time.
+enum DispatchedRequest {
+    private static let dropKey: pthread_key_t = {
+        var key = pthread_key_t()
+        let rc = pthread_key_create(&key, nil)
+        precondition(rc == 0, "pthread_key_create failed: \(rc)")
+        return key
+    }()
+
+    /// Whether the kernel asked this request to drop set-ID bits (a FUSE_*KILL_SUIDGID flag).
+    static var dropsSetID: Bool {
+        get { pthread_getspecific(dropKey) != nil }
+        set { pthread_setspecific(dropKey, newValue ? UnsafeRawPointer(bitPattern: 1) : nil) }
+    }
 }
 
 // MARK: - the operation table
@@ -611,6 +735,7 @@ private func opSetattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ attr: UnsafeMuta
             changes.modificationTime = .set(seconds: Int64(attr.st_mtim.tv_sec), nanoseconds: Int64(attr.st_mtim.tv_nsec))
         }
         changes.handle = fi?.pointee.fh
+        changes.dropSetID = DispatchedRequest.dropsSetID
         replyAttr(req, ctx, try ctx.fileSystem.setattr(ino, changes))
     }
 }
@@ -673,7 +798,7 @@ private func opLink(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ newParent: fuse_ino
 
 private func opOpen(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     answer(req) { ctx in
-        let reply = try ctx.fileSystem.open(ino, flags: fi?.pointee.flags ?? 0)
+        let reply = try ctx.fileSystem.open(ino, flags: fi?.pointee.flags ?? 0, dropSetID: DispatchedRequest.dropsSetID)
         fillOpen(fi, reply)
         if fuse_reply_open(req, fi) != 0 {
             // The opener was interrupted and is gone: nobody will release this handle.
@@ -710,7 +835,8 @@ private func opWrite(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer
     answer(req) { ctx in
         guard let fi, offset >= 0 else { throw BridgeError.invalid }
         let written = try ctx.fileSystem.write(ino, handle: fi.pointee.fh, offset: UInt64(offset),
-                                               data: UnsafeRawBufferPointer(start: buf, count: size))
+                                               data: UnsafeRawBufferPointer(start: buf, count: size),
+                                               dropSetID: DispatchedRequest.dropsSetID)
         if fi.pointee.flags & encfsd_O_DIRECT != 0 && fi.pointee.writepage == 0 {
             DirectWriteCoherence.dropCachedPages(ctx, ino, offset: Int64(offset), length: Int64(written))
         }

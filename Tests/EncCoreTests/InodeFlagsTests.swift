@@ -63,21 +63,16 @@ import EncFormat
     /// A store in a scratch directory, a volume on it and a file `f` with a few bytes.
     func withFile(accessTimes: AccessTimeOptions = AccessTimeOptions(),
                   _ body: (Volume, _ file: UInt64, _ backing: String) throws -> Void) throws {
-        let base = FileManager.default.temporaryDirectory.path + "/encfsd-inode-flags-\(UUID().uuidString)"
-        defer { try? FileManager.default.removeItem(atPath: base) }
-        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
-        let store = base + "/store"
-        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: caller)
-        let keys = KeyTable()
-        _ = try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
-        let volume = try Volume(storePath: store, keys: keys, accessTimes: accessTimes)
-        let before = Set(try FileManager.default.contentsOfDirectory(atPath: store))
-        let (file, _, handle) = try volume.create(parent: Volume.rootID, name: Array("f".utf8), mode: 0o644, caller: caller)
-        try Array("contents".utf8).withUnsafeBytes { try volume.write(handle: handle, offset: 0, data: $0) }
-        try volume.release(handle: handle)
-        let backing = try #require(Set(try FileManager.default.contentsOfDirectory(atPath: store)).subtracting(before).first)
-        try body(volume, file, store + "/" + backing)
-        volume.closeCleanly()
+        try withScratchStore("encfsd-inode-flags", key: Self.key, owner: caller) { store, keys in
+            let volume = try Volume(storePath: store, keys: keys, accessTimes: accessTimes)
+            let before = Set(try FileManager.default.contentsOfDirectory(atPath: store))
+            let (file, _, handle) = try volume.create(parent: Volume.rootID, name: Array("f".utf8), mode: 0o644, caller: caller)
+            try Array("contents".utf8).withUnsafeBytes { try volume.write(handle: handle, offset: 0, data: $0) }
+            try volume.release(handle: handle)
+            let backing = try #require(Set(try FileManager.default.contentsOfDirectory(atPath: store)).subtracting(before).first)
+            try body(volume, file, store + "/" + backing)
+            volume.closeCleanly()
+        }
     }
 
     /// Every access that moves an atime tells the front end through `attributesMoved`. Taking the

@@ -8,6 +8,20 @@ import Testing
 import Glibc
 #endif
 
+/// Runs `body` with a fresh store (4 KiB extents, created by `owner` under `key`) in a scratch
+/// directory removed afterwards, and a key table holding `key`.
+func withScratchStore<R>(_ prefix: String, key: MasterKey, owner: Caller,
+                         _ body: (_ store: String, _ keys: KeyTable) throws -> R) throws -> R {
+    let base = FileManager.default.temporaryDirectory.path + "/\(prefix)-\(UUID().uuidString)"
+    defer { try? FileManager.default.removeItem(atPath: base) }
+    try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+    let store = base + "/store"
+    try StoreCreation.create(at: store, key: key, extentSize: 4096, owner: owner)
+    let keys = KeyTable()
+    _ = try keys.add(key, claim: .init(uid: 0, serial: 0))
+    return try body(store, keys)
+}
+
 /// A scratch backing file holding one object, for driving ExtentFile directly.
 final class ScratchObject {
     let directory: String

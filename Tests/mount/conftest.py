@@ -23,6 +23,7 @@ test daemon never even loads a key it was not given.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -413,17 +414,18 @@ def mounted(volume):
 _SUMMARY_LINES = pytest.StashKey[list]()
 
 
-@pytest.fixture
-def ext4_dir(tmp_path):
-    """A fresh ext4 filesystem (4 KiB blocks) on a loop device, mounted; all of it removed after.
+@contextlib.contextmanager
+def loop_ext4(directory: Path, size: int = 256 << 20):
+    """A fresh ext4 filesystem (4 KiB blocks) on a loop device, mounted at directory/ext4; the
+    mount and the device removed after (the image, directory/ext4.img, stays with directory).
     256-byte inodes, as mkfs gives a filesystem of ordinary size (this one is small enough for
     its 128-byte default), so files have a birth time like on any ext4 a user meets."""
-    image = tmp_path / "ext4.img"
+    image = directory / "ext4.img"
     with open(image, "wb") as f:
-        f.truncate(256 << 20)
+        f.truncate(size)
     run("mkfs.ext4", "-q", "-F", "-b", "4096", "-I", "256", image)
     device = run("losetup", "--find", "--show", image).stdout.strip()
-    mnt = tmp_path / "ext4"
+    mnt = directory / "ext4"
     mnt.mkdir()
     try:
         run("mount", "-t", "ext4", device, mnt)
@@ -433,6 +435,13 @@ def ext4_dir(tmp_path):
             run("umount", mnt, check=False)
     finally:
         run("losetup", "-d", device, check=False)
+
+
+@pytest.fixture
+def ext4_dir(tmp_path):
+    """`loop_ext4` in the test's temporary directory."""
+    with loop_ext4(tmp_path) as mnt:
+        yield mnt
 
 
 @pytest.fixture

@@ -54,6 +54,9 @@ public struct AttributeChanges: Sendable {
     public var size: UInt64?
     public var accessTime: TimeChange?
     public var modificationTime: TimeChange?
+    /// A truncate or chown that must drop the set-ID bits (the kernel's FATTR_KILL_SUIDGID);
+    /// see `Volume.modeDroppingSetID`. Not a change of its own: `isEmpty` ignores it.
+    public var dropSetID = false
     public init() {}
 
     var isEmpty: Bool {

@@ -68,10 +68,15 @@ extension Volume {
     /// open(2) with its flags: what the inode flags forbid is refused, and an open for reading
     /// is an access (`noteAccess`) unless it asks for O_NOATIME. The open counts rather than the
     /// reads: with the page cache kept across opens most reads never reach the daemon.
-    public func open(_ id: UInt64, flags: Int32) throws -> UInt64 {
+    ///
+    /// - Parameter dropSetID: an O_TRUNC open by a caller without CAP_FSETID: the truncate drops
+    ///   the set-ID bits, and any O_TRUNC open removes `security.capability`, as on ext4.
+    public func open(_ id: UInt64, flags: Int32, dropSetID: Bool = false) throws -> UInt64 {
         let node = try node(id)
         try checkOpen(node, flags: flags)
-        let handle = try open(id, truncate: flags & O_TRUNC != 0, descriptor: nil)
+        let truncate = flags & O_TRUNC != 0
+        let handle = try open(id, truncate: truncate, descriptor: nil, dropSetID: dropSetID)
+        if truncate { try dropCapability(node) }
         if flags & O_ACCMODE != O_RDONLY, flags & O_APPEND != 0, !kernelWritesPages.load(ordering: .relaxed) {
             handles.withLock { _ = $0.appending.insert(handle) }
         }
@@ -83,7 +88,7 @@ extension Volume {
         return handle
     }
 
-    func open(_ id: UInt64, truncate: Bool, descriptor: SharedDescriptor?) throws -> UInt64 {
+    func open(_ id: UInt64, truncate: Bool, descriptor: SharedDescriptor?, dropSetID: Bool = false) throws -> UInt64 {
         let node = try node(id)
         switch node.type {
         case .regular: break
@@ -95,6 +100,7 @@ extension Volume {
         // A file that is already open can be opened again even after its key was removed: it
         // holds the key itself (fscrypt's soft removal). Anything else needs the key present.
         let key = try key(for: node, .contents).key
+        let headerKey = truncate && dropSetID ? try self.key(for: node, .header).key : nil
         let file = try node.state.withLock { state -> ExtentFile in
             if state.file == nil {
                 // The open file's descriptor is the object's only long-lived one (see Node).
@@ -110,7 +116,7 @@ extension Volume {
             if truncate {
                 do {
                     try state.file!.resize(to: 0)
-                    try commit(state.file!, &state)
+                    try commitTruncate(node, state.file!, &state, droppingSetIDWith: headerKey)
                 } catch {
                     if state.opens == 0 { closeFile(&state) }
                     throw error
@@ -149,25 +155,31 @@ extension Volume {
         return try lease.finish(into: out)
     }
 
-    public func write(handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws {
+    /// - Parameter dropSetID: the writer lacks CAP_FSETID: the set-ID bits go, in the header
+    ///   commit that makes this write durable (nothing is written when there are none). The
+    ///   write removes `security.capability` in any case, as on ext4.
+    public func write(handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool = false) throws {
         let (node, file) = try openFile(handle: handle)
         // Whole extents are sealed before the node lock is taken, so concurrent write requests
         // (several writers, or aio at a queue depth) encrypt side by side.
         let presealed = file.sealWholeExtents(offset: offset, data: data)
         let appending = handles.withLock { $0.appending.contains(handle) }
-        try withOpenFile(node) { state, current in
+        let mayHoldCapability = try withOpenFile(node) { state, current in
             try checkWrite(state)
             if appending && offset < current.size && state.header.inodeFlags.contains(.appendOnly) { throw StoreError.notPermitted }
             // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
             // its sealed extents are still valid there, but write them plainly to keep this simple.
             try current.write(offset: offset, data: data, presealed: current === file ? presealed : nil)
+            if dropSetID { state.header.mode = Self.modeDroppingSetID(state.header.mode) }
             // FS_SYNC_FL: every write is durable before its reply, as with O_SYNC.
             if state.header.inodeFlags.contains(.sync) {
                 try commit(current, &state, durable: true)
             } else if current.needsCommitForMemory {
                 try commit(current, &state)
             }
+            return !holdsNoXattr(state)
         }
+        if mayHoldCapability { try dropCapability(node) }
     }
 
     /// Commits buffered writes (close(2) of a descriptor, not necessarily the last one).

@@ -251,6 +251,29 @@ extension Volume {
     /// Backing copies first, then the side object's (see `dropXattr`).
     public func removexattr(_ id: UInt64, name: [UInt8]) throws {
         try refuse(try node(id), ifAny: [.immutable, .appendOnly])
+        if !(try removeXattr(id, name: name)) { throw StoreError.system(ENODATA) }
+    }
+
+    static let capabilityName = Array("security.capability".utf8)
+
+    /// What a write, truncate or chown does to a file capability on ext4 (`cap_inode_killpriv`),
+    /// whoever the caller: removes it. Under FUSE_HANDLE_KILLPRIV_V2 the kernel leaves that to
+    /// the daemon once it has marked the inode as holding none (S_NOSEC), which a capability set
+    /// later through this mount clears but one set behind the kernel's back does not. An object
+    /// known to hold no attribute, the common case, costs nothing: no key, no backing call.
+    func dropCapability(_ node: Node) throws {
+        guard !node.state.withLock({ holdsNoXattr($0) }), capabilities.has(.userXattrs) || holdsSideObjects else { return }
+        _ = try removeXattr(node.id, name: Self.capabilityName)
+    }
+
+    /// Whether the object is known to hold no attribute at all: no side object, and no backing
+    /// attribute (or a backing without xattrs). Needs the node's lock.
+    func holdsNoXattr(_ state: NodeState) -> Bool {
+        state.header.xattrGeneration == 0 && (state.backingXattrs?.isEmpty == true || !capabilities.has(.userXattrs))
+    }
+
+    /// Removes the attribute wherever it is; whether there was one.
+    private func removeXattr(_ id: UInt64, name: [UInt8]) throws -> Bool {
         let (node, key, objectID, previousKey) = try xattrNode(id, name: name)
         var removed = false
         for k in [key] + (previousKey.map { [$0] } ?? []) where capabilities.has(.userXattrs) {
@@ -263,7 +286,7 @@ extension Volume {
             try changeSideXattrs(node, key: key, previousKey: previousKey) { $0[name] = nil }
             removed = true
         }
-        if !removed { throw StoreError.system(ENODATA) }
+        return removed
     }
 
     // MARK: ACLs and the mode

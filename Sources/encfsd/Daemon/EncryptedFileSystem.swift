@@ -61,6 +61,7 @@ final class EncryptedFileSystem: FileSystem {
         c.uid = changes.uid
         c.gid = changes.gid
         c.size = changes.size
+        c.dropSetID = changes.dropSetID
         func time(_ t: SetAttributes.Time?) -> AttributeChanges.TimeChange? {
             switch t {
             case nil: nil
@@ -114,8 +115,8 @@ final class EncryptedFileSystem: FileSystem {
         try logged("link of node \(node)", node: node) { entry(try volume.link(node, newParent: newParent, newName: newName)) }
     }
 
-    func open(_ node: UInt64, flags: Int32) throws -> OpenReply {
-        let handle = try logged("open of node \(node)", node: node) { try volume.open(node, flags: flags) }
+    func open(_ node: UInt64, flags: Int32, dropSetID: Bool) throws -> OpenReply {
+        let handle = try logged("open of node \(node)", node: node) { try volume.open(node, flags: flags, dropSetID: dropSetID) }
         return OpenReply(handle: handle, keepCache: true)
     }
 
@@ -130,8 +131,10 @@ final class EncryptedFileSystem: FileSystem {
         try logged("read of node \(node) at \(offset)", node: node) { try volume.read(handle: handle, offset: offset, into: buffer) }
     }
 
-    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer) throws -> Int {
-        try logged("write to node \(node) at \(offset)", node: node) { try volume.write(handle: handle, offset: offset, data: data) }
+    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool) throws -> Int {
+        try logged("write to node \(node) at \(offset)", node: node) {
+            try volume.write(handle: handle, offset: offset, data: data, dropSetID: dropSetID)
+        }
         return data.count
     }
 
