@@ -66,10 +66,12 @@ import Glibc
     @Test func failedCommitKeepsItsDataForTheNextFlush() throws {
         let object = try ScratchObject()
         try object.write(randomBytes(20000, seed: 5), at: 0)
-        // A descriptor the commit cannot write through: every pwrite fails (as on ENOSPC or EIO).
-        let readOnly = try openPath(object.path, O_RDONLY)
-        let file = ExtentFile(fd: readOnly.raw, journalFD: object.journalFD.raw, key: object.key,
-                              header: try HeaderSlots.scratch.read(fd: object.fd.raw, key: object.key), slots: .scratch)
+        // A backing file the commit cannot write through: every pwrite and ftruncate fails (EPERM,
+        // as on ENOSPC or EIO), reads work. A write-sealed copy in memory; a read-only descriptor
+        // would fail with EBADF, which only a descriptor bug can cause and so traps.
+        let sealed = try sealedCopy(of: object.backingBytes)
+        let file = ExtentFile(backing: SharedDescriptor(sealed), journal: object.journalFD, key: object.key,
+                              header: try HeaderSlots.scratch.read(fd: object.fd.descriptor, key: object.key), slots: .scratch)
         let patch = randomBytes(5000, seed: 6)
         try patch.withUnsafeBytes { try file.write(offset: 1000, data: $0) }
         var header = object.header
@@ -215,7 +217,7 @@ import Glibc
         expectIntegrityError { _ = try object.reopen() }
         let afterCrash = HeaderSlots(epoch: 2, evidence: TornWriteEvidence(lastUncleanEpoch: HeaderSlots.scratch.epoch),
                                      storeVersion: ObjectHeader.newestVersion)
-        let older = try afterCrash.read(fd: object.fd.raw, key: object.key)
+        let older = try afterCrash.read(fd: object.fd.descriptor, key: object.key)
         #expect(older.size == 0 && older.sequence == 0)
     }
 
@@ -265,6 +267,6 @@ import Glibc
         let object = try ScratchObject()
         try object.write([1, 2, 3], at: 0)
         let other = try MasterKey(raw: (1...64).map { UInt8($0 ^ 0xff) })
-        expectIntegrityError { _ = try HeaderSlots.scratch.read(fd: object.fd.raw, key: other) }
+        expectIntegrityError { _ = try HeaderSlots.scratch.read(fd: object.fd.descriptor, key: other) }
     }
 }

@@ -41,12 +41,12 @@ import Glibc
             var final = committed
             final.sequence = committed.sequence + 2
             final = HeaderSlots.scratch.stamped(final)
-            try Journal.write(journalFD: object.journalFD.raw, objectID: committed.objectID, pendingSequence: committed.sequence + 1,
+            try Journal.write(journalFD: object.journalFD.descriptor, objectID: committed.objectID, pendingSequence: committed.sequence + 1,
                               finalSlot: HeaderCodec.seal(final, key: object.key), records: records, key: object.key,
                               storeVersion: storeVersion)
             var pending = committed
             pending.flags.insert(.pendingWrite)
-            try HeaderSlots.scratch.write(fd: object.fd.raw, header: &pending, key: object.key, sync: true, afterData: true)
+            try HeaderSlots.scratch.write(fd: object.fd.descriptor, header: &pending, key: object.key, sync: true, afterData: true)
             self.object = object
             self.before = before
             self.after = after
@@ -62,7 +62,7 @@ import Glibc
         }
 
         func recover(storeVersion: UInt16? = nil) throws -> ObjectHeader {
-            try Journal.recover(journalFD: object.journalFD.raw, objectFD: object.fd.raw, pending: pending, key: object.key,
+            try Journal.recover(journalFD: object.journalFD.descriptor, objectFD: object.fd.descriptor, pending: pending, key: object.key,
                                 storeVersion: storeVersion ?? self.storeVersion)
         }
     }
@@ -152,7 +152,7 @@ import Glibc
         header.macPolicy = b.identifier
         header.previousPolicy = a.identifier
         header.legacyRanges = HoleMap(ranges: [0..<header.geometry.extentCount(size: header.size)])
-        let file = ExtentFile(fd: object.fd.raw, journalFD: object.journalFD.raw, key: b, legacyKey: a, header: header, slots: .scratch)
+        let file = ExtentFile(backing: object.fd, journal: object.journalFD, key: b, legacyKey: a, header: header, slots: .scratch)
         object.header = header
         return (object, file, b, data)
     }
@@ -175,7 +175,7 @@ import Glibc
         #expect(header.legacyRanges.isEmpty)
         var expected = Array(data[0..<(4 * 4096)])
         expected.replaceSubrange((2 * 4096 + 7)..<(2 * 4096 + 17), with: written)
-        let reopened = ExtentFile(fd: object.fd.raw, journalFD: object.journalFD.raw, key: b, header: header, slots: .scratch)
+        let reopened = ExtentFile(backing: object.fd, journal: object.journalFD, key: b, header: header, slots: .scratch)
         // Read without the old key: nothing is left under it.
         #expect(try reopened.read(offset: 0, count: 4 * 4096) == expected)
     }

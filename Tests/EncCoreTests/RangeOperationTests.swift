@@ -107,7 +107,7 @@ import Glibc
         let dropped = try file.punchHole(offset: UInt64(Self.extent + 10), length: UInt64(4 * Self.extent))
         #expect(dropped == 2..<5)
         try file.commit(header: &object.header)
-        #expect(try HeaderSlots.scratch.read(fd: object.fd.raw, key: object.key).holes.ranges == [2..<5])
+        #expect(try HeaderSlots.scratch.read(fd: object.fd.descriptor, key: object.key).holes.ranges == [2..<5])
         var expected = data
         expected.replaceSubrange((Self.extent + 10)..<(5 * Self.extent + 10), with: [UInt8](repeating: 0, count: 4 * Self.extent))
         #expect(try object.read(0, data.count) == expected)
@@ -154,7 +154,7 @@ import Glibc
         #expect(try object.read(0, Self.extent) == Array(data[0..<Self.extent]))
 
         // Neither change touched the authenticated header, which still names exactly the punch.
-        #expect(try HeaderSlots.scratch.read(fd: object.fd.raw, key: object.key).holes.ranges == [2..<4])
+        #expect(try HeaderSlots.scratch.read(fd: object.fd.descriptor, key: object.key).holes.ranges == [2..<4])
     }
 
     @Test func overflowingHoleMapStoresAnUncommittedPunchThroughTheJournal() throws {

@@ -203,27 +203,27 @@ import Glibc
     @Test func openCloseAndUncleanEnds() throws {
         defer { try? FileManager.default.removeItem(atPath: base) }
         let fd = try store()
-        try EpochRecord.create(storeFD: fd.raw)
-        var opened = try EpochRecord.open(storeFD: fd.raw, storeVersion: 2)
+        try EpochRecord.create(storeFD: fd)
+        var opened = try EpochRecord.open(storeFD: fd, storeVersion: 2)
         #expect(opened.epoch == 1 && opened.evidence == .cleanHistory)
-        try EpochRecord.close(storeFD: fd.raw, epoch: 1, evidence: opened.evidence)
-        opened = try EpochRecord.open(storeFD: fd.raw, storeVersion: 2)
+        try EpochRecord.close(storeFD: fd, epoch: 1, evidence: opened.evidence)
+        opened = try EpochRecord.open(storeFD: fd, storeVersion: 2)
         #expect(opened.epoch == 2 && opened.evidence == .cleanHistory)
         // Epoch 2 is never closed: a crash.
-        opened = try EpochRecord.open(storeFD: fd.raw, storeVersion: 2)
+        opened = try EpochRecord.open(storeFD: fd, storeVersion: 2)
         #expect(opened.epoch == 3 && opened.evidence == TornWriteEvidence(lastUncleanEpoch: 2))
-        try EpochRecord.close(storeFD: fd.raw, epoch: 3, evidence: opened.evidence)
+        try EpochRecord.close(storeFD: fd, epoch: 3, evidence: opened.evidence)
         // The unclean end stays on record after clean epochs.
-        opened = try EpochRecord.open(storeFD: fd.raw, storeVersion: 2)
+        opened = try EpochRecord.open(storeFD: fd, storeVersion: 2)
         #expect(opened.epoch == 4 && opened.evidence == TornWriteEvidence(lastUncleanEpoch: 2))
     }
 
     @Test func damagedRecordAddsNoUncleanEnd() throws {
         defer { try? FileManager.default.removeItem(atPath: base) }
         let fd = try store()
-        try EpochRecord.create(storeFD: fd.raw)
-        let opened = try EpochRecord.open(storeFD: fd.raw, storeVersion: 2)
-        try EpochRecord.close(storeFD: fd.raw, epoch: opened.epoch, evidence: opened.evidence)
+        try EpochRecord.create(storeFD: fd)
+        let opened = try EpochRecord.open(storeFD: fd, storeVersion: 2)
+        try EpochRecord.close(storeFD: fd, epoch: opened.epoch, evidence: opened.evidence)
         // The clean end (slot 1) damaged: the open version left in slot 0 must not read as a crash.
         let file = open(base + "/" + EpochRecord.fileName, O_RDWR)
         var byte: UInt8 = 0
@@ -231,7 +231,7 @@ import Glibc
         byte ^= 0x80
         _ = pwrite(file, &byte, 1, 40)
         close(file)
-        let reading = try EpochRecord.read(storeFD: fd.raw)
+        let reading = try EpochRecord.read(storeFD: fd)
         #expect(reading.damaged && reading.newest?.state == .open)
         #expect(reading.evidence(storeVersion: 2) == .cleanHistory)
     }
@@ -239,7 +239,7 @@ import Glibc
     @Test func missingRecord() throws {
         defer { try? FileManager.default.removeItem(atPath: base) }
         let fd = try store()
-        let reading = try EpochRecord.read(storeFD: fd.raw)
+        let reading = try EpochRecord.read(storeFD: fd)
         #expect(reading.missing)
         // A v1 store from before the record: its v1 slots (epoch 0) keep the v1 rule.
         #expect(reading.evidence(storeVersion: 1) == TornWriteEvidence(lastUncleanEpoch: 0))

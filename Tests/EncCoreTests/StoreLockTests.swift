@@ -53,10 +53,10 @@ import Glibc
         let path = dir + "/record"
         _ = FileManager.default.createFile(atPath: path, contents: Data(#"{"pid":7,"host":"evil\u001b[2Jhost"}"#.utf8))
         let fd = try openPath(path, O_RDONLY)
-        #expect(StoreLock.readHolder(fd.raw) == .init(pid: 7, host: "evil?[2Jhost"))
+        #expect(StoreLock.readHolder(fd) == .init(pid: 7, host: "evil?[2Jhost"))
         _ = FileManager.default.createFile(atPath: path, contents: Data("not json".utf8))
         let other = try openPath(path, O_RDONLY)
-        #expect(StoreLock.readHolder(other.raw) == nil)
+        #expect(StoreLock.readHolder(other) == nil)
     }
 
     static func hostName() -> String {
@@ -72,10 +72,11 @@ import Glibc
         let dir = try StoreLockTests.directory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let fd = try openPath(dir, Sys.oPath | O_DIRECTORY)
-        let limit = try #require(Sys.probeLargestFile(in: fd.raw, upTo: SizeLimit.largestBacking))
+        let found = fd.probeLargestFile(upTo: SizeLimit.largestBacking)
+        let limit = try #require(found)
         let probe = try openPath(dir + "/probe", O_RDWR | O_CREAT, mode: 0o600)
-        #expect(Glibc.ftruncate(probe.raw, off_t(limit)) == 0)
-        if limit < SizeLimit.largestBacking { #expect(Glibc.ftruncate(probe.raw, off_t(limit + 1)) != 0 && errno == EFBIG) }
-        #expect(Glibc.ftruncate(probe.raw, 0) == 0)
+        try probe.ftruncate(limit)
+        if limit < SizeLimit.largestBacking { #expect(throws: StoreError.system(EFBIG)) { try probe.ftruncate(limit + 1) } }
+        try probe.ftruncate(0)
     }
 }

@@ -26,8 +26,8 @@ func withScratchStore<R>(_ prefix: String, key: MasterKey, owner: Caller,
 final class ScratchObject {
     let directory: String
     let path: String
-    let fd: FileDescriptor
-    let journalFD: FileDescriptor
+    let fd: SharedDescriptor
+    let journalFD: SharedDescriptor
     let key: MasterKey
     var header: ObjectHeader
 
@@ -35,21 +35,21 @@ final class ScratchObject {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("enccore-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         path = directory + "/object"
-        fd = try openPath(path, O_RDWR | O_CREAT, mode: 0o600)
+        fd = SharedDescriptor(try openPath(path, O_RDWR | O_CREAT, mode: 0o600))
         try FileManager.default.createDirectory(atPath: directory + "/.journal", withIntermediateDirectories: true)
-        journalFD = try openPath(directory + "/.journal", O_RDONLY | O_DIRECTORY)
+        journalFD = SharedDescriptor(try openPath(directory + "/.journal", O_RDONLY | O_DIRECTORY))
         self.key = try key ?? MasterKey(raw: (1...64).map { UInt8($0) })
         header = ObjectHeader(type: .regular, mode: 0o644, uid: 0, gid: 0, extentSize: UInt32(extentSize),
                               objectID: OpenSSL.random(count: 16), policy: self.key.identifier)
-        try HeaderSlots.scratch.create(fd: fd.raw, header: &header, key: self.key)
+        try HeaderSlots.scratch.create(fd: fd.descriptor, header: &header, key: self.key)
     }
 
     deinit { try? FileManager.default.removeItem(atPath: directory) }
 
     /// A fresh view of the committed file, as a re-open would see it.
     func reopen() throws -> ExtentFile {
-        header = try HeaderSlots.scratch.read(fd: fd.raw, key: key)
-        return ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: key, header: header, slots: .scratch)
+        header = try HeaderSlots.scratch.read(fd: fd.descriptor, key: key)
+        return ExtentFile(backing: fd, journal: journalFD, key: key, header: header, slots: .scratch)
     }
 
     func write(_ bytes: [UInt8], at offset: UInt64) throws {
@@ -66,8 +66,8 @@ final class ScratchObject {
         get { Array(FileManager.default.contents(atPath: path)!) }
         // Through the same inode: FileManager.createFile would swap in a new file behind our fd.
         set {
-            try! Sys.ftruncate(fd.raw, Int64(newValue.count))
-            try! newValue.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: 0) }
+            try! fd.descriptor.ftruncate(Int64(newValue.count))
+            try! newValue.withUnsafeBytes { try fd.descriptor.pwrite($0, offset: 0) }
         }
     }
 }
@@ -92,7 +92,31 @@ func isIntegrityError(_ error: any Error) -> Bool {
 func openPath(_ path: String, _ flags: Int32, mode: mode_t = 0) throws -> FileDescriptor {
     let fd = Glibc.open(path, flags | O_CLOEXEC, mode)
     if fd < 0 { throw StoreError.system(errno) }
-    return FileDescriptor(raw: fd)
+    return FileDescriptor(taking: fd)
+}
+
+/// A file in memory holding `bytes` that refuses every change (memfd sealed against writes,
+/// growing and shrinking: EPERM), for a backing whose writes fail.
+func sealedCopy(of bytes: [UInt8]) throws -> FileDescriptor {
+    // Glibc's module leaves memfd_create out (a _GNU_SOURCE declaration): found at run time.
+    typealias MemfdCreate = @convention(c) (UnsafePointer<CChar>, UInt32) -> Int32
+    guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "memfd_create") else { throw StoreError.system(ENOSYS) }
+    let number = unsafeBitCast(symbol, to: MemfdCreate.self)("sealed", 0x0001 | 0x0002) // MFD_CLOEXEC | MFD_ALLOW_SEALING
+    if number < 0 { throw StoreError.system(errno) }
+    let fd = FileDescriptor(taking: number)
+    try bytes.withUnsafeBytes { try fd.pwrite($0, offset: 0) }
+    let seals: Int32 = 0x0002 | 0x0004 | 0x0008 // F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE
+    // fcntl(F_ADD_SEALS) has no method: only tests seal files.
+    let rc = fd.withUnsafeNumber { fcntl($0, 1033, seals) } // F_ADD_SEALS
+    if rc < 0 { throw StoreError.system(errno) }
+    return fd
+}
+
+/// The `stat` of a test's own scratch path, a symlink not followed.
+func statPath(_ path: String) throws -> stat {
+    var st = stat()
+    if lstat(path, &st) != 0 { throw StoreError.system(errno) }
+    return st
 }
 
 /// Expects `body` to fail with `StoreError.integrity` (what the mount answers with EIO): not merely

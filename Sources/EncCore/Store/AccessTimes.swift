@@ -111,14 +111,13 @@ extension Volume {
             state.accessTimeWrites += 1
             if state.header.flags.contains(.pendingWrite) { try recoverLocked(node, &state, key: key) }
             let headerFD = try headerDescriptor(node, state, writable: true)
-            defer { withExtendedLifetime(headerFD) {} }
-            let before = try Sys.fstat(headerFD.raw)
+            let before = try headerFD.descriptor.fstat()
             var header = state.header
             header.accessTime = accessed
             header.changeTime = Self.changeTime(before, header: header)
-            try slots.writeMetadata(fd: headerFD.raw, header: &header, key: key, sync: false, safety: &state.slotSafety)
+            try slots.writeMetadata(fd: headerFD.descriptor, header: &header, key: key, sync: false, safety: &state.slotSafety)
             state.header = header
-            try Sys.markUnchangedSinceWrite(headerFD.raw, modified: node.isDirectory ? nil : before.st_mtim)
+            try headerFD.descriptor.markUnchangedSinceWrite(modified: node.isDirectory ? nil : before.st_mtim)
         }
     }
 

@@ -153,80 +153,73 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
     /// Probes the store at `storePath` (its root directory must exist and be writable).
     public static func probe(storePath: String) throws -> BackingCapabilities {
         let root = try Sys.openStoreRoot(storePath)
-        return try withExtendedLifetime(root) { try probe(storeFD: root.raw) }
+        return try probe(storeFD: root)
     }
 
     /// Probes in a fresh scratch directory of the store root, removed again afterwards. A crash
     /// mid-probe leaves a `.probe-` directory that no reader takes for an entry and that the next
     /// probe (or fsck) removes.
-    static func probe(storeFD: Int32) throws -> BackingCapabilities {
+    static func probe(storeFD: borrowing FileDescriptor) throws -> BackingCapabilities {
         removeStaleProbes(storeFD)
         let name = probePrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
         // The root's times are the plaintext root's: the probe's scratch directory must not show.
-        let root = try Sys.fstat(storeFD)
-        try Sys.mkdirAt(storeFD, name, mode: 0o700)
+        let root = try storeFD.fstat()
+        try storeFD.mkdirAt(name, mode: 0o700)
         defer {
             removeProbe(storeFD, name)
-            try? Sys.setTimes(storeFD, (root.st_atim, root.st_mtim))
+            try? storeFD.setTimes((root.st_atim, root.st_mtim))
         }
-        let dir = try Sys.openEntry(storeFD, name, .directory, .path)
-        return try withExtendedLifetime(dir) {
-            let type = filesystemType(of: try Sys.fstat(dir.raw))
-            return BackingCapabilities(present: try probeAll(in: dir.raw), filesystemType: type, lockScope: lockScope(of: type))
-        }
+        let dir = try storeFD.openEntry(name, .directory, .path)
+        let type = filesystemType(of: try dir.fstat())
+        return BackingCapabilities(present: try probeAll(in: dir), filesystemType: type, lockScope: lockScope(of: type))
     }
 
-    private static func probeAll(in dir: Int32) throws -> Set<Capability> {
+    private static func probeAll(in dir: borrowing FileDescriptor) throws -> Set<Capability> {
         var found: Set<Capability> = []
         let (a, b) = (Array("a".utf8), Array("b".utf8))
-        if let unnamed = try? Sys.createUnnamed(in: dir, mode: 0o600) {
+        if let unnamed = try? dir.createUnnamed(mode: 0o600) {
             found.insert(.unnamedFiles)
-            if (try? Sys.linkAt(fd: unnamed.raw, toDir: dir, Array("linked".utf8))) != nil { found.insert(.linkOpenFile) }
+            if (try? unnamed.linkAt(toDir: dir, Array("linked".utf8))) != nil { found.insert(.linkOpenFile) }
         }
-        let fileA = try Sys.createEntry(dir, a, mode: 0o600)
-        let fileB = try Sys.createEntry(dir, b, mode: 0o600)
-        try withExtendedLifetime((fileA, fileB)) {
-            if Sys.probeCall({ Glibc.fdatasync(fileA.raw) }) { found.insert(.fdatasync) }
-            if (try? Sys.fsetxattr(fileA.raw, "user.encfsd.probe", [1], flags: 0)) != nil,
-               (try? Sys.fgetxattr(fileA.raw, "user.encfsd.probe")) == [1] { found.insert(.userXattrs) }
-            // A second open file description of the same file must be refused the lock.
-            let again = try Sys.openEntry(dir, a, .regularFile, .readWrite)
-            if (try? Sys.lockWholeFile(fileA.raw)) == true, (try? Sys.lockWholeFile(again.raw)) == false { found.insert(.lock) }
-            withExtendedLifetime(again) {}
-            let inodeA = try Sys.fstat(fileA.raw).st_ino, inodeB = try Sys.fstat(fileB.raw).st_ino
-            let moved = Array("moved".utf8)
-            try Sys.renameAt(dir, a, dir, moved)
-            if (try? Sys.fstatAt(dir, moved).st_ino) == inodeA { found.insert(.stableInodes) }
-            let link = Array("link".utf8)
-            if (try? Sys.linkAt(fd: fileB.raw, toDir: dir, link)) != nil, (try? Sys.fstatAt(dir, link).st_ino) == inodeB,
-               (try? Sys.fstatAt(dir, b).st_ino) == inodeB { found.insert(.hardLinks) }
-            // Onto a free name: the VFS itself answers EEXIST for a taken one, before the
-            // filesystem is asked whether it knows the flag at all.
-            let fresh = Array("fresh".utf8)
-            if (try? Sys.renameAt(dir, moved, dir, fresh, flags: Sys.renameNoReplace)) != nil {
-                found.insert(.renameNoReplace)
-                try Sys.renameAt(dir, fresh, dir, moved)
-            }
-            if (try? Sys.renameAt(dir, moved, dir, b, flags: Sys.renameExchange)) != nil {
-                if (try? Sys.fstatAt(dir, b).st_ino) == inodeA, (try? Sys.fstatAt(dir, moved).st_ino) == inodeB { found.insert(.renameExchange) }
-            }
+        let fileA = try dir.createEntry(a, mode: 0o600)
+        let fileB = try dir.createEntry(b, mode: 0o600)
+        if fileA.probeFdatasync() { found.insert(.fdatasync) }
+        if (try? fileA.fsetxattr("user.encfsd.probe", [1], flags: 0)) != nil,
+           (try? fileA.fgetxattr("user.encfsd.probe")) == [1] { found.insert(.userXattrs) }
+        // A second open file description of the same file must be refused the lock.
+        let again = try dir.openEntry(a, .regularFile, .readWrite)
+        if (try? fileA.lockWholeFile()) == true, (try? again.lockWholeFile()) == false { found.insert(.lock) }
+        let inodeA = try fileA.fstat().st_ino, inodeB = try fileB.fstat().st_ino
+        let moved = Array("moved".utf8)
+        try dir.renameAt(a, dir, moved)
+        if (try? dir.fstatAt(moved).st_ino) == inodeA { found.insert(.stableInodes) }
+        let link = Array("link".utf8)
+        if (try? fileB.linkAt(toDir: dir, link)) != nil, (try? dir.fstatAt(link).st_ino) == inodeB,
+           (try? dir.fstatAt(b).st_ino) == inodeB { found.insert(.hardLinks) }
+        // Onto a free name: the VFS itself answers EEXIST for a taken one, before the
+        // filesystem is asked whether it knows the flag at all.
+        let fresh = Array("fresh".utf8)
+        if (try? dir.renameAt(moved, dir, fresh, flags: Sys.renameNoReplace)) != nil {
+            found.insert(.renameNoReplace)
+            try dir.renameAt(fresh, dir, moved)
+        }
+        if (try? dir.renameAt(moved, dir, b, flags: Sys.renameExchange)) != nil {
+            if (try? dir.fstatAt(b).st_ino) == inodeA, (try? dir.fstatAt(moved).st_ino) == inodeB { found.insert(.renameExchange) }
         }
         return found
     }
 
-    private static func removeProbe(_ storeFD: Int32, _ name: [UInt8]) {
-        guard let dir = try? Sys.openEntry(storeFD, name, .directory, .path) else { return }
-        withExtendedLifetime(dir) {
-            for entry in (try? Sys.listDirectory(dir.raw)) ?? [] where !entry.isDirectory {
-                try? Sys.unlinkAt(dir.raw, entry.name)
-            }
+    private static func removeProbe(_ storeFD: borrowing FileDescriptor, _ name: [UInt8]) {
+        guard let dir = try? storeFD.openEntry(name, .directory, .path) else { return }
+        for entry in (try? dir.listDirectory()) ?? [] where !entry.isDirectory {
+            try? dir.unlinkAt(entry.name)
         }
-        try? Sys.unlinkAt(storeFD, name, directory: true)
+        try? storeFD.unlinkAt(name, directory: true)
     }
 
     /// Scratch directories of probes that a crash interrupted (only files, never deeper).
-    private static func removeStaleProbes(_ storeFD: Int32) {
-        for entry in (try? Sys.listDirectory(storeFD)) ?? [] where entry.isDirectory && isProbeName(entry.name) {
+    private static func removeStaleProbes(_ storeFD: borrowing FileDescriptor) {
+        for entry in (try? storeFD.listDirectory()) ?? [] where entry.isDirectory && isProbeName(entry.name) {
             removeProbe(storeFD, entry.name)
         }
     }

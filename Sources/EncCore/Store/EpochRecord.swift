@@ -79,17 +79,21 @@ struct EpochRecord: Equatable, Sendable {
         }
     }
 
-    static func read(storeFD: Int32) throws -> Reading {
-        let fd: FileDescriptor
+    /// The record file, refused if it has other hard links; nil if there is none.
+    private static func openRecord(_ storeFD: borrowing FileDescriptor) throws -> FileDescriptor? {
         do {
-            let (opened, st) = try Sys.openEntryStat(storeFD, Array(fileName.utf8), .regularFile, .readOnly)
-            guard st.st_nlink == 1 else { throw StoreError.unusableObject(name: fileName, what: "a file with other hard links") }
-            fd = opened
+            let opened = try storeFD.openEntryStat(Array(fileName.utf8), .regularFile, .readOnly)
+            guard opened.stat.st_nlink == 1 else { throw StoreError.unusableObject(name: fileName, what: "a file with other hard links") }
+            return opened.descriptor
         } catch StoreError.system(ENOENT) {
-            return Reading(newest: nil, damaged: false, missing: true)
+            return nil
         }
+    }
+
+    static func read(storeFD: borrowing FileDescriptor) throws -> Reading {
+        guard let fd = try openRecord(storeFD) else { return Reading(newest: nil, damaged: false, missing: true) }
         var bytes = [UInt8](repeating: 0, count: 2 * slotBytes)
-        let n = try withExtendedLifetime(fd) { try bytes.withUnsafeMutableBytes { try Sys.pread(fd.raw, $0, offset: 0) } }
+        let n = try bytes.withUnsafeMutableBytes { try fd.pread($0, offset: 0) }
         let slots = [bytes[0..<slotBytes], bytes[slotBytes..<(2 * slotBytes)]]
         let records = slots.map { decode($0) }
         let damaged = n != bytes.count || zip(slots, records).contains { slot, record in record == nil && !isAllZero(slot) }
@@ -99,7 +103,7 @@ struct EpochRecord: Equatable, Sendable {
 
     /// Opens a new epoch for a process that will write headers (a mount, `fsck --repair`): the
     /// record says "open" durably before this returns. Returns the new epoch and the evidence.
-    static func open(storeFD: Int32, storeVersion: Int) throws -> (epoch: UInt64, evidence: TornWriteEvidence, reading: Reading) {
+    static func open(storeFD: borrowing FileDescriptor, storeVersion: Int) throws -> (epoch: UInt64, evidence: TornWriteEvidence, reading: Reading) {
         let reading = try read(storeFD: storeFD)
         let evidence = reading.evidence(storeVersion: storeVersion)
         // Without an intact record the previous epoch number is unknown; the clock's seconds are
@@ -114,29 +118,27 @@ struct EpochRecord: Equatable, Sendable {
     }
 
     /// Marks `epoch` as ended cleanly: every header write of it is durable (the caller synced).
-    static func close(storeFD: Int32, epoch: UInt64, evidence: TornWriteEvidence) throws {
+    static func close(storeFD: borrowing FileDescriptor, epoch: UInt64, evidence: TornWriteEvidence) throws {
         try write(EpochRecord(epoch: epoch, state: .clean, lastUncleanEpoch: evidence.lastUncleanEpoch), storeFD: storeFD, create: false)
     }
 
     /// The record of a new store: epoch 0, ended cleanly, no unclean shutdown ever.
-    static func create(storeFD: Int32) throws {
+    static func create(storeFD: borrowing FileDescriptor) throws {
         try write(EpochRecord(epoch: 0, state: .clean, lastUncleanEpoch: nil), storeFD: storeFD, create: true)
     }
 
-    private static func write(_ record: EpochRecord, storeFD: Int32, create: Bool) throws {
+    private static func write(_ record: EpochRecord, storeFD: borrowing FileDescriptor, create: Bool) throws {
         let name = Array(fileName.utf8)
-        let fd = create ? try Sys.createEntry(storeFD, name, mode: 0o600) : try Sys.openPrivateFile(storeFD, name)
-        try withExtendedLifetime(fd) {
-            let slot = record.state == .open ? 0 : 1
-            try record.encoded().withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: Int64(slot * slotBytes)) }
-            if create {
-                try [UInt8](repeating: 0, count: slotBytes).withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: Int64((1 - slot) * slotBytes)) }
-            }
-            try Sys.fdatasync(fd.raw)
-        }
+        let fd = create ? try storeFD.createEntry(name, mode: 0o600) : try storeFD.openPrivateFile(name)
+        let slot = record.state == .open ? 0 : 1
+        try record.encoded().withUnsafeBytes { try fd.pwrite($0, offset: Int64(slot * slotBytes)) }
         if create {
-            let dir = try Sys.listingDescriptor(storeFD)
-            try withExtendedLifetime(dir) { try Sys.fsync(dir.raw) }
+            try [UInt8](repeating: 0, count: slotBytes).withUnsafeBytes { try fd.pwrite($0, offset: Int64((1 - slot) * slotBytes)) }
+        }
+        try fd.fdatasync()
+        if create {
+            let dir = try storeFD.listingDescriptor()
+            try dir.fsync()
         }
     }
 }

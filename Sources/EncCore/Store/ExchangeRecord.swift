@@ -68,45 +68,43 @@ struct ExchangeRecord: Equatable {
     /// Runs the whole sequence. `firstFD` and `secondFD` are the two directories (any
     /// descriptor of them; O_PATH is enough). On an error before the second rename nothing has
     /// changed; after it, the exchange is completed here or, failing that, at the next mount.
-    func perform(journalFD: Int32, firstFD: Int32, secondFD: Int32) throws {
+    func perform(journalFD: borrowing FileDescriptor, firstFD: borrowing FileDescriptor, secondFD: borrowing FileDescriptor) throws {
         let recordName = Self.recordPrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
-        let file = try Sys.createEntry(journalFD, recordName, mode: 0o600)
+        let file = try journalFD.createEntry(recordName, mode: 0o600)
         do {
             let bytes = encoded()
-            try withExtendedLifetime(file) {
-                _ = try bytes.withUnsafeBytes { try Sys.pwrite(file.raw, $0, offset: 0) }
-                try Sys.fsync(file.raw)
-            }
+            _ = try bytes.withUnsafeBytes { try file.pwrite($0, offset: 0) }
+            try file.fsync()
             try Self.syncDirectory(journalFD)
         } catch {
-            try? Sys.unlinkAt(journalFD, recordName)
+            try? journalFD.unlinkAt(recordName)
             throw error
         }
         FaultPoints.reach(.exchangeRecorded)
         do {
-            try Sys.renameAt(firstFD, first, firstFD, temporary)
+            try firstFD.renameAt(first, firstFD, temporary)
             try Self.syncDirectory(firstFD)
         } catch {
-            try? Sys.renameAt(firstFD, temporary, firstFD, first)
-            try? Sys.unlinkAt(journalFD, recordName)
+            try? firstFD.renameAt(temporary, firstFD, first)
+            try? journalFD.unlinkAt(recordName)
             throw error
         }
         FaultPoints.reach(.exchangeFirstMoved)
         try complete(firstFD: firstFD, secondFD: secondFD)
-        try? Sys.unlinkAt(journalFD, recordName)
+        try? journalFD.unlinkAt(recordName)
     }
 
     /// Finishes an exchange from whichever of its states the directories are in.
-    func complete(firstFD: Int32, secondFD: Int32) throws {
-        func exists(_ dir: Int32, _ name: [UInt8]) throws -> Bool {
-            do { _ = try Sys.fstatAt(dir, name); return true } catch StoreError.system(ENOENT) { return false }
+    func complete(firstFD: borrowing FileDescriptor, secondFD: borrowing FileDescriptor) throws {
+        func exists(_ dir: borrowing FileDescriptor, _ name: [UInt8]) throws -> Bool {
+            do { _ = try dir.fstatAt(name); return true } catch StoreError.system(ENOENT) { return false }
         }
         guard try exists(firstFD, temporary) else { return } // not begun, or already done
         if try !exists(firstFD, first) {
             guard try exists(secondFD, second) else {
                 throw StoreError.integrity("an interrupted exchange finds neither of its names; the object stays at \(String(decoding: temporary, as: UTF8.self))")
             }
-            try Sys.renameAt(secondFD, second, firstFD, first)
+            try secondFD.renameAt(second, firstFD, first)
             try Self.syncDirectory(firstFD)
             try Self.syncDirectory(secondFD)
             FaultPoints.reach(.exchangeSecondMoved)
@@ -114,30 +112,30 @@ struct ExchangeRecord: Equatable {
         guard try !exists(secondFD, second) else {
             throw StoreError.integrity("an interrupted exchange finds both names taken; the object stays at \(String(decoding: temporary, as: UTF8.self))")
         }
-        try Sys.renameAt(firstFD, temporary, secondFD, second)
+        try firstFD.renameAt(temporary, secondFD, second)
         try Self.syncDirectory(secondFD)
         try Self.syncDirectory(firstFD)
     }
 
-    static func syncDirectory(_ dir: Int32) throws {
-        let fd = try Sys.listingDescriptor(dir)
-        try withExtendedLifetime(fd) { try Sys.fsync(fd.raw) }
+    static func syncDirectory(_ dir: borrowing FileDescriptor) throws {
+        let fd = try dir.listingDescriptor()
+        try fd.fsync()
     }
 
     /// Completes every exchange recorded in `.journal` (at mount and in fsck, before any lookup).
     /// A record that cannot be read or acted on is reported and kept for fsck.
-    static func recoverAll(journalFD: Int32, storeFD: Int32) throws {
+    static func recoverAll(journalFD: borrowing FileDescriptor, storeFD: borrowing FileDescriptor) throws {
         var completed = false
-        for entry in try Sys.listDirectory(journalFD) where !entry.isDirectory && entry.name.starts(with: recordPrefix) {
+        for entry in try journalFD.listDirectory() where !entry.isDirectory && entry.name.starts(with: recordPrefix) {
             let shown = String(decoding: entry.name, as: UTF8.self)
             do {
-                guard let record = decode(try Sys.readEntry(journalFD, entry.name, limit: sizeLimit)) else {
+                guard let record = decode(try journalFD.readEntry(entry.name, limit: sizeLimit)) else {
                     throw StoreError.integrity("not an exchange record encfsd writes")
                 }
-                try withDirectory(storeFD, record.firstDirectory) { first in
-                    try withDirectory(storeFD, record.secondDirectory) { second in try record.complete(firstFD: first, secondFD: second) }
+                try withDirectory(storeFD, record.firstDirectory[...]) { first in
+                    try withDirectory(storeFD, record.secondDirectory[...]) { second in try record.complete(firstFD: first, secondFD: second) }
                 }
-                try Sys.unlinkAt(journalFD, entry.name)
+                try journalFD.unlinkAt(entry.name)
                 completed = true
                 Diagnostics.report("completed an interrupted exchange (\(shown))")
             } catch {
@@ -148,14 +146,9 @@ struct ExchangeRecord: Equatable {
     }
 
     /// Runs `body` on the directory at `path` below the store root, each step through the store boundary.
-    private static func withDirectory(_ storeFD: Int32, _ path: [[UInt8]], _ body: (Int32) throws -> Void) throws {
-        var opened: [FileDescriptor] = []
-        var current = storeFD
-        for component in path {
-            let next = try Sys.openEntry(current, component, .directory, .path)
-            opened.append(next)
-            current = next.raw
-        }
-        try withExtendedLifetime(opened) { try body(current) }
+    private static func withDirectory(_ dir: borrowing FileDescriptor, _ path: ArraySlice<[UInt8]>,
+                                      _ body: (borrowing FileDescriptor) throws -> Void) throws {
+        guard let component = path.first else { return try body(dir) }
+        try withDirectory(try dir.openEntry(component, .directory, .path), path.dropFirst(), body)
     }
 }

@@ -93,7 +93,7 @@ extension ExtentFile {
             let runBytes = Int(geometry.backingOffset(run.upperBound) - geometry.backingOffset(run.lowerBound))
                 + lastLength + ExtentGeometry.overheadBytes
             let stored = scratch.ciphertext(count: runBytes)
-            let n = try Sys.pread(fd, stored, offset: geometry.backingOffset(run.lowerBound))
+            let n = try backing.descriptor.pread(stored, offset: geometry.backingOffset(run.lowerBound))
             guard n == runBytes else { throw StoreError.integrity("extent \(run.upperBound) is truncated") }
             for index in run {
                 let length = geometry.plaintextLength(index, size: plan.size)

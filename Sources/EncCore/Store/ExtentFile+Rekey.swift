@@ -78,7 +78,7 @@ extension ExtentFile {
                     while j + 1 < mine.endIndex && j - i < 63 && mine[j + 1] == mine[j] + 1 { j += 1 }
                     let count = j - i + 1
                     let stored = ThreadScratch.current.ciphertext(count: count * stride)
-                    let n = try Sys.pread(fd, stored, offset: geometry.backingOffset(mine[i]))
+                    let n = try backing.descriptor.pread(stored, offset: geometry.backingOffset(mine[i]))
                     guard n == stored.count else { throw StoreError.integrity("extent \(mine[j]) is truncated") }
                     let plain = ThreadScratch.current.extent(count: geometry.extentSize)
                     for k in 0..<count {

@@ -24,13 +24,12 @@ import Glibc
 /// `ioLock` shared, so no commit rewrites them meanwhile.
 final class ExtentFile: @unchecked Sendable {
     let object: OpenObject
-    var fd: Int32 { object.fd }
-    var journalFD: Int32 { object.journalFD }
     var key: MasterKey { object.key }
     var geometry: ExtentGeometry { object.geometry }
     var objectID: [UInt8] { object.objectID }
     var slots: HeaderSlots { object.slots }
-    var descriptor: FileDescriptor? { object.descriptor }
+    /// The owner of the backing descriptor, shared with the node that opened it.
+    var backing: SharedDescriptor { object.backing }
     /// The key of the extents a rekey has not rewritten yet (`legacy`), when it is loaded; a read
     /// of such an extent without it is ENOKEY, never EIO.
     let legacyKey: MasterKey?
@@ -66,16 +65,12 @@ final class ExtentFile: @unchecked Sendable {
     /// Dirty bytes held before a write forces a commit: bounds memory and the journal batch.
     static let dirtyLimitBytes = 16 << 20
 
-    convenience init(descriptor: FileDescriptor, journalFD: Int32, key: MasterKey, legacyKey: MasterKey? = nil,
-                     header: ObjectHeader, slots: HeaderSlots, storeRoot: Sys.Place) {
-        self.init(fd: descriptor.raw, journalFD: journalFD, key: key, legacyKey: legacyKey, header: header, slots: slots,
-                  descriptor: descriptor, storeRoot: storeRoot)
-    }
-
-    /// A view of a backing file whose descriptor the caller keeps open for the file's lifetime.
-    init(fd: Int32, journalFD: Int32, key: MasterKey, legacyKey: MasterKey? = nil, header: ObjectHeader, slots: HeaderSlots,
-         descriptor: FileDescriptor? = nil, storeRoot: Sys.Place? = nil) {
-        object = OpenObject(fd: fd, descriptor: descriptor, journalFD: journalFD, key: key, geometry: header.geometry,
+    /// A view of the backing object `backing` (read-write to write), whose transactions go to the
+    /// journal directory `journal`.
+    /// - Parameter storeRoot: checked before each shadow is written (nil for scratch files in tests).
+    init(backing: SharedDescriptor, journal: SharedDescriptor, key: MasterKey, legacyKey: MasterKey? = nil,
+         header: ObjectHeader, slots: HeaderSlots, storeRoot: Sys.Place? = nil) {
+        object = OpenObject(backing: backing, journal: journal, key: key, geometry: header.geometry,
                             objectID: header.objectID, slots: slots, storeRoot: storeRoot)
         self.legacyKey = legacyKey
         legacy = header.previousPolicy == nil ? HoleMap() : header.legacyRanges
@@ -107,7 +102,7 @@ final class ExtentFile: @unchecked Sendable {
     private func loadStored(_ index: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         let length = geometry.plaintextLength(index, size: size)
         let stored = ThreadScratch.current.ciphertext(count: length + ExtentGeometry.overheadBytes)
-        let n = try Sys.pread(fd, stored, offset: geometry.backingOffset(index))
+        let n = try backing.descriptor.pread(stored, offset: geometry.backingOffset(index))
         guard n == stored.count else { throw StoreError.integrity("extent \(index) is truncated") }
         try open(index, stored: UnsafeRawBufferPointer(stored), into: buffer, committed: true)
         if length < buffer.count { buffer[length...].initializeMemory(as: UInt8.self, repeating: 0) }
@@ -190,7 +185,7 @@ final class ExtentFile: @unchecked Sendable {
                 direct = lower..<upper
                 let at = Int(lower - presealed.first) * geometry.stride
                 let run = UnsafeRawBufferPointer(rebasing: presealed.bytes[at..<(Int(upper - presealed.first) * geometry.stride)])
-                try ioLock.withExclusive { try Sys.pwrite(fd, run, offset: geometry.backingOffset(lower)) }
+                try ioLock.withExclusive { try backing.descriptor.pwrite(run, offset: geometry.backingOffset(lower)) }
                 writtenEnd = max(writtenEnd, geometry.backingOffset(upper))
             }
         }
@@ -227,7 +222,7 @@ final class ExtentFile: @unchecked Sendable {
     }
 
     /// Largest size of this file (`SizeLimit`), found on the first growth that needs it.
-    lazy var maximumSize = SizeLimit.maximumSize(geometry, directory: journalFD)
+    lazy var maximumSize = SizeLimit.maximumSize(geometry, directory: object.journal.descriptor)
 
     /// Grows (new extents are holes) or shrinks the file. The extent that becomes or stops
     /// being the partial last one is loaded, because its stored length changes with the size.
@@ -294,11 +289,11 @@ final class ExtentFile: @unchecked Sendable {
         // A transaction that failed after its pending flag reached the disk is finished first:
         // its journal is complete, and nothing may be written on top of a pending header.
         if header.flags.contains(.pendingWrite) {
-            header = try slots.completeInterruptedWrite(fd: fd, journalFD: journalFD, pending: header, key: key)
+            header = try slots.completeInterruptedWrite(fd: backing.descriptor, journalFD: object.journal.descriptor, pending: header, key: key)
             recovered = true
         }
         guard hasUncommittedChanges else {
-            if durable { try Sys.fdatasync(fd) }
+            if durable { try backing.descriptor.fdatasync() }
             return recovered || durable ? .durable : nil
         }
         let transaction = try prepareTransaction(committed: header, durable: durable)
@@ -330,7 +325,7 @@ final class ExtentFile: @unchecked Sendable {
         replayPending = false
         dirtySince = nil
         if let modifiedAt {
-            try Sys.restoreModificationTime(fd, modifiedAt)
+            try backing.descriptor.restoreModificationTime(modifiedAt)
             self.modifiedAt = nil
         }
         metadataChanged = false
@@ -409,7 +404,7 @@ final class ExtentFile: @unchecked Sendable {
         // Whole strides, except where the backing file cannot be that long (a last extent of a
         // file at its largest size is partial).
         let lastEnd = min(geometry.backingOffset(geometry.extentIndex(offset: end - 1) + 1), geometry.backingLength(size: maximumSize))
-        try Sys.fallocate(fd, mode: keepSize ? 1 : 0, offset: geometry.backingOffset(first),
+        try backing.descriptor.fallocate(mode: keepSize ? 1 : 0, offset: geometry.backingOffset(first),
                           length: lastEnd - geometry.backingOffset(first))
     }
 }

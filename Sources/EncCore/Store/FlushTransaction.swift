@@ -8,13 +8,12 @@ import Glibc
 /// What never changes while a backing object is open: its descriptor, keys, identity and the
 /// places its transactions write. Reads, seals and commits of the object share it without a lock.
 struct OpenObject: @unchecked Sendable {
-    // Invariant making this `@unchecked Sendable`: every stored property is immutable, and
-    // `descriptor` (a class closing `fd` with its last reference) is held for as long as any copy.
-    let fd: Int32
-    /// The owner of `fd` when the object owns its descriptor (an open file of a mounted store).
-    let descriptor: FileDescriptor?
+    // Invariant making this `@unchecked Sendable`: every stored property is immutable, and the
+    // descriptors are held through their owners, so each stays open for as long as any copy.
+    /// The backing object, read-write for a file that writes (read-only for a view that reads).
+    let backing: SharedDescriptor
     /// The store's `.journal` directory, where the object's shadow lives during a transaction.
-    let journalFD: Int32
+    let journal: SharedDescriptor
     let key: MasterKey
     let geometry: ExtentGeometry
     let objectID: [UInt8]
@@ -40,7 +39,7 @@ struct OpenObject: @unchecked Sendable {
             var j = i
             // At most 64 per call: `withBuffers` nests one closure per record.
             while j + 1 < records.count && j - i < 63 && records[j + 1].index == records[j].index + 1 { j += 1 }
-            try withBuffers(records[i...j].map(\.stored)) { try Sys.pwritev(fd, $0, offset: geometry.backingOffset(records[i].index)) }
+            try withBuffers(records[i...j].map(\.stored)) { try backing.descriptor.pwritev($0, offset: geometry.backingOffset(records[i].index)) }
             i = j + 1
         }
     }
@@ -91,46 +90,46 @@ struct FlushTransaction {
 
     private mutating func runAppending() throws -> (ObjectHeader, HeaderSafety) {
         let unsafe = TestHooks.journalingDisabled
-        let fd = object.fd
-        if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
+        let file = object.backing
+        if newLength > oldLength { try file.descriptor.ftruncate(newLength) }
         try object.writeInPlace(records)
         // The extents are made durable by the sync HeaderSlots.write does before the header.
         FaultPoints.reach(.appendExtentsWritten)
-        try object.slots.write(fd: fd, header: &final, key: object.key, sync: newLength < oldLength && !unsafe, afterData: true)
+        try object.slots.write(fd: file.descriptor, header: &final, key: object.key, sync: newLength < oldLength && !unsafe, afterData: true)
         FaultPoints.reach(.appendHeaderWritten)
-        if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
-        if durable { try Sys.fdatasync(fd) }
+        if newLength < oldLength { try file.descriptor.ftruncate(newLength) }
+        if durable { try file.descriptor.fdatasync() }
         return (final, newLength < oldLength || durable ? .durable : .replaceable)
     }
 
     private mutating func runJournaled() throws -> (ObjectHeader, HeaderSafety) {
-        let fd = object.fd
+        let file = object.backing
         var pending = committed
         pending.flags.insert(.pendingWrite)
         final.sequence = committed.sequence + 2
         final = object.slots.stamped(final)
         let finalSlot = HeaderCodec.seal(final, key: object.key)
         // A journal directory moved out of the store must not receive the shadow.
-        if let storeRoot = object.storeRoot { try Sys.checkBeneath(object.journalFD, root: storeRoot) }
-        try Journal.write(journalFD: object.journalFD, objectID: object.objectID, pendingSequence: committed.sequence + 1,
+        if let storeRoot = object.storeRoot { try object.journal.descriptor.checkBeneath(root: storeRoot) }
+        try Journal.write(journalFD: object.journal.descriptor, objectID: object.objectID, pendingSequence: committed.sequence + 1,
                           finalSlot: finalSlot, records: records, key: object.key, storeVersion: object.slots.storeVersion)
         FaultPoints.reach(.shadowWritten)
-        try object.slots.write(fd: fd, header: &pending, key: object.key, sync: true, afterData: true)
+        try object.slots.write(fd: file.descriptor, header: &pending, key: object.key, sync: true, afterData: true)
         FaultPoints.reach(.pendingFlagSet)
         do {
-            if newLength > oldLength { try Sys.ftruncate(fd, newLength) }
+            if newLength > oldLength { try file.descriptor.ftruncate(newLength) }
             try object.writeInPlace(records)
-            try Sys.fdatasync(fd)
+            try file.descriptor.fdatasync()
             FaultPoints.reach(.extentsApplied)
-            try HeaderSlots.writeSealed(fd: fd, finalSlot, sequence: final.sequence)
+            try HeaderSlots.writeSealed(fd: file.descriptor, finalSlot, sequence: final.sequence)
             // Synced even when not asked to be durable: the next transaction overwrites the
             // journal, and a final header lost after that could not be replayed.
-            try Sys.fdatasync(fd)
+            try file.descriptor.fdatasync()
         } catch {
             throw Interrupted(pending: pending, underlying: error)
         }
         FaultPoints.reach(.finalHeaderWritten)
-        if newLength < oldLength { try Sys.ftruncate(fd, newLength) }
+        if newLength < oldLength { try file.descriptor.ftruncate(newLength) }
         // The shadow keeps its bytes: nothing replays it without a pending header, the next
         // transaction overwrites it and the last close removes it. Emptying it here freed and
         // re-allocated up to a whole batch of pages per transaction.

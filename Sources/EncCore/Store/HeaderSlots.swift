@@ -42,7 +42,7 @@ struct HeaderSlots: Sendable {
     let regionReads = ReadCount()
     #endif
 
-    private func region(fd: Int32) throws -> [UInt8] {
+    private func region(fd: borrowing FileDescriptor) throws -> [UInt8] {
         #if ENCFSD_TEST_HOOKS
         regionReads.value.add(1, ordering: .relaxed)
         #endif
@@ -50,25 +50,25 @@ struct HeaderSlots: Sendable {
         // is refused before any byte is looked at.
         var n = 0
         let region = try [UInt8](unsafeUninitializedCapacity: ExtentGeometry.headerBytes) { buffer, initialized throws in
-            n = try Sys.pread(fd, UnsafeMutableRawBufferPointer(buffer), offset: 0)
+            n = try fd.pread(UnsafeMutableRawBufferPointer(buffer), offset: 0)
             initialized = n
         }
         guard n == ExtentGeometry.headerBytes else { throw StoreError.integrity("backing object is shorter than its header (\(n) bytes)") }
         return region
     }
 
-    func choice(fd: Int32, key: MasterKey?) throws -> HeaderCodec.Choice {
+    func choice(fd: borrowing FileDescriptor, key: MasterKey?) throws -> HeaderCodec.Choice {
         try HeaderCodec.current(region: try region(fd: fd), key: key, evidence: evidence)
     }
 
-    func read(fd: Int32, key: MasterKey?) throws -> ObjectHeader {
+    func read(fd: borrowing FileDescriptor, key: MasterKey?) throws -> ObjectHeader {
         let choice = try choice(fd: fd, key: key)
         if key != nil { report(choice) }
         return choice.header
     }
 
     /// One read of the header, verified when `keyFor` has the key that authenticates it.
-    func read(fd: Int32, keyFor: (KeyIdentifier) -> MasterKey?) throws -> (ObjectHeader, verified: Bool) {
+    func read(fd: borrowing FileDescriptor, keyFor: (KeyIdentifier) -> MasterKey?) throws -> (ObjectHeader, verified: Bool) {
         let (choice, verified) = try HeaderCodec.current(region: try region(fd: fd), evidence: evidence, keyFor: keyFor)
         if verified { report(choice) }
         return (choice.header, verified)
@@ -107,37 +107,37 @@ struct HeaderSlots: Sendable {
     ///   the current one in its own slot (sequence + 2, same parity) and the durable older slot is
     ///   left alone. Either way no sync is spent: untar's chown, chmod and utimens per file cost
     ///   three fdatasyncs on a disk before.
-    func write(fd: Int32, header: inout ObjectHeader, key: MasterKey, sync: Bool,
+    func write(fd: borrowing FileDescriptor, header: inout ObjectHeader, key: MasterKey, sync: Bool,
                afterData: Bool, currentIsDurable: Bool = false) throws {
-        if afterData && !TestHooks.journalingDisabled { try Sys.fdatasync(fd) }
+        if afterData && !TestHooks.journalingDisabled { try fd.fdatasync() }
         var next = stamped(header)
         next.sequence = header.sequence &+ (afterData || currentIsDurable ? 1 : 2)
         let slot = HeaderCodec.seal(next, key: key)
         let offset = Int64(HeaderCodec.slotIndex(sequence: next.sequence) * ExtentGeometry.headerSlotBytes)
-        try slot.withUnsafeBytes { buf throws in try Sys.pwrite(fd, buf, offset: offset) }
+        try slot.withUnsafeBytes { buf throws in try fd.pwrite(buf, offset: offset) }
         // The caller's copy follows the disk as soon as the slot is written, even if the sync
         // fails: a later write computed from the older sequence could land below this one.
         header = next
-        if sync { try Sys.fdatasync(fd) }
+        if sync { try fd.fdatasync() }
     }
 
     /// Writes an already sealed slot image into the slot its sequence selects (the final header of
     /// a journaled commit, or of its replay).
-    static func writeSealed(fd: Int32, _ slot: [UInt8], sequence: UInt64) throws {
+    static func writeSealed(fd: borrowing FileDescriptor, _ slot: [UInt8], sequence: UInt64) throws {
         let offset = Int64(HeaderCodec.slotIndex(sequence: sequence) * ExtentGeometry.headerSlotBytes)
-        try slot.withUnsafeBytes { try Sys.pwrite(fd, $0, offset: offset) }
+        try slot.withUnsafeBytes { try fd.pwrite($0, offset: offset) }
     }
 
     /// Writes the first header of a new object: slot of sequence 0, the other slot zero. `header`
     /// becomes what was written.
-    func create(fd: Int32, header: inout ObjectHeader, key: MasterKey) throws {
+    func create(fd: borrowing FileDescriptor, header: inout ObjectHeader, key: MasterKey) throws {
         header = stamped(header)
         var region = HeaderCodec.seal(header, key: key)
         region += [UInt8](repeating: 0, count: ExtentGeometry.headerSlotBytes)
         if HeaderCodec.slotIndex(sequence: header.sequence) == 1 {
             region = Array(region[ExtentGeometry.headerSlotBytes...] + region[..<ExtentGeometry.headerSlotBytes])
         }
-        try region.withUnsafeBytes { buf throws in try Sys.pwrite(fd, buf, offset: 0) }
+        try region.withUnsafeBytes { buf throws in try fd.pwrite(buf, offset: 0) }
     }
 
     /// Completes the interrupted transaction a pending header marks, from its journal, and returns
@@ -147,7 +147,7 @@ struct HeaderSlots: Sendable {
     ///
     /// - Throws: `StoreError.integrity` when the journal is missing, damaged or of another
     ///   transaction: the object is refused, never served half-written.
-    func completeInterruptedWrite(fd: Int32, journalFD: Int32, pending: ObjectHeader, key: MasterKey) throws -> ObjectHeader {
+    func completeInterruptedWrite(fd: borrowing FileDescriptor, journalFD: borrowing FileDescriptor, pending: ObjectHeader, key: MasterKey) throws -> ObjectHeader {
         precondition(pending.flags.contains(.pendingWrite))
         let final = try Journal.recover(journalFD: journalFD, objectFD: fd, pending: pending, key: key, storeVersion: storeVersion)
         Diagnostics.report("recovered an interrupted write of object \(Hex.encode(pending.objectID)) from its journal")
@@ -156,7 +156,7 @@ struct HeaderSlots: Sendable {
 
     /// fsck --repair: rewrites the damaged slot with the served version, as the next sequence, so
     /// both slots are intact again and the damage is not judged again at every read.
-    func rewriteDamaged(fd: Int32, header: ObjectHeader, key: MasterKey) throws -> ObjectHeader {
+    func rewriteDamaged(fd: borrowing FileDescriptor, header: ObjectHeader, key: MasterKey) throws -> ObjectHeader {
         var h = header
         try write(fd: fd, header: &h, key: key, sync: true, afterData: true)
         return h
@@ -198,7 +198,7 @@ extension HeaderSlots {
     /// the current one may be replaced in place only if the other slot is a durable state the
     /// object can fall back to (not a pending copy whose journal may be gone, nor a size whose
     /// extents a shrink or later appends rewrote). Otherwise: sync, then the other slot.
-    func writeMetadata(fd: Int32, header: inout ObjectHeader, key: MasterKey, sync: Bool, safety: inout SlotSafety) throws {
+    func writeMetadata(fd: borrowing FileDescriptor, header: inout ObjectHeader, key: MasterKey, sync: Bool, safety: inout SlotSafety) throws {
         let durable = safety.durable == header.sequence
         let replaceable = safety.replaceable == header.sequence
         try write(fd: fd, header: &header, key: key, sync: sync, afterData: !(durable || replaceable), currentIsDurable: durable)

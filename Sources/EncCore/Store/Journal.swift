@@ -54,21 +54,13 @@ enum Journal {
 
     /// Writes the shadow and makes it durable. The file is reused across transactions (truncated,
     /// never unlinked while the object is open), so its directory entry needs syncing only once.
-    static func write(journalFD: Int32, objectID: [UInt8], pendingSequence: UInt64, finalSlot: [UInt8],
+    static func write(journalFD: borrowing FileDescriptor, objectID: [UInt8], pendingSequence: UInt64, finalSlot: [UInt8],
                       records: [Record], key: MasterKey, storeVersion: UInt16) throws {
         let version = version(storeVersion: storeVersion)
         let shadowName = name(of: objectID)
         var created = false
-        let fd: FileDescriptor
+        let fd = try openShadow(shadowName, in: journalFD, created: &created)
         do {
-            fd = try Sys.createEntry(journalFD, shadowName, mode: 0o600)
-            created = true
-        } catch StoreError.system(EEXIST) {
-            // A planted symlink, FIFO or directory here fails the type check: the flush fails
-            // with EIO and nothing outside the journal is touched.
-            fd = try Sys.openPrivateFile(journalFD, shadowName)
-        }
-        try withExtendedLifetime(fd) {
             var w = ByteWriter(capacity: fixedBytes + finalSlot.count)
             w.raw(magic)
             w.u16(version)
@@ -82,7 +74,7 @@ enum Journal {
             var offset: Int64 = 0
             func emit(_ bytes: [UInt8]) throws {
                 bytes.withUnsafeBytes { mac.update($0) }
-                try bytes.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: offset) }
+                try bytes.withUnsafeBytes { try fd.pwrite($0, offset: offset) }
                 offset += Int64(bytes.count)
             }
             try emit(w.bytes)
@@ -109,27 +101,53 @@ enum Journal {
                             mac.update(tag)
                         }
                     }
-                    try Sys.pwritev(fd.raw, buffers, offset: offset)
+                    try fd.pwritev(buffers, offset: offset)
                     offset += Int64(buffers.reduce(0) { $0 + $1.count })
                 }
                 first = batch.endIndex
             }
             let trailer = mac.finish()
-            try trailer.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: offset) }
-            try Sys.ftruncate(fd.raw, offset + 32)
-            try Sys.fdatasync(fd.raw)
+            try trailer.withUnsafeBytes { try fd.pwrite($0, offset: offset) }
+            try fd.ftruncate(offset + 32)
+            try fd.fdatasync()
         }
         // A new directory entry is durable only once its directory is synced.
         if created {
-            let dir = try Sys.listingDescriptor(journalFD)
-            try withExtendedLifetime(dir) { try Sys.fsync(dir.raw) }
+            let dir = try journalFD.listingDescriptor()
+            try dir.fsync()
+        }
+    }
+
+    /// The shadow of a new transaction: created (`created` set: its entry still needs a sync), or
+    /// the one a finished transaction left, reopened.
+    private static func openShadow(_ shadowName: [UInt8], in journalFD: borrowing FileDescriptor,
+                                   created: inout Bool) throws -> FileDescriptor {
+        do {
+            let fd = try journalFD.createEntry(shadowName, mode: 0o600)
+            created = true
+            return fd
+        } catch StoreError.system(EEXIST) {
+            // A planted symlink, FIFO or directory here fails the type check: the flush fails
+            // with EIO and nothing outside the journal is touched.
+            return try journalFD.openPrivateFile(shadowName)
+        }
+    }
+
+    /// The shadow an interrupted transaction of `objectID` left, for its replay.
+    private static func openShadow(of objectID: [UInt8], in journalFD: borrowing FileDescriptor) throws -> FileDescriptor {
+        do {
+            return try journalFD.openPrivateFile(name(of: objectID))
+        } catch let error as StoreError where error != .system(ENOENT) {
+            throw StoreError.integrity("interrupted write cannot be recovered: its journal is unusable: \(error)")
+        } catch {
+            throw StoreError.integrity("interrupted write cannot be recovered: its journal is missing")
         }
     }
 
     /// Removes the shadow when the object is closed; a lost unlink leaves a file that recovery
     /// ignores (no pending header names it) and the next transaction overwrites.
-    static func remove(journalFD: Int32, objectID: [UInt8]) {
-        try? Sys.unlinkAt(journalFD, name(of: objectID))
+    static func remove(journalFD: borrowing FileDescriptor, objectID: [UInt8]) {
+        try? journalFD.unlinkAt(name(of: objectID))
     }
 
     /// Completes the transaction `pending` marks: verifies the whole shadow (streaming), copies its
@@ -139,22 +157,14 @@ enum Journal {
     /// - Throws: `StoreError.integrity` when the shadow is missing, damaged or belongs to another
     ///   transaction. The object is then refused, never served half-written.
     /// - Parameter storeVersion: the store's format version; it bounds the shadow versions accepted.
-    static func recover(journalFD: Int32, objectFD: Int32, pending: ObjectHeader, key: MasterKey,
+    static func recover(journalFD: borrowing FileDescriptor, objectFD: borrowing FileDescriptor, pending: ObjectHeader, key: MasterKey,
                         storeVersion: UInt16) throws -> ObjectHeader {
-        let shadowFD: FileDescriptor
+        let shadow = try openShadow(of: pending.objectID, in: journalFD)
         do {
-            shadowFD = try Sys.openPrivateFile(journalFD, name(of: pending.objectID))
-        } catch let error as StoreError where error != .system(ENOENT) {
-            throw StoreError.integrity("interrupted write cannot be recovered: its journal is unusable: \(error)")
-        } catch {
-            throw StoreError.integrity("interrupted write cannot be recovered: its journal is missing")
-        }
-        return try withExtendedLifetime(shadowFD) {
-            let shadow = shadowFD.raw
-            let length = Int64(try Sys.fstat(shadow).st_size)
+            let length = Int64(try shadow.fstat().st_size)
             func read(_ count: Int, at offset: Int64) throws -> [UInt8] {
                 var bytes = [UInt8](repeating: 0, count: count)
-                let n = try bytes.withUnsafeMutableBytes { try Sys.pread(shadow, $0, offset: offset) }
+                let n = try bytes.withUnsafeMutableBytes { try shadow.pread($0, offset: offset) }
                 guard n == count else { throw StoreError.integrity("interrupted write's journal is truncated") }
                 return bytes
             }
@@ -227,18 +237,18 @@ enum Journal {
             for _ in 0..<recordCount {
                 let (index, count) = try record(at: offset)
                 let stored = try read(count, at: offset + Int64(recordHeaderBytes))
-                try stored.withUnsafeBytes { try Sys.pwrite(objectFD, $0, offset: geometry.backingOffset(index)) }
+                try stored.withUnsafeBytes { try objectFD.pwrite($0, offset: geometry.backingOffset(index)) }
                 offset += Int64(recordHeaderBytes + count)
             }
             let finalLength = geometry.backingLength(size: final.size)
-            if Int64(try Sys.fstat(objectFD).st_size) < finalLength { try Sys.ftruncate(objectFD, finalLength) }
-            try Sys.fdatasync(objectFD)
+            if Int64(try objectFD.fstat().st_size) < finalLength { try objectFD.ftruncate(finalLength) }
+            try objectFD.fdatasync()
             FaultPoints.reach(.recoveryExtentsApplied)
             try HeaderSlots.writeSealed(fd: objectFD, slot, sequence: final.sequence)
-            try Sys.fdatasync(objectFD)
+            try objectFD.fdatasync()
             FaultPoints.reach(.recoveryHeaderWritten)
-            if Int64(try Sys.fstat(objectFD).st_size) > finalLength { try Sys.ftruncate(objectFD, finalLength) }
-            try Sys.ftruncate(shadow, 0)
+            if Int64(try objectFD.fstat().st_size) > finalLength { try objectFD.ftruncate(finalLength) }
+            try shadow.ftruncate(0)
             return final
         }
     }

@@ -36,22 +36,22 @@ enum Leftovers {
     }
 
     /// What `dir` holds, in one listing of it (and of each leftover inside).
-    static func contents(of dir: Int32, depth: Int = 0) throws -> Contents {
+    static func contents(of dir: borrowing FileDescriptor, depth: Int = 0) throws -> Contents {
         var foreignFound = false
-        for entry in try Sys.listDirectory(dir) {
+        for entry in try dir.listDirectory() {
             if NameCodec.isEntryName(entry.name) { return .entries }
             if (entry.name == directoryHeaderName || entry.name.starts(with: newFilePrefix)) && !entry.isDirectory { continue }
             guard !foreignFound, entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else {
                 foreignFound = true
                 continue
             }
-            let sub = try Sys.openEntry(dir, entry.name, .directory, .path)
-            if try withExtendedLifetime(sub, { try contents(of: sub.raw, depth: depth + 1) }) != .removable { foreignFound = true }
+            let sub = try dir.openEntry(entry.name, .directory, .path)
+            if try contents(of: sub, depth: depth + 1) != .removable { foreignFound = true }
         }
         return foreignFound ? .foreign : .removable
     }
 
-    static func isRemovable(_ dir: Int32) throws -> Bool { try contents(of: dir) == .removable }
+    static func isRemovable(_ dir: borrowing FileDescriptor) throws -> Bool { try contents(of: dir) == .removable }
 
     /// Damage, or a tree planted to be deleted as root: EIO for the directory that holds it.
     static let foreign = StoreError.integrity("the directory holds objects encfsd does not make; left alone")
@@ -59,22 +59,22 @@ enum Leftovers {
     /// Deletes the contents of `dir` through it, then its entry `name` in `parent` if that entry
     /// is still `dir`. Throws `foreign` on anything encfsd did not put there (nothing of it is
     /// touched) and leaves the entry in place.
-    static func remove(_ dir: FileDescriptor, named name: [UInt8], in parent: Int32, depth: Int = 0) throws {
-        for entry in try Sys.listDirectory(dir.raw) {
+    static func remove(_ dir: borrowing FileDescriptor, named name: [UInt8], in parent: borrowing FileDescriptor, depth: Int = 0) throws {
+        for entry in try dir.listDirectory() {
             if (entry.name == directoryHeaderName || entry.name.starts(with: newFilePrefix)) && !entry.isDirectory {
-                try Sys.unlinkAt(dir.raw, entry.name)
+                try dir.unlinkAt(entry.name)
                 continue
             }
             guard entry.isDirectory, isLeftoverName(entry.name), depth < maximumDepth else { throw foreign }
-            let sub = try Sys.openEntry(dir.raw, entry.name, .directory, .path)
-            try remove(sub, named: entry.name, in: dir.raw, depth: depth + 1)
+            let sub = try dir.openEntry(entry.name, .directory, .path)
+            try remove(sub, named: entry.name, in: dir, depth: depth + 1)
         }
-        let expected = Sys.identity(of: dir.raw)
-        let st = try Sys.fstat(dir.raw)
-        guard let now = try? Sys.fstatAt(parent, name), now.st_ino == st.st_ino,
-              expected == nil || Sys.identity(ofEntry: name, in: parent) == expected else {
+        let expected = dir.identity()
+        let st = try dir.fstat()
+        guard let now = try? parent.fstatAt(name), now.st_ino == st.st_ino,
+              expected == nil || parent.identity(ofEntry: name) == expected else {
             throw StoreError.integrity("\(String(decoding: name, as: UTF8.self)) was replaced while it was being removed")
         }
-        try Sys.unlinkAt(parent, name, directory: true)
+        try parent.unlinkAt(name, directory: true)
     }
 }

@@ -80,11 +80,11 @@ final class Node: Sendable {
     let headerIdentity: [UInt8]?
     /// The root only: the store's directory, held for the mount's lifetime (every other
     /// descriptor is found from it).
-    let pinnedDirectory: FileDescriptor?
+    let pinnedDirectory: SharedDescriptor?
     let state: Mutex<NodeState>
 
     init(id: UInt64, backingInode: UInt64, identity: [UInt8]?, headerIdentity: [UInt8]?, header: ObjectHeader,
-         verified: Bool, location: Location?, pinnedDirectory: FileDescriptor? = nil) {
+         verified: Bool, location: Location?, pinnedDirectory: SharedDescriptor? = nil) {
         self.id = id
         self.backingInode = backingInode
         self.identity = identity

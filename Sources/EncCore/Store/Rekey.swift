@@ -117,7 +117,7 @@ public final class RekeyRegistry: Sendable {
     }
 
     /// Changes the configuration and writes it to the store before the change takes effect here.
-    func changeConfig(storeFD: Int32, _ change: (inout StoreConfig, inout [Tree], inout [Tree]) throws -> Void) throws {
+    func changeConfig(storeFD: borrowing FileDescriptor, _ change: (inout StoreConfig, inout [Tree], inout [Tree]) throws -> Void) throws {
         try state.withLock { s in
             // What the CLI wrote meanwhile (`key change-passphrase` adds a passphrase entry) is kept.
             let current = (try? StoreConfig.load(storeFD: storeFD)) ?? s.config
@@ -159,14 +159,14 @@ public final class RekeyRegistry: Sendable {
     }
 
     /// Replaces `encfsd.conf` atomically; see `StoreConfig.replace`.
-    static func write(_ config: StoreConfig, storeFD: Int32) throws { try StoreConfig.replace(config, storeFD: storeFD) }
+    static func write(_ config: StoreConfig, storeFD: borrowing FileDescriptor) throws { try StoreConfig.replace(config, storeFD: storeFD) }
 }
 
 extension StoreConfig {
     /// Replaces the `encfsd.conf` of the store at `storePath` atomically.
     public static func replace(_ config: StoreConfig, storePath: String) throws {
         let root = try Sys.openStoreRoot(storePath)
-        try withExtendedLifetime(root) { try replace(config, storeFD: root.raw) }
+        try replace(config, storeFD: root)
     }
 
     /// Replaces `encfsd.conf` atomically: the new contents go to an unnamed file, synced, linked
@@ -174,21 +174,18 @@ extension StoreConfig {
     /// synced. A crash leaves the old or the new configuration, at worst a `.conf-` leftover.
     /// A backing without O_TMPFILE or linkat of an open file (bindfs, sshfs, GlusterFS) gets the
     /// `.conf-` file made under its name, which no reader takes for the configuration.
-    static func replace(_ config: StoreConfig, storeFD: Int32) throws {
-        let dir = try Sys.listingDescriptor(storeFD)
-        defer { withExtendedLifetime(dir) {} }
+    static func replace(_ config: StoreConfig, storeFD: borrowing FileDescriptor) throws {
+        let dir = try storeFD.listingDescriptor()
         let temporary = Array(".conf-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
         let contents = Array(config.encoded())
-        func durable(_ fd: FileDescriptor) throws -> FileDescriptor {
-            try contents.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: 0) }
-            try Sys.fsync(fd.raw)
+        func durable(_ fd: consuming FileDescriptor) throws -> FileDescriptor {
+            try contents.withUnsafeBytes { try fd.pwrite($0, offset: 0) }
+            try fd.fsync()
             return fd
         }
-        let unnamed = try? durable(Sys.createUnnamed(in: dir.raw, mode: 0o644))
-        let linked = unnamed.flatMap { fd in (try? Sys.linkAt(fd: fd.raw, toDir: dir.raw, temporary)).map { fd } }
-        let fd = try linked ?? durable(Sys.createEntry(dir.raw, temporary, mode: 0o644))
-        defer { withExtendedLifetime((fd, unnamed)) {} }
-        try Sys.renameAt(dir.raw, temporary, dir.raw, Array(StoreConfig.fileName.utf8))
-        try Sys.fsync(dir.raw)
+        let linked = (try? durable(dir.createUnnamed(mode: 0o644)).linkAt(toDir: dir, temporary)) != nil
+        if !linked { _ = try durable(dir.createEntry(temporary, mode: 0o644)) }
+        try dir.renameAt(temporary, dir, Array(StoreConfig.fileName.utf8))
+        try dir.fsync()
     }
 }

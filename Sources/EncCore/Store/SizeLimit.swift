@@ -24,7 +24,7 @@ enum SizeLimit {
 
     /// Largest size for a file of `geometry` in the filesystem of `directory` (any descriptor of
     /// a directory in the store's filesystem: the probe makes an unnamed file there).
-    static func maximumSize(_ geometry: ExtentGeometry, directory: Int32) -> UInt64 {
+    static func maximumSize(_ geometry: ExtentGeometry, directory: borrowing FileDescriptor) -> UInt64 {
         min(format, geometry.largestSize(backingLength: backingLimit(directory: directory)))
     }
 
@@ -32,10 +32,10 @@ enum SizeLimit {
     private static let probed = Mutex<[UInt64: Int64]>([:])
 
     /// The largest backing file the filesystem holds (capped at `largestBacking`).
-    static func backingLimit(directory: Int32) -> Int64 {
-        guard let device = (try? Sys.fstat(directory)).map({ UInt64($0.st_dev) }) else { return largestBacking }
+    static func backingLimit(directory: borrowing FileDescriptor) -> Int64 {
+        guard let device = (try? directory.fstat()).map({ UInt64($0.st_dev) }) else { return largestBacking }
         if let known = probed.withLock({ $0[device] }) { return known }
-        guard let limit = Sys.probeLargestFile(in: directory, upTo: largestBacking) else { return largestBacking }
+        guard let limit = directory.probeLargestFile(upTo: largestBacking) else { return largestBacking }
         probed.withLock { $0[device] = limit }
         return limit
     }

@@ -54,52 +54,52 @@ extension Sys {
         }
     }
 
-    /// The confined open itself: one component, no link followed, O_CLOEXEC and O_NOCTTY always.
-    private static func openConfined(_ dir: Int32, _ name: [UInt8], flags: Int32, mode: mode_t) throws -> Int32 {
-        try checkComponent(name)
+    /// How `openRelative` resolves its path.
+    fileprivate enum Resolution {
+        /// One entry name, no link followed, never out of the directory (openat2 where the kernel
+        /// has it).
+        case confined
+        /// "." or "..": the directory itself or its parent.
+        case directoryItself
+    }
+
+    /// Every open relative to a store descriptor, in this one function: O_CLOEXEC and O_NOCTTY
+    /// always, O_NOFOLLOW and openat2's RESOLVE_BENEATH|NO_SYMLINKS|NO_MAGICLINKS|NO_XDEV for an
+    /// entry name.
+    fileprivate static func openRelative(_ dir: borrowing FileDescriptor, _ path: [UInt8], flags: Int32, mode: mode_t,
+                                     _ resolution: Resolution) throws -> FileDescriptor {
         // openat2 refuses any flag beside O_PATH but these three (EINVAL).
-        let all = flags | O_NOFOLLOW | O_CLOEXEC | (flags & oPath != 0 ? 0 : O_NOCTTY)
+        let all = flags | O_CLOEXEC | (flags & oPath != 0 ? 0 : O_NOCTTY) | (resolution == .confined ? O_NOFOLLOW : 0)
         let creates = flags & O_CREAT != 0 || flags & oTmpFile == oTmpFile
-        do {
-            return try withCName(name) { p throws in
+        let number = try withCName(path) { p throws in
+            // The open itself needs the directory's number: it is the one call with no method on
+            // FileDescriptor, so that every backing open stays in this file.
+            try dir.withUnsafeNumber { dirNumber throws in
                 try retrying {
-                    hasOpenat2
-                        ? encfsd_openat2(dir, p, all, creates ? UInt32(mode) : 0,
+                    resolution == .confined && hasOpenat2
+                        ? encfsd_openat2(dirNumber, p, all, creates ? UInt32(mode) : 0,
                                          encfsd_RESOLVE_BENEATH | encfsd_RESOLVE_NO_SYMLINKS | encfsd_RESOLVE_NO_MAGICLINKS
                                              | UInt64(encfsd_RESOLVE_NO_XDEV_FLAG))
-                        : Glibc.openat(dir, p, all, mode)
+                        : Glibc.openat(dirNumber, p, all, mode)
                 }
             }
+        }
+        return FileDescriptor(taking: number)
+    }
+
+    /// The confined open itself: one component, no link followed.
+    fileprivate static func openConfined(_ dir: borrowing FileDescriptor, _ name: [UInt8], flags: Int32, mode: mode_t) throws -> FileDescriptor {
+        try checkComponent(name)
+        do {
+            return try openRelative(dir, name, flags: flags, mode: mode, .confined)
         } catch StoreError.system(ELOOP) {
             throw StoreError.unusableObject(name: String(decoding: name, as: UTF8.self), what: "a symbolic link")
         }
     }
 
-    /// The identity of the object behind `fd` (its kernel file handle: inode and generation), or
-    /// nil on a filesystem that has none, where the inode number alone identifies it.
-    public static func identity(of fd: Int32) -> [UInt8]? {
-        handle(fd, [], flags: 0x1000) // AT_EMPTY_PATH
-    }
-
-    /// The identity of the entry `name` of `dir`, without opening it (a symlink is not followed).
-    public static func identity(ofEntry name: [UInt8], in dir: Int32) -> [UInt8]? {
-        handle(dir, name, flags: 0)
-    }
-
-    private static func handle(_ dir: Int32, _ name: [UInt8], flags: Int32) -> [UInt8]? {
-        var bytes = [UInt8](repeating: 0, count: 132)
-        var length: UInt32 = 0
-        var type: Int32 = 0
-        let rc = (try? withCName(name) { p in
-            bytes.withUnsafeMutableBufferPointer { encfsd_file_handle(dir, p, flags, $0.baseAddress! + 4, 128, &length, &type) }
-        }) ?? -1
-        // FUSE's handles (FILEID_INO64_GEN and _PARENT) carry the node ID its server gave the
-        // inode, which GlusterFS and libfuse's path-based servers give anew once the kernel has
-        // forgotten the inode: an unchanged object would look replaced. The inode number, which
-        // the probe has checked survives a rename, identifies the object there instead.
-        guard rc == 0, type != 0x81, type != 0x82 else { return nil }
-        withUnsafeBytes(of: type.littleEndian) { for i in 0..<4 { bytes[i] = $0[i] } }
-        return Array(bytes.prefix(4 + Int(length)))
+    /// An unnamed regular file in `dir` (O_TMPFILE), unrecorded: `createUnnamed` records it.
+    static func openUnnamed(in dir: borrowing FileDescriptor, mode: mode_t) throws -> FileDescriptor {
+        try openRelative(dir, [0x2e], flags: oTmpFile | O_RDWR, mode: mode, .directoryItself)
     }
 
     /// A backing object's place: device and inode number.
@@ -113,91 +113,15 @@ extension Sys {
         }
     }
 
-    /// Throws unless the directory `dir` still lies beneath the store root `root`: a directory
-    /// whose descriptor the daemon holds can be moved out of the store behind its back, and must
-    /// then receive nothing. Walks `..` up (one `openat` and `fstat` per level).
-    public static func checkBeneath(_ dir: Int32, root: Place) throws {
-        var here = Place(try fstat(dir))
-        var current: FileDescriptor?
-        for _ in 0..<4096 {
-            if here == root { return }
-            let from = current?.raw ?? dir
-            let parent = try FileDescriptor(raw: retrying { Glibc.openat(from, "..", oPath | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) })
-            let up = Place(try fstat(parent.raw))
-            if up == here { break } // the filesystem's root: never met the store's
-            (current, here) = (parent, up)
-        }
-        throw StoreError.integrity("a directory of the store was moved out of it in the backing store")
-    }
-
-    /// Opens the existing entry `name` of `dir`, refusing anything but `type`.
-    public static func openEntry(_ dir: Int32, _ name: [UInt8], _ type: BackingType, _ access: BackingAccess) throws -> FileDescriptor {
-        try openEntryStat(dir, name, type, access).0
-    }
-
-    /// `openEntry`, also giving the `stat` its type check read.
-    public static func openEntryStat(_ dir: Int32, _ name: [UInt8], _ type: BackingType,
-                                     _ access: BackingAccess) throws -> (FileDescriptor, stat) {
-        let path = FileDescriptor(raw: try openConfined(dir, name, flags: oPath | (type == .directory ? O_DIRECTORY : 0), mode: 0))
-        let st = try checkType(path.raw, type, name: name)
-        if access == .path { return (path, st) }
-        // Reopening the verified O_PATH descriptor through /proc acts on that inode, whatever the
-        // name means by now.
-        let opened = try withExtendedLifetime(path) { try reopen(path.raw, flags: access.flags | (type == .directory ? O_DIRECTORY : 0)) }
-        return (opened, st)
-    }
-
-    /// Opens an existing file that only the store ever names (a journal shadow, the lock file)
-    /// read-write. It must have exactly one link: a hard link planted from elsewhere on the same
-    /// filesystem would otherwise be truncated and overwritten as if it were the store's.
-    public static func openPrivateFile(_ dir: Int32, _ name: [UInt8]) throws -> FileDescriptor {
-        let (fd, st) = try openEntryStat(dir, name, .regularFile, .readWrite)
-        guard st.st_nlink == 1 else {
-            throw StoreError.unusableObject(name: String(decoding: name, as: UTF8.self), what: "a file with other hard links")
-        }
-        return fd
-    }
-
-    /// Creates the regular file `name` in `dir`, read-write. O_EXCL: an existing entry (a planted
-    /// symlink included, which O_EXCL never follows) fails with EEXIST and is left alone.
-    public static func createEntry(_ dir: Int32, _ name: [UInt8], mode: mode_t) throws -> FileDescriptor {
-        let fd = FileDescriptor(raw: try openConfined(dir, name, flags: O_RDWR | O_CREAT | O_EXCL, mode: mode))
-        if OperationLog.shared.isRecording {
-            OperationLog.shared.record(.create(directory: inode(dir), name: name, inode: inode(fd.raw)))
-        }
-        return fd
-    }
-
-    /// An unnamed regular file in `dir` (O_TMPFILE), linked in later with `linkAt`.
-    public static func createUnnamed(in dir: Int32, mode: mode_t) throws -> FileDescriptor {
-        let fd = try retrying { Glibc.openat(dir, ".", oTmpFile | O_RDWR | O_CLOEXEC, mode) }
-        let descriptor = FileDescriptor(raw: fd)
-        if OperationLog.shared.isRecording { OperationLog.shared.record(.newInode(inode: inode(fd))) }
-        return descriptor
-    }
-
-    /// A directory descriptor that can list entries (getdents needs a real open, not O_PATH).
-    public static func listingDescriptor(_ dir: Int32) throws -> FileDescriptor {
-        try reopen(dir, flags: O_RDONLY | O_DIRECTORY)
-    }
-
-    /// Reads a whole small regular file of the store (at most `limit` bytes).
-    public static func readEntry(_ dir: Int32, _ name: [UInt8], limit: Int) throws -> [UInt8] {
-        let fd = try openEntry(dir, name, .regularFile, .readOnly)
-        return try withExtendedLifetime(fd) {
-            let size = Int(try fstat(fd.raw).st_size)
-            guard size <= limit else {
-                throw StoreError.integrity("\(String(decoding: name, as: UTF8.self)) is larger than \(limit) bytes")
-            }
-            var bytes = [UInt8](repeating: 0, count: size)
-            let n = try bytes.withUnsafeMutableBytes { try pread(fd.raw, $0, offset: 0) }
-            return Array(bytes.prefix(n))
-        }
+    /// A backing object just opened, with the `stat` its type check read.
+    public struct OpenedEntry: ~Copyable {
+        public var descriptor: FileDescriptor
+        public let stat: stat
     }
 
     @discardableResult
-    private static func checkType(_ fd: Int32, _ type: BackingType, name: [UInt8]) throws -> stat {
-        let st = try fstat(fd)
+    fileprivate static func checkType(_ fd: borrowing FileDescriptor, _ type: BackingType, name: [UInt8]) throws -> stat {
+        let st = try fd.fstat()
         let found = st.st_mode & S_IFMT
         guard found == type.formatBits else {
             let what = switch found {
@@ -211,5 +135,112 @@ extension Sys {
             throw StoreError.unusableObject(name: String(decoding: name, as: UTF8.self), what: what)
         }
         return st
+    }
+}
+
+extension FileDescriptor {
+    /// The identity of the object behind the descriptor (its kernel file handle: inode and
+    /// generation), or nil on a filesystem that has none, where the inode number alone identifies it.
+    public func identity() -> [UInt8]? {
+        Self.identity(fileHandle([], flags: 0x1000)) // AT_EMPTY_PATH
+    }
+
+    /// The identity of this directory's entry `name`, without opening it (a symlink is not followed).
+    public func identity(ofEntry name: [UInt8]) -> [UInt8]? {
+        Self.identity(fileHandle(name, flags: 0))
+    }
+
+    private static func identity(_ found: (type: Int32, handle: [UInt8])?) -> [UInt8]? {
+        // FUSE's handles (FILEID_INO64_GEN and _PARENT) carry the node ID its server gave the
+        // inode, which GlusterFS and libfuse's path-based servers give anew once the kernel has
+        // forgotten the inode: an unchanged object would look replaced. The inode number, which
+        // the probe has checked survives a rename, identifies the object there instead.
+        guard let found, found.type != 0x81, found.type != 0x82 else { return nil }
+        return found.handle
+    }
+
+    /// Throws unless this directory still lies beneath the store root `root`: a directory whose
+    /// descriptor the daemon holds can be moved out of the store behind its back, and must then
+    /// receive nothing. Walks `..` up (one `openat` and `fstat` per level).
+    public func checkBeneath(root: Sys.Place) throws {
+        var here = Sys.Place(try fstat())
+        if here == root { return }
+        var current = try Sys.openParent(of: self)
+        for _ in 0..<4096 {
+            let up = Sys.Place(try current.fstat())
+            if up == here { break } // the filesystem's root: never met the store's
+            if up == root { return }
+            here = up
+            current = try Sys.openParent(of: current)
+        }
+        throw StoreError.integrity("a directory of the store was moved out of it in the backing store")
+    }
+
+    /// Opens the existing entry `name` of this directory, refusing anything but `type`.
+    public func openEntry(_ name: [UInt8], _ type: BackingType, _ access: BackingAccess) throws -> FileDescriptor {
+        let opened = try openEntryStat(name, type, access)
+        return opened.descriptor
+    }
+
+    /// `openEntry`, also giving the `stat` its type check read.
+    public func openEntryStat(_ name: [UInt8], _ type: BackingType, _ access: BackingAccess) throws -> Sys.OpenedEntry {
+        let path = try Sys.openConfined(self, name, flags: Sys.oPath | (type == .directory ? O_DIRECTORY : 0), mode: 0)
+        let st = try Sys.checkType(path, type, name: name)
+        if access == .path { return Sys.OpenedEntry(descriptor: path, stat: st) }
+        // Reopening the verified O_PATH descriptor through /proc acts on that inode, whatever the
+        // name means by now.
+        return Sys.OpenedEntry(descriptor: try path.reopen(flags: access.flags | (type == .directory ? O_DIRECTORY : 0)), stat: st)
+    }
+
+    /// Opens an existing file that only the store ever names (a journal shadow, the lock file)
+    /// read-write. It must have exactly one link: a hard link planted from elsewhere on the same
+    /// filesystem would otherwise be truncated and overwritten as if it were the store's.
+    public func openPrivateFile(_ name: [UInt8]) throws -> FileDescriptor {
+        let opened = try openEntryStat(name, .regularFile, .readWrite)
+        guard opened.stat.st_nlink == 1 else {
+            throw StoreError.unusableObject(name: String(decoding: name, as: UTF8.self), what: "a file with other hard links")
+        }
+        return opened.descriptor
+    }
+
+    /// Creates the regular file `name` in this directory, read-write. O_EXCL: an existing entry (a
+    /// planted symlink included, which O_EXCL never follows) fails with EEXIST and is left alone.
+    public func createEntry(_ name: [UInt8], mode: mode_t) throws -> FileDescriptor {
+        let fd = try Sys.openConfined(self, name, flags: O_RDWR | O_CREAT | O_EXCL, mode: mode)
+        if OperationLog.shared.isRecording {
+            OperationLog.shared.record(.create(directory: loggedInode, name: name, inode: fd.loggedInode))
+        }
+        return fd
+    }
+
+    /// An unnamed regular file in this directory (O_TMPFILE), linked in later with `linkAt`.
+    public func createUnnamed(mode: mode_t) throws -> FileDescriptor {
+        let fd = try Sys.openUnnamed(in: self, mode: mode)
+        if OperationLog.shared.isRecording { OperationLog.shared.record(.newInode(inode: fd.loggedInode)) }
+        return fd
+    }
+
+    /// A directory descriptor that can list entries (getdents needs a real open, not O_PATH).
+    public func listingDescriptor() throws -> FileDescriptor {
+        try reopen(flags: O_RDONLY | O_DIRECTORY)
+    }
+
+    /// Reads a whole small regular file of the store (at most `limit` bytes).
+    public func readEntry(_ name: [UInt8], limit: Int) throws -> [UInt8] {
+        let fd = try openEntry(name, .regularFile, .readOnly)
+        let size = Int(try fd.fstat().st_size)
+        guard size <= limit else {
+            throw StoreError.integrity("\(String(decoding: name, as: UTF8.self)) is larger than \(limit) bytes")
+        }
+        var bytes = [UInt8](repeating: 0, count: size)
+        let n = try bytes.withUnsafeMutableBytes { try fd.pread($0, offset: 0) }
+        return Array(bytes.prefix(n))
+    }
+}
+
+extension Sys {
+    /// The parent of a directory, as an O_PATH descriptor (for `checkBeneath`'s walk up).
+    fileprivate static func openParent(of dir: borrowing FileDescriptor) throws -> FileDescriptor {
+        try openRelative(dir, [0x2e, 0x2e], flags: oPath | O_DIRECTORY | O_NOFOLLOW, mode: 0, .directoryItself)
     }
 }

@@ -16,14 +16,14 @@ extension StoreConfig {
         } catch {
             throw .missing(storePath)
         }
-        return try withExtendedLifetime(root) { () throws(Problem) -> StoreConfig in try load(storeFD: root.raw, shownAs: storePath) }
+        return try load(storeFD: root, shownAs: storePath)
     }
 
     /// Reads the configuration through the store boundary (never a link, never a FIFO).
-    public static func load(storeFD: Int32, shownAs storePath: String = "store") throws(Problem) -> StoreConfig {
+    public static func load(storeFD: borrowing FileDescriptor, shownAs storePath: String = "store") throws(Problem) -> StoreConfig {
         let data: Data
         do {
-            data = Data(try Sys.readEntry(storeFD, Array(fileName.utf8), limit: maximumBytes))
+            data = Data(try storeFD.readEntry(Array(fileName.utf8), limit: maximumBytes))
         } catch StoreError.system(ENOENT) {
             throw .missing(storePath)
         } catch {

@@ -19,28 +19,25 @@ public enum StoreCreation {
         guard ExtentGeometry.isValid(extentSize: extentSize) else { throw StoreError.invalidArgument }
         if mkdir(path, 0o700) != 0 && errno != EEXIST { throw StoreError.system(errno) }
         let root = try Sys.openStoreRoot(path)
-        let dir = try Sys.listingDescriptor(root.raw)
-        defer { withExtendedLifetime((root, dir)) {} }
-        guard try Sys.listDirectory(dir.raw).isEmpty else { throw StoreError.notEmpty }
+        let dir = try root.listingDescriptor()
+        guard try dir.listDirectory().isEmpty else { throw StoreError.notEmpty }
 
         var config = StoreConfig(extentSize: extentSize, rootPolicy: key.identifier)
         config.passphrases = passphrase.map { [$0] }
-        let configFD = try Sys.createEntry(dir.raw, Array(StoreConfig.fileName.utf8), mode: 0o644)
-        defer { withExtendedLifetime(configFD) {} }
-        try Array(config.encoded()).withUnsafeBytes { try Sys.pwrite(configFD.raw, $0, offset: 0) }
-        try Sys.fsync(configFD.raw)
+        let configFD = try dir.createEntry(Array(StoreConfig.fileName.utf8), mode: 0o644)
+        try Array(config.encoded()).withUnsafeBytes { try configFD.pwrite($0, offset: 0) }
+        try configFD.fsync()
 
         var header = ObjectHeader(type: .directory, mode: rootMode, uid: owner.uid, gid: owner.gid, extentSize: 0,
                                   objectID: OpenSSL.random(count: 16), policy: key.identifier)
         header.birthTime = Volume.nowNanoseconds()
         // Epoch 0 is the store's creation; the first mount opens epoch 1.
-        try EpochRecord.create(storeFD: dir.raw)
+        try EpochRecord.create(storeFD: dir)
         let slots = HeaderSlots(epoch: 0, evidence: .cleanHistory, storeVersion: UInt16(config.version))
-        let headerFD = try Sys.createEntry(dir.raw, directoryHeaderName, mode: 0o600)
-        defer { withExtendedLifetime(headerFD) {} }
-        try slots.create(fd: headerFD.raw, header: &header, key: key)
-        try Sys.fsync(headerFD.raw)
-        try Sys.mkdirAt(dir.raw, Journal.directoryName, mode: 0o700)
-        try Sys.fsync(dir.raw)
+        let headerFD = try dir.createEntry(directoryHeaderName, mode: 0o600)
+        try slots.create(fd: headerFD, header: &header, key: key)
+        try headerFD.fsync()
+        try dir.mkdirAt(Journal.directoryName, mode: 0o700)
+        try dir.fsync()
     }
 }

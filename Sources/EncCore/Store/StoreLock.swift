@@ -55,16 +55,16 @@ public final class StoreLock: Sendable {
 
     private let file: FileDescriptor
 
-    private init(file: FileDescriptor) { self.file = file }
+    private init(file: consuming FileDescriptor) { self.file = file }
 
     /// Takes the lock of the store at `storePath`, creating the lock file if there is none.
     public static func acquire(storePath: String) throws(Failure) -> StoreLock {
         let store: FileDescriptor
         do { store = try Sys.openStoreRoot(storePath) } catch { throw .system("open the store for", errno(of: error)) }
-        let file = try withExtendedLifetime(store) { () throws(Failure) in try open(in: store.raw) }
+        let file = try open(in: store)
         let locked: Bool
-        do { locked = try Sys.lockWholeFile(file.raw) } catch { throw .system("lock", errno(of: error)) }
-        guard locked else { throw .held(readHolder(file.raw)) }
+        do { locked = try file.lockWholeFile() } catch { throw .system("lock", errno(of: error)) }
+        guard locked else { throw .held(readHolder(file)) }
         let lock = StoreLock(file: file)
         lock.record(Holder(pid: getpid(), host: hostName()))
         return lock
@@ -78,14 +78,14 @@ public final class StoreLock: Sendable {
 
     /// The lock file, through the store boundary: opened for writing only once it is known to
     /// be a regular file with one link (a hard link to a file elsewhere would receive the record).
-    private static func open(in store: Int32) throws(Failure) -> FileDescriptor {
+    private static func open(in store: borrowing FileDescriptor) throws(Failure) -> FileDescriptor {
         let name = Array(fileName.utf8)
         while true {
             do {
-                return try Sys.openPrivateFile(store, name)
+                return try store.openPrivateFile(name)
             } catch StoreError.system(ENOENT) {
                 do {
-                    return try Sys.createEntry(store, name, mode: 0o644)
+                    return try store.createEntry(name, mode: 0o644)
                 } catch StoreError.system(EEXIST) {
                     continue // made by someone else meanwhile: check what it is
                 } catch {
@@ -107,15 +107,15 @@ public final class StoreLock: Sendable {
         encoder.outputFormatting = .sortedKeys
         guard var bytes = try? encoder.encode(holder) else { return }
         bytes.append(0x0a)
-        _ = try? bytes.withUnsafeBytes { try Sys.pwrite(file.raw, $0, offset: 0) }
-        _ = try? Sys.ftruncate(file.raw, Int64(bytes.count))
+        _ = try? bytes.withUnsafeBytes { try file.pwrite($0, offset: 0) }
+        _ = try? file.ftruncate(Int64(bytes.count))
     }
 
     /// The holder a lock file names, if it names one readably. Its text comes from the store, so
     /// the host name is cut short and stripped to printable ASCII before anyone prints it.
-    static func readHolder(_ fd: Int32) -> Holder? {
+    static func readHolder(_ fd: borrowing FileDescriptor) -> Holder? {
         var buffer = [UInt8](repeating: 0, count: recordLimit)
-        guard let count = try? buffer.withUnsafeMutableBytes({ try Sys.pread(fd, $0, offset: 0) }), count < recordLimit,
+        guard let count = try? buffer.withUnsafeMutableBytes({ try fd.pread($0, offset: 0) }), count < recordLimit,
               var holder = try? JSONDecoder().decode(Holder.self, from: Data(buffer[0..<count])) else { return nil }
         holder.host = String(String.UnicodeScalarView(holder.host.unicodeScalars.prefix(255).map {
             (0x21...0x7e).contains($0.value) ? $0 : "?"

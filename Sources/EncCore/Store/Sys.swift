@@ -6,39 +6,71 @@ import Glibc
 #endif
 import CLinux
 
-/// An owned file descriptor, closed when the last reference goes.
+/// A backing descriptor: a value with one owner, closed by its `deinit` when that owner lets go.
 ///
-/// Swift may end a local's lifetime at its last use, which for `fd.raw` is before the system
-/// call runs: a descriptor held only in a local must be kept alive across the call
-/// (`withExtendedLifetime`), or it may be closed, and its number reused, first.
-public final class FileDescriptor: Sendable {
-    public let raw: Int32
-    public init(raw: Int32) { self.raw = raw }
-    deinit { _ = Glibc.close(raw) }
+/// It cannot be copied, so no second owner can close it early, and its number is readable only
+/// in this file: every system call on it is a `borrowing` method here, which keeps it open for
+/// the call's whole duration. (A descriptor class whose `raw` number was passed on could be freed
+/// at the number's last use, before the call ran, and the number reused by another file.) A
+/// descriptor that more than one holder uses lives in one `SharedDescriptor`.
+public struct FileDescriptor: ~Copyable, Sendable {
+    private let number: Int32
+
+    /// Takes ownership of `number`, a descriptor just returned by the kernel: no one else may
+    /// use or close it from here on.
+    public init(taking number: Int32) { self.number = number }
+
+    deinit { _ = Glibc.close(number) }
+
+    /// The number, for the one call that has no method here: the store boundary's confined open
+    /// (`StoreBoundary.swift` keeps it, so that every backing open is visibly in that file; tests
+    /// also look a descriptor up in `/proc/self/fd` with it). `body` must not keep the number.
+    func withUnsafeNumber<R: ~Copyable, E: Error>(_ body: (Int32) throws(E) -> R) throws(E) -> R {
+        try body(number)
+    }
 }
 
-/// Every system call the store makes on its backing directory, in one place: EINTR is retried
-/// here, and failures become `StoreError.system(errno)`.
+/// A descriptor several holders use (a directory's cached O_PATH descriptor, the store root, an
+/// open file's descriptor shared by its handles and views): the one owner of `descriptor`.
+///
+/// Invariant: `descriptor` is closed only when the last reference to this object goes, and a
+/// call `owner.descriptor.pread(...)` borrows through a reference that the caller holds for
+/// the whole call, so no holder can see its descriptor closed or its number reused under it.
+public final class SharedDescriptor: Sendable {
+    public let descriptor: FileDescriptor
+    public init(_ descriptor: consuming FileDescriptor) { self.descriptor = descriptor }
+}
+
+/// The store's system calls that act on no descriptor of its own, and the helpers every call
+/// shares: EINTR is retried here, and failures become `StoreError.system(errno)`. The calls on a
+/// descriptor are `FileDescriptor`'s methods below.
 public enum Sys {
+    /// Throws `failure()` for a negative return (calls that never return EINTR).
     @inline(__always)
     static func check(_ rc: Int32) throws {
-        if rc < 0 { throw StoreError.system(errno) }
+        if rc < 0 { throw failure() }
     }
 
+    /// The error of the call that just failed, as swift-nio sorts them: what the store can meet
+    /// (any errno a backing file system or a hostile store can cause) is thrown; what only a bug
+    /// can cause traps: EBADF (a descriptor used after its owner closed it, whose number another
+    /// file may now have) and EFAULT (a bad buffer). Carrying on after either could read or write
+    /// the wrong file.
+    static func failure() -> StoreError {
+        let code = errno
+        if code == EBADF || code == EFAULT {
+            preconditionFailure("a system call failed with \(String(cString: strerror(code))): a descriptor or buffer bug")
+        }
+        return StoreError.system(code)
+    }
+
+    /// Retries EINTR; any other failure is `failure()` (thrown, or a trap for a bug).
     @inline(__always)
-    /// Retries EINTR, throws what the store can meet (any errno a backing file system or a hostile
-    /// store can cause), and traps on what only a bug can cause, as swift-nio does: EBADF (a
-    /// descriptor used after its owner closed it, whose number another file may now have) and
-    /// EFAULT (a bad buffer). Carrying on after either could read or write the wrong file.
-    static func retrying(_ call: () -> Int32) throws -> Int32 {
+    static func retrying<Result: BinaryInteger>(_ call: () -> Result) throws -> Result {
         while true {
             let rc = call()
             if rc >= 0 { return rc }
-            switch errno {
-            case EINTR: continue
-            case EBADF, EFAULT: preconditionFailure("a system call failed with \(String(cString: strerror(errno))): a descriptor or buffer bug")
-            default: throw StoreError.system(errno)
-            }
+            if errno != EINTR { throw failure() }
         }
     }
 
@@ -53,66 +85,92 @@ public enum Sys {
     /// The store's own directory, as the user named it (the one path the store opens that is not
     /// relative to a descriptor it holds).
     public static func openStoreRoot(_ path: String) throws -> FileDescriptor {
-        let fd = try FileDescriptor(raw: retrying { Glibc.open(path, oPath | O_DIRECTORY | O_CLOEXEC) })
-        return fd
+        FileDescriptor(taking: try retrying { Glibc.open(path, oPath | O_DIRECTORY | O_CLOEXEC) })
     }
 
-    /// The inode behind a descriptor, for the operation log (recording only).
-    static func inode(_ fd: Int32) -> UInt64 {
+    /// Whether a call succeeds (EINTR retried), for the capability probe: no error is thrown or kept.
+    static func probeCall(_ call: () -> Int32) -> Bool { (try? retrying(call)) != nil }
+
+    public static let oPath: Int32 = encfsd_O_PATH
+    public static let oTmpFile: Int32 = encfsd_O_TMPFILE
+
+    public static let renameNoReplace = encfsd_RENAME_NOREPLACE
+    public static let renameExchange = encfsd_RENAME_EXCHANGE
+    public static let renameWhiteout = encfsd_RENAME_WHITEOUT
+
+    /// timespec values that tell futimens to leave a time alone, or set it to now.
+    public static let omitTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2)
+    public static let nowTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 1)
+
+    /// open(2)'s O_NOATIME.
+    public static let noAccessTimeFlag = encfsd_O_NOATIME
+
+    public struct RawEntry {
+        public var name: [UInt8]
+        public var inode: UInt64
+        public var isDirectory: Bool
+    }
+
+    /// Caps glibc's malloc arenas (call before worker threads start): each thread that allocates
+    /// otherwise gets an arena of its own that keeps freed extent buffers, and with 16 FUSE workers
+    /// a random-write load held ~290 MB resident instead of ~100 MB.
+    public static func limitMallocArenas(_ count: Int32) { _ = encfsd_limit_malloc_arenas(count) }
+
+    /// Returns freed heap memory to the system.
+    public static func trimMalloc() { _ = encfsd_malloc_trim() }
+}
+
+/// Every system call the store makes on a backing descriptor, as a method that borrows it.
+extension FileDescriptor {
+    /// The inode behind the descriptor, for the operation log (recording only).
+    var loggedInode: UInt64 {
         var st = stat()
-        _ = Glibc.fstat(fd, &st)
+        _ = Glibc.fstat(number, &st)
         return UInt64(st.st_ino)
     }
 
-    /// Re-opens an O_PATH descriptor with real access flags, as passthrough_hp does.
+    /// Re-opens an O_PATH descriptor with real access flags through `/proc/self/fd`, as
+    /// passthrough_hp does: the new descriptor is of this inode, whatever its names mean by now.
     ///
     /// O_NOATIME where the kernel allows it (the daemon owns the file, or has CAP_FOWNER): the
     /// backing atime is the plaintext atime, and the daemon's own reads of headers and extents
     /// must not move it (an atime set with utimens would read back as the last header read).
-    public static func reopen(_ fd: Int32, flags: Int32) throws -> FileDescriptor {
-        let path = "/proc/self/fd/\(fd)"
+    public func reopen(flags: Int32) throws -> FileDescriptor {
+        let path = "/proc/self/fd/\(number)"
         do {
-            return try FileDescriptor(raw: retrying { Glibc.open(path, flags | encfsd_O_NOATIME | O_CLOEXEC | O_NOCTTY) })
+            return FileDescriptor(taking: try Sys.retrying { Glibc.open(path, flags | encfsd_O_NOATIME | O_CLOEXEC | O_NOCTTY) })
         } catch StoreError.system(EPERM) {
-            return try FileDescriptor(raw: retrying { Glibc.open(path, flags | O_CLOEXEC | O_NOCTTY) })
+            return FileDescriptor(taking: try Sys.retrying { Glibc.open(path, flags | O_CLOEXEC | O_NOCTTY) })
         }
     }
 
-    /// Reads until `buffer` is full or end of file; returns the bytes read.
-    public static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
+    /// Reads until `buffer` is full or end of file; returns the bytes read. (`pread(2)`)
+    public func pread(_ buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
         var done = 0
         while done < buffer.count {
-            let n = Glibc.pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw StoreError.system(errno)
-            }
+            let n = try Sys.retrying { Glibc.pread(number, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done)) }
             if n == 0 { break }
             done += n
         }
         return done
     }
 
-    public static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: Int64) throws {
-        try pwriteUnlogged(fd, buffer, offset: offset)
-        OperationLog.shared.record(.write(inode: inode(fd), offset: offset, bytes: Array(buffer)))
+    /// Writes all of `buffer` at `offset`. (`pwrite(2)`)
+    public func pwrite(_ buffer: UnsafeRawBufferPointer, offset: Int64) throws {
+        try pwriteUnlogged(buffer, offset: offset)
+        OperationLog.shared.record(.write(inode: loggedInode, offset: offset, bytes: Array(buffer)))
     }
 
-    private static func pwriteUnlogged(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, offset: Int64) throws {
+    private func pwriteUnlogged(_ buffer: UnsafeRawBufferPointer, offset: Int64) throws {
         var done = 0
         while done < buffer.count {
-            let n = Glibc.pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw StoreError.system(errno)
-            }
-            done += n
+            done += try Sys.retrying { Glibc.pwrite(number, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done)) }
         }
     }
 
     /// Writes `buffers` back to back from `offset`: one system call for a run of extents instead
-    /// of one each, or of a copy into one buffer first.
-    public static func pwritev(_ fd: Int32, _ buffers: [UnsafeRawBufferPointer], offset: Int64) throws {
+    /// of one each, or of a copy into one buffer first. (`pwritev(2)`)
+    public func pwritev(_ buffers: [UnsafeRawBufferPointer], offset: Int64) throws {
         let total = buffers.reduce(0) { $0 + $1.count }
         var written = 0
         var first = 0
@@ -120,9 +178,9 @@ public enum Sys {
             let chunk = buffers[first..<min(buffers.count, first + 1024)] // IOV_MAX on Linux
             let vectors = chunk.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
             let wanted = chunk.reduce(0) { $0 + $1.count }
-            let n = vectors.withUnsafeBufferPointer { Glibc.pwritev(fd, $0.baseAddress, Int32($0.count), off_t(offset) + off_t(written)) }
-            if n < 0 && errno == EINTR { continue }
-            if n < 0 { throw StoreError.system(errno) }
+            let n = try vectors.withUnsafeBufferPointer { v in
+                try Sys.retrying { Glibc.pwritev(number, v.baseAddress, Int32(v.count), off_t(offset) + off_t(written)) }
+            }
             if n < wanted {
                 // A short write (rare: signals, quotas) finishes piece by piece.
                 var at = offset + Int64(written)
@@ -131,7 +189,7 @@ public enum Sys {
                     let done = min(skip, buffer.count)
                     skip -= done
                     if done < buffer.count {
-                        try pwriteUnlogged(fd, UnsafeRawBufferPointer(rebasing: buffer[done...]), offset: at + Int64(done))
+                        try pwriteUnlogged(UnsafeRawBufferPointer(rebasing: buffer[done...]), offset: at + Int64(done))
                     }
                     at += Int64(buffer.count)
                 }
@@ -143,195 +201,180 @@ public enum Sys {
         if OperationLog.shared.isRecording {
             var at = offset
             for buffer in buffers {
-                OperationLog.shared.record(.write(inode: inode(fd), offset: at, bytes: Array(buffer)))
+                OperationLog.shared.record(.write(inode: loggedInode, offset: at, bytes: Array(buffer)))
                 at += Int64(buffer.count)
             }
         }
     }
 
-    public static func fsync(_ fd: Int32) throws {
-        _ = try retrying { Glibc.fsync(fd) }
-        OperationLog.shared.record(.sync(inode: inode(fd)))
+    public func fsync() throws {
+        _ = try Sys.retrying { Glibc.fsync(number) }
+        OperationLog.shared.record(.sync(inode: loggedInode))
     }
 
-    /// Commits the whole filesystem behind `fd` (directory entries included).
-    public static func syncfs(_ fd: Int32) throws {
-        _ = try retrying { encfsd_syncfs(fd) }
+    /// Commits the whole filesystem behind the descriptor (directory entries included).
+    public func syncfs() throws {
+        _ = try Sys.retrying { encfsd_syncfs(number) }
         OperationLog.shared.record(.syncAll)
     }
 
     /// fdatasync, or fsync where the backing refuses it (some FUSE and network filesystems):
     /// fsync makes strictly more durable, so every caller's ordering argument still holds.
-    public static func fdatasync(_ fd: Int32) throws {
+    public func fdatasync() throws {
         do {
-            _ = try retrying { Glibc.fdatasync(fd) }
+            _ = try Sys.retrying { Glibc.fdatasync(number) }
         } catch StoreError.system(let code) where code == EINVAL || code == ENOSYS || code == EOPNOTSUPP {
-            _ = try retrying { Glibc.fsync(fd) }
+            _ = try Sys.retrying { Glibc.fsync(number) }
         }
-        OperationLog.shared.record(.sync(inode: inode(fd)))
+        OperationLog.shared.record(.sync(inode: loggedInode))
     }
 
-    /// Whether a call succeeds (EINTR retried), for the capability probe: no error is thrown or kept.
-    static func probeCall(_ call: () -> Int32) -> Bool { (try? retrying(call)) != nil }
+    /// Whether `fdatasync` succeeds, for the capability probe: nothing is recorded or thrown.
+    func probeFdatasync() -> Bool { Sys.probeCall { Glibc.fdatasync(number) } }
 
-    public static func ftruncate(_ fd: Int32, _ length: Int64) throws {
-        _ = try retrying { Glibc.ftruncate(fd, off_t(length)) }
-        OperationLog.shared.record(.truncate(inode: inode(fd), length: length))
+    public func ftruncate(_ length: Int64) throws {
+        _ = try Sys.retrying { Glibc.ftruncate(number, off_t(length)) }
+        OperationLog.shared.record(.truncate(inode: loggedInode, length: length))
     }
 
-    public static func fstat(_ fd: Int32) throws -> stat {
+    public func fstat() throws -> stat {
         var st = stat()
-        try check(Glibc.fstat(fd, &st))
+        try Sys.check(Glibc.fstat(number, &st))
         return st
     }
 
-    public static func fstatAt(_ dir: Int32, _ name: [UInt8]) throws -> stat {
-        try withCName(name) { p throws in
+    /// The entry `name` of this directory, a symlink not followed. (`fstatat(2)`)
+    public func fstatAt(_ name: [UInt8]) throws -> stat {
+        try Sys.withCName(name) { p throws in
             var st = stat()
-            try check(Glibc.fstatat(dir, p, &st, AT_SYMLINK_NOFOLLOW))
+            try Sys.check(Glibc.fstatat(number, p, &st, AT_SYMLINK_NOFOLLOW))
             return st
         }
     }
 
-    public static func mkdirAt(_ dir: Int32, _ name: [UInt8], mode: mode_t) throws {
-        try withCName(name) { p throws in try check(Glibc.mkdirat(dir, p, mode)) }
-        if OperationLog.shared.isRecording, let st = try? fstatAt(dir, name) {
-            OperationLog.shared.record(.mkdir(directory: inode(dir), name: name, inode: UInt64(st.st_ino)))
+    public func mkdirAt(_ name: [UInt8], mode: mode_t) throws {
+        try Sys.withCName(name) { p throws in try Sys.check(Glibc.mkdirat(number, p, mode)) }
+        if OperationLog.shared.isRecording, let st = try? fstatAt(name) {
+            OperationLog.shared.record(.mkdir(directory: loggedInode, name: name, inode: UInt64(st.st_ino)))
         }
     }
 
-    public static func unlinkAt(_ dir: Int32, _ name: [UInt8], directory: Bool = false) throws {
-        try withCName(name) { p throws in try check(Glibc.unlinkat(dir, p, directory ? AT_REMOVEDIR : 0)) }
-        OperationLog.shared.record(.unlink(directory: inode(dir), name: name))
+    public func unlinkAt(_ name: [UInt8], directory: Bool = false) throws {
+        try Sys.withCName(name) { p throws in try Sys.check(Glibc.unlinkat(number, p, directory ? AT_REMOVEDIR : 0)) }
+        OperationLog.shared.record(.unlink(directory: loggedInode, name: name))
     }
 
-    public static let oPath: Int32 = encfsd_O_PATH
-    public static let oTmpFile: Int32 = encfsd_O_TMPFILE
-
-    public static let renameNoReplace = encfsd_RENAME_NOREPLACE
-    public static let renameExchange = encfsd_RENAME_EXCHANGE
-    public static let renameWhiteout = encfsd_RENAME_WHITEOUT
-
-    public static func renameAt(_ fromDir: Int32, _ from: [UInt8], _ toDir: Int32, _ to: [UInt8], flags: UInt32 = 0) throws {
-        try withCName(from) { f throws in
-            try withCName(to) { t throws in try check(encfsd_renameat2(fromDir, f, toDir, t, flags)) }
+    /// Renames the entry `from` of this directory to `to` in `toDir` (which may be this one).
+    /// (`renameat2(2)`)
+    public func renameAt(_ from: [UInt8], _ toDir: borrowing FileDescriptor, _ to: [UInt8], flags: UInt32 = 0) throws {
+        try Sys.withCName(from) { f throws in
+            try Sys.withCName(to) { t throws in try Sys.check(encfsd_renameat2(number, f, toDir.number, t, flags)) }
         }
-        OperationLog.shared.record(.rename(from: inode(fromDir), fromName: from, to: inode(toDir), toName: to, flags: flags))
+        OperationLog.shared.record(.rename(from: loggedInode, fromName: from, to: toDir.loggedInode, toName: to, flags: flags))
     }
 
     /// Renames without replacing anything: `RENAME_NOREPLACE` where the backing has it (`native`),
     /// else EEXIST if the target exists and a plain rename otherwise. The check and the rename
     /// are one step only because nothing else changes the store's namespace meanwhile: the caller
     /// holds the volume's namespace lock (or is fsck), and the store lock keeps other daemons out.
-    public static func renameNoReplace(_ fromDir: Int32, _ from: [UInt8], _ toDir: Int32, _ to: [UInt8], native: Bool) throws {
-        if native { return try renameAt(fromDir, from, toDir, to, flags: renameNoReplace) }
+    public func renameNoReplace(_ from: [UInt8], _ toDir: borrowing FileDescriptor, _ to: [UInt8], native: Bool) throws {
+        if native { return try renameAt(from, toDir, to, flags: Sys.renameNoReplace) }
         do {
-            _ = try fstatAt(toDir, to)
+            _ = try toDir.fstatAt(to)
             throw StoreError.system(EEXIST)
         } catch StoreError.system(ENOENT) {}
-        try renameAt(fromDir, from, toDir, to)
+        try renameAt(from, toDir, to)
     }
 
-    /// Gives the inode behind `fd` a new name, via /proc so no capability is needed.
-    public static func linkAt(fd: Int32, toDir: Int32, _ name: [UInt8]) throws {
-        try withCName(name) { p throws in
-            try check(Glibc.linkat(AT_FDCWD, "/proc/self/fd/\(fd)", toDir, p, AT_SYMLINK_FOLLOW))
+    /// Gives the inode behind this descriptor the new name `name` in `toDir`, via /proc so no
+    /// capability is needed. (`linkat(2)`)
+    public func linkAt(toDir: borrowing FileDescriptor, _ name: [UInt8]) throws {
+        try Sys.withCName(name) { p throws in
+            try Sys.check(Glibc.linkat(AT_FDCWD, "/proc/self/fd/\(number)", toDir.number, p, AT_SYMLINK_FOLLOW))
         }
-        OperationLog.shared.record(.link(directory: inode(toDir), name: name, inode: inode(fd)))
+        OperationLog.shared.record(.link(directory: toDir.loggedInode, name: name, inode: loggedInode))
     }
-
-    /// timespec values that tell futimens to leave a time alone, or set it to now.
-    public static let omitTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2)
-    public static let nowTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 1)
 
     /// Sets times through /proc so it works on O_PATH descriptors (directories) too.
-    public static func setTimes(_ fd: Int32, _ times: (timespec, timespec)) throws {
-        var t = try resolvingOmitted(fd, times)
-        try check(Glibc.utimensat(AT_FDCWD, "/proc/self/fd/\(fd)", &t, 0))
+    public func setTimes(_ times: (timespec, timespec)) throws {
+        var t = try resolvingOmitted(times)
+        try Sys.check(Glibc.utimensat(AT_FDCWD, "/proc/self/fd/\(number)", &t, 0))
     }
 
-    /// Moves only the ctime of the object behind `fd` (an O_PATH descriptor will do): a chown
-    /// to the owner it has.
-    public static func touchChangeTime(_ fd: Int32) throws {
-        try check(Glibc.fchownat(fd, "", uid_t.max, gid_t.max, 0x1000)) // AT_EMPTY_PATH
+    /// Moves only the ctime of the object behind the descriptor (an O_PATH descriptor will do):
+    /// a chown to the owner it has.
+    public func touchChangeTime() throws {
+        try Sys.check(Glibc.fchownat(number, "", uid_t.max, gid_t.max, 0x1000)) // AT_EMPTY_PATH
     }
 
-    public static func futimens(_ fd: Int32, _ times: (timespec, timespec)) throws {
-        var t = try resolvingOmitted(fd, times)
-        try check(Glibc.futimens(fd, &t))
+    public func futimens(_ times: (timespec, timespec)) throws {
+        var t = try resolvingOmitted(times)
+        try Sys.check(Glibc.futimens(number, &t))
     }
 
     /// Puts back a modification time the store's own header write changed. GlusterFS refuses any
     /// setattr of a file whose last name is gone (ESTALE), and that must not fail the commit the
     /// header write belonged to: backing times are unauthenticated, and an unlinked file's show
     /// only through its open descriptors.
-    public static func restoreModificationTime(_ fd: Int32, _ time: timespec) throws {
+    public func restoreModificationTime(_ time: timespec) throws {
         do {
-            try futimens(fd, (omitTime, time))
+            try futimens((Sys.omitTime, time))
         } catch StoreError.system(ESTALE) {}
     }
 
-    /// open(2)'s O_NOATIME.
-    public static let noAccessTimeFlag = encfsd_O_NOATIME
-
     /// Sets the atime to now (which gives it the instant the ctime gets) and the mtime to
     /// `modified` (nil: left alone): the mark of an atime-only header write (`writeAccessTime`).
-    static func markUnchangedSinceWrite(_ fd: Int32, modified: timespec?) throws {
+    func markUnchangedSinceWrite(modified: timespec?) throws {
         do {
-            try futimens(fd, (nowTime, modified ?? omitTime))
+            try futimens((Sys.nowTime, modified ?? Sys.omitTime))
         } catch StoreError.system(ESTALE) {}
     }
 
     /// A time left alone (UTIME_OMIT) is passed as its current value instead: bindfs (1.14) takes
     /// an omitted time to mean "now", which made every chmod look like a content change.
-    private static func resolvingOmitted(_ fd: Int32, _ times: (timespec, timespec)) throws -> [timespec] {
-        let omitted = { (t: timespec) in t.tv_nsec == omitTime.tv_nsec }
+    private func resolvingOmitted(_ times: (timespec, timespec)) throws -> [timespec] {
+        let omitted = { (t: timespec) in t.tv_nsec == Sys.omitTime.tv_nsec }
         guard omitted(times.0) || omitted(times.1) else { return [times.0, times.1] }
-        let st = try fstat(fd)
+        let st = try fstat()
         return [omitted(times.0) ? st.st_atim : times.0, omitted(times.1) ? st.st_mtim : times.1]
     }
 
-    public static func fallocate(_ fd: Int32, mode: Int32, offset: Int64, length: Int64) throws {
-        let before = OperationLog.shared.isRecording ? try fstat(fd).st_size : 0
-        _ = try retrying { encfsd_fallocate(fd, mode, off_t(offset), off_t(length)) }
+    public func fallocate(mode: Int32, offset: Int64, length: Int64) throws {
+        let before = OperationLog.shared.isRecording ? try fstat().st_size : 0
+        _ = try Sys.retrying { encfsd_fallocate(number, mode, off_t(offset), off_t(length)) }
         // For the crash-state checker: a punched range reads as zeros; an allocation may grow the file.
         if mode & 0x02 != 0 {
             let end = min(offset + length, Int64(before))
-            if end > offset { OperationLog.shared.record(.write(inode: inode(fd), offset: offset, bytes: [UInt8](repeating: 0, count: Int(end - offset)))) }
+            if end > offset { OperationLog.shared.record(.write(inode: loggedInode, offset: offset, bytes: [UInt8](repeating: 0, count: Int(end - offset)))) }
         } else if mode & 0x01 == 0 && offset + length > Int64(before) {
-            OperationLog.shared.record(.truncate(inode: inode(fd), length: offset + length))
+            OperationLog.shared.record(.truncate(inode: loggedInode, length: offset + length))
         }
     }
 
-    public static func fstatvfs(_ fd: Int32) throws -> statvfs {
+    public func fstatvfs() throws -> statvfs {
         var s = statvfs()
-        try check(Glibc.fstatvfs(fd, &s))
+        try Sys.check(Glibc.fstatvfs(number, &s))
         return s
     }
 
-    public struct RawEntry {
-        public var name: [UInt8]
-        public var inode: UInt64
-        public var isDirectory: Bool
-    }
-
-    /// Entries of a directory, without "." and "..", with the inode and type getdents gives.
-    public static func listDirectory(_ dirFD: Int32) throws -> [RawEntry] {
+    /// Entries of this directory, without "." and "..", with the inode and type getdents gives.
+    public func listDirectory() throws -> [Sys.RawEntry] {
         // O_NOATIME as in `reopen`: a listing must not move the backing atime, which is the
         // plaintext atime of a directory whose header keeps none.
         let fd: Int32
         do {
-            fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC | encfsd_O_NOATIME) }
+            fd = try Sys.retrying { Glibc.openat(number, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC | encfsd_O_NOATIME) }
         } catch StoreError.system(EPERM) {
-            fd = try retrying { Glibc.openat(dirFD, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
+            fd = try Sys.retrying { Glibc.openat(number, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC) }
         }
+        // The stream owns the new descriptor from here: closedir closes it.
         guard let dir = fdopendir(fd) else {
             let e = errno
             Glibc.close(fd)
             throw StoreError.system(e)
         }
         defer { closedir(dir) }
-        var entries: [RawEntry] = []
+        var entries: [Sys.RawEntry] = []
         while true {
             errno = 0
             guard let entry = readdir(dir) else {
@@ -342,59 +385,105 @@ public enum Sys {
                 Array(raw.prefix(while: { $0 != 0 }))
             }
             if name == [0x2e] || name == [0x2e, 0x2e] { continue }
-            entries.append(RawEntry(name: name, inode: UInt64(entry.pointee.d_ino),
-                                    isDirectory: entry.pointee.d_type == UInt8(DT_DIR)))
+            entries.append(Sys.RawEntry(name: name, inode: UInt64(entry.pointee.d_ino),
+                                        isDirectory: entry.pointee.d_type == UInt8(DT_DIR)))
         }
         return entries
     }
 
-    /// Caps glibc's malloc arenas (call before worker threads start): each thread that allocates
-    /// otherwise gets an arena of its own that keeps freed extent buffers, and with 16 FUSE workers
-    /// a random-write load held ~290 MB resident instead of ~100 MB.
-    public static func limitMallocArenas(_ count: Int32) { _ = encfsd_limit_malloc_arenas(count) }
-
-    /// Returns freed heap memory to the system.
-    public static func trimMalloc() { _ = encfsd_malloc_trim() }
-
     /// An ioctl whose argument is a buffer read and written in place.
-    public static func ioctl(_ fd: Int32, _ request: UInt, _ buffer: inout [UInt8]) throws {
-        let rc = buffer.withUnsafeMutableBytes { encfsd_ioctl(fd, request, $0.baseAddress) }
-        if rc < 0 { throw StoreError.system(errno) }
+    public func ioctl(_ request: UInt, _ buffer: inout [UInt8]) throws {
+        let rc = buffer.withUnsafeMutableBytes { encfsd_ioctl(number, request, $0.baseAddress) }
+        try Sys.check(rc)
+    }
+
+    /// The kernel file handle of the entry `name` of this directory (`name` empty and `flags`
+    /// AT_EMPTY_PATH: of this descriptor's own object), with its type in the first four bytes;
+    /// nil where the filesystem gives none. (`name_to_handle_at(2)`)
+    func fileHandle(_ name: [UInt8], flags: Int32) -> (type: Int32, handle: [UInt8])? {
+        var bytes = [UInt8](repeating: 0, count: 132)
+        var length: UInt32 = 0
+        var type: Int32 = 0
+        let rc = (try? Sys.withCName(name) { p in
+            bytes.withUnsafeMutableBufferPointer { encfsd_file_handle(number, p, flags, $0.baseAddress! + 4, 128, &length, &type) }
+        }) ?? -1
+        guard rc == 0 else { return nil }
+        withUnsafeBytes(of: type.littleEndian) { for i in 0..<4 { bytes[i] = $0[i] } }
+        return (type, Array(bytes.prefix(4 + Int(length))))
     }
 
     // MARK: extended attributes on backing objects
 
-    public static func fsetxattr(_ fd: Int32, _ name: String, _ value: [UInt8], flags: Int32) throws {
-        try check(value.withUnsafeBytes { CLinux.fsetxattr(fd, name, $0.baseAddress, $0.count, flags) })
+    public func fsetxattr(_ name: String, _ value: [UInt8], flags: Int32) throws {
+        try Sys.check(value.withUnsafeBytes { CLinux.fsetxattr(number, name, $0.baseAddress, $0.count, flags) })
     }
 
-    public static func fgetxattr(_ fd: Int32, _ name: String) throws -> [UInt8] {
+    public func fgetxattr(_ name: String) throws -> [UInt8] {
         while true {
-            let size = CLinux.fgetxattr(fd, name, nil, 0)
-            if size < 0 { throw StoreError.system(errno) }
+            let size = try Sys.retrying { CLinux.fgetxattr(number, name, nil, 0) }
             var value = [UInt8](repeating: 0, count: size)
-            let n = value.withUnsafeMutableBytes { CLinux.fgetxattr(fd, name, $0.baseAddress, $0.count) }
+            let n = value.withUnsafeMutableBytes { CLinux.fgetxattr(number, name, $0.baseAddress, $0.count) }
             if n >= 0 { return Array(value.prefix(n)) }
-            if errno != ERANGE { throw StoreError.system(errno) }
+            if errno != ERANGE { throw Sys.failure() }
         }
     }
 
-    public static func flistxattr(_ fd: Int32) throws -> [String] {
+    public func flistxattr() throws -> [String] {
         while true {
-            let size = CLinux.flistxattr(fd, nil, 0)
-            if size < 0 { throw StoreError.system(errno) }
+            let size = try Sys.retrying { CLinux.flistxattr(number, nil, 0) }
             if size == 0 { return [] }
             var buf = [CChar](repeating: 0, count: size)
-            let n = CLinux.flistxattr(fd, &buf, buf.count)
+            let n = CLinux.flistxattr(number, &buf, buf.count)
             if n < 0 {
                 if errno == ERANGE { continue }
-                throw StoreError.system(errno)
+                throw Sys.failure()
             }
             return buf.prefix(n).split(separator: 0).map { String(decoding: $0.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
         }
     }
 
-    public static func fremovexattr(_ fd: Int32, _ name: String) throws {
-        try check(CLinux.fremovexattr(fd, name))
+    public func fremovexattr(_ name: String) throws {
+        try Sys.check(CLinux.fremovexattr(number, name))
+    }
+
+    // MARK: the store lock and the size limit
+
+    /// Takes an exclusive open file description lock on all of the file, without waiting:
+    /// false when another description holds a conflicting lock. (`fcntl(F_OFD_SETLK)`)
+    func lockWholeFile() throws -> Bool {
+        do {
+            _ = try Sys.retrying { encfsd_ofd_lock_whole(number, encfsd_F_WRLCK) }
+            return true
+        } catch StoreError.system(let code) where code == EAGAIN || code == EACCES {
+            return false
+        }
+    }
+
+    /// The largest length `ftruncate` accepts for a file in this directory's filesystem, up to
+    /// `limit`; nil if that cannot be found out. The kernel exposes a filesystem's largest file
+    /// size (`s_maxbytes`) only this way: the probe is an unnamed `O_TMPFILE` file, sparse, that
+    /// vanishes when closed. Its calls are not in the operation log: it never touches the store's
+    /// state. (The daemon ignores SIGXFSZ, so an `RLIMIT_FSIZE` shows here as EFBIG.)
+    func probeLargestFile(upTo limit: Int64) -> Int64? {
+        guard let probe = try? Sys.openUnnamed(in: self, mode: 0o600) else { return nil }
+        func fits(_ length: Int64) -> Bool? {
+            while true {
+                if Glibc.ftruncate(probe.number, off_t(length)) == 0 { return true }
+                switch errno {
+                case EINTR: continue
+                case EFBIG, EINVAL: return false
+                default: return nil
+                }
+            }
+        }
+        guard let all = fits(limit) else { return nil }
+        if all { return limit }
+        var low: Int64 = 0, high = limit - 1 // low fits, high + 1 does not
+        while low < high {
+            let middle = low + (high - low + 1) / 2
+            guard let ok = fits(middle) else { return nil }
+            if ok { low = middle } else { high = middle - 1 }
+        }
+        return low
     }
 }

@@ -19,7 +19,7 @@ extension Volume {
                 try commitTruncate(node, file, &state, droppingSetIDWith: headerKey)
                 // A file opened just for this truncate leaves no shadow behind.
                 if state.file == nil && file.usedJournal && !state.header.flags.contains(.pendingWrite) {
-                    Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)
+                    Journal.remove(journalFD: journalFD.descriptor, objectID: state.header.objectID)
                 }
             }
         }
@@ -40,7 +40,7 @@ extension Volume {
         if changes.isEmpty {
             // chown(path, -1, -1) and the like change nothing but ctime, as on ext4; a no-op
             // chown of the backing object gives it exactly that.
-            try withObjectFD(node, .path) { try Sys.touchChangeTime($0) }
+            try withObjectFD(node, .path) { try $0.touchChangeTime() }
         }
         if changes.accessTime != nil || changes.modificationTime != nil {
             func spec(_ change: AttributeChanges.TimeChange?) -> timespec {
@@ -65,7 +65,7 @@ extension Volume {
                 node.state.withLock { $0.accessedAt = nil }
                 try mutateHeader(node, key: try key(for: node, .header).key, sync: false) { $0.accessTime = 0 }
             }
-            try withObjectFD(node, .path) { try Sys.setTimes($0, (spec(changes.accessTime), spec(changes.modificationTime))) }
+            try withObjectFD(node, .path) { try $0.setTimes((spec(changes.accessTime), spec(changes.modificationTime))) }
         }
         return try attributes(node)
     }

@@ -58,37 +58,36 @@ extension Volume {
     /// backing without O_TMPFILE (or without linkat of an open file) gets the same from a
     /// reserved `.nf-` name renamed into place without replacing: a crash before the rename leaves
     /// only a hidden leftover, never a named entry without its header.
-    func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> (Node, FileDescriptor) {
+    func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> (Node, SharedDescriptor) {
         try changingNamespace {
             let dirFD = try changingDirectoryFD(entry.dir)
-            return try withExtendedLifetime(dirFD) {
-                guard !capabilities.createsUnnamed else {
-                    let fd = try Sys.createUnnamed(in: dirFD.raw, mode: 0o600)
-                    return try buildFile(entry, contents: contents, fd: fd, dirFD: dirFD.raw) {
-                        try Sys.linkAt(fd: fd.raw, toDir: dirFD.raw, entry.name.backingName)
-                    }
+            guard !capabilities.createsUnnamed else {
+                let fd = SharedDescriptor(try dirFD.descriptor.createUnnamed(mode: 0o600))
+                return try buildFile(entry, contents: contents, fd: fd) {
+                    try fd.descriptor.linkAt(toDir: dirFD.descriptor, entry.name.backingName)
                 }
-                let temporary = Leftovers.newFilePrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
-                let fd = try Sys.createEntry(dirFD.raw, temporary, mode: 0o600)
-                do {
-                    return try buildFile(entry, contents: contents, fd: fd, dirFD: dirFD.raw) {
-                        try Sys.renameNoReplace(dirFD.raw, temporary, dirFD.raw, entry.name.backingName, native: capabilities.has(.renameNoReplace))
-                    }
-                } catch {
-                    try? Sys.unlinkAt(dirFD.raw, temporary)
-                    throw error
+            }
+            let temporary = Leftovers.newFilePrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
+            let fd = SharedDescriptor(try dirFD.descriptor.createEntry(temporary, mode: 0o600))
+            do {
+                return try buildFile(entry, contents: contents, fd: fd) {
+                    try dirFD.descriptor.renameNoReplace(temporary, dirFD.descriptor, entry.name.backingName,
+                                                         native: capabilities.has(.renameNoReplace))
                 }
+            } catch {
+                try? dirFD.descriptor.unlinkAt(temporary)
+                throw error
             }
         }
     }
 
     /// Writes a new file's header (and contents), makes it durable, then names it with `enter`.
-    private func buildFile(_ entry: NewEntry, contents: [UInt8], fd: FileDescriptor, dirFD: Int32,
-                           enter: () throws -> Void) throws -> (Node, FileDescriptor) {
+    private func buildFile(_ entry: NewEntry, contents: [UInt8], fd: SharedDescriptor,
+                           enter: () throws -> Void) throws -> (Node, SharedDescriptor) {
         var header = entry.header
         let side = try bornSideXattrs(entry, &header)
         do {
-            return try buildFile(entry, header: header, side: side, contents: contents, fd: fd, dirFD: dirFD, enter: enter)
+            return try buildFile(entry, header: header, side: side, contents: contents, fd: fd, enter: enter)
         } catch {
             if side != nil { removeSideObject(of: header) }
             throw error
@@ -104,25 +103,25 @@ extension Volume {
         return side
     }
 
-    private func buildFile(_ entry: NewEntry, header initial: ObjectHeader, side: SideXattrs?, contents: [UInt8], fd: FileDescriptor,
-                           dirFD: Int32, enter: () throws -> Void) throws -> (Node, FileDescriptor) {
+    private func buildFile(_ entry: NewEntry, header initial: ObjectHeader, side: SideXattrs?, contents: [UInt8], fd backing: SharedDescriptor,
+                           enter: () throws -> Void) throws -> (Node, SharedDescriptor) {
         var header = initial
-        try slots.create(fd: fd.raw, header: &header, key: entry.key)
+        try slots.create(fd: backing.descriptor, header: &header, key: entry.key)
         if !contents.isEmpty {
-            let file = ExtentFile(fd: fd.raw, journalFD: journalFD.raw, key: entry.key, header: header, slots: slots)
+            let file = ExtentFile(backing: backing, journal: journalFD, key: entry.key, header: header, slots: slots)
             try contents.withUnsafeBytes { try file.write(offset: 0, data: $0) }
             try file.commit(header: &header)
         }
-        let xattrs = side != nil ? [] : try Self.attachXattrs(entry.xattrs, fd: fd.raw, objectID: header.objectID, key: entry.key)
+        let xattrs = side != nil ? [] : try Self.attachXattrs(entry.xattrs, fd: backing.descriptor, objectID: header.objectID, key: entry.key)
         // Durable before it has a name: an entry that survives a power loss always has a header
         // (every metadata file the store creates is synced before anything depends on it), and
         // the attributes it was born with (metadata, which only fsync covers).
-        try xattrs.isEmpty ? Sys.fdatasync(fd.raw) : Sys.fsync(fd.raw)
+        try xattrs.isEmpty ? backing.descriptor.fdatasync() : backing.descriptor.fsync()
         FaultPoints.reach(.createHeaderWritten)
         try existsOnCollision(enter)
-        try Self.stampBirth(fd.raw)
-        let st = try Sys.fstat(fd.raw)
-        let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: fd.raw), headerIdentity: nil,
+        try Self.stampBirth(backing.descriptor)
+        let st = try backing.descriptor.fstat()
+        let node = insert(inode: UInt64(st.st_ino), identity: backing.descriptor.identity(), headerIdentity: nil,
                           header: header, verified: true,
                           location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
         node.state.withLock {
@@ -130,7 +129,7 @@ extension Volume {
             $0.backingXattrs = xattrs
             $0.sideXattrs = side
         }
-        return (node, fd)
+        return (node, backing)
     }
 
     /// Creates a directory under a temporary name, makes its header durable, then renames it into
@@ -143,36 +142,31 @@ extension Volume {
     private func createDirectoryLocked(_ entry: NewEntry) throws -> Node {
         let temporary = Array(".mk-\(Hex.encode(OpenSSL.random(count: 8)))".utf8)
         let parentFD = try changingDirectoryFD(entry.dir)
-        defer { withExtendedLifetime(parentFD) {} }
-        try Sys.mkdirAt(parentFD.raw, temporary, mode: 0o700)
-        var made: FileDescriptor?
+        try parentFD.descriptor.mkdirAt(temporary, mode: 0o700)
+        var made: SharedDescriptor?
         var side: SideXattrs?
         do {
-            let dirFD = try Sys.openEntry(parentFD.raw, temporary, .directory, .path)
+            let dirFD = SharedDescriptor(try parentFD.descriptor.openEntry(temporary, .directory, .path))
             made = dirFD
             var header = entry.header
             side = try bornSideXattrs(entry, &header)
-            let headerFD = try Sys.createEntry(dirFD.raw, directoryHeaderName, mode: 0o600)
-            try withExtendedLifetime(headerFD) {
-                try slots.create(fd: headerFD.raw, header: &header, key: entry.key)
-                try Sys.fsync(headerFD.raw)
-            }
+            let headerFD = try dirFD.descriptor.createEntry(directoryHeaderName, mode: 0o600)
+            try slots.create(fd: headerFD, header: &header, key: entry.key)
+            try headerFD.fsync()
             var xattrs: Set<String> = []
             if !entry.xattrs.isEmpty && side == nil {
-                let listing = try Sys.listingDescriptor(dirFD.raw)
-                try withExtendedLifetime(listing) {
-                    xattrs = try Self.attachXattrs(entry.xattrs, fd: listing.raw, objectID: entry.header.objectID, key: entry.key)
-                    try Sys.fsync(listing.raw)
-                }
+                let listing = try dirFD.descriptor.listingDescriptor()
+                xattrs = try Self.attachXattrs(entry.xattrs, fd: listing, objectID: entry.header.objectID, key: entry.key)
+                try listing.fsync()
             }
             try existsOnCollision {
-                try Sys.renameNoReplace(parentFD.raw, temporary, parentFD.raw, entry.name.backingName,
+                try parentFD.descriptor.renameNoReplace(temporary, parentFD.descriptor, entry.name.backingName,
                                         native: capabilities.has(.renameNoReplace))
             }
-            try Self.stampBirth(dirFD.raw)
-            let st = try Sys.fstat(dirFD.raw)
-            let node = insert(inode: UInt64(st.st_ino), identity: Sys.identity(of: dirFD.raw),
-                              headerIdentity: Sys.identity(of: headerFD.raw), header: header, verified: true,
+            try Self.stampBirth(dirFD.descriptor)
+            let st = try dirFD.descriptor.fstat()
+            let node = insert(inode: UInt64(st.st_ino), identity: dirFD.descriptor.identity(),
+                              headerIdentity: headerFD.identity(), header: header, verified: true,
                               location: Location(parent: entry.dir, name: entry.name.backingName), created: true)
             directories.insert(node.id, dirFD)
             node.state.withLock {
@@ -183,8 +177,8 @@ extension Volume {
             return node
         } catch {
             if side != nil { removeSideObject(objectID: entry.header.objectID, generation: 1) }
-            if let made { try? Sys.unlinkAt(made.raw, directoryHeaderName) }
-            try? Sys.unlinkAt(parentFD.raw, temporary, directory: true)
+            if let made { try? made.descriptor.unlinkAt(directoryHeaderName) }
+            try? parentFD.descriptor.unlinkAt(temporary, directory: true)
             throw error
         }
     }
@@ -193,8 +187,8 @@ extension Volume {
     /// last change (the link or rename that entered it): the steps of a creation otherwise leave
     /// them apart (a symlink's target written after its ctime was set, say), and a later object
     /// could show an earlier mtime than one made before it. Works on O_PATH descriptors.
-    static func stampBirth(_ fd: Int32) throws {
-        try Sys.setTimes(fd, (Sys.nowTime, Sys.nowTime))
+    static func stampBirth(_ fd: borrowing FileDescriptor) throws {
+        try fd.setTimes((Sys.nowTime, Sys.nowTime))
     }
 
     /// The reply for a new entry; the reference `insert` took becomes the kernel's lookup.
@@ -277,7 +271,7 @@ extension Volume {
         do {
             let dirFD = try changingDirectoryFD(dir)
             try withObjectFD(object, .path) { fd in
-                try withExtendedLifetime(dirFD) { try Sys.linkAt(fd: fd, toDir: dirFD.raw, name.backingName) }
+                try fd.linkAt(toDir: dirFD.descriptor, name.backingName)
             }
             object.state.withLock { $0.addLocation(Location(parent: dir, name: name.backingName)) }
         } catch {
@@ -371,10 +365,9 @@ extension Volume {
             state.accessedAt = nil
         }
         let headerFD = try headerDescriptor(node, state, writable: true)
-        defer { withExtendedLifetime(headerFD) {} }
-        let before = node.isDirectory ? nil : try Sys.fstat(headerFD.raw)
+        let before = node.isDirectory ? nil : try headerFD.descriptor.fstat()
         do {
-            try slots.writeMetadata(fd: headerFD.raw, header: &header, key: key, sync: sync, safety: &state.slotSafety)
+            try slots.writeMetadata(fd: headerFD.descriptor, header: &header, key: key, sync: sync, safety: &state.slotSafety)
         } catch {
             // Whatever reached the disk is what memory holds; known neither durable nor
             // replaceable, the next write takes the old rule.
@@ -383,7 +376,7 @@ extension Volume {
         }
         state.header = header
         if let before {
-            try Sys.restoreModificationTime(headerFD.raw, before.st_mtim)
+            try headerFD.descriptor.restoreModificationTime(before.st_mtim)
         }
     }
 }

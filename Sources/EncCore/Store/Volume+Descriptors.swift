@@ -9,11 +9,11 @@ import Glibc
 /// O_PATH descriptors of recently used directories, at most `capacity` of them: lookups, creates
 /// and listings in a directory need one, and reopening it from its parent on every request would
 /// cost a walk. The least recently used go first; a descriptor in use elsewhere stays open until
-/// its user lets go of it (descriptors are reference-counted owners, closed by the last one).
+/// its user lets go of it (each is one `SharedDescriptor`, closed with its last reference).
 /// (Keeping the descriptors of recently looked-up files too was measured: no gain, 2026-12-01.)
 final class DescriptorCache: Sendable {
     private struct Entry {
-        let descriptor: FileDescriptor
+        let descriptor: SharedDescriptor
         var lastUse: UInt64
     }
 
@@ -27,7 +27,7 @@ final class DescriptorCache: Sendable {
 
     init(capacity: Int) { self.capacity = max(capacity, 8) }
 
-    func descriptor(_ id: UInt64) -> FileDescriptor? {
+    func descriptor(_ id: UInt64) -> SharedDescriptor? {
         state.withLock { s in
             guard var entry = s.entries[id] else { return nil }
             s.clock += 1
@@ -37,9 +37,9 @@ final class DescriptorCache: Sendable {
         }
     }
 
-    func insert(_ id: UInt64, _ descriptor: FileDescriptor) {
+    func insert(_ id: UInt64, _ descriptor: SharedDescriptor) {
         // Evicted descriptors are released after the lock: closing is a system call.
-        var evicted: [FileDescriptor] = []
+        var evicted: [SharedDescriptor] = []
         state.withLock { s in
             s.clock += 1
             s.entries[id] = Entry(descriptor: descriptor, lastUse: s.clock)
@@ -51,12 +51,12 @@ final class DescriptorCache: Sendable {
                 s.entries[key] = nil
             }
         }
-        withExtendedLifetime(evicted) {}
+        evicted.removeAll()
     }
 
     func remove(_ id: UInt64) {
-        let removed = state.withLock { $0.entries.removeValue(forKey: id) }
-        withExtendedLifetime(removed) {}
+        // Released after the lock, as in `insert`.
+        _ = state.withLock { $0.entries.removeValue(forKey: id) }
     }
 }
 
@@ -96,20 +96,20 @@ extension Volume {
     ///
     /// - Parameter locations: the directory's locations, when the caller holds its lock (the
     ///   lock is not taken again: Swift's Mutex traps on re-entry).
-    func directoryFD(_ dir: Node, locations known: [Location]? = nil) throws -> FileDescriptor {
+    func directoryFD(_ dir: Node, locations known: [Location]? = nil) throws -> SharedDescriptor {
         guard dir.isDirectory else { throw StoreError.notDirectory }
         if let pinned = dir.pinnedDirectory { return pinned }
         if let cached = directories.descriptor(dir.id) { return cached }
-        let fd = try reopen(dir, locations: known ?? dir.state.withLock { $0.locations }, .path)
+        let fd = SharedDescriptor(try reopen(dir, locations: known ?? dir.state.withLock { $0.locations }, .path))
         directories.insert(dir.id, fd)
         return fd
     }
 
     /// A directory's descriptor for a change of its entries (create, link, rename, unlink):
     /// checked to lie beneath the store root first, so nothing is made or moved outside it.
-    func changingDirectoryFD(_ dir: Node) throws -> FileDescriptor {
+    func changingDirectoryFD(_ dir: Node) throws -> SharedDescriptor {
         let fd = try directoryFD(dir)
-        if dir.pinnedDirectory == nil { try withExtendedLifetime(fd) { try Sys.checkBeneath(fd.raw, root: rootPlace) } }
+        if dir.pinnedDirectory == nil { try fd.descriptor.checkBeneath(root: rootPlace) }
         return fd
     }
 
@@ -123,11 +123,10 @@ extension Volume {
         for location in locations {
             do {
                 let parent = try directoryFD(location.parent)
-                let (fd, st) = try withExtendedLifetime(parent) {
-                    try Sys.openEntryStat(parent.raw, location.name, node.isDirectory ? .directory : .regularFile, access)
-                }
-                if node.isObject(inode: UInt64(st.st_ino), identity: node.identity == nil ? nil : Sys.identity(of: fd.raw)) {
-                    return fd
+                let opened = try parent.descriptor.openEntryStat(location.name, node.isDirectory ? .directory : .regularFile, access)
+                let identity = node.identity == nil ? nil : opened.descriptor.identity()
+                if node.isObject(inode: UInt64(opened.stat.st_ino), identity: identity) {
+                    return opened.descriptor
                 }
                 failure = StoreError.integrity("backing entry of object \(node.id) was replaced by another object")
             } catch {
@@ -139,34 +138,32 @@ extension Volume {
 
     /// The node's backing object for one call: the open file's descriptor when it is open (no
     /// system call), else one opened for the call. For use with the node's lock held.
-    func objectDescriptor(_ node: Node, _ state: NodeState, _ access: BackingAccess) throws -> FileDescriptor {
+    func objectDescriptor(_ node: Node, _ state: NodeState, _ access: BackingAccess) throws -> SharedDescriptor {
         if node.isDirectory { return try directoryFD(node, locations: state.locations) }
-        if let open = state.file?.descriptor { return open }
-        return try reopen(node, locations: state.locations, access)
+        if let open = state.file?.backing { return open }
+        return SharedDescriptor(try reopen(node, locations: state.locations, access))
     }
 
     /// Where the node's header lives, opened for one call: a directory's `.d` file, or the object.
-    func headerDescriptor(_ node: Node, _ state: NodeState, writable: Bool) throws -> FileDescriptor {
+    func headerDescriptor(_ node: Node, _ state: NodeState, writable: Bool) throws -> SharedDescriptor {
         guard node.isDirectory else { return try objectDescriptor(node, state, writable ? .readWrite : .readOnly) }
         let dir = try directoryFD(node, locations: state.locations)
-        let fd = try withExtendedLifetime(dir) {
-            // Written only if it is the `.d` that was read, with no other name: a planted hard link
-            // to a file elsewhere would otherwise receive the header.
-            writable ? try Sys.openPrivateFile(dir.raw, directoryHeaderName)
-                     : try Sys.openEntry(dir.raw, directoryHeaderName, .regularFile, .readOnly)
-        }
-        if let expected = node.headerIdentity, Sys.identity(of: fd.raw) != expected {
+        // Written only if it is the `.d` that was read, with no other name: a planted hard link
+        // to a file elsewhere would otherwise receive the header.
+        let fd = writable ? try dir.descriptor.openPrivateFile(directoryHeaderName)
+                          : try dir.descriptor.openEntry(directoryHeaderName, .regularFile, .readOnly)
+        if let expected = node.headerIdentity, fd.identity() != expected {
             throw StoreError.integrity("the header file of directory \(node.id) was replaced in the backing store")
         }
-        return fd
+        return SharedDescriptor(fd)
     }
 
     /// `body` with the node's backing object (see `objectDescriptor`), taking the node's lock
     /// only to read its state.
-    func withObjectFD<R>(_ node: Node, _ access: BackingAccess, _ body: (Int32) throws -> R) throws -> R {
+    func withObjectFD<R>(_ node: Node, _ access: BackingAccess, _ body: (borrowing FileDescriptor) throws -> R) throws -> R {
         let state = node.state.withLock { $0 }
         let fd = try objectDescriptor(node, state, access)
-        return try withExtendedLifetime(fd) { try body(fd.raw) }
+        return try body(fd.descriptor)
     }
 
     /// The backing `stat` of a node: from its open descriptor or directory, else by name in its
@@ -174,16 +171,14 @@ extension Volume {
     func backingStat(_ node: Node) throws -> stat {
         if node.isDirectory {
             let fd = try directoryFD(node)
-            return try withExtendedLifetime(fd) { try Sys.fstat(fd.raw) }
+            return try fd.descriptor.fstat()
         }
-        let (open, locations) = node.state.withLock { ($0.file?.descriptor, $0.locations) }
-        if let open { return try withExtendedLifetime(open) { try Sys.fstat(open.raw) } }
+        let (open, locations) = node.state.withLock { ($0.file?.backing, $0.locations) }
+        if let open { return try open.descriptor.fstat() }
         for location in locations {
             let parent = try directoryFD(location.parent)
-            let (st, found) = withExtendedLifetime(parent) {
-                (try? Sys.fstatAt(parent.raw, location.name),
-                 node.identity == nil ? nil : Sys.identity(ofEntry: location.name, in: parent.raw))
-            }
+            let st = try? parent.descriptor.fstatAt(location.name)
+            let found = node.identity == nil ? nil : parent.descriptor.identity(ofEntry: location.name)
             if let st, node.isObject(inode: UInt64(st.st_ino), identity: found) { return st }
         }
         throw StoreError.notFound

@@ -76,7 +76,7 @@ extension Volume {
             let end = min(geometry.backingOffset(upper), geometry.backingLength(size: file.size))
             guard start < end else { continue }
             do {
-                try Sys.fallocate(file.fd, mode: Self.punchKeepingSize, offset: start, length: end - start)
+                try file.backing.descriptor.fallocate(mode: Self.punchKeepingSize, offset: start, length: end - start)
             } catch StoreError.system(EOPNOTSUPP) {
                 return // A backing filesystem without punching keeps the bytes: they are unreferenced.
             }

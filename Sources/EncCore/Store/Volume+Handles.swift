@@ -88,7 +88,7 @@ extension Volume {
         return handle
     }
 
-    func open(_ id: UInt64, truncate: Bool, descriptor: FileDescriptor?, dropSetID: Bool = false) throws -> UInt64 {
+    func open(_ id: UInt64, truncate: Bool, descriptor: SharedDescriptor?, dropSetID: Bool = false) throws -> UInt64 {
         let node = try node(id)
         switch node.type {
         case .regular: break
@@ -106,7 +106,7 @@ extension Volume {
                 // The open file's descriptor is the object's only long-lived one (see Node).
                 try openFiles.acquire()
                 do {
-                    let fd = try descriptor ?? reopen(node, locations: state.locations, .readWrite)
+                    let fd = try descriptor ?? SharedDescriptor(reopen(node, locations: state.locations, .readWrite))
                     state.file = extentFile(fd, key: key, header: state.header)
                 } catch {
                     openFiles.release()
@@ -191,7 +191,7 @@ extension Volume {
         let node = try fileNode(handle: handle)
         try withOpenFile(node) { state, file in
             try commit(file, &state, durable: true)
-            if !dataOnly { try Sys.fsync(file.fd) }
+            if !dataOnly { try file.backing.descriptor.fsync() }
         }
     }
 
@@ -210,7 +210,7 @@ extension Volume {
                 // removes its (empty) shadow.
                 if state.opens == 0 {
                     if state.file?.usedJournal == true && !state.header.flags.contains(.pendingWrite) {
-                        Journal.remove(journalFD: journalFD.raw, objectID: state.header.objectID)
+                        Journal.remove(journalFD: journalFD.descriptor, objectID: state.header.objectID)
                     }
                     closeFile(&state)
                     if state.sideObjectUnlinked { removeSideObject(of: state.header) }
@@ -279,22 +279,21 @@ extension Volume {
 
     public func fsyncDirectory(_ id: UInt64) throws {
         let dir = try directoryFD(try node(id))
-        let fd = try withExtendedLifetime(dir) { try Sys.listingDescriptor(dir.raw) }
-        try withExtendedLifetime(fd) { try Sys.fsync(fd.raw) }
+        let fd = try dir.descriptor.listingDescriptor()
+        try fd.fsync()
     }
 
     /// The directory's entries with plaintext names (no-key names in the locked view).
     /// Entries that fail to decrypt are left out and logged; `encfsd fsck` reports them.
     func list(_ dir: Node) throws -> [DirectoryEntry] {
         let dirFD = try directoryFD(dir)
-        defer { withExtendedLifetime(dirFD) {} }
-        let st = try Sys.fstat(dirFD.raw)
+        let st = try dirFD.descriptor.fstat()
         var entries = [DirectoryEntry(name: [0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR),
                        DirectoryEntry(name: [0x2e, 0x2e], inode: UInt64(st.st_ino), typeBits: S_IFDIR)]
         let unlocked = (try? key(for: dir, .names)).map { ($0.key, $0.header) }
         // Names a rekey has not moved yet open under the previous key: one more SIV try each.
         let previousKey = unlocked?.1.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }
-        for raw in try Sys.listDirectory(dirFD.raw) {
+        for raw in try dirFD.descriptor.listDirectory() {
             guard NameCodec.isEntryName(raw.name) else { continue }
             let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0
             guard let (key, header) = unlocked else {

@@ -86,13 +86,13 @@ extension Volume {
         guard let key = candidate?.identifier == policy ? candidate : keys.key(for: policy, allowLingering: true)
         else { throw StoreError.noKey }
         let fd = try headerDescriptor(node, state, writable: false)
-        state.header = try withExtendedLifetime(fd) { try slots.read(fd: fd.raw, key: key) }
+        state.header = try slots.read(fd: fd.descriptor, key: key)
         state.verified = true
     }
 
     /// Reads a header from `fd` once, verifying it when the key that authenticates it is loaded:
     /// `candidate` (the parent directory's key, which authenticates most children) first.
-    static func readHeader(_ fd: Int32, keys: KeyTable, slots: HeaderSlots, candidate: MasterKey? = nil) throws -> (ObjectHeader, Bool) {
+    static func readHeader(_ fd: borrowing FileDescriptor, keys: KeyTable, slots: HeaderSlots, candidate: MasterKey? = nil) throws -> (ObjectHeader, Bool) {
         try slots.read(fd: fd) { policy in
             candidate?.identifier == policy ? candidate : keys.key(for: policy, allowLingering: true)
         }
@@ -113,9 +113,7 @@ extension Volume {
     /// Replays the pending transaction of `state` (the node's lock held).
     func recoverLocked(_ node: Node, _ state: inout NodeState, key: MasterKey) throws {
         let fd = try objectDescriptor(node, state, .readWrite)
-        state.header = try withExtendedLifetime(fd) {
-            try slots.completeInterruptedWrite(fd: fd.raw, journalFD: journalFD.raw, pending: state.header, key: key)
-        }
+        state.header = try slots.completeInterruptedWrite(fd: fd.descriptor, journalFD: journalFD.descriptor, pending: state.header, key: key)
         state.slotSafety.madeDurable(state.header.sequence)
     }
 }

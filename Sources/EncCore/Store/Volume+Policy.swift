@@ -16,7 +16,7 @@ extension Volume {
         if header.policy == policy { return }
         guard header.policy == header.macPolicy, id != Self.rootID else { throw StoreError.exists }
         let dirFD = try directoryFD(dir)
-        guard try withExtendedLifetime(dirFD, { try Sys.listDirectory(dirFD.raw) }).allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
+        guard try dirFD.descriptor.listDirectory().allSatisfy({ !NameCodec.isEntryName($0.name) }) else {
             throw StoreError.notEmpty
         }
         try mutateHeader(dir, key: try key(for: dir, .header).key, sync: true) { $0.policy = policy }

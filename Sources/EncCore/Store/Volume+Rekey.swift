@@ -72,7 +72,7 @@ extension Volume {
         guard let tree = RekeyRegistry.Tree(record) else { throw StoreError.invalidArgument }
         // The record is durable before anything is sealed under the new key, so a crash at any
         // later point resumes; the root's new policy is recorded with it.
-        try rekeys.changeConfig(storeFD: storeFD.raw) { config, trees, finished in
+        try rekeys.changeConfig(storeFD: storeFD.descriptor) { config, trees, finished in
             config.version = max(config.version, 2)
             config.rekeys = (config.rekeys ?? []) + [record]
             if record.isRoot { config.rootPolicy = newPolicy.hex }
@@ -195,8 +195,8 @@ extension Volume {
 
     private func entries(of dir: Node) throws -> [Sys.RawEntry] {
         let fd = try directoryFD(dir)
-        let listing = try withExtendedLifetime(fd) { try Sys.listingDescriptor(fd.raw) }
-        return try withExtendedLifetime(listing) { try Sys.listDirectory(listing.raw) }.filter { NameCodec.isEntryName($0.name) }
+        let listing = try fd.descriptor.listingDescriptor()
+        return try listing.listDirectory().filter { NameCodec.isEntryName($0.name) }
     }
 
     /// Moves one directory and everything under it; true when none of it needs the old key any more.
@@ -389,14 +389,12 @@ extension Volume {
         let primary = try NameCodec.encrypt(name, directoryID: header.objectID, key: key)
         guard let previous = header.previousPolicy, header.type == .directory else { return primary }
         let fd = try directoryFD(dir)
-        return try withExtendedLifetime(fd) {
-            func exists(_ n: EncryptedName) -> Bool { (try? Sys.fstatAt(fd.raw, n.backingName)) != nil }
-            if exists(primary) { return primary }
-            guard let oldKey = lingeringOrPresent(previous) else { throw StoreError.noKey }
-            let legacy = try NameCodec.encrypt(name, directoryID: header.objectID, key: oldKey)
-            // Checked in this order, a name the rekey moves meanwhile is found under one of the two.
-            return exists(legacy) ? legacy : primary
-        }
+        func exists(_ n: EncryptedName) -> Bool { (try? fd.descriptor.fstatAt(n.backingName)) != nil }
+        if exists(primary) { return primary }
+        guard let oldKey = lingeringOrPresent(previous) else { throw StoreError.noKey }
+        let legacy = try NameCodec.encrypt(name, directoryID: header.objectID, key: oldKey)
+        // Checked in this order, a name the rekey moves meanwhile is found under one of the two.
+        return exists(legacy) ? legacy : primary
     }
 
     /// Step 4 for what is left in one directory (entries made or renamed in while it was being
@@ -437,11 +435,9 @@ extension Volume {
             // Under the namespace lock: without RENAME_NOREPLACE (bindfs, sshfs, GlusterFS) the
             // rename is a check and a plain rename, which no other namespace change may split.
             try changingNamespace {
-                try withExtendedLifetime(dirFD) {
-                    // Still the same object under the name (it is the one just bound to the new name).
-                    guard try Self.statEntry(dirFD.raw, backingName).st_ino == child.backingInode else { throw StoreError.busy }
-                    try Sys.renameNoReplace(dirFD.raw, backingName, dirFD.raw, newName.backingName, native: capabilities.has(.renameNoReplace))
-                }
+                // Still the same object under the name (it is the one just bound to the new name).
+                guard try Self.statEntry(dirFD.descriptor, backingName).st_ino == child.backingInode else { throw StoreError.busy }
+                try dirFD.descriptor.renameNoReplace(backingName, dirFD.descriptor, newName.backingName, native: capabilities.has(.renameNoReplace))
             }
         } catch {
             try? removeBinding(newBinding.digest, from: child)
@@ -466,20 +462,18 @@ extension Volume {
         guard capabilities.has(.userXattrs) else { return }
         let fd = try xattrFD(node)
         var moved = false
-        try withExtendedLifetime(fd) {
-            for backing in try Sys.flistxattr(fd.raw) where backing.hasPrefix(XattrCodec.backingPrefix) {
-                guard let sealed = try? Sys.fgetxattr(fd.raw, backing),
-                      let (name, value) = try? XattrCodec.open(sealed, objectID: header.objectID, backingName: backing, key: oldKey)
-                else { continue }
-                let newBacking = XattrCodec.backingName(name, objectID: header.objectID, key: newKey)
-                let resealed = try XattrCodec.seal(name: name, value: value, objectID: header.objectID, backingName: newBacking, key: newKey)
-                try Sys.fsetxattr(fd.raw, newBacking, resealed, flags: 0)
-                try Sys.fremovexattr(fd.raw, backing)
-                moved = true
-            }
-            // Durable before `previousPolicy` is cleared, which ends the search under the old key.
-            if moved { try Sys.fsync(fd.raw) }
+        for backing in try fd.descriptor.flistxattr() where backing.hasPrefix(XattrCodec.backingPrefix) {
+            guard let sealed = try? fd.descriptor.fgetxattr(backing),
+                  let (name, value) = try? XattrCodec.open(sealed, objectID: header.objectID, backingName: backing, key: oldKey)
+            else { continue }
+            let newBacking = XattrCodec.backingName(name, objectID: header.objectID, key: newKey)
+            let resealed = try XattrCodec.seal(name: name, value: value, objectID: header.objectID, backingName: newBacking, key: newKey)
+            try fd.descriptor.fsetxattr(newBacking, resealed, flags: 0)
+            try fd.descriptor.fremovexattr(backing)
+            moved = true
         }
+        // Durable before `previousPolicy` is cleared, which ends the search under the old key.
+        if moved { try fd.descriptor.fsync() }
         // The names changed behind the node's cache of backing xattr names: list them anew.
         if moved { node.state.withLock { $0.backingXattrs = nil } }
     }
@@ -488,7 +482,7 @@ extension Volume {
 
     /// Drops the tree's record (and for a passphrase change the old passphrase's parameters).
     private func finish(_ tree: RekeyRegistry.Tree) throws {
-        try rekeys.changeConfig(storeFD: storeFD.raw) { config, trees, finished in
+        try rekeys.changeConfig(storeFD: storeFD.descriptor) { config, trees, finished in
             config.rekeys = config.rekeys?.filter { $0.root != tree.record.root }
             if config.rekeys?.isEmpty == true { config.rekeys = nil }
             if tree.record.retirePassphrase == true {

@@ -16,8 +16,7 @@ extension Volume {
         let naming = try? key(for: dir, .names)
         let backing = try backingName(of: name, in: dir, naming: naming)
         let dirFD = try changingDirectoryFD(dir)
-        defer { withExtendedLifetime(dirFD) {} }
-        let st = try Self.statEntry(dirFD.raw, backing)
+        let st = try Self.statEntry(dirFD.descriptor, backing)
         guard st.st_mode & S_IFMT != S_IFDIR else { throw StoreError.isDirectory }
         try checkRemoval(from: dir, backingName: backing, inode: UInt64(st.st_ino))
         // A file that keeps other names should stop listing this one; without the key the
@@ -26,10 +25,10 @@ extension Volume {
         if st.st_nlink > 1, naming != nil {
             survivor = try? childEntry(of: dir, backingName: backing, naming: naming).node
         }
-        let lastName = st.st_nlink == 1 ? header(ofLastName: backing, in: dirFD.raw, inode: UInt64(st.st_ino)) : nil
-        try Sys.unlinkAt(dirFD.raw, backing)
+        let lastName = st.st_nlink == 1 ? header(ofLastName: backing, in: dirFD.descriptor, inode: UInt64(st.st_ino)) : nil
+        try dirFD.descriptor.unlinkAt(backing)
         forgetLocation(Location(parent: dir, name: backing), inode: UInt64(st.st_ino))
-        if st.st_nlink == 1 { dropSideObject(ofUnlinked: UInt64(st.st_ino), header: lastName, directoryFD: dirFD.raw) }
+        if st.st_nlink == 1 { dropSideObject(ofUnlinked: UInt64(st.st_ino), header: lastName, directoryFD: dirFD.descriptor) }
         if let survivor, let naming {
             bindingWentStale(Binding.digest(parentID: naming.header.objectID, backingName: backing), of: survivor)
         }
@@ -39,10 +38,10 @@ extension Volume {
 
     /// The header of an object about to lose its last name, when no node has it (a node's is read
     /// then): only a v3 store's objects can have a side object to remove with it.
-    func header(ofLastName backing: [UInt8], in dirFD: Int32, inode: UInt64) -> ObjectHeader? {
+    func header(ofLastName backing: [UInt8], in dirFD: borrowing FileDescriptor, inode: UInt64) -> ObjectHeader? {
         guard holdsSideObjects, table.withLock({ $0.byInode[inode] }) == nil,
-              let fd = try? Sys.openEntry(dirFD, backing, .regularFile, .readOnly) else { return nil }
-        return withExtendedLifetime(fd) { try? slots.read(fd: fd.raw, key: nil) }
+              let fd = try? dirFD.openEntry(backing, .regularFile, .readOnly) else { return nil }
+        return try? slots.read(fd: fd, key: nil)
     }
 
     public func rmdir(parent: UInt64, name: [UInt8]) throws {
@@ -63,19 +62,20 @@ extension Volume {
     /// removes, never an entry without a header.
     func removeEmptyDirectory(in dir: Node, backingName: [UInt8]) throws {
         let dirFD = try changingDirectoryFD(dir)
-        defer { withExtendedLifetime(dirFD) {} }
-        let (target, st) = try Sys.openEntryStat(dirFD.raw, backingName, .directory, .path)
-        switch try Leftovers.contents(of: target.raw) {
+        let opened = try dirFD.descriptor.openEntryStat(backingName, .directory, .path)
+        let st = opened.stat
+        let target = opened.descriptor
+        switch try Leftovers.contents(of: target) {
         case .removable: break
         case .entries: throw StoreError.notEmpty
         case .foreign: throw Leftovers.foreign
         }
-        let removed = header(ofLastName: directoryHeaderName, in: target.raw, inode: UInt64(st.st_ino))
+        let removed = header(ofLastName: directoryHeaderName, in: target, inode: UInt64(st.st_ino))
         let trash = Leftovers.rmdirPrefix + Array(Hex.encode(OpenSSL.random(count: 8)).utf8)
-        try Sys.renameNoReplace(dirFD.raw, backingName, dirFD.raw, trash, native: capabilities.has(.renameNoReplace))
+        try dirFD.descriptor.renameNoReplace(backingName, dirFD.descriptor, trash, native: capabilities.has(.renameNoReplace))
         forgetLocation(Location(parent: dir, name: backingName), inode: UInt64(st.st_ino))
-        try Leftovers.remove(target, named: trash, in: dirFD.raw)
-        dropSideObject(ofUnlinked: UInt64(st.st_ino), header: removed, directoryFD: dirFD.raw)
+        try Leftovers.remove(target, named: trash, in: dirFD.descriptor)
+        dropSideObject(ofUnlinked: UInt64(st.st_ino), header: removed, directoryFD: dirFD.descriptor)
     }
     /// A backing name that no longer leads to the object the kernel may still know by it.
     func forgetLocation(_ location: Location, inode: UInt64) {

@@ -36,13 +36,12 @@ extension Volume {
         defer { if let target { release(target) } }
         let fromFD = try changingDirectoryFD(fromDir)
         let toFD = try changingDirectoryFD(toDir)
-        defer { withExtendedLifetime((fromFD, toFD)) {} }
         var replaced: UInt64?
         var replacedLastName: (inode: UInt64, header: ObjectHeader?)?
-        if let st = try? Self.statEntry(toFD.raw, toName.backingName) {
+        if let st = try? Self.statEntry(toFD.descriptor, toName.backingName) {
             replaced = UInt64(st.st_ino)
             if mode == .replace, st.st_mode & S_IFMT == S_IFREG, st.st_nlink == 1, UInt64(st.st_ino) != source.backingInode {
-                replacedLastName = (UInt64(st.st_ino), header(ofLastName: toName.backingName, in: toFD.raw, inode: UInt64(st.st_ino)))
+                replacedLastName = (UInt64(st.st_ino), header(ofLastName: toName.backingName, in: toFD.descriptor, inode: UInt64(st.st_ino)))
             }
             if UInt64(st.st_ino) == source.backingInode { return } // same object: POSIX says do nothing
             switch mode {
@@ -81,17 +80,17 @@ extension Volume {
         do {
             switch mode {
             case .replace:
-                try Sys.renameAt(fromFD.raw, fromName.backingName, toFD.raw, toName.backingName)
+                try fromFD.descriptor.renameAt(fromName.backingName, toFD.descriptor, toName.backingName)
             case .noReplace:
-                try Sys.renameNoReplace(fromFD.raw, fromName.backingName, toFD.raw, toName.backingName,
+                try fromFD.descriptor.renameNoReplace(fromName.backingName, toFD.descriptor, toName.backingName,
                                         native: capabilities.has(.renameNoReplace))
             case .exchange where capabilities.has(.renameExchange):
-                try Sys.renameAt(fromFD.raw, fromName.backingName, toFD.raw, toName.backingName, flags: Sys.renameExchange)
+                try fromFD.descriptor.renameAt(fromName.backingName, toFD.descriptor, toName.backingName, flags: Sys.renameExchange)
             case .exchange:
                 let record = ExchangeRecord(firstDirectory: try backingPath(of: fromDir), first: fromName.backingName,
                                             secondDirectory: try backingPath(of: toDir), second: toName.backingName,
                                             temporary: ExchangeRecord.newTemporaryName())
-                try record.perform(journalFD: journalFD.raw, firstFD: fromFD.raw, secondFD: toFD.raw)
+                try record.perform(journalFD: journalFD.descriptor, firstFD: fromFD.descriptor, secondFD: toFD.descriptor)
             }
         } catch {
             try? removeBinding(newBinding.digest, from: source)
@@ -107,7 +106,7 @@ extension Volume {
         } else if let replaced {
             forgetLocation(to, inode: replaced)
         }
-        if let replacedLastName { dropSideObject(ofUnlinked: replacedLastName.inode, header: replacedLastName.header, directoryFD: toFD.raw) }
+        if let replacedLastName { dropSideObject(ofUnlinked: replacedLastName.inode, header: replacedLastName.header, directoryFD: toFD.descriptor) }
         source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         bindingWentStale(oldBinding.digest, of: source)
         if let target { bindingWentStale(newBinding.digest, of: target) }
@@ -143,8 +142,7 @@ extension Volume {
         try rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
         let whiteout = try prepare(parent: parent, name: name, type: .characterDevice, mode: 0, rdev: 0,
                                    caller: Caller(uid: caller.uid, gid: caller.gid, umask: 0))
-        let (node, fd) = try createFile(whiteout)
-        withExtendedLifetime(fd) {}
+        let (node, _) = try createFile(whiteout)
         release(node) // the kernel looks the whiteout up when it wants it
     }
 }

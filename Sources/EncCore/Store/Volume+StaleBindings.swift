@@ -36,7 +36,7 @@ extension Volume {
         }
         guard !pending.isEmpty else { return }
         do {
-            try Sys.syncfs(syncFD.raw)
+            try syncFD.syncfs()
         } catch {
             Diagnostics.report("could not make renames durable to drop stale name bindings: \(error)")
             // Not known durable: keep them for the next round.
@@ -83,8 +83,8 @@ extension Volume {
         do {
             // Through the descriptor opened before the epoch's first write, so a writeback error
             // from any time in the epoch fails this syncfs and the epoch stays open.
-            try droppingStaleBindings.withLock { _ in try Sys.syncfs(syncFD.raw) }
-            try EpochRecord.close(storeFD: storeFD.raw, epoch: slots.epoch, evidence: slots.evidence)
+            try droppingStaleBindings.withLock { _ in try syncFD.syncfs() }
+            try EpochRecord.close(storeFD: storeFD.descriptor, epoch: slots.epoch, evidence: slots.evidence)
         } catch {
             Diagnostics.report("could not record a clean unmount: \(error); the next mount treats this one as unclean")
         }

@@ -35,8 +35,8 @@ extension Volume {
         for node in table.withLock({ Array($0.byID.values) }) {
             result.bufferedBytes += node.state.withLock { $0.file?.bufferedBytes ?? 0 }
         }
-        for entry in (try? Sys.listDirectory(journalFD.raw)) ?? [] where !entry.isDirectory {
-            guard let st = try? Sys.fstatAt(journalFD.raw, entry.name), st.st_mode & S_IFMT == S_IFREG else { continue }
+        for entry in (try? journalFD.descriptor.listDirectory()) ?? [] where !entry.isDirectory {
+            guard let st = try? journalFD.descriptor.fstatAt(entry.name), st.st_mode & S_IFMT == S_IFREG else { continue }
             result.journalEntries += 1
             result.journalBytes += Int(st.st_size)
         }

@@ -41,12 +41,10 @@ extension Volume {
 
     /// Backing xattrs live on the directory itself for directories (O_PATH descriptors cannot
     /// carry xattr calls, so the directory is re-opened read-only), on the file otherwise.
-    /// Callers must keep the returned descriptor alive across the call that uses `.raw`: a
-    /// temporary would be closed first, and its number could meanwhile name another file.
-    func xattrFD(_ node: Node) throws -> FileDescriptor {
+    func xattrFD(_ node: Node) throws -> SharedDescriptor {
         if node.isDirectory {
             let dir = try directoryFD(node)
-            return try withExtendedLifetime(dir) { try Sys.listingDescriptor(dir.raw) }
+            return SharedDescriptor(try dir.descriptor.listingDescriptor())
         }
         let state = node.state.withLock { $0 }
         return try objectDescriptor(node, state, .readOnly)
@@ -72,7 +70,7 @@ extension Volume {
         guard capabilities.has(.userXattrs) else { return false }
         if let known = node.state.withLock({ $0.backingXattrs }) { return known.contains(backing) }
         let fd = try xattrFD(node)
-        let names = try withExtendedLifetime(fd) { try Sys.flistxattr(fd.raw) }.filter { $0.hasPrefix(XattrCodec.backingPrefix) }
+        let names = try fd.descriptor.flistxattr().filter { $0.hasPrefix(XattrCodec.backingPrefix) }
         let known = Set(names)
         node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = known } }
         return known.contains(backing)
@@ -80,13 +78,11 @@ extension Volume {
 
     /// Runs a change of the backing attribute `backing` and records its result in the cache,
     /// under the node's lock so a concurrent first listing cannot record a state from before it.
-    private func changeBacking(_ node: Node, _ backing: String, present: Bool, _ body: (Int32) throws -> Void) throws {
+    private func changeBacking(_ node: Node, _ backing: String, present: Bool, _ body: (borrowing FileDescriptor) throws -> Void) throws {
         let fd = try xattrFD(node)
-        try withExtendedLifetime(fd) {
-            try node.state.withLock { state in
-                try body(fd.raw)
-                if present { state.backingXattrs?.insert(backing) } else { state.backingXattrs?.remove(backing) }
-            }
+        try node.state.withLock { state in
+            try body(fd.descriptor)
+            if present { state.backingXattrs?.insert(backing) } else { state.backingXattrs?.remove(backing) }
         }
     }
 
@@ -125,7 +121,7 @@ extension Volume {
         if !inSide && capabilities.has(.userXattrs) {
             do {
                 let (_, sealed) = try Self.sealedXattr(name, value, objectID: objectID, key: key)
-                try changeBacking(node, backing, present: true) { try Sys.fsetxattr($0, backing, sealed, flags: 0) }
+                try changeBacking(node, backing, present: true) { try $0.fsetxattr(backing, sealed, flags: 0) }
                 try dropLegacy(node, legacy, if: legacyExists)
                 return
             } catch StoreError.system(let code) where (code == ENOSPC || code == E2BIG) && holdsSideObjects {
@@ -149,7 +145,7 @@ extension Volume {
     private func dropBacking(_ node: Node, _ backing: String) throws {
         guard try mayHold(node, backing) else { return }
         try changeBacking(node, backing, present: false) { fd in
-            do { try Sys.fremovexattr(fd, backing) } catch StoreError.system(ENODATA) {}
+            do { try fd.fremovexattr(backing) } catch StoreError.system(ENODATA) {}
         }
     }
 
@@ -216,7 +212,7 @@ extension Volume {
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
         guard try mayHold(node, backing) else { throw StoreError.system(ENODATA) }
         let fd = try xattrFD(node)
-        let sealed = try withExtendedLifetime(fd) { try Sys.fgetxattr(fd.raw, backing) }
+        let sealed = try fd.descriptor.fgetxattr(backing)
         let (storedName, value) = try XattrCodec.open(sealed, objectID: objectID, backingName: backing, key: key)
         guard storedName == name else { throw StoreError.integrity("xattr bound to another name") }
         return value
@@ -233,11 +229,10 @@ extension Volume {
         var names = try sideXattrs(node, keys: candidates).keys.sorted { $0.lexicographicallyPrecedes($1) }
         if capabilities.has(.userXattrs) && node.state.withLock({ $0.backingXattrs?.isEmpty }) != true {
             let fd = try xattrFD(node)
-            defer { withExtendedLifetime(fd) {} }
             var backings: Set<String> = []
-            for backing in try Sys.flistxattr(fd.raw) where backing.hasPrefix(XattrCodec.backingPrefix) {
+            for backing in try fd.descriptor.flistxattr() where backing.hasPrefix(XattrCodec.backingPrefix) {
                 backings.insert(backing)
-                guard let sealed = try? Sys.fgetxattr(fd.raw, backing), let (name, _) = candidates.lazy.compactMap({
+                guard let sealed = try? fd.descriptor.fgetxattr(backing), let (name, _) = candidates.lazy.compactMap({
                     try? XattrCodec.open(sealed, objectID: objectID, backingName: backing, key: $0)
                 }).first else {
                     Diagnostics.report("skipping undecryptable xattr \(backing)")
@@ -284,7 +279,7 @@ extension Volume {
         for k in [key] + (previousKey.map { [$0] } ?? []) where capabilities.has(.userXattrs) {
             let backing = XattrCodec.backingName(name, objectID: objectID, key: k)
             guard try mayHold(node, backing) else { continue }
-            try changeBacking(node, backing, present: false) { try Sys.fremovexattr($0, backing) }
+            try changeBacking(node, backing, present: false) { try $0.fremovexattr(backing) }
             removed = true
         }
         if try sideXattrs(node, keys: [key] + (previousKey.map { [$0] } ?? []))[name] != nil {
@@ -326,11 +321,11 @@ extension Volume {
 
     /// Seals and sets a new object's first attributes on its unnamed backing object (`fd` can
     /// carry xattr calls); returns the backing names, the node's initial cache.
-    static func attachXattrs(_ xattrs: [(name: [UInt8], value: [UInt8])], fd: Int32, objectID: [UInt8], key: MasterKey) throws -> Set<String> {
+    static func attachXattrs(_ xattrs: [(name: [UInt8], value: [UInt8])], fd: borrowing FileDescriptor, objectID: [UInt8], key: MasterKey) throws -> Set<String> {
         var names: Set<String> = []
         for (name, value) in xattrs {
             let (backing, sealed) = try sealedXattr(name, value, objectID: objectID, key: key)
-            try Sys.fsetxattr(fd, backing, sealed, flags: 1)
+            try fd.fsetxattr(backing, sealed, flags: 1)
             names.insert(backing)
         }
         return names

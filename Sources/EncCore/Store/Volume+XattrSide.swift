@@ -31,10 +31,10 @@ extension Volume {
     }
 
     /// The store's `.xattrs` directory, opened once and kept (made at the first side object).
-    func sideDirectory(create: Bool) throws -> FileDescriptor? {
+    func sideDirectory(create: Bool) throws -> SharedDescriptor? {
         try xattrSideDirectory.withLock { cached in
             if let cached { return cached }
-            cached = try XattrSideStore.directory(storeFD: storeFD.raw, create: create)
+            cached = try XattrSideStore.directory(storeFD: storeFD.descriptor, create: create)
             return cached
         }
     }
@@ -43,12 +43,12 @@ extension Volume {
     /// follows the directory wherever someone who can write the backing moves it, and a side
     /// object must never be made or removed outside the store (as `checkBeneath` guards the
     /// journal). One moved out is dropped, so the next change opens whatever is at the name.
-    func changingSideDirectory(create: Bool) throws -> FileDescriptor? {
+    func changingSideDirectory(create: Bool) throws -> SharedDescriptor? {
         guard let directory = try sideDirectory(create: create) else { return nil }
         do {
-            try withExtendedLifetime(directory) { try Sys.checkBeneath(directory.raw, root: rootPlace) }
+            try directory.descriptor.checkBeneath(root: rootPlace)
         } catch {
-            xattrSideDirectory.withLock { if $0?.raw == directory.raw { $0 = nil } }
+            xattrSideDirectory.withLock { if $0 === directory { $0 = nil } }
             throw error
         }
         return directory
@@ -75,9 +75,7 @@ extension Volume {
         #if ENCFSD_TEST_HOOKS
         sideObjectReads.add(1, ordering: .relaxed)
         #endif
-        let image = try withExtendedLifetime(directory) {
-            try XattrSideStore.read(directoryFD: directory.raw, objectID: objectID, generation: generation)
-        }
+        let image = try XattrSideStore.read(directoryFD: directory.descriptor, objectID: objectID, generation: generation)
         for key in candidates {
             guard let attributes = try? XattrSideObject.open(image, objectID: objectID, generation: generation, key: key) else { continue }
             let loaded = SideXattrs(generation: generation, attributes: attributes, sealedBy: key.identifier)
@@ -113,14 +111,12 @@ extension Volume {
         let next = old + 1
         let image = try XattrSideObject.seal(attributes, objectID: objectID, generation: next, key: key)
         guard let directory = try changingSideDirectory(create: true) else { throw StoreError.system(ENOENT) }
-        try withExtendedLifetime(directory) {
-            try XattrSideStore.write(directoryFD: directory.raw, objectID: objectID, generation: next, image: image)
-            FaultPoints.reach(.xattrSideObjectWritten)
-            try mutateHeaderLocked(node, &state, key: headerKey, sync: true) { $0.xattrGeneration = next }
-            state.sideXattrs = SideXattrs(generation: next, attributes: attributes, sealedBy: key.identifier)
-            FaultPoints.reach(.xattrSideHeaderCommitted)
-            if old != 0 { XattrSideStore.remove(directoryFD: directory.raw, objectID: objectID, generation: old) }
-        }
+        try XattrSideStore.write(directoryFD: directory.descriptor, objectID: objectID, generation: next, image: image)
+        FaultPoints.reach(.xattrSideObjectWritten)
+        try mutateHeaderLocked(node, &state, key: headerKey, sync: true) { $0.xattrGeneration = next }
+        state.sideXattrs = SideXattrs(generation: next, attributes: attributes, sealedBy: key.identifier)
+        FaultPoints.reach(.xattrSideHeaderCommitted)
+        if old != 0 { XattrSideStore.remove(directoryFD: directory.descriptor, objectID: objectID, generation: old) }
     }
 
     /// A new object's first attributes, where the backing has no xattrs: generation 1, durable
@@ -130,9 +126,7 @@ extension Volume {
         for (name, value) in xattrs { attributes[name] = value }
         let image = try XattrSideObject.seal(attributes, objectID: objectID, generation: 1, key: key)
         guard let directory = try changingSideDirectory(create: true) else { throw StoreError.system(ENOENT) }
-        try withExtendedLifetime(directory) {
-            try XattrSideStore.write(directoryFD: directory.raw, objectID: objectID, generation: 1, image: image)
-        }
+        try XattrSideStore.write(directoryFD: directory.descriptor, objectID: objectID, generation: 1, image: image)
         return SideXattrs(generation: 1, attributes: attributes, sealedBy: key.identifier)
     }
 
@@ -150,7 +144,7 @@ extension Volume {
     /// After the last name of an object went (unlink, or a rename over it): its side object goes
     /// too, once the directory change is durable, or a power loss could bring the object back
     /// without it. An object still open keeps its side object until its last close.
-    func dropSideObject(ofUnlinked inode: UInt64, header known: ObjectHeader?, directoryFD: Int32) {
+    func dropSideObject(ofUnlinked inode: UInt64, header known: ObjectHeader?, directoryFD: borrowing FileDescriptor) {
         guard holdsSideObjects else { return }
         let node = table.withLock { $0.byInode[inode] }
         let (header, open) = node.map { n in n.state.withLock { ($0.header, $0.opens > 0) } } ?? (known, false)
@@ -159,7 +153,7 @@ extension Volume {
             node.state.withLock { $0.sideObjectUnlinked = true }
             return
         }
-        if let listing = try? Sys.listingDescriptor(directoryFD) { withExtendedLifetime(listing) { try? Sys.fsync(listing.raw) } }
+        if let listing = try? directoryFD.listingDescriptor() { try? listing.fsync() }
         removeSideObject(of: header)
     }
 
@@ -169,6 +163,6 @@ extension Volume {
 
     func removeSideObject(objectID: [UInt8], generation: UInt64) {
         guard generation != 0, let directory = (try? changingSideDirectory(create: false)) ?? nil else { return }
-        withExtendedLifetime(directory) { XattrSideStore.remove(directoryFD: directory.raw, objectID: objectID, generation: generation) }
+        XattrSideStore.remove(directoryFD: directory.descriptor, objectID: objectID, generation: generation)
     }
 }

@@ -25,7 +25,7 @@ public final class Volume: Sendable {
     public let config: StoreConfig
     public let keys: KeyTable
     /// The `.journal` directory holding the shadows of flush transactions in progress.
-    let journalFD: FileDescriptor
+    let journalFD: SharedDescriptor
     let table = Mutex(NodeTable())
     let handles = Mutex(HandleTable())
     /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
@@ -46,7 +46,7 @@ public final class Volume: Sendable {
     /// (`BackingCapabilities.needsNamespaceLock`); taken before any node or table lock.
     let namespaceLock = Mutex<Void>(())
     /// `.xattrs`, once a side object was read or written (`Volume+XattrSide`).
-    let xattrSideDirectory = Mutex<FileDescriptor?>(nil)
+    let xattrSideDirectory = Mutex<SharedDescriptor?>(nil)
     let sideObjectRefusalReported = Atomic<Bool>(false)
     #if ENCFSD_TEST_HOOKS
     /// Side object files read: tests hold the xattr paths to their count.
@@ -55,7 +55,7 @@ public final class Volume: Sendable {
     /// This mount's epoch and the evidence damaged header slots are judged by.
     let slots: HeaderSlots
     /// The store directory, for the epoch record.
-    let storeFD: FileDescriptor
+    let storeFD: SharedDescriptor
     /// A real (listing) open of the store root, made before this mount's first write and kept:
     /// `syncfs` reports writeback errors only since the descriptor it is given was opened.
     let syncFD: FileDescriptor
@@ -77,19 +77,19 @@ public final class Volume: Sendable {
         self.storePath = storePath
         self.accessTimes = accessTimes
         self.keys = keys
-        let fd = try Sys.openStoreRoot(storePath)
-        config = try StoreConfig.load(storeFD: fd.raw)
+        let fd = SharedDescriptor(try Sys.openStoreRoot(storePath))
+        config = try StoreConfig.load(storeFD: fd.descriptor)
         rekeys = RekeyRegistry(config: config)
         storeFD = fd
-        let reading = try EpochRecord.read(storeFD: fd.raw)
+        let reading = try EpochRecord.read(storeFD: fd.descriptor)
         let evidence = reading.evidence(storeVersion: config.version)
-        let headerFD = try Sys.openEntry(fd.raw, directoryHeaderName, .regularFile, .readOnly)
-        let st = try Sys.fstat(fd.raw)
+        let headerFD = try fd.descriptor.openEntry(directoryHeaderName, .regularFile, .readOnly)
+        let st = try fd.descriptor.fstat()
         rootPlace = Sys.Place(st)
-        let identity = Sys.identity(of: fd.raw)
-        let headerIdentity = Sys.identity(of: headerFD.raw)
+        let identity = fd.descriptor.identity()
+        let headerIdentity = headerFD.identity()
         let readingSlots = HeaderSlots.reading(evidence: evidence, storeVersion: config.version)
-        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: readingSlots) }
+        let (header, verified) = try Self.readHeader(headerFD, keys: keys, slots: readingSlots)
         guard header.type == .directory else { throw StoreError.integrity("root header is not a directory") }
         // A root rekey records its new policy in encfsd.conf before the root header (Rekey.swift).
         let rekeyedFrom = config.rekeys?.first { $0.isRoot }.flatMap { KeyIdentifier(hex: $0.from) }
@@ -102,12 +102,12 @@ public final class Volume: Sendable {
             throw StoreError.integrity("the root header is format version \(header.version), newer than encfsd.conf's \(config.version)")
         }
         // Everything above only reads: a store refused there is left as it was.
-        journalFD = try Self.openJournal(storeFD: fd.raw)
-        self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.raw)
+        journalFD = SharedDescriptor(try Self.openJournal(storeFD: fd.descriptor))
+        self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.descriptor)
         // An exchange done as three renames and interrupted completes before anything looks up
         // either name (on any backing: the store may have moved here from one without exchange).
-        try ExchangeRecord.recoverAll(journalFD: journalFD.raw, storeFD: fd.raw)
-        syncFD = try Sys.listingDescriptor(fd.raw)
+        try ExchangeRecord.recoverAll(journalFD: journalFD.descriptor, storeFD: fd.descriptor)
+        syncFD = try fd.descriptor.listingDescriptor()
         slots = HeaderSlots(epoch: 0, evidence: evidence, storeVersion: UInt16(config.version))
         let root = Node(id: Self.rootID, backingInode: UInt64(st.st_ino), identity: identity, headerIdentity: headerIdentity,
                         header: header, verified: verified, location: nil, pinnedDirectory: fd)
@@ -126,25 +126,25 @@ public final class Volume: Sendable {
     /// Opens this mount's epoch: durable before any header of the mount is written (EpochRecord).
     public func openEpoch() throws {
         precondition(slots.epoch == 0, "the epoch is opened once")
-        let opened = try EpochRecord.open(storeFD: storeFD.raw, storeVersion: config.version)
+        let opened = try EpochRecord.open(storeFD: storeFD.descriptor, storeVersion: config.version)
         slots.epochCell.value.store(opened.epoch, ordering: .releasing)
     }
 
     /// Opens `.journal`, creating it durably (directory fsynced) if an older store lacks it.
-    static func openJournal(storeFD: Int32) throws -> FileDescriptor {
+    static func openJournal(storeFD: borrowing FileDescriptor) throws -> FileDescriptor {
         do {
-            return try Sys.openEntry(storeFD, Journal.directoryName, .directory, .path)
+            return try storeFD.openEntry(Journal.directoryName, .directory, .path)
         } catch StoreError.system(ENOENT) {
-            try Sys.mkdirAt(storeFD, Journal.directoryName, mode: 0o700)
-            let store = try Sys.listingDescriptor(storeFD)
-            try withExtendedLifetime(store) { try Sys.fsync(store.raw) }
-            return try Sys.openEntry(storeFD, Journal.directoryName, .directory, .path)
+            try storeFD.mkdirAt(Journal.directoryName, mode: 0o700)
+            let store = try storeFD.listingDescriptor()
+            try store.fsync()
+            return try storeFD.openEntry(Journal.directoryName, .directory, .path)
         }
     }
 
     /// A fresh view of the node's contents for I/O through `descriptor`, sharing the journal.
-    func extentFile(_ descriptor: FileDescriptor, key: MasterKey, header: ObjectHeader) -> ExtentFile {
-        ExtentFile(descriptor: descriptor, journalFD: journalFD.raw, key: key, legacyKey: header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) },
+    func extentFile(_ descriptor: SharedDescriptor, key: MasterKey, header: ObjectHeader) -> ExtentFile {
+        ExtentFile(backing: descriptor, journal: journalFD, key: key, legacyKey: header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) },
                    header: header, slots: slots, storeRoot: rootPlace)
     }
 
@@ -188,11 +188,11 @@ public final class Volume: Sendable {
     /// child's binding, and verifies the child's header when it is the key that authenticates it.
     func childEntry(of dir: Node, backingName: [UInt8], naming: KeyGrant?) throws -> (node: Node, stat: stat) {
         let dirFD = try directoryFD(dir)
-        let st = try withExtendedLifetime(dirFD) { try Self.statEntry(dirFD.raw, backingName) }
+        let st = try Self.statEntry(dirFD.descriptor, backingName)
         let location = Location(parent: dir, name: backingName)
         // The entry's identity is needed only to confirm a node already known for its inode.
         let known = table.withLock { $0.byInode[UInt64(st.st_ino)] }
-        let found = known?.identity == nil ? nil : withExtendedLifetime(dirFD) { Sys.identity(ofEntry: backingName, in: dirFD.raw) }
+        let found = known?.identity == nil ? nil : dirFD.descriptor.identity(ofEntry: backingName)
         let cached: Node? = known == nil ? nil : table.withLock { t in
             // A node for another object that had this inode number (deleted behind the daemon's
             // back, its number reused) is passed over; `insert` replaces it.
@@ -205,7 +205,7 @@ public final class Volume: Sendable {
             }
             return node
         }
-        let (node, entryStat) = try cached.map { ($0, st) } ?? withExtendedLifetime(dirFD) { try openNode(in: dirFD.raw, at: location, stat: st, candidate: naming?.key) }
+        let (node, entryStat) = try cached.map { ($0, st) } ?? openNode(in: dirFD.descriptor, at: location, stat: st, candidate: naming?.key)
         do {
             try checkBinding(node, parent: naming, backingName: backingName)
         } catch {
@@ -225,9 +225,9 @@ public final class Volume: Sendable {
         forget(node.id, count: 1)
     }
 
-    static func statEntry(_ dirFD: Int32, _ backingName: [UInt8]) throws -> stat {
+    static func statEntry(_ dirFD: borrowing FileDescriptor, _ backingName: [UInt8]) throws -> stat {
         do {
-            return try Sys.fstatAt(dirFD, backingName)
+            return try dirFD.fstatAt(backingName)
         } catch StoreError.system(ENOENT) {
             throw StoreError.notFound
         }
@@ -235,22 +235,30 @@ public final class Volume: Sendable {
 
     func statEntry(in dir: Node, _ backingName: [UInt8]) throws -> stat {
         let fd = try directoryFD(dir)
-        return try withExtendedLifetime(fd) { try Self.statEntry(fd.raw, backingName) }
+        return try Self.statEntry(fd.descriptor, backingName)
     }
 
     /// Reads the header of the entry at `location` (whose descriptor is `dirFD`) and adds its
     /// node. Files are opened only for that read; a directory's descriptor goes to the cache.
-    private func openNode(in dirFD: Int32, at location: Location, stat st: stat, candidate: MasterKey?) throws -> (Node, stat) {
+    private func openNode(in dirFD: borrowing FileDescriptor, at location: Location, stat st: stat, candidate: MasterKey?) throws -> (Node, stat) {
         let type: BackingType = switch st.st_mode & S_IFMT {
         case S_IFDIR: .directory
         case S_IFREG: .regularFile
         default: throw StoreError.integrity("backing entry is neither a file nor a directory")
         }
-        let (fd, opened) = try Sys.openEntryStat(dirFD, location.name, type, type == .directory ? .path : .readOnly)
-        let headerFD = type == .directory ? try Self.openDirectoryHeader(fd.raw) : fd
-        let (header, verified) = try withExtendedLifetime(headerFD) { try Self.readHeader(headerFD.raw, keys: keys, slots: slots, candidate: candidate) }
-        let identity = Sys.identity(of: fd.raw)
-        let headerIdentity = type == .directory ? Sys.identity(of: headerFD.raw) : nil
+        let entry = try dirFD.openEntryStat(location.name, type, type == .directory ? .path : .readOnly)
+        let opened = entry.stat
+        let fd = entry.descriptor
+        let header: ObjectHeader, verified: Bool, headerIdentity: [UInt8]?
+        if type == .directory {
+            let headerFD = try Self.openDirectoryHeader(fd)
+            (header, verified) = try Self.readHeader(headerFD, keys: keys, slots: slots, candidate: candidate)
+            headerIdentity = headerFD.identity()
+        } else {
+            (header, verified) = try Self.readHeader(fd, keys: keys, slots: slots, candidate: candidate)
+            headerIdentity = nil
+        }
+        let identity = fd.identity()
         guard (header.type == .directory) == (type == .directory) else {
             throw StoreError.integrity("header type does not match the backing object")
         }
@@ -258,22 +266,22 @@ public final class Volume: Sendable {
         // object's header under another's inode.
         let node = insert(inode: UInt64(opened.st_ino), identity: identity, headerIdentity: headerIdentity,
                           header: header, verified: verified, location: location)
-        if type == .directory && node.identity == identity { directories.insert(node.id, fd) }
         // The kernel asks for ACLs and security.* of nearly every file it looks up (ls -l, the
         // capability probe before writes). Listing the backing xattr names here, on the descriptor
         // the header was read through, spares those a reopen of the file each (Volume+Xattr's cache).
         if type == .regularFile && capabilities.has(.userXattrs), node.identity == identity,
-           let names = try? Sys.flistxattr(fd.raw) {
+           let names = try? fd.flistxattr() {
             let known = Set(names.filter { $0.hasPrefix(XattrCodec.backingPrefix) })
             node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = known } }
         }
+        if type == .directory && node.identity == identity { directories.insert(node.id, SharedDescriptor(fd)) }
         return (node, opened)
     }
 
     /// A backing directory's `.d`: one without it is not a directory of the store (EIO).
-    static func openDirectoryHeader(_ dir: Int32) throws -> FileDescriptor {
+    static func openDirectoryHeader(_ dir: borrowing FileDescriptor) throws -> FileDescriptor {
         do {
-            return try Sys.openEntry(dir, directoryHeaderName, .regularFile, .readOnly)
+            return try dir.openEntry(directoryHeaderName, .regularFile, .readOnly)
         } catch StoreError.system(ENOENT) {
             throw StoreError.integrity("a backing directory without a header (.d)")
         }
@@ -433,12 +441,12 @@ public final class Volume: Sendable {
     /// A directory's `.d` file, by name (no descriptor opened).
     func statEntry(ofHeaderOf dir: Node) throws -> stat {
         let fd = try directoryFD(dir)
-        return try withExtendedLifetime(fd) { try Sys.fstatAt(fd.raw, directoryHeaderName) }
+        return try fd.descriptor.fstatAt(directoryHeaderName)
     }
 
     public func statfs() throws -> FileSystemStatistics {
         let root = try directoryFD(try node(Self.rootID))
-        let s = try withExtendedLifetime(root) { try Sys.fstatvfs(root.raw) }
+        let s = try root.descriptor.fstatvfs()
         return FileSystemStatistics(
             blockSize: UInt64(s.f_frsize), blocks: UInt64(s.f_blocks), blocksFree: UInt64(s.f_bfree),
             blocksAvailable: UInt64(s.f_bavail), files: UInt64(s.f_files), filesFree: UInt64(s.f_ffree),

@@ -19,15 +19,15 @@ enum XattrSideStore {
     /// `create` is false. Created durably (the root synced) before the first side object in it.
     /// Something else at the name (a symlink, a file) is an integrity failure: the xattr calls
     /// of objects with side objects answer EIO, not the ENOTDIR of a lookup no caller made.
-    static func directory(storeFD: Int32, create: Bool) throws -> FileDescriptor? {
+    static func directory(storeFD: borrowing FileDescriptor, create: Bool) throws -> SharedDescriptor? {
         do {
             do {
-                return try Sys.openEntry(storeFD, directoryName, .directory, .path)
+                return SharedDescriptor(try storeFD.openEntry(directoryName, .directory, .path))
             } catch StoreError.system(ENOENT) where create {
-                do { try Sys.mkdirAt(storeFD, directoryName, mode: 0o700) } catch StoreError.system(EEXIST) {}
-                let root = try Sys.listingDescriptor(storeFD)
-                try withExtendedLifetime(root) { try Sys.fsync(root.raw) }
-                return try Sys.openEntry(storeFD, directoryName, .directory, .path)
+                do { try storeFD.mkdirAt(directoryName, mode: 0o700) } catch StoreError.system(EEXIST) {}
+                let root = try storeFD.listingDescriptor()
+                try root.fsync()
+                return SharedDescriptor(try storeFD.openEntry(directoryName, .directory, .path))
             }
         } catch StoreError.system(ENOENT) where !create {
             return nil
@@ -39,51 +39,53 @@ enum XattrSideStore {
     /// The file image of `generation` of `objectID`. Missing, not a regular file (a symlink,
     /// FIFO or device is never opened for reading), hard-linked or too large: an integrity
     /// failure of that object's xattrs.
-    static func read(directoryFD: Int32, objectID: [UInt8], generation: UInt64) throws -> [UInt8] {
+    static func read(directoryFD: borrowing FileDescriptor, objectID: [UInt8], generation: UInt64) throws -> [UInt8] {
         let name = XattrSideObject.fileName(objectID: objectID, generation: generation)
-        let (fd, st): (FileDescriptor, stat)
+        let opened: Sys.OpenedEntry
         do {
-            (fd, st) = try Sys.openEntryStat(directoryFD, name, .regularFile, .readOnly)
+            opened = try directoryFD.openEntryStat(name, .regularFile, .readOnly)
         } catch StoreError.system(ENOENT) {
             throw StoreError.integrity("xattr side object \(String(decoding: name, as: UTF8.self)) is missing")
         }
-        return try withExtendedLifetime(fd) {
-            guard st.st_nlink == 1 else { throw StoreError.integrity("xattr side object has other hard links") }
-            guard st.st_size <= XattrSideObject.maximumFileBytes else { throw StoreError.integrity("xattr side object is too large") }
-            var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
-            let n = try bytes.withUnsafeMutableBytes { try Sys.pread(fd.raw, $0, offset: 0) }
-            guard n == bytes.count else { throw StoreError.integrity("xattr side object is truncated") }
-            return bytes
-        }
+        let st = opened.stat
+        let fd = opened.descriptor
+        guard st.st_nlink == 1 else { throw StoreError.integrity("xattr side object has other hard links") }
+        guard st.st_size <= XattrSideObject.maximumFileBytes else { throw StoreError.integrity("xattr side object is too large") }
+        var bytes = [UInt8](repeating: 0, count: Int(st.st_size))
+        let n = try bytes.withUnsafeMutableBytes { try fd.pread($0, offset: 0) }
+        guard n == bytes.count else { throw StoreError.integrity("xattr side object is truncated") }
+        return bytes
     }
 
     /// Writes `image` as `generation` of `objectID` and makes it durable, entry included. A file
     /// already under that name is a leftover of a write that no header came to name (the header
     /// names the generation before it): it is replaced.
-    static func write(directoryFD: Int32, objectID: [UInt8], generation: UInt64, image: [UInt8]) throws {
+    static func write(directoryFD: borrowing FileDescriptor, objectID: [UInt8], generation: UInt64, image: [UInt8]) throws {
         let name = XattrSideObject.fileName(objectID: objectID, generation: generation)
-        let fd: FileDescriptor
+        let fd = try createReplacing(name, in: directoryFD)
         do {
-            fd = try Sys.createEntry(directoryFD, name, mode: 0o600)
-        } catch StoreError.system(EEXIST) {
-            try Sys.unlinkAt(directoryFD, name)
-            fd = try Sys.createEntry(directoryFD, name, mode: 0o600)
-        }
-        do {
-            try withExtendedLifetime(fd) {
-                try image.withUnsafeBytes { try Sys.pwrite(fd.raw, $0, offset: 0) }
-                try Sys.fdatasync(fd.raw)
-            }
-            let listing = try Sys.listingDescriptor(directoryFD)
-            try withExtendedLifetime(listing) { try Sys.fsync(listing.raw) }
+            try image.withUnsafeBytes { try fd.pwrite($0, offset: 0) }
+            try fd.fdatasync()
+            let listing = try directoryFD.listingDescriptor()
+            try listing.fsync()
         } catch {
-            try? Sys.unlinkAt(directoryFD, name)
+            try? directoryFD.unlinkAt(name)
             throw error
         }
     }
 
+    /// Creates `name`, replacing a leftover file of that name.
+    private static func createReplacing(_ name: [UInt8], in directoryFD: borrowing FileDescriptor) throws -> FileDescriptor {
+        do {
+            return try directoryFD.createEntry(name, mode: 0o600)
+        } catch StoreError.system(EEXIST) {
+            try directoryFD.unlinkAt(name)
+            return try directoryFD.createEntry(name, mode: 0o600)
+        }
+    }
+
     /// Removes a generation no durable header names any more (a lost unlink leaves garbage only).
-    static func remove(directoryFD: Int32, objectID: [UInt8], generation: UInt64) {
-        try? Sys.unlinkAt(directoryFD, XattrSideObject.fileName(objectID: objectID, generation: generation))
+    static func remove(directoryFD: borrowing FileDescriptor, objectID: [UInt8], generation: UInt64) {
+        try? directoryFD.unlinkAt(XattrSideObject.fileName(objectID: objectID, generation: generation))
     }
 }

@@ -14,12 +14,12 @@ import Glibc
 enum ControlClient {
     static func call(_ path: String, _ command: UInt32, _ argument: [UInt8], failure: String) throws -> [UInt8] {
         // O_NONBLOCK: the path may be a FIFO (whose open would wait for a writer) or a device.
-        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
-        guard fd >= 0 else { throw CLIError("\(path): \(String(cString: strerror(errno)))") }
-        defer { Glibc.close(fd) }
+        let number = Glibc.open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+        guard number >= 0 else { throw CLIError("\(path): \(String(cString: strerror(errno)))") }
+        let fd = FileDescriptor(taking: number)
         var buffer = argument
         do {
-            try Sys.ioctl(fd, UInt(command), &buffer)
+            try fd.ioctl(UInt(command), &buffer)
         } catch StoreError.system(let code) {
             if code == ENOTTY { throw CLIError("\(path) is not on an encfsd mount") }
             throw CLIError("\(failure): \(String(cString: strerror(code)))")
