@@ -19,7 +19,10 @@ import Glibc
 /// The store is hostile ground: whatever sits at the name is opened without following a link
 /// and without side effects (`O_PATH`) first, and only a regular file with no other links is
 /// opened for writing; a symlink, FIFO, device or directory planted there is refused.
-public final class StoreLock: Sendable {
+///
+/// A non-copyable value: the lock is held exactly as long as the holder's binding lives (to the
+/// end of its scope), and no copy can keep it past that or drop it early.
+public struct StoreLock: ~Copyable, Sendable {
     public static let fileName = "encfsd.lock"
     /// A holder record longer than this is not one encfsd wrote.
     static let recordLimit = 1024
@@ -69,6 +72,9 @@ public final class StoreLock: Sendable {
         lock.record(Holder(pid: getpid(), host: hostName()))
         return lock
     }
+
+    /// Gives the lock up: the end of the holder's use, said where it is (the descriptor closes).
+    public consuming func release() {}
 
     /// Records that this holder has unmounted and is finishing, so an `umount` followed at once
     /// by a `mount` waits for the lock rather than failing on it.

@@ -59,13 +59,16 @@ struct UpgradeCommand: ParsableCommand {
             let path = try Paths.absolute(store, what: "store")
             let lock: StoreLock
             do { lock = try StoreLock.acquire(storePath: path) } catch { throw CLIError("\(store) is in use: \(error)") }
-            defer { withExtendedLifetime(lock) {} }
             var config: StoreConfig
             do { config = try StoreConfig.load(storePath: path) } catch { throw CLIError("\(store): \(error)") }
-            guard config.version < StoreConfig.currentVersion else { return print("\(store) is already format version \(config.version)") }
+            guard config.version < StoreConfig.currentVersion else {
+                lock.release()
+                return print("\(store) is already format version \(config.version)")
+            }
             config.version = StoreConfig.currentVersion
             do { try StoreConfig.replace(config, storePath: path) } catch { throw CLIError("\(store): cannot write \(StoreConfig.fileName): \(error)") }
             print("Upgraded \(store) to format version \(config.version)")
+            lock.release()
         }
     }
 }

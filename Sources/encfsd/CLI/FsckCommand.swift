@@ -36,7 +36,7 @@ struct FsckCommand: ParsableCommand {
             FileHandle.standardError.write(Data("encfsd fsck: \(error.description)\n".utf8))
             throw ExitCode(8)
         }
-        defer { withExtendedLifetime(lock) {} }
+        defer { lock.take()?.release() }
         let keys = KeyTable()
         do {
             for path in keyFile { try keys.add(try KeyMaterial.masterKey(path: path), claim: .init(uid: getuid(), serial: 0)) }

@@ -42,7 +42,6 @@ struct Daemon {
         raiseDescriptorLimit()
         // Held until the process ends (the kernel drops it then, however the daemon dies).
         let lock = try Self.lock(storePath)
-        defer { withExtendedLifetime(lock) {} }
         let invalidator = CacheInvalidator()
         let table = Mutex<KeyTable?>(nil)
         let keys = KeyTable(userQuota: keyQuota) { identifier in
