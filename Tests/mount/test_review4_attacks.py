@@ -1,0 +1,155 @@
+"""Review 4: attacks on this session's changes (killpriv v2, ~Copyable descriptors, keyed SIV
+templates, the ExtentFile split). Each test is an attack that held, or the regression test of
+the hole it found.
+
+Killpriv: the paths test_killpriv.py does not take, where a write reaches the daemon by another
+request than WRITE with a kill flag (fallocate, copy_file_range, O_DIRECT, a write through an
+mmap, appends, a second handle), by the owner and by a member of the file's group, each compared
+with a loop-mounted ext4.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+
+import pytest
+
+from test_killpriv import OWNER, outcome, public_ext4  # noqa: F401 (a fixture)
+from test_posix import public_volume  # noqa: F401 (a fixture)
+
+GROUP_MEMBER = 1001
+# Modes a member of the file's group may write (group write) with set-ID bits to lose.
+WRITABLE_MODES = [0o6775, 0o6765, 0o4775, 0o2775, 0o2765]
+
+
+def fallocate_extending(path):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, 8192)
+    finally:
+        os.close(fd)
+
+
+def fallocate_punching(path):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, through the libc wrapper Python lacks.
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.fallocate(fd, 0x02 | 0x01, ctypes.c_long(0), ctypes.c_long(1)) != 0:
+            raise OSError(ctypes.get_errno(), "fallocate")
+    finally:
+        os.close(fd)
+
+
+def copy_range_into(path):
+    source = path.with_name(path.name + ".src")
+    fd_out = os.open(path, os.O_WRONLY)
+    fd_in = os.open(source, os.O_RDONLY)
+    try:
+        assert os.copy_file_range(fd_in, fd_out, 2, 0, 1) == 2
+    finally:
+        os.close(fd_in)
+        os.close(fd_out)
+
+
+def direct_write(path):
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buffer = mmap.mmap(-1, 4096)
+        buffer.write(b"d" * 4096)
+        os.pwritev(fd, [buffer], 0)
+    finally:
+        os.close(fd)
+
+
+def mapped_write(path):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 3) as m:
+            m[0:1] = b"m"
+            m.flush()
+    finally:
+        os.close(fd)
+
+
+def append_write(path):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, b"a")
+    finally:
+        os.close(fd)
+
+
+def second_handle_write(path):
+    first = os.open(path, os.O_WRONLY)
+    second = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(first, b"1", 0)
+        os.pwrite(second, b"2", 1)
+    finally:
+        os.close(first)
+        os.close(second)
+
+
+def chown_changing_nothing(path):
+    # chown(path, -1, -1): no owner changes, but on Linux the set-ID bits still go.
+    os.chown(path, -1, -1)
+
+
+
+ATTACKS = [chown_changing_nothing, fallocate_extending, fallocate_punching, copy_range_into, direct_write, mapped_write,
+           append_write, second_handle_write]
+
+
+def prepared_outcome(root, mode, caller, operation, capability):
+    # copy_file_range reads from a file next to the target, readable by everyone.
+    (root / f"f-{oct(mode)}-{caller}-{operation.__name__}-{capability}.src").write_bytes(b"src")
+    return outcome(root, mode, caller, operation, capability)
+
+
+def privileges(result):
+    """The set-ID bits and whether the capability is left, from an `outcome`."""
+    mode, capability = result
+    return int(mode, 8) & 0o6000, capability
+
+
+@pytest.mark.parametrize("options", ["allow_other", "allow_other,writeback_cache"])
+def test_privileges_drop_as_on_ext4_on_other_write_paths(public_volume, public_ext4, options):  # noqa: F811
+    """Before the fix, fallocate (either mode) and chown(f, -1, -1) by a caller without
+    CAP_FSETID kept every set-ID bit, where ext4 drops them: the kernel sends the kill as a
+    SETATTR that sets nothing, with no kill flag. Compared only where both filesystems let the
+    call succeed (without default_permissions encfsd lets a group member chown(f, -1, -1)).
+
+    Two differences remain, both known: a write through an mmap removes a capability ext4 keeps
+    (every WRITE removes it, and writeback sends WRITEs), and root's chown(f, -1, -1) keeps the
+    set-ID bits, since the kernel sends it exactly as it sends the capability-only kill before
+    a fallocate by root, whose CAP_FSETID keeps them."""
+    v = public_volume.mount(options=options)
+    os.chmod(v.mnt, 0o777)
+    kept, dropped, refused = [], [], []
+    for operation in ATTACKS:
+        for caller in (OWNER, GROUP_MEMBER, 0):
+            for mode in WRITABLE_MODES:
+                for capability in (False, True):
+                    case = (operation.__name__, caller, oct(mode), capability)
+                    try:
+                        theirs = prepared_outcome(public_ext4, mode, caller, operation, capability)
+                    except AssertionError:
+                        continue
+                    try:
+                        ours = prepared_outcome(v.mnt, mode, caller, operation, capability)
+                    except AssertionError:
+                        refused.append(case)
+                        continue
+                    (our_bits, our_cap), (their_bits, their_cap) = privileges(ours), privileges(theirs)
+                    if our_bits & ~their_bits or (our_cap and not their_cap):
+                        kept.append((case, ours, theirs))
+                    if their_bits & ~our_bits or (their_cap and not our_cap):
+                        dropped.append((case, ours, theirs))
+    assert refused == []
+    assert [k for k in kept if k[0][1] != 0] == [], "a caller without CAP_FSETID keeps a privilege ext4 drops"
+    assert {k[0][0] for k in kept} <= {"chown_changing_nothing"}, kept
+    assert {(d[0][0], d[1][0] == d[2][0]) for d in dropped} <= {("mapped_write", True)}, dropped
+    assert "error" not in v.daemon_log().lower()
