@@ -153,3 +153,67 @@ def test_privileges_drop_as_on_ext4_on_other_write_paths(public_volume, public_e
     assert {k[0][0] for k in kept} <= {"chown_changing_nothing"}, kept
     assert {(d[0][0], d[1][0] == d[2][0]) for d in dropped} <= {("mapped_write", True)}, dropped
     assert "error" not in v.daemon_log().lower()
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys: nothing derived from a removed key stays in the daemon's memory.
+
+def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
+    import hmac
+    return hmac.new(prk, info + b"\x01", "sha512").digest()[:length]
+
+
+def scan_all(pid: int, needles: dict[str, bytes]) -> list[str]:
+    """Names of the needles found anywhere in the process's readable memory."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if "r" not in fields[1] or end - start > 1 << 30:
+                continue
+            try:
+                mem.seek(start)
+                chunk = mem.read(end - start)
+            except (OSError, ValueError, OverflowError):
+                continue
+            found.update(name for name, needle in needles.items() if needle in chunk)
+    return sorted(found)
+
+
+def test_removed_key_leaves_no_derived_key_in_any_thread_context(tmp_path, encfsd_bin, key_file):
+    """After soft removal completes: not the HKDF PRK (the keyed HMAC-SHA512 template keeps a copy
+    of its key), not either half of the name or xattr SIV key (one AES-256 schedule each, which
+    starts with the key), not the last extent key a thread's AES-256-GCM context was keyed with,
+    not the last header MAC key its HMAC-SHA256 context was keyed with (OpenSSL keeps a copy)."""
+    import fcntl
+    import hmac
+    from test_keys import UnlockedStore, wait_for_status
+    s = UnlockedStore("key-file", tmp_path, encfsd_bin, key_file)
+    try:
+        d = s.mnt / "private"
+        d.mkdir()
+        (d / "diary.txt").write_bytes(b"dear diary\n" * 100)
+        os.setxattr(d / "diary.txt", "user.mood", b"calm")
+        assert os.getxattr(d / "diary.txt", "user.mood") == b"calm"
+        with open(d / "diary.txt", "rb") as f:
+            object_id = fcntl.ioctl(f.fileno(), 0x8010661B, b"\0" * 16)  # FS_IOC_GET_ENCRYPTION_NONCE
+            assert f.read(11) == b"dear diary\n"
+        prk = hmac.new(b"\0" * 64, s.raw, "sha512").digest()
+        name_key = hkdf_expand(prk, b"fscrypt\0\x82", 64)
+        xattr_keys = hkdf_expand(prk, b"fscrypt\0\x83", 64)
+        needles = {"prk": prk, "name key [0..32)": name_key[:32], "name key [32..64)": name_key[32:],
+                   "xattr key [0..32)": xattr_keys[:32], "xattr key [32..64)": xattr_keys[32:],
+                   "header key": hkdf_expand(prk, b"fscrypt\0\x81" + object_id, 32)}
+        for backing in s.store.rglob("*"):
+            if backing.is_file() and not backing.is_symlink() and backing.stat().st_size > 4096 + 16:
+                nonce = backing.read_bytes()[4096:4112]
+                needles[f"extent key of {backing.name}"] = hkdf_expand(prk, b"fscrypt\0\x80" + nonce, 32)
+        present = scan_all(s.pid, needles)
+        assert "name key [0..32)" in present, f"the scan cannot see the daemon's keys: {present}"
+        run_remove = __import__("test_keys").run
+        run_remove(encfsd_bin, "key", "remove", s.mnt, s.policy)
+        wait_for_status(encfsd_bin, s.mnt, s.policy, "Absent")
+        assert scan_all(s.pid, needles) == []
+    finally:
+        s.close()
