@@ -286,3 +286,94 @@ def test_error_paths_leak_no_descriptors(make_volume):
     from test_keys import wait_for_status
     wait_for_status(v.binary, v.mnt, ident, "Absent")
     assert descriptor_count(pid) <= baseline, sorted(os.readlink(f"/proc/{pid}/fd/{n}") for n in os.listdir(f"/proc/{pid}/fd"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Flush transactions: a commit that fails for want of space, and what follows it.
+
+def test_failed_commits_on_a_full_backing_leave_a_consistent_store(tmp_path, encfsd_bin, key_file):
+    """The store on a 3 MiB tmpfs: a file is written and fsynced (acknowledged), the backing is
+    filled, then the file is overwritten and extended (its commit fails with ENOSPC), truncated,
+    written again, read and closed while the backing stays full. Every call either succeeds or
+    fails with ENOSPC, nothing fails authentication; once space is back and the store is
+    remounted the file reads without EIO, and what it holds is, extent by extent, the
+    acknowledged data or data written after it; fsck finds nothing wrong."""
+    import errno
+    import subprocess
+    from conftest import Volume, purge_test_keys, run
+    backing = tmp_path / "small"
+    backing.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", backing], check=True)
+    v = None
+    try:
+        v = Volume(encfsd_bin, tmp_path / "vol", key_file, store=backing / "store")
+        v.mount()
+        acknowledged = os.urandom(256 << 10)
+        later = os.urandom(1 << 20)
+        path = v.mnt / "precious"
+        with open(path, "wb") as f:
+            f.write(acknowledged)
+            os.fsync(f.fileno())
+        filler = v.mnt / "filler"
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(os.urandom(64 << 10))
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+
+        refused = []
+
+        def tolerate(action):
+            try:
+                return action()
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                refused.append(e)
+                return None
+
+        fd = os.open(path, os.O_RDWR)
+        succeeded = {}
+        succeeded["overwrite"] = tolerate(lambda: os.pwrite(fd, later, 0)) is not None
+        tolerate(lambda: os.fsync(fd))
+        succeeded["truncate"] = tolerate(lambda: os.ftruncate(fd, 100 << 10) or True) is not None
+        succeeded["patch"] = tolerate(lambda: os.pwrite(fd, later[:5000], 50 << 10)) is not None
+        tolerate(lambda: os.fsync(fd))
+        assert tolerate(lambda: os.pread(fd, 1 << 20, 0)) is not None
+        tolerate(lambda: os.close(fd))
+        assert refused, "the backing never ran out of space: the test proves nothing"
+        os.unlink(filler)
+        v.unmount()
+        v.mount()
+        data = (v.mnt / "precious").read_bytes()
+        v.unmount()
+        assert "integrity failure" not in v.daemon_log()
+
+        # Every state the file may be in: each call that succeeded may or may not have reached
+        # the backing (a failed fsync promises nothing), in order.
+        def state(overwrite, truncate, patch):
+            b = bytearray(acknowledged)
+            if overwrite:
+                b[0:len(later)] = later
+            if truncate:
+                del b[100 << 10:]
+            if patch:
+                b[50 << 10:(50 << 10) + 5000] = later[:5000]
+            return bytes(b)
+        import itertools
+        states = [state(*c) for c in itertools.product(*[[False, True] if succeeded[k] else [False]
+                                                         for k in ("overwrite", "truncate", "patch")])]
+        assert len(data) in {len(st) for st in states}, (len(data), succeeded)
+        extent = 16384
+        for start in range(0, len(data), extent):
+            piece = data[start:start + extent]
+            assert any(st[start:start + extent] == piece for st in states), (start, succeeded)
+        fsck = run(encfsd_bin, "fsck", v.store, "--key-file", key_file, check=False)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    finally:
+        if v is not None:
+            v.force_cleanup()
+        purge_test_keys()
+        subprocess.run(["umount", "-l", backing], check=False)
