@@ -108,6 +108,11 @@ static const uint32_t encfsd_FUSE_HANDLE_KILLPRIV = 1u << 19;
 static const uint32_t encfsd_FUSE_HANDLE_KILLPRIV_V2 = 1u << 28;
 static const uint32_t encfsd_FUSE_WRITE_KILL_SUIDGID = 1u << 2;
 static const uint32_t encfsd_FATTR_KILL_SUIDGID = 1u << 11;
+// What a SETATTR carries besides the attributes it sets: the handle, the lock owner, and (under
+// writeback_cache) the ctime the kernel kept.
+static const uint32_t encfsd_FATTR_FH = 1u << 6;
+static const uint32_t encfsd_FATTR_LOCKOWNER = 1u << 9;
+static const uint32_t encfsd_FATTR_CTIME = 1u << 10;
 static const uint32_t encfsd_FUSE_OPEN_KILL_SUIDGID = 1u << 0;
 
 // The first four fields of fuse_init_in and of fuse_init_out are the same in every protocol

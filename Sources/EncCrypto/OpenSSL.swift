@@ -70,6 +70,7 @@ public enum OpenSSL {
     /// HMAC-SHA256(key, concatenation of parts) (`EVP_MAC` "HMAC").
     public static func hmacSHA256(key: UnsafeRawBufferPointer, _ parts: [UInt8]...) -> [UInt8] {
         let ctx = ThreadContexts.current.hmacSHA256
+        defer { forgetKey(hmac: ctx) }
         var out = [UInt8](repeating: 0, count: 32)
         var ok = EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self), key.count, nil) == 1
         for part in parts where ok {
@@ -100,7 +101,24 @@ public enum OpenSSL {
         let ctx = ThreadContexts.withCurrent { $0.hmacSHA256 }
         let keyed = EVP_MAC_init(ctx, u8(key), key.count, nil) == 1
         precondition(keyed, "HMAC-SHA256 init failed")
+        defer { forgetKey(hmac: ctx) }
         return try body(KeyedHMACSHA256(ctx: ctx))
+    }
+
+    /// What a thread's reused HMAC-SHA256 and AES-256-GCM contexts are keyed with after each use.
+    /// OpenSSL keeps a copy of an HMAC key and the schedule of a GCM key in the context until it
+    /// is keyed again, so without this an idle worker would hold the last header or extent key it
+    /// used, derived from a master key that may since have been removed, indefinitely.
+    private static func forgetKey(hmac ctx: OpaquePointer) {
+        let placeholder = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+        let rekeyed = withUnsafeBytes(of: placeholder) { EVP_MAC_init(ctx, u8($0), 32, nil) == 1 }
+        precondition(rekeyed, "HMAC-SHA256 init failed")
+    }
+
+    private static func forgetKey(gcm ctx: OpaquePointer) {
+        let placeholder = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+        let rekeyed = withUnsafeBytes(of: placeholder) { EVP_CipherInit_ex2(ctx, nil, u8($0), nil, -1, nil) == 1 }
+        precondition(rekeyed, "AES-256-GCM init failed")
     }
 
     /// An HMAC-SHA256 context of the calling thread keyed by `withHMACSHA256`, valid only inside it.
@@ -274,6 +292,7 @@ public enum OpenSSL {
         precondition(key.count == 32 && iv.count == gcmIVCount && tag.count == gcmTagCount)
         precondition(ciphertext.count >= plaintext.count)
         let ctx = ThreadContexts.withCurrent { $0.gcm }
+        defer { forgetKey(gcm: ctx) }
         var outCount: Int32 = 0
         // Only key and IV: the context keeps AES-256-GCM from its creation. The tag is read with
         // get_params, which the ctrl call would translate into anyway.
@@ -297,6 +316,7 @@ public enum OpenSSL {
         precondition(key.count == 32 && iv.count == gcmIVCount && tag.count == gcmTagCount)
         precondition(plaintext.count >= ciphertext.count)
         let ctx = ThreadContexts.withCurrent { $0.gcm }
+        defer { forgetKey(gcm: ctx) }
         var outCount: Int32 = 0
         // The expected tag goes in with key and IV (one parameter pass instead of a ctrl call).
         let initialised = withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2) { params in

@@ -121,7 +121,8 @@ public struct SetAttributes: Sendable {
     public var modificationTime: Time?
     public var handle: UInt64?
     /// The kernel asks the change to drop the set-ID bits (FATTR_KILL_SUIDGID: a truncate by a
-    /// caller without CAP_FSETID, or any chown of a non-directory). A write, truncate or chown
+    /// caller without CAP_FSETID, or any chown of a non-directory; or a SETATTR that sets nothing,
+    /// see `PrivilegeNegotiation.examine`). A write, truncate or chown
     /// removes `security.capability` whatever this says, as on ext4.
     public var dropSetID = false
 }

@@ -470,9 +470,16 @@ final class PrivilegeNegotiation: Sendable {
             guard negotiated, let write = field(encfsd_fuse_write_in.self) else { return false }
             return write.write_flags & encfsd_FUSE_WRITE_KILL_SUIDGID != 0
         case encfsd_FUSE_SETATTR:
-            // `valid` leads fuse_setattr_in.
+            // `valid` leads fuse_setattr_in. A SETATTR that sets nothing can be a kill too: where
+            // the VFS kills privileges itself (file_modified before a fallocate, chown(f, -1, -1))
+            // fuse strips ATTR_KILL_SUID/SGID and the mode they imply, sends what is left and,
+            // under killpriv v2, adds no flag. The same empty SETATTR follows a kill of
+            // `security.capability` alone, by a writer whose CAP_FSETID keeps the set-ID bits, so
+            // the writer's capability decides, as in should_remove_suid.
             guard negotiated, let valid = field(UInt32.self) else { return false }
-            return valid & encfsd_FATTR_KILL_SUIDGID != 0
+            if valid & encfsd_FATTR_KILL_SUIDGID != 0 { return true }
+            guard valid & ~(encfsd_FATTR_FH | encfsd_FATTR_LOCKOWNER | encfsd_FATTR_CTIME) == 0 else { return false }
+            return !Self.holdsFSETID(thread: request.load(as: encfsd_fuse_in_header.self).pid)
         case encfsd_FUSE_OPEN:
             guard negotiated, let open = field(encfsd_fuse_open_in.self) else { return false }
             return open.open_flags & encfsd_FUSE_OPEN_KILL_SUIDGID != 0
@@ -484,6 +491,29 @@ final class PrivilegeNegotiation: Sendable {
         default:
             return false
         }
+    }
+
+    /// Whether the requesting thread (the request header's pid, a thread ID in the mount's pid
+    /// namespace) has CAP_FSETID in the daemon's user namespace, from /proc. The thread waits in
+    /// its system call until the reply, so its ID names it throughout. Anything unknown (pid 0
+    /// for a caller in a pid namespace the mount cannot see, another user namespace, an
+    /// unreadable status) counts as lacking it: the bits then go, the safe way to be wrong.
+    static func holdsFSETID(thread: UInt32) -> Bool {
+        guard thread != 0 else { return false }
+        var own = stat(), theirs = stat()
+        guard stat("/proc/self/ns/user", &own) == 0, stat("/proc/\(thread)/ns/user", &theirs) == 0,
+              own.st_ino == theirs.st_ino, own.st_dev == theirs.st_dev else { return false }
+        let fd = Glibc.open("/proc/\(thread)/status", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return false }
+        defer { close(fd) }
+        var status = [UInt8](repeating: 0, count: 4096)
+        let n = status.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        guard n > 0, let text = String(validating: status[0..<n], as: UTF8.self),
+              let line = text.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
+              let effective = UInt64(line.dropFirst("CapEff:".count).trimmingPrefix(while: { $0 == "\t" || $0 == " " }), radix: 16)
+        else { return false }
+        let capFSETID: UInt64 = 4
+        return effective & (1 << capFSETID) != 0
     }
 
     /// Adds FUSE_HANDLE_KILLPRIV_V2 (and takes v1 out) if `iov` is the successful reply to the

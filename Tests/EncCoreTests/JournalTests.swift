@@ -105,6 +105,19 @@ import Glibc
         #expect(untouched)
     }
 
+    /// An attacker who can write the store swaps one object's authentic shadow into another's
+    /// name: the replay is refused before anything is written, whichever layout.
+    @Test(arguments: [UInt16(2), 3])
+    func anotherObjectsShadowIsRefusedBeforeAnyWrite(storeVersion: UInt16) throws {
+        let target = try PendingTransaction(storeVersion: storeVersion)
+        let other = try PendingTransaction(storeVersion: storeVersion)
+        let backing = target.object.backingBytes
+        target.shadow = other.shadow
+        expectIntegrityError { try target.recover() }
+        let untouched = target.object.backingBytes == backing
+        #expect(untouched)
+    }
+
     @Test func version2ShadowWithBytesAddedOrCutIsRefused() throws {
         let t = try PendingTransaction(storeVersion: 3)
         let shadow = t.shadow

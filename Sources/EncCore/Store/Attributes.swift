@@ -54,8 +54,9 @@ public struct AttributeChanges: Sendable {
     public var size: UInt64?
     public var accessTime: TimeChange?
     public var modificationTime: TimeChange?
-    /// A truncate or chown that must drop the set-ID bits (the kernel's FATTR_KILL_SUIDGID);
-    /// see `Volume.modeDroppingSetID`. Not a change of its own: `isEmpty` ignores it.
+    /// A truncate or chown that must drop the set-ID bits (the kernel's FATTR_KILL_SUIDGID), or,
+    /// with no other change, a kill of its own (before a fallocate, chown(f, -1, -1)); see
+    /// `Volume.modeDroppingSetID`. Not a change of its own for `isEmpty`.
     public var dropSetID = false
     public init() {}
 

@@ -23,9 +23,12 @@ extension Volume {
                 }
             }
         }
-        if changes.mode != nil || changes.uid != nil || changes.gid != nil {
+        // A change of nothing that drops set-ID bits: the kernel's kill before a fallocate, or
+        // chown(f, -1, -1), which on Linux drops them too.
+        let onlyDropsSetID = changes.dropSetID && changes.isEmpty && node.type == .regular
+        if changes.mode != nil || changes.uid != nil || changes.gid != nil || onlyDropsSetID {
             // A chown's dropped set-ID bits go in the header write the chown makes anyway.
-            let dropsSetID = changes.dropSetID && (changes.uid != nil || changes.gid != nil)
+            let dropsSetID = changes.dropSetID && (changes.uid != nil || changes.gid != nil || onlyDropsSetID)
             try mutateHeader(node, key: try key(for: node, .header).key, sync: false) { header in
                 if let mode = changes.mode { header.mode = mode & 0o7777 }
                 if let uid = changes.uid { header.uid = uid }
@@ -34,7 +37,7 @@ extension Volume {
             }
             if let mode = changes.mode { try followModeInAccessACL(node, mode: mode) }
         }
-        if node.type == .regular && (changes.size != nil || changes.uid != nil || changes.gid != nil) {
+        if node.type == .regular && (changes.size != nil || changes.uid != nil || changes.gid != nil || onlyDropsSetID) {
             try dropCapability(node)
         }
         if changes.isEmpty {
