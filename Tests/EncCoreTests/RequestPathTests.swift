@@ -5,7 +5,7 @@ import Testing
 @testable import EncKeys
 @testable import EncFormat
 
-/// One pass per request: the work a lookup, an open and a write do, counted (header regions read
+/// One pass per request: the work a lookup, an open, a write and a create do, counted (header regions read
 /// from the backing store, key table lookups) on a volume whose caches are cold.
 @Suite struct RequestPathTests {
     static let key = try! MasterKey(raw: (1...64).map { UInt8($0) })
@@ -55,5 +55,12 @@ import Testing
         }
         #expect(write == (0, 0))
         try cold.release(handle: handle)
+        // A create in a directory already looked up reads no header; it asks the key table three
+        // times: the directory's name key (which also seals the new header), the directory's key
+        // again for its default ACL (`inheritedPermissions`), and the new file's key as the create opens it.
+        var created: UInt64 = 0
+        let create = try cost(cold) { created = try cold.create(parent: dir, name: Array("g".utf8), mode: 0o644, caller: caller).2 }
+        #expect(create == (0, 3))
+        try cold.release(handle: created)
     }
 }
