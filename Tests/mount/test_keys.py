@@ -73,25 +73,25 @@ def test_caches_forget_plaintext_once_removal_completes(volume):
     expect_errno(errno.ENOENT, open, d / "diary.txt")
 
 
-def scan_memory(pid: int, needle: bytes) -> list[str]:
-    """Regions of the process's memory that contain `needle` (root reads /proc/PID/mem)."""
-    found = []
+def readable_memory(pid: int):
+    """(maps line, bytes) of each readable region of the process under 1 GiB (root reads /proc/PID/mem)."""
     with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
         for line in maps:
             fields = line.split()
-            if "r" not in fields[1]:
-                continue
             start, end = (int(x, 16) for x in fields[0].split("-"))
-            if end - start > 1 << 30:
+            if "r" not in fields[1] or end - start > 1 << 30:
                 continue
             try:
                 mem.seek(start)
                 chunk = mem.read(end - start)
             except (OSError, ValueError, OverflowError):
                 continue
-            if needle in chunk:
-                found.append(line.strip())
-    return found
+            yield line.strip(), chunk
+
+
+def scan_memory(pid: int, needle: bytes) -> list[str]:
+    """Regions of the process's memory that contain `needle`."""
+    return [line for line, chunk in readable_memory(pid) if needle in chunk]
 
 
 PASSPHRASE = "correct horse battery staple"

@@ -15,6 +15,7 @@ import os
 
 import pytest
 
+from test_keys import readable_memory
 from test_killpriv import OWNER, outcome, public_ext4  # noqa: F401 (a fixture)
 from test_posix import public_volume  # noqa: F401 (a fixture)
 
@@ -165,20 +166,7 @@ def hkdf_expand(prk: bytes, info: bytes, length: int) -> bytes:
 
 def scan_all(pid: int, needles: dict[str, bytes]) -> list[str]:
     """Names of the needles found anywhere in the process's readable memory."""
-    found = set()
-    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
-        for line in maps:
-            fields = line.split()
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            if "r" not in fields[1] or end - start > 1 << 30:
-                continue
-            try:
-                mem.seek(start)
-                chunk = mem.read(end - start)
-            except (OSError, ValueError, OverflowError):
-                continue
-            found.update(name for name, needle in needles.items() if needle in chunk)
-    return sorted(found)
+    return sorted({name for _line, chunk in readable_memory(pid) for name, needle in needles.items() if needle in chunk})
 
 
 def test_removed_key_leaves_no_derived_key_in_any_thread_context(tmp_path, encfsd_bin, key_file):
