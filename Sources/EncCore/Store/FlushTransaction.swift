@@ -7,9 +7,10 @@ import Glibc
 
 /// What never changes while a backing object is open: its descriptor, keys, identity and the
 /// places its transactions write. Reads, seals and commits of the object share it without a lock.
-struct OpenObject: @unchecked Sendable {
-    // Invariant making this `@unchecked Sendable`: every stored property is immutable, and the
-    // descriptors are held through their owners, so each stays open for as long as any copy.
+///
+/// Every stored property is immutable and `Sendable`, so the compiler checks what sharing it needs;
+/// the descriptors are held through their owners, so each stays open for as long as any copy.
+struct OpenObject: Sendable {
     /// The backing object, read-write for a file that writes (read-only for a view that reads).
     let backing: SharedDescriptor
     /// The store's `.journal` directory, where the object's shadow lives during a transaction.
