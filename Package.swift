@@ -19,18 +19,20 @@ let package = Package(
         // The core in layers, each a target, so a lower layer cannot import a higher one:
         // crypto (the OpenSSL door) <- keys (master keys, the key table, the keyutils door)
         // <- format (codecs of every on-disk and ioctl structure; no I/O) <- store (EncCore).
-        .target(name: "EncCrypto", dependencies: ["COpenSSL"]),
-        .target(name: "EncKeys", dependencies: ["EncCrypto", "CKeyutils", "CLinux"],
+        // Locking is below them all: the one lock type shared state uses (Lock.swift says why).
+        .target(name: "Locking"),
+        .target(name: "EncCrypto", dependencies: ["COpenSSL", "Locking"]),
+        .target(name: "EncKeys", dependencies: ["EncCrypto", "Locking", "CKeyutils", "CLinux"],
                 swiftSettings: [.define("ENCFSD_TEST_HOOKS", .when(configuration: .debug))]),
         .target(name: "EncFormat", dependencies: ["EncCrypto", "EncKeys"]),
         // Test hooks (fault points, the no-journal switch) compile into debug builds only.
-        .target(name: "EncCore", dependencies: ["EncCrypto", "EncKeys", "EncFormat", "CLinux"],
+        .target(name: "EncCore", dependencies: ["EncCrypto", "EncKeys", "EncFormat", "Locking", "CLinux"],
                 swiftSettings: [.define("ENCFSD_TEST_HOOKS", .when(configuration: .debug))]),
-        .target(name: "FuseBridge", dependencies: ["CFuse3"]),
+        .target(name: "FuseBridge", dependencies: ["CFuse3", "Locking"]),
         .executableTarget(
             name: "encfsd",
             dependencies: [
-                "EncCore", "EncFormat", "EncKeys", "EncCrypto", "FuseBridge",
+                "EncCore", "EncFormat", "EncKeys", "EncCrypto", "FuseBridge", "Locking",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "EncCoreTests", dependencies: ["EncCore", "EncFormat", "EncKeys", "EncCrypto"]),

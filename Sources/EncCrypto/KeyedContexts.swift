@@ -1,5 +1,5 @@
+import Locking
 import COpenSSL
-import Synchronization
 
 /// What a cached context was keyed with: one master key has several keys that are expensive to
 /// set up and used over and over.
@@ -54,10 +54,10 @@ package final class KeyedContextCache: Sendable {
         }
     }
 
-    private let entries = Mutex<[Entry]>([])
+    private let entries = Lock<[Entry]>([])
 
     /// Every thread's cache, for `forget`.
-    private static let registry = Mutex<[ObjectIdentifier: KeyedContextCache]>([:])
+    private static let registry = Lock<[ObjectIdentifier: KeyedContextCache]>([:])
 
     package init() {
         Self.registry.withLock { $0[ObjectIdentifier(self)] = self }

@@ -1,3 +1,4 @@
+import Locking
 import Dispatch
 import Synchronization
 import EncCrypto
@@ -73,7 +74,7 @@ public final class KeyTable: Sendable {
     }
 
     public let userQuota: Int
-    private let entries = Mutex<[KeyIdentifier: Entry]>([:])
+    private let entries = Lock<[KeyIdentifier: Entry]>([:])
     #if ENCFSD_TEST_HOOKS
     /// Key lookups made (each one lock of the table): tests hold the request paths to their count.
     package let lookups = Atomic<Int>(0)
@@ -87,7 +88,7 @@ public final class KeyTable: Sendable {
     }
     /// Keyring entries of dropped claims, revoked once their key is wiped. Kept apart from the
     /// entries: a completed removal deletes its entry before the wipe is handled.
-    private let dropped = Mutex<[KeyIdentifier: [KeyringClaim]]>([:])
+    private let dropped = Lock<[KeyIdentifier: [KeyringClaim]]>([:])
     private let wipeObserver: (@Sendable (KeyIdentifier) -> Void)?
 
     /// - Parameter wipeObserver: told once a removed key has been wiped. It runs on whichever

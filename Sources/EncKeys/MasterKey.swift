@@ -1,3 +1,4 @@
+import Locking
 import Synchronization
 import EncCrypto
 
@@ -17,7 +18,7 @@ public final class MasterKey: Sendable {
     package let instanceSerial: UInt64
     private static let serials = Atomic<UInt64>(0)
     /// Told when this key has been wiped (set when the key is removed from its table).
-    private let wipeObserver = Mutex<(@Sendable () -> Void)?>(nil)
+    private let wipeObserver = Lock<(@Sendable () -> Void)?>(nil)
     /// HKDF-Extract(no salt, raw key): kept so each per-extent derivation is one HMAC.
     private let prk: SecureBytes
     private let nameKeyBytes: SecureBytes

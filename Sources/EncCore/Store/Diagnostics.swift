@@ -1,4 +1,4 @@
-import Synchronization
+import Locking
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -18,7 +18,7 @@ public enum Diagnostics {
 
     public typealias Sink = @Sendable (Severity, String) -> Void
 
-    private static let sink = Mutex<Sink?>(nil)
+    private static let sink = Lock<Sink?>(nil)
 
     /// Sends every later report to `sink` (set once by the daemon before it serves).
     public static func route(to sink: @escaping Sink) { self.sink.withLock { $0 = sink } }

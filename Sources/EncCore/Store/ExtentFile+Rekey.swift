@@ -1,5 +1,5 @@
+import Locking
 import Foundation
-import Synchronization
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -63,8 +63,8 @@ extension ExtentFile {
     func resealLegacy(_ indices: [UInt64], threads: Int) throws -> [Journal.Record] {
         guard let legacyKey else { throw StoreError.noKey }
         let stride = geometry.stride
-        let resealed = Mutex([Journal.Record]())
-        let failure = Mutex<Error?>(nil)
+        let resealed = Lock([Journal.Record]())
+        let failure = Lock<Error?>(nil)
         let parts = max(1, min(threads, indices.count / 16))
         DispatchQueue.concurrentPerform(iterations: parts) { part in
             let mine = indices[(indices.count * part / parts)..<(indices.count * (part + 1) / parts)]

@@ -1,5 +1,5 @@
+import Locking
 import Foundation
-import Synchronization
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -17,7 +17,7 @@ import Glibc
 /// batches in `ExtentFile+Rekey.swift`, fallocate's modes in `ExtentFile+Fallocate.swift`.
 ///
 /// Invariant making this `@unchecked Sendable`: its mutable state (`size`, `holes`, `changes`,
-/// the legacy ranges, the flags) is touched only with its node's `Mutex<NodeState>` held. Three
+/// the legacy ranges, the flags) is touched only with its node's `Lock<NodeState>` held. Three
 /// things run without that lock and touch none of it: `sealWholeExtents` and `resealLegacy`, which
 /// read only `object` (what never changes for an open file) and `legacyKey`; and
 /// `ReadLease.finish`, which reads committed extents and the legacy ranges while the lease holds

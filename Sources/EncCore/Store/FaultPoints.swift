@@ -1,5 +1,5 @@
+import Locking
 import Foundation
-import Synchronization
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -63,7 +63,7 @@ public enum FaultPoints {
         return Armed(point: point, remaining: parts.count > 1 ? Int(parts[1]) ?? 1 : 1)
     }()
 
-    private static let hits = Mutex(0)
+    private static let hits = Lock(0)
 
     /// Dies here (SIGKILL: no cleanup, no flush, as a crash) if this point is armed.
     @inline(__always)

@@ -1,4 +1,4 @@
-import Synchronization
+import Locking
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -81,7 +81,7 @@ final class Node: Sendable {
     /// The root only: the store's directory, held for the mount's lifetime (every other
     /// descriptor is found from it).
     let pinnedDirectory: SharedDescriptor?
-    let state: Mutex<NodeState>
+    let state: Lock<NodeState>
 
     init(id: UInt64, backingInode: UInt64, identity: [UInt8]?, headerIdentity: [UInt8]?, header: ObjectHeader,
          verified: Bool, location: Location?, pinnedDirectory: SharedDescriptor? = nil) {
@@ -93,7 +93,7 @@ final class Node: Sendable {
         self.pinnedDirectory = pinnedDirectory
         var initial = NodeState(header: header, verified: verified)
         if let location { initial.locations = [location] }
-        state = Mutex(initial)
+        state = Lock(initial)
     }
 
     var isDirectory: Bool { type == .directory }

@@ -1,3 +1,4 @@
+import Locking
 import Synchronization
 import EncCrypto
 import EncKeys
@@ -30,10 +31,10 @@ public enum BackingOperation: Sendable, Equatable {
 public final class OperationLog: Sendable {
     public static let shared = OperationLog()
     private let enabled = Atomic<Bool>(false)
-    private let operations = Mutex<[BackingOperation]>([])
+    private let operations = Lock<[BackingOperation]>([])
     /// Only the thread that started recording is recorded: the workload runs on it, and other
     /// work in the same process (tests running in parallel) must not leak into its log.
-    private let owner = Mutex<pthread_t?>(nil)
+    private let owner = Lock<pthread_t?>(nil)
 
     public var isRecording: Bool { enabled.load(ordering: .relaxed) }
 

@@ -8,7 +8,7 @@ import Glibc
 /// A pthread reader-writer lock.
 ///
 /// It lets reads of one file decrypt in parallel on several FUSE workers while a commit, which
-/// rewrites extents in place, waits for them and holds them off. `Mutex` cannot express shared
+/// rewrites extents in place, waits for them and holds them off. `Lock` cannot express shared
 /// holders, and the lock is released by a different scope than the one that takes it (the read
 /// takes it under the node lock and finishes after dropping that), so it is a class with explicit
 /// lock and unlock.

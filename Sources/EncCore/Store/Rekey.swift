@@ -1,3 +1,4 @@
+import Locking
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -56,7 +57,7 @@ public final class RekeyRegistry: Sendable {
         var workerRunning = false
     }
 
-    private let state: Mutex<State>
+    private let state: Lock<State>
     /// Foreground requests served (file reads, writes, flushes, lookups): the worker rests after a
     /// batch only if some came meanwhile, so an idle mount is rekeyed at full speed.
     let foreground = Atomic<UInt64>(0)
@@ -64,7 +65,7 @@ public final class RekeyRegistry: Sendable {
     func noteForeground() { foreground.add(1, ordering: .relaxed) }
 
     /// Held by the one batch (and its rest) allowed to run while foreground requests come.
-    private let pacer = Mutex(())
+    private let pacer = Lock(())
 
     /// Runs `batch` as the only paced batch of the daemon, then rests `restFactor` times as long
     /// as it took before letting the next one run: how the worker's lanes yield to foreground
@@ -84,7 +85,7 @@ public final class RekeyRegistry: Sendable {
     let stopRequested = Atomic(false)
 
     init(config: StoreConfig) {
-        state = Mutex(State(config: config, trees: (config.rekeys ?? []).compactMap(Tree.init)))
+        state = Lock(State(config: config, trees: (config.rekeys ?? []).compactMap(Tree.init)))
     }
 
     /// The key replacing `policy` in a tree being rekeyed, if any.

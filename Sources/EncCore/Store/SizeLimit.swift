@@ -1,4 +1,4 @@
-import Synchronization
+import Locking
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -29,7 +29,7 @@ enum SizeLimit {
     }
 
     /// Probed filesystem limits, by device: probed once per filesystem, not per file.
-    private static let probed = Mutex<[UInt64: Int64]>([:])
+    private static let probed = Lock<[UInt64: Int64]>([:])
 
     /// The largest backing file the filesystem holds (capped at `largestBacking`).
     static func backingLimit(directory: borrowing FileDescriptor) -> Int64 {

@@ -1,3 +1,4 @@
+import Locking
 import Synchronization
 import EncCrypto
 import EncKeys
@@ -23,7 +24,7 @@ final class DescriptorCache: Sendable {
     }
 
     let capacity: Int
-    private let state = Mutex(State())
+    private let state = Lock(State())
 
     init(capacity: Int) { self.capacity = max(capacity, 8) }
 
@@ -95,7 +96,7 @@ extension Volume {
     /// directory is entered (its parent's descriptor, recursively, is found the same way).
     ///
     /// - Parameter locations: the directory's locations, when the caller holds its lock (the
-    ///   lock is not taken again: Swift's Mutex traps on re-entry).
+    ///   lock is not taken again: a `Lock` traps on re-entry in test builds and deadlocks in release).
     func directoryFD(_ dir: Node, locations known: [Location]? = nil) throws -> SharedDescriptor {
         guard dir.isDirectory else { throw StoreError.notDirectory }
         if let pinned = dir.pinnedDirectory { return pinned }

@@ -1,4 +1,3 @@
-import Synchronization
 import EncCrypto
 import EncKeys
 import EncFormat

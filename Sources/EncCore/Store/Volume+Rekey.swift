@@ -1,3 +1,4 @@
+import Locking
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -221,7 +222,7 @@ extension Volume {
         if lanes <= 1 {
             for name in files { complete = rekeyEntry(name, in: dir, tree, lanes: 1, moved: &moved) && complete }
         } else {
-            let outcome = Mutex((complete: complete, moved: moved))
+            let outcome = Lock((complete: complete, moved: moved))
             // Each lane takes the next file when it is done with one: split by position in the
             // listing (encrypted names, so in random order), one lane could get both large files
             // of a directory and the rekey ran on one core (a third of the rounds measured).

@@ -1,3 +1,4 @@
+import Locking
 import Synchronization
 import EncCrypto
 import EncKeys
@@ -26,16 +27,16 @@ public final class Volume: Sendable {
     public let keys: KeyTable
     /// The `.journal` directory holding the shadows of flush transactions in progress.
     let journalFD: SharedDescriptor
-    let table = Mutex(NodeTable())
-    let handles = Mutex(HandleTable())
+    let table = Lock(NodeTable())
+    let handles = Lock(HandleTable())
     /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
     let directories: DescriptorCache
     let openFiles: OpenFileBudget
     /// Bindings to drop once the renames and unlinks that made them stale are durable.
-    let staleBindings = Mutex<[StaleBinding]>([])
+    let staleBindings = Lock<[StaleBinding]>([])
     /// Held for a whole drop of stale bindings (its header writes included), so the unmount's
     /// drop, and the clean end of the epoch after it, wait for one the timer thread has begun.
-    let droppingStaleBindings = Mutex(())
+    let droppingStaleBindings = Lock(())
     /// Where the store's directory is: every directory the store changes must lie beneath it.
     let rootPlace: Sys.Place
     /// Trees being moved to another key (Volume+Rekey.swift).
@@ -44,9 +45,9 @@ public final class Volume: Sendable {
     public let capabilities: BackingCapabilities
     /// Held across every namespace change when a fallback needs them to run one at a time
     /// (`BackingCapabilities.needsNamespaceLock`); taken before any node or table lock.
-    let namespaceLock = Mutex<Void>(())
+    let namespaceLock = Lock<Void>(())
     /// `.xattrs`, once a side object was read or written (`Volume+XattrSide`).
-    let xattrSideDirectory = Mutex<SharedDescriptor?>(nil)
+    let xattrSideDirectory = Lock<SharedDescriptor?>(nil)
     let sideObjectRefusalReported = Atomic<Bool>(false)
     #if ENCFSD_TEST_HOOKS
     /// Side object files read: tests hold the xattr paths to their count.
@@ -63,7 +64,7 @@ public final class Volume: Sendable {
     public let accessTimes: AccessTimeOptions
     /// Told the node whose attributes changed without a request that changes them (an access
     /// moved its atime), so the front end can drop what the kernel caches of them.
-    public let attributesMoved = Mutex<AttributesMovedObserver?>(nil)
+    public let attributesMoved = Lock<AttributesMovedObserver?>(nil)
     /// The mount caches writes in the kernel (`-o writeback_cache`): it sends them as whole pages
     /// through any writable handle of the file, so no write can be told to one handle.
     public let kernelWritesPages = Atomic<Bool>(false)
@@ -455,7 +456,7 @@ public final class Volume: Sendable {
 }
 
 /// The front end's callback for `Volume.attributesMoved`, in a class so that taking it out of the
-/// Mutex copies a reference: a bare closure there came out wrapped in two more reabstraction
+/// lock copies a reference: a bare closure there came out wrapped in two more reabstraction
 /// thunks at every `withLock { $0 }`, and kept them (the inout write-back stored the wrapped one),
 /// so every access that moved an atime made the next call deeper, until the stack ran out.
 public final class AttributesMovedObserver: Sendable {

@@ -1,7 +1,7 @@
+import Locking
 import EncCore
 import Foundation
 import FuseBridge
-import Synchronization
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -10,8 +10,8 @@ import EncFormat
 /// removal no name, attribute or page of plaintext stays visible, and after an add no no-key
 /// name lingers in place of a plaintext one (fscrypt does the same by evicting inodes).
 final class CacheInvalidator: Sendable {
-    private let session = Mutex<FuseSession?>(nil)
-    private let volume = Mutex<Volume?>(nil)
+    private let session = Lock<FuseSession?>(nil)
+    private let volume = Lock<Volume?>(nil)
 
     func attach(session: FuseSession) { self.session.withLock { $0 = session } }
     func attach(volume: Volume) { self.volume.withLock { $0 = volume } }

@@ -1,4 +1,4 @@
-import Synchronization
+import Locking
 import EncCore
 import Foundation
 import FuseBridge
@@ -43,7 +43,7 @@ struct Daemon {
         // Held until the process ends (the kernel drops it then, however the daemon dies).
         let lock = try Self.lock(storePath)
         let invalidator = CacheInvalidator()
-        let table = Mutex<KeyTable?>(nil)
+        let table = Lock<KeyTable?>(nil)
         let keys = KeyTable(userQuota: keyQuota) { identifier in
             if let keys = table.withLock({ $0 }) { invalidator.keyWiped(identifier, keys: keys) }
         }

@@ -1,7 +1,7 @@
+import Locking
 import ArgumentParser
 import EncCore
 import Foundation
-import Synchronization
 import EncCrypto
 import EncKeys
 import EncFormat
@@ -47,7 +47,7 @@ enum Log {
         var priorityPrefix = false
     }
 
-    private static let configuration = Mutex(Configuration())
+    private static let configuration = Lock(Configuration())
     /// openlog(3) keeps the identifier pointer: it must live as long as the process. Safe to share:
     /// written once here, only ever read (by libc).
     nonisolated(unsafe) private static let identifier: UnsafeMutablePointer<CChar> = strdup("encfsd")
