@@ -56,11 +56,67 @@ package final class KeyedContextCache: Sendable {
 
     private let entries = Lock<[Entry]>([])
 
+    /// This thread's AES-256-GCM and HMAC-SHA256 contexts. Each use keys one with a key derived
+    /// from a master key (an extent's, a header's), and the key stays in it until the next use:
+    /// keying it with zeros after every use cost a second key setup per extent and per header
+    /// check (PERFORMANCE.md, "Derived keys scrubbed at the wipe"). Instead `forget` keys both
+    /// with zeros in every thread whenever any master key is wiped, so no derived key outlives
+    /// its master key. Each is used and scrubbed only under its lock, and freed under it (nil
+    /// after `retire`), so a scrub never meets a freed context.
+    private let gcm: Lock<OpaquePointer?>
+    private let hmacSHA256: Lock<OpaquePointer?>
+
     /// Every thread's cache, for `forget`.
     private static let registry = Lock<[ObjectIdentifier: KeyedContextCache]>([:])
 
     package init() {
+        guard let gcm = EVP_CIPHER_CTX_new(), let hmac = EVP_MAC_CTX_new(Algorithms.shared.hmac)
+        else { fatalError("OpenSSL could not allocate a context: out of memory") }
+        // Both fixed to their algorithm now, so each use passes only key (and IV). Passing the
+        // cipher again made OpenSSL free and reallocate its whole GCM state on every extent;
+        // setting the digest on every MAC made it fetch SHA-256 again (a third of a header check).
+        guard EVP_CipherInit_ex2(gcm, Algorithms.shared.aes256gcm, nil, nil, 1, nil) == 1
+        else { fatalError("OpenSSL refused AES-256-GCM") }
+        var digestName: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) = (83, 72, 65, 50, 53, 54, 0) // "SHA256"
+        let digestSet = withUnsafeMutablePointer(to: &digestName) { namePtr -> Bool in
+            withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2) { params in
+                params[0] = OSSL_PARAM_construct_utf8_string(
+                    ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0)
+                params[1] = OSSL_PARAM_construct_end()
+                return EVP_MAC_CTX_set_params(hmac, params.baseAddress) == 1
+            }
+        }
+        guard digestSet else { fatalError("OpenSSL refused HMAC-SHA256") }
+        self.gcm = Lock(gcm)
+        self.hmacSHA256 = Lock(hmac)
         Self.registry.withLock { $0[ObjectIdentifier(self)] = self }
+    }
+
+    /// Runs `body` on this thread's AES-256-GCM context; `body` keys it.
+    package func withGCM<R, E: Error>(_ body: (OpaquePointer) throws(E) -> R) throws(E) -> R {
+        try gcm.withLock { (ctx: inout OpaquePointer?) throws(E) -> R in try body(ctx!) }
+    }
+
+    /// Runs `body` on this thread's HMAC-SHA256 context; `body` keys it.
+    package func withHMACSHA256<R, E: Error>(_ body: (OpaquePointer) throws(E) -> R) throws(E) -> R {
+        try hmacSHA256.withLock { (ctx: inout OpaquePointer?) throws(E) -> R in try body(ctx!) }
+    }
+
+    /// Keys this cache's GCM and HMAC contexts with zeros. OpenSSL keeps the schedule of a GCM
+    /// key and a copy of an HMAC key in the context until it is keyed again.
+    private func scrubDerivedKeys() {
+        let placeholder = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
+        withUnsafeBytes(of: placeholder) { zeros in
+            let key = zeros.baseAddress!.assumingMemoryBound(to: UInt8.self)
+            gcm.withLock { ctx in
+                guard let ctx else { return }
+                precondition(EVP_CipherInit_ex2(ctx, nil, key, nil, -1, nil) == 1, "AES-256-GCM init failed")
+            }
+            hmacSHA256.withLock { ctx in
+                guard let ctx else { return }
+                precondition(EVP_MAC_init(ctx, key, 32, nil) == 1, "HMAC-SHA256 init failed")
+            }
+        }
     }
 
     /// Runs `body` on this thread's context keyed for (`serial`, `use`), made by `make` on first
@@ -139,7 +195,8 @@ package final class KeyedContextCache: Sendable {
         return ctx
     }
 
-    /// Frees the contexts keyed for `serial` in every thread: its master key is being wiped.
+    /// Frees the contexts keyed for `serial` in every thread, and scrubs every thread's GCM and
+    /// HMAC contexts of the last key derived in them: the master key `serial` is being wiped.
     package static func forget(serial: UInt64) {
         // Taken out of the registry lock first, so no two locks are ever held together. A thread
         // that exits meanwhile has retired its (emptied) cache; one that starts has no entry for
@@ -153,6 +210,7 @@ package final class KeyedContextCache: Sendable {
                     return true
                 }
             }
+            cache.scrubDerivedKeys()
         }
     }
 
@@ -162,6 +220,15 @@ package final class KeyedContextCache: Sendable {
         entries.withLock { entries in
             for entry in entries { entry.free() }
             entries.removeAll()
+        }
+        // Freeing cleanses the key state (OpenSSL's free does).
+        gcm.withLock { ctx in
+            EVP_CIPHER_CTX_free(ctx)
+            ctx = nil
+        }
+        hmacSHA256.withLock { ctx in
+            EVP_MAC_CTX_free(ctx)
+            ctx = nil
         }
     }
 

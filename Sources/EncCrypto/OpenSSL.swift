@@ -69,15 +69,15 @@ public enum OpenSSL {
 
     /// HMAC-SHA256(key, concatenation of parts) (`EVP_MAC` "HMAC").
     public static func hmacSHA256(key: UnsafeRawBufferPointer, _ parts: [UInt8]...) -> [UInt8] {
-        let ctx = ThreadContexts.current.hmacSHA256
-        defer { forgetKey(hmac: ctx) }
         var out = [UInt8](repeating: 0, count: 32)
-        var ok = EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self), key.count, nil) == 1
-        for part in parts where ok {
-            ok = part.withUnsafeBytes { EVP_MAC_update(ctx, $0.baseAddress?.assumingMemoryBound(to: UInt8.self), $0.count) == 1 }
+        let ok = ThreadContexts.current.keyed.withHMACSHA256 { ctx -> Bool in
+            var ok = EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self), key.count, nil) == 1
+            for part in parts where ok {
+                ok = part.withUnsafeBytes { EVP_MAC_update(ctx, $0.baseAddress?.assumingMemoryBound(to: UInt8.self), $0.count) == 1 }
+            }
+            var written = 0
+            return ok && out.withUnsafeMutableBufferPointer { EVP_MAC_final(ctx, $0.baseAddress, &written, 32) == 1 && written == 32 }
         }
-        var written = 0
-        ok = ok && out.withUnsafeMutableBufferPointer { EVP_MAC_final(ctx, $0.baseAddress, &written, 32) == 1 && written == 32 }
         precondition(ok, "HMAC-SHA256 failed")
         return out
     }
@@ -98,27 +98,13 @@ public enum OpenSSL {
     /// one key: each further check starts from the key pads computed here instead of hashing them
     /// again (both header slots of an object share one header key). `body` must not keep it.
     public static func withHMACSHA256<R>(key: UnsafeRawBufferPointer, _ body: (borrowing KeyedHMACSHA256) throws -> R) rethrows -> R {
-        let ctx = ThreadContexts.withCurrent { $0.hmacSHA256 }
-        let keyed = EVP_MAC_init(ctx, u8(key), key.count, nil) == 1
-        precondition(keyed, "HMAC-SHA256 init failed")
-        defer { forgetKey(hmac: ctx) }
-        return try body(KeyedHMACSHA256(ctx: ctx))
-    }
-
-    /// What a thread's reused HMAC-SHA256 and AES-256-GCM contexts are keyed with after each use.
-    /// OpenSSL keeps a copy of an HMAC key and the schedule of a GCM key in the context until it
-    /// is keyed again, so without this an idle worker would hold the last header or extent key it
-    /// used, derived from a master key that may since have been removed, indefinitely.
-    private static func forgetKey(hmac ctx: OpaquePointer) {
-        let placeholder = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        let rekeyed = withUnsafeBytes(of: placeholder) { EVP_MAC_init(ctx, u8($0), 32, nil) == 1 }
-        precondition(rekeyed, "HMAC-SHA256 init failed")
-    }
-
-    private static func forgetKey(gcm ctx: OpaquePointer) {
-        let placeholder = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
-        let rekeyed = withUnsafeBytes(of: placeholder) { EVP_CipherInit_ex2(ctx, nil, u8($0), nil, -1, nil) == 1 }
-        precondition(rekeyed, "AES-256-GCM init failed")
+        // The context is the thread's, under its lock for `body`'s length: a master key's wipe
+        // scrubs it there (`KeyedContextCache`).
+        try ThreadContexts.current.keyed.withHMACSHA256 { ctx in
+            let keyed = EVP_MAC_init(ctx, u8(key), key.count, nil) == 1
+            precondition(keyed, "HMAC-SHA256 init failed")
+            return try body(KeyedHMACSHA256(ctx: ctx))
+        }
     }
 
     /// An HMAC-SHA256 context of the calling thread keyed by `withHMACSHA256`, valid only inside it.
@@ -291,8 +277,14 @@ public enum OpenSSL {
                                tag: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         precondition(key.count == 32 && iv.count == gcmIVCount && tag.count == gcmTagCount)
         precondition(ciphertext.count >= plaintext.count)
-        let ctx = ThreadContexts.withCurrent { $0.gcm }
-        defer { forgetKey(gcm: ctx) }
+        try ThreadContexts.withCurrent { contexts in
+            contexts.keyed.withGCM { ctx in Result { () throws(CryptoError) in try gcmSeal(ctx, key: key, iv: iv, ad: ad, plaintext: plaintext, ciphertext: ciphertext, tag: tag) } }
+        }.get()
+    }
+
+    private static func gcmSeal(_ ctx: OpaquePointer, key: UnsafeRawBufferPointer, iv: UnsafeRawBufferPointer, ad: UnsafeRawBufferPointer,
+                                plaintext: UnsafeRawBufferPointer, ciphertext: UnsafeMutableRawBufferPointer,
+                                tag: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         var outCount: Int32 = 0
         // Only key and IV: the context keeps AES-256-GCM from its creation. The tag is read with
         // get_params, which the ctrl call would translate into anyway.
@@ -315,8 +307,14 @@ public enum OpenSSL {
                                plaintext: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         precondition(key.count == 32 && iv.count == gcmIVCount && tag.count == gcmTagCount)
         precondition(plaintext.count >= ciphertext.count)
-        let ctx = ThreadContexts.withCurrent { $0.gcm }
-        defer { forgetKey(gcm: ctx) }
+        try ThreadContexts.withCurrent { contexts in
+            contexts.keyed.withGCM { ctx in Result { () throws(CryptoError) in try gcmOpen(ctx, key: key, iv: iv, ad: ad, ciphertext: ciphertext, tag: tag, plaintext: plaintext) } }
+        }.get()
+    }
+
+    private static func gcmOpen(_ ctx: OpaquePointer, key: UnsafeRawBufferPointer, iv: UnsafeRawBufferPointer, ad: UnsafeRawBufferPointer,
+                                ciphertext: UnsafeRawBufferPointer, tag: UnsafeRawBufferPointer,
+                                plaintext: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         var outCount: Int32 = 0
         // The expected tag goes in with key and IV (one parameter pass instead of a ctrl call).
         let initialised = withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2) { params in

@@ -14,17 +14,13 @@ package final class ThreadContexts {
     /// For AES-256-SIV: a keyed template is copied into it per name, and it is reset after each
     /// use so no key schedule stays in it.
     package let cipher: OpaquePointer
-    /// Fixed to AES-256-GCM when created: each extent seal or open passes only key and IV. Passing
-    /// the cipher again made OpenSSL free and reallocate its whole GCM state on every extent.
-    package let gcm: OpaquePointer
-    /// Fixed to HMAC-SHA256 when created, so each MAC passes only its key: setting the digest on
-    /// every use made OpenSSL fetch it again (about a third of a header verification).
-    package let hmacSHA256: OpaquePointer
     /// For SHA-256 and other digests; re-initialised per use instead of allocated.
     package let digest: OpaquePointer
     package let kdf: OpaquePointer
-    /// Contexts keyed with the secrets of each master key this thread uses: HMAC-SHA512 on the
-    /// PRK for extent and header keys, AES-256-SIV templates for names and xattrs.
+    /// Contexts keyed with the secrets of each master key this thread uses (HMAC-SHA512 on the
+    /// PRK for extent and header keys, AES-256-SIV templates for names and xattrs), and the GCM
+    /// and HMAC-SHA256 contexts keyed per use with keys derived from them: everything a master
+    /// key's wipe must reach in every thread.
     package let keyed = KeyedContextCache()
     /// Random bytes drawn ahead for extent nonces (see `takeNonce`).
     private let nonces: UnsafeMutableRawBufferPointer
@@ -33,24 +29,12 @@ package final class ThreadContexts {
 
     package init() {
         guard let cipher = EVP_CIPHER_CTX_new(),
-              let gcm = EVP_CIPHER_CTX_new(),
-              let hmacSHA256 = EVP_MAC_CTX_new(Algorithms.shared.hmac),
               let digest = EVP_MD_CTX_new(),
               let kdf = EVP_KDF_CTX_new(Algorithms.shared.hkdf)
         else { fatalError("OpenSSL could not allocate a context: out of memory") }
         self.cipher = cipher
-        self.gcm = gcm
-        self.hmacSHA256 = hmacSHA256
         self.digest = digest
         self.kdf = kdf
-        var digestName = Array("SHA256".utf8CString)
-        let digestSet: Bool = digestName.withUnsafeMutableBufferPointer { name in
-            var params = [OSSL_PARAM_construct_utf8_string(ParamName.digest, name.baseAddress, 0), OSSL_PARAM_construct_end()]
-            return EVP_MAC_CTX_set_params(hmacSHA256, &params) == 1
-        }
-        guard digestSet else { fatalError("OpenSSL refused HMAC-SHA256") }
-        guard EVP_CipherInit_ex2(gcm, Algorithms.shared.aes256gcm, nil, nil, 1, nil) == 1
-        else { fatalError("OpenSSL refused AES-256-GCM") }
         nonces = .allocate(byteCount: ThreadContexts.nonceBatchBytes, alignment: 16)
         noncesUsed = ThreadContexts.nonceBatchBytes
     }
@@ -58,8 +42,6 @@ package final class ThreadContexts {
     deinit {
         keyed.retire()
         EVP_CIPHER_CTX_free(cipher)
-        EVP_CIPHER_CTX_free(gcm)
-        EVP_MAC_CTX_free(hmacSHA256)
         EVP_MD_CTX_free(digest)
         EVP_KDF_CTX_free(kdf)
         nonces.deallocate()

@@ -187,11 +187,9 @@ public final class FuseSession: @unchecked Sendable {
 /// limit are waiting stops. Exit signals are blocked on these threads, so they interrupt the
 /// wait in `serve`; unmounting ends every read with ENODEV.
 ///
-/// An ordinary request touches only atomics here. Swift's `Mutex` is a priority-inheritance
-/// futex on Linux, which hands a contended lock over strictly in turn: with 16 threads on 2
-/// cores, taking it twice per request put 7 context switches on each random read and cut
-/// depth-16 random reads from 55 K to 14 K IOPS (PERFORMANCE.md, "The request loop's lock").
-/// The lock is taken only to start or end a thread and to stop.
+/// An ordinary request touches only atomics here: every thread counted itself in and out under
+/// one lock twice per request, the most contended lock in the daemon (PERFORMANCE.md, "Locks
+/// that convoy"). The lock is taken only to start or end a thread, and to stop.
 ///
 /// Invariant making this `@unchecked Sendable`: every stored property is immutable, an Atomic,
 /// or a Lock.

@@ -1,6 +1,3 @@
-import EncCrypto
-import EncKeys
-import EncFormat
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,10 +12,10 @@ import Glibc
 ///
 /// Invariant making this `@unchecked Sendable`: the pthread lock lives at a fixed heap address for
 /// the object's whole life and is only touched through the pthread calls, which are thread-safe.
-final class ReadWriteLock: @unchecked Sendable {
+public final class ReadWriteLock: @unchecked Sendable {
     private let lock: UnsafeMutablePointer<pthread_rwlock_t>
 
-    init() {
+    public init() {
         lock = .allocate(capacity: 1)
         lock.initialize(to: pthread_rwlock_t())
         precondition(pthread_rwlock_init(lock, nil) == 0, "pthread_rwlock_init failed")
@@ -29,10 +26,10 @@ final class ReadWriteLock: @unchecked Sendable {
         lock.deallocate()
     }
 
-    func lockShared() { precondition(pthread_rwlock_rdlock(lock) == 0) }
-    func unlockShared() { precondition(pthread_rwlock_unlock(lock) == 0) }
+    public func lockShared() { precondition(pthread_rwlock_rdlock(lock) == 0) }
+    public func unlockShared() { precondition(pthread_rwlock_unlock(lock) == 0) }
 
-    func withExclusive<R>(_ body: () throws -> R) rethrows -> R {
+    public func withExclusive<R>(_ body: () throws -> R) rethrows -> R {
         precondition(pthread_rwlock_wrlock(lock) == 0)
         defer { precondition(pthread_rwlock_unlock(lock) == 0) }
         return try body()
