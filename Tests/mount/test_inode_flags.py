@@ -348,6 +348,39 @@ def test_atime_follows_the_mount_option_as_on_tmpfs(make_volume, tmpfs, option):
         assert (after.st_atime_ns, after.st_ctime_ns, after.st_mtime_ns) == (before.st_atime_ns, before.st_ctime_ns, before.st_mtime_ns), name
 
 
+def test_an_open_that_moves_the_atime_tells_the_kernel_at_the_read(make_volume, tmpfs):
+    """The atime an open moves reaches the kernel's attribute cache at the first read the daemon
+    serves or at the close, not at the open: a reader's fstat right after its open is answered
+    from the cache, with the atime from before, as on tmpfs (where the atime moves at the read)."""
+    v = make_volume()
+
+    def workload(root: Path):
+        f = root / "f"
+        f.write_bytes(b"x" * 100_000)
+        os.utime(f, ns=(PAST_NS, os.stat(f).st_mtime_ns))
+        seen = [os.stat(f).st_atime_ns == PAST_NS]
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            seen.append(os.fstat(fd).st_atime_ns == PAST_NS)
+            # Its pages leave the cache, so the read reaches the filesystem.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert os.read(fd, 100_000) == b"x" * 100_000
+            seen.append(os.fstat(fd).st_atime_ns == PAST_NS)
+        finally:
+            os.close(fd)
+        seen.append(os.stat(f).st_atime_ns == PAST_NS)
+        # An open and close with no read between: the close tells the kernel.
+        os.utime(f, ns=(PAST_NS, os.stat(f).st_mtime_ns))
+        os.close(os.open(f, os.O_RDONLY))
+        seen.append(os.stat(f).st_atime_ns == PAST_NS)
+        return seen
+
+    ours = workload(v.mnt)
+    assert ours[:4] == workload(tmpfs("relatime"))[:4] == [True, True, False, False]
+    # tmpfs moves no atime without a read; encfsd counts the open (its reads may never reach it).
+    assert ours[4] is False
+
+
 def test_noatime_reaches_the_vfs_mount(make_volume):
     v = make_volume(mount=False)
     v.mount(options="noatime")

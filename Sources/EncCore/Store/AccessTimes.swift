@@ -82,20 +82,25 @@ extension Volume {
     /// An access (an open for reading, a read under strictatime, a listing) by a handle that did
     /// not ask for O_NOATIME: the new atime, if the mount's rule says one is due, is kept in the
     /// node and written with its handle's last close (`writeAccessTime`), never on the read path.
-    func noteAccess(_ node: Node) {
-        guard keepsInodeMetadata, accessTimes.rule != .never, !(node.isDirectory && !accessTimes.directories) else { return }
-        guard !node.state.withLock({ $0.header.inodeFlags.contains(.noAccessTime) }) else { return }
+    ///
+    /// - Parameter tellKernel: invalidate the kernel's copy of the attributes now (it keeps them
+    ///   for the attribute timeout, and a stat right after the access must show the new atime, as
+    ///   on ext4). An open passes false and tells it later (`tellKernelOfAccess`).
+    /// - Returns: whether the atime moved.
+    @discardableResult
+    func noteAccess(_ node: Node, tellKernel: Bool = true) -> Bool {
+        guard keepsInodeMetadata, accessTimes.rule != .never, !(node.isDirectory && !accessTimes.directories) else { return false }
+        guard !node.state.withLock({ $0.header.inodeFlags.contains(.noAccessTime) }) else { return false }
         let now = Self.nowNanoseconds()
         if accessTimes.rule != .always {
             guard let current = try? attributes(node),
                   accessTimes.isDue(atime: current.accessTime.nanosecondsSinceEpoch, modified: current.modificationTime.nanosecondsSinceEpoch,
                                     changed: current.changeTime.nanosecondsSinceEpoch, now: now, directory: node.isDirectory)
-            else { return }
+            else { return false }
         }
         node.state.withLock { $0.accessedAt = max($0.accessedAt ?? 0, now) }
-        // The kernel keeps attributes for the attribute timeout; a stat right after the read must
-        // show the new atime, as on ext4.
-        attributesMoved.withLock { $0 }?.notify(node.id)
+        if tellKernel { attributesMoved.withLock { $0 }?.notify(node.id) }
+        return true
     }
 
     /// Writes an atime `noteAccess` kept, as a header write that leaves the plaintext ctime where it

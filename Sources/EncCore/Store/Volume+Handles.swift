@@ -23,6 +23,9 @@ struct HandleTable {
     /// below the end, though the caller may clear O_APPEND with fcntl (the kernel refuses that on
     /// ext4 by testing IS_APPEND, which no FUSE inode has).
     var appending: Set<UInt64> = []
+    /// Handles whose open moved the atime while the kernel may still cache the attributes from
+    /// before (`Volume.tellKernelOfAccess`).
+    var accessUntold: Set<UInt64> = []
 
     mutating func insert(_ handle: OpenHandle) -> UInt64 {
         let id = nextID
@@ -81,10 +84,25 @@ extension Volume {
         }
         if flags & Sys.noAccessTimeFlag != 0 {
             handles.withLock { _ = $0.withoutAccessTime.insert(handle) }
-        } else if flags & O_ACCMODE != O_WRONLY {
-            noteAccess(node)
+        } else if flags & O_ACCMODE != O_WRONLY, noteAccess(node, tellKernel: false) {
+            handles.withLock { _ = $0.accessUntold.insert(handle) }
         }
         return handle
+    }
+
+    /// The kernel learns of an atime an open moved from its own bookkeeping when a read of the
+    /// handle reaches the daemon (it drops its cached atime as each READ completes), and
+    /// otherwise from the daemon at the close (FLUSH, which close(2) waits for; encfsd never sets
+    /// FOPEN_NOFLUSH): never at the open. `cat` and most readers fstat a file right after opening
+    /// it, and invalidating then made each such fstat a GETATTR round trip, as did the size check
+    /// of the read at end of file after a full invalidation (read-all: 5.4 requests per file
+    /// instead of 4.4; PERFORMANCE.md, "An atime told at the read"). As on ext4, whose atime
+    /// moves at the read, a stat after the read or the close shows the new atime, and one between
+    /// open and read the old. Only a read served wholly from the page cache, followed by a stat
+    /// before the close, can show the old one (for up to the attribute timeout).
+    func tellKernelOfAccess(_ node: Node, handle: UInt64) {
+        guard handles.withLock({ $0.accessUntold.remove(handle) != nil }) else { return }
+        attributesMoved.withLock { $0 }?.notify(node.id)
     }
 
     func open(_ id: UInt64, truncate: Bool, descriptor: SharedDescriptor?, dropSetID: Bool = false) throws -> UInt64 {
@@ -144,9 +162,16 @@ extension Volume {
     /// the file). Committed extents are decrypted after the node lock is dropped (see
     /// `ExtentFile.prepareRead`), so concurrent reads of one file use every core.
     public func read(handle: UInt64, offset: UInt64, into out: UnsafeMutableRawBufferPointer) throws -> Int {
-        let node = try fileNode(handle: handle)
-        // strictatime: every read that reaches the daemon is an access too (kept in memory only).
-        let accessed = accessTimes.rule == .always && keepsInodeMetadata && !handles.withLock { $0.withoutAccessTime.contains(handle) }
+        rekeys.noteForeground()
+        // One look at the handle table: the node; the open's atime needs no telling any more (see
+        // `tellKernelOfAccess`); and (strictatime: every read that reaches the daemon is an
+        // access too, kept in memory only) whether this handle moves atimes at all.
+        let strict = accessTimes.rule == .always && keepsInodeMetadata
+        let (node, accessed) = try handles.withLock { table throws(StoreError) -> (Node, Bool) in
+            guard case .file(let node, _)? = table.byID[handle] else { throw StoreError.invalidArgument }
+            table.accessUntold.remove(handle)
+            return (node, strict && !table.withoutAccessTime.contains(handle))
+        }
         let lease = try withOpenFile(node) { state, file in
             if accessed && !state.header.inodeFlags.contains(.noAccessTime) { state.accessedAt = Self.nowNanoseconds() }
             return try file.prepareRead(offset: offset, count: out.count, into: out)
@@ -183,7 +208,9 @@ extension Volume {
 
     /// Commits buffered writes (close(2) of a descriptor, not necessarily the last one).
     public func flush(handle: UInt64) throws {
-        try withOpenFile(try fileNode(handle: handle)) { state, file in try commit(file, &state) }
+        let node = try fileNode(handle: handle)
+        defer { tellKernelOfAccess(node, handle: handle) }
+        try withOpenFile(node) { state, file in try commit(file, &state) }
     }
 
     public func fsync(handle: UInt64, dataOnly: Bool) throws {
@@ -198,6 +225,7 @@ extension Volume {
         guard case .file(let node, _)? = handles.withLock({
             $0.withoutAccessTime.remove(handle)
             $0.appending.remove(handle)
+            $0.accessUntold.remove(handle)
             return $0.byID.removeValue(forKey: handle)
         }) else { return }
         defer { dropIfUnused(node) }
