@@ -77,15 +77,7 @@ package final class KeyedContextCache: Sendable {
         // setting the digest on every MAC made it fetch SHA-256 again (a third of a header check).
         guard EVP_CipherInit_ex2(gcm, Algorithms.shared.aes256gcm, nil, nil, 1, nil) == 1
         else { fatalError("OpenSSL refused AES-256-GCM") }
-        var digestName: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) = (83, 72, 65, 50, 53, 54, 0) // "SHA256"
-        let digestSet = withUnsafeMutablePointer(to: &digestName) { namePtr -> Bool in
-            withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2) { params in
-                params[0] = OSSL_PARAM_construct_utf8_string(
-                    ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0)
-                params[1] = OSSL_PARAM_construct_end()
-                return EVP_MAC_CTX_set_params(hmac, params.baseAddress) == 1
-            }
-        }
+        let digestSet = DigestName.sha256.withParameters { EVP_MAC_CTX_set_params(hmac, $0) == 1 }
         guard digestSet else { fatalError("OpenSSL refused HMAC-SHA256") }
         self.gcm = Lock(gcm)
         self.hmacSHA256 = Lock(hmac)
@@ -179,14 +171,8 @@ package final class KeyedContextCache: Sendable {
 
     private static func keyedHMACSHA512(_ prk: UnsafeRawBufferPointer) -> OpaquePointer? {
         guard let ctx = EVP_MAC_CTX_new(Algorithms.shared.hmac) else { return nil }
-        var digestName: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) = (83, 72, 65, 53, 49, 50, 0) // "SHA512"
-        let keyed = withUnsafeMutablePointer(to: &digestName) { namePtr -> Bool in
-            withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2) { params in
-                params[0] = OSSL_PARAM_construct_utf8_string(
-                    ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0)
-                params[1] = OSSL_PARAM_construct_end()
-                return EVP_MAC_init(ctx, prk.baseAddress!.assumingMemoryBound(to: UInt8.self), prk.count, params.baseAddress) == 1
-            }
+        let keyed = DigestName.sha512.withParameters {
+            EVP_MAC_init(ctx, prk.baseAddress!.assumingMemoryBound(to: UInt8.self), prk.count, $0) == 1
         }
         guard keyed else {
             EVP_MAC_CTX_free(ctx)

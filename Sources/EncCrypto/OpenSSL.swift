@@ -135,13 +135,8 @@ public enum OpenSSL {
         public init(key: UnsafeRawBufferPointer) {
             guard let ctx = EVP_MAC_CTX_new(Algorithms.shared.hmac) else { fatalError("EVP_MAC_CTX_new: out of memory") }
             self.ctx = ctx
-            var digestName: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) = (83, 72, 65, 50, 53, 54, 0) // "SHA256"
-            let ok = withUnsafeMutablePointer(to: &digestName) { namePtr -> Bool in
-                var params = [
-                    OSSL_PARAM_construct_utf8_string(ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0),
-                    OSSL_PARAM_construct_end(),
-                ]
-                return EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self), key.count, &params) == 1
+            let ok = DigestName.sha256.withParameters {
+                EVP_MAC_init(ctx, key.baseAddress?.assumingMemoryBound(to: UInt8.self), key.count, $0) == 1
             }
             precondition(ok, "HMAC-SHA256 init failed")
         }
@@ -277,8 +272,14 @@ public enum OpenSSL {
                                tag: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         precondition(key.count == 32 && iv.count == gcmIVCount && tag.count == gcmTagCount)
         precondition(ciphertext.count >= plaintext.count)
+        try withThreadGCM { (ctx) throws(CryptoError) in try gcmSeal(ctx, key: key, iv: iv, ad: ad, plaintext: plaintext, ciphertext: ciphertext, tag: tag) }
+    }
+
+    /// Runs `body` on the calling thread's AES-256-GCM context, under the lock a key wipe takes to
+    /// scrub it (`KeyedContextCache`).
+    private static func withThreadGCM(_ body: (OpaquePointer) throws(CryptoError) -> Void) throws(CryptoError) {
         try ThreadContexts.withCurrent { contexts in
-            contexts.keyed.withGCM { ctx in Result { () throws(CryptoError) in try gcmSeal(ctx, key: key, iv: iv, ad: ad, plaintext: plaintext, ciphertext: ciphertext, tag: tag) } }
+            contexts.keyed.withGCM { ctx in Result { () throws(CryptoError) in try body(ctx) } }
         }.get()
     }
 
@@ -307,9 +308,7 @@ public enum OpenSSL {
                                plaintext: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         precondition(key.count == 32 && iv.count == gcmIVCount && tag.count == gcmTagCount)
         precondition(plaintext.count >= ciphertext.count)
-        try ThreadContexts.withCurrent { contexts in
-            contexts.keyed.withGCM { ctx in Result { () throws(CryptoError) in try gcmOpen(ctx, key: key, iv: iv, ad: ad, ciphertext: ciphertext, tag: tag, plaintext: plaintext) } }
-        }.get()
+        try withThreadGCM { (ctx) throws(CryptoError) in try gcmOpen(ctx, key: key, iv: iv, ad: ad, ciphertext: ciphertext, tag: tag, plaintext: plaintext) }
     }
 
     private static func gcmOpen(_ ctx: OpaquePointer, key: UnsafeRawBufferPointer, iv: UnsafeRawBufferPointer, ad: UnsafeRawBufferPointer,

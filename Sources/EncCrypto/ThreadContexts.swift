@@ -125,3 +125,23 @@ package final class Algorithms: @unchecked Sendable {
         scrypt = need(EVP_KDF_fetch(nil, "SCRYPT", nil), "scrypt")
     }
 }
+
+/// A digest an HMAC context is fixed to when created.
+package enum DigestName {
+    case sha256, sha512
+
+    /// Runs `body` with the parameter list {digest: self, end}. OpenSSL takes the name as a
+    /// `char *`: it gets a copy on the stack, not a constant handed out writable.
+    package func withParameters<R>(_ body: (UnsafeMutablePointer<OSSL_PARAM>) -> R) -> R {
+        var name: (CChar, CChar, CChar, CChar, CChar, CChar, CChar) =
+            self == .sha256 ? (83, 72, 65, 50, 53, 54, 0) : (83, 72, 65, 53, 49, 50, 0) // "SHA256", "SHA512"
+        return withUnsafeMutablePointer(to: &name) { namePtr in
+            withUnsafeTemporaryAllocation(of: OSSL_PARAM.self, capacity: 2) { params in
+                params[0] = OSSL_PARAM_construct_utf8_string(
+                    ParamName.digest, UnsafeMutableRawPointer(namePtr).assumingMemoryBound(to: CChar.self), 0)
+                params[1] = OSSL_PARAM_construct_end()
+                return body(params.baseAddress!)
+            }
+        }
+    }
+}

@@ -93,13 +93,14 @@ extension Volume {
     /// The kernel learns of an atime an open moved from its own bookkeeping when a read of the
     /// handle reaches the daemon (it drops its cached atime as each READ completes), and
     /// otherwise from the daemon at the close (FLUSH, which close(2) waits for; encfsd never sets
-    /// FOPEN_NOFLUSH): never at the open. `cat` and most readers fstat a file right after opening
-    /// it, and invalidating then made each such fstat a GETATTR round trip, as did the size check
-    /// of the read at end of file after a full invalidation (read-all: 5.4 requests per file
-    /// instead of 4.4; PERFORMANCE.md, "An atime told at the read"). As on ext4, whose atime
-    /// moves at the read, a stat after the read or the close shows the new atime, and one between
-    /// open and read the old. Only a read served wholly from the page cache, followed by a stat
-    /// before the close, can show the old one (for up to the attribute timeout).
+    /// FOPEN_NOFLUSH) or at the release of a handle that had no FLUSH: never at the open. `cat`
+    /// and most readers fstat a file right after opening it, and invalidating then made each such
+    /// fstat a GETATTR round trip, as did the size check of the read at end of file after a full
+    /// invalidation (read-all: 5.4 requests per file instead of 4.4; PERFORMANCE.md, "An atime
+    /// told at the read"). As on ext4, whose atime moves at the read, a stat after the read or the
+    /// close shows the new atime, and one between open and read the old. Only a read served
+    /// wholly from the page cache, followed by a stat before the close, can show the old one (for
+    /// up to the attribute timeout).
     func tellKernelOfAccess(_ node: Node, handle: UInt64) {
         guard handles.withLock({ $0.accessUntold.remove(handle) != nil }) else { return }
         attributesMoved.withLock { $0 }?.notify(node.id)
@@ -222,12 +223,15 @@ extension Volume {
     }
 
     public func release(handle: UInt64) throws {
-        guard case .file(let node, _)? = handles.withLock({
-            $0.withoutAccessTime.remove(handle)
-            $0.appending.remove(handle)
-            $0.accessUntold.remove(handle)
-            return $0.byID.removeValue(forKey: handle)
-        }) else { return }
+        let (released, untold) = handles.withLock { table -> (OpenHandle?, Bool) in
+            table.withoutAccessTime.remove(handle)
+            table.appending.remove(handle)
+            return (table.byID.removeValue(forKey: handle), table.accessUntold.remove(handle) != nil)
+        }
+        guard case .file(let node, _)? = released else { return }
+        // A handle released with its atime still untold never had a FLUSH (close(2) sends one):
+        // the kernel is told here rather than not at all.
+        if untold { attributesMoved.withLock { $0 }?.notify(node.id) }
         defer { dropIfUnused(node) }
         defer { if !accessTimes.lazy { writeAccessTimeReporting(node) } }
         try node.state.withLock { state in
