@@ -20,7 +20,11 @@ public protocol FileSystem: Sendable {
     /// Reads into `buffer` (the request's size); returns the bytes read.
     func read(_ node: UInt64, handle: UInt64, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int
     /// - Parameter dropSetID: the writer lacks CAP_FSETID: the write drops the set-ID bits.
-    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool) throws -> Int
+    /// - Parameter bypassesPageCache: an O_DIRECT write, not a page writeback.
+    /// - Returns: the bytes written, and for a write that bypasses the page cache whether a read
+    ///   or cached write answered since the last such write may have left older pages cached.
+    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool,
+               bypassesPageCache: Bool) throws -> (written: Int, pagesMayBeOlder: Bool)
     func flush(_ node: UInt64, handle: UInt64) throws
     func release(_ node: UInt64, handle: UInt64) throws
     func fsync(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws

@@ -320,13 +320,22 @@ private final class RequestLoop: @unchecked Sendable {
         waiting.subtract(1, ordering: .relaxed)
     }
 
-    /// Ends an idle thread while enough others wait, keeping the last one.
+    /// Ends an idle thread while more than the idle limit wait, keeping the last one. The count
+    /// is tested again as it is decremented: others may have taken requests since this thread
+    /// saw it high, and leaving then could leave no thread reading the device.
     private func leaveIfIdle(_ worker: Worker) -> Bool {
         state.withLock { s -> Bool in
             guard s.workers.count > 1, !s.stopping else { return false }
-            s.workers[worker.id] = nil
-            waiting.subtract(1, ordering: .relaxed)
-            return true
+            var seen = waiting.load(ordering: .relaxed)
+            while seen > maxWaiting {
+                let (exchanged, current) = waiting.compareExchange(expected: seen, desired: seen - 1, ordering: .relaxed)
+                if exchanged {
+                    s.workers[worker.id] = nil
+                    return true
+                }
+                seen = current
+            }
+            return false
         }
     }
 
@@ -861,7 +870,6 @@ private func opCreate(_ req: fuse_req_t?, _ parent: fuse_ino_t, _ name: UnsafePo
 private func opRead(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int, _ offset: off_t, _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     answer(req) { ctx in
         guard let fi, offset >= 0 else { throw BridgeError.invalid }
-        DirectWriteCoherence.notePageSource(ino)
         let buffer = ReplyBuffer.current.bytes(size)
         let count = try ctx.fileSystem.read(ino, handle: fi.pointee.fh, offset: UInt64(offset), into: buffer)
         fuse_reply_buf(req, buffer.baseAddress?.assumingMemoryBound(to: CChar.self), count)
@@ -872,16 +880,11 @@ private func opWrite(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ buf: UnsafePointer
                      _ fi: UnsafeMutablePointer<fuse_file_info>?) {
     answer(req) { ctx in
         guard let fi, offset >= 0 else { throw BridgeError.invalid }
-        let written = try ctx.fileSystem.write(ino, handle: fi.pointee.fh, offset: UInt64(offset),
-                                               data: UnsafeRawBufferPointer(start: buf, count: size),
-                                               dropSetID: DispatchedRequest.dropsSetID)
-        if fi.pointee.flags & encfsd_O_DIRECT != 0 && fi.pointee.writepage == 0 {
-            if DirectWriteCoherence.takePageSource(ino) {
-                DirectWriteCoherence.dropCachedPages(ctx, ino, offset: Int64(offset), length: Int64(written))
-            }
-        } else {
-            DirectWriteCoherence.notePageSource(ino)
-        }
+        let direct = fi.pointee.flags & encfsd_O_DIRECT != 0 && fi.pointee.writepage == 0
+        let (written, pagesMayBeOlder) = try ctx.fileSystem.write(ino, handle: fi.pointee.fh, offset: UInt64(offset),
+                                                                  data: UnsafeRawBufferPointer(start: buf, count: size),
+                                                                  dropSetID: DispatchedRequest.dropsSetID, bypassesPageCache: direct)
+        if pagesMayBeOlder { DirectWriteCoherence.dropCachedPages(ctx, ino) }
         fuse_reply_write(req, written)
     }
 }
@@ -1157,51 +1160,21 @@ enum BridgeError: ErrnoConvertible {
 /// the pages locked until it is answered, and dropping them from the answering thread would wait
 /// for itself. Those pages already hold the new bytes; the drop then finishes after the answer.
 ///
-/// Only an inode whose pages the kernel may have filled from the daemon since the last drop needs
-/// one: a thread per direct write was 2 of the 16 system calls each 4 KiB direct write cost, and
-/// random direct writes at depth 1 ran 11% behind bbc4b00 (PERFORMANCE.md, "A page drop only
-/// where pages came from"). Every READ, and every write that goes through the page cache, marks
-/// its inode before it touches the store (a read served from a page the kernel filled before is
-/// no request, and needs no mark: the kernel dropped that page before sending the direct write).
-/// A direct write, once its bytes are in the store, takes the mark and drops pages only if there
-/// was one. A read marked before the take may have read the old bytes and is dropped after it
-/// (its pages are locked until it is answered, and the drop waits for them); a read marked after
-/// the take read the store after the write.
+/// Only a file the kernel may have filled pages of since the last drop needs one: the store marks
+/// each read and each write into the page cache, and a direct write takes the mark
+/// (`FileSystem.write`). A thread per direct write was 2 of the 16 system calls each 4 KiB direct
+/// write cost (PERFORMANCE.md, "A page drop only where pages came from"). The drop covers the
+/// whole file: a read marked before the take may have filled any range, and an earlier direct
+/// write of another range may have taken the mark first.
 enum DirectWriteCoherence {
     static let patienceNanoseconds: Int64 = 100_000_000
 
-    /// Marks by inode number modulo 4,096, one bit each: two inodes sharing a bit only cost a
-    /// drop that was not needed. A READ only loads its word once the bit is set, so reads of one
-    /// file on several cores share the cache line without writing it.
-    private static let marks: [MarkWord] = (0..<64).map { _ in MarkWord() }
-
-    private final class MarkWord: Sendable {
-        let bits = Atomic<UInt64>(0)
-    }
-
-    @inline(__always)
-    private static func place(_ ino: fuse_ino_t) -> (word: MarkWord, bit: UInt64) {
-        (marks[Int((ino >> 6) & 63)], 1 << (ino & 63))
-    }
-
-    /// The kernel may fill pages of `ino` from what the daemon answers now.
-    @inline(__always)
-    static func notePageSource(_ ino: fuse_ino_t) {
-        let (word, bit) = place(ino)
-        if word.bits.load(ordering: .sequentiallyConsistent) & bit == 0 {
-            word.bits.bitwiseOr(bit, ordering: .sequentiallyConsistent)
-        }
-    }
-
-    /// Whether pages of `ino` may have been filled since the last take, clearing the mark.
-    static func takePageSource(_ ino: fuse_ino_t) -> Bool {
-        let (word, bit) = place(ino)
-        return word.bits.bitwiseAnd(~bit, ordering: .sequentiallyConsistent).oldValue & bit != 0
-    }
-
-    static func dropCachedPages(_ ctx: BridgeContext, _ ino: fuse_ino_t, offset: Int64, length: Int64) {
+    /// Drops every cached page of `ino`.
+    static func dropCachedPages(_ ctx: BridgeContext, _ ino: fuse_ino_t) {
         let raw = ctx.session.load(ordering: .acquiring)
-        guard raw != 0, length > 0, let session = OpaquePointer(bitPattern: raw) else { return }
+        guard raw != 0, let session = OpaquePointer(bitPattern: raw) else { return }
+        // Offset 0, length 0: the whole file.
+        let (offset, length): (Int64, Int64) = (0, 0)
         let job = Unmanaged.passRetained(PageDrop(session: session, ino: ino, offset: offset, length: length))
         var thread = pthread_t()
         let started = pthread_create(&thread, nil, { raw in

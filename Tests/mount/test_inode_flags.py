@@ -381,6 +381,24 @@ def test_an_open_that_moves_the_atime_tells_the_kernel_at_the_read(make_volume, 
     assert ours[4] is False
 
 
+def test_a_read_only_mount_moves_no_atime(make_volume):
+    """As on any read-only mount: reads through `-o ro` leave the atime, in the kernel's view and
+    in the store."""
+    v = make_volume()
+    f = v.mnt / "f"
+    f.write_bytes(b"x" * 10_000)
+    os.utime(f, ns=(PAST_NS, os.stat(f).st_mtime_ns))
+    v.unmount()
+    v.mount(options="ro")
+    with open(f, "rb") as r:
+        os.posix_fadvise(r.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert r.read() == b"x" * 10_000
+    assert os.stat(f).st_atime_ns == PAST_NS
+    v.unmount()
+    v.mount()
+    assert os.stat(f).st_atime_ns == PAST_NS
+
+
 def test_noatime_reaches_the_vfs_mount(make_volume):
     v = make_volume(mount=False)
     v.mount(options="noatime")

@@ -27,6 +27,10 @@ public struct AccessTimeOptions: Sendable, Equatable {
     /// next header write of another kind, or at unmount, instead of at each close (what lazytime
     /// asks of ext4: atimes kept in memory, at the price of those a crash loses).
     public var lazy = false
+    /// `ro`: no access moves an atime, as on any read-only mount (the VFS skips atime updates
+    /// there, and the kernel keeps its cached atime of a read-only FUSE inode, so a moved one
+    /// would not even show). Not an atime option: it still goes on to the mount.
+    public var readOnly = false
 
     public init(rule: Rule = .relative, directories: Bool = true, lazy: Bool = false) {
         self.rule = rule
@@ -44,6 +48,12 @@ public struct AccessTimeOptions: Sendable, Equatable {
         case "diratime": directories = true
         case "lazytime": lazy = true
         case "nolazytime": lazy = false
+        case "ro":
+            readOnly = true
+            return false
+        case "rw":
+            readOnly = false
+            return false
         default: return false
         }
         return true
@@ -54,7 +64,7 @@ public struct AccessTimeOptions: Sendable, Equatable {
     /// Whether an access at `now` moves an atime of `atime` given the object's mtime and ctime
     /// (all nanoseconds since the epoch).
     func isDue(atime: UInt64, modified: UInt64, changed: UInt64, now: UInt64, directory: Bool) -> Bool {
-        if directory && !directories { return false }
+        if readOnly || (directory && !directories) { return false }
         switch rule {
         case .never: return false
         case .always: return atime != now
@@ -89,7 +99,7 @@ extension Volume {
     /// - Returns: whether the atime moved.
     @discardableResult
     func noteAccess(_ node: Node, tellKernel: Bool = true) -> Bool {
-        guard keepsInodeMetadata, accessTimes.rule != .never, !(node.isDirectory && !accessTimes.directories) else { return false }
+        guard keepsInodeMetadata, accessTimes.rule != .never, !accessTimes.readOnly, !(node.isDirectory && !accessTimes.directories) else { return false }
         guard !node.state.withLock({ $0.header.inodeFlags.contains(.noAccessTime) }) else { return false }
         let now = Self.nowNanoseconds()
         if accessTimes.rule != .always {

@@ -13,6 +13,10 @@ struct NodeState {
     var slotSafety = SlotSafety()
     var lookups: UInt64 = 0
     var opens = 0
+    /// A read, or a write into the page cache, was answered since a write that bypassed the page
+    /// cache last took this (`Volume.write(bypassesPageCache:)`): the kernel may cache bytes of
+    /// the object older than such a write.
+    var cacheableSinceDirectWrite = false
     /// Present while the object is open for I/O; holds the master key alive (soft removal) and
     /// the object's only long-lived backing descriptor.
     var file: ExtentFile?

@@ -167,13 +167,14 @@ extension Volume {
         // One look at the handle table: the node; the open's atime needs no telling any more (see
         // `tellKernelOfAccess`); and (strictatime: every read that reaches the daemon is an
         // access too, kept in memory only) whether this handle moves atimes at all.
-        let strict = accessTimes.rule == .always && keepsInodeMetadata
+        let strict = accessTimes.rule == .always && !accessTimes.readOnly && keepsInodeMetadata
         let (node, accessed) = try handles.withLock { table throws(StoreError) -> (Node, Bool) in
             guard case .file(let node, _)? = table.byID[handle] else { throw StoreError.invalidArgument }
             table.accessUntold.remove(handle)
             return (node, strict && !table.withoutAccessTime.contains(handle))
         }
         let lease = try withOpenFile(node) { state, file in
+            state.cacheableSinceDirectWrite = true
             if accessed && !state.header.inodeFlags.contains(.noAccessTime) { state.accessedAt = Self.nowNanoseconds() }
             return try file.prepareRead(offset: offset, count: out.count, into: out)
         }
@@ -183,13 +184,20 @@ extension Volume {
     /// - Parameter dropSetID: the writer lacks CAP_FSETID: the set-ID bits go, in the header
     ///   commit that makes this write durable (nothing is written when there are none). The
     ///   write removes `security.capability` in any case, as on ext4.
-    public func write(handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool = false) throws {
+    /// - Parameter bypassesPageCache: an O_DIRECT write, whose bytes the kernel does not cache.
+    /// - Returns: for such a write, whether a read or a cached write was answered since the last
+    ///   one (each marks the node under its lock, a read before it reads): only then can the
+    ///   kernel hold pages older than this write, and the caller drops the file's pages. A read
+    ///   marked after this write's take read the store after this write.
+    @discardableResult
+    public func write(handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool = false,
+                      bypassesPageCache: Bool = false) throws -> Bool {
         let (node, file) = try openFile(handle: handle)
         // Whole extents are sealed before the node lock is taken, so concurrent write requests
         // (several writers, or aio at a queue depth) encrypt side by side.
         let presealed = file.sealWholeExtents(offset: offset, data: data)
         let appending = handles.withLock { $0.appending.contains(handle) }
-        let mayHoldCapability = try withOpenFile(node) { state, current in
+        let (mayHoldCapability, pagesMayBeOlder) = try withOpenFile(node) { state, current in
             try checkWrite(state)
             if appending && offset < current.size && state.header.inodeFlags.contains(.appendOnly) { throw StoreError.notPermitted }
             // A file closed and reopened in between has a new ExtentFile, keyed to the same object:
@@ -202,9 +210,13 @@ extension Volume {
             } else if current.needsCommitForMemory {
                 try commit(current, &state)
             }
-            return !holdsNoXattr(state)
+            // Taken only once the write has succeeded: a failed one leaves the mark to the next.
+            let marked = state.cacheableSinceDirectWrite
+            state.cacheableSinceDirectWrite = !bypassesPageCache
+            return (!holdsNoXattr(state), bypassesPageCache && marked)
         }
         if mayHoldCapability { try dropCapability(node) }
+        return pagesMayBeOlder
     }
 
     /// Commits buffered writes (close(2) of a descriptor, not necessarily the last one).

@@ -131,11 +131,12 @@ final class EncryptedFileSystem: FileSystem {
         try logged("read of node \(node) at \(offset)", node: node) { try volume.read(handle: handle, offset: offset, into: buffer) }
     }
 
-    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool) throws -> Int {
-        try logged("write to node \(node) at \(offset)", node: node) {
-            try volume.write(handle: handle, offset: offset, data: data, dropSetID: dropSetID)
+    func write(_ node: UInt64, handle: UInt64, offset: UInt64, data: UnsafeRawBufferPointer, dropSetID: Bool,
+               bypassesPageCache: Bool) throws -> (written: Int, pagesMayBeOlder: Bool) {
+        let older = try logged("write to node \(node) at \(offset)", node: node) {
+            try volume.write(handle: handle, offset: offset, data: data, dropSetID: dropSetID, bypassesPageCache: bypassesPageCache)
         }
-        return data.count
+        return (data.count, older)
     }
 
     func flush(_ node: UInt64, handle: UInt64) throws { try logged("flush of node \(node)", node: node) { try volume.flush(handle: handle) } }
