@@ -1169,17 +1169,15 @@ enum BridgeError: ErrnoConvertible {
 enum DirectWriteCoherence {
     static let patienceNanoseconds: Int64 = 100_000_000
 
-    /// Drops every cached page of `ino`.
+    /// Drops every cached page of `ino` (offset 0, length 0: the whole file).
     static func dropCachedPages(_ ctx: BridgeContext, _ ino: fuse_ino_t) {
         let raw = ctx.session.load(ordering: .acquiring)
         guard raw != 0, let session = OpaquePointer(bitPattern: raw) else { return }
-        // Offset 0, length 0: the whole file.
-        let (offset, length): (Int64, Int64) = (0, 0)
-        let job = Unmanaged.passRetained(PageDrop(session: session, ino: ino, offset: offset, length: length))
+        let job = Unmanaged.passRetained(PageDrop(session: session, ino: ino))
         var thread = pthread_t()
         let started = pthread_create(&thread, nil, { raw in
             let job = Unmanaged<PageDrop>.fromOpaque(raw!).takeRetainedValue()
-            _ = fuse_lowlevel_notify_inval_inode(job.session, job.ino, off_t(job.offset), off_t(job.length))
+            _ = fuse_lowlevel_notify_inval_inode(job.session, job.ino, 0, 0)
             job.finish()
             return nil
         }, job.retain().toOpaque())
@@ -1188,7 +1186,7 @@ enum DirectWriteCoherence {
             job.release()
             // No thread: drop the pages here. Only a buffered fallback can make this wait, and
             // thread creation failing is already a daemon in trouble.
-            _ = fuse_lowlevel_notify_inval_inode(session, ino, off_t(offset), off_t(length))
+            _ = fuse_lowlevel_notify_inval_inode(session, ino, 0, 0)
             return
         }
         pthread_detach(thread)
@@ -1196,7 +1194,7 @@ enum DirectWriteCoherence {
     }
 }
 
-/// One range to drop and its completion.
+/// One file's drop and its completion.
 ///
 /// Invariant making this `@unchecked Sendable`: `done` is read and written only under `lock`; the
 /// other fields are immutable. The mutex and condition live in memory of their own, allocated
@@ -1205,17 +1203,13 @@ enum DirectWriteCoherence {
 private final class PageDrop: @unchecked Sendable {
     let session: OpaquePointer
     let ino: fuse_ino_t
-    let offset: Int64
-    let length: Int64
     private let lock = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let signal = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
     private var done = false
 
-    init(session: OpaquePointer, ino: fuse_ino_t, offset: Int64, length: Int64) {
+    init(session: OpaquePointer, ino: fuse_ino_t) {
         self.session = session
         self.ino = ino
-        self.offset = offset
-        self.length = length
         lock.initialize(to: pthread_mutex_t())
         signal.initialize(to: pthread_cond_t())
         var attributes = pthread_condattr_t()

@@ -33,6 +33,13 @@ struct HandleTable {
         byID[id] = handle
         return id
     }
+
+    /// The node of an open file's handle, and whether the open's atime was still untold (taken:
+    /// whoever asks tells the kernel or knows it needs no telling).
+    mutating func takeFile(_ handle: UInt64) throws(StoreError) -> (node: Node, accessUntold: Bool) {
+        guard case .file(let node, _)? = byID[handle] else { throw StoreError.invalidArgument }
+        return (node, accessUntold.remove(handle) != nil)
+    }
 }
 
 extension Volume {
@@ -101,8 +108,7 @@ extension Volume {
     /// close shows the new atime, and one between open and read the old. Only a read served
     /// wholly from the page cache, followed by a stat before the close, can show the old one (for
     /// up to the attribute timeout).
-    func tellKernelOfAccess(_ node: Node, handle: UInt64) {
-        guard handles.withLock({ $0.accessUntold.remove(handle) != nil }) else { return }
+    func tellKernelOfAccess(_ node: Node) {
         attributesMoved.withLock { $0 }?.notify(node.id)
     }
 
@@ -169,8 +175,7 @@ extension Volume {
         // access too, kept in memory only) whether this handle moves atimes at all.
         let strict = accessTimes.rule == .always && !accessTimes.readOnly && keepsInodeMetadata
         let (node, accessed) = try handles.withLock { table throws(StoreError) -> (Node, Bool) in
-            guard case .file(let node, _)? = table.byID[handle] else { throw StoreError.invalidArgument }
-            table.accessUntold.remove(handle)
+            let node = try table.takeFile(handle).node
             return (node, strict && !table.withoutAccessTime.contains(handle))
         }
         let lease = try withOpenFile(node) { state, file in
@@ -221,8 +226,9 @@ extension Volume {
 
     /// Commits buffered writes (close(2) of a descriptor, not necessarily the last one).
     public func flush(handle: UInt64) throws {
-        let node = try fileNode(handle: handle)
-        defer { tellKernelOfAccess(node, handle: handle) }
+        rekeys.noteForeground()
+        let (node, untold) = try handles.withLock { table throws(StoreError) in try table.takeFile(handle) }
+        defer { if untold { tellKernelOfAccess(node) } }
         try withOpenFile(node) { state, file in try commit(file, &state) }
     }
 
@@ -243,7 +249,7 @@ extension Volume {
         guard case .file(let node, _)? = released else { return }
         // A handle released with its atime still untold never had a FLUSH (close(2) sends one):
         // the kernel is told here rather than not at all.
-        if untold { attributesMoved.withLock { $0 }?.notify(node.id) }
+        if untold { tellKernelOfAccess(node) }
         defer { dropIfUnused(node) }
         defer { if !accessTimes.lazy { writeAccessTimeReporting(node) } }
         try node.state.withLock { state in
