@@ -35,7 +35,7 @@ let package = Package(
                 "EncCore", "EncFormat", "EncKeys", "EncCrypto", "FuseBridge", "Locking",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
-        .testTarget(name: "EncCoreTests", dependencies: ["EncCore", "EncFormat", "EncKeys", "EncCrypto"]),
+        .testTarget(name: "EncCoreTests", dependencies: ["EncCore", "EncFormat", "EncKeys", "EncCrypto", "Locking"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -60,10 +60,17 @@ struct DirtyExtents {
     /// Keeps only extents below `count` (the file shrank).
     mutating func clip(to count: UInt64) { drop(count..<UInt64.max) }
 
-    /// The records a commit writes in place: every plain extent sealed (`seal`), then every sealed
-    /// one, in index order.
-    func records(seal: (UInt64, [UInt8]) -> [UInt8]) -> [Journal.Record] {
-        (plain.map { Journal.Record(index: $0.key, stored: seal($0.key, $0.value)) }
+    /// The records a commit writes in place: every plain extent sealed (`seal`, which may run on
+    /// several threads at once, `ExtentFanOut`), then every sealed one, in index order.
+    func records(extentSize: Int, seal: (UInt64, [UInt8]) -> [UInt8]) -> [Journal.Record] {
+        let toSeal = Array(plain)
+        var stored = [[UInt8]](repeating: [], count: toSeal.count)
+        stored.withUnsafeMutableBufferPointer { out in
+            ExtentFanOut.forEach(toSeal.count, extentSize: extentSize) { range in
+                for i in range { out[i] = seal(toSeal[i].key, toSeal[i].value) }
+            }
+        }
+        return (zip(toSeal, stored).map { Journal.Record(index: $0.0.key, stored: $0.1) }
             + sealed.map { Journal.Record(index: $0.key, stored: $0.value) })
             .sorted { $0.index < $1.index }
     }

@@ -85,31 +85,35 @@ extension ExtentFile {
 
     /// Second half of a read: one pread per run of committed extents, each extent decrypted
     /// straight into `out` when the read wants all of it.
+    /// A large run is decrypted on the fan-out helpers too (`ExtentFanOut`), each extent into its
+    /// own part of `out`.
     fileprivate func finishRead(_ plan: ReadPlan, into out: UnsafeMutableRawBufferPointer) throws {
-        let scratch = ThreadScratch.current
         let end = plan.offset + UInt64(plan.length)
         for run in plan.runs {
             let lastLength = geometry.plaintextLength(run.upperBound, size: plan.size)
             let runBytes = Int(geometry.backingOffset(run.upperBound) - geometry.backingOffset(run.lowerBound))
                 + lastLength + ExtentGeometry.overheadBytes
-            let stored = scratch.ciphertext(count: runBytes)
-            let n = try backing.descriptor.pread(stored, offset: geometry.backingOffset(run.lowerBound))
+            let stored = UnsafeRawBufferPointer(ThreadScratch.current.ciphertext(count: runBytes))
+            let n = try backing.descriptor.pread(UnsafeMutableRawBufferPointer(mutating: stored), offset: geometry.backingOffset(run.lowerBound))
             guard n == runBytes else { throw StoreError.integrity("extent \(run.upperBound) is truncated") }
-            for index in run {
-                let length = geometry.plaintextLength(index, size: plan.size)
-                let at = Int(geometry.backingOffset(index) - geometry.backingOffset(run.lowerBound))
-                let one = UnsafeRawBufferPointer(rebasing: stored[at..<(at + length + ExtentGeometry.overheadBytes)])
-                let start = geometry.extentStart(index)
-                let from = max(plan.offset, start)
-                let to = min(end, start + UInt64(length))
-                if from == start && to == start + UInt64(length) {
-                    let target = UnsafeMutableRawBufferPointer(rebasing: out[Int(from - plan.offset)..<Int(to - plan.offset)])
-                    try open(index, stored: one, into: target, committed: true)
-                } else {
-                    let plain = scratch.extent(count: geometry.extentSize)
-                    try open(index, stored: one, into: plain, committed: true)
-                    UnsafeMutableRawBufferPointer(rebasing: out[Int(from - plan.offset)..<Int(to - plan.offset)])
-                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: plain[Int(from - start)..<Int(to - start)]))
+            try ExtentFanOut.forEach(run.count, extentSize: geometry.extentSize) { (pieces: Range<Int>) throws in
+                for index in run.lowerBound + UInt64(pieces.lowerBound) ..< run.lowerBound + UInt64(pieces.upperBound) {
+                    let length = geometry.plaintextLength(index, size: plan.size)
+                    let at = Int(geometry.backingOffset(index) - geometry.backingOffset(run.lowerBound))
+                    let one = UnsafeRawBufferPointer(rebasing: stored[at..<(at + length + ExtentGeometry.overheadBytes)])
+                    let start = geometry.extentStart(index)
+                    let from = max(plan.offset, start)
+                    let to = min(end, start + UInt64(length))
+                    if from == start && to == start + UInt64(length) {
+                        let target = UnsafeMutableRawBufferPointer(rebasing: out[Int(from - plan.offset)..<Int(to - plan.offset)])
+                        try open(index, stored: one, into: target, committed: true)
+                    } else {
+                        // This thread's own scratch: a helper must not share the caller's.
+                        let plain = ThreadScratch.current.extent(count: geometry.extentSize)
+                        try open(index, stored: one, into: plain, committed: true)
+                        UnsafeMutableRawBufferPointer(rebasing: out[Int(from - plan.offset)..<Int(to - plan.offset)])
+                            .copyMemory(from: UnsafeRawBufferPointer(rebasing: plain[Int(from - start)..<Int(to - start)]))
+                    }
                 }
             }
         }

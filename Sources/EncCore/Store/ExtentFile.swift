@@ -147,8 +147,9 @@ final class ExtentFile: @unchecked Sendable {
 
     /// Seals the extents `[offset, offset + data.count)` covers whole. Needs no lock: it reads only
     /// what never changes for an open file (key, object, geometry), so concurrent writers encrypt
-    /// in parallel and only `write(offset:data:presealed:)` runs under the node lock. The result
-    /// lives in this thread's scratch buffer until the next call on this thread.
+    /// in parallel and only `write(offset:data:presealed:)` runs under the node lock; a large write
+    /// is spread over the fan-out helpers (`ExtentFanOut`). The result lives in this thread's
+    /// scratch buffer until the next call on this thread.
     func sealWholeExtents(offset: UInt64, data: UnsafeRawBufferPointer) -> Presealed? {
         let extentSize = UInt64(geometry.extentSize)
         let (end, overflow) = offset.addingReportingOverflow(UInt64(data.count))
@@ -158,12 +159,15 @@ final class ExtentFile: @unchecked Sendable {
         guard endIndex > first else { return nil }
         let count = Int(endIndex - first)
         let bytes = ThreadScratch.current.sealing(count: count * geometry.stride)
-        for i in 0..<count {
-            let index = first + UInt64(i)
-            let from = Int(geometry.extentStart(index) - offset)
-            ExtentCodec.seal(key: key, objectID: objectID, index: index,
-                             plaintext: UnsafeRawBufferPointer(rebasing: data[from..<(from + geometry.extentSize)]),
-                             into: UnsafeMutableRawBufferPointer(rebasing: bytes[(i * geometry.stride)..<((i + 1) * geometry.stride)]))
+        let (key, objectID, geometry) = (key, objectID, geometry)
+        ExtentFanOut.forEach(count, extentSize: geometry.extentSize) { range in
+            for i in range {
+                let index = first + UInt64(i)
+                let from = Int(geometry.extentStart(index) - offset)
+                ExtentCodec.seal(key: key, objectID: objectID, index: index,
+                                 plaintext: UnsafeRawBufferPointer(rebasing: data[from..<(from + geometry.extentSize)]),
+                                 into: UnsafeMutableRawBufferPointer(rebasing: bytes[(i * geometry.stride)..<((i + 1) * geometry.stride)]))
+            }
         }
         return Presealed(first: first, count: count, bytes: bytes)
     }
@@ -357,7 +361,8 @@ final class ExtentFile: @unchecked Sendable {
             holes.remove(smallest)
             final.legacyRanges.remove(smallest)
         }
-        let records = changes.records { index, plain in
+        let (object, geometry, size) = (object, geometry, size)
+        let records = changes.records(extentSize: geometry.extentSize) { index, plain in
             let length = geometry.plaintextLength(index, size: size)
             return plain.withUnsafeBytes { object.seal(index, plaintext: UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
         }

@@ -1,0 +1,39 @@
+import Locking
+
+/// How the extents of one request are spread over `ForkJoin.shared`: in pieces of about 64 KiB,
+/// and only when the request holds at least 256 KiB of them. Waking a helper costs a few
+/// microseconds; below that size it would cost more than the helper saves.
+enum ExtentFanOut {
+    static let pieceBytes = 32 << 10
+    static let smallestSpreadBytes = 128 << 10
+
+    /// Calls `body` with consecutive ranges covering `0..<count` extents of `extentSize` bytes,
+    /// possibly concurrently on several threads; `body` must touch only what its range owns.
+    static func forEach(_ count: Int, extentSize: Int, _ body: (Range<Int>) -> Void) {
+        guard count > 0 else { return }
+        guard count * extentSize >= smallestSpreadBytes, ForkJoin.shared.helpers > 0 else {
+            body(0..<count)
+            return
+        }
+        let perPiece = max(1, pieceBytes / extentSize)
+        let pieces = (count + perPiece - 1) / perPiece
+        ForkJoin.shared.forEach(pieces) { piece in
+            let start = piece * perPiece
+            body(start..<min(count, start + perPiece))
+        }
+    }
+
+    /// `forEach` for work that can fail: every range still runs, and the first error (by range
+    /// order) is rethrown once all are done.
+    static func forEach(_ count: Int, extentSize: Int, _ body: (Range<Int>) throws -> Void) throws {
+        let failures = Lock<[(start: Int, error: any Error)]>([])
+        forEach(count, extentSize: extentSize) { range in
+            do {
+                try body(range)
+            } catch {
+                failures.withLock { $0.append((range.lowerBound, error)) }
+            }
+        }
+        if let first = failures.withLock({ $0.min { $0.start < $1.start } }) { throw first.error }
+    }
+}
