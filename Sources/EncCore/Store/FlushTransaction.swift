@@ -82,6 +82,15 @@ struct FlushTransaction {
         return records.contains { $0.index < committedCount && !committed.holes.contains($0.index) }
     }
 
+    /// Whether the backing file must be extended before the records go in place: not when the
+    /// last record ends at the new length, since writing it extends the file (one system call
+    /// and one metadata change fewer per appending commit, the common one).
+    private var needsExtending: Bool {
+        guard newLength > oldLength else { return false }
+        guard let last = records.last else { return true }
+        return object.geometry.backingOffset(last.index) + Int64(last.stored.count) != newLength
+    }
+
     /// Runs the transaction; returns the header now current and what is owed before its slot's
     /// sibling may be overwritten.
     consuming func run() throws -> (ObjectHeader, HeaderSafety) {
@@ -92,7 +101,7 @@ struct FlushTransaction {
     private mutating func runAppending() throws -> (ObjectHeader, HeaderSafety) {
         let unsafe = TestHooks.journalingDisabled
         let file = object.backing
-        if newLength > oldLength { try file.descriptor.ftruncate(newLength) }
+        if needsExtending { try file.descriptor.ftruncate(newLength) }
         try object.writeInPlace(records)
         // The extents are made durable by the sync HeaderSlots.write does before the header.
         FaultPoints.reach(.appendExtentsWritten)
@@ -118,7 +127,7 @@ struct FlushTransaction {
         try object.slots.write(fd: file.descriptor, header: &pending, key: object.key, sync: true, afterData: true)
         FaultPoints.reach(.pendingFlagSet)
         do {
-            if newLength > oldLength { try file.descriptor.ftruncate(newLength) }
+            if needsExtending { try file.descriptor.ftruncate(newLength) }
             try object.writeInPlace(records)
             try file.descriptor.fdatasync()
             FaultPoints.reach(.extentsApplied)

@@ -58,7 +58,8 @@ extension Volume {
     /// backing without O_TMPFILE (or without linkat of an open file) gets the same from a
     /// reserved `.nf-` name renamed into place without replacing: a crash before the rename leaves
     /// only a hidden leftover, never a named entry without its header.
-    func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> (Node, SharedDescriptor) {
+    /// Returns the backing object's `stat` as it was entered, so the reply needs no second one.
+    func createFile(_ entry: NewEntry, contents: [UInt8] = []) throws -> (Node, SharedDescriptor, stat) {
         try changingNamespace {
             let dirFD = try changingDirectoryFD(entry.dir)
             guard !capabilities.createsUnnamed else {
@@ -83,7 +84,7 @@ extension Volume {
 
     /// Writes a new file's header (and contents), makes it durable, then names it with `enter`.
     private func buildFile(_ entry: NewEntry, contents: [UInt8], fd: SharedDescriptor,
-                           enter: () throws -> Void) throws -> (Node, SharedDescriptor) {
+                           enter: () throws -> Void) throws -> (Node, SharedDescriptor, stat) {
         var header = entry.header
         let side = try bornSideXattrs(entry, &header)
         do {
@@ -104,7 +105,7 @@ extension Volume {
     }
 
     private func buildFile(_ entry: NewEntry, header initial: ObjectHeader, side: SideXattrs?, contents: [UInt8], fd backing: SharedDescriptor,
-                           enter: () throws -> Void) throws -> (Node, SharedDescriptor) {
+                           enter: () throws -> Void) throws -> (Node, SharedDescriptor, stat) {
         var header = initial
         try slots.create(fd: backing.descriptor, header: &header, key: entry.key)
         if !contents.isEmpty {
@@ -129,7 +130,7 @@ extension Volume {
             $0.backingXattrs = xattrs
             $0.sideXattrs = side
         }
-        return (node, backing)
+        return (node, backing, st)
     }
 
     /// Creates a directory under a temporary name, makes its header durable, then renames it into
@@ -192,11 +193,12 @@ extension Volume {
     }
 
     /// The reply for a new entry; the reference `insert` took becomes the kernel's lookup.
-    private func entered(_ node: Node, parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
+    /// `stat`: the backing object's, when the caller has just taken it.
+    private func entered(_ node: Node, parent: UInt64, name: [UInt8], stat known: stat? = nil) throws -> (UInt64, Attributes) {
         node.state.withLock { _ = $0.dentries.insert(Dentry(parent: parent, name: name)) }
         do {
             try syncIfDirectorySync(try self.node(parent))
-            return (node.id, try attributes(node))
+            return (node.id, try attributes(node, stat: known))
         } catch {
             release(node)
             throw error
@@ -206,8 +208,8 @@ extension Volume {
     // MARK: the create family
 
     public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes, UInt64) {
-        let (node, fd) = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
-        let (id, attributes) = try entered(node, parent: parent, name: name)
+        let (node, fd, st) = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
+        let (id, attributes) = try entered(node, parent: parent, name: name, stat: st)
         do {
             return (id, attributes, try open(id, truncate: false, descriptor: fd))
         } catch {
@@ -222,7 +224,8 @@ extension Volume {
         }
         let special = type == .characterDevice || type == .blockDevice
         let entry = try prepare(parent: parent, name: name, type: type, mode: mode, rdev: special ? rdev : 0, caller: caller)
-        return try entered(try createFile(entry).0, parent: parent, name: name)
+        let (node, _, st) = try createFile(entry)
+        return try entered(node, parent: parent, name: name, stat: st)
     }
 
     public func mkdir(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes) {
@@ -236,7 +239,8 @@ extension Volume {
         guard !target.isEmpty, !target.contains(0) else { throw StoreError.invalidArgument }
         guard target.count <= Self.maximumSymlinkTarget else { throw StoreError.nameTooLong }
         let entry = try prepare(parent: parent, name: name, type: .symlink, mode: 0o777, caller: caller)
-        return try entered(try createFile(entry, contents: target).0, parent: parent, name: name)
+        let (node, _, st) = try createFile(entry, contents: target)
+        return try entered(node, parent: parent, name: name, stat: st)
     }
 
     public func readlink(_ id: UInt64) throws -> [UInt8] {

@@ -142,7 +142,7 @@ extension Volume {
         try rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
         let whiteout = try prepare(parent: parent, name: name, type: .characterDevice, mode: 0, rdev: 0,
                                    caller: Caller(uid: caller.uid, gid: caller.gid, umask: 0))
-        let (node, _) = try createFile(whiteout)
+        let (node, _, _) = try createFile(whiteout)
         release(node) // the kernel looks the whiteout up when it wants it
     }
 }
