@@ -20,7 +20,7 @@ let package = Package(
         // crypto (the OpenSSL door) <- keys (master keys, the key table, the keyutils door)
         // <- format (codecs of every on-disk and ioctl structure; no I/O) <- store (EncCore).
         // Locking is below them all: the one lock type shared state uses (Lock.swift says why).
-        .target(name: "Locking"),
+        .target(name: "Locking", dependencies: ["CLinux"]),
         .target(name: "EncCrypto", dependencies: ["COpenSSL", "Locking"]),
         .target(name: "EncKeys", dependencies: ["EncCrypto", "Locking", "CKeyutils", "CLinux"],
                 swiftSettings: [.define("ENCFSD_TEST_HOOKS", .when(configuration: .debug))]),

@@ -64,6 +64,17 @@ static const int encfsd_RESOLVE_NO_XDEV_FLAG = 0x01;
 
 static inline int encfsd_syncfs(int fd) { return (int)syscall(SYS_syncfs, fd); }
 
+// CPUs this process may run on (its affinity mask: a container's cpuset, taskset), -1 if unknown.
+// sched_getaffinity(2) itself needs _GNU_SOURCE; the system call returns the bytes it filled.
+static inline int encfsd_usable_cpus(void) {
+    unsigned long mask[16] = {0};
+    long filled = syscall(SYS_sched_getaffinity, 0, sizeof mask, mask);
+    if (filled <= 0) return -1;
+    int count = 0;
+    for (long i = 0; i < filled / (long)sizeof mask[0]; i++) count += __builtin_popcountl(mask[i]);
+    return count;
+}
+
 static inline int encfsd_fallocate(int fd, int mode, off_t offset, off_t len) {
     return (int)syscall(SYS_fallocate, fd, mode, offset, len);
 }

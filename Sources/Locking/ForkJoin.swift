@@ -1,4 +1,5 @@
 import Synchronization
+import CLinux
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -15,23 +16,35 @@ import Glibc
 /// for pieces a helper has already taken.
 ///
 /// Invariant making this `@unchecked Sendable`: `wake` is a semaphore at a fixed heap address for
-/// the pool's whole life, touched only through `sem_post` and `sem_wait`, which are thread-safe;
-/// everything else is a constant or behind `current`'s lock.
+/// the life of the process, touched only through `sem_post` and `sem_wait`, which are
+/// thread-safe; everything else is a constant or behind `current`'s lock.
 public final class ForkJoin: @unchecked Sendable {
-    /// One helper per online CPU beyond the caller's, at most 7.
-    public static let shared = ForkJoin(helpers: min(7, max(0, sysconf(Int32(_SC_NPROCESSORS_ONLN)) - 1)))
+    /// One helper per CPU this process may run on beyond the caller's, at most 7: a helper
+    /// beyond the CPUs would be preempted holding a piece its caller waits for.
+    public static let shared = ForkJoin(helpers: min(7, max(0, usableCPUs() - 1)))
 
+    /// Helpers actually running (fewer than asked when the system refused a thread).
     public let helpers: Int
     /// The loop helpers may join: one at a time, so a helper never has to choose.
     private let current = Lock<Job?>(nil)
-    /// Counts wake-ups owed to the helpers.
+    /// Counts wake-ups owed to the helpers. Never freed: the helpers wait on it for the life of
+    /// the process.
     private let wake: UnsafeMutablePointer<sem_t>
 
-    public init(helpers: Int) {
-        self.helpers = helpers
+    public init(helpers wanted: Int) {
         wake = .allocate(capacity: 1)
         precondition(sem_init(wake, 0, 0) == 0, "sem_init failed")
-        for _ in 0..<helpers { Self.startHelper(self) }
+        // A thread limit reached (RLIMIT_NPROC, a cgroup's pids.max) leaves fewer helpers, never a
+        // failed request: the caller does whatever no helper takes.
+        var started = 0
+        while started < wanted && Self.startHelper(wake: wake, current: current) { started += 1 }
+        helpers = started
+    }
+
+    /// CPUs in this process's affinity mask (a container's or `taskset`'s), or the online CPUs.
+    private static func usableCPUs() -> Int {
+        let allowed = Int(encfsd_usable_cpus())
+        return allowed > 0 ? allowed : sysconf(Int32(_SC_NPROCESSORS_ONLN))
     }
 
     /// Calls `body(i)` once for every `i` in `0..<count`, in any order and on any of the
@@ -63,27 +76,44 @@ public final class ForkJoin: @unchecked Sendable {
         }
     }
 
-    private static func startHelper(_ pool: ForkJoin) {
-        var thread = pthread_t()
-        let context = Unmanaged.passRetained(pool).toOpaque()
-        let rc = pthread_create(&thread, nil, { raw in
-            // Signals are for the daemon's own threads (shutdown, a request's interruption),
-            // never for a helper in the middle of another request's piece.
-            var all = sigset_t()
-            sigfillset(&all)
-            pthread_sigmask(SIG_BLOCK, &all, nil)
-            Unmanaged<ForkJoin>.fromOpaque(raw!).takeRetainedValue().serve()
-        }, context)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
-        pthread_detach(thread)
+    /// What a helper thread needs: the pool's wake-ups and its published loop, not the pool.
+    private final class HelperContext {
+        let wake: UnsafeMutablePointer<sem_t>
+        let current: Lock<Job?>
+        init(wake: UnsafeMutablePointer<sem_t>, current: Lock<Job?>) {
+            self.wake = wake
+            self.current = current
+        }
+
+        func serve() -> Never {
+            while true {
+                while sem_wait(wake) != 0 {} // EINTR
+                // A wake-up may outlive its loop: then there is nothing (or a later loop) to join.
+                if let job = current.withLock({ $0 }) { job.work() }
+            }
+        }
     }
 
-    private func serve() -> Never {
-        while true {
-            while sem_wait(wake) != 0 {} // EINTR
-            // A wake-up may outlive its loop: then there is nothing (or a later loop) to join.
-            if let job = current.withLock({ $0 }) { job.work() }
+    /// Starts one helper; false if the system refused the thread.
+    private static func startHelper(wake: UnsafeMutablePointer<sem_t>, current: Lock<Job?>) -> Bool {
+        // Every signal blocked before the thread exists, so none is ever handled on a helper
+        // (shutdown and request interruption are for the daemon's own threads); the creator's
+        // mask is restored after.
+        var all = sigset_t(), previous = sigset_t()
+        sigfillset(&all)
+        pthread_sigmask(SIG_SETMASK, &all, &previous)
+        defer { pthread_sigmask(SIG_SETMASK, &previous, nil) }
+        var thread = pthread_t()
+        let context = Unmanaged.passRetained(HelperContext(wake: wake, current: current)).toOpaque()
+        let rc = pthread_create(&thread, nil, { raw in
+            Unmanaged<HelperContext>.fromOpaque(raw!).takeRetainedValue().serve()
+        }, context)
+        guard rc == 0 else {
+            Unmanaged<HelperContext>.fromOpaque(context).release()
+            return false
         }
+        pthread_detach(thread)
+        return true
     }
 
     /// One loop's progress. A helper can hold the job after the loop returned (it woke late, or

@@ -136,13 +136,15 @@ extension FileDescriptor {
     /// backing atime is the plaintext atime, and the daemon's own reads of headers and extents
     /// must not move it (an atime set with utimens would read back as the last header read).
     public func reopen(flags: Int32) throws -> FileDescriptor {
-        let path = "/proc/self/fd/\(number)"
-        do {
-            return FileDescriptor(taking: try Sys.retrying { Glibc.open(path, flags | encfsd_O_NOATIME | O_CLOEXEC | O_NOCTTY) })
-        } catch StoreError.system(EPERM) {
-            return FileDescriptor(taking: try Sys.retrying { Glibc.open(path, flags | O_CLOEXEC | O_NOCTTY) })
+        try Sys.withProcPath(number) { path throws in
+            do {
+                return FileDescriptor(taking: try Sys.retrying { Glibc.open(path, flags | encfsd_O_NOATIME | O_CLOEXEC | O_NOCTTY) })
+            } catch StoreError.system(EPERM) {
+                return FileDescriptor(taking: try Sys.retrying { Glibc.open(path, flags | O_CLOEXEC | O_NOCTTY) })
+            }
         }
     }
+
 
     /// Reads until `buffer` is full or end of file; returns the bytes read. (`pread(2)`)
     public func pread(_ buffer: UnsafeMutableRawBufferPointer, offset: Int64) throws -> Int {
@@ -290,7 +292,7 @@ extension FileDescriptor {
     /// capability is needed. (`linkat(2)`)
     public func linkAt(toDir: borrowing FileDescriptor, _ name: [UInt8]) throws {
         try Sys.withCName(name) { p throws in
-            try Sys.check(Glibc.linkat(AT_FDCWD, "/proc/self/fd/\(number)", toDir.number, p, AT_SYMLINK_FOLLOW))
+            try Sys.withProcPath(number) { path throws in try Sys.check(Glibc.linkat(AT_FDCWD, path, toDir.number, p, AT_SYMLINK_FOLLOW)) }
         }
         OperationLog.shared.record(.link(directory: toDir.loggedInode, name: name, inode: loggedInode))
     }
@@ -298,7 +300,7 @@ extension FileDescriptor {
     /// Sets times through /proc so it works on O_PATH descriptors (directories) too.
     public func setTimes(_ times: (timespec, timespec)) throws {
         var t = try resolvingOmitted(times)
-        try Sys.check(Glibc.utimensat(AT_FDCWD, "/proc/self/fd/\(number)", &t, 0))
+        try Sys.withProcPath(number) { path throws in try Sys.check(Glibc.utimensat(AT_FDCWD, path, &t, 0)) }
     }
 
     /// Moves only the ctime of the object behind the descriptor (an O_PATH descriptor will do):
@@ -316,9 +318,11 @@ extension FileDescriptor {
     /// setattr of a file whose last name is gone (ESTALE), and that must not fail the commit the
     /// header write belonged to: backing times are unauthenticated, and an unlinked file's show
     /// only through its open descriptors.
-    public func restoreModificationTime(_ time: timespec) throws {
+    /// - Parameter accessTime: the atime, when the caller has just read it: passing it saves the
+    ///   `fstat` an omitted one costs (see `resolvingOmitted`).
+    public func restoreModificationTime(_ time: timespec, accessTime: timespec? = nil) throws {
         do {
-            try futimens((Sys.omitTime, time))
+            try futimens((accessTime ?? Sys.omitTime, time))
         } catch StoreError.system(ESTALE) {}
     }
 
@@ -485,5 +489,29 @@ extension FileDescriptor {
             if ok { low = middle } else { high = middle - 1 }
         }
         return low
+    }
+}
+
+extension Sys {
+    /// Runs `body` with "/proc/self/fd/<number>" as a C string built on the stack: every lookup
+    /// reopens through it, and an interpolated String cost an allocation and a number
+    /// formatting per call.
+    static func withProcPath<R: ~Copyable>(_ number: Int32, _ body: (UnsafePointer<CChar>) throws -> R) rethrows -> R {
+        let prefix: StaticString = "/proc/self/fd/"
+        let length = prefix.utf8CodeUnitCount
+        return try withUnsafeTemporaryAllocation(of: CChar.self, capacity: length + 12) { buffer in
+            let base = buffer.baseAddress!
+            UnsafeMutableRawPointer(base).copyMemory(from: prefix.utf8Start, byteCount: length)
+            var digits = 1
+            var rest = UInt32(bitPattern: number) / 10
+            while rest > 0 { digits += 1; rest /= 10 }
+            var value = UInt32(bitPattern: number)
+            for at in stride(from: length + digits - 1, through: length, by: -1) {
+                base[at] = CChar(0x30 + value % 10)
+                value /= 10
+            }
+            base[length + digits] = 0
+            return try body(base)
+        }
     }
 }

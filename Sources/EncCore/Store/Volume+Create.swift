@@ -120,7 +120,7 @@ extension Volume {
         try xattrs.isEmpty ? backing.descriptor.fdatasync() : backing.descriptor.fsync()
         FaultPoints.reach(.createHeaderWritten)
         try existsOnCollision(enter)
-        try Self.stampBirth(backing.descriptor)
+        try Self.stampBirth(backing.descriptor, pathOnly: false)
         let st = try backing.descriptor.fstat()
         let node = insert(inode: UInt64(st.st_ino), identity: backing.descriptor.identity(), headerIdentity: nil,
                           header: header, verified: true,
@@ -164,7 +164,7 @@ extension Volume {
                 try parentFD.descriptor.renameNoReplace(temporary, parentFD.descriptor, entry.name.backingName,
                                         native: capabilities.has(.renameNoReplace))
             }
-            try Self.stampBirth(dirFD.descriptor)
+            try Self.stampBirth(dirFD.descriptor, pathOnly: true)
             let st = try dirFD.descriptor.fstat()
             let node = insert(inode: UInt64(st.st_ino), identity: dirFD.descriptor.identity(),
                               headerIdentity: headerFD.identity(), header: header, verified: true,
@@ -187,9 +187,14 @@ extension Volume {
     /// Gives a new backing object one instant for its atime, mtime and ctime, taken after its
     /// last change (the link or rename that entered it): the steps of a creation otherwise leave
     /// them apart (a symlink's target written after its ctime was set, say), and a later object
-    /// could show an earlier mtime than one made before it. Works on O_PATH descriptors.
-    static func stampBirth(_ fd: borrowing FileDescriptor) throws {
-        try fd.setTimes((Sys.nowTime, Sys.nowTime))
+    /// could show an earlier mtime than one made before it. `pathOnly`: an O_PATH descriptor
+    /// (a directory), which only a path through /proc can reach; an open file is stamped directly.
+    static func stampBirth(_ fd: borrowing FileDescriptor, pathOnly: Bool) throws {
+        if pathOnly {
+            try fd.setTimes((Sys.nowTime, Sys.nowTime))
+        } else {
+            try fd.futimens((Sys.nowTime, Sys.nowTime))
+        }
     }
 
     /// The reply for a new entry; the reference `insert` took becomes the kernel's lookup.
@@ -380,7 +385,7 @@ extension Volume {
         }
         state.header = header
         if let before {
-            try headerFD.descriptor.restoreModificationTime(before.st_mtim)
+            try headerFD.descriptor.restoreModificationTime(before.st_mtim, accessTime: before.st_atim)
         }
     }
 }
