@@ -188,9 +188,14 @@ public struct MountOptions: Sendable {
     /// Let the kernel cache writes (FUSE_CAP_WRITEBACK_CACHE). Off by default: measured on this
     /// store it costs more than it saves (docs/PERFORMANCE.md, 2026-11-22 "writeback cache").
     public var writebackCache: Bool
+    /// The mount's read-ahead in KiB (`KernelReadAhead`); 0 leaves the kernel's 128 KiB.
+    public var readAheadKiB: Int
+
+    public static let defaultReadAheadKiB = 4096
 
     public init(mountpoint: String, fsName: String, allowOther: Bool = false, extra: [String] = [],
-                attributeTimeout: Double = 1, entryTimeout: Double = 1, threads: Int = 16, writebackCache: Bool = false) {
+                attributeTimeout: Double = 1, entryTimeout: Double = 1, threads: Int = 16, writebackCache: Bool = false,
+                readAheadKiB: Int = MountOptions.defaultReadAheadKiB) {
         self.mountpoint = mountpoint
         self.fsName = fsName
         self.allowOther = allowOther
@@ -199,5 +204,6 @@ public struct MountOptions: Sendable {
         self.entryTimeout = entryTimeout
         self.threads = threads
         self.writebackCache = writebackCache
+        self.readAheadKiB = readAheadKiB
     }
 }

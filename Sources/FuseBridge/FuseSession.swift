@@ -309,6 +309,9 @@ private final class RequestLoop: @unchecked Sendable {
                 if dropsSetID { DispatchedRequest.dropsSetID = true }
                 fuse_session_process_buf(session, &buffer)
                 if dropsSetID { DispatchedRequest.dropsSetID = false }
+                // The INIT reply has been processed (the kernel handles it inside the write that
+                // sent it): only now does the mount's read-ahead stay as set.
+                if opcode == encfsd_FUSE_INIT { KernelReadAhead.apply(context.options) }
             }
             if !isForget, waiting.add(1, ordering: .relaxed).newValue > maxWaiting, leaveIfIdle(worker) { return }
             worker.receiving.store(true, ordering: .sequentiallyConsistent)
@@ -440,6 +443,73 @@ private func statxOf(_ a: FileAttributes) -> encfsd_fuse_statx {
         sx.btime = time(born)
     }
     return sx
+}
+
+// MARK: - the mount's read-ahead
+
+/// Sets the read-ahead of this mount's backing device info (`/sys/class/bdi/<dev>/read_ahead_kb`).
+///
+/// The kernel gives a FUSE mount the smaller of its default read-ahead, 128 KiB, and the INIT
+/// reply's `max_readahead`, so a stream reached the daemon as 128 KiB READs whatever it asked for.
+/// Each READ then decrypted its few extents on one core, with little in flight at a time. At
+/// 4 MiB the kernel sends 1 MiB READs, which the fan-out spreads over the cores: 1.5 → 1.9 GB/s
+/// on tmpfs (PERFORMANCE.md, "Read-ahead"). Best effort: without write access to sysfs (a
+/// container, a mount without root) the mount keeps the kernel's default.
+enum KernelReadAhead {
+    static func apply(_ options: MountOptions) {
+        guard options.readAheadKiB > 0, let device = device(of: options.mountpoint) else { return }
+        let fd = Glibc.open("/sys/class/bdi/\(device)/read_ahead_kb", O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        let text = Array("\(options.readAheadKiB)\n".utf8)
+        _ = text.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+    }
+
+    /// The `major:minor` of the newest FUSE mount at `mountpoint`, from /proc/self/mountinfo:
+    /// reading it sends no request to the mount (a stat of the mount point would, to this very
+    /// daemon).
+    static func device(of mountpoint: String) -> String? {
+        guard let table = readAll("/proc/self/mountinfo") else { return nil }
+        var found: String?
+        for line in table.split(separator: "\n") {
+            let halves = line.split(separator: " - ", maxSplits: 1)
+            let fields = halves[0].split(separator: " ")
+            guard halves.count == 2, fields.count >= 5, halves[1].hasPrefix("fuse"),
+                  unescaped(fields[4]) == mountpoint else { continue }
+            found = String(fields[2])
+        }
+        return found
+    }
+
+    private static func readAll(_ path: String) -> String? {
+        let fd = Glibc.open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            guard n > 0 else { return n == 0 ? String(decoding: bytes, as: UTF8.self) : nil }
+            bytes += chunk[0..<n]
+        }
+    }
+
+    /// mountinfo writes space, tab, newline and backslash in a path as octal escapes.
+    static func unescaped(_ field: Substring) -> String {
+        var bytes: [UInt8] = []
+        var rest = Array(field.utf8)[...]
+        while let first = rest.first {
+            if first == 0x5c, rest.count >= 4, let value = UInt8(String(decoding: rest.dropFirst().prefix(3), as: UTF8.self), radix: 8) {
+                bytes.append(value)
+                rest = rest.dropFirst(4)
+            } else {
+                bytes.append(first)
+                rest = rest.dropFirst()
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
 }
 
 // MARK: - killing privileges in the daemon (FUSE_HANDLE_KILLPRIV_V2)
@@ -706,7 +776,7 @@ private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutableP
     let options = Unmanaged<BridgeContext>.fromOpaque(userdata).takeUnretainedValue().options
     // 1 MiB requests: fewer round trips per streamed MiB, and whole extents per write.
     conn.pointee.max_write = 1 << 20
-    conn.pointee.max_readahead = 1 << 20
+    conn.pointee.max_readahead = UInt32(max(1 << 20, options.readAheadKiB << 10))
     // Let the kernel send O_TRUNC with open, so truncate-on-open is one request.
     if conn.pointee.capable & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 {
         conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC)

@@ -198,13 +198,14 @@ class Volume:
     # mounting
 
     def mount(self, unlock: bool = True, options: str | None = None, *, keyring: bool = False,
-              by_key_file: bool = False, env: dict | None = None, timeout: float = 60):
+              by_key_file: bool = False, env: dict | None = None, timeout: float = 60, args: tuple = ()):
         """Mounts, then adds the key if `unlock`. The daemon loads keys from root's keyring only
         with `keyring` (that keyring holds keys of other users of the machine, which a test daemon
         has no business loading). With `by_key_file` it is unlocked by --key-file alone and the
-        keyring is neither read nor changed, so the test cannot disturb (or be disturbed by) others."""
+        keyring is neither read nor changed, so the test cannot disturb (or be disturbed by) others.
+        `args` go to `encfsd mount` as they are."""
         assert not is_mounted(self.mnt), f"{self.mnt} already mounted"
-        extra = ["-o", options] if options else []
+        extra = (["-o", options] if options else []) + list(args)
         if not keyring:
             extra.append("--no-keyring")
         if unlock and by_key_file:

@@ -112,6 +112,7 @@ def test_through_mount_fuse3(tmp_path, encfsd_bin, key_file, store):
     ("frobnicate", "unknown mount option frobnicate"),
     ("threads=many", "bad value in mount option threads=many"),
     ("threads=0", "bad value in mount option threads=0"),
+    ("read_ahead_kb=lots", "bad value in mount option read_ahead_kb=lots"),
     ("idle=10x", "bad value in mount option idle=10x"),
     ("idle=-5s", "bad value in mount option idle=-5s"),
     ("key_file=", "bad value in mount option key_file="),

@@ -34,6 +34,10 @@ struct MountCommand: ParsableCommand {
     @Option(help: "Most request threads.")
     var threads = 16
 
+    @Option(name: .customLong("read-ahead-kb"),
+            help: "The mount's read-ahead in KiB (the kernel's own for a FUSE mount is 128); 0 keeps the kernel's.")
+    var readAheadKiB = MountOptions.defaultReadAheadKiB
+
     @Option(help: "Where the background daemon logs (default: syslog, identifier encfsd, facility daemon).")
     var logFile: String?
 
@@ -57,6 +61,7 @@ struct MountCommand: ParsableCommand {
 
     func validate() throws {
         guard (1...256).contains(threads) else { throw ValidationError("--threads must be 1...256") }
+        guard (0...1_048_576).contains(readAheadKiB) else { throw ValidationError("--read-ahead-kb must be 0...1048576") }
     }
 
     func run() throws {
@@ -82,7 +87,8 @@ struct MountCommand: ParsableCommand {
             daemon.accessTimes = accessTimes
             try daemon.serve()
         } else {
-            var arguments = ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)", "--key-quota", "\(keyQuota)"]
+            var arguments = ["mount", storePath, mountPath, "--report-ready", "--threads", "\(threads)", "--key-quota", "\(keyQuota)",
+                             "--read-ahead-kb", "\(readAheadKiB)"]
             if noKeyring { arguments.append("--no-keyring") }
             arguments += options.flatMap { ["-o", $0] }
             if let logFile { arguments += ["--log-file", logFile] }
@@ -103,7 +109,7 @@ struct MountCommand: ParsableCommand {
         // The store's absolute path is the mount's source (so `key add --passphrase` can find its
         // configuration); libfuse splits options on commas, so those are escaped.
         let fsName = storePath.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: ",", with: "\\,")
-        var result = MountOptions(mountpoint: mountPath, fsName: fsName, threads: threads)
+        var result = MountOptions(mountpoint: mountPath, fsName: fsName, threads: threads, readAheadKiB: readAheadKiB)
         for option in options.flatMap({ $0.split(separator: ",").map(String.init) }) {
             switch option {
             case "allow_other": result.allowOther = true

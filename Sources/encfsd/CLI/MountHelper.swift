@@ -20,6 +20,7 @@ enum MountHelper {
     static let valueOptions: [(name: String, flag: String, repeatable: Bool, valid: @Sendable (String) -> Bool)] = [
         ("key_file", "--key-file", true, { !$0.isEmpty }),
         ("threads", "--threads", false, { Int($0).map { (1...256).contains($0) } ?? false }),
+        ("read_ahead_kb", "--read-ahead-kb", false, { Int($0).map { (0...1_048_576).contains($0) } ?? false }),
         ("key_quota", "--key-quota", false, { Int($0).map { $0 >= 0 } ?? false }),
         ("log_file", "--log-file", false, { !$0.isEmpty }),
         ("log_level", "--log-level", false, { LogLevel(rawValue: $0) != nil }),
