@@ -80,12 +80,29 @@ public enum FaultPoints {
     #endif
 }
 
+/// Points inside an operation where a test runs a closure of its own, to make another thread's
+/// step happen exactly there (`TestHooks.pause`).
+enum TestPause: Hashable, Sendable {
+    /// A rename has resolved both names and not yet acted on them.
+    case renameResolved
+}
+
 enum TestHooks {
     #if ENCFSD_TEST_HOOKS
+    /// The closures tests have put at pause points.
+    static let pauses = Lock<[TestPause: @Sendable () -> Void]>([:])
+
+    static func pause(_ point: TestPause) {
+        if let body = pauses.withLock({ $0[point] }) { body() }
+    }
+
     /// ENCFSD_UNSAFE_NO_JOURNAL=1 writes in place without the journal or its fsyncs, to measure
     /// what crash safety costs. A crash mid-commit can then tear a file.
     static let journalingDisabled = ProcessInfo.processInfo.environment["ENCFSD_UNSAFE_NO_JOURNAL"] == "1"
     #else
     static let journalingDisabled = false
+
+    @inline(__always)
+    static func pause(_ point: TestPause) {}
     #endif
 }

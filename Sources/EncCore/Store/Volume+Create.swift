@@ -213,6 +213,10 @@ extension Volume {
     // MARK: the create family
 
     public func create(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes, UInt64) {
+        try resolvingNames { try createResolved(parent: parent, name: name, mode: mode, caller: caller) }
+    }
+
+    private func createResolved(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes, UInt64) {
         let (node, fd, st) = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
         let (id, attributes) = try entered(node, parent: parent, name: name, stat: st)
         do {
@@ -224,6 +228,10 @@ extension Volume {
     }
 
     public func mknod(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt64, caller: Caller) throws -> (UInt64, Attributes) {
+        try resolvingNames { try mknodResolved(parent: parent, name: name, mode: mode, rdev: rdev, caller: caller) }
+    }
+
+    private func mknodResolved(parent: UInt64, name: [UInt8], mode: UInt32, rdev: UInt64, caller: Caller) throws -> (UInt64, Attributes) {
         guard let type = ObjectType(formatBits: mode), type != .directory, type != .symlink else {
             throw StoreError.invalidArgument
         }
@@ -234,6 +242,10 @@ extension Volume {
     }
 
     public func mkdir(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes) {
+        try resolvingNames { try mkdirResolved(parent: parent, name: name, mode: mode, caller: caller) }
+    }
+
+    private func mkdirResolved(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes) {
         try entered(try createDirectory(try prepare(parent: parent, name: name, type: .directory, mode: mode, caller: caller)),
                     parent: parent, name: name)
     }
@@ -241,6 +253,10 @@ extension Volume {
     public static let maximumSymlinkTarget = 4095
 
     public func symlink(parent: UInt64, name: [UInt8], target: [UInt8], caller: Caller) throws -> (UInt64, Attributes) {
+        try resolvingNames { try symlinkResolved(parent: parent, name: name, target: target, caller: caller) }
+    }
+
+    private func symlinkResolved(parent: UInt64, name: [UInt8], target: [UInt8], caller: Caller) throws -> (UInt64, Attributes) {
         guard !target.isEmpty, !target.contains(0) else { throw StoreError.invalidArgument }
         guard target.count <= Self.maximumSymlinkTarget else { throw StoreError.nameTooLong }
         let entry = try prepare(parent: parent, name: name, type: .symlink, mode: 0o777, caller: caller)
@@ -261,7 +277,7 @@ extension Volume {
     /// Gives an object another name. The new name is added to the header's bindings (durably)
     /// before the backing link exists, so the new entry always authenticates.
     public func link(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws -> (UInt64, Attributes) {
-        try changingNamespace { try linkLocked(id, newParent: newParent, newName: newName) }
+        try resolvingNames { try changingNamespace { try linkLocked(id, newParent: newParent, newName: newName) } }
     }
 
     private func linkLocked(_ id: UInt64, newParent: UInt64, newName: [UInt8]) throws -> (UInt64, Attributes) {

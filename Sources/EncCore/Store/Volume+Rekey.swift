@@ -73,14 +73,18 @@ extension Volume {
         guard let tree = RekeyRegistry.Tree(record) else { throw StoreError.invalidArgument }
         // The record is durable before anything is sealed under the new key, so a crash at any
         // later point resumes; the root's new policy is recorded with it.
-        try rekeys.changeConfig(storeFD: storeFD.descriptor) { config, trees, finished in
-            config.version = max(config.version, 2)
-            config.rekeys = (config.rekeys ?? []) + [record]
-            if record.isRoot { config.rootPolicy = newPolicy.hex }
-            trees.append(tree)
-            finished.removeAll { $0.rootObjectID == tree.rootObjectID }
+        // No operation may have resolved a name in the tree before it was registered and act on
+        // it after: each one from now on converts its directory first (`key(for:.newNames)`).
+        try nameResolution.withExclusive {
+            try rekeys.changeConfig(storeFD: storeFD.descriptor) { config, trees, finished in
+                config.version = max(config.version, 2)
+                config.rekeys = (config.rekeys ?? []) + [record]
+                if record.isRoot { config.rootPolicy = newPolicy.hex }
+                trees.append(tree)
+                finished.removeAll { $0.rootObjectID == tree.rootObjectID }
+            }
+            try convertForRekey(dir)
         }
-        try convertForRekey(dir)
         Diagnostics.report("rekey of \(plaintextPath(of: id) ?? "a tree") from \(header.policy) to \(newPolicy) started", severity: .notice)
     }
 
@@ -413,6 +417,12 @@ extension Volume {
     /// the old key. The new binding is durable before the backing rename, so a crash leaves the
     /// object under one of its two names, bound (as any rename).
     private func moveName(_ backingName: [UInt8], in dir: Node, _ tree: RekeyRegistry.Tree, moved: inout Bool) throws -> Bool {
+        // Alone: an operation that resolved this name under the old key acts on it before it
+        // moves, and one that resolves it after finds it under the new key.
+        try nameResolution.withExclusive { try moveNameAlone(backingName, in: dir, tree, moved: &moved) }
+    }
+
+    private func moveNameAlone(_ backingName: [UInt8], in dir: Node, _ tree: RekeyRegistry.Tree, moved: inout Bool) throws -> Bool {
         let header = dir.state.withLock { $0.header }
         guard header.previousPolicy == tree.from else { return true }
         guard let oldKey = lingeringOrPresent(tree.from), let newKey = keys.key(for: tree.to) else { return false }

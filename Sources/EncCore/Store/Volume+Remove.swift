@@ -8,7 +8,7 @@ import Glibc
 extension Volume {
     /// Removes a name. Works in the locked view too (fscrypt allows unlink without the key).
     public func unlink(parent: UInt64, name: [UInt8]) throws {
-        try changingNamespace { try unlinkLocked(parent: parent, name: name) }
+        try resolvingNames { try changingNamespace { try unlinkLocked(parent: parent, name: name) } }
     }
 
     private func unlinkLocked(parent: UInt64, name: [UInt8]) throws {
@@ -45,6 +45,10 @@ extension Volume {
     }
 
     public func rmdir(parent: UInt64, name: [UInt8]) throws {
+        try resolvingNames { try rmdirResolved(parent: parent, name: name) }
+    }
+
+    private func rmdirResolved(parent: UInt64, name: [UInt8]) throws {
         try changingNamespace {
             let dir = try node(parent)
             let backing = try backingName(of: name, in: dir, naming: try? key(for: dir, .names))

@@ -13,7 +13,7 @@ extension Volume {
     /// A crash anywhere leaves the object under exactly one of its two names, and that name is
     /// bound: the old name until the rename, the new one after.
     public func rename(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], mode: RenameMode) throws {
-        try changingNamespace { try renameLocked(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode) }
+        try resolvingNames { try changingNamespace { try renameLocked(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode) } }
     }
 
     private func renameLocked(parent: UInt64, name: [UInt8], newParent: UInt64, newName: [UInt8], mode: RenameMode) throws {
@@ -23,6 +23,7 @@ extension Volume {
         let (fromKey, fromHeader, toKey, toHeader) = (fromNaming.key, fromNaming.header, toNaming.key, toNaming.header)
         let fromName = try resolveName(name, in: fromDir, key: fromKey, header: fromHeader)
         let toName = try resolveName(newName, in: toDir, key: toKey, header: toHeader)
+        TestHooks.pause(.renameResolved)
         let source = try child(of: fromDir, backingName: fromName.backingName)
         defer { release(source) }
         try refuse(fromDir, ifAny: [.immutable, .appendOnly])
@@ -140,9 +141,11 @@ extension Volume {
                                       caller: Caller) throws {
         guard mode != .exchange else { throw StoreError.invalidArgument }
         try rename(parent: parent, name: name, newParent: newParent, newName: newName, mode: mode)
-        let whiteout = try prepare(parent: parent, name: name, type: .characterDevice, mode: 0, rdev: 0,
-                                   caller: Caller(uid: caller.uid, gid: caller.gid, umask: 0))
-        let (node, _, _) = try createFile(whiteout)
-        release(node) // the kernel looks the whiteout up when it wants it
+        try resolvingNames {
+            let whiteout = try prepare(parent: parent, name: name, type: .characterDevice, mode: 0, rdev: 0,
+                                       caller: Caller(uid: caller.uid, gid: caller.gid, umask: 0))
+            let (node, _, _) = try createFile(whiteout)
+            release(node) // the kernel looks the whiteout up when it wants it
+        }
     }
 }

@@ -169,7 +169,18 @@ extension Volume {
     }
 
     private func xattrPresent(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> Bool {
-        try sideXattrs(node, keys: [key])[name] != nil || mayHold(node, XattrCodec.backingName(name, objectID: objectID, key: key))
+        let (generation, backingHoldsNone) = xattrHolders(node)
+        if generation != 0, try sideXattrs(node, keys: [key])[name] != nil { return true }
+        // Every create asks its directory for a default ACL: most hold no attribute at all.
+        if backingHoldsNone || !capabilities.has(.userXattrs) { return false }
+        return try mayHold(node, XattrCodec.backingName(name, objectID: objectID, key: key))
+    }
+
+    /// One look at the node: whether its header names a side object, and whether the backing
+    /// object is known to hold no attribute. Either lets a probe answer without deriving a
+    /// backing name (an HMAC under a per-object key, the largest cost of a probe).
+    private func xattrHolders(_ node: Node) -> (sideGeneration: UInt64, backingHoldsNone: Bool) {
+        node.state.withLock { ($0.header.xattrGeneration, $0.backingXattrs?.isEmpty == true) }
     }
 
     /// The backing copy first: the side object's copy shadows it, so removing that first would let
@@ -201,13 +212,9 @@ extension Volume {
     }
 
     private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8] {
-        // One look at the node: whether its header names a side object, and whether the backing
-        // object is known to hold no attribute.
-        let (generation, backingHoldsNone) = node.state.withLock { ($0.header.xattrGeneration, $0.backingXattrs?.isEmpty == true) }
+        let (generation, backingHoldsNone) = xattrHolders(node)
         if generation != 0, let value = try sideXattrs(node, keys: [key])[name] { return value }
-        // `ls -l` and the kernel's ACL and capability checks probe every entry and most writes;
-        // an object known to hold no attribute answers without deriving a backing name (an HMAC
-        // under a per-object key, the largest cost of a probe).
+        // `ls -l` and the kernel's ACL and capability checks probe every entry and most writes.
         if backingHoldsNone || !capabilities.has(.userXattrs) { throw StoreError.system(ENODATA) }
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
         guard try mayHold(node, backing) else { throw StoreError.system(ENODATA) }

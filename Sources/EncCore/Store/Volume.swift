@@ -46,6 +46,13 @@ public final class Volume: Sendable {
     /// Held across every namespace change when a fallback needs them to run one at a time
     /// (`BackingCapabilities.needsNamespaceLock`); taken before any node or table lock.
     let namespaceLock = Lock<Void>(())
+    /// Held shared from the moment an operation resolves a name until it has acted on it (lookup
+    /// and every namespace change), exclusive by a rekey while it starts on a tree and while it
+    /// moves one name to the new key's form (`resolvingNames`, `Volume+Rekey`). Without it an
+    /// operation could act on a name the rekey had just moved: a rename onto the old form then
+    /// made a second entry for the same name, which the rekey could never move (EEXIST), and a
+    /// lookup could answer ENOENT for a file that exists. Taken before `namespaceLock`.
+    let nameResolution = ReadWriteLock()
     /// `.xattrs`, once a side object was read or written (`Volume+XattrSide`).
     let xattrSideDirectory = Lock<SharedDescriptor?>(nil)
     let sideObjectRefusalReported = Atomic<Bool>(false)
@@ -338,6 +345,17 @@ public final class Volume: Sendable {
     // MARK: lookup, forget, getattr
 
     public func lookup(parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
+        try resolvingNames { try lookupResolved(parent: parent, name: name) }
+    }
+
+    /// Runs an operation that resolves names and acts on them under `nameResolution`, shared.
+    func resolvingNames<T>(_ body: () throws -> T) rethrows -> T {
+        nameResolution.lockShared()
+        defer { nameResolution.unlockShared() }
+        return try body()
+    }
+
+    private func lookupResolved(parent: UInt64, name: [UInt8]) throws -> (UInt64, Attributes) {
         rekeys.noteForeground()
         let dir = try node(parent)
         let naming = try? key(for: dir, .names)
