@@ -75,6 +75,13 @@ public final class KeyTable: Sendable {
 
     public let userQuota: Int
     private let entries = Lock<[KeyIdentifier: Entry]>([:])
+    private let changeCount = Atomic<UInt64>(0)
+
+    /// Grows after every add, removal and wipe: state derived from the keys (a header verified
+    /// under one, a locked view without it) and stamped with an earlier value is stale.
+    public var changes: UInt64 { changeCount.load(ordering: .acquiring) }
+
+    private func noteChange() { changeCount.add(1, ordering: .releasing) }
     #if ENCFSD_TEST_HOOKS
     /// Key lookups made (each one lock of the table): tests hold the request paths to their count.
     package let lookups = Atomic<Int>(0)
@@ -121,6 +128,7 @@ public final class KeyTable: Sendable {
             table[id] = entry
         }
         if !superseded.isEmpty { dropped.withLock { $0[id, default: []] += superseded } }
+        noteChange()
         return id
     }
 
@@ -160,6 +168,7 @@ public final class KeyTable: Sendable {
     public func remove(_ identifier: KeyIdentifier, uid: UInt32, allUsers: Bool) throws(KeyError) -> Removal {
         var released: MasterKey?
         var droppedClaims: [KeyringClaim] = []
+        defer { noteChange() }
         let outcome: Removal? = try entries.withLock { (table: inout [KeyIdentifier: Entry]) throws(KeyError) -> Removal? in
             guard var entry = table[identifier] else { throw .noKey }
             if entry.key != nil {
@@ -217,7 +226,8 @@ public final class KeyTable: Sendable {
     /// The key's deinit calls this, wherever its last reference was dropped, so it takes no lock.
     private func makeObserver(_ identifier: KeyIdentifier, _ wiped: WipeFlag) -> @Sendable () -> Void {
         let observer = wipeObserver
-        return {
+        return { [weak self] in
+            self?.noteChange()
             wiped.set()
             observer?(identifier)
         }

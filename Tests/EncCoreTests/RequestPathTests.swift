@@ -63,4 +63,80 @@ import Testing
         #expect(create == (0, 3))
         try cold.release(handle: created)
     }
+
+    /// A store with directory "d" holding file "f"; the backing path of f.
+    func storeWithFile() throws -> (store: String, backingFile: String) {
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        let store = base + "/store"
+        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: caller)
+        let made = try volume(store)
+        let (dir, _) = try made.mkdir(parent: Volume.rootID, name: Array("d".utf8), mode: 0o755, caller: caller)
+        let (_, _, handle) = try made.create(parent: dir, name: Array("f".utf8), mode: 0o644, caller: caller)
+        try Array("contents".utf8).withUnsafeBytes { try made.write(handle: handle, offset: 0, data: $0) }
+        try made.release(handle: handle)
+        made.closeCleanly()
+        let fm = FileManager.default
+        let backingDir = try #require(try fm.contentsOfDirectory(atPath: store).first { name in
+            var isDir: ObjCBool = false
+            return !name.hasPrefix(".") && fm.fileExists(atPath: store + "/" + name, isDirectory: &isDir) && isDir.boolValue
+        })
+        let file = try #require(try fm.contentsOfDirectory(atPath: store + "/" + backingDir).first { !$0.hasPrefix(".") })
+        return (store, store + "/" + backingDir + "/" + file)
+    }
+
+    /// Looks "d/f" up, then forgets it as the kernel does when it evicts the inode.
+    func lookUpAndForget(_ volume: Volume) throws -> (dir: UInt64, attributes: Attributes) {
+        let dir = try volume.lookup(parent: Volume.rootID, name: Array("d".utf8)).0
+        let (file, attributes) = try volume.lookup(parent: dir, name: Array("f".utf8))
+        volume.forget(file, count: 1)
+        return (dir, attributes)
+    }
+
+    @Test func aForgottenFileIsLookedUpAgainWithoutReadingItsHeader() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (store, _) = try storeWithFile()
+        let volume = try volume(store)
+        let (dir, first) = try lookUpAndForget(volume)
+        var again: Attributes?
+        #expect(try cost(volume) { again = try volume.lookup(parent: dir, name: Array("f".utf8)).1 }.headerReads == 0)
+        #expect(again?.mode == first.mode && again?.size == first.size)
+        // What the daemon changed before the drop is what comes back.
+        var changes = AttributeChanges()
+        changes.mode = 0o600
+        let file = try volume.lookup(parent: dir, name: Array("f".utf8)).0
+        _ = try volume.setattr(file, changes)
+        volume.forget(file, count: 2)
+        #expect(try cost(volume) { again = try volume.lookup(parent: dir, name: Array("f".utf8)).1 }.headerReads == 0)
+        #expect(again.map { $0.mode & 0o7777 } == 0o600)
+    }
+
+    @Test func aForgottenHeaderIsReadAgainOnceTheBackingFileChanged() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (store, backing) = try storeWithFile()
+        let volume = try volume(store)
+        let dir = try lookUpAndForget(volume).dir
+        // Its times set from the backing side: the ctime moves.
+        #expect(utimes(backing, nil) == 0)
+        #expect(try cost(volume) { _ = try volume.lookup(parent: dir, name: Array("f".utf8)) }.headerReads == 1)
+    }
+
+    @Test func aForgottenHeaderIsReadAgainForAReplacedBackingFile() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (store, backing) = try storeWithFile()
+        let volume = try volume(store)
+        let dir = try lookUpAndForget(volume).dir
+        // The same bytes, as another inode renamed over the entry.
+        try FileManager.default.copyItem(atPath: backing, toPath: backing + ".copy")
+        #expect(rename(backing + ".copy", backing) == 0)
+        #expect(try cost(volume) { _ = try volume.lookup(parent: dir, name: Array("f".utf8)) }.headerReads == 1)
+    }
+
+    @Test func aForgottenHeaderIsReadAgainAfterAKeyChange() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (store, _) = try storeWithFile()
+        let volume = try volume(store)
+        let dir = try lookUpAndForget(volume).dir
+        _ = try volume.keys.add(try MasterKey(raw: [UInt8](repeating: 7, count: 64)), claim: .init(uid: 0, serial: 1))
+        #expect(try cost(volume) { _ = try volume.lookup(parent: dir, name: Array("f".utf8)) }.headerReads == 1)
+    }
 }

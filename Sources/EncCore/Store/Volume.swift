@@ -11,6 +11,7 @@ struct NodeTable {
     var byID: [UInt64: Node] = [:]
     var byInode: [UInt64: Node] = [:]
     var nextID: UInt64 = Volume.rootID + 1
+    var forgotten = ForgottenHeaders(capacity: Volume.forgottenHeaderCapacity)
 }
 
 /// A mounted store: the objects the kernel knows (by node ID), their backing objects, and the
@@ -199,9 +200,9 @@ public final class Volume: Sendable {
         let st = try Self.statEntry(dirFD.descriptor, backingName)
         let location = Location(parent: dir, name: backingName)
         // The entry's identity is needed only to confirm a node already known for its inode.
-        let known = table.withLock { $0.byInode[UInt64(st.st_ino)] }
-        let found = known?.identity == nil ? nil : dirFD.descriptor.identity(ofEntry: backingName)
-        let cached: Node? = known == nil ? nil : table.withLock { t in
+        let (known, forgotten) = table.withLock { ($0.byInode[UInt64(st.st_ino)], $0.forgotten.contains(UInt64(st.st_ino))) }
+        let found = known?.identity == nil && !forgotten ? nil : dirFD.descriptor.identity(ofEntry: backingName)
+        let cached: Node? = known == nil ? (forgotten ? remembered(stat: st, identity: found, location: location) : nil) : table.withLock { t in
             // A node for another object that had this inode number (deleted behind the daemon's
             // back, its number reused) is passed over; `insert` replaces it.
             guard let node = t.byInode[UInt64(st.st_ino)], node === known, node.isObject(inode: UInt64(st.st_ino), identity: found) else {
@@ -303,20 +304,67 @@ public final class Volume: Sendable {
     func insert(inode: UInt64, identity: [UInt8]?, headerIdentity: [UInt8]?, header: ObjectHeader, verified: Bool,
                 location: Location, created: Bool = false) -> Node {
         table.withLock { t in
-            if let existing = t.byInode[inode], !created, existing.isObject(inode: inode, identity: identity) {
-                existing.state.withLock {
-                    $0.lookups += 1
-                    $0.addLocation(location)
-                }
-                return existing
+            Self.insert(&t, inode: inode, identity: identity, headerIdentity: headerIdentity, header: header,
+                        verified: verified, location: location, created: created)
+        }
+    }
+
+    private static func insert(_ t: inout NodeTable, inode: UInt64, identity: [UInt8]?, headerIdentity: [UInt8]?,
+                               header: ObjectHeader, verified: Bool, location: Location, created: Bool) -> Node {
+        if let existing = t.byInode[inode], !created, existing.isObject(inode: inode, identity: identity) {
+            existing.state.withLock {
+                $0.lookups += 1
+                $0.addLocation(location)
             }
-            let node = Node(id: t.nextID, backingInode: inode, identity: identity, headerIdentity: headerIdentity,
-                            header: header, verified: verified, location: location)
-            node.state.withLock { $0.lookups = 1 }
-            t.nextID += 1
-            t.byID[node.id] = node
-            t.byInode[inode] = node
+            return existing
+        }
+        t.forgotten.remove(inode)
+        let node = Node(id: t.nextID, backingInode: inode, identity: identity, headerIdentity: headerIdentity,
+                        header: header, verified: verified, location: location)
+        node.state.withLock { $0.lookups = 1 }
+        t.nextID += 1
+        t.byID[node.id] = node
+        t.byInode[inode] = node
+        return node
+    }
+
+    /// Files whose headers are kept once the kernel has forgotten them (`ForgottenHeaders`).
+    static let forgottenHeaderCapacity = 16384
+
+    /// A node made from the forgotten header of the file `st` describes, if it is still the
+    /// object that was forgotten and unchanged since; nil sends the caller to read the header.
+    private func remembered(stat st: stat, identity found: [UInt8]?, location: Location) -> Node? {
+        let inode = UInt64(st.st_ino)
+        let keyChanges = keys.changes
+        return table.withLock { t -> Node? in
+            guard t.byInode[inode] == nil, let entry = t.forgotten.take(inode), let found, entry.identity == found,
+                  entry.fingerprint == ForgottenHeaders.Fingerprint(st), entry.keyChanges == keyChanges else { return nil }
+            let node = Self.insert(&t, inode: inode, identity: entry.identity, headerIdentity: nil, header: entry.header,
+                                   verified: entry.verified, location: location, created: false)
+            node.state.withLock { $0.backingXattrs = entry.backingXattrs }
             return node
+        }
+    }
+
+    /// Keeps the header of a file node just dropped (`ForgottenHeaders`), with the stat of its
+    /// backing file taken now, after the daemon's last change to it. Only a directory descriptor
+    /// already open is used: a forget never opens anything.
+    private func rememberForgotten(_ node: Node) {
+        guard let identity = node.identity else { return }
+        let keyChanges = keys.changes
+        let (header, verified, xattrs, location) = node.state.withLock {
+            ($0.header, $0.verified, $0.backingXattrs, $0.locations.last)
+        }
+        guard !header.flags.contains(.pendingWrite), let location,
+              let dirFD = location.parent.pinnedDirectory ?? directories.descriptor(location.parent.id),
+              let st = try? dirFD.descriptor.fstatAt(location.name),
+              UInt64(st.st_ino) == node.backingInode, st.st_mode & S_IFMT == S_IFREG, st.st_nlink > 0 else { return }
+        let entry = ForgottenHeaders.Entry(identity: identity, fingerprint: .init(st), header: header, verified: verified,
+                                           backingXattrs: xattrs, keyChanges: keyChanges)
+        table.withLock { t in
+            // A node of the inode made meanwhile read its own header; this one may be older.
+            guard t.byInode[node.backingInode] == nil else { return }
+            t.forgotten.put(node.backingInode, entry)
         }
     }
 
@@ -333,13 +381,16 @@ public final class Volume: Sendable {
     /// lock, so the check made here under the same lock cannot race with a new reference.
     func dropIfUnused(_ node: Node) {
         guard node.id != Self.rootID else { return }
-        let dropped = table.withLock { t in
-            guard t.byID[node.id] === node, node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) else { return false }
+        let (dropped, indexed) = table.withLock { t in
+            guard t.byID[node.id] === node, node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) else { return (false, false) }
             t.byID[node.id] = nil
-            if t.byInode[node.backingInode] === node { t.byInode[node.backingInode] = nil }
-            return true
+            guard t.byInode[node.backingInode] === node else { return (true, false) }
+            t.byInode[node.backingInode] = nil
+            return (true, true)
         }
         if dropped && node.isDirectory { directories.remove(node.id) }
+        // A node that lost its inode to another object's is not that inode's header.
+        if indexed && !node.isDirectory { rememberForgotten(node) }
     }
 
     // MARK: lookup, forget, getattr

@@ -1,0 +1,95 @@
+import EncFormat
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Headers of files the kernel has forgotten (FORGET took their last lookup), so that looking
+/// one up again costs a stat and a file handle instead of an open, a 4 KiB read, a key derivation
+/// and two MACs. A tree listed again after its inodes were evicted (`ls -lR` after drop_caches,
+/// memory pressure) is looked up entry by entry: that read was most of each entry's cost.
+///
+/// Trust: an entry is the header the daemon's own node held when it was dropped, which is no
+/// more than a node the kernel still references is trusted (that one is never read again). It is
+/// served only for the same object, by its kernel file handle (which carries the inode's
+/// generation, so a number freed and reused never matches), whose stat is what the drop saw after
+/// the daemon's last change to it: ctime, mtime, size, links, mode, owner. A write to the backing
+/// file after that moves its ctime; one within the same clock tick as the drop's stat is not seen,
+/// and what is served then is still the daemon's own newest state, never an older one. Backings
+/// without file handles (network filesystems, whose numbers and ctimes are the server's) get no
+/// entries; a key added, removed or wiped since the drop makes an entry stale.
+///
+/// Lives in the node table, under its lock: an entry exists only while no node of its inode is
+/// in the table (`Volume.insert` takes it out; a drop puts one in only if no node came since), so
+/// nothing a live node changes can leave a stale entry behind.
+struct ForgottenHeaders {
+    struct Fingerprint: Equatable {
+        let size: Int64
+        let links: UInt64
+        let mode: UInt32
+        let owner: UInt32
+        let group: UInt32
+        let modified: Int64
+        let modifiedNanoseconds: Int64
+        let changed: Int64
+        let changedNanoseconds: Int64
+
+        init(_ st: stat) {
+            size = Int64(st.st_size)
+            links = UInt64(st.st_nlink)
+            mode = UInt32(st.st_mode)
+            owner = UInt32(st.st_uid)
+            group = UInt32(st.st_gid)
+            modified = Int64(st.st_mtim.tv_sec)
+            modifiedNanoseconds = Int64(st.st_mtim.tv_nsec)
+            changed = Int64(st.st_ctim.tv_sec)
+            changedNanoseconds = Int64(st.st_ctim.tv_nsec)
+        }
+    }
+
+    struct Entry {
+        let identity: [UInt8]
+        let fingerprint: Fingerprint
+        let header: ObjectHeader
+        let verified: Bool
+        let backingXattrs: Set<String>?
+        /// `KeyTable.changes` when the node was dropped.
+        let keyChanges: UInt64
+    }
+
+    /// Most entries kept. At about 1 KiB each (a header with its bindings and hole map), 16 MiB.
+    let capacity: Int
+    /// Each entry with its place in `order`.
+    private var entries: [UInt64: (entry: Entry, slot: Int)] = [:]
+    /// Inodes in the order they were put in, overwritten round the ring: the oldest goes first.
+    private var order: [UInt64] = []
+    private var next = 0
+
+    init(capacity: Int) { self.capacity = max(1, capacity) }
+
+    var count: Int { entries.count }
+
+    func contains(_ inode: UInt64) -> Bool { entries[inode] != nil }
+
+    mutating func put(_ inode: UInt64, _ entry: Entry) {
+        if order.count < capacity {
+            order.append(inode)
+        } else {
+            let evicted = order[next]
+            if entries[evicted]?.slot == next { entries[evicted] = nil }
+            order[next] = inode
+        }
+        entries[inode] = (entry, next)
+        next = (next + 1) % capacity
+    }
+
+    /// Takes the entry out: it is used at most once, by the node made from it.
+    mutating func take(_ inode: UInt64) -> Entry? { entries.removeValue(forKey: inode)?.entry }
+
+    mutating func remove(_ inode: UInt64) { entries[inode] = nil }
+
+    mutating func removeAll() {
+        entries.removeAll()
+        order.removeAll()
+        next = 0
+    }
+}
