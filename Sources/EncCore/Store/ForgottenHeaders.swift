@@ -51,6 +51,9 @@ struct ForgottenHeaders {
         let fingerprint: Fingerprint
         let header: ObjectHeader
         let verified: Bool
+        /// What the node knew of its slots: nothing has written them since, so a metadata write
+        /// after the lookup (the atime a first read makes due) owes no more syncs than it would have.
+        let slotSafety: SlotSafety
         let backingXattrs: Set<String>?
         /// `KeyTable.changes` when the node was dropped.
         let keyChanges: UInt64

@@ -341,7 +341,10 @@ public final class Volume: Sendable {
                   entry.fingerprint == ForgottenHeaders.Fingerprint(st), entry.keyChanges == keyChanges else { return nil }
             let node = Self.insert(&t, inode: inode, identity: entry.identity, headerIdentity: nil, header: entry.header,
                                    verified: entry.verified, location: location, created: false)
-            node.state.withLock { $0.backingXattrs = entry.backingXattrs }
+            node.state.withLock {
+                $0.backingXattrs = entry.backingXattrs
+                $0.slotSafety = entry.slotSafety
+            }
             return node
         }
     }
@@ -352,15 +355,15 @@ public final class Volume: Sendable {
     private func rememberForgotten(_ node: Node) {
         guard let identity = node.identity else { return }
         let keyChanges = keys.changes
-        let (header, verified, xattrs, location) = node.state.withLock {
-            ($0.header, $0.verified, $0.backingXattrs, $0.locations.last)
+        let (header, verified, safety, xattrs, location) = node.state.withLock {
+            ($0.header, $0.verified, $0.slotSafety, $0.backingXattrs, $0.locations.last)
         }
         guard !header.flags.contains(.pendingWrite), let location,
               let dirFD = location.parent.pinnedDirectory ?? directories.descriptor(location.parent.id),
               let st = try? dirFD.descriptor.fstatAt(location.name),
               UInt64(st.st_ino) == node.backingInode, st.st_mode & S_IFMT == S_IFREG, st.st_nlink > 0 else { return }
         let entry = ForgottenHeaders.Entry(identity: identity, fingerprint: .init(st), header: header, verified: verified,
-                                           backingXattrs: xattrs, keyChanges: keyChanges)
+                                           slotSafety: safety, backingXattrs: xattrs, keyChanges: keyChanges)
         table.withLock { t in
             // A node of the inode made meanwhile read its own header; this one may be older.
             guard t.byInode[node.backingInode] == nil else { return }
