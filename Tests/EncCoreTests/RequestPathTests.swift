@@ -84,10 +84,14 @@ import Testing
         return (store, store + "/" + backingDir + "/" + file)
     }
 
+    /// Waits out `ForgottenHeaders.racyInterval`: a file changed more recently is not kept.
+    func settle() { usleep(UInt32(ForgottenHeaders.racyInterval / 1000) + 20_000) }
+
     /// Looks "d/f" up, then forgets it as the kernel does when it evicts the inode.
     func lookUpAndForget(_ volume: Volume) throws -> (dir: UInt64, attributes: Attributes) {
         let dir = try volume.lookup(parent: Volume.rootID, name: Array("d".utf8)).0
         let (file, attributes) = try volume.lookup(parent: dir, name: Array("f".utf8))
+        settle()
         volume.forget(file, count: 1)
         return (dir, attributes)
     }
@@ -105,6 +109,7 @@ import Testing
         changes.mode = 0o600
         let file = try volume.lookup(parent: dir, name: Array("f".utf8)).0
         _ = try volume.setattr(file, changes)
+        settle()
         volume.forget(file, count: 2)
         #expect(try cost(volume) { again = try volume.lookup(parent: dir, name: Array("f".utf8)).1 }.headerReads == 0)
         #expect(again.map { $0.mode & 0o7777 } == 0o600)
@@ -138,5 +143,39 @@ import Testing
         let dir = try lookUpAndForget(volume).dir
         _ = try volume.keys.add(try MasterKey(raw: [UInt8](repeating: 7, count: 64)), claim: .init(uid: 0, serial: 1))
         #expect(try cost(volume) { _ = try volume.lookup(parent: dir, name: Array("f".utf8)) }.headerReads == 1)
+    }
+
+    @Test func aFileChangedJustBeforeItsDropIsNotKept() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (store, _) = try storeWithFile()
+        let volume = try volume(store)
+        let dir = try volume.lookup(parent: Volume.rootID, name: Array("d".utf8)).0
+        let file = try volume.lookup(parent: dir, name: Array("f".utf8)).0
+        var changes = AttributeChanges()
+        changes.mode = 0o600
+        _ = try volume.setattr(file, changes)
+        volume.forget(file, count: 1)
+        #expect(try cost(volume) { _ = try volume.lookup(parent: dir, name: Array("f".utf8)) }.headerReads == 1)
+    }
+
+    /// A drop whose stat came late, after another node of the inode was made, changed and dropped,
+    /// must not replace the newer entry with its older header.
+    @Test func aDropOvertakenByANewerNodeKeepsNothing() {
+        var forgotten = ForgottenHeaders(capacity: 4)
+        func entry(mode: UInt32) -> ForgottenHeaders.Entry {
+            let header = ObjectHeader(type: .regular, mode: mode, uid: 0, gid: 0, extentSize: 4096,
+                                      objectID: [UInt8](repeating: 1, count: 16), policy: Self.key.identifier)
+            return ForgottenHeaders.Entry(identity: [1], fingerprint: .init(stat()), header: header, verified: true,
+                                          slotSafety: SlotSafety(), backingXattrs: nil, keyChanges: 0)
+        }
+        let late = forgotten.reserve(7)
+        forgotten.remove(7)             // a node of inode 7 was made...
+        let newer = forgotten.reserve(7) // ...and dropped
+        forgotten.put(7, entry(mode: 0o600), reservation: newer)
+        forgotten.put(7, entry(mode: 0o644), reservation: late)
+        #expect(forgotten.take(7)?.header.mode == 0o600)
+        // The oldest goes first once the capacity is reached.
+        for inode in UInt64(10)..<15 { forgotten.put(inode, entry(mode: 0o644), reservation: forgotten.reserve(inode)) }
+        #expect(forgotten.count == 4 && !forgotten.contains(10) && forgotten.contains(14))
     }
 }

@@ -19,8 +19,14 @@ import Glibc
 /// entries; a key added, removed or wiped since the drop makes an entry stale.
 ///
 /// Lives in the node table, under its lock: an entry exists only while no node of its inode is
-/// in the table (`Volume.insert` takes it out; a drop puts one in only if no node came since), so
-/// nothing a live node changes can leave a stale entry behind.
+/// in the table. A drop reserves the inode while it still holds the table lock (`reserve`), and
+/// `Volume.insert` of any node of that inode takes both the reservation and the entry out, so a
+/// drop whose stat comes late (another node of the inode made, changed and dropped meanwhile)
+/// finds its reservation gone and keeps nothing: no older header ever replaces a newer one.
+/// The stat is taken under the dropped node's own lock, after the last write through it, and a
+/// file changed within `racyInterval` of that stat is not kept: a write through a node a timer
+/// still holds (stale bindings) or from the backing side then shows as a later ctime even where
+/// ctimes are coarse (one clock tick, 4 ms at HZ=250, on kernels before multigrain timestamps).
 struct ForgottenHeaders {
     struct Fingerprint: Equatable {
         let size: Int64
@@ -59,8 +65,15 @@ struct ForgottenHeaders {
         let keyChanges: UInt64
     }
 
-    /// Most entries kept. At about 1 KiB each (a header with its bindings and hole map), 16 MiB.
+    /// Most entries kept. At about 1 KiB each (a header fits its 2 KiB slot), 16 MiB.
     let capacity: Int
+    /// Backing xattr names kept with an entry at most; a file with more (whose names whoever
+    /// writes the backing chooses, up to 64 KiB of them) is kept without them.
+    static let largestXattrSet = 8
+    /// A change to the file this recent is not trusted to show in its ctime.
+    static let racyInterval: Int64 = 50_000_000 // ns
+    private var reservations: [UInt64: UInt64] = [:]
+    private var nextReservation: UInt64 = 0
     /// Each entry with its place in `order`.
     private var entries: [UInt64: (entry: Entry, slot: Int)] = [:]
     /// Inodes in the order they were put in, overwritten round the ring: the oldest goes first.
@@ -73,7 +86,18 @@ struct ForgottenHeaders {
 
     func contains(_ inode: UInt64) -> Bool { entries[inode] != nil }
 
-    mutating func put(_ inode: UInt64, _ entry: Entry) {
+    /// Claims the right to `put` an entry for `inode` later; any node made for it meanwhile
+    /// (`remove`) cancels the claim.
+    mutating func reserve(_ inode: UInt64) -> UInt64 {
+        nextReservation += 1
+        reservations[inode] = nextReservation
+        return nextReservation
+    }
+
+    /// Keeps `entry` if `reservation` still holds.
+    mutating func put(_ inode: UInt64, _ entry: Entry, reservation: UInt64) {
+        guard reservations[inode] == reservation else { return }
+        reservations[inode] = nil
         if order.count < capacity {
             order.append(inode)
         } else {
@@ -88,11 +112,14 @@ struct ForgottenHeaders {
     /// Takes the entry out: it is used at most once, by the node made from it.
     mutating func take(_ inode: UInt64) -> Entry? { entries.removeValue(forKey: inode)?.entry }
 
-    mutating func remove(_ inode: UInt64) { entries[inode] = nil }
+    /// A node of `inode` is in the table: no entry for it, and no claim to make one.
+    mutating func remove(_ inode: UInt64) {
+        entries[inode] = nil
+        reservations[inode] = nil
+    }
 
-    mutating func removeAll() {
-        entries.removeAll()
-        order.removeAll()
-        next = 0
+    /// A drop that keeps nothing after all lets go of its claim.
+    mutating func cancel(_ inode: UInt64, reservation: UInt64) {
+        if reservations[inode] == reservation { reservations[inode] = nil }
     }
 }

@@ -350,24 +350,31 @@ public final class Volume: Sendable {
     }
 
     /// Keeps the header of a file node just dropped (`ForgottenHeaders`), with the stat of its
-    /// backing file taken now, after the daemon's last change to it. Only a directory descriptor
-    /// already open is used: a forget never opens anything.
-    private func rememberForgotten(_ node: Node) {
-        guard let identity = node.identity else { return }
-        let keyChanges = keys.changes
-        let (header, verified, safety, xattrs, location) = node.state.withLock {
-            ($0.header, $0.verified, $0.slotSafety, $0.backingXattrs, $0.locations.last)
-        }
-        guard !header.flags.contains(.pendingWrite), let location,
-              let dirFD = location.parent.pinnedDirectory ?? directories.descriptor(location.parent.id),
-              let st = try? dirFD.descriptor.fstatAt(location.name),
-              UInt64(st.st_ino) == node.backingInode, st.st_mode & S_IFMT == S_IFREG, st.st_nlink > 0 else { return }
-        let entry = ForgottenHeaders.Entry(identity: identity, fingerprint: .init(st), header: header, verified: verified,
-                                           slotSafety: safety, backingXattrs: xattrs, keyChanges: keyChanges)
+    /// backing file taken now, under the node's lock, after the last change made through it. Only
+    /// a directory descriptor already open is used: a forget never opens anything.
+    private func rememberForgotten(_ node: Node, reservation: UInt64) {
+        let entry = rememberedEntry(node)
         table.withLock { t in
-            // A node of the inode made meanwhile read its own header; this one may be older.
-            guard t.byInode[node.backingInode] == nil else { return }
-            t.forgotten.put(node.backingInode, entry)
+            guard let entry else { return t.forgotten.cancel(node.backingInode, reservation: reservation) }
+            t.forgotten.put(node.backingInode, entry, reservation: reservation)
+        }
+    }
+
+    private func rememberedEntry(_ node: Node) -> ForgottenHeaders.Entry? {
+        guard let identity = node.identity else { return nil }
+        let keyChanges = keys.changes
+        return node.state.withLock { s -> ForgottenHeaders.Entry? in
+            guard !s.header.flags.contains(.pendingWrite), let location = s.locations.last,
+                  let dirFD = location.parent.pinnedDirectory ?? directories.descriptor(location.parent.id),
+                  let st = try? dirFD.descriptor.fstatAt(location.name),
+                  UInt64(st.st_ino) == node.backingInode, st.st_mode & S_IFMT == S_IFREG, st.st_nlink > 0 else { return nil }
+            var now = timespec()
+            clock_gettime(CLOCK_REALTIME, &now)
+            let age = (Int64(now.tv_sec) - Int64(st.st_ctim.tv_sec)) * 1_000_000_000 + Int64(now.tv_nsec) - Int64(st.st_ctim.tv_nsec)
+            guard age >= ForgottenHeaders.racyInterval else { return nil }
+            let xattrs = s.backingXattrs.flatMap { $0.count <= ForgottenHeaders.largestXattrSet ? $0 : nil }
+            return ForgottenHeaders.Entry(identity: identity, fingerprint: .init(st), header: s.header, verified: s.verified,
+                                          slotSafety: s.slotSafety, backingXattrs: xattrs, keyChanges: keyChanges)
         }
     }
 
@@ -384,16 +391,16 @@ public final class Volume: Sendable {
     /// lock, so the check made here under the same lock cannot race with a new reference.
     func dropIfUnused(_ node: Node) {
         guard node.id != Self.rootID else { return }
-        let (dropped, indexed) = table.withLock { t in
-            guard t.byID[node.id] === node, node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) else { return (false, false) }
+        let (dropped, reservation) = table.withLock { t -> (Bool, UInt64?) in
+            guard t.byID[node.id] === node, node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) else { return (false, nil) }
             t.byID[node.id] = nil
-            guard t.byInode[node.backingInode] === node else { return (true, false) }
+            // A node that lost its inode to another object's is not that inode's header.
+            guard t.byInode[node.backingInode] === node else { return (true, nil) }
             t.byInode[node.backingInode] = nil
-            return (true, true)
+            return (true, node.isDirectory || node.identity == nil ? nil : t.forgotten.reserve(node.backingInode))
         }
         if dropped && node.isDirectory { directories.remove(node.id) }
-        // A node that lost its inode to another object's is not that inode's header.
-        if indexed && !node.isDirectory { rememberForgotten(node) }
+        if let reservation { rememberForgotten(node, reservation: reservation) }
     }
 
     // MARK: lookup, forget, getattr
