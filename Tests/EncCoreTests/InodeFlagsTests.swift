@@ -165,4 +165,17 @@ import EncFormat
             #expect(try volume.getattr(again).accessTime == accessed)
         }
     }
+
+    /// The kernel may forget an inode before the last release of an open file: that release is
+    /// the last moment the atime can be written.
+    @Test func lazytimeWritesTheAtimeAtAReleaseAfterTheForget() throws {
+        try withFile(accessTimes: AccessTimeOptions(rule: .always, lazy: true)) { volume, file, backing in
+            let handle = try volume.open(file, flags: O_RDONLY)
+            let accessed = try volume.getattr(file).accessTime
+            volume.forget(file, count: 1)
+            try volume.release(handle: handle)
+            let (again, _) = try volume.lookup(parent: Volume.rootID, name: Array("f".utf8))
+            #expect(try volume.getattr(again).accessTime == accessed)
+        }
+    }
 }

@@ -251,7 +251,9 @@ extension Volume {
         // the kernel is told here rather than not at all.
         if untold { tellKernelOfAccess(node) }
         defer { dropIfUnused(node) }
-        defer { if !accessTimes.lazy { writeAccessTimeReporting(node) } }
+        // lazytime keeps the atime to the forget, but a node the kernel forgot while the file was
+        // open goes here: this is its last moment too.
+        defer { if !accessTimes.lazy || node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) { writeAccessTimeReporting(node) } }
         try node.state.withLock { state in
             state.opens -= 1
             defer {
