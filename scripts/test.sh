@@ -109,6 +109,11 @@ grep -av '^encfsd: ' "$LOGS/swift.log" | grep -avE '^◇ |^✔ (Suite |Test [^r]
 record "swift test" $status "$LOGS/swift.log"
 
 export ENCFSD="$PWD/.build/debug/encfsd"
+# The request-count tests read the kernel's fuse tracepoints; a fresh machine may not have
+# tracefs mounted yet.
+if [ "$(id -u)" -eq 0 ] && [ ! -d /sys/kernel/tracing/events ]; then
+    mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null || echo "test.sh: could not mount tracefs" >&2
+fi
 status=0
 python3 -m pytest -q -p no:cacheprovider Tests/mount "$@" 2>&1 | tee "$LOGS/pytest.log" || status=$?
 record pytest $status "$LOGS/pytest.log"
