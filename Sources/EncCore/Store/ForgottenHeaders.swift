@@ -14,9 +14,9 @@ import Glibc
 /// generation, so a number freed and reused never matches), whose stat is what the drop saw after
 /// the daemon's last change to it: ctime, mtime, size, links, mode, owner. A write to the backing
 /// file after that moves its ctime; one within the same clock tick as the drop's stat is not seen,
-/// and what is served then is still the daemon's own newest state, never an older one. Backings
-/// without file handles (network filesystems, whose numbers and ctimes are the server's) get no
-/// entries; a key added, removed or wiped since the drop makes an entry stale.
+/// and what is served then is still the daemon's own newest state, never an older one. FUSE
+/// backings (whose handles carry the server's node IDs, not the object) get no entries; a key
+/// added, removed or wiped since the drop makes an entry stale.
 ///
 /// Lives in the node table, under its lock: an entry exists only while no node of its inode is
 /// in the table. A drop reserves the inode while it still holds the table lock (`reserve`), and

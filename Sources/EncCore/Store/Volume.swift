@@ -199,7 +199,8 @@ public final class Volume: Sendable {
         let dirFD = try directoryFD(dir)
         let st = try Self.statEntry(dirFD.descriptor, backingName)
         let location = Location(parent: dir, name: backingName)
-        // The entry's identity is needed only to confirm a node already known for its inode.
+        // The entry's identity is needed only to confirm a node, or a forgotten header, already
+        // known for its inode.
         let (known, forgotten) = table.withLock { ($0.byInode[UInt64(st.st_ino)], $0.forgotten.contains(UInt64(st.st_ino))) }
         let found = known?.identity == nil && !forgotten ? nil : dirFD.descriptor.identity(ofEntry: backingName)
         let cached: Node? = known == nil ? (forgotten ? remembered(stat: st, identity: found, location: location) : nil) : table.withLock { t in
