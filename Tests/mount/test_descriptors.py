@@ -102,6 +102,8 @@ def test_exhausted_budget_fails_only_new_opens(limited):
                 break
         assert refused is not None, "the daemon never ran out of descriptors"
         assert refused.errno in (errno.EMFILE, errno.ENFILE), refused
+        # Refused before its entry was made: no name is left behind.
+        assert not p.exists() and p.name not in os.listdir(v.mnt)
         # Everything that needs no new backing descriptor keeps working.
         assert "kept-open" in os.listdir(v.mnt)
         assert os.stat(first).st_size == 5

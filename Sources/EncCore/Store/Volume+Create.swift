@@ -217,10 +217,19 @@ extension Volume {
     }
 
     private func createResolved(parent: UInt64, name: [UInt8], mode: UInt32, caller: Caller) throws -> (UInt64, Attributes, UInt64) {
-        let (node, fd, st) = try createFile(try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller))
+        let entry = try prepare(parent: parent, name: name, type: .regular, mode: mode, caller: caller)
+        // O_CREAT|O_EXCL that fails must leave no name behind. So the open's place in the budget
+        // is taken before the entry exists, as the kernel takes the descriptor number first, and
+        // the open uses the key the create held: a key removed in between is fscrypt's soft
+        // removal, which lets an operation already under way finish.
+        try openFiles.acquire()
+        var budgetHeld = true
+        defer { if budgetHeld { openFiles.release() } }
+        let (node, fd, st) = try createFile(entry)
         let (id, attributes) = try entered(node, parent: parent, name: name, stat: st)
+        budgetHeld = false // the open takes it over
         do {
-            return (id, attributes, try open(id, truncate: false, descriptor: fd))
+            return (id, attributes, try open(id, truncate: false, descriptor: fd, created: entry.key))
         } catch {
             release(node) // the kernel never hears of the entry
             throw error

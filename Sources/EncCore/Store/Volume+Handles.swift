@@ -112,7 +112,13 @@ extension Volume {
         attributesMoved.withLock { $0 }?.notify(node.id)
     }
 
-    func open(_ id: UInt64, truncate: Bool, descriptor: SharedDescriptor?, dropSetID: Bool = false) throws -> UInt64 {
+    /// - Parameters:
+    ///   - created: the key and budget place a create took before its entry existed; the open
+    ///     uses them and gives the place back if the file is open already or the open fails.
+    func open(_ id: UInt64, truncate: Bool, descriptor: SharedDescriptor?, dropSetID: Bool = false,
+              created: MasterKey? = nil) throws -> UInt64 {
+        var budgetTaken = created != nil
+        defer { if budgetTaken { openFiles.release() } }
         let node = try node(id)
         switch node.type {
         case .regular: break
@@ -123,12 +129,12 @@ extension Volume {
         if node.state.withLock({ $0.file == nil }) { try convertForRekey(node) }
         // A file that is already open can be opened again even after its key was removed: it
         // holds the key itself (fscrypt's soft removal). Anything else needs the key present.
-        let key = try key(for: node, .contents).key
+        let key = try created ?? key(for: node, .contents).key
         let headerKey = truncate && dropSetID ? try self.key(for: node, .header).key : nil
         let file = try node.state.withLock { state -> ExtentFile in
             if state.file == nil {
                 // The open file's descriptor is the object's only long-lived one (see Node).
-                try openFiles.acquire()
+                if budgetTaken { budgetTaken = false } else { try openFiles.acquire() }
                 do {
                     let fd = try descriptor ?? SharedDescriptor(reopen(node, locations: state.locations, .readWrite))
                     state.file = extentFile(fd, key: key, header: state.header)
