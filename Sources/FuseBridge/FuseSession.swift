@@ -474,7 +474,8 @@ enum KernelReadAhead {
         for line in table.split(separator: "\n") {
             let halves = line.split(separator: " - ", maxSplits: 1)
             let fields = halves[0].split(separator: " ")
-            guard halves.count == 2, fields.count >= 5, halves[1].hasPrefix("fuse"),
+            // "fuse" or "fuse.<subtype>": a fuseblk mount's numbers are its block device's.
+            guard halves.count == 2, fields.count >= 5, halves[1].hasPrefix("fuse ") || halves[1].hasPrefix("fuse."),
                   unescaped(fields[4]) == mountpoint else { continue }
             found = String(fields[2])
         }
@@ -776,7 +777,7 @@ private func opInit(_ userdata: UnsafeMutableRawPointer?, _ conn: UnsafeMutableP
     let options = Unmanaged<BridgeContext>.fromOpaque(userdata).takeUnretainedValue().options
     // 1 MiB requests: fewer round trips per streamed MiB, and whole extents per write.
     conn.pointee.max_write = 1 << 20
-    conn.pointee.max_readahead = UInt32(max(1 << 20, options.readAheadKiB << 10))
+    conn.pointee.max_readahead = 1 << 20
     // Let the kernel send O_TRUNC with open, so truncate-on-open is one request.
     if conn.pointee.capable & UInt32(FUSE_CAP_ATOMIC_O_TRUNC) != 0 {
         conn.pointee.want |= UInt32(FUSE_CAP_ATOMIC_O_TRUNC)

@@ -26,6 +26,12 @@ enum ExtentFanOut {
     /// `forEach` for work that can fail: every range still runs, and the first error (by range
     /// order) is rethrown once all are done.
     static func forEach(_ count: Int, extentSize: Int, _ body: (Range<Int>) throws -> Void) throws {
+        // Most reads are not spread: no lock to collect errors for them (one per 4 KiB read).
+        guard count > 0 else { return }
+        guard count * extentSize >= smallestSpreadBytes, ForkJoin.shared.helpers > 0 else {
+            try body(0..<count)
+            return
+        }
         let failures = Lock<[(start: Int, error: any Error)]>([])
         forEach(count, extentSize: extentSize) { range in
             do {

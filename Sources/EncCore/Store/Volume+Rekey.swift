@@ -76,6 +76,9 @@ extension Volume {
         // No operation may have resolved a name in the tree before it was registered and act on
         // it after: each one from now on converts its directory first (`key(for:.newNames)`).
         try nameResolution.withExclusive {
+            // Checked again alone: two starts of the same tree must not both register it.
+            guard dir.state.withLock({ $0.header.previousPolicy == nil }), rekeys.successor(of: header.policy) == nil,
+                  rekeys.tree(involving: newPolicy).map({ $0.progress.finished }) ?? true else { throw StoreError.busy }
             try rekeys.changeConfig(storeFD: storeFD.descriptor) { config, trees, finished in
                 config.version = max(config.version, 2)
                 config.rekeys = (config.rekeys ?? []) + [record]

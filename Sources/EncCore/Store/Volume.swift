@@ -434,6 +434,12 @@ public final class Volume: Sendable {
     /// Looks up an entry a directory listing returned (readdirplus): the same as `lookup` by its
     /// name, without encrypting the name again.
     public func lookup(parent: UInt64, listed entry: DirectoryEntry) throws -> (UInt64, Attributes) {
+        // A listed name is resolved too (it was read before): a move between the listing and
+        // the open would leave the node located under the old form only.
+        try resolvingNames { try lookupResolved(parent: parent, listed: entry) }
+    }
+
+    private func lookupResolved(parent: UInt64, listed entry: DirectoryEntry) throws -> (UInt64, Attributes) {
         guard let backingName = entry.backingName else { throw StoreError.invalidArgument }
         let dir = try node(parent)
         // The listing was made when the handle was opened; if a key came or went since, its
