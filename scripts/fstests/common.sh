@@ -79,6 +79,8 @@ _cleanup() {
     for _ in $(seq 50); do [ -z "$(_daemon_pids)" ] && break; sleep 0.1; done
     [ -n "$(_daemon_pids)" ] && kill -9 $(_daemon_pids) 2>/dev/null
     _purge_keyring
+    # run.sh shows a failed test's daemon log: the reason behind an EIO is only there.
+    [ -n "${FSTESTS_DAEMON_LOG:-}" ] && cp "$SCRATCH_BASE/daemon.log" "$FSTESTS_DAEMON_LOG" 2>/dev/null
     rm -rf "$SCRATCH_BASE"
 }
 trap _cleanup EXIT

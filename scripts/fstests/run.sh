@@ -11,7 +11,7 @@ passed=0 failed=0 failures=()
 for name in "${names[@]}"; do
     start=$(date +%s)
     actual=$(mktemp)
-    bash "tests/$name.sh" > "$actual" 2>&1
+    FSTESTS_DAEMON_LOG=$actual.daemon bash "tests/$name.sh" > "$actual" 2>&1
     status=$?
     if [ $status -eq 0 ] && diff -u "tests/$name.out" "$actual" > "$actual.diff"; then
         echo "fstests/$name: ok ($(( $(date +%s) - start )) s)"
@@ -19,10 +19,14 @@ for name in "${names[@]}"; do
     else
         echo "fstests/$name: FAILED (exit $status)"
         sed 's/^/    /' "$actual.diff" | head -40
+        if [ -s "$actual.daemon" ]; then
+            echo "    daemon log, last lines:"
+            tail -n 15 "$actual.daemon" | sed 's/^/    | /'
+        fi
         failed=$((failed + 1))
         failures+=("$name")
     fi
-    rm -f "$actual" "$actual.diff"
+    rm -f "$actual" "$actual.diff" "$actual.daemon"
 done
 echo "fstests: ${failures[*]:-no failures}"
 echo "$passed passed, $failed failed"

@@ -40,6 +40,10 @@ struct NodeState {
     var accessedAt: UInt64?
     /// Atime writes begun (`Volume.writeAccessTime`): a stat taken while one ran is taken again.
     var accessTimeWrites: UInt64 = 0
+    /// Binding digests of names operations are entering this object by now (a rename, link or
+    /// rekey move between binding and backing change, `Volume.entering`), with how many: the
+    /// stale-binding timer leaves those alone.
+    var bindingsBeingEntered: [[UInt8]: Int] = [:]
 
     /// Most names remembered per object: enough to survive the unlink of some hard links; a node
     /// with more names finds the others again at their next lookup.

@@ -301,17 +301,17 @@ extension Volume {
         try checkSamePolicy(object, directoryPolicy: dirHeader)
         let name = try resolveName(newName, in: dir, key: dirKey, header: dirHeader)
         let binding = Self.binding(parentID: dirHeader.objectID, name: name)
-        try addBinding(binding, to: object)
+        let location = Location(parent: dir, name: name.backingName)
         do {
-            let dirFD = try changingDirectoryFD(dir)
-            try withObjectFD(object, .path) { fd in
-                try fd.linkAt(toDir: dirFD.descriptor, name.backingName)
+            try entering(object, by: binding) {
+                let dirFD = try changingDirectoryFD(dir)
+                try withObjectFD(object, .path) { fd in
+                    try fd.linkAt(toDir: dirFD.descriptor, name.backingName)
+                }
+                object.state.withLock { $0.addLocation(location) }
             }
-            object.state.withLock { $0.addLocation(Location(parent: dir, name: name.backingName)) }
-        } catch {
-            try? removeBinding(binding.digest, from: object)
-            if case StoreError.system(EEXIST) = error { throw StoreError.exists }
-            throw error
+        } catch StoreError.system(EEXIST) {
+            throw StoreError.exists
         }
         retain(object)
         return try entered(object, parent: newParent, name: newName)
@@ -349,31 +349,50 @@ extension Volume {
 
     // MARK: bindings
 
-    func addBinding(_ binding: Binding, to node: Node) throws {
-        let key = try key(for: node, .header).key
+    /// Runs `enter`, which makes a name lead to `node`, after `binding` for that name is in
+    /// the node's header, durably. While `enter` runs the stale-binding timer leaves the binding
+    /// alone: an earlier move off the same name may have queued it, and dropping it once the
+    /// name leads here again would make the object EIO. If `enter` fails, a binding this call
+    /// added is queued as stale (never removed here: another operation may be entering by it).
+    /// `enter` records the new location itself, before this returns.
+    func entering<T>(_ node: Node, by binding: Binding, _ enter: () throws -> T) throws -> T {
+        node.state.withLock { $0.bindingsBeingEntered[binding.digest, default: 0] += 1 }
+        defer {
+            node.state.withLock { s in
+                let left = s.bindingsBeingEntered[binding.digest, default: 1] - 1
+                s.bindingsBeingEntered[binding.digest] = left > 0 ? left : nil
+            }
+        }
+        let added = try addBinding(binding, to: node)
         do {
-            try appendBinding(binding, to: node, key: key)
-        } catch StoreError.tooManyLinks {
-            // The header may be full of bindings that wait to be dropped: drop them now.
-            dropStaleBindings()
-            try appendBinding(binding, to: node, key: key)
+            return try enter()
+        } catch {
+            if added { bindingWentStale(binding.digest, of: node) }
+            throw error
         }
     }
 
-    private func appendBinding(_ binding: Binding, to node: Node, key: MasterKey) throws {
+    /// Whether the binding was added (false: the header had it already).
+    private func addBinding(_ binding: Binding, to node: Node) throws -> Bool {
+        let key = try key(for: node, .header).key
+        do {
+            return try appendBinding(binding, to: node, key: key)
+        } catch StoreError.tooManyLinks {
+            // The header may be full of bindings that wait to be dropped: drop them now.
+            dropStaleBindings()
+            return try appendBinding(binding, to: node, key: key)
+        }
+    }
+
+    private func appendBinding(_ binding: Binding, to node: Node, key: MasterKey) throws -> Bool {
+        var added = false
         try mutateHeader(node, key: key, sync: true) { header in
             guard !header.bindings.contains(binding) else { return }
             guard header.fits(extraBytes: ObjectHeader.bindingBytes(binding)) else { throw StoreError.tooManyLinks }
             header.bindings.append(binding)
+            added = true
         }
-    }
-
-    /// Removing a stale name needs no fsync: a leftover binding only keeps an old name valid.
-    func removeBinding(_ digest: [UInt8], from node: Node) throws {
-        let key = try key(for: node, .header).key
-        try mutateHeader(node, key: key, sync: false) { header in
-            header.bindings.removeAll { $0.digest == digest }
-        }
+        return added
     }
 
     /// Rewrites the header after `change`, keeping the backing modification time: metadata

@@ -443,25 +443,25 @@ extension Volume {
         }
         let newName = try NameCodec.encrypt(plain, directoryID: header.objectID, key: newKey)
         let newBinding = Self.binding(parentID: header.objectID, name: newName)
-        try addBinding(newBinding, to: child)
         let dirFD = try changingDirectoryFD(dir)
+        let from = Location(parent: dir, name: backingName)
         do {
-            // Under the namespace lock: without RENAME_NOREPLACE (bindfs, sshfs, GlusterFS) the
-            // rename is a check and a plain rename, which no other namespace change may split.
-            try changingNamespace {
-                // Still the same object under the name (it is the one just bound to the new name).
-                guard try Self.statEntry(dirFD.descriptor, backingName).st_ino == child.backingInode else { throw StoreError.busy }
-                try dirFD.descriptor.renameNoReplace(backingName, dirFD.descriptor, newName.backingName, native: capabilities.has(.renameNoReplace))
+            try entering(child, by: newBinding) {
+                // Under the namespace lock: without RENAME_NOREPLACE (bindfs, sshfs, GlusterFS) the
+                // rename is a check and a plain rename, which no other namespace change may split.
+                try changingNamespace {
+                    // Still the same object under the name (it is the one just bound to the new name).
+                    guard try Self.statEntry(dirFD.descriptor, backingName).st_ino == child.backingInode else { throw StoreError.busy }
+                    try dirFD.descriptor.renameNoReplace(backingName, dirFD.descriptor, newName.backingName, native: capabilities.has(.renameNoReplace))
+                }
+                moved = true
+                FaultPoints.reach(.rekeyNameMoved)
+                child.state.withLock { $0.removeLocation(from); $0.addLocation(Location(parent: dir, name: newName.backingName)) }
             }
         } catch {
-            try? removeBinding(newBinding.digest, from: child)
             Diagnostics.report("rekey: cannot move a name: \(error)")
             return false
         }
-        moved = true
-        FaultPoints.reach(.rekeyNameMoved)
-        let from = Location(parent: dir, name: backingName)
-        child.state.withLock { $0.removeLocation(from); $0.addLocation(Location(parent: dir, name: newName.backingName)) }
         bindingWentStale(digest, of: child)
         return true
     }

@@ -75,10 +75,10 @@ extension Volume {
 
         let newBinding = Self.binding(parentID: toHeader.objectID, name: toName)
         let oldBinding = Self.binding(parentID: fromHeader.objectID, name: fromName)
-        try addBinding(newBinding, to: source)
-        if let target { try addBinding(oldBinding, to: target) }
-        FaultPoints.reach(.renameBindingAdded)
-        do {
+        let from = Location(parent: fromDir, name: fromName.backingName)
+        let to = Location(parent: toDir, name: toName.backingName)
+        func move() throws {
+            FaultPoints.reach(.renameBindingAdded)
             switch mode {
             case .replace:
                 try fromFD.descriptor.renameAt(fromName.backingName, toFD.descriptor, toName.backingName)
@@ -93,22 +93,23 @@ extension Volume {
                                             temporary: ExchangeRecord.newTemporaryName())
                 try record.perform(journalFD: journalFD.descriptor, firstFD: fromFD.descriptor, secondFD: toFD.descriptor)
             }
-        } catch {
-            try? removeBinding(newBinding.digest, from: source)
-            if let target { try? removeBinding(oldBinding.digest, from: target) }
-            if case StoreError.system(EEXIST) = error { throw StoreError.exists }
-            throw error
+            FaultPoints.reach(.renameDone)
+            // The new locations are in place before `entering` lets the timer at the bindings.
+            if let target {
+                target.state.withLock { $0.removeLocation(to); $0.addLocation(from) }
+            } else if let replaced {
+                forgetLocation(to, inode: replaced)
+            }
+            source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         }
-        FaultPoints.reach(.renameDone)
-        let from = Location(parent: fromDir, name: fromName.backingName)
-        let to = Location(parent: toDir, name: toName.backingName)
-        if let target {
-            target.state.withLock { $0.removeLocation(to); $0.addLocation(from) }
-        } else if let replaced {
-            forgetLocation(to, inode: replaced)
+        do {
+            try entering(source, by: newBinding) {
+                if let target { try entering(target, by: oldBinding, move) } else { try move() }
+            }
+        } catch StoreError.system(EEXIST) {
+            throw StoreError.exists
         }
         if let replacedLastName { dropSideObject(ofUnlinked: replacedLastName.inode, header: replacedLastName.header, directoryFD: toFD.descriptor) }
-        source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         bindingWentStale(oldBinding.digest, of: source)
         if let target { bindingWentStale(newBinding.digest, of: target) }
         try syncIfDirectorySync(fromDir)

@@ -5,7 +5,10 @@ import EncFormat
 import Glibc
 #endif
 
-/// A name binding an object keeps after a rename or unlink moved it off that name.
+/// A name binding an object keeps after a rename or unlink moved it off that name. It holds a
+/// reference to the node (a lookup, released once the binding is dealt with): a node dropped
+/// meanwhile would have the binding's header write go through a copy of the header that is no
+/// longer the inode's only one, under a newer node read from the disk.
 struct StaleBinding {
     let node: Node
     let digest: [UInt8]
@@ -19,6 +22,7 @@ struct StaleBinding {
 /// before it durable. A leftover binding meanwhile only keeps an old name valid for that object.
 extension Volume {
     func bindingWentStale(_ digest: [UInt8], of node: Node) {
+        retain(node)
         staleBindings.withLock { $0.append(StaleBinding(node: node, digest: digest)) }
     }
 
@@ -42,9 +46,13 @@ extension Volume {
             staleBindings.withLock { $0.insert(contentsOf: pending, at: 0) }
             return
         }
-        for stale in pending where !currentBindingDigests(of: stale.node).contains(stale.digest) {
+        var retry: [StaleBinding] = []
+        for stale in pending {
             do {
-                try removeBinding(stale.digest, from: stale.node)
+                if try !drop(stale) {
+                    retry.append(stale)
+                    continue
+                }
             } catch StoreError.noKey {
                 // Without the key the header cannot be resealed; the binding stays, harmlessly.
             } catch StoreError.notFound {
@@ -52,13 +60,32 @@ extension Volume {
             } catch {
                 Diagnostics.report("could not drop a stale name binding of object \(stale.node.id): \(error)")
             }
+            release(stale.node)
         }
+        if !retry.isEmpty { staleBindings.withLock { $0.append(contentsOf: retry) } }
     }
 
-    /// The digests of the names an object is entered by now.
-    private func currentBindingDigests(of node: Node) -> [[UInt8]] {
-        node.state.withLock { $0.locations }.map { location in
+    /// Drops one stale binding unless the object is entered by that name again. The check and
+    /// the header write are one hold of the node's lock, so a rename back to the name either
+    /// finds the binding gone and writes it again, or is seen entering (`Volume.entering`).
+    /// False: not decided this round (an operation is entering by the name, or the node's names
+    /// changed while their digests were computed).
+    private func drop(_ stale: StaleBinding) throws -> Bool {
+        let node = stale.node
+        let locations = node.state.withLock { $0.locations }
+        // The parents' object IDs, read outside the node's lock: a child's lock is never held
+        // while a parent's is taken.
+        let current = locations.map { location in
             Binding.digest(parentID: location.parent.state.withLock { $0.header.objectID }, backingName: location.name)
+        }
+        guard !current.contains(stale.digest) else { return true }
+        let key = try key(for: node, .header).key
+        return try node.state.withLock { state in
+            guard state.bindingsBeingEntered[stale.digest] == nil, state.locations == locations else { return false }
+            try mutateHeaderLocked(node, &state, key: key, sync: false) { header in
+                header.bindings.removeAll { $0.digest == stale.digest }
+            }
+            return true
         }
     }
 }

@@ -1,0 +1,94 @@
+import Foundation
+import Synchronization
+import Testing
+@testable import EncCore
+@testable import EncKeys
+
+/// Namespace operations racing what runs beside them on a mount: a key removed and added again
+/// (`key remove`), and the stale-binding timer. fstests/621 found both.
+@Suite struct NamespaceRaceTests {
+    static let key = try! MasterKey(raw: (1...64).map { UInt8($0 &* 3) })
+    let caller = Caller(uid: 0, gid: 0)
+    let base = FileManager.default.temporaryDirectory.path + "/encfsd-create-race-\(UUID().uuidString)"
+
+    /// A new store under `key`, its root unlocked.
+    func freshVolume() throws -> (store: String, keys: KeyTable, volume: Volume) {
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        let store = base + "/store"
+        try StoreCreation.create(at: store, key: Self.key, extentSize: 4096, owner: caller)
+        let keys = KeyTable()
+        _ = try keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+        return (store, keys, try Volume(storePath: store, keys: keys))
+    }
+
+    /// A create that fails leaves no name: open(O_CREAT|O_EXCL) reporting ENOKEY while its file
+    /// stayed made every later create of the name fail with EEXIST.
+    @Test func aCreateFailingForAKeyRemovedMeanwhileLeavesNoName() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (store, keys, volume) = try freshVolume()
+        let entries = { try FileManager.default.contentsOfDirectory(atPath: store).count }
+        let empty = try entries()
+        let name = Array("new".utf8)
+
+        let stop = Atomic<Bool>(false)
+        let toggler = Thread {
+            while !stop.load(ordering: .relaxed) {
+                _ = try? keys.remove(Self.key.identifier, uid: 0, allUsers: false)
+                usleep(300)
+                _ = try? keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+                usleep(300)
+            }
+        }
+        toggler.start()
+        defer { stop.store(true, ordering: .relaxed) }
+
+        var created = 0, refused = 0
+        let deadline = Date().addingTimeInterval(2)
+        while Date() < deadline {
+            do {
+                let (_, _, handle) = try volume.create(parent: Volume.rootID, name: name, mode: 0o644, caller: caller)
+                created += 1
+                try volume.release(handle: handle)
+                while (try? volume.unlink(parent: Volume.rootID, name: name)) == nil { usleep(100) }
+            } catch {
+                refused += 1
+                #expect(try entries() == empty, "a create that failed (\(error)) left its entry")
+                if try entries() != empty { break }
+            }
+        }
+        stop.store(true, ordering: .relaxed)
+        while !toggler.isFinished { usleep(1000) }
+        #expect(created > 0 && refused > 0, "created \(created), refused \(refused)")
+        _ = try? keys.add(Self.key, claim: .init(uid: 0, serial: 0))
+        volume.closeCleanly()
+    }
+
+    /// A rename back onto a name the object was moved off finds the name's binding still in the
+    /// header, queued as stale: the timer dropping it meanwhile left the object EIO by that name.
+    @Test func aRenameBackToANameKeepsItsBindingFromTheTimer() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (_, _, volume) = try freshVolume()
+        let (src, new) = (Array("src".utf8), Array("new".utf8))
+        let (_, _, handle) = try volume.create(parent: Volume.rootID, name: src, mode: 0o644, caller: caller)
+        try volume.release(handle: handle)
+
+        let stop = Atomic<Bool>(false)
+        let timer = Thread {
+            while !stop.load(ordering: .relaxed) { volume.dropStaleBindings() }
+        }
+        timer.start()
+        defer { stop.store(true, ordering: .relaxed) }
+        var failures: [String] = []
+        for round in 0..<3000 where failures.isEmpty {
+            let (from, to) = round % 2 == 0 ? (src, new) : (new, src)
+            try volume.rename(parent: Volume.rootID, name: from, newParent: Volume.rootID, newName: to, mode: .noReplace)
+            do { _ = try volume.lookup(parent: Volume.rootID, name: to) } catch {
+                failures.append("round \(round): \(error)")
+            }
+        }
+        stop.store(true, ordering: .relaxed)
+        while !timer.isFinished { usleep(1000) }
+        #expect(failures.isEmpty, "\(failures)")
+        volume.closeCleanly()
+    }
+}
