@@ -226,7 +226,7 @@ final class ExtentFile: @unchecked Sendable {
     }
 
     /// Largest size of this file (`SizeLimit`), found on the first growth that needs it.
-    lazy var maximumSize = SizeLimit.maximumSize(geometry, directory: object.journal.descriptor)
+    lazy var maximumSize = SizeLimit.maximumSize(geometry, device: object.storeRoot?.device, directory: object.journal.descriptor)
 
     /// Grows (new extents are holes) or shrinks the file. The extent that becomes or stops
     /// being the partial last one is loaded, because its stored length changes with the size.
@@ -276,19 +276,28 @@ final class ExtentFile: @unchecked Sendable {
     var bufferedBytes: Int { changes.bufferedBytes(extentSize: geometry.extentSize) }
     // MARK: committing
 
-    /// Commits everything buffered as one `FlushTransaction`, and returns what the new header
-    /// leaves of the slot rules (nil when nothing was written).
-    ///
-    /// - Parameter durable: also make the result durable (fsync/fdatasync); otherwise it is
-    ///   consistent but may be lost to a power loss.
-    @discardableResult
-    func commit(header: inout ObjectHeader, durable: Bool = false) throws -> HeaderSafety? {
-        // Readers decrypting committed extents outside the node lock finish first, and none start
-        // until the extents and the size they were read against are consistent again.
-        try ioLock.withExclusive { try commitExclusive(header: &header, durable: durable) }
+    /// What a commit makes durable before it returns.
+    enum Durability {
+        /// Consistent, but a power loss may take it back to the header before.
+        case consistent
+        /// Data and size (fdatasync(2) semantics).
+        case data
+        /// Data, size and timestamps (fsync(2)): one fsync after the modification time is put
+        /// back, in place of the transaction's own fdatasync and a second sync for the times.
+        case all
     }
 
-    private func commitExclusive(header: inout ObjectHeader, durable: Bool) throws -> HeaderSafety? {
+    /// Commits everything buffered as one `FlushTransaction`, and returns what the new header
+    /// leaves of the slot rules (nil when nothing was written).
+    @discardableResult
+    func commit(header: inout ObjectHeader, durability: Durability = .consistent) throws -> HeaderSafety? {
+        // Readers decrypting committed extents outside the node lock finish first, and none start
+        // until the extents and the size they were read against are consistent again.
+        try ioLock.withExclusive { try commitExclusive(header: &header, durability: durability) }
+    }
+
+    private func commitExclusive(header: inout ObjectHeader, durability: Durability) throws -> HeaderSafety? {
+        let durable = durability != .consistent
         var recovered = false
         // A transaction that failed after its pending flag reached the disk is finished first:
         // its journal is complete, and nothing may be written on top of a pending header.
@@ -297,15 +306,19 @@ final class ExtentFile: @unchecked Sendable {
             recovered = true
         }
         guard hasUncommittedChanges else {
-            if durable { try backing.descriptor.fdatasync() }
+            switch durability {
+            case .consistent: break
+            case .data: try backing.descriptor.fdatasync()
+            case .all: try backing.descriptor.fsync()
+            }
             return recovered || durable ? .durable : nil
         }
-        let transaction = try prepareTransaction(committed: header, durable: durable)
+        let transaction = try prepareTransaction(committed: header, durable: durability == .data)
         // A shadow this file wrote is removed at its last close; a name the journal could not
         // write through (a planted link, say) is not this file's to remove.
         let journaled = transaction.overwrites && !TestHooks.journalingDisabled
         let final: ObjectHeader
-        let safety: HeaderSafety
+        var safety: HeaderSafety
         do {
             (final, safety) = try transaction.run()
             if journaled { usedJournal = true }
@@ -333,6 +346,10 @@ final class ExtentFile: @unchecked Sendable {
             self.modifiedAt = nil
         }
         metadataChanged = false
+        if durability == .all {
+            try backing.descriptor.fsync()
+            safety = .durable
+        }
         return safety
     }
 

@@ -23,17 +23,19 @@ enum SizeLimit {
     static let largestBacking = ExtentGeometry(extentSize: ExtentGeometry.allowedExtentSizes.lowerBound).backingLength(size: format)
 
     /// Largest size for a file of `geometry` in the filesystem of `directory` (any descriptor of
-    /// a directory in the store's filesystem: the probe makes an unnamed file there).
-    static func maximumSize(_ geometry: ExtentGeometry, directory: borrowing FileDescriptor) -> UInt64 {
-        min(format, geometry.largestSize(backingLength: backingLimit(directory: directory)))
+    /// a directory in the store's filesystem: the probe makes an unnamed file there). `device`:
+    /// that filesystem's, when the caller knows it (the store root's), which saves an `fstat`
+    /// per file opened for writing.
+    static func maximumSize(_ geometry: ExtentGeometry, device: UInt64?, directory: borrowing FileDescriptor) -> UInt64 {
+        min(format, geometry.largestSize(backingLength: backingLimit(device: device, directory: directory)))
     }
 
     /// Probed filesystem limits, by device: probed once per filesystem, not per file.
     private static let probed = Lock<[UInt64: Int64]>([:])
 
     /// The largest backing file the filesystem holds (capped at `largestBacking`).
-    static func backingLimit(directory: borrowing FileDescriptor) -> Int64 {
-        guard let device = (try? directory.fstat()).map({ UInt64($0.st_dev) }) else { return largestBacking }
+    static func backingLimit(device known: UInt64? = nil, directory: borrowing FileDescriptor) -> Int64 {
+        guard let device = known ?? (try? directory.fstat()).map({ UInt64($0.st_dev) }) else { return largestBacking }
         if let known = probed.withLock({ $0[device] }) { return known }
         guard let limit = directory.probeLargestFile(upTo: largestBacking) else { return largestBacking }
         probed.withLock { $0[device] = limit }

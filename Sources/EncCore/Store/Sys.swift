@@ -5,6 +5,7 @@ import EncFormat
 import Glibc
 #endif
 import CLinux
+import Synchronization
 
 /// A backing descriptor: a value with one owner, closed by its `deinit` when that owner lets go.
 ///
@@ -101,6 +102,12 @@ public enum Sys {
     /// timespec values that tell futimens to leave a time alone, or set it to now.
     public static let omitTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2)
     public static let nowTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 1)
+
+    /// Whether a time left alone must be passed as its current value (`resolvingOmitted`), at an
+    /// `fstat` per call: set once any volume of the process is on a FUSE backing, whose server may
+    /// misread UTIME_OMIT (the kernel's own filesystems never see it: the VFS drops the field).
+    /// Resolving where it is not needed only costs the `fstat`.
+    static let omittedTimesNeedResolving = Atomic<Bool>(false)
 
     /// open(2)'s O_NOATIME.
     public static let noAccessTimeFlag = encfsd_O_NOATIME
@@ -338,7 +345,9 @@ extension FileDescriptor {
     /// an omitted time to mean "now", which made every chmod look like a content change.
     private func resolvingOmitted(_ times: (timespec, timespec)) throws -> [timespec] {
         let omitted = { (t: timespec) in t.tv_nsec == Sys.omitTime.tv_nsec }
-        guard omitted(times.0) || omitted(times.1) else { return [times.0, times.1] }
+        guard omitted(times.0) || omitted(times.1), Sys.omittedTimesNeedResolving.load(ordering: .relaxed) else {
+            return [times.0, times.1]
+        }
         let st = try fstat()
         return [omitted(times.0) ? st.st_atim : times.0, omitted(times.1) ? st.st_mtim : times.1]
     }

@@ -49,7 +49,7 @@ extension Volume {
                 try commit(file, &state)
             case .punchHole:
                 let dropped = try file.punchHole(offset: offset, length: length)
-                try commit(file, &state, durable: !dropped.isEmpty)
+                try commit(file, &state, durability: dropped.isEmpty ? .consistent : .data)
                 try deallocate(dropped, of: file, holes: state.header.holes)
             case .zeroRange(let keepSize):
                 // ext4 keeps the range allocated (unwritten extents): the backing space stays.

@@ -53,8 +53,8 @@ extension Volume {
         return (node, file)
     }
 
-    func commit(_ file: ExtentFile, _ state: inout NodeState, durable: Bool = false) throws {
-        let safety = try file.commit(header: &state.header, durable: durable)
+    func commit(_ file: ExtentFile, _ state: inout NodeState, durability: ExtentFile.Durability = .consistent) throws {
+        let safety = try file.commit(header: &state.header, durability: durability)
         state.slotSafety.record(safety, sequence: state.header.sequence)
     }
 
@@ -217,7 +217,7 @@ extension Volume {
             if dropSetID { state.header.mode = Self.modeDroppingSetID(state.header.mode) }
             // FS_SYNC_FL: every write is durable before its reply, as with O_SYNC.
             if state.header.inodeFlags.contains(.sync) {
-                try commit(current, &state, durable: true)
+                try commit(current, &state, durability: .data)
             } else if current.needsCommitForMemory {
                 try commit(current, &state)
             }
@@ -241,8 +241,7 @@ extension Volume {
     public func fsync(handle: UInt64, dataOnly: Bool) throws {
         let node = try fileNode(handle: handle)
         try withOpenFile(node) { state, file in
-            try commit(file, &state, durable: true)
-            if !dataOnly { try file.backing.descriptor.fsync() }
+            try commit(file, &state, durability: dataOnly ? .data : .all)
         }
     }
 

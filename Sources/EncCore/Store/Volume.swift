@@ -113,6 +113,7 @@ public final class Volume: Sendable {
         // Everything above only reads: a store refused there is left as it was.
         journalFD = SharedDescriptor(try Self.openJournal(storeFD: fd.descriptor))
         self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.descriptor)
+        if self.capabilities.filesystemType.hasPrefix("fuse") { Sys.omittedTimesNeedResolving.store(true, ordering: .relaxed) }
         // An exchange done as three renames and interrupted completes before anything looks up
         // either name (on any backing: the store may have moved here from one without exchange).
         try ExchangeRecord.recoverAll(journalFD: journalFD.descriptor, storeFD: fd.descriptor)
