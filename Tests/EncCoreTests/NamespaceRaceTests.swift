@@ -91,4 +91,24 @@ import Testing
         #expect(failures.isEmpty, "\(failures)")
         volume.closeCleanly()
     }
+
+    /// The timer's drop of a stale binding is the store's own bookkeeping: the renamed file's
+    /// ctime, atime and mtime are what the rename left, not the moment of the drop.
+    @Test func droppingAStaleBindingLeavesTheTimesAlone() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (_, _, volume) = try freshVolume()
+        let (_, _, handle) = try volume.create(parent: Volume.rootID, name: Array("a".utf8), mode: 0o644, caller: caller)
+        try volume.release(handle: handle)
+        try volume.rename(parent: Volume.rootID, name: Array("a".utf8), newParent: Volume.rootID, newName: Array("b".utf8), mode: .replace)
+        let (file, before) = try volume.lookup(parent: Volume.rootID, name: Array("b".utf8))
+        usleep(20_000)
+        volume.dropStaleBindings()
+        let after = try volume.getattr(file)
+        #expect(after.changeTime == before.changeTime)
+        #expect(after.accessTime == before.accessTime)
+        #expect(after.modificationTime == before.modificationTime)
+        // The header was rewritten (the old name's binding is gone), under the kept times.
+        #expect(try volume.node(file).state.withLock { $0.header.bindings.count } == 1)
+        volume.closeCleanly()
+    }
 }

@@ -402,7 +402,10 @@ extension Volume {
     }
 
     /// `mutateHeader` for a caller already holding the node's lock.
-    func mutateHeaderLocked(_ node: Node, _ state: inout NodeState, key: MasterKey, sync: Bool,
+    /// - Parameter unseen: the change is the store's own bookkeeping, which no caller asked for
+    ///   (a stale binding dropped): the plaintext ctime stays where it was, as an atime write
+    ///   leaves it (`writeAccessTime`), instead of moving a second after the rename that caused it.
+    func mutateHeaderLocked(_ node: Node, _ state: inout NodeState, key: MasterKey, sync: Bool, unseen: Bool = false,
                             _ change: (inout ObjectHeader) throws -> Void) throws {
         // A header still flagged by a failed transaction is finished first: rewritten with a
         // new sequence, its journal would no longer match it and the object would stay EIO.
@@ -410,15 +413,24 @@ extension Volume {
         var header = state.header
         try change(&header)
         guard header != state.header else { return }
-        // A real change: the plaintext ctime moves with the backing one, and an atime kept
-        // for the handle's close goes with this write.
-        header.changeTime = 0
+        let headerFD = try headerDescriptor(node, state, writable: true)
+        let keepsTimes = unseen && header.version >= 3
+        let before = node.isDirectory && !keepsTimes ? nil : try headerFD.descriptor.fstat()
+        if keepsTimes, let before {
+            header.changeTime = Self.changeTime(before, header: state.header)
+            // The mark below sets the backing atime to now: the one shown until then goes first.
+            if header.accessTime == 0 && state.accessedAt == nil {
+                header.accessTime = Timestamp(seconds: Int64(before.st_atim.tv_sec), nanoseconds: Int64(before.st_atim.tv_nsec)).nanosecondsSinceEpoch
+            }
+        } else {
+            // A real change: the plaintext ctime moves with the backing one.
+            header.changeTime = 0
+        }
+        // An atime kept for the handle's close goes with this write.
         if let accessed = state.accessedAt {
             header.accessTime = accessed
             state.accessedAt = nil
         }
-        let headerFD = try headerDescriptor(node, state, writable: true)
-        let before = node.isDirectory ? nil : try headerFD.descriptor.fstat()
         do {
             try slots.writeMetadata(fd: headerFD.descriptor, header: &header, key: key, sync: sync, safety: &state.slotSafety)
         } catch {
@@ -428,7 +440,10 @@ extension Volume {
             throw error
         }
         state.header = header
-        if let before {
+        if keepsTimes, let before {
+            state.accessTimeWrites += 1
+            try headerFD.descriptor.markUnchangedSinceWrite(modified: node.isDirectory ? nil : before.st_mtim)
+        } else if let before {
             try headerFD.descriptor.restoreModificationTime(before.st_mtim, accessTime: before.st_atim)
         }
     }

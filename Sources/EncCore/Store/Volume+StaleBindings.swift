@@ -82,7 +82,7 @@ extension Volume {
         let key = try key(for: node, .header).key
         return try node.state.withLock { state in
             guard state.bindingsBeingEntered[stale.digest] == nil, state.locations == locations else { return false }
-            try mutateHeaderLocked(node, &state, key: key, sync: false) { header in
+            try mutateHeaderLocked(node, &state, key: key, sync: false, unseen: true) { header in
                 header.bindings.removeAll { $0.digest == stale.digest }
             }
             return true
