@@ -256,12 +256,16 @@ extension Volume {
         // the kernel is told here rather than not at all.
         if untold { tellKernelOfAccess(node) }
         defer { dropIfUnused(node) }
-        // lazytime keeps the atime to the forget, but a node the kernel forgot while the file was
-        // open goes here: this is its last moment too.
-        defer { if !accessTimes.lazy || node.state.withLock({ $0.lookups == 0 && $0.opens == 0 }) { writeAccessTimeReporting(node) } }
+        let atimeKey = accessTimeKey(node)
         try node.state.withLock { state in
             state.opens -= 1
             defer {
+                // lazytime keeps the atime to the forget, but a node the kernel forgot while the
+                // file was open goes here: this is its last moment too. Written before a last
+                // close closes the descriptor it goes through.
+                if let atimeKey, !accessTimes.lazy || (state.lookups == 0 && state.opens == 0) {
+                    writeAccessTimeReporting(node, &state, key: atimeKey)
+                }
                 // The last close drops the file and with it this node's reference to the key, and
                 // removes its (empty) shadow.
                 if state.opens == 0 {
