@@ -111,4 +111,23 @@ import Testing
         #expect(try volume.node(file).state.withLock { $0.header.bindings.count } == 1)
         volume.closeCleanly()
     }
+
+    /// A node remembers at most 8 of its names: a name linked again and then pushed out of that
+    /// list by newer links is still the object's, and its binding must stay.
+    @Test func aStaleBindingOfANameLinkedAgainStaysPastTheLocationCache() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (_, _, volume) = try freshVolume()
+        let root = Volume.rootID
+        let (file, _, handle) = try volume.create(parent: root, name: Array("f".utf8), mode: 0o644, caller: caller)
+        try volume.release(handle: handle)
+        _ = try volume.link(file, newParent: root, newName: Array("a".utf8))
+        try volume.unlink(parent: root, name: Array("a".utf8))
+        _ = try volume.link(file, newParent: root, newName: Array("a".utf8))
+        for k in 1...NodeState.maximumLocations {
+            _ = try volume.link(file, newParent: root, newName: Array("b\(k)".utf8))
+        }
+        volume.dropStaleBindings()
+        #expect(throws: Never.self) { _ = try volume.lookup(parent: root, name: Array("a".utf8)) }
+        volume.closeCleanly()
+    }
 }

@@ -33,6 +33,8 @@ final class ExtentFile: @unchecked Sendable {
     /// The key of the extents a rekey has not rewritten yet (`legacy`), when it is loaded; a read
     /// of such an extent without it is ENOKEY, never EIO.
     let legacyKey: MasterKey?
+    /// The device of the journal directory's filesystem (`SizeLimit`), when the volume knows it.
+    let journalDevice: UInt64?
     /// Committed extents still sealed under the header's `previousPolicy`. Changed only by a
     /// commit, under `ioLock` exclusive, so reads decrypting outside the node lock see the key of
     /// what is on disk; every extent a commit writes is sealed under `key` and leaves it.
@@ -69,7 +71,8 @@ final class ExtentFile: @unchecked Sendable {
     /// journal directory `journal`.
     /// - Parameter storeRoot: checked before each shadow is written (nil for scratch files in tests).
     init(backing: SharedDescriptor, journal: SharedDescriptor, key: MasterKey, legacyKey: MasterKey? = nil,
-         header: ObjectHeader, slots: HeaderSlots, storeRoot: Sys.Place? = nil) {
+         header: ObjectHeader, slots: HeaderSlots, storeRoot: Sys.Place? = nil, journalDevice: UInt64? = nil) {
+        self.journalDevice = journalDevice
         object = OpenObject(backing: backing, journal: journal, key: key, geometry: header.geometry,
                             objectID: header.objectID, slots: slots, storeRoot: storeRoot)
         self.legacyKey = legacyKey
@@ -226,7 +229,7 @@ final class ExtentFile: @unchecked Sendable {
     }
 
     /// Largest size of this file (`SizeLimit`), found on the first growth that needs it.
-    lazy var maximumSize = SizeLimit.maximumSize(geometry, device: object.storeRoot?.device, directory: object.journal.descriptor)
+    lazy var maximumSize = SizeLimit.maximumSize(geometry, device: journalDevice, directory: object.journal.descriptor)
 
     /// Grows (new extents are holes) or shrinks the file. The extent that becomes or stops
     /// being the partial last one is loaded, because its stored length changes with the size.
@@ -341,14 +344,22 @@ final class ExtentFile: @unchecked Sendable {
         writtenEnd = 0
         replayPending = false
         dirtySince = nil
-        if let modifiedAt {
-            try backing.descriptor.restoreModificationTime(modifiedAt)
-            self.modifiedAt = nil
-        }
         metadataChanged = false
-        if durability == .all {
-            try backing.descriptor.fsync()
-            safety = .durable
+        do {
+            if let modifiedAt {
+                try backing.descriptor.restoreModificationTime(modifiedAt)
+                self.modifiedAt = nil
+            }
+            if durability == .all {
+                try backing.descriptor.fsync()
+                safety = .durable
+            }
+        } catch {
+            // The header is written but not known durable, and the kernel reports a writeback
+            // error once: a retried fsync must write the header again and sync it, not find
+            // nothing to do.
+            metadataChanged = true
+            throw error
         }
         return safety
     }

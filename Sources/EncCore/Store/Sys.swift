@@ -105,7 +105,8 @@ public enum Sys {
 
     /// Whether a time left alone must be passed as its current value (`resolvingOmitted`), at an
     /// `fstat` per call: set once any volume of the process is on a FUSE backing, whose server may
-    /// misread UTIME_OMIT (the kernel's own filesystems never see it: the VFS drops the field).
+    /// misread UTIME_OMIT, or on one whose type was not found (the kernel's own filesystems never
+    /// see it: the VFS drops the field).
     /// Resolving where it is not needed only costs the `fstat`.
     static let omittedTimesNeedResolving = Atomic<Bool>(false)
 

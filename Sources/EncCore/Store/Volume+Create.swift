@@ -303,7 +303,7 @@ extension Volume {
         let binding = Self.binding(parentID: dirHeader.objectID, name: name)
         let location = Location(parent: dir, name: name.backingName)
         do {
-            try entering(object, by: binding) {
+            try entering(object, by: binding, at: location) {
                 let dirFD = try changingDirectoryFD(dir)
                 try withObjectFD(object, .path) { fd in
                     try fd.linkAt(toDir: dirFD.descriptor, name.backingName)
@@ -349,13 +349,15 @@ extension Volume {
 
     // MARK: bindings
 
-    /// Runs `enter`, which makes a name lead to `node`, after `binding` for that name is in
+    /// Runs `enter`, which makes `location` lead to `node`, after `binding` for that name is in
     /// the node's header, durably. While `enter` runs the stale-binding timer leaves the binding
     /// alone: an earlier move off the same name may have queued it, and dropping it once the
-    /// name leads here again would make the object EIO. If `enter` fails, a binding this call
-    /// added is queued as stale (never removed here: another operation may be entering by it).
-    /// `enter` records the new location itself, before this returns.
-    func entering<T>(_ node: Node, by binding: Binding, _ enter: () throws -> T) throws -> T {
+    /// name leads here again would make the object EIO. A binding this call added is never
+    /// removed here (another operation may be entering by it): if `enter` fails because the name
+    /// is taken, which changed nothing, it is queued as stale; any other failure may come after
+    /// a backing change (an exchange done as three renames, a rename the server did and then
+    /// reported failed), and the binding stays. `enter` records the new location itself.
+    func entering<T>(_ node: Node, by binding: Binding, at location: Location, _ enter: () throws -> T) throws -> T {
         node.state.withLock { $0.bindingsBeingEntered[binding.digest, default: 0] += 1 }
         defer {
             node.state.withLock { s in
@@ -366,8 +368,8 @@ extension Volume {
         let added = try addBinding(binding, to: node)
         do {
             return try enter()
-        } catch {
-            if added { bindingWentStale(binding.digest, of: node) }
+        } catch let error as StoreError where error == .exists || error == .system(EEXIST) {
+            if added { bindingWentStale(binding.digest, of: node, at: location) }
             throw error
         }
     }

@@ -125,8 +125,11 @@ extension Volume {
         case .directory: throw StoreError.isDirectory
         default: throw StoreError.invalidArgument
         }
-        // What an open file writes in a tree being rekeyed is sealed under the new key.
-        if node.state.withLock({ $0.file == nil }) { try convertForRekey(node) }
+        // What an open file writes in a tree being rekeyed is sealed under the new key. A file
+        // just created has the policy `prepare` chose with the key it took: converted now (a
+        // new key added meanwhile), its writes would go under the old key, its header naming
+        // the new one.
+        if created == nil, node.state.withLock({ $0.file == nil }) { try convertForRekey(node) }
         // A file that is already open can be opened again even after its key was removed: it
         // holds the key itself (fscrypt's soft removal). Anything else needs the key present.
         let key = try created ?? key(for: node, .contents).key

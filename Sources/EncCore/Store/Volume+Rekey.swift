@@ -446,7 +446,7 @@ extension Volume {
         let dirFD = try changingDirectoryFD(dir)
         let from = Location(parent: dir, name: backingName)
         do {
-            try entering(child, by: newBinding) {
+            try entering(child, by: newBinding, at: Location(parent: dir, name: newName.backingName)) {
                 // Under the namespace lock: without RENAME_NOREPLACE (bindfs, sshfs, GlusterFS) the
                 // rename is a check and a plain rename, which no other namespace change may split.
                 try changingNamespace {
@@ -462,7 +462,7 @@ extension Volume {
             Diagnostics.report("rekey: cannot move a name: \(error)")
             return false
         }
-        bindingWentStale(digest, of: child)
+        bindingWentStale(digest, of: child, at: from)
         return true
     }
 

@@ -30,7 +30,8 @@ extension Volume {
         forgetLocation(Location(parent: dir, name: backing), inode: UInt64(st.st_ino))
         if st.st_nlink == 1 { dropSideObject(ofUnlinked: UInt64(st.st_ino), header: lastName, directoryFD: dirFD.descriptor) }
         if let survivor, let naming {
-            bindingWentStale(Binding.digest(parentID: naming.header.objectID, backingName: backing), of: survivor)
+            bindingWentStale(Binding.digest(parentID: naming.header.objectID, backingName: backing), of: survivor,
+                             at: Location(parent: dir, name: backing))
         }
         if let survivor { release(survivor) }
         try syncIfDirectorySync(dir)

@@ -103,15 +103,15 @@ extension Volume {
             source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         }
         do {
-            try entering(source, by: newBinding) {
-                if let target { try entering(target, by: oldBinding, move) } else { try move() }
+            try entering(source, by: newBinding, at: to) {
+                if let target { try entering(target, by: oldBinding, at: from, move) } else { try move() }
             }
         } catch StoreError.system(EEXIST) {
             throw StoreError.exists
         }
         if let replacedLastName { dropSideObject(ofUnlinked: replacedLastName.inode, header: replacedLastName.header, directoryFD: toFD.descriptor) }
-        bindingWentStale(oldBinding.digest, of: source)
-        if let target { bindingWentStale(newBinding.digest, of: target) }
+        bindingWentStale(oldBinding.digest, of: source, at: from)
+        if let target { bindingWentStale(newBinding.digest, of: target, at: to) }
         try syncIfDirectorySync(fromDir)
         if toDir !== fromDir { try syncIfDirectorySync(toDir) }
     }

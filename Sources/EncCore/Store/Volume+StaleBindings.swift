@@ -12,6 +12,8 @@ import Glibc
 struct StaleBinding {
     let node: Node
     let digest: [UInt8]
+    /// The name the binding is for: checked in the backing directory before the drop.
+    let location: Location
 }
 
 /// Dropping a binding must never reach the disk before the namespace change that made it stale:
@@ -21,9 +23,9 @@ struct StaleBinding {
 /// daemon's timer drops them about once a second, after one `syncfs` has made every rename
 /// before it durable. A leftover binding meanwhile only keeps an old name valid for that object.
 extension Volume {
-    func bindingWentStale(_ digest: [UInt8], of node: Node) {
+    func bindingWentStale(_ digest: [UInt8], of node: Node, at location: Location) {
         retain(node)
-        staleBindings.withLock { $0.append(StaleBinding(node: node, digest: digest)) }
+        staleBindings.withLock { $0.append(StaleBinding(node: node, digest: digest, location: location)) }
     }
 
     /// Makes the namespace durable, then drops the bindings that went stale before it, except
@@ -65,23 +67,26 @@ extension Volume {
         if !retry.isEmpty { staleBindings.withLock { $0.append(contentsOf: retry) } }
     }
 
-    /// Drops one stale binding unless the object is entered by that name again. The check and
-    /// the header write are one hold of the node's lock, so a rename back to the name either
-    /// finds the binding gone and writes it again, or is seen entering (`Volume.entering`).
-    /// False: not decided this round (an operation is entering by the name, or the node's names
-    /// changed while their digests were computed).
+    /// Drops one stale binding unless the name leads to the object again. The backing directory
+    /// says so, not the node's locations (a cache of at most 8 names). The check and the header
+    /// write are one hold of the node's lock, so a rename or link back to the name either finds
+    /// the binding gone and writes it again, or is seen entering (`Volume.entering`).
+    /// False: not decided this round (an operation is entering by the name).
     private func drop(_ stale: StaleBinding) throws -> Bool {
         let node = stale.node
-        let locations = node.state.withLock { $0.locations }
-        // The parents' object IDs, read outside the node's lock: a child's lock is never held
-        // while a parent's is taken.
-        let current = locations.map { location in
-            Binding.digest(parentID: location.parent.state.withLock { $0.header.objectID }, backingName: location.name)
-        }
-        guard !current.contains(stale.digest) else { return true }
         let key = try key(for: node, .header).key
+        // Found before the node's lock is taken; a directory gone or moved away keeps the
+        // binding (an extra one is harmless, a missing one is EIO).
+        guard let dirFD = try? directoryFD(stale.location.parent) else { return true }
         return try node.state.withLock { state in
-            guard state.bindingsBeingEntered[stale.digest] == nil, state.locations == locations else { return false }
+            guard state.bindingsBeingEntered[stale.digest] == nil else { return false }
+            do {
+                if UInt64(try dirFD.descriptor.fstatAt(stale.location.name).st_ino) == node.backingInode { return true }
+            } catch StoreError.system(ENOENT) {
+                // The name is gone: the binding is stale.
+            } catch {
+                return true
+            }
             try mutateHeaderLocked(node, &state, key: key, sync: false, unseen: true) { header in
                 header.bindings.removeAll { $0.digest == stale.digest }
             }

@@ -28,6 +28,8 @@ public final class Volume: Sendable {
     public let keys: KeyTable
     /// The `.journal` directory holding the shadows of flush transactions in progress.
     let journalFD: SharedDescriptor
+    /// Its filesystem's device, for every file's size limit (`SizeLimit`), stat-ed once.
+    let journalDevice: UInt64
     let table = Lock(NodeTable())
     let handles = Lock(HandleTable())
     /// Descriptors are held for open files and a bounded set of directories only (see `Node`).
@@ -112,8 +114,11 @@ public final class Volume: Sendable {
         }
         // Everything above only reads: a store refused there is left as it was.
         journalFD = SharedDescriptor(try Self.openJournal(storeFD: fd.descriptor))
+        journalDevice = UInt64(try journalFD.descriptor.fstat().st_dev)
         self.capabilities = try capabilities ?? BackingCapabilities.probe(storeFD: fd.descriptor)
-        if self.capabilities.filesystemType.hasPrefix("fuse") { Sys.omittedTimesNeedResolving.store(true, ordering: .relaxed) }
+        // A FUSE server may misread UTIME_OMIT; so may whatever a type not found stands for.
+        let type = self.capabilities.filesystemType
+        if type.hasPrefix("fuse") || type == "unknown" { Sys.omittedTimesNeedResolving.store(true, ordering: .relaxed) }
         // An exchange done as three renames and interrupted completes before anything looks up
         // either name (on any backing: the store may have moved here from one without exchange).
         try ExchangeRecord.recoverAll(journalFD: journalFD.descriptor, storeFD: fd.descriptor)
@@ -155,7 +160,7 @@ public final class Volume: Sendable {
     /// A fresh view of the node's contents for I/O through `descriptor`, sharing the journal.
     func extentFile(_ descriptor: SharedDescriptor, key: MasterKey, header: ObjectHeader) -> ExtentFile {
         ExtentFile(backing: descriptor, journal: journalFD, key: key, legacyKey: header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) },
-                   header: header, slots: slots, storeRoot: rootPlace)
+                   header: header, slots: slots, storeRoot: rootPlace, journalDevice: journalDevice)
     }
 
     /// The node's contents for one operation: its open file, or a view opened for the call.
