@@ -130,4 +130,22 @@ import Testing
         #expect(throws: Never.self) { _ = try volume.lookup(parent: root, name: Array("a".utf8)) }
         volume.closeCleanly()
     }
+
+    /// A rename over one name of a file that keeps others takes that name's binding away: it is
+    /// queued like an unlink's, so replaced names do not pile up in the header.
+    @Test func aRenameOverAHardLinkQueuesItsBinding() throws {
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let (_, _, volume) = try freshVolume()
+        let root = Volume.rootID
+        let (file, _, first) = try volume.create(parent: root, name: Array("f".utf8), mode: 0o644, caller: caller)
+        try volume.release(handle: first)
+        _ = try volume.link(file, newParent: root, newName: Array("g".utf8))
+        let (_, _, second) = try volume.create(parent: root, name: Array("x".utf8), mode: 0o644, caller: caller)
+        try volume.release(handle: second)
+        try volume.rename(parent: root, name: Array("x".utf8), newParent: root, newName: Array("g".utf8), mode: .replace)
+        volume.dropStaleBindings()
+        #expect(try volume.node(file).state.withLock { $0.header.bindings.count } == 1)
+        #expect(throws: Never.self) { _ = try volume.lookup(parent: root, name: Array("f".utf8)) }
+        volume.closeCleanly()
+    }
 }

@@ -345,10 +345,11 @@ final class ExtentFile: @unchecked Sendable {
         replayPending = false
         dirtySince = nil
         metadataChanged = false
+        let modified = modifiedAt
         do {
-            if let modifiedAt {
-                try backing.descriptor.restoreModificationTime(modifiedAt)
-                self.modifiedAt = nil
+            if let modified {
+                try backing.descriptor.restoreModificationTime(modified)
+                modifiedAt = nil
             }
             if durability == .all {
                 try backing.descriptor.fsync()
@@ -357,8 +358,10 @@ final class ExtentFile: @unchecked Sendable {
         } catch {
             // The header is written but not known durable, and the kernel reports a writeback
             // error once: a retried fsync must write the header again and sync it, not find
-            // nothing to do.
+            // nothing to do, and put back the mtime that write moves.
             metadataChanged = true
+            modifiedAt = modified
+            dirtySince = .now // the timer retries it too
             throw error
         }
         return safety

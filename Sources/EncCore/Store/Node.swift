@@ -40,10 +40,12 @@ struct NodeState {
     var accessedAt: UInt64?
     /// Atime writes begun (`Volume.writeAccessTime`): a stat taken while one ran is taken again.
     var accessTimeWrites: UInt64 = 0
-    /// Binding digests of names operations are entering this object by now (a rename, link or
-    /// rekey move between binding and backing change, `Volume.entering`), with how many: the
-    /// stale-binding timer leaves those alone.
-    var bindingsBeingEntered: [[UInt8]: Int] = [:]
+    /// Operations changing which backing names lead to this object now (`Volume.changingNames`:
+    /// a rename, link, rekey move, or an unlink of one of its names), and how many have ended:
+    /// the stale-binding timer leaves the object's bindings alone while one runs, and for the
+    /// round one ended in (its change may have missed the round's syncfs).
+    var namesChanging = 0
+    var namesChanged: UInt64 = 0
 
     /// Most names remembered per object: enough to survive the unlink of some hard links; a node
     /// with more names finds the others again at their next lookup.

@@ -350,28 +350,37 @@ extension Volume {
     // MARK: bindings
 
     /// Runs `enter`, which makes `location` lead to `node`, after `binding` for that name is in
-    /// the node's header, durably. While `enter` runs the stale-binding timer leaves the binding
-    /// alone: an earlier move off the same name may have queued it, and dropping it once the
-    /// name leads here again would make the object EIO. A binding this call added is never
-    /// removed here (another operation may be entering by it): if `enter` fails because the name
-    /// is taken, which changed nothing, it is queued as stale; any other failure may come after
-    /// a backing change (an exchange done as three renames, a rename the server did and then
-    /// reported failed), and the binding stays. `enter` records the new location itself.
-    func entering<T>(_ node: Node, by binding: Binding, at location: Location, _ enter: () throws -> T) throws -> T {
-        node.state.withLock { $0.bindingsBeingEntered[binding.digest, default: 0] += 1 }
-        defer {
-            node.state.withLock { s in
-                let left = s.bindingsBeingEntered[binding.digest, default: 1] - 1
-                s.bindingsBeingEntered[binding.digest] = left > 0 ? left : nil
+    /// the node's header, durably, as one `changingNames` of the node: an earlier move off the
+    /// same name may have queued the binding, and the timer dropping it once the name leads here
+    /// again would make the object EIO. A binding this call added is never removed here (another
+    /// operation may be entering by it): if `enter` fails it is queued as stale, and the timer
+    /// keeps it if the failure came after a backing change that left the name leading here.
+    /// `queueOnFailure` false: a failure may leave a change that recovery at the next mount
+    /// completes (an exchange done as three renames), and the binding stays. `enter` records the
+    /// new location itself.
+    func entering<T>(_ node: Node, by binding: Binding, at location: Location, queueOnFailure: Bool = true,
+                     _ enter: () throws -> T) throws -> T {
+        try changingNames(of: node) {
+            let added = try addBinding(binding, to: node)
+            do {
+                return try enter()
+            } catch {
+                if added && queueOnFailure { bindingWentStale(binding.digest, of: node, at: location) }
+                throw error
             }
         }
-        let added = try addBinding(binding, to: node)
-        do {
-            return try enter()
-        } catch let error as StoreError where error == .exists || error == .system(EEXIST) {
-            if added { bindingWentStale(binding.digest, of: node, at: location) }
-            throw error
+    }
+
+    /// Runs `body`, which changes which backing names lead to `node` (nil: no node to tell).
+    func changingNames<T>(of node: Node?, _ body: () throws -> T) rethrows -> T {
+        node?.state.withLock { $0.namesChanging += 1 }
+        defer {
+            node?.state.withLock { s in
+                s.namesChanging -= 1
+                s.namesChanged &+= 1
+            }
         }
+        return try body()
     }
 
     /// Whether the binding was added (false: the header had it already).
@@ -380,8 +389,9 @@ extension Volume {
         do {
             return try appendBinding(binding, to: node, key: key)
         } catch StoreError.tooManyLinks {
-            // The header may be full of bindings that wait to be dropped: drop them now.
-            dropStaleBindings()
+            // The header may be full of bindings that wait to be dropped: drop them now. This
+            // operation has changed no name yet: the timer need not wait for it.
+            dropStaleBindings(changingNow: node)
             return try appendBinding(binding, to: node, key: key)
         }
     }

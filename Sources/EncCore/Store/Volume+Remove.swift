@@ -26,7 +26,7 @@ extension Volume {
             survivor = try? childEntry(of: dir, backingName: backing, naming: naming).node
         }
         let lastName = st.st_nlink == 1 ? header(ofLastName: backing, in: dirFD.descriptor, inode: UInt64(st.st_ino)) : nil
-        try dirFD.descriptor.unlinkAt(backing)
+        try changingNames(of: survivor) { try dirFD.descriptor.unlinkAt(backing) }
         forgetLocation(Location(parent: dir, name: backing), inode: UInt64(st.st_ino))
         if st.st_nlink == 1 { dropSideObject(ofUnlinked: UInt64(st.st_ino), header: lastName, directoryFD: dirFD.descriptor) }
         if let survivor, let naming {

@@ -39,8 +39,13 @@ extension Volume {
         let toFD = try changingDirectoryFD(toDir)
         var replaced: UInt64?
         var replacedLastName: (inode: UInt64, header: ObjectHeader?)?
+        // A replaced file that keeps other names loses its binding for the target name too.
+        var replacedNode: Node?
         if let st = try? Self.statEntry(toFD.descriptor, toName.backingName) {
             replaced = UInt64(st.st_ino)
+            if mode == .replace, st.st_nlink > 1, UInt64(st.st_ino) != source.backingInode {
+                replacedNode = table.withLock { $0.byInode[UInt64(st.st_ino)] }
+            }
             if mode == .replace, st.st_mode & S_IFMT == S_IFREG, st.st_nlink == 1, UInt64(st.st_ino) != source.backingInode {
                 replacedLastName = (UInt64(st.st_ino), header(ofLastName: toName.backingName, in: toFD.descriptor, inode: UInt64(st.st_ino)))
             }
@@ -102,9 +107,16 @@ extension Volume {
             }
             source.state.withLock { $0.removeLocation(from); $0.addLocation(to) }
         }
+        // An exchange done as three renames that fails part way is finished by the next mount's
+        // recovery: the bindings it added stay for that.
+        let queueOnFailure = mode != .exchange || capabilities.has(.renameExchange)
         do {
-            try entering(source, by: newBinding, at: to) {
-                if let target { try entering(target, by: oldBinding, at: from, move) } else { try move() }
+            try entering(source, by: newBinding, at: to, queueOnFailure: queueOnFailure) {
+                if let target {
+                    try entering(target, by: oldBinding, at: from, queueOnFailure: queueOnFailure, move)
+                } else {
+                    try changingNames(of: replacedNode, move)
+                }
             }
         } catch StoreError.system(EEXIST) {
             throw StoreError.exists
@@ -112,6 +124,7 @@ extension Volume {
         if let replacedLastName { dropSideObject(ofUnlinked: replacedLastName.inode, header: replacedLastName.header, directoryFD: toFD.descriptor) }
         bindingWentStale(oldBinding.digest, of: source, at: from)
         if let target { bindingWentStale(newBinding.digest, of: target, at: to) }
+        if let replacedNode { bindingWentStale(newBinding.digest, of: replacedNode, at: to) }
         try syncIfDirectorySync(fromDir)
         if toDir !== fromDir { try syncIfDirectorySync(toDir) }
     }

@@ -14,6 +14,10 @@ struct StaleBinding {
     let digest: [UInt8]
     /// The name the binding is for: checked in the backing directory before the drop.
     let location: Location
+    /// Rounds in which that check could not be made (its directory not found, say).
+    var unchecked = 0
+    /// Rounds after which a binding that cannot be checked is kept for good (harmless).
+    static let checkAttempts = 10
 }
 
 /// Dropping a binding must never reach the disk before the namespace change that made it stale:
@@ -29,17 +33,22 @@ extension Volume {
     }
 
     /// Makes the namespace durable, then drops the bindings that went stale before it, except
-    /// those that are current names again (renamed back meanwhile).
-    public func dropStaleBindings() {
-        droppingStaleBindings.withLock { _ in dropStaleBindingsSerialized() }
+    /// those whose names lead to their objects again (renamed or linked back meanwhile).
+    /// - Parameter changingNow: a node whose own operation asks, before it has changed a name.
+    public func dropStaleBindings() { dropStaleBindings(changingNow: nil) }
+
+    func dropStaleBindings(changingNow: Node?) {
+        droppingStaleBindings.withLock { _ in dropStaleBindingsSerialized(changingNow: changingNow) }
     }
 
-    private func dropStaleBindingsSerialized() {
+    private func dropStaleBindingsSerialized(changingNow: Node?) {
         let pending = staleBindings.withLock { list -> [StaleBinding] in
             defer { list.removeAll() }
             return list
         }
         guard !pending.isEmpty else { return }
+        // Taken before the syncfs: a name change that ends after this may have missed it.
+        let changed = pending.map { stale in stale.node.state.withLock { $0.namesChanged } }
         do {
             try syncFD.syncfs()
         } catch {
@@ -49,11 +58,19 @@ extension Volume {
             return
         }
         var retry: [StaleBinding] = []
-        for stale in pending {
+        for (stale, seen) in zip(pending, changed) {
             do {
-                if try !drop(stale) {
+                switch try drop(stale, namesChangedBefore: seen, changingNow: changingNow) {
+                case .decided: break
+                case .later:
                     retry.append(stale)
                     continue
+                case .unchecked where stale.unchecked + 1 < StaleBinding.checkAttempts:
+                    var again = stale
+                    again.unchecked += 1
+                    retry.append(again)
+                    continue
+                case .unchecked: break
                 }
             } catch StoreError.noKey {
                 // Without the key the header cannot be resealed; the binding stays, harmlessly.
@@ -67,30 +84,40 @@ extension Volume {
         if !retry.isEmpty { staleBindings.withLock { $0.append(contentsOf: retry) } }
     }
 
-    /// Drops one stale binding unless the name leads to the object again. The backing directory
-    /// says so, not the node's locations (a cache of at most 8 names). The check and the header
-    /// write are one hold of the node's lock, so a rename or link back to the name either finds
-    /// the binding gone and writes it again, or is seen entering (`Volume.entering`).
-    /// False: not decided this round (an operation is entering by the name).
-    private func drop(_ stale: StaleBinding) throws -> Bool {
+    private enum DropOutcome {
+        /// Dropped, or kept because its name leads to the object.
+        case decided
+        /// A change of the object's names ran during this round: next round.
+        case later
+        /// The name could not be checked: kept for now, tried again a few rounds.
+        case unchecked
+    }
+
+    /// Drops one stale binding unless its name leads to the object again. The backing directory
+    /// says so, not the node's locations (a cache of at most 8 names). Nothing that changes the
+    /// object's names may run or have ended since `namesChangedBefore` was read, before the
+    /// round's syncfs: a rename off the name after it is not durable yet, and a drop reaching
+    /// the disk first would, after a power cut, leave the object at the name unbound (EIO). The
+    /// check and the header write are one hold of the node's lock, which `changingNames` takes.
+    private func drop(_ stale: StaleBinding, namesChangedBefore seen: UInt64, changingNow: Node?) throws -> DropOutcome {
         let node = stale.node
         let key = try key(for: node, .header).key
-        // Found before the node's lock is taken; a directory gone or moved away keeps the
-        // binding (an extra one is harmless, a missing one is EIO).
-        guard let dirFD = try? directoryFD(stale.location.parent) else { return true }
+        // Found before the node's lock is taken.
+        guard let dirFD = try? directoryFD(stale.location.parent) else { return .unchecked }
         return try node.state.withLock { state in
-            guard state.bindingsBeingEntered[stale.digest] == nil else { return false }
+            let others = state.namesChanging - (node === changingNow ? 1 : 0)
+            guard others == 0, state.namesChanged == seen else { return .later }
             do {
-                if UInt64(try dirFD.descriptor.fstatAt(stale.location.name).st_ino) == node.backingInode { return true }
+                if UInt64(try dirFD.descriptor.fstatAt(stale.location.name).st_ino) == node.backingInode { return .decided }
             } catch StoreError.system(ENOENT) {
                 // The name is gone: the binding is stale.
             } catch {
-                return true
+                return .unchecked
             }
             try mutateHeaderLocked(node, &state, key: key, sync: false, unseen: true) { header in
                 header.bindings.removeAll { $0.digest == stale.digest }
             }
-            return true
+            return .decided
         }
     }
 }
