@@ -21,6 +21,13 @@ import Testing
         return (store, keys, try Volume(storePath: store, keys: keys))
     }
 
+    /// Creates and closes an empty file `name` in the root; its node.
+    func makeFile(_ volume: Volume, _ name: String) throws -> UInt64 {
+        let (file, _, handle) = try volume.create(parent: Volume.rootID, name: Array(name.utf8), mode: 0o644, caller: caller)
+        try volume.release(handle: handle)
+        return file
+    }
+
     /// A create that fails leaves no name: open(O_CREAT|O_EXCL) reporting ENOKEY while its file
     /// stayed made every later create of the name fail with EEXIST.
     @Test func aCreateFailingForAKeyRemovedMeanwhileLeavesNoName() throws {
@@ -69,8 +76,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: base) }
         let (_, _, volume) = try freshVolume()
         let (src, new) = (Array("src".utf8), Array("new".utf8))
-        let (_, _, handle) = try volume.create(parent: Volume.rootID, name: src, mode: 0o644, caller: caller)
-        try volume.release(handle: handle)
+        _ = try makeFile(volume, "src")
 
         let stop = Atomic<Bool>(false)
         let timer = Thread {
@@ -97,8 +103,7 @@ import Testing
     @Test func droppingAStaleBindingLeavesTheTimesAlone() throws {
         defer { try? FileManager.default.removeItem(atPath: base) }
         let (_, _, volume) = try freshVolume()
-        let (_, _, handle) = try volume.create(parent: Volume.rootID, name: Array("a".utf8), mode: 0o644, caller: caller)
-        try volume.release(handle: handle)
+        _ = try makeFile(volume, "a")
         try volume.rename(parent: Volume.rootID, name: Array("a".utf8), newParent: Volume.rootID, newName: Array("b".utf8), mode: .replace)
         let (file, before) = try volume.lookup(parent: Volume.rootID, name: Array("b".utf8))
         usleep(20_000)
@@ -118,8 +123,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: base) }
         let (_, _, volume) = try freshVolume()
         let root = Volume.rootID
-        let (file, _, handle) = try volume.create(parent: root, name: Array("f".utf8), mode: 0o644, caller: caller)
-        try volume.release(handle: handle)
+        let file = try makeFile(volume, "f")
         _ = try volume.link(file, newParent: root, newName: Array("a".utf8))
         try volume.unlink(parent: root, name: Array("a".utf8))
         _ = try volume.link(file, newParent: root, newName: Array("a".utf8))
@@ -137,11 +141,9 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: base) }
         let (_, _, volume) = try freshVolume()
         let root = Volume.rootID
-        let (file, _, first) = try volume.create(parent: root, name: Array("f".utf8), mode: 0o644, caller: caller)
-        try volume.release(handle: first)
+        let file = try makeFile(volume, "f")
         _ = try volume.link(file, newParent: root, newName: Array("g".utf8))
-        let (_, _, second) = try volume.create(parent: root, name: Array("x".utf8), mode: 0o644, caller: caller)
-        try volume.release(handle: second)
+        _ = try makeFile(volume, "x")
         try volume.rename(parent: root, name: Array("x".utf8), newParent: root, newName: Array("g".utf8), mode: .replace)
         volume.dropStaleBindings()
         #expect(try volume.node(file).state.withLock { $0.header.bindings.count } == 1)

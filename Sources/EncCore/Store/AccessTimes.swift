@@ -80,6 +80,10 @@ extension Timestamp {
         seconds < 0 ? 0 : UInt64(seconds) &* 1_000_000_000 &+ UInt64(max(0, nanoseconds))
     }
 
+    init(_ t: timespec) {
+        self.init(seconds: Int64(t.tv_sec), nanoseconds: Int64(t.tv_nsec))
+    }
+
     init(nanosecondsSinceEpoch ns: UInt64) {
         self.init(seconds: Int64(ns / 1_000_000_000), nanoseconds: Int64(ns % 1_000_000_000))
     }
@@ -171,6 +175,6 @@ extension Volume {
         if header.changeTime != 0 && st.st_atim.tv_sec == st.st_ctim.tv_sec && st.st_atim.tv_nsec == st.st_ctim.tv_nsec {
             return header.changeTime
         }
-        return Timestamp(seconds: Int64(st.st_ctim.tv_sec), nanoseconds: Int64(st.st_ctim.tv_nsec)).nanosecondsSinceEpoch
+        return Timestamp(st.st_ctim).nanosecondsSinceEpoch
     }
 }

@@ -24,8 +24,8 @@ enum SizeLimit {
 
     /// Largest size for a file of `geometry` in the filesystem of `directory` (any descriptor of
     /// a directory in the store's filesystem: the probe makes an unnamed file there). `device`:
-    /// that filesystem's, when the caller knows it (the store root's), which saves an `fstat`
-    /// per file opened for writing.
+    /// that filesystem's, when the caller knows it (the volume stats its journal directory once
+    /// at mount), which saves an `fstat` per file opened for writing.
     static func maximumSize(_ geometry: ExtentGeometry, device: UInt64?, directory: borrowing FileDescriptor) -> UInt64 {
         min(format, geometry.largestSize(backingLength: backingLimit(device: device, directory: directory)))
     }

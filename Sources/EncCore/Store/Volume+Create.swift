@@ -432,7 +432,7 @@ extension Volume {
             header.changeTime = Self.changeTime(before, header: state.header)
             // The mark below sets the backing atime to now: the one shown until then goes first.
             if header.accessTime == 0 && state.accessedAt == nil {
-                header.accessTime = Timestamp(seconds: Int64(before.st_atim.tv_sec), nanoseconds: Int64(before.st_atim.tv_nsec)).nanosecondsSinceEpoch
+                header.accessTime = Timestamp(before.st_atim).nanosecondsSinceEpoch
             }
         } else {
             // A real change: the plaintext ctime moves with the backing one.

@@ -45,12 +45,7 @@ extension Volume {
         if let st = try? Self.statEntry(toFD.descriptor, toName.backingName) {
             replaced = UInt64(st.st_ino)
             if mode == .replace, st.st_nlink > 1, UInt64(st.st_ino) != source.backingInode {
-                // Referenced under the table's lock, so it stays the inode's node (`retain`).
-                replacedNode = table.withLock { t in
-                    let found = t.byInode[UInt64(st.st_ino)]
-                    found?.state.withLock { $0.lookups += 1 }
-                    return found
-                }
+                replacedNode = retainedNode(inode: UInt64(st.st_ino))
             }
             if mode == .replace, st.st_mode & S_IFMT == S_IFREG, st.st_nlink == 1, UInt64(st.st_ino) != source.backingInode {
                 replacedLastName = (UInt64(st.st_ino), header(ofLastName: toName.backingName, in: toFD.descriptor, inode: UInt64(st.st_ino)))

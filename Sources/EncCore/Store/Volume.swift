@@ -236,6 +236,16 @@ public final class Volume: Sendable {
         table.withLock { _ in node.state.withLock { $0.lookups += 1 } }
     }
 
+    /// The node of `inode`, if the table has one, with one more reference taken under the same
+    /// hold of the table's lock (so it stays the inode's node until `release`).
+    func retainedNode(inode: UInt64) -> Node? {
+        table.withLock { t in
+            let found = t.byInode[inode]
+            found?.state.withLock { $0.lookups += 1 }
+            return found
+        }
+    }
+
     /// Drops a reference taken by `child` or `insert` for the duration of one operation.
     func release(_ node: Node) {
         forget(node.id, count: 1)
@@ -504,7 +514,6 @@ public final class Volume: Sendable {
     }
 
     private static func attributes(_ node: Node, _ s: NodeState, stat st: stat, headerStat: stat) -> Attributes {
-        func stamp(_ t: timespec) -> Timestamp { Timestamp(seconds: Int64(t.tv_sec), nanoseconds: Int64(t.tv_nsec)) }
         func later(_ a: timespec, _ b: timespec) -> timespec { (a.tv_sec, a.tv_nsec) >= (b.tv_sec, b.tv_nsec) ? a : b }
         func spec(_ ns: UInt64) -> timespec { timespec(tv_sec: Int(ns / 1_000_000_000), tv_nsec: Int(ns % 1_000_000_000)) }
         // An atime write leaves the plaintext ctime in the header (AccessTimes.swift).
@@ -520,9 +529,9 @@ public final class Volume: Sendable {
         var attributes = Attributes(
             inode: UInt64(st.st_ino), mode: node.type.formatBits | s.header.mode, linkCount: UInt32(st.st_nlink),
             uid: s.header.uid, gid: s.header.gid, rdev: s.header.rdev, size: size, blocks: UInt64(st.st_blocks),
-            accessTime: accessed.map { Timestamp(nanosecondsSinceEpoch: $0) } ?? stamp(st.st_atim),
-            modificationTime: stamp(pending ?? st.st_mtim),
-            changeTime: stamp(later(pending ?? ownChange, later(ownChange, headerChange))))
+            accessTime: accessed.map { Timestamp(nanosecondsSinceEpoch: $0) } ?? Timestamp(st.st_atim),
+            modificationTime: Timestamp(pending ?? st.st_mtim),
+            changeTime: Timestamp(later(pending ?? ownChange, later(ownChange, headerChange))))
         if node.type == .regular { attributes.blockSize = s.header.extentSize }
         // A v1 header has no field for it: the time set at creation would be gone at remount.
         if s.header.version >= 2 && s.header.birthTime != 0 {
