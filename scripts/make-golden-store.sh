@@ -6,7 +6,9 @@
 # a second key (bytes 0x41..0x80) stopped part way by killing the daemon at its second batch, in
 # Tests/Golden/v<N>-half-rekeyed, whose manifest names the second key. With "attributes" (version 3
 # on): the same tree with inode flags and xattrs, part of them in a side object, in
-# Tests/Golden/v<N>-attributes.
+# Tests/Golden/v<N>-attributes. With "key-groups" (version 3 on, stores with the extent-key-groups
+# feature): the same tree and a file of several key groups written in one call, then overwritten in
+# part, in Tests/Golden/v<N>-key-groups.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${1:?usage: make-golden-store.sh FORMAT_VERSION [half-rekeyed]}"
@@ -86,6 +88,35 @@ m["inodeFlags"] = flags
 json.dump(m, open(manifest_path, "w"), indent=2, sort_keys=True)
 PY
     [ -n "$(ls "$store/.xattrs" 2>/dev/null)" ] || { echo "no xattr side object was made" >&2; exit 1; }
+fi
+if [ "$variant" = key-groups ]; then
+    grep -q '"extent-key-groups"' "$store/encfsd.conf" || { echo "this build does not make key-group stores" >&2; exit 1; }
+    python3 - "$work/mnt" "$work/manifest.json" <<'PY'
+import hashlib, json, os, sys
+mnt, manifest_path = sys.argv[1], sys.argv[2]
+# 40 extents and a bit, one write: groups of 16 share a nonce, each extent its own IV. Then one
+# whole extent and a few bytes across an extent boundary are rewritten, each under a fresh nonce,
+# and the file is made durable so the overwrite goes through the journal.
+data = bytearray((i * 37 + (i >> 12)) & 0xff for i in range(40 * 4096 + 123))
+path = os.path.join(mnt, "groups")
+with open(path, "wb") as f:
+    f.write(data)
+fd = os.open(path, os.O_WRONLY)
+try:
+    whole = bytes([0xA5]) * 4096
+    os.pwrite(fd, whole, 17 * 4096)
+    data[17 * 4096:18 * 4096] = whole
+    across = b"across a boundary"
+    os.pwrite(fd, across, 31 * 4096 - 5)
+    data[31 * 4096 - 5:31 * 4096 - 5 + len(across)] = across
+    os.fsync(fd)
+finally:
+    os.close(fd)
+m = json.load(open(manifest_path))
+m["files"]["groups"] = {"sha256": hashlib.sha256(bytes(data)).hexdigest(), "size": len(data)}
+m["features"] = ["extent-key-groups"]
+json.dump(m, open(manifest_path, "w"), indent=2, sort_keys=True)
+PY
 fi
 if [ "$variant" = half-rekeyed ]; then
     fusermount3 -u "$work/mnt"

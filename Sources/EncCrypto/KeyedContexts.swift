@@ -63,8 +63,36 @@ package final class KeyedContextCache: Sendable {
     /// with zeros in every thread whenever any master key is wiped, so no derived key outlives
     /// its master key. Each is used and scrubbed only under its lock, and freed under it (nil
     /// after `retire`), so a scrub never meets a freed context.
-    private let gcm: Lock<OpaquePointer?>
+    private let gcm: Lock<GCMState>
     private let hmacSHA256: Lock<OpaquePointer?>
+
+    /// The GCM context and, when `withExtentGCM` keyed it, which extent key it holds: consecutive
+    /// extents of one key group share their nonce and so their key, and a context already keyed
+    /// with it is re-initialised with the member's IV alone, skipping the HKDF and the AES key
+    /// schedule (PERFORMANCE.md, "Extent key groups").
+    ///
+    /// Invariant making this `@unchecked Sendable`: it lives only inside its cache's lock.
+    private struct GCMState: @unchecked Sendable {
+        var ctx: OpaquePointer?
+        var extentKey = ExtentKeying.none
+
+        /// Forgets which extent key the context holds; the fields are zeroed, not left behind.
+        mutating func forgetExtentKey() { extentKey = .none }
+    }
+
+    /// The master key (by serial), nonce and derived IV of the extent key a GCM context holds.
+    private struct ExtentKeying: Equatable {
+        var serial: UInt64
+        var nonce: (UInt64, UInt64)
+        var iv: (UInt64, UInt32)
+        var held: Bool
+
+        static let none = ExtentKeying(serial: 0, nonce: (0, 0), iv: (0, 0), held: false)
+
+        static func == (a: Self, b: Self) -> Bool {
+            a.held == b.held && a.serial == b.serial && a.nonce == b.nonce && a.iv == b.iv
+        }
+    }
 
     /// Every thread's cache, for `forget`.
     private static let registry = Lock<[ObjectIdentifier: KeyedContextCache]>([:])
@@ -79,14 +107,56 @@ package final class KeyedContextCache: Sendable {
         else { fatalError("OpenSSL refused AES-256-GCM") }
         let digestSet = DigestName.sha256.withParameters { EVP_MAC_CTX_set_params(hmac, $0) == 1 }
         guard digestSet else { fatalError("OpenSSL refused HMAC-SHA256") }
-        self.gcm = Lock(gcm)
+        self.gcm = Lock(GCMState(ctx: gcm))
         self.hmacSHA256 = Lock(hmac)
         Self.registry.withLock { $0[ObjectIdentifier(self)] = self }
     }
 
     /// Runs `body` on this thread's AES-256-GCM context; `body` keys it.
     package func withGCM<R, E: Error>(_ body: (OpaquePointer) throws(E) -> R) throws(E) -> R {
-        try gcm.withLock { (ctx: inout OpaquePointer?) throws(E) -> R in try body(ctx!) }
+        try gcm.withLock { (state: inout GCMState) throws(E) -> R in
+            state.forgetExtentKey()
+            return try body(state.ctx!)
+        }
+    }
+
+    /// Runs `body` on this thread's AES-256-GCM context for the extent key derived from `nonce`
+    /// under master key `serial`. When the context already holds that key, `body` gets a nil key
+    /// and must initialise with the IV alone; otherwise `derive` fills the 64-byte block whose
+    /// first 32 bytes are the key and next 12 the IV, and `body` gets the key to initialise with.
+    /// Either way `body` gets the derived IV (before the member's adjustment).
+    ///
+    /// `derive` runs under this cache's GCM lock and takes its HMAC entries' lock: the only
+    /// place two of a cache's locks nest, always in this order and only on the owning thread
+    /// (`forget` takes each alone).
+    package func withExtentGCM<R, E: Error>(serial: UInt64, nonce: UnsafeRawBufferPointer,
+                                            derive: (UnsafeMutableRawBufferPointer) -> Void,
+                                            _ body: (OpaquePointer, UnsafeRawBufferPointer?, UnsafeRawBufferPointer) throws(E) -> R) throws(E) -> R {
+        precondition(nonce.count == 16)
+        let nonceWords = (nonce.loadUnaligned(fromByteOffset: 0, as: UInt64.self), nonce.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
+        return try gcm.withLock { (state: inout GCMState) throws(E) -> R in
+            let ctx = state.ctx!
+            if state.extentKey.held && state.extentKey.serial == serial && state.extentKey.nonce == nonceWords {
+                let iv = state.extentKey.iv
+                return try withUnsafeBytes(of: iv) { raw throws(E) -> R in
+                    try body(ctx, nil, UnsafeRawBufferPointer(rebasing: raw[0..<12]))
+                }
+            }
+            // A failed or partial keying must not leave the old key marked as held.
+            state.forgetExtentKey()
+            return try withUnsafeTemporaryAllocation(byteCount: 64, alignment: 16) { (material: UnsafeMutableRawBufferPointer) throws(E) -> R in
+                defer { OpenSSL.cleanse(material) }
+                derive(material)
+                let key = UnsafeRawBufferPointer(rebasing: material[0..<32])
+                let iv = UnsafeRawBufferPointer(rebasing: material[32..<44])
+                let result = try body(ctx, key, iv)
+                state.extentKey = ExtentKeying(serial: serial, nonce: nonceWords,
+                                               iv: (iv.loadUnaligned(fromByteOffset: 0, as: UInt64.self),
+                                                    iv.loadUnaligned(fromByteOffset: 8, as: UInt32.self)),
+                                               held: true)
+                return result
+            }
+        }
     }
 
     /// Runs `body` on this thread's HMAC-SHA256 context; `body` keys it.
@@ -100,8 +170,9 @@ package final class KeyedContextCache: Sendable {
         let placeholder = (UInt64(0), UInt64(0), UInt64(0), UInt64(0))
         withUnsafeBytes(of: placeholder) { zeros in
             let key = zeros.baseAddress!.assumingMemoryBound(to: UInt8.self)
-            gcm.withLock { ctx in
-                guard let ctx else { return }
+            gcm.withLock { state in
+                state.forgetExtentKey()
+                guard let ctx = state.ctx else { return }
                 precondition(EVP_CipherInit_ex2(ctx, nil, key, nil, -1, nil) == 1, "AES-256-GCM init failed")
             }
             hmacSHA256.withLock { ctx in
@@ -208,14 +279,21 @@ package final class KeyedContextCache: Sendable {
             entries.removeAll()
         }
         // Freeing cleanses the key state (OpenSSL's free does).
-        gcm.withLock { ctx in
-            EVP_CIPHER_CTX_free(ctx)
-            ctx = nil
+        gcm.withLock { state in
+            state.forgetExtentKey()
+            EVP_CIPHER_CTX_free(state.ctx)
+            state.ctx = nil
         }
         hmacSHA256.withLock { ctx in
             EVP_MAC_CTX_free(ctx)
             ctx = nil
         }
+    }
+
+    /// How many threads' GCM contexts hold an extent key derived under `serial` (tests).
+    package static func extentKeysHeld(for serial: UInt64) -> Int {
+        let caches = registry.withLock { Array($0.values) }
+        return caches.filter { cache in cache.gcm.withLock { $0.extentKey.held && $0.extentKey.serial == serial } }.count
     }
 
     /// How many threads hold a context keyed for `serial`, for `use` or for any use when nil (tests).

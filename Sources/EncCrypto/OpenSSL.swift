@@ -283,7 +283,56 @@ public enum OpenSSL {
         }.get()
     }
 
-    private static func gcmSeal(_ ctx: OpaquePointer, key: UnsafeRawBufferPointer, iv: UnsafeRawBufferPointer, ad: UnsafeRawBufferPointer,
+    /// AES-256-GCM seal under the extent key derived from `nonce` (`derive` fills the 64-byte
+    /// block: key, then IV), with the IV's last byte XORed with `member`, on this thread's context.
+    /// A context still holding that key (the previous extent of the same key group) skips the
+    /// derivation and the key schedule.
+    package static func extentSeal(serial: UInt64, nonce: UnsafeRawBufferPointer, member: UInt8,
+                                   derive: (UnsafeMutableRawBufferPointer) -> Void, ad: UnsafeRawBufferPointer,
+                                   plaintext: UnsafeRawBufferPointer, ciphertext: UnsafeMutableRawBufferPointer,
+                                   tag: UnsafeMutableRawBufferPointer) throws(CryptoError) {
+        precondition(tag.count == gcmTagCount && ciphertext.count >= plaintext.count)
+        try ThreadContexts.withCurrent { contexts in
+            Result { () throws(CryptoError) in
+                try contexts.keyed.withExtentGCM(serial: serial, nonce: nonce, derive: derive) { (ctx, key, base) throws(CryptoError) in
+                    try withMemberIV(base, member) { (iv) throws(CryptoError) in
+                        try gcmSeal(ctx, key: key, iv: iv, ad: ad, plaintext: plaintext, ciphertext: ciphertext, tag: tag)
+                    }
+                }
+            }
+        }.get()
+    }
+
+    /// `extentSeal`'s opening: throws `.authenticationFailed` (plaintext wiped) when the tag fails.
+    package static func extentOpen(serial: UInt64, nonce: UnsafeRawBufferPointer, member: UInt8,
+                                   derive: (UnsafeMutableRawBufferPointer) -> Void, ad: UnsafeRawBufferPointer,
+                                   ciphertext: UnsafeRawBufferPointer, tag: UnsafeRawBufferPointer,
+                                   plaintext: UnsafeMutableRawBufferPointer) throws(CryptoError) {
+        precondition(tag.count == gcmTagCount && plaintext.count >= ciphertext.count)
+        try ThreadContexts.withCurrent { contexts in
+            Result { () throws(CryptoError) in
+                try contexts.keyed.withExtentGCM(serial: serial, nonce: nonce, derive: derive) { (ctx, key, base) throws(CryptoError) in
+                    try withMemberIV(base, member) { (iv) throws(CryptoError) in
+                        try gcmOpen(ctx, key: key, iv: iv, ad: ad, ciphertext: ciphertext, tag: tag, plaintext: plaintext)
+                    }
+                }
+            }
+        }.get()
+    }
+
+    /// The derived IV with its last byte XORed with the key-group member (FORMAT.md 5.3).
+    private static func withMemberIV(_ base: UnsafeRawBufferPointer, _ member: UInt8,
+                                     _ body: (UnsafeRawBufferPointer) throws(CryptoError) -> Void) throws(CryptoError) {
+        var iv: (UInt64, UInt32) = (0, 0)
+        withUnsafeMutableBytes(of: &iv) { $0.copyMemory(from: base) }
+        try withUnsafeMutableBytes(of: &iv) { (raw) throws(CryptoError) in
+            raw[11] ^= member
+            try body(UnsafeRawBufferPointer(rebasing: raw[0..<gcmIVCount]))
+        }
+    }
+
+    /// `key` nil: the context already holds the key, only the IV is set.
+    private static func gcmSeal(_ ctx: OpaquePointer, key: UnsafeRawBufferPointer?, iv: UnsafeRawBufferPointer, ad: UnsafeRawBufferPointer,
                                 plaintext: UnsafeRawBufferPointer, ciphertext: UnsafeMutableRawBufferPointer,
                                 tag: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         var outCount: Int32 = 0
@@ -311,7 +360,7 @@ public enum OpenSSL {
         try withThreadGCM { (ctx) throws(CryptoError) in try gcmOpen(ctx, key: key, iv: iv, ad: ad, ciphertext: ciphertext, tag: tag, plaintext: plaintext) }
     }
 
-    private static func gcmOpen(_ ctx: OpaquePointer, key: UnsafeRawBufferPointer, iv: UnsafeRawBufferPointer, ad: UnsafeRawBufferPointer,
+    private static func gcmOpen(_ ctx: OpaquePointer, key: UnsafeRawBufferPointer?, iv: UnsafeRawBufferPointer, ad: UnsafeRawBufferPointer,
                                 ciphertext: UnsafeRawBufferPointer, tag: UnsafeRawBufferPointer,
                                 plaintext: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         var outCount: Int32 = 0
@@ -480,6 +529,10 @@ private var emptyByte: UnsafeRawPointer { UnsafeRawPointer(("" as StaticString).
 
 @inline(__always) private func u8(_ b: UnsafeRawBufferPointer) -> UnsafePointer<UInt8>? {
     b.baseAddress?.assumingMemoryBound(to: UInt8.self)
+}
+
+@inline(__always) private func u8(_ b: UnsafeRawBufferPointer?) -> UnsafePointer<UInt8>? {
+    b?.baseAddress?.assumingMemoryBound(to: UInt8.self)
 }
 
 @inline(__always) private func u8m(_ b: UnsafeMutableRawBufferPointer) -> UnsafeMutablePointer<UInt8>? {

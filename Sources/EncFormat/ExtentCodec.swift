@@ -10,34 +10,44 @@ import EncKeys
 public enum ExtentCodec {
     package static let adBytes = 28
 
-    public static func seal(key: MasterKey, objectID: [UInt8], index: UInt64,
-                            plaintext: UnsafeRawBufferPointer, into stored: UnsafeMutableRawBufferPointer) {
-        seal(key: key, objectID: objectID, index: index, plaintext: plaintext, into: stored, fixedNonce: nil)
-    }
-
-    /// `fixedNonce` exists for known-answer tests only; production seals always draw a nonce.
-    package static func seal(key: MasterKey, objectID: [UInt8], index: UInt64, plaintext: UnsafeRawBufferPointer,
-                     into stored: UnsafeMutableRawBufferPointer, fixedNonce: [UInt8]?) {
+    /// Seals with a fresh nonce, or with `nonce` when the caller shares one among the members of a
+    /// key group (`ExtentGroupSealer`, which never seals one member twice under one nonce).
+    /// `member` is the extent's place in its key group (`ExtentGeometry.keyGroupMember`, 0 in an
+    /// object without key groups).
+    public static func seal(key: MasterKey, objectID: [UInt8], index: UInt64, member: UInt8 = 0,
+                            plaintext: UnsafeRawBufferPointer, into stored: UnsafeMutableRawBufferPointer,
+                            nonce sharedNonce: UnsafeRawBufferPointer? = nil) {
         precondition(stored.count == plaintext.count + ExtentGeometry.overheadBytes)
         let nonce = UnsafeMutableRawBufferPointer(rebasing: stored[0..<ExtentGeometry.nonceBytes])
-        if let fixedNonce {
-            nonce.copyBytes(from: fixedNonce)
+        if let sharedNonce {
+            precondition(sharedNonce.count == ExtentGeometry.nonceBytes)
+            nonce.copyMemory(from: sharedNonce)
         } else {
             OpenSSL.fillNonce(nonce)
         }
         let body = UnsafeMutableRawBufferPointer(rebasing: stored[ExtentGeometry.nonceBytes..<(stored.count - ExtentGeometry.tagBytes)])
         let tag = UnsafeMutableRawBufferPointer(rebasing: stored[(stored.count - ExtentGeometry.tagBytes)...])
-        withKeyAndAD(key: key, nonce: UnsafeRawBufferPointer(nonce), objectID: objectID, index: index,
-                     length: plaintext.count) { k, iv, ad in
+        withAD(objectID: objectID, index: index, length: plaintext.count) { ad in
             do {
-                try OpenSSL.gcmSeal(key: k, iv: iv, ad: ad, plaintext: plaintext, ciphertext: body, tag: tag)
+                try OpenSSL.extentSeal(serial: key.instanceSerial, nonce: UnsafeRawBufferPointer(nonce), member: member,
+                                       derive: { key.deriveExtentKey(nonce: UnsafeRawBufferPointer(nonce), into: $0) },
+                                       ad: ad, plaintext: plaintext, ciphertext: body, tag: tag)
             } catch {
                 fatalError("AES-256-GCM seal failed with valid parameters: \(error)")
             }
         }
     }
 
-    public static func open(key: MasterKey, objectID: [UInt8], index: UInt64,
+    /// A known-answer test's seal under a given nonce.
+    package static func seal(key: MasterKey, objectID: [UInt8], index: UInt64, member: UInt8 = 0, plaintext: UnsafeRawBufferPointer,
+                             into stored: UnsafeMutableRawBufferPointer, fixedNonce: [UInt8]?) {
+        guard let fixedNonce else { return seal(key: key, objectID: objectID, index: index, member: member, plaintext: plaintext, into: stored) }
+        fixedNonce.withUnsafeBytes {
+            seal(key: key, objectID: objectID, index: index, member: member, plaintext: plaintext, into: stored, nonce: $0)
+        }
+    }
+
+    public static func open(key: MasterKey, objectID: [UInt8], index: UInt64, member: UInt8 = 0,
                             stored: UnsafeRawBufferPointer, into plaintext: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         guard stored.count >= ExtentGeometry.overheadBytes,
               plaintext.count >= stored.count - ExtentGeometry.overheadBytes else { throw .authenticationFailed }
@@ -47,9 +57,11 @@ public enum ExtentCodec {
         let tag = UnsafeRawBufferPointer(rebasing: stored[(stored.count - ExtentGeometry.tagBytes)...])
         let out = UnsafeMutableRawBufferPointer(rebasing: plaintext[0..<length])
         var failure: CryptoError?
-        withKeyAndAD(key: key, nonce: nonce, objectID: objectID, index: index, length: length) { k, iv, ad in
+        withAD(objectID: objectID, index: index, length: length) { ad in
             do throws(CryptoError) {
-                try OpenSSL.gcmOpen(key: k, iv: iv, ad: ad, ciphertext: body, tag: tag, plaintext: out)
+                try OpenSSL.extentOpen(serial: key.instanceSerial, nonce: nonce, member: member,
+                                       derive: { key.deriveExtentKey(nonce: nonce, into: $0) },
+                                       ad: ad, ciphertext: body, tag: tag, plaintext: out)
             } catch {
                 failure = error
             }
@@ -57,20 +69,51 @@ public enum ExtentCodec {
         if let failure { throw failure }
     }
 
-    private static func withKeyAndAD(key: MasterKey, nonce: UnsafeRawBufferPointer, objectID: [UInt8], index: UInt64,
-                                     length: Int,
-                                     _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer, UnsafeRawBufferPointer) -> Void) {
-        // A whole HKDF block (key, IV and 20 unused bytes) saves copying the 44 out of a scratch one.
-        withUnsafeTemporaryAllocation(byteCount: 64 + adBytes, alignment: 16) { scratch in
-            let material = UnsafeMutableRawBufferPointer(rebasing: scratch[0..<64])
-            defer { OpenSSL.cleanse(material) }
-            key.deriveExtentKey(nonce: nonce, into: material)
-            let ad = UnsafeMutableRawBufferPointer(rebasing: scratch[64...])
+    private static func withAD(objectID: [UInt8], index: UInt64, length: Int, _ body: (UnsafeRawBufferPointer) -> Void) {
+        withUnsafeTemporaryAllocation(byteCount: adBytes, alignment: 16) { ad in
             objectID.withUnsafeBytes { ad.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: 16) }
             ad.storeBytes(of: index.littleEndian, toByteOffset: 16, as: UInt64.self)
             ad.storeBytes(of: UInt32(length).littleEndian, toByteOffset: 24, as: UInt32.self)
-            body(UnsafeRawBufferPointer(rebasing: material[0..<32]), UnsafeRawBufferPointer(rebasing: material[32..<44]),
-                 UnsafeRawBufferPointer(ad))
+            body(UnsafeRawBufferPointer(ad))
+        }
+    }
+}
+
+/// Seals the extents of one object in a batch, sharing one fresh nonce among the members of a key
+/// group it seals in a row (`ExtentGeometry.keyGroup` > 1): one key derivation and one AES key
+/// schedule per group, not per extent. A nonce is never used for one member twice: a member met
+/// again, or another group, draws a new one. Without key groups every seal draws its own nonce.
+public struct ExtentGroupSealer {
+    public let key: MasterKey
+    public let objectID: [UInt8]
+    public let geometry: ExtentGeometry
+    private var nonce: (UInt64, UInt64) = (0, 0)
+    private var group: UInt64?
+    private var membersSealed: UInt64 = 0
+
+    public init(key: MasterKey, objectID: [UInt8], geometry: ExtentGeometry) {
+        precondition(geometry.keyGroup <= 64)
+        self.key = key
+        self.objectID = objectID
+        self.geometry = geometry
+    }
+
+    public mutating func seal(index: UInt64, plaintext: UnsafeRawBufferPointer, into stored: UnsafeMutableRawBufferPointer) {
+        let member = geometry.keyGroupMember(index)
+        guard geometry.keyGroup > 1 else {
+            ExtentCodec.seal(key: key, objectID: objectID, index: index, plaintext: plaintext, into: stored)
+            return
+        }
+        let bit = UInt64(1) << UInt64(member)
+        if group != geometry.keyGroupIndex(index) || membersSealed & bit != 0 {
+            withUnsafeMutableBytes(of: &nonce) { OpenSSL.fillNonce($0) }
+            group = geometry.keyGroupIndex(index)
+            membersSealed = 0
+        }
+        membersSealed |= bit
+        let shared = nonce
+        withUnsafeBytes(of: shared) { n in
+            ExtentCodec.seal(key: key, objectID: objectID, index: index, member: member, plaintext: plaintext, into: stored, nonce: n)
         }
     }
 }

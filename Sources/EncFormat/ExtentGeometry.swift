@@ -15,11 +15,24 @@ public struct ExtentGeometry: Sendable, Equatable {
     public static let allowedExtentSizes: ClosedRange<Int> = 4096...(1 << 20)
 
     public let extentSize: Int
+    /// Extents per key group (FORMAT.md 5.3): 1, every seal its own nonce; `groupedExtents` in an
+    /// object whose header has the `keyGroups` flag, where the extents of one aligned group sealed
+    /// together share a nonce and so one key derivation, each under its own IV.
+    public let keyGroup: UInt64
 
-    public init(extentSize: Int) {
+    public static let groupedExtents: UInt64 = 16
+
+    public init(extentSize: Int, keyGroups: Bool = false) {
         precondition(Self.isValid(extentSize: extentSize))
         self.extentSize = extentSize
+        keyGroup = keyGroups ? Self.groupedExtents : 1
     }
+
+    /// The member of its key group extent `index` is: the byte its IV's last byte is XORed with.
+    public func keyGroupMember(_ index: UInt64) -> UInt8 { UInt8(truncatingIfNeeded: index % keyGroup) }
+
+    /// The key group extent `index` belongs to.
+    public func keyGroupIndex(_ index: UInt64) -> UInt64 { index / keyGroup }
 
     public static func isValid(extentSize: Int) -> Bool {
         allowedExtentSizes.contains(extentSize) && extentSize & (extentSize - 1) == 0

@@ -30,7 +30,11 @@ public struct ObjectHeader: Equatable, Sendable {
         public init(rawValue: UInt32) { self.rawValue = rawValue }
         /// A flush transaction is in flight; the object must be recovered before it is served.
         public static let pendingWrite = Flags(rawValue: 1 << 0)
-        package static let known: Flags = [.pendingWrite]
+        /// The object's extents are sealed in key groups (FORMAT.md 5.3): set when the object is
+        /// made, in a store with the `extent-key-groups` feature, and never changed, because it
+        /// decides every stored extent's IV.
+        public static let keyGroups = Flags(rawValue: 1 << 1)
+        package static let known: Flags = [.pendingWrite, .keyGroups]
     }
 
     /// v3: the inode flags of `FS_IOC_GETFLAGS`/`SETFLAGS`, stored with Linux's own bit values so
@@ -128,7 +132,7 @@ public struct ObjectHeader: Equatable, Sendable {
         self.macPolicy = macPolicy ?? policy
     }
 
-    public var geometry: ExtentGeometry { ExtentGeometry(extentSize: Int(extentSize)) }
+    public var geometry: ExtentGeometry { ExtentGeometry(extentSize: Int(extentSize), keyGroups: flags.contains(.keyGroups)) }
 
     /// Bytes one more binding would add, to refuse a link before the header overflows.
     public static func bindingBytes(_ b: Binding) -> Int { 18 + b.longName.count }

@@ -8,7 +8,12 @@ public struct StoreConfig: Codable, Equatable, Sendable {
     public static let fileName = "encfsd.conf"
     public static let currentVersion = 3
     /// Features this build understands. A store naming any other is refused, never guessed at.
-    public static let knownFeatures: Set<String> = []
+    public static let knownFeatures: Set<String> = [extentKeyGroups]
+    /// Files made in the store seal their extents in key groups (FORMAT.md 5.3, 10.2).
+    public static let extentKeyGroups = "extent-key-groups"
+
+    /// Whether files made from now on get the `keyGroups` header flag.
+    public var makesKeyGroups: Bool { features.contains(Self.extentKeyGroups) }
 
     public var format: String = "encfsd"
     public var version: Int = StoreConfig.currentVersion
@@ -142,6 +147,8 @@ public struct StoreConfig: Codable, Equatable, Sendable {
         }
         let unknown = Set(config.features).subtracting(knownFeatures)
         guard unknown.isEmpty else { throw .unsupported("features \(unknown.sorted())") }
+        // Key groups arrived with version 3 stores; an older store naming it was not made by encfsd.
+        guard !config.makesKeyGroups || config.version >= 3 else { throw .unreadable("feature \(extentKeyGroups) in a version \(config.version) store") }
         guard ExtentGeometry.isValid(extentSize: config.extentSize) else {
             throw .unreadable("extent size \(config.extentSize) is not a power of two in 4 KiB...1 MiB")
         }

@@ -26,6 +26,8 @@ import Testing
         let xattrs: [String: [String: String]]?
         /// Path -> FS_IOC_GETFLAGS flags (FS_ENCRYPT_FL aside).
         let inodeFlags: [String: UInt32]?
+        /// The store's features, which the test checks it really has.
+        let features: [String]?
     }
 
     static var versions: [String] {
@@ -51,6 +53,7 @@ import Testing
             try keys.add(try MasterKey(raw: (65...128).map { UInt8($0) }), claim: .init(uid: 0, serial: 0))
         }
         let volume = try Volume(storePath: work.path, keys: keys)
+        if let features = manifest.features { #expect(volume.config.features == features, "\(version)") }
         if let rekeyedTo = manifest.rekeyedTo {
             // Really half way: the record is there and the root already names the new key.
             #expect(volume.rekeys.active.map(\.to.hex) == [rekeyedTo], "\(version)")

@@ -31,7 +31,7 @@ final class ScratchObject {
     let key: MasterKey
     var header: ObjectHeader
 
-    init(extentSize: Int = 4096, key: MasterKey? = nil) throws {
+    init(extentSize: Int = 4096, key: MasterKey? = nil, keyGroups: Bool = false) throws {
         directory = FileManager.default.temporaryDirectory.appendingPathComponent("enccore-\(UUID().uuidString)").path
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         path = directory + "/object"
@@ -41,6 +41,7 @@ final class ScratchObject {
         self.key = try key ?? MasterKey(raw: (1...64).map { UInt8($0) })
         header = ObjectHeader(type: .regular, mode: 0o644, uid: 0, gid: 0, extentSize: UInt32(extentSize),
                               objectID: OpenSSL.random(count: 16), policy: self.key.identifier)
+        if keyGroups { header.flags.insert(.keyGroups) }
         try HeaderSlots.scratch.create(fd: fd.descriptor, header: &header, key: self.key)
     }
 

@@ -163,7 +163,7 @@ class Volume:
         self.store = store or root / "store"
         self.mnt = root / "mnt"
         self.key_file = key_file
-        self.extent_size = extent_size or 16384
+        self.extent_size = extent_size or 4096
         self.pids: list[int] = []
         self.mnt.mkdir(parents=True, exist_ok=True)
         self.policy = None

@@ -49,6 +49,8 @@ class Header:
     body: bytes
     mac: bytes
     xattr_generation: int = 0
+    # flags bit 1 (FORMAT.md 16.4): each extent's IV has its last byte XORed with i mod 16.
+    key_groups: bool = False
 
 
 def parse_slot(slot: bytes) -> Header | None:
@@ -88,6 +90,7 @@ def parse_slot(slot: bytes) -> Header | None:
     h = Header(version, kind, size, extent_size, oid, policy.hex(), mac_policy.hex(), previous, holes, legacy,
                bindings, body, mac)
     h.sequence = sequence
+    h.key_groups = bool(struct.unpack_from("<I", body, 16)[0] & 2)
     if version >= 3:
         h.xattr_generation, = struct.unpack_from("<Q", body, 160)
     return h
@@ -201,9 +204,12 @@ class Scanner:
                 f.seek(4096 + i * (e + 32))
                 stored = f.read(length + 32)
                 okm = expand(k, info(0x80, stored[:16]), 44)
+                iv = bytearray(okm[32:44])
+                if h.key_groups:
+                    iv[11] ^= i % 16
                 ad = h.object_id + struct.pack("<QI", i, length)
                 try:
-                    AESGCM(okm[:32]).decrypt(okm[32:44], stored[16:], ad)
+                    AESGCM(okm[:32]).decrypt(bytes(iv), stored[16:], ad)
                 except Exception:
                     self.report.problems.append(f"{what}: extent {i} does not open under {h.policy}")
 

@@ -59,7 +59,9 @@ def test_unsupported_store_is_refused_unchanged(tmp_path, encfsd_bin, key_file):
     before = tree_digest(store)
     fails(encfsd_bin, "mount", store, mnt, expect="format version 7")
     assert tree_digest(store) == before, "a refused mount changed the store"
-    conf.write_text(conf.read_text().replace('"version" : 7', f'"version" : {made}').replace('"features" : [\n\n  ]', '"features" : ["x"]'))
+    config = json.loads(conf.read_text().replace('"version" : 7', f'"version" : {made}'))
+    config["features"].append("x")
+    conf.write_text(json.dumps(config))
     before = tree_digest(store)
     fails(encfsd_bin, "mount", store, mnt, expect="features")
     assert tree_digest(store) == before, "a refused mount changed the store"

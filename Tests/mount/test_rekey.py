@@ -294,8 +294,16 @@ def test_v1_store_is_upgraded_only_by_upgrade_or_rekey(tmp_path, encfsd_bin):
         assert json.loads(config_path.read_text())["version"] == 1, "a mount upgraded the store"
         assert "Upgraded" in run(encfsd_bin, "upgrade", v.store).stdout
         assert json.loads(config_path.read_text())["version"] == 3
+        # Files made from now on seal in key groups; the ones already there keep their layout.
+        assert json.loads(config_path.read_text())["features"] == ["extent-key-groups"]
         assert "already" in run(encfsd_bin, "upgrade", v.store).stdout
         v.mount(by_key_file=True)
+        assert (v.mnt / "new-file").read_bytes() == b"written on a v1 store"
+        grouped = bytes((i * 13) & 0xff for i in range(50 * 4096 + 7))
+        (v.mnt / "after-upgrade").write_bytes(grouped)
+        v.unmount()
+        v.mount(by_key_file=True)
+        assert (v.mnt / "after-upgrade").read_bytes() == grouped
         assert (v.mnt / "new-file").read_bytes() == b"written on a v1 store"
         v.unmount()
     finally:

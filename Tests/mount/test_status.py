@@ -84,7 +84,7 @@ def test_info_needs_no_key(tmp_path, encfsd_bin, key_file):
     info = json.loads(run(encfsd_bin, "info", store, "--json").stdout)
     # What the probe of the backing found (a local disk here: every capability native).
     assert info.pop("backing")["fallbacks"] == {}
-    assert info == {"store": str(store), "format_version": 3, "features": [], "extent_size": 65536,
+    assert info == {"store": str(store), "format_version": 3, "features": ["extent-key-groups"], "extent_size": 65536,
                     "root_policy": policy, "passphrases": [], "objects": 1}
     text = run(encfsd_bin, "info", store).stdout
     assert f"root policy:    {policy}\n" in text and "extent size:    65536\n" in text

@@ -1,3 +1,5 @@
+import EncFormat
+
 /// The extents an open file has changed since its last commit, each held in exactly one form:
 ///
 /// - `plain`: plaintext of a partly written extent, `extentSize` bytes (zero past the file's end),
@@ -62,12 +64,16 @@ struct DirtyExtents {
 
     /// The records a commit writes in place: every plain extent sealed (`seal`, which may run on
     /// several threads at once, `ExtentFanOut`), then every sealed one, in index order.
-    func records(extentSize: Int, seal: (UInt64, [UInt8]) -> [UInt8]) -> [Journal.Record] {
-        let toSeal = Array(plain)
+    /// Each helper's part is sealed in index order through its own `ExtentGroupSealer` (from
+    /// `makeSealer`), so neighbouring dirty extents of one key group share a key derivation.
+    func records(extentSize: Int, makeSealer: () -> ExtentGroupSealer,
+                 seal: (UInt64, [UInt8], inout ExtentGroupSealer) -> [UInt8]) -> [Journal.Record] {
+        let toSeal = plain.sorted { $0.key < $1.key }
         var stored = [[UInt8]](repeating: [], count: toSeal.count)
         stored.withUnsafeMutableBufferPointer { out in
             ExtentFanOut.forEach(toSeal.count, extentSize: extentSize) { range in
-                for i in range { out[i] = seal(toSeal[i].key, toSeal[i].value) }
+                var sealer = makeSealer()
+                for i in range { out[i] = seal(toSeal[i].key, toSeal[i].value, &sealer) }
             }
         }
         return (zip(toSeal, stored).map { Journal.Record(index: $0.0.key, stored: $0.1) }

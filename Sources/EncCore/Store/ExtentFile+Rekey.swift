@@ -70,6 +70,7 @@ extension ExtentFile {
             let mine = indices[(indices.count * part / parts)..<(indices.count * (part + 1) / parts)]
             var records: [Journal.Record] = []
             records.reserveCapacity(mine.count)
+            var sealer = object.groupSealer()
             do {
                 var i = mine.startIndex
                 while i < mine.endIndex {
@@ -85,11 +86,13 @@ extension ExtentFile {
                         let index = mine[i + k]
                         let one = UnsafeRawBufferPointer(rebasing: stored[(k * stride)..<((k + 1) * stride)])
                         do {
-                            try ExtentCodec.open(key: legacyKey, objectID: objectID, index: index, stored: one, into: plain)
+                            try ExtentCodec.open(key: legacyKey, objectID: objectID, index: index,
+                                                 member: geometry.keyGroupMember(index), stored: one, into: plain)
                         } catch {
                             throw StoreError.integrity("extent \(index) failed authentication")
                         }
-                        records.append(Journal.Record(index: index, stored: object.seal(index, plaintext: UnsafeRawBufferPointer(plain))))
+                        records.append(Journal.Record(index: index, stored: object.seal(index, plaintext: UnsafeRawBufferPointer(plain),
+                                                                                        using: &sealer)))
                     }
                     i = j + 1
                 }

@@ -95,7 +95,8 @@ final class ExtentFile: @unchecked Sendable {
             sealing = legacyKey
         }
         do {
-            try ExtentCodec.open(key: sealing, objectID: objectID, index: index, stored: stored, into: plain)
+            try ExtentCodec.open(key: sealing, objectID: objectID, index: index, member: geometry.keyGroupMember(index),
+                                 stored: stored, into: plain)
         } catch {
             throw StoreError.integrity("extent \(index) failed authentication")
         }
@@ -164,12 +165,12 @@ final class ExtentFile: @unchecked Sendable {
         let bytes = ThreadScratch.current.sealing(count: count * geometry.stride)
         let (key, objectID, geometry) = (key, objectID, geometry)
         ExtentFanOut.forEach(count, extentSize: geometry.extentSize) { range in
+            var sealer = ExtentGroupSealer(key: key, objectID: objectID, geometry: geometry)
             for i in range {
                 let index = first + UInt64(i)
                 let from = Int(geometry.extentStart(index) - offset)
-                ExtentCodec.seal(key: key, objectID: objectID, index: index,
-                                 plaintext: UnsafeRawBufferPointer(rebasing: data[from..<(from + geometry.extentSize)]),
-                                 into: UnsafeMutableRawBufferPointer(rebasing: bytes[(i * geometry.stride)..<((i + 1) * geometry.stride)]))
+                sealer.seal(index: index, plaintext: UnsafeRawBufferPointer(rebasing: data[from..<(from + geometry.extentSize)]),
+                            into: UnsafeMutableRawBufferPointer(rebasing: bytes[(i * geometry.stride)..<((i + 1) * geometry.stride)]))
             }
         }
         return Presealed(first: first, count: count, bytes: bytes)
@@ -373,7 +374,7 @@ final class ExtentFile: @unchecked Sendable {
         var final = committed
         final.size = size
         final.holes = holes
-        final.flags = []
+        final.flags.remove(.pendingWrite)
         let newCount = geometry.extentCount(size: size)
         final.legacyRanges = remainingLegacy(count: newCount)
         while committed.previousPolicy != nil && !final.fits(), let smallest = final.legacyRanges.ranges.min(by: { $0.count < $1.count }) {
@@ -393,9 +394,9 @@ final class ExtentFile: @unchecked Sendable {
             final.legacyRanges.remove(smallest)
         }
         let (object, geometry, size) = (object, geometry, size)
-        let records = changes.records(extentSize: geometry.extentSize) { index, plain in
+        let records = changes.records(extentSize: geometry.extentSize, makeSealer: object.groupSealer) { index, plain, sealer in
             let length = geometry.plaintextLength(index, size: size)
-            return plain.withUnsafeBytes { object.seal(index, plaintext: UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+            return plain.withUnsafeBytes { object.seal(index, plaintext: UnsafeRawBufferPointer(rebasing: $0[0..<length]), using: &sealer) }
         }
         // Direct writes may have grown the backing file past the committed length; a file that
         // was then truncated is cut back to its new length like any shrinking file.
@@ -420,11 +421,12 @@ final class ExtentFile: @unchecked Sendable {
     func writeZeroExtents(_ range: Range<UInt64>) throws {
         let zeros = [UInt8](repeating: 0, count: geometry.extentSize)
         var index = range.lowerBound
+        var sealer = object.groupSealer()
         while index < range.upperBound {
             let end = min(range.upperBound, index + 64)
             let batch = (index..<end).map { i -> Journal.Record in
                 let length = geometry.plaintextLength(i, size: size)
-                let stored = zeros.withUnsafeBytes { object.seal(i, plaintext: UnsafeRawBufferPointer(rebasing: $0[0..<length])) }
+                let stored = zeros.withUnsafeBytes { object.seal(i, plaintext: UnsafeRawBufferPointer(rebasing: $0[0..<length]), using: &sealer) }
                 return Journal.Record(index: i, stored: stored)
             }
             try object.writeInPlace(batch)

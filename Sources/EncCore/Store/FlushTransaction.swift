@@ -27,11 +27,20 @@ struct OpenObject: Sendable {
     /// Extent `index` sealed under `key` with a fresh nonce. The seal writes every byte of the
     /// result, so it is not zeroed first.
     func seal(_ index: UInt64, plaintext: UnsafeRawBufferPointer) -> [UInt8] {
+        var sealer = groupSealer()
+        return seal(index, plaintext: plaintext, using: &sealer)
+    }
+
+    /// Extent `index` sealed by `sealer`, which shares a nonce among the members of a key group
+    /// sealed through it in a row (one sealer per thread and batch).
+    func seal(_ index: UInt64, plaintext: UnsafeRawBufferPointer, using sealer: inout ExtentGroupSealer) -> [UInt8] {
         [UInt8](unsafeUninitializedCapacity: plaintext.count + ExtentGeometry.overheadBytes) { bytes, count in
-            ExtentCodec.seal(key: key, objectID: objectID, index: index, plaintext: plaintext, into: UnsafeMutableRawBufferPointer(bytes))
+            sealer.seal(index: index, plaintext: plaintext, into: UnsafeMutableRawBufferPointer(bytes))
             count = bytes.count
         }
     }
+
+    func groupSealer() -> ExtentGroupSealer { ExtentGroupSealer(key: key, objectID: objectID, geometry: geometry) }
 
     /// Writes sealed extents in place; contiguous ones go out in one pwritev.
     func writeInPlace(_ records: [Journal.Record]) throws {

@@ -181,7 +181,8 @@ enum Journal {
             let slot = try read(ExtentGeometry.headerSlotBytes, at: Int64(fixedBytes))
             guard case .valid(let final) = HeaderCodec.open(slot: slot[...], key: key),
                   final.sequence == pending.sequence + 1, final.objectID == pending.objectID,
-                  !final.flags.contains(.pendingWrite), final.extentSize == pending.extentSize else {
+                  !final.flags.contains(.pendingWrite), final.extentSize == pending.extentSize,
+                  final.flags.contains(.keyGroups) == pending.flags.contains(.keyGroups) else {
                 throw StoreError.integrity("journal's final header is invalid")
             }
             let geometry = final.geometry
@@ -220,7 +221,8 @@ enum Journal {
                         mac.update(tag)
                         let plain = ThreadScratch.current.extent(count: geometry.extentSize)
                         do {
-                            try ExtentCodec.open(key: key, objectID: pending.objectID, index: index, stored: stored, into: plain)
+                            try ExtentCodec.open(key: key, objectID: pending.objectID, index: index,
+                                                 member: geometry.keyGroupMember(index), stored: stored, into: plain)
                         } catch {
                             throw StoreError.integrity("journal record for extent \(index) failed authentication")
                         }

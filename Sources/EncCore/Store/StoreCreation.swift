@@ -8,7 +8,9 @@ import Glibc
 
 /// Creates a new, empty store.
 public enum StoreCreation {
-    public static let defaultExtentSize = 16384
+    /// 4 KiB: with key groups (FORMAT.md 16.4) it streams as fast as 16 KiB did and doubles random
+    /// 4 KiB I/O (PERFORMANCE.md, "Extent key groups").
+    public static let defaultExtentSize = 4096
 
     /// Writes `encfsd.conf` and the root directory's header into `path` (created if missing;
     /// must be empty otherwise). Both files are fsynced, and then the directory, before this
@@ -23,6 +25,7 @@ public enum StoreCreation {
         guard try dir.listDirectory().isEmpty else { throw StoreError.notEmpty }
 
         var config = StoreConfig(extentSize: extentSize, rootPolicy: key.identifier)
+        config.features = [StoreConfig.extentKeyGroups]
         config.passphrases = passphrase.map { [$0] }
         let configFD = try dir.createEntry(Array(StoreConfig.fileName.utf8), mode: 0o644)
         try Array(config.encoded()).withUnsafeBytes { try configFD.pwrite($0, offset: 0) }

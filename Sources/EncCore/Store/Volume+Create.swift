@@ -35,6 +35,7 @@ extension Volume {
             extentSize: type == .directory ? 0 : UInt32(config.extentSize),
             objectID: OpenSSL.random(count: 16), policy: dirHeader.policy, version: slots.newObjectVersion)
         header.rdev = rdev
+        if type != .directory && config.makesKeyGroups { header.flags.insert(.keyGroups) }
         header.inodeFlags = Self.inheritedFlags(dirHeader.inodeFlags, type: type)
         header.birthTime = Self.nowNanoseconds()
         header.bindings = [Self.binding(parentID: dirHeader.objectID, name: encrypted)]

@@ -31,14 +31,19 @@ struct BenchCommand: ParsableCommand {
         let key = try MasterKey(raw: OpenSSL.random(count: 64))
         let objectID = OpenSSL.random(count: 16)
         if runs > 1 { print("GB/s: best (median) of \(runs) measurements; ratios: median of the \(runs) pairs.\n") }
-        print("| extent size | seal GB/s | open GB/s | GCM stream GB/s | seal / stream | open / stream |")
-        print("|---:|---:|---:|---:|---:|---:|")
+        print("| extent size | seal GB/s | open GB/s | grouped seal GB/s | grouped open GB/s | GCM stream GB/s | seal / stream | open / stream |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
         for size in sizes {
             let plaintext = OpenSSL.random(count: size)
             var stored = [UInt8](repeating: 0, count: size + ExtentGeometry.overheadBytes)
+            var other = stored
             var opened = [UInt8](repeating: 0, count: size)
             let rounds = max(1, bytes / size)
             var seals: [Double] = [], opens: [Double] = [], streams: [Double] = []
+            var groupedSeals: [Double] = [], groupedOpens: [Double] = []
+            let geometry = ExtentGeometry(extentSize: size, keyGroups: true)
+            let members = Int(geometry.keyGroup)
+            var group = [[UInt8]](repeating: [UInt8](repeating: 0, count: size + ExtentGeometry.overheadBytes), count: members)
             var sealRatios: [Double] = [], openRatios: [Double] = []
             var scratch = plaintext
             for _ in 0..<max(1, runs) {
@@ -50,9 +55,34 @@ struct BenchCommand: ParsableCommand {
                 plaintext.withUnsafeBytes { p in stored.withUnsafeMutableBytes { s in
                     ExtentCodec.seal(key: key, objectID: objectID, index: 0, plaintext: p, into: s)
                 }}
-                opens.append(measure(rounds: rounds, size: size) { _ in
-                    try? stored.withUnsafeBytes { s in try opened.withUnsafeMutableBytes { o in
+                plaintext.withUnsafeBytes { p in other.withUnsafeMutableBytes { s in
+                    ExtentCodec.seal(key: key, objectID: objectID, index: 0, plaintext: p, into: s)
+                }}
+                // Two extents in turn: each open derives its key, as a random read's does (the
+                // thread's context keeps only the last extent key).
+                opens.append(measure(rounds: rounds, size: size) { i in
+                    try! (i & 1 == 0 ? stored : other).withUnsafeBytes { s in try opened.withUnsafeMutableBytes { o in
                         try ExtentCodec.open(key: key, objectID: objectID, index: 0, stored: s, into: o)
+                    }}
+                })
+                // Consecutive extents of one file, as a streaming write seals and a read opens them:
+                // a key derivation per key group, not per extent.
+                var sealer = ExtentGroupSealer(key: key, objectID: objectID, geometry: geometry)
+                groupedSeals.append(measure(rounds: rounds, size: size) { i in
+                    plaintext.withUnsafeBytes { p in group[i % members].withUnsafeMutableBytes { s in
+                        sealer.seal(index: UInt64(i), plaintext: p, into: s)
+                    }}
+                })
+                for m in 0..<members {
+                    plaintext.withUnsafeBytes { p in group[m].withUnsafeMutableBytes { s in
+                        sealer.seal(index: UInt64(m), plaintext: p, into: s)
+                    }}
+                }
+                groupedOpens.append(measure(rounds: rounds, size: size) { i in
+                    let m = i % members
+                    try! group[m].withUnsafeBytes { s in try opened.withUnsafeMutableBytes { o in
+                        try ExtentCodec.open(key: key, objectID: objectID, index: UInt64(m), member: geometry.keyGroupMember(UInt64(m)),
+                                             stored: s, into: o)
                     }}
                 })
                 streams.append(scratch.withUnsafeMutableBytes { buffer in
@@ -65,7 +95,7 @@ struct BenchCommand: ParsableCommand {
                 sealRatios.append(seals.last! / streams.last!)
                 openRatios.append(opens.last! / streams.last!)
             }
-            print("| \(size) | \(summary(seals)) | \(summary(opens)) | \(summary(streams)) "
+            print("| \(size) | \(summary(seals)) | \(summary(opens)) | \(summary(groupedSeals)) | \(summary(groupedOpens)) | \(summary(streams)) "
                 + "| \(percent(sealRatios)) | \(percent(openRatios)) |")
         }
         guard derivations > 0 else { return }

@@ -50,7 +50,7 @@ struct UpgradeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "upgrade",
         abstract: "Upgrade an unmounted store to the newest format version (builds of encfsd that only know its older version can then no longer open it).",
-        discussion: "Nothing else upgrades a store, except starting a rekey. Objects move to the newest header version as they are next written.")
+        discussion: "Nothing else upgrades a store, except starting a rekey. Objects move to the newest header version as they are next written. Files made after the upgrade seal their extents in key groups (FORMAT.md 16.4); files already there keep their layout.")
 
     @Argument(help: "The store directory.") var store: String
 
@@ -61,11 +61,12 @@ struct UpgradeCommand: ParsableCommand {
             do { lock = try StoreLock.acquire(storePath: path) } catch { throw CLIError("\(store) is in use: \(error)") }
             var config: StoreConfig
             do { config = try StoreConfig.load(storePath: path) } catch { throw CLIError("\(store): \(error)") }
-            guard config.version < StoreConfig.currentVersion else {
+            guard config.version < StoreConfig.currentVersion || !config.makesKeyGroups else {
                 lock.release()
                 return print("\(store) is already format version \(config.version)")
             }
             config.version = StoreConfig.currentVersion
+            config.features = Array(Set(config.features + [StoreConfig.extentKeyGroups])).sorted()
             do { try StoreConfig.replace(config, storePath: path) } catch { throw CLIError("\(store): cannot write \(StoreConfig.fileName): \(error)") }
             print("Upgraded \(store) to format version \(config.version)")
             lock.release()
