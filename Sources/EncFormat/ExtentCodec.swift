@@ -10,13 +10,19 @@ import EncKeys
 public enum ExtentCodec {
     package static let adBytes = 28
 
-    /// Seals with a fresh nonce, or with `nonce` when the caller shares one among the members of a
-    /// key group (`ExtentGroupSealer`, which never seals one member twice under one nonce).
-    /// `member` is the extent's place in its key group (`ExtentGeometry.keyGroupMember`, 0 in an
-    /// object without key groups).
+    /// Seals with a fresh nonce. `member` is the extent's place in its key group
+    /// (`ExtentGeometry.keyGroupMember`, 0 in an object without key groups).
     public static func seal(key: MasterKey, objectID: [UInt8], index: UInt64, member: UInt8 = 0,
-                            plaintext: UnsafeRawBufferPointer, into stored: UnsafeMutableRawBufferPointer,
-                            nonce sharedNonce: UnsafeRawBufferPointer? = nil) {
+                            plaintext: UnsafeRawBufferPointer, into stored: UnsafeMutableRawBufferPointer) {
+        seal(key: key, objectID: objectID, index: index, member: member, plaintext: plaintext, into: stored, nonce: nil)
+    }
+
+    /// Seals with `nonce` when it is shared among the members of a key group. Only
+    /// `ExtentGroupSealer` (which never seals one member twice under one nonce) and known-answer
+    /// tests pass one: a nonce passed twice for one member would repeat a key and IV.
+    package static func seal(key: MasterKey, objectID: [UInt8], index: UInt64, member: UInt8,
+                             plaintext: UnsafeRawBufferPointer, into stored: UnsafeMutableRawBufferPointer,
+                             nonce sharedNonce: UnsafeRawBufferPointer?) {
         precondition(stored.count == plaintext.count + ExtentGeometry.overheadBytes)
         let nonce = UnsafeMutableRawBufferPointer(rebasing: stored[0..<ExtentGeometry.nonceBytes])
         if let sharedNonce {

@@ -258,6 +258,8 @@ public struct ObjectHeader: Equatable, Sendable {
             guard r.zeros(4) else { return .failure(.malformed) }
         }
         let isDevice = type == .characterDevice || type == .blockDevice
+        // Key groups decide extents' IVs: only a version 3 object with extents has them (FORMAT.md 16.4).
+        guard !flags.contains(.keyGroups) || (version >= 3 && type != .directory) else { return .failure(.malformed) }
         if type == .directory {
             guard extentSize == 0, size == 0, holeCount == 0 else { return .failure(.malformed) }
         } else {

@@ -4,6 +4,7 @@ import Testing
 @testable import EncCrypto
 @testable import EncKeys
 @testable import EncFormat
+import Locking
 
 /// Key groups (FORMAT.md 5.3): extents of one aligned group sealed together share a nonce, so one
 /// key derivation, and each member is sealed under the derived IV with its last byte XORed with
@@ -122,6 +123,17 @@ import Testing
                                    geometry: Self.grouped)
         key = nil
         #expect(KeyedContextCache.extentKeysHeld(for: serial) == 0)
+    }
+
+    /// The fan-out's pieces cover a run exactly once and, with key groups, never cut a group.
+    @Test(arguments: [(UInt64(0), 64), (3, 64), (17, 100), (15, 33), (0, 1000)])
+    func fanOutPiecesAreWholeGroups(first: UInt64, count: Int) {
+        let ranges = Lock<[Range<Int>]>([])
+        ExtentFanOut.forEach(count, extentSize: 4096, first: first, keyGroup: 16) { range in ranges.withLock { $0.append(range) } }
+        let sorted = ranges.withLock { $0 }.sorted { $0.lowerBound < $1.lowerBound }
+        #expect(sorted.first?.lowerBound == 0 && sorted.last?.upperBound == count)
+        for (a, b) in zip(sorted, sorted.dropFirst()) { #expect(a.upperBound == b.lowerBound) }
+        for range in sorted.dropFirst() { #expect((first + UInt64(range.lowerBound)) % 16 == 0) }
     }
 
     /// In a file with key groups, a write of many extents shares nonces, reads back, and two

@@ -9,23 +9,33 @@ enum ExtentFanOut {
 
     /// Calls `body` with consecutive ranges covering `0..<count` extents of `extentSize` bytes,
     /// possibly concurrently on several threads; `body` must touch only what its range owns.
-    static func forEach(_ count: Int, extentSize: Int, _ body: (Range<Int>) -> Void) {
+    ///
+    /// With `keyGroup` > 1 the extents are consecutive from index `first`, and pieces are whole key
+    /// groups split where the absolute index is a multiple of the group: each piece seals or opens
+    /// its groups under one key derivation, not one per piece a group was cut into.
+    static func forEach(_ count: Int, extentSize: Int, first: UInt64 = 0, keyGroup: UInt64 = 1, _ body: (Range<Int>) -> Void) {
         guard count > 0 else { return }
         guard count * extentSize >= smallestSpreadBytes, ForkJoin.shared.helpers > 0 else {
             body(0..<count)
             return
         }
-        let perPiece = max(1, pieceBytes / extentSize)
-        let pieces = (count + perPiece - 1) / perPiece
+        let group = Int(keyGroup)
+        let perPiece = (max(1, pieceBytes / extentSize) + group - 1) / group * group
+        // The first piece runs to the first piece boundary in absolute indices.
+        let lead = group > 1 ? (perPiece - Int(first % UInt64(perPiece))) % perPiece : 0
+        let leading = min(lead, count)
+        let pieces = (leading > 0 ? 1 : 0) + (count - leading + perPiece - 1) / perPiece
         ForkJoin.shared.forEach(pieces) { piece in
-            let start = piece * perPiece
+            if leading > 0 && piece == 0 { return body(0..<leading) }
+            let start = leading + (piece - (leading > 0 ? 1 : 0)) * perPiece
             body(start..<min(count, start + perPiece))
         }
     }
 
     /// `forEach` for work that can fail: every range still runs, and the first error (by range
     /// order) is rethrown once all are done.
-    static func forEach(_ count: Int, extentSize: Int, _ body: (Range<Int>) throws -> Void) throws {
+    static func forEach(_ count: Int, extentSize: Int, first: UInt64 = 0, keyGroup: UInt64 = 1,
+                        _ body: (Range<Int>) throws -> Void) throws {
         // Most reads are not spread: no lock to collect errors for them (one per 4 KiB read).
         guard count > 0 else { return }
         guard count * extentSize >= smallestSpreadBytes, ForkJoin.shared.helpers > 0 else {
@@ -33,7 +43,7 @@ enum ExtentFanOut {
             return
         }
         let failures = Lock<[(start: Int, error: any Error)]>([])
-        forEach(count, extentSize: extentSize) { range in
+        forEach(count, extentSize: extentSize, first: first, keyGroup: keyGroup) { range in
             do {
                 try body(range)
             } catch {

@@ -96,7 +96,8 @@ extension ExtentFile {
             let stored = UnsafeRawBufferPointer(ThreadScratch.current.ciphertext(count: runBytes))
             let n = try backing.descriptor.pread(UnsafeMutableRawBufferPointer(mutating: stored), offset: geometry.backingOffset(run.lowerBound))
             guard n == runBytes else { throw StoreError.integrity("extent \(run.upperBound) is truncated") }
-            try ExtentFanOut.forEach(run.count, extentSize: geometry.extentSize) { (pieces: Range<Int>) throws in
+            try ExtentFanOut.forEach(run.count, extentSize: geometry.extentSize, first: run.lowerBound,
+                                     keyGroup: geometry.keyGroup) { (pieces: Range<Int>) throws in
                 for index in run.lowerBound + UInt64(pieces.lowerBound) ..< run.lowerBound + UInt64(pieces.upperBound) {
                     let length = geometry.plaintextLength(index, size: plan.size)
                     let at = Int(geometry.backingOffset(index) - geometry.backingOffset(run.lowerBound))

@@ -164,7 +164,7 @@ final class ExtentFile: @unchecked Sendable {
         let count = Int(endIndex - first)
         let bytes = ThreadScratch.current.sealing(count: count * geometry.stride)
         let (key, objectID, geometry) = (key, objectID, geometry)
-        ExtentFanOut.forEach(count, extentSize: geometry.extentSize) { range in
+        ExtentFanOut.forEach(count, extentSize: geometry.extentSize, first: first, keyGroup: geometry.keyGroup) { range in
             var sealer = ExtentGroupSealer(key: key, objectID: objectID, geometry: geometry)
             for i in range {
                 let index = first + UInt64(i)

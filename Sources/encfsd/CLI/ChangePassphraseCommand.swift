@@ -65,10 +65,12 @@ struct UpgradeCommand: ParsableCommand {
                 lock.release()
                 return print("\(store) is already format version \(config.version)")
             }
+            let oldVersion = config.version
             config.version = StoreConfig.currentVersion
             config.features = Array(Set(config.features + [StoreConfig.extentKeyGroups])).sorted()
             do { try StoreConfig.replace(config, storePath: path) } catch { throw CLIError("\(store): cannot write \(StoreConfig.fileName): \(error)") }
-            print("Upgraded \(store) to format version \(config.version)")
+            print(oldVersion < config.version ? "Upgraded \(store) to format version \(config.version)"
+                  : "Upgraded \(store): files made from now on seal their extents in key groups (\(StoreConfig.extentKeyGroups))")
             lock.release()
         }
     }
