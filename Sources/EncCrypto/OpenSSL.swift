@@ -292,15 +292,9 @@ public enum OpenSSL {
                                    plaintext: UnsafeRawBufferPointer, ciphertext: UnsafeMutableRawBufferPointer,
                                    tag: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         precondition(tag.count == gcmTagCount && ciphertext.count >= plaintext.count)
-        try ThreadContexts.withCurrent { contexts in
-            Result { () throws(CryptoError) in
-                try contexts.keyed.withExtentGCM(serial: serial, nonce: nonce, derive: derive) { (ctx, key, base) throws(CryptoError) in
-                    try withMemberIV(base, member) { (iv) throws(CryptoError) in
-                        try gcmSeal(ctx, key: key, iv: iv, ad: ad, plaintext: plaintext, ciphertext: ciphertext, tag: tag)
-                    }
-                }
-            }
-        }.get()
+        try withExtentContext(serial: serial, nonce: nonce, member: member, derive: derive) { (ctx, key, iv) throws(CryptoError) in
+            try gcmSeal(ctx, key: key, iv: iv, ad: ad, plaintext: plaintext, ciphertext: ciphertext, tag: tag)
+        }
     }
 
     /// `extentSeal`'s opening: throws `.authenticationFailed` (plaintext wiped) when the tag fails.
@@ -309,12 +303,20 @@ public enum OpenSSL {
                                    ciphertext: UnsafeRawBufferPointer, tag: UnsafeRawBufferPointer,
                                    plaintext: UnsafeMutableRawBufferPointer) throws(CryptoError) {
         precondition(tag.count == gcmTagCount && plaintext.count >= ciphertext.count)
+        try withExtentContext(serial: serial, nonce: nonce, member: member, derive: derive) { (ctx, key, iv) throws(CryptoError) in
+            try gcmOpen(ctx, key: key, iv: iv, ad: ad, ciphertext: ciphertext, tag: tag, plaintext: plaintext)
+        }
+    }
+
+    /// Runs `body` on this thread's GCM context for the extent key of (`serial`, `nonce`) with the
+    /// member's IV; `body` gets a nil key when the context already holds it.
+    private static func withExtentContext(serial: UInt64, nonce: UnsafeRawBufferPointer, member: UInt8,
+                                          derive: (UnsafeMutableRawBufferPointer) -> Void,
+                                          _ body: (OpaquePointer, UnsafeRawBufferPointer?, UnsafeRawBufferPointer) throws(CryptoError) -> Void) throws(CryptoError) {
         try ThreadContexts.withCurrent { contexts in
             Result { () throws(CryptoError) in
                 try contexts.keyed.withExtentGCM(serial: serial, nonce: nonce, derive: derive) { (ctx, key, base) throws(CryptoError) in
-                    try withMemberIV(base, member) { (iv) throws(CryptoError) in
-                        try gcmOpen(ctx, key: key, iv: iv, ad: ad, ciphertext: ciphertext, tag: tag, plaintext: plaintext)
-                    }
+                    try withMemberIV(base, member) { (iv) throws(CryptoError) in try body(ctx, key, iv) }
                 }
             }
         }.get()
