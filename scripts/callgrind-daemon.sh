@@ -7,7 +7,7 @@
 # stream reads a 256 MiB file cold, 1 MiB at a time; smallfsync creates 1,000 files of 4 KiB, each written, fsynced
 # and closed (the benchmark's create+fsync column); lookup stats 2,000 empty files by name, cold (one LOOKUP each).
 # Instrumentation is on only around the workload. Prints the total and leaves OUT_PREFIX.<pid>.1
-# for callgrind_annotate (default /tmp/encfsd-cg). Needs root and the packages valgrind, fio and
+# for callgrind_annotate (default /tmp/encfsd-cg). SAME_MOUNT=1: see populate below. Needs root and the packages valgrind, fio and
 # linux-source-6.1 (scripts/bench.sh installs the last two).
 set -euo pipefail
 bin=$(realpath "${1:?usage: callgrind-daemon.sh ENCFSD_BINARY lslr|catall|rmrf|randwrite|stream|smallfsync|lookup [OUT_PREFIX]}")
@@ -22,19 +22,25 @@ python3 -c 'import sys; sys.stdout.buffer.write(bytes(range(1, 65)))' > "$W/key"
 mkdir "$W/mnt"
 "$bin" init "$W/store" --key-file "$W/key" >/dev/null
 "$bin" mount "$W/store" "$W/mnt" --no-keyring --key-file "$W/key"
-if [ "$workload" = randwrite ]; then
-    dd if=/dev/urandom of="$W/mnt/f" bs=1M count=32 conv=fsync status=none
-elif [ "$workload" = smallfsync ]; then
-    mkdir "$W/mnt/small"
-elif [ "$workload" = lookup ]; then
-    mkdir "$W/mnt/small"
-    python3 -c 'import os, sys
+populate() {
+    if [ "$workload" = randwrite ]; then
+        dd if=/dev/urandom of="$W/mnt/f" bs=1M count=32 conv=fsync status=none
+    elif [ "$workload" = smallfsync ]; then
+        mkdir "$W/mnt/small"
+    elif [ "$workload" = lookup ]; then
+        mkdir "$W/mnt/small"
+        python3 -c 'import os, sys
 for k in range(2000): os.close(os.open(f"{sys.argv[1]}/f{k}", os.O_WRONLY | os.O_CREAT, 0o644))' "$W/mnt/small"
-elif [ "$workload" = stream ]; then
-    dd if=/dev/urandom of="$W/mnt/f" bs=1M count=256 conv=fsync status=none
-else
-    tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$W/mnt" linux-source-6.1/fs linux-source-6.1/crypto
-fi
+    elif [ "$workload" = stream ]; then
+        dd if=/dev/urandom of="$W/mnt/f" bs=1M count=256 conv=fsync status=none
+    else
+        tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$W/mnt" linux-source-6.1/fs linux-source-6.1/crypto
+    fi
+}
+# SAME_MOUNT=1 fills the store through the daemon under valgrind, so the workload meets what that
+# daemon remembers of the objects it made (forgotten headers), as bench.sh's workloads do; by
+# default the store is filled first and the workload meets every object cold.
+if [ "${SAME_MOUNT:-0}" != 1 ]; then populate; fi
 fusermount3 -u "$W/mnt"
 sleep 1
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.%p" \
@@ -42,6 +48,7 @@ valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out.%p" \
 for _ in $(seq 240); do mountpoint -q "$W/mnt" && break; sleep 0.5; done
 mountpoint -q "$W/mnt" || { cat "$W/valgrind.log" >&2; exit 1; }
 vpid=$(pgrep -f "valgrind.*mount $W/store" | head -1)
+if [ "${SAME_MOUNT:-0}" = 1 ]; then populate; fi
 sync; echo 3 > /proc/sys/vm/drop_caches
 callgrind_control -i on "$vpid" >/dev/null
 case $workload in

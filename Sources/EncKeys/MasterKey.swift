@@ -23,6 +23,7 @@ public final class MasterKey: Sendable {
     private let prk: SecureBytes
     private let nameKeyBytes: SecureBytes
     private let xattrKeyBytes: SecureBytes
+    private let nameMemo = NameSealMemo()
 
     public enum Invalid: Error, Equatable { case size(Int) }
 
@@ -128,26 +129,34 @@ public final class MasterKey: Sendable {
     }
 
     /// AES-256-SIV seal (synthetic IV || ciphertext) under one of this key's SIV keys, on a
-    /// template this thread keyed once for it: names are sealed on every lookup and create.
+    /// template this thread keyed once for it: names are sealed on every lookup and create, and
+    /// remembered (`NameSealMemo`).
     public func sivSeal(_ which: SIVKey, ad: [UInt8], plaintext: [UInt8]) throws(CryptoError) -> [UInt8] {
-        let sealed = withSIVKey(which) { k in
+        if which == .names, let known = nameMemo.sealed(ad: ad, plaintext: plaintext) { return known }
+        let sealed = try withSIVKey(which) { k in
             Result { () throws(CryptoError) in
                 try OpenSSL.sivSeal(keyedAs: instanceSerial, subkey: which.rawValue, key: k, ad: ad, plaintext: plaintext)
             }
-        }
-        return try sealed.get()
+        }.get()
+        if which == .names { nameMemo.remember(ad: ad, plaintext: plaintext, sealed: sealed) }
+        return sealed
     }
 
     /// AES-256-SIV open under one of this key's SIV keys (see `sivSeal`): names are opened for
-    /// every entry listed.
+    /// every entry listed. Only a ciphertext that authenticated is remembered.
     public func sivOpen(_ which: SIVKey, ad: [UInt8], sealed: [UInt8]) throws(CryptoError) -> [UInt8] {
-        let opened = withSIVKey(which) { k in
+        if which == .names, let known = nameMemo.opened(ad: ad, sealed: sealed) { return known }
+        let opened = try withSIVKey(which) { k in
             Result { () throws(CryptoError) in
                 try OpenSSL.sivOpen(keyedAs: instanceSerial, subkey: which.rawValue, key: k, ad: ad, sealed: sealed)
             }
-        }
-        return try opened.get()
+        }.get()
+        if which == .names { nameMemo.remember(ad: ad, plaintext: opened, sealed: sealed) }
+        return opened
     }
+
+    /// How many names the memo holds each way (for tests).
+    package var rememberedNames: (seals: Int, opens: Int) { nameMemo.count }
 
     private func withSIVKey<R>(_ which: SIVKey, _ body: (UnsafeRawBufferPointer) -> R) -> R {
         switch which {

@@ -169,10 +169,13 @@ import Testing
         let directoryID = OpenSSL.random(count: 16)
         let box = KeyBox(try MasterKey(raw: raw))
         let serial = box.key.withLock { $0!.instanceSerial }
+        // Names this key instance has not met, so each reaches OpenSSL rather than the key's memo
+        // of names (`NameSealMemo`): one sealed here, one sealed by another instance and opened here.
+        let foreign = try NameCodec.encrypt(Array("peer".utf8), directoryID: directoryID, key: try MasterKey(raw: raw)).ciphertext
         let exit = idleThread(after: {
             let key = box.key.withLock { $0! }
-            let sealed = try! NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: key)
-            _ = try! NameCodec.decrypt(ciphertext: sealed.ciphertext, directoryID: directoryID, key: key)
+            _ = try! NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: key)
+            _ = try! NameCodec.decrypt(ciphertext: foreign, directoryID: directoryID, key: key)
         })
         for encrypt in [true, false] {
             #expect(KeyedContextCache.contexts(for: serial, use: .siv(subkey: MasterKey.SIVKey.names.rawValue, encrypt: encrypt)) == 1)
@@ -185,7 +188,7 @@ import Testing
                 return key!
             }
             last.setWipeObserver { wiped.signal() }
-            sealedBefore = try NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: last).ciphertext
+            sealedBefore = try NameCodec.encrypt(Array("main".utf8), directoryID: directoryID, key: last).ciphertext
             #expect(KeyedContextCache.contexts(for: serial, use: .siv(subkey: MasterKey.SIVKey.names.rawValue, encrypt: true)) == 2)
         }
         #expect(wiped.wait(timeout: .now() + 5) == .success)
@@ -194,8 +197,8 @@ import Testing
         let other = try MasterKey(raw: OpenSSL.random(count: 64))
         let again = try MasterKey(raw: raw)
         #expect(again.instanceSerial != serial)
-        #expect(try NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: again).ciphertext == sealedBefore)
-        #expect(try NameCodec.encrypt(Array("idle".utf8), directoryID: directoryID, key: other).ciphertext != sealedBefore)
+        #expect(try NameCodec.encrypt(Array("main".utf8), directoryID: directoryID, key: again).ciphertext == sealedBefore)
+        #expect(try NameCodec.encrypt(Array("main".utf8), directoryID: directoryID, key: other).ciphertext != sealedBefore)
         exit.signal()
     }
 

@@ -7,6 +7,8 @@ that file with a transaction's shadow; it must refuse the shadow instead (EIO fo
 """
 import errno
 import os
+import shutil
+from pathlib import Path
 
 from conftest import daemon_pids, run
 
@@ -198,6 +200,41 @@ def test_a_directory_moved_out_of_the_store_receives_nothing(volume, tmp_path):
     os.mkdir(v.store / ".journal")
     journaled_overwrite_is_refused(v.mnt / "jfile", "a journal shadow was written into a directory outside the store")
     assert os.listdir(moved_journal) == []
+    assert daemon_pids(v.mnt) == v.pids
+
+
+def test_a_nested_directory_moved_out_receives_nothing_even_with_a_decoy_in_its_place(volume, tmp_path):
+    """The boundary check resolves the path the daemon knows for a directory and accepts it only
+    if it leads to the same directory: a decoy planted at that path must not pass for it."""
+    v = volume
+    (v.mnt / "a" / "b" / "c").mkdir(parents=True)
+    (v.mnt / "a" / "b" / "c" / "kept").write_bytes(b"x")
+    # Held open, so the requests below reach the moved directory's node whatever the kernel's
+    # dentry timeouts do.
+    held = os.open(v.mnt / "a" / "b" / "c", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.listdir(held)
+        os.stat("kept", dir_fd=held)
+        inode = os.fstat(held).st_ino
+        [backing] = [Path(top) / d for top, dirs, _ in os.walk(v.store) for d in dirs
+                     if os.lstat(Path(top) / d).st_ino == inode]
+        moved = tmp_path / "moved-c"
+        os.rename(backing, moved)
+        os.mkdir(backing)
+        shutil.copy(moved / ".d", backing / ".d")
+        before = set(os.listdir(moved))
+        for attempt in (lambda: os.close(os.open("planted", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held)),
+                        lambda: os.unlink("kept", dir_fd=held),
+                        lambda: os.mkdir("sub", dir_fd=held)):
+            try:
+                attempt()
+                raise AssertionError("a directory moved out of the store was changed")
+            except OSError as e:
+                assert e.errno in (errno.EIO, errno.ENOENT), e
+        assert set(os.listdir(moved)) == before
+        assert os.listdir(backing) == [".d"]
+    finally:
+        os.close(held)
     assert daemon_pids(v.mnt) == v.pids
 
 

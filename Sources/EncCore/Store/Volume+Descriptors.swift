@@ -110,8 +110,39 @@ extension Volume {
     /// checked to lie beneath the store root first, so nothing is made or moved outside it.
     func changingDirectoryFD(_ dir: Node) throws -> SharedDescriptor {
         let fd = try directoryFD(dir)
-        if dir.pinnedDirectory == nil { try fd.descriptor.checkBeneath(root: rootPlace) }
+        guard dir.pinnedDirectory == nil else { return fd }
+        if let (root, path) = backingPath(of: dir) {
+            try fd.descriptor.checkBeneath(root: rootPlace, rootFD: root.descriptor, path: path)
+        } else {
+            try fd.descriptor.checkBeneath(root: rootPlace)
+        }
         return fd
+    }
+
+    /// Where the daemon last knew `dir`: the root's descriptor and the backing names from it down,
+    /// joined by "/", by each directory's first known location. A hint for `checkBeneath`, which
+    /// checks where it leads; nil when the chain is broken or longer than any path the kernel
+    /// resolves. Takes each directory's lock briefly, one at a time.
+    func backingPath(of dir: Node) -> (root: SharedDescriptor, path: [UInt8])? {
+        var names: [[UInt8]] = [] // the leaf's first
+        var current = dir
+        var count = 0
+        while true {
+            if let root = current.pinnedDirectory {
+                var path: [UInt8] = []
+                path.reserveCapacity(count + 1)
+                for name in names.reversed() {
+                    if !path.isEmpty { path.append(0x2f) }
+                    path.append(contentsOf: name)
+                }
+                return (root, path)
+            }
+            guard let location = current.state.withLock({ $0.locations.first }) else { return nil }
+            count += location.name.count + 1
+            guard count < Int(PATH_MAX) else { return nil }
+            names.append(location.name)
+            current = location.parent
+        }
     }
 
     /// Opens a node's backing object anew from one of its locations. Only the same inode will do:
