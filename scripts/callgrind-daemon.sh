@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
 # Counts the daemon's instructions for one workload under callgrind, so two builds can be compared
 # on a machine too busy for wall times (instruction counts do not move with load).
-#   scripts/callgrind-daemon.sh ENCFSD_BINARY lslr|catall|rmrf|randwrite|stream|smallfsync|lookup [OUT_PREFIX]
+#   scripts/callgrind-daemon.sh ENCFSD_BINARY lslr|catall|rmrf|untar|randwrite|stream|smallfsync|lookup [OUT_PREFIX]
 # lslr, catall and rmrf (rm -rf of the tree) run cold (after drop_caches) on a store holding linux-source-6.1's fs/ and
-# crypto/ (2,361 entries); randwrite is 4,000 random 4 KiB writes at depth 1 into a 32 MiB file;
+# crypto/ (2,361 entries); untar extracts that tree (an uncompressed tar in tmpfs) into an empty store; randwrite is 4,000 random 4 KiB writes at depth 1 into a 32 MiB file;
 # stream reads a 256 MiB file cold, 1 MiB at a time; smallfsync creates 1,000 files of 4 KiB, each written, fsynced
 # and closed (the benchmark's create+fsync column); lookup stats 2,000 empty files by name, cold (one LOOKUP each).
 # Instrumentation is on only around the workload. Prints the total and leaves OUT_PREFIX.<pid>.1
 # for callgrind_annotate (default /tmp/encfsd-cg). SAME_MOUNT=1: see populate below. Needs root and the packages valgrind, fio and
 # linux-source-6.1 (scripts/bench.sh installs the last two).
 set -euo pipefail
-bin=$(realpath "${1:?usage: callgrind-daemon.sh ENCFSD_BINARY lslr|catall|rmrf|randwrite|stream|smallfsync|lookup [OUT_PREFIX]}")
-workload=${2:?workload: lslr, catall, rmrf, randwrite, stream, smallfsync or lookup}
+bin=$(realpath "${1:?usage: callgrind-daemon.sh ENCFSD_BINARY lslr|catall|rmrf|untar|randwrite|stream|smallfsync|lookup [OUT_PREFIX]}")
+workload=${2:?workload: lslr, catall, rmrf, untar, randwrite, stream, smallfsync or lookup}
 out=${3:-/tmp/encfsd-cg}
-case $workload in lslr|catall|rmrf|randwrite|stream|smallfsync|lookup) ;; *) echo "unknown workload $workload" >&2; exit 2 ;; esac
+case $workload in lslr|catall|rmrf|untar|randwrite|stream|smallfsync|lookup) ;; *) echo "unknown workload $workload" >&2; exit 2 ;; esac
 W=$(mktemp -d /tmp/encfsd-cg.XXXX)
 mount -t tmpfs -o size=2G encfsd-cg "$W"
 cleanup() { fusermount3 -u "$W/mnt" 2>/dev/null || true; sleep 1; umount "$W" 2>/dev/null || umount -l "$W"; rmdir "$W"; }
@@ -33,6 +33,11 @@ populate() {
 for k in range(2000): os.close(os.open(f"{sys.argv[1]}/f{k}", os.O_WRONLY | os.O_CREAT, 0o644))' "$W/mnt/small"
     elif [ "$workload" = stream ]; then
         dd if=/dev/urandom of="$W/mnt/f" bs=1M count=256 conv=fsync status=none
+    elif [ "$workload" = untar ]; then
+        mkdir "$W/x"
+        tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$W/x" linux-source-6.1/fs linux-source-6.1/crypto
+        tar -cf "$W/tree.tar" -C "$W/x" linux-source-6.1
+        rm -rf "$W/x"
     else
         tar -xJf /usr/src/linux-source-6.1.tar.xz -C "$W/mnt" linux-source-6.1/fs linux-source-6.1/crypto
     fi
@@ -55,6 +60,7 @@ case $workload in
     lslr) ls -lR "$W/mnt" >/dev/null ;;
     catall) find "$W/mnt" -type f -exec cat {} + >/dev/null ;;
     rmrf) rm -rf "$W/mnt/linux-source-6.1" ;;
+    untar) tar -xf "$W/tree.tar" -C "$W/mnt" ;;
     smallfsync) python3 -c '
 import os, sys
 data = b"x" * 4096

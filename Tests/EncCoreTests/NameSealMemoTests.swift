@@ -29,6 +29,9 @@ import Testing
             }
         }
         #expect(key.rememberedNames == (1, 1))
+        // Long names (over two padding granules) are sealed every time, never remembered.
+        _ = try NameCodec.encrypt([UInt8](repeating: 0x61, count: 65), directoryID: Self.directoryID, key: key)
+        #expect(key.rememberedNames == (1, 1))
         // Xattr names and values are not remembered.
         _ = try key.sivSeal(.xattrs, ad: Self.directoryID, plaintext: Array("user.a".utf8))
         #expect(key.rememberedNames == (1, 1))
@@ -49,5 +52,7 @@ import Testing
         #expect(memo.sealed(ad: [], plaintext: name(1)) == nil)
         memo.forgetAll()
         #expect(memo.count == (0, 0))
+        memo.remember(ad: [], plaintext: name(7), sealed: name(107))
+        #expect(memo.sealed(ad: [], plaintext: name(7)) == name(107))
     }
 }

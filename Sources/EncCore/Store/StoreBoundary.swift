@@ -87,16 +87,19 @@ extension Sys {
         return FileDescriptor(taking: number)
     }
 
-    /// Where the directory at `path` beneath `root` is, resolved in one `openat2` that follows no
-    /// link, crosses no mount and never leaves `root` (RESOLVE_BENEATH refuses a `..` that would).
-    /// Those flags alone make whatever is found lie beneath `root`, whatever the path holds, so
-    /// its components need no check here. Nil when that cannot be said: no openat2 (the plain
-    /// `openat` fallback would follow links in the middle of a path), or any failure.
-    fileprivate static func directoryPlace(under root: borrowing FileDescriptor, path: [UInt8]) -> Place? {
+    /// Whether the directory at `path` beneath `root` is the one at `place` with file handle
+    /// `identity`, resolved in one `openat2` that follows no link, crosses no mount and never
+    /// leaves `root` (RESOLVE_BENEATH refuses a `..` that would). Those flags alone make whatever
+    /// is found lie beneath `root`, whatever the path holds, so its components need no check
+    /// here. The file handle, not only the inode number, must match: a backing whose inode numbers
+    /// are not unique on one device (an overlay of several filesystems) could otherwise offer a
+    /// decoy. False when that cannot be said: no openat2 (the plain `openat` fallback would follow
+    /// links in the middle of a path), or any failure.
+    fileprivate static func isDirectory(under root: borrowing FileDescriptor, path: [UInt8], place: Place, identity: [UInt8]) -> Bool {
         guard hasOpenat2, !path.isEmpty, path.count < Int(PATH_MAX), !path.contains(0),
               let found = try? openRelative(root, path, flags: oPath | O_DIRECTORY, mode: 0, .confined),
-              let st = try? found.fstat() else { return nil }
-        return Place(st)
+              let st = try? found.fstat(), Place(st) == place else { return false }
+        return found.identity() == identity
     }
 
     /// The confined open itself: one component, no link followed.
@@ -176,15 +179,16 @@ extension FileDescriptor {
     /// receive nothing. Walks `..` up (one `openat` and `fstat` per level).
     ///
     /// `path` is where the daemon last knew the directory: backing names from the root (`rootFD`)
-    /// down, joined by "/". When that path, resolved beneath the root in one `openat2`, still leads to
-    /// this directory, the walk is skipped: a directory has one parent, so the directory found
-    /// there is beneath the root. That costs three system calls at any depth instead of three per
-    /// level (rm -rf of a kernel tree made ten `fstat`s per unlink). Anything else, a stale path
-    /// included, is decided by the walk.
-    public func checkBeneath(root: Sys.Place, rootFD: borrowing FileDescriptor, path: [UInt8]) throws {
+    /// down, joined by "/"; `identity` is the directory's file handle. When that path, resolved
+    /// beneath the root in one `openat2`, still leads to this directory, the walk is skipped: a
+    /// directory has one parent, so the directory found there is beneath the root. That costs four
+    /// system calls at any depth instead of three per level (rm -rf of a kernel tree made ten
+    /// `fstat`s per unlink). Anything else, a stale path included, is decided by the walk, and so
+    /// is every directory without a file handle (FUSE backings, whose handles are not the object's).
+    public func checkBeneath(root: Sys.Place, rootFD: borrowing FileDescriptor, path: [UInt8], identity: [UInt8]?) throws {
         let here = Sys.Place(try fstat())
         if here == root { return }
-        if let found = Sys.directoryPlace(under: rootFD, path: path), found == here { return }
+        if let identity, Sys.isDirectory(under: rootFD, path: path, place: here, identity: identity) { return }
         try walkUpToRoot(root: root, from: here)
     }
 

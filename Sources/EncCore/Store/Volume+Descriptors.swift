@@ -111,38 +111,29 @@ extension Volume {
     func changingDirectoryFD(_ dir: Node) throws -> SharedDescriptor {
         let fd = try directoryFD(dir)
         guard dir.pinnedDirectory == nil else { return fd }
-        if let (root, path) = backingPath(of: dir) {
-            try fd.descriptor.checkBeneath(root: rootPlace, rootFD: root.descriptor, path: path)
+        if let (root, path) = knownPath(of: dir) {
+            try fd.descriptor.checkBeneath(root: rootPlace, rootFD: root.descriptor, path: path, identity: dir.identity)
         } else {
             try fd.descriptor.checkBeneath(root: rootPlace)
         }
         return fd
     }
 
-    /// Where the daemon last knew `dir`: the root's descriptor and the backing names from it down,
-    /// joined by "/", by each directory's first known location. A hint for `checkBeneath`, which
-    /// checks where it leads; nil when the chain is broken or longer than any path the kernel
-    /// resolves. Takes each directory's lock briefly, one at a time.
-    func backingPath(of dir: Node) -> (root: SharedDescriptor, path: [UInt8])? {
-        var names: [[UInt8]] = [] // the leaf's first
-        var current = dir
-        var count = 0
-        while true {
-            if let root = current.pinnedDirectory {
-                var path: [UInt8] = []
-                path.reserveCapacity(count + 1)
-                for name in names.reversed() {
-                    if !path.isEmpty { path.append(0x2f) }
-                    path.append(contentsOf: name)
-                }
-                return (root, path)
-            }
-            guard let location = current.state.withLock({ $0.locations.first }) else { return nil }
-            count += location.name.count + 1
-            guard count < Int(PATH_MAX) else { return nil }
-            names.append(location.name)
-            current = location.parent
+    /// Where the daemon last knew `dir` (`backingPath`), joined by "/", and the root's
+    /// descriptor: a hint for `checkBeneath`, which checks where it leads. Nil when the chain is
+    /// broken or longer than any path the kernel resolves.
+    func knownPath(of dir: Node) -> (root: SharedDescriptor, path: [UInt8])? {
+        guard let components = try? backingPath(of: dir),
+              let root = table.withLock({ $0.byID[Self.rootID] })?.pinnedDirectory else { return nil }
+        let count = components.reduce(0) { $0 + $1.count + 1 }
+        guard count < Int(PATH_MAX) else { return nil }
+        var path: [UInt8] = []
+        path.reserveCapacity(count)
+        for name in components {
+            if !path.isEmpty { path.append(0x2f) }
+            path.append(contentsOf: name)
         }
+        return (root, path)
     }
 
     /// Opens a node's backing object anew from one of its locations. Only the same inode will do:

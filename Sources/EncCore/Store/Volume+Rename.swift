@@ -130,8 +130,10 @@ extension Volume {
         if toDir !== fromDir { try syncIfDirectorySync(toDir) }
     }
 
-    /// Backing names from the store root down to the directory `dir`, for a record that must
-    /// find it again after a crash. A directory has one location (no hard links to directories).
+    /// Backing names from the store root down to the directory `dir`, by each directory's first
+    /// location (a directory has one: no hard links to directories), taking each directory's lock
+    /// briefly, one at a time: for a record that must find it again after a crash, and the
+    /// store-boundary check's hint (`knownPath`).
     func backingPath(of dir: Node) throws -> [[UInt8]] {
         var components: [[UInt8]] = []
         var current = dir
