@@ -80,12 +80,32 @@ final class OpenFileBudget: Sendable {
         return getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 ? Int(min(UInt64(r.rlim_cur), UInt64(Int32.max))) : 1024
     }
 
-    func acquire() throws {
+    /// Takes a place, waiting up to `patience` for one when all are taken. The kernel sends
+    /// RELEASE in the background after `close(2)` has returned, so a client that closes each file
+    /// before opening the next can still find every place held by releases not yet delivered
+    /// (a read of every file under load): it then waits for them, and only a budget that stays
+    /// full is refused with EMFILE.
+    func acquire(patience: Duration = .seconds(2)) throws {
+        let clock = ContinuousClock()
+        let deadline = clock.now + patience
+        var pause: Duration = .microseconds(100)
         while true {
             let current = held.load(ordering: .relaxed)
-            guard current < limit else { throw StoreError.system(EMFILE) }
-            if held.compareExchange(expected: current, desired: current + 1, ordering: .relaxed).exchanged { return }
+            if current < limit {
+                if held.compareExchange(expected: current, desired: current + 1, ordering: .relaxed).exchanged { return }
+                continue
+            }
+            guard clock.now < deadline else { throw StoreError.system(EMFILE) }
+            Self.sleep(pause)
+            pause = min(pause * 2, .milliseconds(10))
         }
+    }
+
+    private static func sleep(_ d: Duration) {
+        let (seconds, attoseconds) = d.components
+        var left = timespec(tv_sec: Int(seconds), tv_nsec: Int(attoseconds / 1_000_000_000))
+        var request = left
+        while nanosleep(&request, &left) != 0 && errno == EINTR { request = left }
     }
 
     func release() { held.subtract(1, ordering: .relaxed) }
