@@ -100,8 +100,6 @@ final class NameSealMemo: Sendable {
         state.withLock { ($0.seals.count, $0.opens.count) }
     }
 
-    static var processEntries: Int { entries.load(ordering: .relaxed) }
-
     /// A hit in the old generation moves to the young one, so what is in use survives a turnover.
     private static func find(_ key: Key, in g: inout Generations, capacity: Int, dropped: inout [Key: [UInt8]]) -> [UInt8]? {
         if let hit = g.young[key] { return hit }
