@@ -1,3 +1,4 @@
+import Foundation
 import Locking
 import Synchronization
 import EncCrypto
@@ -96,16 +97,10 @@ final class OpenFileBudget: Sendable {
                 continue
             }
             guard clock.now < deadline else { throw StoreError.system(EMFILE) }
-            Self.sleep(pause)
+            let (seconds, attoseconds) = pause.components
+            Thread.sleep(forTimeInterval: Double(seconds) + Double(attoseconds) / 1e18)
             pause = min(pause * 2, .milliseconds(10))
         }
-    }
-
-    private static func sleep(_ d: Duration) {
-        let (seconds, attoseconds) = d.components
-        var left = timespec(tv_sec: Int(seconds), tv_nsec: Int(attoseconds / 1_000_000_000))
-        var request = left
-        while nanosleep(&request, &left) != 0 && errno == EINTR { request = left }
     }
 
     func release() { held.subtract(1, ordering: .relaxed) }
@@ -131,20 +126,19 @@ extension Volume {
     func changingDirectoryFD(_ dir: Node) throws -> SharedDescriptor {
         let fd = try directoryFD(dir)
         guard dir.pinnedDirectory == nil else { return fd }
-        if let (root, path) = knownPath(of: dir) {
-            try fd.descriptor.checkBeneath(root: rootPlace, rootFD: root.descriptor, path: path, identity: dir.identity)
+        if let path = knownPath(of: dir) {
+            try fd.descriptor.checkBeneath(root: rootPlace, rootFD: storeFD.descriptor, path: path, identity: dir.identity)
         } else {
             try fd.descriptor.checkBeneath(root: rootPlace)
         }
         return fd
     }
 
-    /// Where the daemon last knew `dir` (`backingPath`), joined by "/", and the root's
-    /// descriptor: a hint for `checkBeneath`, which checks where it leads. Nil when the chain is
-    /// broken or longer than any path the kernel resolves.
-    func knownPath(of dir: Node) -> (root: SharedDescriptor, path: [UInt8])? {
-        guard let components = try? backingPath(of: dir),
-              let root = table.withLock({ $0.byID[Self.rootID] })?.pinnedDirectory else { return nil }
+    /// Where the daemon last knew `dir` (`backingPath`), joined by "/": a hint for `checkBeneath`,
+    /// which checks where it leads from `storeFD`. Nil when the chain is broken or longer than any
+    /// path the kernel resolves.
+    func knownPath(of dir: Node) -> [UInt8]? {
+        guard let components = try? backingPath(of: dir) else { return nil }
         let count = components.reduce(0) { $0 + $1.count + 1 }
         guard count < Int(PATH_MAX) else { return nil }
         var path: [UInt8] = []
@@ -153,7 +147,7 @@ extension Volume {
             if !path.isEmpty { path.append(0x2f) }
             path.append(contentsOf: name)
         }
-        return (root, path)
+        return path
     }
 
     /// Opens a node's backing object anew from one of its locations. Only the same inode will do:
