@@ -23,6 +23,14 @@ public struct KeyIdentifier: Hashable, Sendable, CustomStringConvertible {
         bytes = out
     }
 
+    /// The bytes in one combine: the synthesized hash combines them one at a time, and the key
+    /// table is asked several times per request.
+    public func hash(into hasher: inout Hasher) {
+        bytes.withUnsafeBytes { hasher.combine(bytes: $0) }
+    }
+
+    public static func == (a: Self, b: Self) -> Bool { a.bytes == b.bytes }
+
     public var hex: String { Hex.encode(bytes) }
     public var description: String { hex }
 }

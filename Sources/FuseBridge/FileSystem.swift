@@ -1,3 +1,7 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// What the FUSE bridge asks of a filesystem. Plain Swift types only: nothing here names a
 /// libfuse type, so the implementation (in the daemon) never touches libfuse.
 public protocol FileSystem: Sendable {
@@ -43,18 +47,30 @@ public protocol FileSystem: Sendable {
     func fsyncdir(_ node: UInt64, handle: UInt64, dataOnly: Bool) throws
     func statfs(_ node: UInt64) throws -> VolumeStatistics
     func setxattr(_ node: UInt64, name: [UInt8], value: [UInt8], flags: Int32) throws
-    func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8]
+    /// nil when the node has no attribute of that name (answered ENODATA).
+    func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8]?
     func listxattr(_ node: UInt64, context: RequestContext) throws -> [[UInt8]]
     func removexattr(_ node: UInt64, name: [UInt8]) throws
     /// A restricted ioctl: `input` holds `_IOC_SIZE(command)` bytes for write ioctls, and the
     /// reply must be at most `outputSize` bytes.
     func ioctl(_ node: UInt64, command: UInt32, input: [UInt8], outputSize: Int, context: RequestContext) throws -> IoctlReply
+    /// The errno a request that threw `error` is answered with (default below).
+    func errnoValue(of error: any Error) -> Int32
 }
 
 /// Errors the bridge can answer with: each knows its errno. The daemon maps its own errors by
 /// conforming them; anything else is answered with EIO.
 public protocol ErrnoConvertible: Error {
     var errnoValue: Int32 { get }
+}
+
+extension FileSystem {
+    /// The errno a failed request is answered with. A file system that knows its error types
+    /// answers with concrete casts first: the cast to `any ErrnoConvertible` looks the
+    /// conformance up at run time, on every ENOENT of a negative lookup.
+    public func errnoValue(of error: any Error) -> Int32 {
+        (error as? any ErrnoConvertible)?.errnoValue ?? EIO
+    }
 }
 
 public struct RequestContext: Sendable {

@@ -386,7 +386,7 @@ private final class RequestLoop: @unchecked Sendable {
             reply.stat = statxOf(attributes)
             reply.header.len = UInt32(MemoryLayout<encfsd_fuse_statx_reply>.size)
         } catch {
-            reply.header.error = -errnoOf(error)
+            reply.header.error = -context.fileSystem.errnoValue(of: error)
             reply.header.len = UInt32(MemoryLayout<encfsd_fuse_out_header>.size)
         }
         // A failed write is a request the kernel no longer waits for (ENOENT: interrupted) or a
@@ -700,10 +700,6 @@ private func bridge(_ req: fuse_req_t?) -> BridgeContext {
     Unmanaged<BridgeContext>.fromOpaque(fuse_req_userdata(req)!).takeUnretainedValue()
 }
 
-private func errnoOf(_ error: any Error) -> Int32 {
-    (error as? any ErrnoConvertible)?.errnoValue ?? EIO
-}
-
 /// Runs `body` and answers the request with its errno when it throws.
 @inline(__always)
 private func answer(_ req: fuse_req_t?, _ body: (BridgeContext) throws -> Void) {
@@ -712,7 +708,7 @@ private func answer(_ req: fuse_req_t?, _ body: (BridgeContext) throws -> Void) 
     do {
         try body(context)
     } catch {
-        fuse_reply_err(req, errnoOf(error))
+        fuse_reply_err(req, context.fileSystem.errnoValue(of: error))
     }
 }
 
@@ -1135,7 +1131,10 @@ private func replySized(_ req: fuse_req_t?, _ data: [UInt8], _ size: Int) {
 }
 
 private func opGetxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ name: UnsafePointer<CChar>?, _ size: Int) {
-    answer(req) { ctx in replySized(req, try ctx.fileSystem.getxattr(ino, name: bytes(name)), size) }
+    answer(req) { ctx in
+        guard let value = try ctx.fileSystem.getxattr(ino, name: bytes(name)) else { fuse_reply_err(req, ENODATA); return }
+        replySized(req, value, size)
+    }
 }
 
 private func opListxattr(_ req: fuse_req_t?, _ ino: fuse_ino_t, _ size: Int) {

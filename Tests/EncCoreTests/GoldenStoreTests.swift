@@ -85,7 +85,7 @@ import Testing
         for (path, attributes) in manifest.xattrs ?? [:] {
             let node = try resolve(path)
             for (name, value) in attributes {
-                #expect(try Hex.encode(volume.getxattr(node, name: Array(name.utf8))) == value, "\(version) \(path) \(name)")
+                #expect(try Hex.encode(#require(try volume.getxattr(node, name: Array(name.utf8)))) == value, "\(version) \(path) \(name)")
             }
             let names = try Set(volume.listxattr(node, includeTrusted: false).map { String(decoding: $0, as: UTF8.self) })
             #expect(names == Set(attributes.keys), "\(version) \(path)")

@@ -210,7 +210,7 @@ import EncFormat
             _ = try volume.setattr(file, chmod)
             #expect(capabilityPresent())
             _ = try write(volume, file, at: 0, dropSetID: false)
-            let kept = try volume.getxattr(file, name: Array("user.kept".utf8))
+            let kept = try #require(try volume.getxattr(file, name: Array("user.kept".utf8)))
             #expect(!capabilityPresent() && kept == [1])
         }
     }

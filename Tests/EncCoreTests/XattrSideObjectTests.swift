@@ -93,7 +93,10 @@ import Glibc
             try volume.setxattr(id, name: Array(name.utf8), value: value, mode: mode)
         }
 
-        func get(_ id: UInt64, _ name: String) throws -> [UInt8] { try volume.getxattr(id, name: Array(name.utf8)) }
+        func get(_ id: UInt64, _ name: String) throws -> [UInt8] {
+            guard let value = try volume.getxattr(id, name: Array(name.utf8)) else { throw StoreError.system(ENODATA) }
+            return value
+        }
 
         func list(_ id: UInt64) throws -> [String] {
             try volume.listxattr(id, includeTrusted: true).map { String(decoding: $0, as: UTF8.self) }.sorted()
@@ -194,7 +197,7 @@ import Glibc
         try f.remount()
         let d = try f.volume.lookup(parent: Volume.rootID, name: Array("d".utf8)).0
         let again = try f.volume.lookup(parent: d, name: Array("f".utf8)).0
-        #expect(PosixACL(xattr: try f.volume.getxattr(again, name: PosixACL.accessName)) != nil)
+        #expect(try f.volume.getxattr(again, name: PosixACL.accessName).flatMap(PosixACL.init(xattr:)) != nil)
     }
 
     /// Every way a store's writer can damage a side object gives EIO for that object's xattrs

@@ -192,7 +192,11 @@ extension Volume {
         }
     }
 
-    public func getxattr(_ id: UInt64, name: [UInt8]) throws -> [UInt8] {
+    /// The attribute's value; nil when the object has none of that name (ENODATA), which is not
+    /// thrown: the kernel's ACL and capability probes and `ls -l`'s security.* probe ask this of
+    /// nearly every entry and write, and nearly always hear "absent".
+    public func getxattr(_ id: UInt64, name: [UInt8]) throws -> [UInt8]? {
+        if try knownToHoldNone(id, name) { return nil }
         let found: (Node, MasterKey, [UInt8], MasterKey?)
         do {
             found = try xattrNode(id, name: name)
@@ -200,26 +204,38 @@ extension Volume {
             // Locked view: the kernel asks for the ACL before a permission check and ls for
             // security.* on every entry; any answer but ENODATA would fail the check or the
             // listing, so without the key these read as absent (the mode alone then decides).
-            throw StoreError.system(ENODATA)
+            return nil
         }
         let (node, key, objectID, previousKey) = found
-        do {
-            return try readXattr(node, name, key: key, objectID: objectID)
-        } catch StoreError.system(ENODATA) where previousKey != nil {
-            // Not moved by the rekey yet: still under the old key's backing name.
-            return try readXattr(node, name, key: previousKey!, objectID: objectID)
-        }
+        if let value = try readXattr(node, name, key: key, objectID: objectID) { return value }
+        // Not moved by the rekey yet: still under the old key's backing name.
+        return try previousKey.flatMap { try readXattr(node, name, key: $0, objectID: objectID) }
     }
 
-    private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8] {
+    /// Whether a non-user attribute is absent without asking for the key: the object's verified
+    /// header has no side object and its backing names are known to hold none. Only a verified
+    /// header may say so, since hiding an ACL can grant what it denies; user.* keeps its ENOKEY
+    /// in a locked view, so it takes the keyed path.
+    private func knownToHoldNone(_ id: UInt64, _ name: [UInt8]) throws -> Bool {
+        guard Self.isStoredXattrName(name), !name.starts(with: Self.userPrefix),
+              capabilities.has(.userXattrs) || holdsSideObjects,
+              name.count <= Self.maximumXattrName else { return false }
+        return try node(id).state.withLock { $0.verified && holdsNoXattr($0) }
+    }
+
+    private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8]? {
         let (generation, backingHoldsNone) = xattrHolders(node)
         if generation != 0, let value = try sideXattrs(node, keys: [key])[name] { return value }
-        // `ls -l` and the kernel's ACL and capability checks probe every entry and most writes.
-        if backingHoldsNone || !capabilities.has(.userXattrs) { throw StoreError.system(ENODATA) }
+        if backingHoldsNone || !capabilities.has(.userXattrs) { return nil }
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
-        guard try mayHold(node, backing) else { throw StoreError.system(ENODATA) }
+        guard try mayHold(node, backing) else { return nil }
         let fd = try xattrFD(node)
-        let sealed = try fd.descriptor.fgetxattr(backing)
+        let sealed: [UInt8]
+        do {
+            sealed = try fd.descriptor.fgetxattr(backing)
+        } catch StoreError.system(ENODATA) {
+            return nil
+        }
         let (storedName, value) = try XattrCodec.open(sealed, objectID: objectID, backingName: backing, key: key)
         guard storedName == name else { throw StoreError.integrity("xattr bound to another name") }
         return value
@@ -303,7 +319,8 @@ extension Volume {
         guard node.type != .symlink, let key = try? self.key(for: node, .newContents).key else { return }
         let objectID = node.state.withLock { $0.header.objectID }
         guard try xattrPresent(node, PosixACL.accessName, key: key, objectID: objectID),
-              let acl = PosixACL(xattr: try readXattr(node, PosixACL.accessName, key: key, objectID: objectID)) else { return }
+              let stored = try readXattr(node, PosixACL.accessName, key: key, objectID: objectID),
+              let acl = PosixACL(xattr: stored) else { return }
         try storeXattr(node, PosixACL.accessName, acl.chmod(mode).xattr, key: key, objectID: objectID, mode: .any)
     }
 
@@ -316,7 +333,8 @@ extension Volume {
         let key = try self.key(for: dir, .newContents).key
         let objectID = dir.state.withLock { $0.header.objectID }
         guard try xattrPresent(dir, PosixACL.defaultName, key: key, objectID: objectID),
-              let inheritable = PosixACL(xattr: try readXattr(dir, PosixACL.defaultName, key: key, objectID: objectID)) else {
+              let stored = try readXattr(dir, PosixACL.defaultName, key: key, objectID: objectID),
+              let inheritable = PosixACL(xattr: stored) else {
             return (mode & ~(umask & 0o777), [])
         }
         let (access, newMode) = inheritable.inherited(mode: mode)

@@ -38,8 +38,8 @@ final class EncryptedFileSystem: FileSystem {
     private func logged<R>(_ what: @autoclosure () -> String, node: UInt64? = nil, _ body: () throws -> R) throws -> R {
         do {
             return try body()
-        } catch let error as any IntegrityFailureDescribing {
-            if let why = error.integrityFailure {
+        } catch {
+            if let why = Self.integrityFailure(of: error) {
                 let path = node.flatMap { volume.plaintextPath(of: $0) }.map { " (\($0))" } ?? ""
                 Log.error("integrity failure: \(what())\(path): \(why)")
             }
@@ -187,7 +187,7 @@ final class EncryptedFileSystem: FileSystem {
         try logged("setxattr of node \(node)", node: node) { try volume.setxattr(node, name: name, value: value, mode: mode) }
     }
 
-    func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8] {
+    func getxattr(_ node: UInt64, name: [UInt8]) throws -> [UInt8]? {
         try logged("getxattr of node \(node)", node: node) { try volume.getxattr(node, name: name) }
     }
 

@@ -8,6 +8,25 @@ import Glibc
 #endif
 
 /// The one place where errors of the core's layers (store, keys, format) become errno values.
+extension EncryptedFileSystem {
+    /// Concrete casts before the protocol's: the store's errors are nearly all there are, and
+    /// a cast to an existential protocol costs a conformance lookup per failed request.
+    func errnoValue(of error: any Error) -> Int32 {
+        if let e = error as? StoreError { return e.errnoValue }
+        if let e = error as? FormatError { return e.errnoValue }
+        if let e = error as? KeyError { return e.errnoValue }
+        return (error as? any ErrnoConvertible)?.errnoValue ?? EIO
+    }
+
+    /// What an integrity failure says, for the log; nil for every other error. Concrete casts
+    /// first, for the reason above.
+    static func integrityFailure(of error: any Error) -> String? {
+        if let e = error as? StoreError { return e.integrityFailure }
+        if let e = error as? FormatError { return e.integrityFailure }
+        return (error as? any IntegrityFailureDescribing)?.integrityFailure
+    }
+}
+
 extension StoreError: ErrnoConvertible {
     public var errnoValue: Int32 {
         switch self {
