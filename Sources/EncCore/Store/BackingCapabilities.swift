@@ -76,13 +76,17 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
         case unknown
     }
 
-    public var present: Set<Capability>
+    public var present: Set<Capability> { didSet { presentBits = Self.bits(of: present) } }
+    /// `present` as bits: asked several times per request, where a set of string-valued cases
+    /// hashes the string each time.
+    private var presentBits: UInt32
     /// The backing's filesystem type as /proc/self/mountinfo names it (e.g. `fuse.glusterfs`).
     public var filesystemType: String
     public var lockScope: LockScope
 
     public init(present: Set<Capability>, filesystemType: String, lockScope: LockScope) {
         self.present = present
+        presentBits = Self.bits(of: present)
         self.filesystemType = filesystemType
         self.lockScope = lockScope
     }
@@ -90,7 +94,23 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
     /// Everything a local Linux filesystem has.
     public static let local = BackingCapabilities(present: Set(Capability.allCases), filesystemType: "ext4", lockScope: .thisMachine)
 
-    public func has(_ capability: Capability) -> Bool { present.contains(capability) }
+    public func has(_ capability: Capability) -> Bool { presentBits & Self.bit(capability) != 0 }
+
+    private static func bits(of set: Set<Capability>) -> UInt32 { set.reduce(0) { $0 | bit($1) } }
+
+    private static func bit(_ capability: Capability) -> UInt32 {
+        switch capability {
+        case .unnamedFiles: 1 << 0
+        case .linkOpenFile: 1 << 1
+        case .renameNoReplace: 1 << 2
+        case .renameExchange: 1 << 3
+        case .fdatasync: 1 << 4
+        case .userXattrs: 1 << 5
+        case .lock: 1 << 6
+        case .stableInodes: 1 << 7
+        case .hardLinks: 1 << 8
+        }
+    }
 
     /// Files can be created unnamed and linked in.
     var createsUnnamed: Bool { has(.unnamedFiles) && has(.linkOpenFile) }

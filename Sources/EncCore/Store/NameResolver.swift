@@ -11,8 +11,16 @@ enum NameResolver {
     /// header `bindings` gives (asked for only then).
     static func plaintext(of backingName: [UInt8], directoryID: [UInt8], key: MasterKey,
                           bindings: () throws -> [Binding]) throws -> [UInt8] {
+        try plaintext(of: backingName, short: NameCodec.ciphertext(ofShortBackingName: backingName),
+                      directoryID: directoryID, key: key, bindings: bindings)
+    }
+
+    /// The same, with the short name's ciphertext already decoded (nil for a long name): a
+    /// listing decodes each entry's name once, to tell entries from other files.
+    static func plaintext(of backingName: [UInt8], short: [UInt8]?, directoryID: [UInt8], key: MasterKey,
+                          bindings: () throws -> [Binding]) throws -> [UInt8] {
         let ciphertext: [UInt8]
-        if let short = NameCodec.ciphertext(ofShortBackingName: backingName) {
+        if let short {
             ciphertext = short
         } else {
             let digest = Binding.digest(parentID: directoryID, backingName: backingName)

@@ -357,7 +357,8 @@ extension Volume {
         // Names a rekey has not moved yet open under the previous key: one more SIV try each.
         let previousKey = unlocked?.1.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }
         for raw in try dirFD.descriptor.listDirectory() {
-            guard NameCodec.isEntryName(raw.name) else { continue }
+            let short = NameCodec.ciphertext(ofShortBackingName: raw.name)
+            guard short != nil || NameCodec.isLongBackingName(raw.name) else { continue }
             let typeBits: UInt32 = raw.isDirectory ? S_IFDIR : 0
             guard let (key, header) = unlocked else {
                 entries.append(DirectoryEntry(name: raw.name, inode: raw.inode, typeBits: typeBits, backingName: raw.name))
@@ -369,8 +370,8 @@ extension Volume {
                     defer { release(node) }
                     return node.state.withLock { $0.header.bindings }
                 }
-                let name = try (try? NameResolver.plaintext(of: raw.name, directoryID: header.objectID, key: key, bindings: bindings))
-                    ?? NameResolver.plaintext(of: raw.name, directoryID: header.objectID, key: previousKey ?? key, bindings: bindings)
+                let name = try (try? NameResolver.plaintext(of: raw.name, short: short, directoryID: header.objectID, key: key, bindings: bindings))
+                    ?? NameResolver.plaintext(of: raw.name, short: short, directoryID: header.objectID, key: previousKey ?? key, bindings: bindings)
                 entries.append(DirectoryEntry(name: name, inode: raw.inode, typeBits: typeBits, backingName: raw.name))
             } catch {
                 Diagnostics.report("skipping undecryptable entry \(String(decoding: raw.name, as: UTF8.self)): \(error)")
