@@ -22,6 +22,11 @@
 #                    column `baseline`, interleaved with the others, with an `encfsd / baseline` row
 #   --scale [...]    instead: the scale benchmark (scripts/bench-scale.sh: per-file cost at 10k,
 #                    100k and 1M files, daemon held to 1,024 descriptors); later arguments go to it
+#   --requests       instead of the timed rounds: one pass per filesystem on tmpfs of untar, ls -lR,
+#                    read-all and rm -rf, each counting the mount's FUSE requests by opcode and
+#                    their time from send to answer from the kernel's fuse tracepoints
+#                    (scripts/fuse_requests.py; Linux 6.16 or later), peers included; report
+#                    docs/bench/YYYY-MM-DD-HHMM-requests.md
 #
 # Each filesystem in each round gets a fresh store and mount, and runs, in order:
 # streaming write (dd 1 MiB blocks, fsync at end), streaming read after dropping caches,
@@ -55,15 +60,16 @@ ENCFSD_OPTIONS=${BENCH_ENCFSD_OPTIONS:-}
 ENCFSD_INIT_OPTIONS=${BENCH_ENCFSD_INIT_OPTIONS:-}
 BASELINE_INIT_OPTIONS=${BENCH_BASELINE_INIT_OPTIONS:-}
 
-usage() { sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments
-QUICK=0 ROUNDS= SIZE= BACKING= ONLY= RUNTIME= NFILES=1000 SAVE=1 BASELINE=
+QUICK=0 ROUNDS= SIZE= BACKING= ONLY= RUNTIME= NFILES=1000 SAVE=1 BASELINE= REQUESTS=0
 while (($#)); do
     case $1 in
         --scale) shift; exec "$REPO/scripts/bench-scale.sh" "$@" ;;
         --quick) QUICK=1 ;;
+        --requests) REQUESTS=1 ;;
         --rounds) ROUNDS=${2:?}; shift ;;
         --size) SIZE=${2:?}; shift ;;
         --backing) BACKING=${2:?}; shift ;;
@@ -77,6 +83,11 @@ while (($#)); do
     esac
     shift
 done
+if ((REQUESTS)); then
+    [[ -z $BACKING || $BACKING == tmpfs ]] || die "--requests runs on tmpfs only"
+    BACKING=tmpfs ROUNDS=1
+    python3 "$REPO/scripts/fuse_requests.py" available || die "--requests: this kernel has no fuse:fuse_request_send tracepoint (Linux 6.16 or later)"
+fi
 if ((QUICK)); then
     : "${ROUNDS:=1}" "${SIZE:=128}" "${BACKING:=tmpfs}" "${RUNTIME:=3}"
 else
@@ -209,44 +220,10 @@ if want_fs baseline; then
 fi
 
 # ---------------------------------------------------------------- the floor: passthrough_hp
-# build_floor: fetches the installed libfuse's source package, builds the counting
-# passthrough_hp as $WORK/passthrough_hp; returns non-zero (after logging why) if it cannot.
-build_floor() {
-    local version dir src orig
-    version=$(dpkg-query -W -f='${Version}' libfuse3-3 2>/dev/null) || { log "floor: libfuse3-3 is not installed"; return 1; }
-    dir="$WORK/floor-src"; mkdir -p "$dir"
-    if ! (cd "$dir" && apt-get source --download-only "fuse3=$version") >>"$LOG" 2>&1; then
-        # No deb-src entry: one for each deb entry of the Debian sources, then try again.
-        if [[ -f /etc/apt/sources.list.d/debian.sources ]] && ! grep -rqs '^Types:.*deb-src\|^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-            log "floor: adding deb-src entries (/etc/apt/sources.list.d/encfsd-bench-src.sources)"
-            sed -e 's/^Types: deb$/Types: deb-src/' /etc/apt/sources.list.d/debian.sources \
-                >/etc/apt/sources.list.d/encfsd-bench-src.sources
-            apt-get update -qq >>"$LOG" 2>&1
-        fi
-        (cd "$dir" && apt-get source --download-only "fuse3=$version") >>"$LOG" 2>&1 \
-            || { log "floor: apt-get source fuse3=$version failed"; return 1; }
-    fi
-    orig=$(ls "$dir"/fuse3_*.orig.tar.* 2>/dev/null | grep -v '\.asc$' | head -n 1)
-    [[ -n $orig ]] && tar -xf "$orig" -C "$dir" >>"$LOG" 2>&1 || { log "floor: cannot unpack the fuse3 source"; return 1; }
-    src=$(ls -d "$dir"/fuse-*/example 2>/dev/null | head -n 1)
-    [[ -f $src/passthrough_hp.cc ]] || { log "floor: no example/passthrough_hp.cc in the fuse3 $version source"; return 1; }
-    cp "$REPO/scripts/bench-floor-count.hpp" "$src/" || return 1
-    # Every operation but init goes through the counter; the reporter starts before the workers.
-    sed -i -e 's|^#include "cxxopts.hpp"|&\n#include "bench-floor-count.hpp"|' \
-        -e '/^static void assign_operations/,/^}/{/sfs_oper\.init = /!s/^\( *sfs_oper\.[a-z_]* = \)\(sfs_[a-z_]*\);/\1BenchCounted<\2>::call;/}' \
-        -e 's|^\( *\)// Mount and run main loop|\1bench_start_reporter();\n&|' "$src/passthrough_hp.cc"
-    grep -q 'BenchCounted<sfs_lookup>' "$src/passthrough_hp.cc" && grep -q 'bench_start_reporter();' "$src/passthrough_hp.cc" \
-        || { log "floor: the counting patch did not apply to passthrough_hp.cc of fuse3 $version"; return 1; }
-    # shellcheck disable=SC2046
-    g++ -O2 -std=c++17 -DHAVE_UTIMENSAT -DHAVE_POSIX_FALLOCATE -DHAVE_SETXATTR $(pkg-config --cflags fuse3) \
-        "$src/passthrough_hp.cc" -o "$WORK/passthrough_hp" $(pkg-config --libs fuse3) -lpthread >>"$LOG" 2>&1 \
-        || { log "floor: g++ could not build passthrough_hp.cc"; return 1; }
-    FLOOR_VERSION=$version
-}
 FLOOR_VERSION=
 if want_fs floor; then
     log "building the floor (passthrough_hp from the fuse3 source package)"
-    if ! build_floor; then
+    if ! FLOOR_VERSION=$("$REPO/scripts/build-floor.sh" "$WORK" 2>>"$LOG"); then
         log "floor: skipping the floor column"
         meta note "the floor column (passthrough_hp) was skipped: it could not be fetched or built (see the log)"
         FSS=("${FSS[@]/floor}"); read -ra FSS <<<"${FSS[*]}"
@@ -491,6 +468,30 @@ bench_fs() {
     log "$fs $tag:$LINE"
 }
 
+# trace_fs FS BACKDIR: one filesystem, the tree workloads, each under fuse_requests.py (--requests).
+trace_fs() {
+    local fs=$1 back=$2 c="$2/$1-store" m="$WORK/mnt/$1" out="$WORK/out/requests" n
+    [[ $fs == plain ]] && return  # no FUSE connection to count
+    CUR_FS=$fs
+    mkdir -p "$out"; n=$(printf '%02d' "$(ls "$out" | cut -d- -f1 | sort -u | wc -l)")
+    if ! fs_mount "$fs" "$c" "$m" requests; then
+        log "$fs: create/mount failed (see $LOG)"; fs_unmount "$fs" "$m"; rm -rf --one-file-system "$c"; return
+    fi
+    traced() {  # traced WORKLOAD CMD...
+        local w=$1; shift
+        drop_caches
+        timeout -k 10 "$STEP_TIMEOUT" python3 "$REPO/scripts/fuse_requests.py" record "$m" "$out/$n-$fs.$w.json" -- "$@" 2>>"$LOG" \
+            || log "$fs: $w failed or timed out"
+    }
+    traced untar tar -xf "$TAR" -C "$m"
+    traced ls-lR ls -lR "$m/$TREE"
+    traced read-all find "$m/$TREE" -type f -exec cat {} +
+    traced rm-rf rm -rf "$m/$TREE"
+    fs_unmount "$fs" "$m"
+    rm -rf --one-file-system "$c"
+    log "$fs: requests traced"
+}
+
 # ---------------------------------------------------------------- metadata
 START=$(date +%s)
 STAMP=$(date +%Y-%m-%d-%H%M)
@@ -536,7 +537,7 @@ for b in "${BACKINGS[@]}"; do
         CUR_ROUND=$r
         log "--- backing $b, round $r/$ROUNDS (load average $(cut -d' ' -f1-3 /proc/loadavg))"
         meta note "load average at the start of $b round $r: $(cut -d' ' -f1-3 /proc/loadavg)"
-        for fs in "${FSS[@]}"; do bench_fs "$fs" "$BACK"; done
+        for fs in "${FSS[@]}"; do if ((REQUESTS)); then trace_fs "$fs" "$BACK"; else bench_fs "$fs" "$BACK"; fi; done
     done
     if [[ $b == tmpfs ]]; then umount "$BACK" || log "cannot unmount $BACK"; fi
     if [[ $b == gluster ]]; then python3 "$REPO/Tests/mount/backings.py" down "$WORK/gluster"; BACK=$WORK/gluster; fi
@@ -556,6 +557,24 @@ fi
 
 echo
 REPORTED=1
+if ((REQUESTS)); then
+    {
+        echo "# FUSE requests by opcode, $(date '+%Y-%m-%d %H:%M %Z')"
+        echo
+        echo "\`scripts/bench.sh --requests\` on tmpfs: one pass per filesystem, each workload after \`drop_caches\`; counted by the kernel's fuse tracepoints (scripts/fuse_requests.py). Each cell is requests × mean µs from send to answer (queueing for a daemon thread included)."
+        echo
+        awk -F'\t' '$1 == "header" { printf "- %s: %s\n", $2, $3 }' "$META"
+        echo
+        python3 "$REPO/scripts/fuse_requests.py" report "$WORK/out/requests"
+    } >"$WORK/requests.md" || die "report failed"
+    cat "$WORK/requests.md"
+    if ((SAVE)); then
+        mkdir -p "$REPO/docs/bench"; cp "$WORK/requests.md" "$REPO/docs/bench/$STAMP-requests.md"
+        echo; echo "written: docs/bench/$STAMP-requests.md"
+    fi
+    echo "run time: $((ELAPSED / 60)) min $((ELAPSED % 60)) s"
+    exit 0
+fi
 if ((SAVE)); then
     mkdir -p "$REPO/docs/bench"
     OUT="$REPO/docs/bench/$STAMP.md"

@@ -157,7 +157,7 @@ extension FileDescriptor {
     /// The identity of the object behind the descriptor (its kernel file handle: inode and
     /// generation), or nil on a filesystem that has none, where the inode number alone identifies it.
     public func identity() -> [UInt8]? {
-        Self.identity(fileHandle([], flags: 0x1000)) // AT_EMPTY_PATH
+        Self.identity(fileHandle([], flags: Sys.emptyPath))
     }
 
     /// The identity of this directory's entry `name`, without opening it (a symlink is not followed).

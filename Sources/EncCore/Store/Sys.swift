@@ -98,6 +98,8 @@ public enum Sys {
     public static let renameNoReplace = encfsd_RENAME_NOREPLACE
     public static let renameExchange = encfsd_RENAME_EXCHANGE
     public static let renameWhiteout = encfsd_RENAME_WHITEOUT
+    /// AT_EMPTY_PATH, which Glibc's module does not export: "" names the descriptor's own object.
+    static let emptyPath: Int32 = 0x1000
 
     /// timespec values that tell futimens to leave a time alone, or set it to now.
     public static let omitTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2)
@@ -109,6 +111,11 @@ public enum Sys {
     /// see it: the VFS drops the field).
     /// Resolving where it is not needed only costs the `fstat`.
     static let omittedTimesNeedResolving = Atomic<Bool>(false)
+    /// Whether `linkat` by descriptor (AT_EMPTY_PATH) has not been refused: it needs
+    /// CAP_DAC_READ_SEARCH. Cleared at the first refusal; /proc paths are used from then on.
+    static let linksByDescriptor = Atomic<Bool>(true)
+    /// Whether `utimensat` has not refused AT_EMPTY_PATH (EINVAL).
+    static let timesByEmptyPath = Atomic<Bool>(true)
 
     /// open(2)'s O_NOATIME.
     public static let noAccessTimeFlag = encfsd_O_NOATIME
@@ -296,25 +303,42 @@ extension FileDescriptor {
         try renameAt(from, toDir, to)
     }
 
-    /// Gives the inode behind this descriptor the new name `name` in `toDir`, via /proc so no
-    /// capability is needed. (`linkat(2)`)
+    /// Gives the inode behind this descriptor the new name `name` in `toDir` (`linkat(2)`). By
+    /// the descriptor itself (AT_EMPTY_PATH) where the kernel allows it (CAP_DAC_READ_SEARCH, as
+    /// a daemon run by root has): the path through /proc the fallback takes costs a walk of
+    /// procfs, 40% of the link (3 µs of every create on tmpfs).
     public func linkAt(toDir: borrowing FileDescriptor, _ name: [UInt8]) throws {
         try Sys.withCName(name) { p throws in
+            if Sys.linksByDescriptor.load(ordering: .relaxed) {
+                if Glibc.linkat(number, "", toDir.number, p, Sys.emptyPath) == 0 { return }
+                // Without the capability the kernel answers ENOENT, as if there were no path.
+                guard errno == ENOENT else { throw Sys.failure() }
+                try Sys.withProcPath(number) { path throws in try Sys.check(Glibc.linkat(AT_FDCWD, path, toDir.number, p, AT_SYMLINK_FOLLOW)) }
+                Sys.linksByDescriptor.store(false, ordering: .relaxed)
+                return
+            }
             try Sys.withProcPath(number) { path throws in try Sys.check(Glibc.linkat(AT_FDCWD, path, toDir.number, p, AT_SYMLINK_FOLLOW)) }
         }
         OperationLog.shared.record(.link(directory: toDir.loggedInode, name: name, inode: loggedInode))
     }
 
-    /// Sets times through /proc so it works on O_PATH descriptors (directories) too.
+    /// Sets times by the descriptor's own path (AT_EMPTY_PATH), so it works on O_PATH
+    /// descriptors (directories) too; through /proc where the kernel refuses the flag. The
+    /// /proc path costs three times the call itself (4 µs against 1.3 on tmpfs).
     public func setTimes(_ times: (timespec, timespec)) throws {
         var t = try resolvingOmitted(times)
+        if Sys.timesByEmptyPath.load(ordering: .relaxed) {
+            if Glibc.utimensat(number, "", &t, Sys.emptyPath) == 0 { return }
+            guard errno == EINVAL else { throw Sys.failure() }
+            Sys.timesByEmptyPath.store(false, ordering: .relaxed)
+        }
         try Sys.withProcPath(number) { path throws in try Sys.check(Glibc.utimensat(AT_FDCWD, path, &t, 0)) }
     }
 
     /// Moves only the ctime of the object behind the descriptor (an O_PATH descriptor will do):
     /// a chown to the owner it has.
     public func touchChangeTime() throws {
-        try Sys.check(Glibc.fchownat(number, "", uid_t.max, gid_t.max, 0x1000)) // AT_EMPTY_PATH
+        try Sys.check(Glibc.fchownat(number, "", uid_t.max, gid_t.max, Sys.emptyPath))
     }
 
     public func futimens(_ times: (timespec, timespec)) throws {
