@@ -508,7 +508,7 @@ if want_fs baseline; then
     meta header baseline "$BASELINE ($("$ENCFSD_BASELINE" --version 2>/dev/null | head -n 1)), built $(date -r "$BASELINE" '+%Y-%m-%d %H:%M'); init options: ${BASELINE_INIT_OPTIONS:-none}"
 fi
 if want_fs encfsd; then
-    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo " + uncommitted changes in $(git -C "$REPO" diff --name-only HEAD -- Sources Package.swift | sed 's|^Sources/||' | paste -sd, - | sed 's/,/, /g')"), release build$BUILD_NOTE; init options: ${ENCFSD_INIT_OPTIONS:-none (16 KiB extents)}, mount options: ${ENCFSD_OPTIONS:-none}, AES-256-GCM"
+    meta header encfsd "binary built $(date -r "$BIN" '+%Y-%m-%d %H:%M'), work tree at commit $(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- Sources Package.swift || echo " + uncommitted changes in $(git -C "$REPO" diff --name-only HEAD -- Sources Package.swift | sed 's|^Sources/||' | paste -sd, - | sed 's/,/, /g')"), release build$BUILD_NOTE; init options: ${ENCFSD_INIT_OPTIONS:-none (4 KiB extents)}, mount options: ${ENCFSD_OPTIONS:-none}, AES-256-GCM"
 fi
 want_fs floor && meta header floor "passthrough_hp from libfuse $FLOOR_VERSION (Debian source package), g++ -O2 -DHAVE_UTIMENSAT -DHAVE_POSIX_FALLOCATE -DHAVE_SETXATTR, its defaults (writeback cache, 86400 s timeouts, splice), with a request counter (scripts/bench-floor-count.hpp)"
 want_fs gocryptfs && meta header gocryptfs "$(ver gocryptfs -version) (Debian $(pkgver gocryptfs)); default options, -scryptn 10 at init"
@@ -563,7 +563,9 @@ if ((REQUESTS)); then
         echo
         echo "\`scripts/bench.sh --requests\` on tmpfs: one pass per filesystem, each workload after \`drop_caches\`; counted by the kernel's fuse tracepoints (scripts/fuse_requests.py). Each cell is requests × mean µs from send to answer (queueing for a daemon thread included)."
         echo
-        awk -F'\t' '$1 == "header" { printf "- %s: %s\n", $2, $3 }' "$META"
+        # The timed run's settings (fio, file sizes, rounds, memory) do not apply here.
+        awk -F'\t' '$1 == "header" && $2 !~ /^(fio|rounds|sizes|backings|encfsd daemon peak RSS)$/ { printf "- %s: %s\n", $2, $3 }' "$META"
+        echo "- tree: linux-source-6.1 fs include kernel crypto lib, $TREE_FILES files, $TREE_DIRS directories, tar read from tmpfs; backing: an 8 GiB tmpfs"
         echo
         python3 "$REPO/scripts/fuse_requests.py" report "$WORK/out/requests"
     } >"$WORK/requests.md" || die "report failed"
