@@ -60,7 +60,7 @@ ENCFSD_OPTIONS=${BENCH_ENCFSD_OPTIONS:-}
 ENCFSD_INIT_OPTIONS=${BENCH_ENCFSD_INIT_OPTIONS:-}
 BASELINE_INIT_OPTIONS=${BENCH_BASELINE_INIT_OPTIONS:-}
 
-usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 die() { echo "bench.sh: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- arguments
@@ -156,6 +156,8 @@ cleanup() {
             kill -TERM "$pid" 2>/dev/null; sleep 2; kill -KILL "$pid" 2>/dev/null
         fi
     done
+    # A request trace killed before its own cleanup leaves its tracefs instance (kernel buffers).
+    rmdir /sys/kernel/tracing/instances/encfsd-requests-* 2>/dev/null
     [[ -e $WORK/gluster/backing.json ]] && python3 "$REPO/Tests/mount/backings.py" down "$WORK/gluster"
     for m in $(our_mounts); do
         umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null
@@ -223,7 +225,8 @@ fi
 FLOOR_VERSION=
 if want_fs floor; then
     log "building the floor (passthrough_hp from the fuse3 source package)"
-    if ! FLOOR_VERSION=$("$REPO/scripts/build-floor.sh" "$WORK" 2>>"$LOG"); then
+    # Its progress and errors to the log, and to the terminal as well: the log goes with $WORK.
+    if ! FLOOR_VERSION=$("$REPO/scripts/build-floor.sh" "$WORK" 2> >(tee -a "$LOG" >&2)); then
         log "floor: skipping the floor column"
         meta note "the floor column (passthrough_hp) was skipped: it could not be fetched or built (see the log)"
         FSS=("${FSS[@]/floor}"); read -ra FSS <<<"${FSS[*]}"

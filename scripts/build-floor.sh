@@ -5,7 +5,7 @@
 #   scripts/build-floor.sh OUT_DIR
 # Leaves OUT_DIR/passthrough_hp and prints the libfuse version on stdout; progress and errors
 # go to stderr, and it exits non-zero (saying why) if the source cannot be fetched or built.
-# Needs root for apt-get. Used by scripts/bench.sh and scripts/bench-requests.sh.
+# Needs root for apt-get. Used by scripts/bench.sh (timed runs and --requests).
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${1:?usage: build-floor.sh OUT_DIR}

@@ -10,23 +10,29 @@
 The tracepoints fuse:fuse_request_send and fuse:fuse_request_end (Linux 6.16 and later) see
 every request of every FUSE filesystem alike, so peers that expose no counter of their own are
 counted the same way as encfsd and the floor. The time per request is the kernel's: from the
-request being queued to its answer arriving, so it includes the wait for a free daemon thread.
+request being queued to its answer arriving, so it includes the wait for a free daemon thread;
+the mean is over the requests answered while tracing (FORGET has no answer). The trace clock is
+`mono`, one clock for the send and the answer whichever CPUs stamp them.
 Needs root (tracefs). Each run uses a trace instance of its own and removes it.
 """
 import collections
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 
 TRACEFS = "/sys/kernel/tracing"
+RUN_ORDER = ["untar", "ls-lR", "read-all", "rm-rf"]
 SEND = re.compile(r"\s(\d+\.\d+): fuse_request_send: connection \d+ req (\d+) opcode \d+ \((\w+)\)")
 END = re.compile(r"\s(\d+\.\d+): fuse_request_end: connection \d+ req (\d+) ")
 
 
 def available():
+    if os.geteuid() != 0:
+        sys.exit("fuse_requests: needs root (tracefs)")
     if not os.path.isdir(TRACEFS + "/events"):
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -39,14 +45,18 @@ def record(mnt, out, cmd):
     # The connection number is the minor of the mount's anonymous device.
     connection = os.minor(os.stat(mnt).st_dev)
     inst = "%s/instances/encfsd-requests-%d" % (TRACEFS, os.getpid())
+    # A timeout's SIGTERM must still remove the instance (its buffers are kernel memory).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     os.mkdir(inst)
 
     def put(path, value):
         with open(inst + "/" + path, "w") as f:
             f.write(value)
     try:
-        # Two events per request, about 100 bytes each: room for a million requests.
-        put("buffer_size_kb", "131072")
+        # Two events per request, about 100 bytes each: room for a million requests in all
+        # (the size is per CPU).
+        put("trace_clock", "mono")
+        put("buffer_size_kb", str(max(4096, 262144 // (os.cpu_count() or 1))))
         for event in ("fuse_request_send", "fuse_request_end"):
             put("events/fuse/%s/filter" % event, "connection == %d" % connection)
             put("events/fuse/%s/enable" % event, "1")
@@ -54,7 +64,7 @@ def record(mnt, out, cmd):
         rc = subprocess.call(cmd, stdout=subprocess.DEVNULL)
         wall = time.monotonic() - t0
         put("tracing_on", "0")
-        pending, count, seconds = {}, collections.Counter(), collections.defaultdict(float)
+        pending, count, answered, seconds = {}, collections.Counter(), collections.Counter(), collections.defaultdict(float)
         with open(inst + "/trace") as f:
             for line in f:
                 m = SEND.search(line)
@@ -67,6 +77,7 @@ def record(mnt, out, cmd):
                 if m and m.group(2) in pending:
                     sent, op = pending.pop(m.group(2))
                     seconds[op] += float(m.group(1)) - sent
+                    answered[op] += 1
         overrun = sum(int(line.split(":")[1]) for cpu in os.listdir(inst + "/per_cpu")
                       for line in open("%s/per_cpu/%s/stats" % (inst, cpu)) if line.startswith("overrun:"))
     finally:
@@ -77,7 +88,7 @@ def record(mnt, out, cmd):
                 pass
         os.rmdir(inst)
     json.dump({"wall": wall, "rc": rc, "overrun": overrun,
-               "ops": {op: [n, seconds[op]] for op, n in count.items()}}, open(out, "w"))
+               "ops": {op: [n, seconds[op], answered[op]] for op, n in count.items()}}, open(out, "w"))
     return rc
 
 
@@ -91,7 +102,7 @@ def report(directory):
             runs[workload][fs] = json.load(open(os.path.join(directory, name)))
             if fs not in order:
                 order.append(fs)
-    for workload, per_fs in runs.items():
+    for workload, per_fs in sorted(runs.items(), key=lambda w: RUN_ORDER.index(w[0]) if w[0] in RUN_ORDER else 99):
         fss = [fs for fs in order if fs in per_fs]
         ops = sorted({op for d in per_fs.values() for op in d["ops"]},
                      key=lambda op: -max(d["ops"].get(op, [0, 0])[1] for d in per_fs.values()))
@@ -101,8 +112,10 @@ def report(directory):
         for op in ops:
             cells = []
             for fs in fss:
-                n, s = per_fs[fs]["ops"].get(op, [0, 0.0])
-                cells.append("%s × %.1f" % (format(n, ","), s / n * 1e6) if n else "–")
+                n, s, answered = (per_fs[fs]["ops"].get(op, [0, 0.0, 0]) + [None])[:3]
+                answered = n if answered is None else answered  # forgets are never answered
+                cells.append("%s × %.1f" % (format(n, ","), s / answered * 1e6) if answered else
+                             ("%s × –" % format(n, ",") if n else "–"))
             print("| %s | %s |" % (op, " | ".join(cells)))
         total = lambda d: (sum(v[0] for v in d["ops"].values()), sum(v[1] for v in d["ops"].values()))
         print("| **all** | " + " | ".join("%s, %.0f ms" % (format(total(per_fs[fs])[0], ","), total(per_fs[fs])[1] * 1e3) for fs in fss) + " |")

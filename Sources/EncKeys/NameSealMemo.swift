@@ -115,14 +115,14 @@ final class NameSealMemo: Sendable {
     /// memos hold at most `processLimit` plus four per memo.
     private static func insert(_ key: Key, _ value: [UInt8], into g: inout Generations, capacity: Int,
                                dropped: inout [Key: [UInt8]]) {
-        if g.young[key] != nil { return } // a race on one miss: the same bytes either way
         if g.young.count >= capacity || entries.load(ordering: .relaxed) >= processLimit {
+            if g.young[key] != nil { return } // a race on one miss: the same bytes either way
             swap(&dropped, &g.old)
             entries.subtract(dropped.count, ordering: .relaxed)
             g.old = g.young
             g.young = [:]
         }
-        g.young[key] = value
-        entries.add(1, ordering: .relaxed)
+        // One hash and probe where a look first and an insert after took two.
+        if g.young.updateValue(value, forKey: key) == nil { entries.add(1, ordering: .relaxed) }
     }
 }

@@ -9,15 +9,10 @@ import Locking
 /// of a name the rekey had just moved made a second entry for the same name, which the rekey
 /// then failed to move forever (EEXIST) while the renamed file stayed unreachable.
 @Suite struct RekeyNameRaceTests {
-    static let oldKey = try! MasterKey(raw: (1...64).map { UInt8($0) })
-    static let newKey = try! MasterKey(raw: [UInt8](repeating: 0x42, count: 64))
     let caller = Caller(uid: 0, gid: 0)
 
     @Test func aRenameThatResolvedTheOldFormIsDoneBeforeTheRekeyMovesIt() throws {
-        try withScratchStore("encfsd-rekey-race", key: Self.oldKey, owner: caller) { store, keys in
-            _ = try keys.add(Self.newKey, claim: .init(uid: 0, serial: 0))
-            let volume = try Volume(storePath: store, keys: keys)
-            defer { volume.closeCleanly() }
+        try RekeyTestKeys.withVolume("encfsd-rekey-race", owner: caller) { volume in
             let (dir, _) = try volume.mkdir(parent: Volume.rootID, name: Array("d".utf8), mode: 0o755, caller: caller)
             func make(_ parent: UInt64, _ name: String, _ bytes: String) throws {
                 let (_, _, handle) = try volume.create(parent: parent, name: Array(name.utf8), mode: 0o644, caller: caller)
@@ -26,7 +21,7 @@ import Locking
             }
             try make(dir, "target", "old")
             try make(Volume.rootID, "w", "new")
-            try volume.startRekey(Volume.rootID, to: Self.newKey.identifier, caller: caller)
+            try volume.startRekey(Volume.rootID, to: RekeyTestKeys.new.identifier, caller: caller)
 
             // Once the rename has resolved "target" (under the old key: d is not rekeyed yet),
             // the whole rekey runs on another thread; the rename waits up to 2 s for it.

@@ -31,6 +31,9 @@ struct NodeState {
     /// creation; nil until then. Lets a probe for an attribute the object lacks answer ENODATA
     /// without a backing call.
     var backingXattrs: Set<String>?
+    /// Changes of the backing xattr names made through this node. A listing taken without the
+    /// lock is cached only if none came between it and the caching: it could be from before one.
+    var backingXattrChanges: UInt64 = 0
     /// The side object the header names, once read or written (`Volume+XattrSide`).
     var sideXattrs: SideXattrs?
     /// The last name went while the object was open: its side object goes at the last close.

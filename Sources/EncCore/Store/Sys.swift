@@ -100,6 +100,8 @@ public enum Sys {
     public static let renameWhiteout = encfsd_RENAME_WHITEOUT
     /// AT_EMPTY_PATH, which Glibc's module does not export: "" names the descriptor's own object.
     static let emptyPath: Int32 = 0x1000
+    /// XATTR_CREATE: set an attribute only if it does not exist.
+    static let xattrCreate: Int32 = 1
 
     /// timespec values that tell futimens to leave a time alone, or set it to now.
     public static let omitTime = timespec(tv_sec: 0, tv_nsec: (1 << 30) - 2)

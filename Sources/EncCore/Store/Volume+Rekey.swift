@@ -477,19 +477,28 @@ extension Volume {
         let fd = try xattrFD(node)
         var moved = false
         for backing in try fd.descriptor.flistxattr() where backing.hasPrefix(XattrCodec.backingPrefix) {
-            guard let sealed = try? fd.descriptor.fgetxattr(backing),
-                  let (name, value) = try? XattrCodec.open(sealed, objectID: header.objectID, backingName: backing, key: oldKey)
-            else { continue }
-            let newBacking = XattrCodec.backingName(name, objectID: header.objectID, key: newKey)
-            let resealed = try XattrCodec.seal(name: name, value: value, objectID: header.objectID, backingName: newBacking, key: newKey)
-            try fd.descriptor.fsetxattr(newBacking, resealed, flags: 0)
-            try fd.descriptor.fremovexattr(backing)
-            moved = true
+            // Each attribute is read, moved and recorded under the node's lock, which every
+            // foreground change of a backing attribute also holds (`changeBacking`): a value the
+            // foreground wrote under the new key since is newer and stays (XATTR_CREATE), and one
+            // it removed since is not brought back (read again here, under the lock).
+            try node.state.withLock { state in
+                guard let sealed = try? fd.descriptor.fgetxattr(backing),
+                      let (name, value) = try? XattrCodec.open(sealed, objectID: header.objectID, backingName: backing, key: oldKey)
+                else { return }
+                let newBacking = XattrCodec.backingName(name, objectID: header.objectID, key: newKey)
+                let resealed = try XattrCodec.seal(name: name, value: value, objectID: header.objectID, backingName: newBacking, key: newKey)
+                defer { state.backingXattrChanges &+= 1 }
+                do {
+                    try fd.descriptor.fsetxattr(newBacking, resealed, flags: Sys.xattrCreate)
+                } catch StoreError.system(EEXIST) {}
+                try fd.descriptor.fremovexattr(backing)
+                state.backingXattrs?.insert(newBacking)
+                state.backingXattrs?.remove(backing)
+                moved = true
+            }
         }
         // Durable before `previousPolicy` is cleared, which ends the search under the old key.
         if moved { try fd.descriptor.fsync() }
-        // The names changed behind the node's cache of backing xattr names: list them anew.
-        if moved { node.state.withLock { $0.backingXattrs = nil } }
     }
 
     // MARK: finishing

@@ -36,7 +36,14 @@ extension Volume {
         guard name.count <= Self.maximumXattrName else { throw StoreError.nameTooLong }
         let node = try node(id)
         let grant = try key(for: node, .newContents)
-        return (node, grant.key, grant.header.objectID, grant.header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) })
+        return (node, grant.key, grant.header.objectID, previousKey(of: grant))
+    }
+
+    /// The key attributes a rekey has not moved yet are under (nil outside a rekey): every read
+    /// of an attribute tries it after the object's key, and every change drops its copy, or the
+    /// move would later bring the old value back.
+    func previousKey(of grant: KeyGrant) -> MasterKey? {
+        grant.header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }
     }
 
     /// Backing xattrs live on the directory itself for directories (O_PATH descriptors cannot
@@ -68,11 +75,12 @@ extension Volume {
         // A backing without user xattrs holds none: default ACLs, capabilities and the kernel's
         // probes are all simply absent there (xattr calls themselves give EOPNOTSUPP).
         guard capabilities.has(.userXattrs) else { return false }
-        if let known = node.state.withLock({ $0.backingXattrs }) { return known.contains(backing) }
+        let (cached, changes) = node.state.withLock { ($0.backingXattrs, $0.backingXattrChanges) }
+        if let cached { return cached.contains(backing) }
         let fd = try xattrFD(node)
         let names = try fd.descriptor.flistxattr().filter { $0.hasPrefix(XattrCodec.backingPrefix) }
         let known = Set(names)
-        node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = known } }
+        cacheBackingXattrs(node, known, listedAfter: changes)
         return known.contains(backing)
     }
 
@@ -81,8 +89,17 @@ extension Volume {
     private func changeBacking(_ node: Node, _ backing: String, present: Bool, _ body: (borrowing FileDescriptor) throws -> Void) throws {
         let fd = try xattrFD(node)
         try node.state.withLock { state in
+            defer { state.backingXattrChanges &+= 1 }
             try body(fd.descriptor)
             if present { state.backingXattrs?.insert(backing) } else { state.backingXattrs?.remove(backing) }
+        }
+    }
+
+    /// Caches a listing of the backing xattr names taken when the node had seen `changes`
+    /// changes, unless a change has come since (the listing may be from before it).
+    func cacheBackingXattrs(_ node: Node, _ listed: Set<String>, listedAfter changes: UInt64) {
+        node.state.withLock {
+            if $0.backingXattrs == nil && $0.backingXattrChanges == changes { $0.backingXattrs = listed }
         }
     }
 
@@ -156,10 +173,10 @@ extension Volume {
                               previousKey: MasterKey?) throws {
         guard let acl = PosixACL(xattr: value) else { throw StoreError.invalidArgument }
         if acl.isEquivalentToMode {
-            if mode == .replace, !(try xattrPresent(node, PosixACL.accessName, key: key, objectID: objectID)) {
+            if mode == .replace, try storedXattr(node, PosixACL.accessName, key: key, previousKey: previousKey, objectID: objectID) == nil {
                 throw StoreError.system(ENODATA)
             }
-            try dropXattr(node, PosixACL.accessName, key: key, objectID: objectID)
+            try dropXattr(node, PosixACL.accessName, key: key, previousKey: previousKey, objectID: objectID)
         } else {
             try storeXattr(node, PosixACL.accessName, value, key: key, objectID: objectID, mode: mode, previousKey: previousKey)
         }
@@ -176,6 +193,16 @@ extension Volume {
         return try mayHold(node, XattrCodec.backingName(name, objectID: objectID, key: key))
     }
 
+    /// The attribute's value under the object's key or, during a rekey, the previous one; nil if
+    /// it has none. For the daemon's own reads (ACL inheritance, the ACL following a chmod).
+    private func storedXattr(_ node: Node, _ name: [UInt8], key: MasterKey, previousKey: MasterKey?,
+                             objectID: [UInt8]) throws -> [UInt8]? {
+        for k in [key] + (previousKey.map { [$0] } ?? []) where try xattrPresent(node, name, key: k, objectID: objectID) {
+            if let value = try readXattr(node, name, key: k, objectID: objectID) { return value }
+        }
+        return nil
+    }
+
     /// One look at the node: whether its header names a side object, and whether the backing
     /// object is known to hold no attribute. Either lets a probe answer without deriving a
     /// backing name (an HMAC under a per-object key, the largest cost of a probe).
@@ -185,10 +212,13 @@ extension Volume {
 
     /// The backing copy first: the side object's copy shadows it, so removing that first would let
     /// a crash in between bring back the older backing value.
-    private func dropXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws {
-        try dropBacking(node, XattrCodec.backingName(name, objectID: objectID, key: key))
-        if try sideXattrs(node, keys: [key])[name] != nil {
-            try changeSideXattrs(node, key: key, previousKey: nil) { $0[name] = nil }
+    private func dropXattr(_ node: Node, _ name: [UInt8], key: MasterKey, previousKey: MasterKey?, objectID: [UInt8]) throws {
+        let keys = [key] + (previousKey.map { [$0] } ?? [])
+        for k in keys where capabilities.has(.userXattrs) {
+            try dropBacking(node, XattrCodec.backingName(name, objectID: objectID, key: k))
+        }
+        if try sideXattrs(node, keys: keys)[name] != nil {
+            try changeSideXattrs(node, key: key, previousKey: previousKey) { $0[name] = nil }
         }
     }
 
@@ -220,7 +250,9 @@ extension Volume {
         guard Self.isStoredXattrName(name), !name.starts(with: Self.userPrefix),
               capabilities.has(.userXattrs) || holdsSideObjects,
               name.count <= Self.maximumXattrName else { return false }
-        return try node(id).state.withLock { $0.verified && holdsNoXattr($0) }
+        // A header still flagged by an interrupted write is left to the keyed path, which
+        // replays it first or answers EIO.
+        return try node(id).state.withLock { $0.verified && !$0.header.flags.contains(.pendingWrite) && holdsNoXattr($0) }
     }
 
     private func readXattr(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> [UInt8]? {
@@ -248,9 +280,10 @@ extension Volume {
         guard capabilities.has(.userXattrs) || holdsSideObjects, let grant = try? key(for: node, .newContents) else { return [] }
         let objectID = grant.header.objectID
         // During a rekey an attribute is under either key.
-        let candidates = [grant.key] + (grant.header.previousPolicy.flatMap { keys.key(for: $0, allowLingering: true) }.map { [$0] } ?? [])
+        let candidates = [grant.key] + (previousKey(of: grant).map { [$0] } ?? [])
         var names = try sideXattrs(node, keys: candidates).keys.sorted { $0.lexicographicallyPrecedes($1) }
-        if capabilities.has(.userXattrs) && node.state.withLock({ $0.backingXattrs?.isEmpty }) != true {
+        let (holdsNone, changes) = node.state.withLock { ($0.backingXattrs?.isEmpty, $0.backingXattrChanges) }
+        if capabilities.has(.userXattrs) && holdsNone != true {
             let fd = try xattrFD(node)
             var backings: Set<String> = []
             for backing in try fd.descriptor.flistxattr() where backing.hasPrefix(XattrCodec.backingPrefix) {
@@ -265,8 +298,7 @@ extension Volume {
                 // both; a move to the side object interrupted before the backing copy went, both.
                 if !names.contains(name) { names.append(name) }
             }
-            let listed = backings
-            node.state.withLock { if $0.backingXattrs == nil { $0.backingXattrs = listed } }
+            cacheBackingXattrs(node, backings, listedAfter: changes)
         }
         return includeTrusted ? names : names.filter { !$0.starts(with: Self.trustedPrefix) }
     }
@@ -316,12 +348,13 @@ extension Volume {
 
     /// After a chmod: the access ACL's class entries follow the new mode (`posix_acl_chmod`).
     func followModeInAccessACL(_ node: Node, mode: UInt32) throws {
-        guard node.type != .symlink, let key = try? self.key(for: node, .newContents).key else { return }
-        let objectID = node.state.withLock { $0.header.objectID }
-        guard try xattrPresent(node, PosixACL.accessName, key: key, objectID: objectID),
-              let stored = try readXattr(node, PosixACL.accessName, key: key, objectID: objectID),
+        guard node.type != .symlink, let grant = try? self.key(for: node, .newContents) else { return }
+        let (key, previousKey, objectID) = (grant.key, previousKey(of: grant), grant.header.objectID)
+        guard let stored = try storedXattr(node, PosixACL.accessName, key: key, previousKey: previousKey, objectID: objectID),
               let acl = PosixACL(xattr: stored) else { return }
-        try storeXattr(node, PosixACL.accessName, acl.chmod(mode).xattr, key: key, objectID: objectID, mode: .any)
+        // Stored under the object's key, the copy under the previous one dropped (`storeXattr`).
+        try storeXattr(node, PosixACL.accessName, acl.chmod(mode).xattr, key: key, objectID: objectID, mode: .any,
+                       previousKey: previousKey)
     }
 
     /// A new object's mode and the ACLs it inherits from its directory's default ACL; without
@@ -330,10 +363,10 @@ extension Volume {
     func inheritedPermissions(from dir: Node, type: ObjectType, mode: UInt32, umask: UInt32) throws
         -> (mode: UInt32, xattrs: [(name: [UInt8], value: [UInt8])]) {
         guard type != .symlink else { return (mode, []) }
-        let key = try self.key(for: dir, .newContents).key
-        let objectID = dir.state.withLock { $0.header.objectID }
-        guard try xattrPresent(dir, PosixACL.defaultName, key: key, objectID: objectID),
-              let stored = try readXattr(dir, PosixACL.defaultName, key: key, objectID: objectID),
+        let grant = try self.key(for: dir, .newContents)
+        // During the directory's rekey its default ACL may still be under the previous key.
+        guard let stored = try storedXattr(dir, PosixACL.defaultName, key: grant.key, previousKey: previousKey(of: grant),
+                                           objectID: grant.header.objectID),
               let inheritable = PosixACL(xattr: stored) else {
             return (mode & ~(umask & 0o777), [])
         }
