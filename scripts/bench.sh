@@ -22,11 +22,11 @@
 #                    column `baseline`, interleaved with the others, with an `encfsd / baseline` row
 #   --scale [...]    instead: the scale benchmark (scripts/bench-scale.sh: per-file cost at 10k,
 #                    100k and 1M files, daemon held to 1,024 descriptors); later arguments go to it
-#   --requests       instead of the timed rounds: one pass per filesystem on tmpfs of untar, ls -lR,
-#                    read-all and rm -rf, each counting the mount's FUSE requests by opcode and
-#                    their time from send to answer from the kernel's fuse tracepoints
-#                    (scripts/fuse_requests.py; Linux 6.16 or later), peers included; report
-#                    docs/bench/YYYY-MM-DD-HHMM-requests.md
+#   --requests       instead of the timed rounds: one pass per filesystem on tmpfs of untar,
+#                    ls -lR, read-all, rm -rf and create+fsync, each counting the mount's FUSE
+#                    requests by opcode and their time from send to answer from the kernel's
+#                    fuse tracepoints (scripts/fuse_requests.py; Linux 6.16 or later), peers
+#                    included; report docs/bench/YYYY-MM-DD-HHMM-requests.md
 #
 # Each filesystem in each round gets a fresh store and mount, and runs, in order:
 # streaming write (dd 1 MiB blocks, fsync at end), streaming read after dropping caches,
@@ -490,6 +490,9 @@ trace_fs() {
     traced ls-lR ls -lR "$m/$TREE"
     traced read-all find "$m/$TREE" -type f -exec cat {} +
     traced rm-rf rm -rf "$m/$TREE"
+    mkdir -p "$m/small"
+    traced create-fsync python3 "$HELPER" smallfiles "$m/small" "$NFILES" 4096
+    rm -rf "$m/small"
     fs_unmount "$fs" "$m"
     rm -rf --one-file-system "$c"
     log "$fs: requests traced"

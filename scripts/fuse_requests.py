@@ -25,7 +25,7 @@ import sys
 import time
 
 TRACEFS = "/sys/kernel/tracing"
-RUN_ORDER = ["untar", "ls-lR", "read-all", "rm-rf"]
+RUN_ORDER = ["untar", "ls-lR", "read-all", "rm-rf", "create-fsync"]
 SEND = re.compile(r"\s(\d+\.\d+): fuse_request_send: connection \d+ req (\d+) opcode \d+ \((\w+)\)")
 END = re.compile(r"\s(\d+\.\d+): fuse_request_end: connection \d+ req (\d+) ")
 
