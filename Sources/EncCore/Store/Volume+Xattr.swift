@@ -123,7 +123,7 @@ extension Volume {
     private func storeXattr(_ node: Node, _ name: [UInt8], _ value: [UInt8], key: MasterKey, objectID: [UInt8],
                             mode: XattrMode, previousKey: MasterKey? = nil) throws {
         guard value.count <= Self.maximumXattrValue else { throw StoreError.system(E2BIG) }
-        let side = try sideXattrs(node, keys: [key] + (previousKey.map { [$0] } ?? []))
+        let side = try sideXattrs(node, keys: Self.candidates(key, previousKey))
         let backing = XattrCodec.backingName(name, objectID: objectID, key: key)
         // During a rekey the attribute may still exist under the old key's backing name: it
         // counts for XATTR_CREATE and XATTR_REPLACE, and goes once the new one is written.
@@ -185,22 +185,19 @@ extension Volume {
         }
     }
 
-    private func xattrPresent(_ node: Node, _ name: [UInt8], key: MasterKey, objectID: [UInt8]) throws -> Bool {
-        let (generation, backingHoldsNone) = xattrHolders(node)
-        if generation != 0, try sideXattrs(node, keys: [key])[name] != nil { return true }
-        // Every create asks its directory for a default ACL: most hold no attribute at all.
-        if backingHoldsNone || !capabilities.has(.userXattrs) { return false }
-        return try mayHold(node, XattrCodec.backingName(name, objectID: objectID, key: key))
-    }
-
-    /// The attribute's value under the object's key or, during a rekey, the previous one; nil if
-    /// it has none. For the daemon's own reads (ACL inheritance, the ACL following a chmod).
+    /// The attribute's value under the object's key or, not moved by a rekey yet, the previous
+    /// one; nil if it has none.
     private func storedXattr(_ node: Node, _ name: [UInt8], key: MasterKey, previousKey: MasterKey?,
                              objectID: [UInt8]) throws -> [UInt8]? {
-        for k in [key] + (previousKey.map { [$0] } ?? []) where try xattrPresent(node, name, key: k, objectID: objectID) {
+        for k in Self.candidates(key, previousKey) {
             if let value = try readXattr(node, name, key: k, objectID: objectID) { return value }
         }
         return nil
+    }
+
+    /// The keys an attribute may be under: the object's, then during a rekey the previous one.
+    static func candidates(_ key: MasterKey, _ previousKey: MasterKey?) -> [MasterKey] {
+        [key] + (previousKey.map { [$0] } ?? [])
     }
 
     /// One look at the node: whether its header names a side object, and whether the backing
@@ -213,7 +210,7 @@ extension Volume {
     /// The backing copy first: the side object's copy shadows it, so removing that first would let
     /// a crash in between bring back the older backing value.
     private func dropXattr(_ node: Node, _ name: [UInt8], key: MasterKey, previousKey: MasterKey?, objectID: [UInt8]) throws {
-        let keys = [key] + (previousKey.map { [$0] } ?? [])
+        let keys = Self.candidates(key, previousKey)
         for k in keys where capabilities.has(.userXattrs) {
             try dropBacking(node, XattrCodec.backingName(name, objectID: objectID, key: k))
         }
@@ -237,9 +234,7 @@ extension Volume {
             return nil
         }
         let (node, key, objectID, previousKey) = found
-        if let value = try readXattr(node, name, key: key, objectID: objectID) { return value }
-        // Not moved by the rekey yet: still under the old key's backing name.
-        return try previousKey.flatMap { try readXattr(node, name, key: $0, objectID: objectID) }
+        return try storedXattr(node, name, key: key, previousKey: previousKey, objectID: objectID)
     }
 
     /// Whether a non-user attribute is absent without asking for the key: the object's verified
@@ -280,7 +275,7 @@ extension Volume {
         guard capabilities.has(.userXattrs) || holdsSideObjects, let grant = try? key(for: node, .newContents) else { return [] }
         let objectID = grant.header.objectID
         // During a rekey an attribute is under either key.
-        let candidates = [grant.key] + (previousKey(of: grant).map { [$0] } ?? [])
+        let candidates = Self.candidates(grant.key, previousKey(of: grant))
         var names = try sideXattrs(node, keys: candidates).keys.sorted { $0.lexicographicallyPrecedes($1) }
         let (holdsNone, changes) = node.state.withLock { ($0.backingXattrs?.isEmpty, $0.backingXattrChanges) }
         if capabilities.has(.userXattrs) && holdsNone != true {
@@ -331,13 +326,13 @@ extension Volume {
     private func removeXattr(_ id: UInt64, name: [UInt8]) throws -> Bool {
         let (node, key, objectID, previousKey) = try xattrNode(id, name: name)
         var removed = false
-        for k in [key] + (previousKey.map { [$0] } ?? []) where capabilities.has(.userXattrs) {
+        for k in Self.candidates(key, previousKey) where capabilities.has(.userXattrs) {
             let backing = XattrCodec.backingName(name, objectID: objectID, key: k)
             guard try mayHold(node, backing) else { continue }
             try changeBacking(node, backing, present: false) { try $0.fremovexattr(backing) }
             removed = true
         }
-        if try sideXattrs(node, keys: [key] + (previousKey.map { [$0] } ?? []))[name] != nil {
+        if try sideXattrs(node, keys: Self.candidates(key, previousKey))[name] != nil {
             try changeSideXattrs(node, key: key, previousKey: previousKey) { $0[name] = nil }
             removed = true
         }

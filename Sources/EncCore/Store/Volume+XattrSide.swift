@@ -90,7 +90,7 @@ extension Volume {
                           _ change: (inout [[UInt8]: [UInt8]]) throws -> Void) throws {
         let headerKey = try self.key(for: node, .header).key
         try node.state.withLock { state in
-            var attributes = try loadSideXattrs(&state, keys: [key] + (previousKey.map { [$0] } ?? []))?.attributes ?? [:]
+            var attributes = try loadSideXattrs(&state, keys: Self.candidates(key, previousKey))?.attributes ?? [:]
             try change(&attributes)
             // encfsd's own limit per object, refused at the call as ext4 refuses a full xattr block.
             guard XattrSideObject.plaintextBytes(attributes) <= XattrSideObject.maximumPlaintext else { throw StoreError.system(ENOSPC) }
