@@ -63,6 +63,15 @@ import Glibc
         #expect(ControlProtocol.StatusArgument.decode(ControlProtocol.StatusArgument().encoded())?.capabilities == nil)
     }
 
+    /// The status ioctl's bits are the cases' places (bit i: `Capability.allCases[i]`), as older
+    /// `encfsd status` binaries read them.
+    @Test func eachCapabilityBitIsItsPlaceAmongTheCases() {
+        for (i, c) in BackingCapabilities.Capability.allCases.enumerated() {
+            #expect(BackingCapabilities.bit(c) == 1 << UInt32(i), "\(c)")
+        }
+        #expect(BackingCapabilities.local.bits == 1 << UInt32(BackingCapabilities.Capability.allCases.count) - 1)
+    }
+
     @Test func exchangeRecordsRoundTripAndOddOnesAreRefused() {
         let record = ExchangeRecord(firstDirectory: [], first: Array("a".utf8), secondDirectory: [Array("d".utf8), [0xff, 0x00]],
                                     second: Array("b".utf8), temporary: ExchangeRecord.newTemporaryName())

@@ -76,17 +76,20 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
         case unknown
     }
 
-    public var present: Set<Capability> { didSet { presentBits = Self.bits(of: present) } }
-    /// `present` as bits: asked several times per request, where a set of string-valued cases
-    /// hashes the string each time.
-    private var presentBits: UInt32
+    /// A bit per capability present (bit i: the i-th case of `Capability`), as the status ioctl
+    /// carries them. Kept as bits, not a set: `has` is asked several times per request, and a set
+    /// of string-valued cases hashes the string each time.
+    public private(set) var bits: UInt32
+    public var present: Set<Capability> {
+        get { Self.capabilities(fromBits: bits) }
+        set { bits = newValue.reduce(0) { $0 | Self.bit($1) } }
+    }
     /// The backing's filesystem type as /proc/self/mountinfo names it (e.g. `fuse.glusterfs`).
     public var filesystemType: String
     public var lockScope: LockScope
 
     public init(present: Set<Capability>, filesystemType: String, lockScope: LockScope) {
-        self.present = present
-        presentBits = Self.bits(of: present)
+        bits = present.reduce(0) { $0 | Self.bit($1) }
         self.filesystemType = filesystemType
         self.lockScope = lockScope
     }
@@ -94,11 +97,10 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
     /// Everything a local Linux filesystem has.
     public static let local = BackingCapabilities(present: Set(Capability.allCases), filesystemType: "ext4", lockScope: .thisMachine)
 
-    public func has(_ capability: Capability) -> Bool { presentBits & Self.bit(capability) != 0 }
+    public func has(_ capability: Capability) -> Bool { bits & Self.bit(capability) != 0 }
 
-    private static func bits(of set: Set<Capability>) -> UInt32 { set.reduce(0) { $0 | bit($1) } }
-
-    private static func bit(_ capability: Capability) -> UInt32 {
+    /// The case's bit: its place among the cases, which `BackingCapabilitiesTests` holds to.
+    static func bit(_ capability: Capability) -> UInt32 {
         switch capability {
         case .unnamedFiles: 1 << 0
         case .linkOpenFile: 1 << 1
@@ -153,11 +155,6 @@ public struct BackingCapabilities: Equatable, Sendable, CustomStringConvertible 
         let missing = Capability.allCases.filter { !has($0) }
         return "backing \(filesystemType): " + (missing.isEmpty ? "every capability native" : "fallbacks for " + missing.map(\.rawValue).joined(separator: ", "))
             + "; lock scope \(lockScope.rawValue)"
-    }
-
-    /// A bit per capability present (bit i: `Capability.allCases[i]`), for the status ioctl.
-    public var bits: UInt32 {
-        Capability.allCases.enumerated().reduce(0) { present.contains($1.element) ? $0 | 1 << UInt32($1.offset) : $0 }
     }
 
     public static func capabilities(fromBits bits: UInt32) -> Set<Capability> {

@@ -311,15 +311,15 @@ extension FileDescriptor {
     /// procfs, 40% of the link (3 µs of every create on tmpfs).
     public func linkAt(toDir: borrowing FileDescriptor, _ name: [UInt8]) throws {
         try Sys.withCName(name) { p throws in
-            if Sys.linksByDescriptor.load(ordering: .relaxed) {
+            let byDescriptor = Sys.linksByDescriptor.load(ordering: .relaxed)
+            if byDescriptor {
                 if Glibc.linkat(number, "", toDir.number, p, Sys.emptyPath) == 0 { return }
                 // Without the capability the kernel answers ENOENT, as if there were no path.
                 guard errno == ENOENT else { throw Sys.failure() }
-                try Sys.withProcPath(number) { path throws in try Sys.check(Glibc.linkat(AT_FDCWD, path, toDir.number, p, AT_SYMLINK_FOLLOW)) }
-                Sys.linksByDescriptor.store(false, ordering: .relaxed)
-                return
             }
             try Sys.withProcPath(number) { path throws in try Sys.check(Glibc.linkat(AT_FDCWD, path, toDir.number, p, AT_SYMLINK_FOLLOW)) }
+            // The path linked what the descriptor could not: a refusal, not a missing file.
+            if byDescriptor { Sys.linksByDescriptor.store(false, ordering: .relaxed) }
         }
         OperationLog.shared.record(.link(directory: toDir.loggedInode, name: name, inode: loggedInode))
     }
