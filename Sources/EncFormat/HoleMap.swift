@@ -15,16 +15,32 @@ public struct HoleMap: Equatable, Sendable {
     public var isEmpty: Bool { ranges.isEmpty }
 
     public func contains(_ index: UInt64) -> Bool {
+        guard let i = firstEnding(after: index) else { return false }
+        return ranges[i].contains(index)
+    }
+
+    /// The first range whose upper bound is above `index` (the only one that can hold it).
+    private func firstEnding(after index: UInt64) -> Int? {
         var lo = 0, hi = ranges.count
         while lo < hi {
             let mid = (lo + hi) / 2
             if ranges[mid].upperBound <= index { lo = mid + 1 } else { hi = mid }
         }
-        return lo < ranges.count && ranges[lo].contains(index)
+        return lo < ranges.count ? lo : nil
     }
 
     public mutating func insert(_ range: Range<UInt64>) {
         guard !range.isEmpty else { return }
+        // A stream appends to the last range on every write: extend it in place, without the
+        // rebuild below.
+        if let last = ranges.last, last.lowerBound <= range.lowerBound, range.lowerBound <= last.upperBound {
+            ranges[ranges.count - 1] = last.lowerBound..<max(last.upperBound, range.upperBound)
+            return
+        }
+        if ranges.last.map({ $0.upperBound < range.lowerBound }) ?? true {
+            ranges.append(range)
+            return
+        }
         var merged = range
         var kept: [Range<UInt64>] = []
         kept.reserveCapacity(ranges.count + 1)
@@ -45,8 +61,12 @@ public struct HoleMap: Equatable, Sendable {
     }
 
     public mutating func remove(_ range: Range<UInt64>) {
-        guard !range.isEmpty else { return }
+        // Most removals (a write over extents that were never holes) meet no range: answered
+        // by the search alone, without rebuilding the array.
+        guard !range.isEmpty, let first = firstEnding(after: range.lowerBound),
+              ranges[first].lowerBound < range.upperBound else { return }
         var kept: [Range<UInt64>] = []
+        kept.reserveCapacity(ranges.count + 1)
         for r in ranges {
             if r.upperBound <= range.lowerBound || r.lowerBound >= range.upperBound {
                 kept.append(r)
@@ -57,6 +77,9 @@ public struct HoleMap: Equatable, Sendable {
         }
         ranges = kept
     }
+
+    /// Empties the set, keeping its storage for the next batch.
+    public mutating func removeAll() { ranges.removeAll(keepingCapacity: true) }
 
     /// Drops every hole at or beyond `count` (after a shrink).
     public mutating func clip(to count: UInt64) {

@@ -78,6 +78,34 @@ import Testing
         #expect(map.ranges == [0..<5, 6..<8])
     }
 
+    /// The range set against a plain set of indices, through random inserts and removals that
+    /// take every path (appends at the end, extensions of the last range, merges, splits, misses):
+    /// same members, and the ranges stay sorted, disjoint and non-adjacent.
+    @Test func rangeSetMatchesASetOfIndices() {
+        var rng = SystemRandomNumberGenerator()
+        for _ in 0..<200 {
+            var map = ExtentRangeSet()
+            var model = Set<UInt64>()
+            for _ in 0..<40 {
+                let lower = UInt64.random(in: 0..<64, using: &rng)
+                let range = lower..<(lower + UInt64.random(in: 0..<9, using: &rng))
+                if Bool.random(using: &rng) {
+                    map.insert(range)
+                    model.formUnion(range)
+                } else {
+                    map.remove(range)
+                    model.subtract(range)
+                }
+                #expect(Set(map.ranges.flatMap { Array($0) }) == model)
+                #expect(!map.ranges.contains { $0.isEmpty })
+                #expect(zip(map.ranges, map.ranges.dropFirst()).allSatisfy { $0.upperBound < $1.lowerBound })
+                #expect((0..<80).allSatisfy { map.contains($0) == model.contains($0) })
+            }
+            map.removeAll()
+            #expect(map.isEmpty)
+        }
+    }
+
     @Test func geometry() {
         let g = ExtentGeometry(extentSize: 4096)
         #expect(g.extentCount(size: 0) == 0)

@@ -15,7 +15,8 @@ import EncFormat
 struct DirtyExtents {
     private(set) var plain: [UInt64: [UInt8]] = [:]
     private(set) var sealed: [UInt64: [UInt8]] = [:]
-    private(set) var written: Set<UInt64> = []
+    /// A range set: a stream adds one range per write, not one member per extent.
+    private(set) var written = ExtentRangeSet()
 
     var isEmpty: Bool { plain.isEmpty && sealed.isEmpty && written.isEmpty }
 
@@ -25,8 +26,14 @@ struct DirtyExtents {
     /// Plaintext bytes of whole extents held in memory (`written` ones are on disk already).
     func bufferedBytes(extentSize: Int) -> Int { (plain.count + sealed.count) * extentSize }
 
-    /// Every index this commit will write or has written, for the legacy ranges it leaves.
-    var changedIndices: [UInt64] { Array(plain.keys) + Array(sealed.keys) + Array(written) }
+    /// Takes every extent this commit will write or has written out of `set` (the legacy ranges
+    /// it leaves).
+    func removeChanged(from set: inout ExtentRangeSet) {
+        guard !set.isEmpty else { return }
+        for index in plain.keys { set.remove(index) }
+        for index in sealed.keys { set.remove(index) }
+        for range in written.ranges { set.remove(range) }
+    }
 
     mutating func setPlain(_ index: UInt64, _ bytes: [UInt8]) {
         sealed[index] = nil
@@ -45,10 +52,11 @@ struct DirtyExtents {
         sealed[index] = stored
     }
 
-    mutating func setWritten(_ index: UInt64) {
-        plain[index] = nil
-        sealed[index] = nil
-        written.insert(index)
+    /// Whole extents `range`, past the committed end, are in the backing file already.
+    mutating func setWritten(_ range: Range<UInt64>) {
+        if !plain.isEmpty { for index in range { plain[index] = nil } }
+        if !sealed.isEmpty { for index in range { sealed[index] = nil } }
+        written.insert(range)
     }
 
     /// Forgets `range`: it became a hole, or its extents were replaced.
@@ -56,7 +64,7 @@ struct DirtyExtents {
         guard !range.isEmpty else { return }
         for index in plain.keys where range.contains(index) { plain[index] = nil }
         for index in sealed.keys where range.contains(index) { sealed[index] = nil }
-        written = written.filter { !range.contains($0) }
+        written.remove(range)
     }
 
     /// Keeps only extents below `count` (the file shrank).
@@ -86,6 +94,6 @@ struct DirtyExtents {
     mutating func removeAll() {
         plain.removeAll(keepingCapacity: true)
         sealed.removeAll(keepingCapacity: true)
-        written.removeAll(keepingCapacity: true)
+        written.removeAll()
     }
 }

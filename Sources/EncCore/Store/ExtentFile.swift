@@ -198,10 +198,16 @@ final class ExtentFile: @unchecked Sendable {
             }
         }
         if end > size { try resize(to: end) }
+        changes.setWritten(direct)
+        holes.remove(direct)
+        // Each extent stops being a hole once its bytes are held; a throw part way leaves the rest
+        // as they were.
+        var held = geometry.extentIndex(offset: offset)
+        defer { holes.remove(geometry.extentIndex(offset: offset)..<held) }
         try forEachExtent(offset: offset, end: end) { index, start, from, to in
             let whole = from == start && to - start == UInt64(geometry.extentSize)
-            if whole && direct.contains(index) {
-                changes.setWritten(index)
+            if direct.contains(index) {
+                // Written above, whole (presealed extents are).
             } else if whole, let presealed, index >= presealed.first, index < presealed.first + UInt64(presealed.count) {
                 changes.setSealed(index, Array(presealed.extent(index, stride: geometry.stride)))
             } else {
@@ -211,7 +217,7 @@ final class ExtentFile: @unchecked Sendable {
                         .copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(from - offset)..<Int(to - offset)]))
                 }
             }
-            holes.remove(index)
+            held = index + 1
         }
         touch()
     }
@@ -410,7 +416,7 @@ final class ExtentFile: @unchecked Sendable {
     private func remainingLegacy(count: UInt64) -> HoleMap {
         var remaining = legacy
         remaining.clip(to: count)
-        for index in changes.changedIndices { remaining.remove(index) }
+        changes.removeChanged(from: &remaining)
         for range in holes.ranges { remaining.remove(range) }
         return remaining
     }
