@@ -104,6 +104,28 @@ import Testing
             map.removeAll()
             #expect(map.isEmpty)
         }
+        var wide = ExtentRangeSet(ranges: [10..<20, 30..<40])
+        wide.remove(15..<UInt64.max)
+        #expect(wide.ranges == [10..<15])
+        wide.insert(0..<(UInt64.max - 1))
+        #expect(wide.ranges == [0..<(UInt64.max - 1)])
+    }
+
+    /// The changed extents of a stream: its written run and a buffered tail, cut back by a
+    /// shrink whose range reaches UInt64.max.
+    @Test func dirtyExtentsKeepEachIndexInOneForm() {
+        var changes = DirtyExtents()
+        changes.setPlain(7, [UInt8](repeating: 1, count: 16))
+        changes.setWritten(0..<8)
+        #expect(changes.plain.isEmpty && changes.written.ranges == [0..<8])
+        changes.setPlain(8, [UInt8](repeating: 2, count: 16))
+        changes.setSealed(3, [9])
+        #expect(changes.written.ranges == [0..<3, 4..<8] && changes.sealed.keys.sorted() == [3])
+        changes.clip(to: 4)
+        #expect(changes.written.ranges == [0..<3] && changes.plain.isEmpty && changes.sealed.keys.sorted() == [3])
+        var legacy = ExtentRangeSet(ranges: [0..<10])
+        changes.removeChanged(from: &legacy)
+        #expect(legacy.ranges == [4..<10])
     }
 
     @Test func geometry() {

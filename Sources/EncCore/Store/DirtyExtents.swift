@@ -54,16 +54,30 @@ struct DirtyExtents {
 
     /// Whole extents `range`, past the committed end, are in the backing file already.
     mutating func setWritten(_ range: Range<UInt64>) {
-        if !plain.isEmpty { for index in range { plain[index] = nil } }
-        if !sealed.isEmpty { for index in range { sealed[index] = nil } }
+        dropBuffers(range)
         written.insert(range)
+    }
+
+    /// Forgets the plain and sealed extents in `range`, visiting whichever is fewer: the
+    /// buffers held (a stream holds one, its partial tail) or the range's indices.
+    private mutating func dropBuffers(_ range: Range<UInt64>) {
+        func drop(_ map: inout [UInt64: [UInt8]]) {
+            guard !map.isEmpty else { return }
+            // The length as UInt64: `clip` passes ranges up to UInt64.max, past Int's count.
+            if UInt64(map.count) < range.upperBound - range.lowerBound {
+                for index in map.keys.filter({ range.contains($0) }) { map[index] = nil }
+            } else {
+                for index in range { map[index] = nil }
+            }
+        }
+        drop(&plain)
+        drop(&sealed)
     }
 
     /// Forgets `range`: it became a hole, or its extents were replaced.
     mutating func drop(_ range: Range<UInt64>) {
         guard !range.isEmpty else { return }
-        for index in plain.keys where range.contains(index) { plain[index] = nil }
-        for index in sealed.keys where range.contains(index) { sealed[index] = nil }
+        dropBuffers(range)
         written.remove(range)
     }
 

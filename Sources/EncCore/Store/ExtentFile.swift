@@ -198,16 +198,15 @@ final class ExtentFile: @unchecked Sendable {
             }
         }
         if end > size { try resize(to: end) }
-        changes.setWritten(direct)
-        holes.remove(direct)
-        // Each extent stops being a hole once its bytes are held; a throw part way leaves the rest
-        // as they were.
+        // Each extent stops being a hole once its bytes are held; a throw part way (the head
+        // extent's load) leaves it and every extent after it as they were.
         var held = geometry.extentIndex(offset: offset)
         defer { holes.remove(geometry.extentIndex(offset: offset)..<held) }
         try forEachExtent(offset: offset, end: end) { index, start, from, to in
             let whole = from == start && to - start == UInt64(geometry.extentSize)
             if direct.contains(index) {
-                // Written above, whole (presealed extents are).
+                // Written above, whole (presealed extents are): taken in one range.
+                if index == direct.lowerBound { changes.setWritten(direct) }
             } else if whole, let presealed, index >= presealed.first, index < presealed.first + UInt64(presealed.count) {
                 changes.setSealed(index, Array(presealed.extent(index, stride: geometry.stride)))
             } else {
