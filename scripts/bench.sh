@@ -238,10 +238,10 @@ fi
 # On a virtual machine whose balloon reports free pages back to the host (page_reporting), every
 # page freed is handed back within seconds and the next first touch of it faults into the host:
 # measured here, 360-400 MB/s for writes into fresh tmpfs pages against 2.1-2.4 GB/s into pages
-# the guest kept. The streaming columns then measure which filesystem met returned pages (one
-# round gave encfsd 267 and 467 MB/s, the floor 715 and 978). For the run, free pages stay with
-# the guest (reporting only blocks above the largest buddy order, that is none) and the memory the
-# run will use is touched once up front; the setting is put back on exit.
+# the guest kept. The streaming columns would then measure which filesystem met returned pages
+# (PERFORMANCE.md, twelfth session). For the run, free pages stay with the guest (reporting
+# only blocks above the largest buddy order, that is none) and the memory the run will use is
+# touched once up front; the setting is put back on exit.
 # BENCH_KEEP_PAGE_REPORTING=1 leaves it alone.
 REPORTING_ORDER=/sys/module/page_reporting/parameters/page_reporting_order
 SAVED_REPORTING_ORDER=
@@ -255,8 +255,9 @@ hold_guest_memory() {
     avail_mib=$(awk '/^MemAvailable:/ { print int($2 / 1024) }' /proc/meminfo)
     warm_mib=$((QUICK ? 4096 : 12288))
     ((warm_mib > avail_mib - 4096)) && warm_mib=$((avail_mib - 4096))
+    ((warm_mib > 0)) || warm_mib=0
+    log "holding freed guest memory for the run (page_reporting_order $SAVED_REPORTING_ORDER -> $orders); touching $warm_mib MiB once"
     if ((warm_mib > 0)); then
-        log "holding freed guest memory for the run (page_reporting_order $SAVED_REPORTING_ORDER -> $orders); touching $warm_mib MiB once"
         mkdir -p "$WORK/warm" && mount -t tmpfs -o "size=$((warm_mib + 64))m" bench-warm "$WORK/warm" \
             && dd if=/dev/zero of="$WORK/warm/f" bs=1M count="$warm_mib" status=none
         umount "$WORK/warm" 2>/dev/null; rmdir "$WORK/warm" 2>/dev/null
