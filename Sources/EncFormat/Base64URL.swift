@@ -50,27 +50,43 @@ public enum Base64URL {
         return Array(text).withUnsafeBufferPointer { decode(contiguous: $0) }
     }
 
+    /// Four characters to three bytes at a time, as `encode` writes them: every listing decodes
+    /// each entry's name.
     private static func decode(contiguous chars: UnsafeBufferPointer<UInt8>) -> [UInt8]? {
-        guard chars.count % 4 != 1 else { return nil }
-        let decodedCount = chars.count * 6 / 8
+        let rest = chars.count % 4
+        guard rest != 1 else { return nil }
+        let decodedCount = chars.count / 4 * 3 + (rest == 0 ? 0 : rest - 1)
         var valid = true
         let out = reverse.withUnsafeBufferPointer { table in
             [UInt8](unsafeUninitializedCapacity: decodedCount) { buffer, initialized in
-                var acc: UInt32 = 0, bits: UInt32 = 0, written = 0
-                for c in chars {
-                    let v = table[Int(c)]
-                    if v == 0xff { valid = false; break }
-                    acc = acc << 6 | UInt32(v)
-                    bits += 6
-                    if bits >= 8 {
-                        bits -= 8
-                        buffer[written] = UInt8(truncatingIfNeeded: acc >> bits)
-                        written += 1
+                // A character outside the alphabet maps to 0xff, so any high bit in the OR of a
+                // group's values rejects it.
+                func value(_ i: Int) -> UInt32 { UInt32(table[Int(chars[i])]) }
+                var i = 0, o = 0
+                while i + 4 <= chars.count {
+                    let a = value(i), b = value(i + 1), c = value(i + 2), d = value(i + 3)
+                    guard (a | b | c | d) < 64 else { valid = false; break }
+                    let v = a << 18 | b << 12 | c << 6 | d
+                    buffer[o] = UInt8(truncatingIfNeeded: v >> 16)
+                    buffer[o + 1] = UInt8(truncatingIfNeeded: v >> 8)
+                    buffer[o + 2] = UInt8(truncatingIfNeeded: v)
+                    i += 4
+                    o += 3
+                }
+                if valid && rest > 0 {
+                    let a = value(i), b = value(i + 1), c = rest == 3 ? value(i + 2) : 0
+                    // Non-zero bits past the last byte would let two encodings name the same bytes.
+                    let leftover = rest == 2 ? b & 0x0f : c & 0x03
+                    if (a | b | c) < 64 && leftover == 0 {
+                        let v = a << 18 | b << 12 | c << 6
+                        buffer[o] = UInt8(truncatingIfNeeded: v >> 16)
+                        if rest == 3 { buffer[o + 1] = UInt8(truncatingIfNeeded: v >> 8) }
+                        o += rest - 1
+                    } else {
+                        valid = false
                     }
                 }
-                // Non-zero bits left over would let two encodings name the same bytes.
-                if valid && acc & ((1 << bits) - 1) != 0 { valid = false }
-                initialized = written
+                initialized = o
             }
         }
         return valid ? out : nil

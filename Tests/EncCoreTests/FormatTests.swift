@@ -66,6 +66,31 @@ import Testing
         #expect(Base64URL.decode(Array("AAA*".utf8)) == nil)
     }
 
+    /// The decoder against the plainest one (six bits at a time, trailing bits checked), on
+    /// random strings over the alphabet and a few characters outside it, of every length class.
+    @Test func base64URLDecodesAsTheBitwiseReference() {
+        let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_".utf8)
+        func reference(_ text: [UInt8]) -> [UInt8]? {
+            guard text.count % 4 != 1 else { return nil }
+            var out: [UInt8] = [], acc: UInt32 = 0, bits: UInt32 = 0
+            for c in text {
+                guard let v = alphabet.firstIndex(of: c) else { return nil }
+                acc = acc << 6 | UInt32(v)
+                bits += 6
+                if bits >= 8 { bits -= 8; out.append(UInt8(truncatingIfNeeded: acc >> bits)) }
+            }
+            return acc & ((1 << bits) - 1) == 0 ? out : nil
+        }
+        var rng = SystemRandomNumberGenerator()
+        let pool = alphabet + Array("=+/.*\0".utf8) + [0x00, 0xff, 0x80]
+        for _ in 0..<5000 {
+            let count = Int.random(in: 0..<70, using: &rng)
+            let outside = Bool.random(using: &rng) && Bool.random(using: &rng)
+            let text = (0..<count).map { _ in (outside ? pool : alphabet).randomElement(using: &rng)! }
+            #expect(Base64URL.decode(text) == reference(text), "\(String(decoding: text, as: UTF8.self))")
+        }
+    }
+
     @Test func holeMapMergesAndSplits() {
         var map = HoleMap()
         map.insert(0..<10)
