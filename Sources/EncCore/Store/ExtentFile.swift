@@ -200,8 +200,9 @@ final class ExtentFile: @unchecked Sendable {
         if end > size { try resize(to: end) }
         // Each extent stops being a hole once its bytes are held; a throw part way (the head
         // extent's load) leaves it and every extent after it as they were.
-        var held = geometry.extentIndex(offset: offset)
-        defer { holes.remove(geometry.extentIndex(offset: offset)..<held) }
+        let first = geometry.extentIndex(offset: offset)
+        var held = first
+        defer { holes.remove(first..<held) }
         try forEachExtent(offset: offset, end: end) { index, start, from, to in
             let whole = from == start && to - start == UInt64(geometry.extentSize)
             if direct.contains(index) {
